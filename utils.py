@@ -1,0 +1,107 @@
+"""What the scripts share: checkpoint I/O, seeding and random state, devices, logging."""
+import csv
+import io
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def log(*parts):
+    """Messages and progress go to standard error; standard output is for results."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(state, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint of this project. weights_only=True: a file that would run code is refused."""
+    path = resolve_checkpoint(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def resolve_checkpoint(path):
+    """A bare name such as best.pt that is not a file means checkpoints/best.pt."""
+    path = Path(path)
+    if not path.exists() and len(path.parts) == 1 and (Path(CHECKPOINT_DIR) / path).exists():
+        return Path(CHECKPOINT_DIR) / path
+    if not path.exists():
+        raise SystemExit(f"no checkpoint {path}")
+    return path
+
+
+def write_history_csv(history, path):
+    if not history:
+        return
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- randomness
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def rng_state():
+    """Everything random in a run draws from torch's generators (augmentation, initialisation)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- devices
+
+def pick_device(name="auto"):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible (use --device cpu)")
+    return torch.device(name)
+
+
+def amp_dtype(amp, device):
+    """The autocast dtype, or None. Mixed precision runs on CUDA; the CPU computes in float32."""
+    if device.type != "cuda" or amp == "off":
+        return None
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise SystemExit("--amp bf16: this GPU has no bfloat16 support (use --amp fp16)")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
