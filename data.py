@@ -291,26 +291,28 @@ class Splits:
 
 def load_splits(data_dir, size, cache_dir=None, workers=0, val_fraction=0.1, seed=0):
     """train/ and val/ of a dataset root as cached datasets; no val/: a stratified split of train/."""
+    classes = find_classes(Path(data_dir) / "train")
+    train = load_split(data_dir, "train", classes, size, cache_dir, workers, val_fraction, seed)
+    val = load_split(data_dir, "val", classes, size, cache_dir, workers, val_fraction, seed)
+    if len(train) == 0:
+        raise SystemExit(f"{Path(data_dir) / 'train'} holds no readable images")
+    caches = {id(d.cache): d.cache for d in (train, val)}.values()
+    return Splits(classes, train, val, sum(len(c.skipped) for c in caches))
+
+
+def load_split(data_dir, split, classes, size, cache_dir=None, workers=0, val_fraction=0.1, seed=0):
+    """One labelled split, "train" or "val". Without a val/ folder both are a stratified split
+    of train/, fixed by (val_fraction, seed)."""
     data_dir = Path(data_dir)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(data_dir)
-    classes = find_classes(data_dir / "train")
-    train_files = list_labelled_images(data_dir / "train", classes)
-    train_cache = build_cache(data_dir / "train", train_files, size, cache_dir, workers)
-    train_labels = labels_of(train_cache.files, classes)
-    if (data_dir / "val").is_dir():
-        val_files = list_labelled_images(data_dir / "val", classes)
-        val_cache = build_cache(data_dir / "val", val_files, size, cache_dir, workers)
-        train = CachedImages(train_cache, train_labels)
-        val = CachedImages(val_cache, labels_of(val_cache.files, classes))
-    else:
-        train_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
-        train = CachedImages(train_cache, train_labels, train_idx)
-        val = CachedImages(train_cache, train_labels, val_idx)
-        val_cache = None
-    skipped = len(train_cache.skipped) + (len(val_cache.skipped) if val_cache else 0)
-    if len(train) == 0:
-        raise SystemExit(f"{data_dir / 'train'} holds no readable images")
-    return Splits(classes, train, val, skipped)
+    has_val = (data_dir / "val").is_dir()
+    folder = data_dir / split if has_val else data_dir / "train"
+    cache = build_cache(folder, list_labelled_images(folder, classes), size, cache_dir, workers)
+    labels = labels_of(cache.files, classes)
+    if has_val:
+        return CachedImages(cache, labels)
+    train_idx, val_idx = stratified_split(labels, val_fraction, seed)
+    return CachedImages(cache, labels, train_idx if split == "train" else val_idx)
 
 
 # ----------------------------------------------------------------------------- on the device

@@ -24,7 +24,7 @@ from utils import (amp_dtype, load_checkpoint, log, pick_device, rng_state, save
                    seed_everything, set_rng_state, write_history_csv)
 
 # A CPU-sized run on scikit-learn's digits: a few minutes on two cores, no download.
-DEMO = dict(data="data/demo", arch="resnet18", weights="none", img_size=32, batch_size=64, workers=0,
+DEMO = dict(data="data/demo", arch="resnet18", weights="none", img_size=32, batch_size=64,
             epochs1=2, epochs2=10, warmup_epochs=1, cosine_epochs=9, lr2=1e-3)
 
 
@@ -54,7 +54,10 @@ def get_args_parser():
     g.add_argument("--val-fraction", type=float, default=0.1, help="held out of train/ when there is no val/")
     g.add_argument("--cache-dir", default=None, help="preprocessed-image cache; unset: <data>/.cache")
     g.add_argument("--batch-size", type=int, default=72, help="images per step")
-    g.add_argument("--workers", type=int, default=4, help="data loader and cache-building workers")
+    g.add_argument("--workers", type=int, default=4,
+                   help="cache-building threads and, on CUDA, data loader processes (on the CPU the loader "
+                        "runs in the main process: it only copies cached rows, and extra processes would "
+                        "compete with the model for cores)")
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="wide_resnet50_2", help="any torchvision ResNet-family model")
@@ -202,11 +205,12 @@ class Run:
                                 args.p_jitter, args.blur_sigma, args.p_blur, args.p_hflip, args.p_vflip)
         self.train_preprocess = BatchPreprocess(IMAGENET_MEAN, IMAGENET_STD, augment).to(device)
         self.eval_preprocess = BatchPreprocess(IMAGENET_MEAN, IMAGENET_STD).to(device)
-        pin = device.type == "cuda"
+        cuda = device.type == "cuda"
+        workers = args.workers if cuda else 0
         # Dropping the last partial batch keeps batch norm from ever seeing a batch of one.
-        self.train_loader = make_loader(splits.train, args.batch_size, True, args.workers, args.seed, pin,
+        self.train_loader = make_loader(splits.train, args.batch_size, True, workers, args.seed, cuda,
                                         drop_last=len(splits.train) > args.batch_size)
-        self.val_loader = make_loader(splits.val, 2 * args.batch_size, False, args.workers, pin_memory=pin)
+        self.val_loader = make_loader(splits.val, 2 * args.batch_size, False, workers, pin_memory=cuda)
 
     def train_phase(self, phase, epochs, optimizer, scheduler=None, clip=0.0, resume=None):
         """Epochs of one phase, each followed by validation, logging and checkpoints."""
@@ -305,8 +309,8 @@ def main(argv=None):
         f"{len(splits.train)} train / {len(splits.val)} val images, batch {args.batch_size}"
         + (f", {splits.skipped} unreadable images skipped" if splits.skipped else ""))
     done_phase, done_epoch = (resume["phase"], resume["epoch"]) if resume else (0, 0)
-    if resume:
-        set_rng_state(resume["rng"])  # the augmentation draws go on where they stopped
+    if start:
+        set_rng_state(start["rng"])  # the augmentation draws go on where they stopped
 
     # Phase I: fit the new head on the frozen backbone.
     if args.phase in ("1", "all") and done_phase <= 1 and done_epoch < args.epochs1:

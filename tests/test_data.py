@@ -215,3 +215,16 @@ def test_demo_dataset_layout(tmp_path):
     assert not any(name[0].isdigit() and name[1] == "_" for name in tests)  # names do not leak labels
     with Image.open(root / "val" / "3" / os.listdir(root / "val" / "3")[0]) as img:
         assert img.mode == "RGB" and img.size == (16, 16)
+
+
+def test_loader_worker_processes_give_the_same_batches(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=5)
+    splits = data.load_splits(root, 8, tmp_path / "c")
+    batches = []
+    for workers in (0, 2):
+        loader = data.make_loader(splits.train, 3, shuffle=True, workers=workers, seed=4)
+        data.set_epoch(loader, 2)
+        batches.append([(x.clone(), y.clone()) for x, y in loader])
+    assert len(batches[0]) == len(batches[1]) == 4
+    for (x0, y0), (x1, y1) in zip(*batches):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)
