@@ -27,7 +27,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Bump when load_image changes what it writes: every cache built before is then rebuilt.
 PREPROCESS_VERSION = 1
-IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
+# Only formats Pillow can open: it registers some (.pdf, .eps) that it can only write.
+IMAGE_EXTENSIONS = frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 # ----------------------------------------------------------------------------- files and labels
@@ -49,7 +50,7 @@ def find_classes(train_dir):
     if not names:
         raise SystemExit(f"{train_dir} holds no class folders (expected {train_dir}/<class>/<image>)")
     if all(_is_int(n) for n in names):
-        return sorted(names, key=int)
+        return sorted(names, key=lambda n: (int(n), n))
     return sorted(names)
 
 
@@ -154,7 +155,7 @@ def cache_key(folder, files, size):
     return h.hexdigest()[:16]
 
 
-def build_cache(folder, files, size, cache_dir, workers=0, name=None):
+def build_cache(folder, files, size, cache_dir, workers=0):
     """Preprocess `files` (paths relative to `folder`) once and keep them in cache_dir.
 
     Reuses the cache when nothing changed. Unreadable images are skipped with a warning naming
@@ -162,9 +163,10 @@ def build_cache(folder, files, size, cache_dir, workers=0, name=None):
     so an interrupted build leaves no cache that looks complete."""
     folder, cache_dir = Path(folder), Path(cache_dir)
     key = cache_key(folder, files, size)
-    name = name or folder.name
-    index_path = cache_dir / f"{name}-{size}px-{key}.json"
-    pixels_path = cache_dir / f"{name}-{size}px-{key}.u8"
+    # The folder's full path in the name: datasets sharing a --cache-dir never touch each other's files.
+    where = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
+    stem = f"{folder.name}-{where}-{size}px-{key}"
+    index_path, pixels_path = cache_dir / f"{stem}.json", cache_dir / f"{stem}.u8"
     cache = _read_cache_index(index_path, pixels_path, size)
     if cache is None:
         cache = _write_cache(folder, files, size, index_path, pixels_path, workers)
@@ -192,19 +194,22 @@ def _write_cache(folder, files, size, index_path, pixels_path, workers):
                disable=None, leave=False)
     # Threads suffice: Pillow releases the GIL while it decodes and resizes. Chunks keep at most
     # one chunk of decoded images in memory, whatever the number of files.
-    with open(tmp, "wb") as out, ThreadPoolExecutor(max(workers, 1)) as pool:
-        for start in range(0, len(files), 256):
-            chunk = files[start:start + 256]
-            for f, (pixels, why) in zip(chunk, pool.map(_load_or_reason, [folder / f for f in chunk],
-                                                        [size] * len(chunk))):
-                if pixels is None:
-                    skipped[f] = why
-                else:
-                    out.write(pixels.tobytes())
-                    kept.append(f)
-            bar.update(len(chunk))
-    bar.close()
-    os.replace(tmp, pixels_path)
+    try:
+        with open(tmp, "wb") as out, ThreadPoolExecutor(max(workers, 1)) as pool:
+            for start in range(0, len(files), 256):
+                chunk = files[start:start + 256]
+                for f, (pixels, why) in zip(chunk, pool.map(_load_or_reason, [folder / f for f in chunk],
+                                                            [size] * len(chunk))):
+                    if pixels is None:
+                        skipped[f] = why
+                    else:
+                        out.write(pixels.tobytes())
+                        kept.append(f)
+                bar.update(len(chunk))
+        os.replace(tmp, pixels_path)
+    finally:
+        bar.close()
+        tmp.unlink(missing_ok=True)
     tmp_index = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
     tmp_index.write_text(json.dumps({"files": kept, "skipped": skipped, "size": size}))
     os.replace(tmp_index, index_path)
@@ -271,9 +276,11 @@ def make_loader(dataset, batch_size, shuffle, workers, seed=0, pin_memory=False,
     else:
         sampler = torch.utils.data.SequentialSampler(dataset)
     batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=drop_last)
+    # Its own generator: making an iterator would otherwise draw from the global RNG, and a resumed
+    # run (a new iterator) would then see other augmentation draws than one that never stopped.
     return torch.utils.data.DataLoader(
         dataset, sampler=batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-        persistent_workers=workers > 0)
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
 def set_epoch(loader, epoch):
@@ -291,28 +298,45 @@ class Splits:
 
 def load_splits(data_dir, size, cache_dir=None, workers=0, val_fraction=0.1, seed=0):
     """train/ and val/ of a dataset root as cached datasets; no val/: a stratified split of train/."""
-    classes = find_classes(Path(data_dir) / "train")
-    train = load_split(data_dir, "train", classes, size, cache_dir, workers, val_fraction, seed)
-    val = load_split(data_dir, "val", classes, size, cache_dir, workers, val_fraction, seed)
-    if len(train) == 0:
-        raise SystemExit(f"{Path(data_dir) / 'train'} holds no readable images")
-    caches = {id(d.cache): d.cache for d in (train, val)}.values()
-    return Splits(classes, train, val, sum(len(c.skipped) for c in caches))
-
-
-def load_split(data_dir, split, classes, size, cache_dir=None, workers=0, val_fraction=0.1, seed=0):
-    """One labelled split, "train" or "val". Without a val/ folder both are a stratified split
-    of train/, fixed by (val_fraction, seed)."""
     data_dir = Path(data_dir)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(data_dir)
-    has_val = (data_dir / "val").is_dir()
-    folder = data_dir / split if has_val else data_dir / "train"
-    cache = build_cache(folder, list_labelled_images(folder, classes), size, cache_dir, workers)
+    classes = find_classes(data_dir / "train")
+    train_cache = cache_split(data_dir, "train", classes, size, cache_dir, workers)
+    if len(train_cache) == 0:
+        raise SystemExit(f"{data_dir / 'train'} holds no readable images")
+    if (data_dir / "val").is_dir():
+        val_cache = cache_split(data_dir, "val", classes, size, cache_dir, workers)
+        train, val = labelled(train_cache, classes), labelled(val_cache, classes)
+        skipped = len(train_cache.skipped) + len(val_cache.skipped)
+    else:
+        train, val = split_train(train_cache, classes, val_fraction, seed)
+        skipped = len(train_cache.skipped)
+    return Splits(classes, train, val, skipped)
+
+
+def load_val(data_dir, classes, size, cache_dir=None, workers=0, val_fraction=0.1, seed=0):
+    """The validation split exactly as training saw it."""
+    data_dir = Path(data_dir)
+    if (data_dir / "val").is_dir():
+        return labelled(cache_split(data_dir, "val", classes, size, cache_dir, workers), classes)
+    return split_train(cache_split(data_dir, "train", classes, size, cache_dir, workers), classes,
+                       val_fraction, seed)[1]
+
+
+def cache_split(data_dir, split, classes, size, cache_dir=None, workers=0):
+    folder = Path(data_dir) / split
+    return build_cache(folder, list_labelled_images(folder, classes), size,
+                       cache_dir or default_cache_dir(data_dir), workers)
+
+
+def labelled(cache, classes, indices=None):
+    return CachedImages(cache, labels_of(cache.files, classes), indices)
+
+
+def split_train(cache, classes, val_fraction, seed):
+    """(train, val) from one folder: a stratified split fixed by (val_fraction, seed)."""
     labels = labels_of(cache.files, classes)
-    if has_val:
-        return CachedImages(cache, labels)
     train_idx, val_idx = stratified_split(labels, val_fraction, seed)
-    return CachedImages(cache, labels, train_idx if split == "train" else val_idx)
+    return CachedImages(cache, labels, train_idx), CachedImages(cache, labels, val_idx)
 
 
 # ----------------------------------------------------------------------------- on the device

@@ -98,3 +98,10 @@ def train_mode(model, freeze_bn=False):
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+
+
+def model_from_checkpoint(state, device):
+    """The trained network of a checkpoint, on `device`, in eval mode."""
+    model = build_model(state["arch"], len(state["classes"]), weights="none")
+    model.load_state_dict(state["model"])
+    return model.to(device, memory_format=torch.channels_last).eval()

@@ -145,7 +145,8 @@ def warmup_cosine(optimizer, args):
 
 def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, device, dtype,
                     clip=0.0, freeze_bn=False, desc=""):
-    """One pass over the training data. Loss and accuracy add up on the device: no host sync per step."""
+    """One pass over the training data. Loss and accuracy add up on the device, so the host waits for
+    the device only at the end (and in GradScaler's overflow check, with fp16)."""
     train_mode(model, freeze_bn)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loss_sum = torch.zeros((), device=device)
@@ -221,7 +222,8 @@ class Run:
             optimizer.load_state_dict(resume["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(resume["scheduler"])
-            scaler.load_state_dict(resume["scaler"])
+            if resume["scaler"]:  # empty when the run was saved without fp16 (CPU, bf16, off)
+                scaler.load_state_dict(resume["scaler"])
             start = resume["epoch"]
         for epoch in range(start, epochs):
             lr = optimizer.param_groups[0]["lr"]
@@ -262,6 +264,8 @@ class Run:
 
     def save(self, phase, epoch, optimizer, scheduler, scaler, is_best):
         state = self.checkpoint(phase, epoch, optimizer, scheduler, scaler)
+        if phase == 1 and epoch == self.args.epochs1:  # before last.pt: a resume never needs to redo it
+            save_checkpoint(state, self.out / "phase1.pt")
         save_checkpoint(state, self.out / "last.pt")
         if is_best:
             save_checkpoint(state, self.out / "best.pt")
@@ -316,7 +320,6 @@ def main(argv=None):
     if args.phase in ("1", "all") and done_phase <= 1 and done_epoch < args.epochs1:
         optimizer = torch.optim.AdamW(set_trainable(model, phase=1), lr=args.lr1, weight_decay=args.wd1)
         run.train_phase(1, args.epochs1, optimizer, resume=resume if done_phase == 1 else None)
-        save_checkpoint(run.checkpoint(1, args.epochs1), run.out / "phase1.pt")
 
     # Phase II: fine-tune every layer, warmup then cosine, gradients clipped.
     if args.phase in ("2", "all"):

@@ -1,6 +1,7 @@
 """What the scripts share: checkpoint I/O, seeding and random state, devices, logging."""
 import csv
 import io
+import math
 import os
 import random
 import sys
@@ -105,3 +106,18 @@ def amp_dtype(amp, device):
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         raise SystemExit("--amp bf16: this GPU has no bfloat16 support (use --amp fp16)")
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+@torch.no_grad()
+def predict_log_probs(model, loader, preprocess, device, dtype, tta=False):
+    """Yields (log-probabilities, labels) per batch, on the CPU. With tta the probabilities are
+    the mean over each image and its horizontal flip."""
+    model.eval()
+    for images, labels in loader:
+        x = preprocess(images.to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            log_p = model(x).float().log_softmax(dim=1)
+            if tta:
+                flipped = model(x.flip(3)).float().log_softmax(dim=1)
+                log_p = torch.logsumexp(torch.stack([log_p, flipped]), dim=0) - math.log(2)
+        yield log_p.cpu(), labels

@@ -32,6 +32,7 @@ def test_non_image_files_and_hidden_files_are_ignored(tmp_path):
     write_image(tmp_path / "train" / "a" / "x.png", (1, 2, 3))
     (tmp_path / "train" / "a" / ".DS_Store").write_bytes(b"\0\1")
     (tmp_path / "train" / "a" / "readme.txt").write_text("hi")
+    (tmp_path / "train" / "a" / "paper.pdf").write_bytes(b"%PDF-1.4")  # Pillow writes PDFs, never reads them
     write_image(tmp_path / "train" / "a" / "._x.png", (1, 2, 3))
     assert data.list_labelled_images(tmp_path / "train", ["a"]) == ["a/x.png"]
 
@@ -132,12 +133,15 @@ def test_unreadable_image_is_skipped_with_a_warning_naming_it(tmp_path):
 
 def test_stratified_split_without_val_folder(tmp_path):
     root = make_dataset(tmp_path / "d", classes=("a", "b", "c"), per_class=10, val_per_class=0)
-    (root / "val").rmdir() if (root / "val").exists() else None
-    splits = data.load_splits(root, 8, tmp_path / "c", val_fraction=0.2, seed=3)
+    (root / "train" / "a" / "broken.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match="broken.png"):
+        splits = data.load_splits(root, 8, tmp_path / "c", val_fraction=0.2, seed=3)
+    assert splits.skipped == 1  # one file, counted once though train and val share its folder
     val_labels = splits.val.labels[splits.val.indices]
     assert len(splits.val) == 6 and np.bincount(val_labels).tolist() == [2, 2, 2]
     assert not set(splits.train.indices) & set(splits.val.indices)
-    again = data.load_splits(root, 8, tmp_path / "c", val_fraction=0.2, seed=3)
+    with pytest.warns(UserWarning, match="broken.png"):  # each run names it again
+        again = data.load_splits(root, 8, tmp_path / "c", val_fraction=0.2, seed=3)
     assert np.array_equal(again.val.indices, splits.val.indices)
 
 
@@ -228,3 +232,26 @@ def test_loader_worker_processes_give_the_same_batches(tmp_path):
     assert len(batches[0]) == len(batches[1]) == 4
     for (x0, y0), (x1, y1) in zip(*batches):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
+
+
+def test_making_a_loader_iterator_leaves_the_global_random_state_alone(tmp_path):
+    """Else a resumed run, which makes a new iterator, would draw other augmentations."""
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=3)
+    splits = data.load_splits(root, 8, tmp_path / "c")
+    for workers in (0, 1):
+        loader = data.make_loader(splits.train, 2, shuffle=True, workers=workers, seed=1)
+        torch.manual_seed(5)
+        next(iter(loader))
+        after = torch.rand(3)
+        torch.manual_seed(5)
+        assert torch.equal(after, torch.rand(3))
+
+
+def test_caches_of_two_datasets_in_one_cache_dir_are_kept_apart(tmp_path):
+    one = make_dataset(tmp_path / "one", classes=("a",), per_class=2)
+    two = make_dataset(tmp_path / "two", classes=("a",), per_class=3, seed=7)
+    first = data.load_splits(one, 8, tmp_path / "shared")
+    second = data.load_splits(two, 8, tmp_path / "shared")
+    assert os.path.exists(first.train.cache.pixels_path) and len(second.train) == 3
+    assert np.array_equal(first.train[[0, 1]][0].numpy(), np.stack([data.load_image(one / "train" / f, 8)
+                                                                     for f in first.train.cache.files]))

@@ -1,0 +1,289 @@
+"""Evaluate a checkpoint on the validation split, and draw the report's figures.
+
+    python evaluate.py --ckpt best.pt                 # metrics + Figures 1, 2, 5 and the mistakes gallery
+    python evaluate.py --compare checkpoints/*/best.pt   # Figures 3 and 4 and a table of the runs
+
+The validation images go through exactly the preprocessing used in training. Metrics are printed
+on standard output and written to the figures folder: metrics.json (loss, top-1, top-5, the most
+confused pairs) and per_class_metrics.csv (precision, recall, F1, support).
+"""
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from sklearn.metrics import precision_recall_fscore_support
+
+from data import BatchPreprocess, load_val, make_loader
+from model import model_from_checkpoint
+from utils import amp_dtype, load_checkpoint, log, pick_device, predict_log_probs
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="best.pt", help="checkpoint; a bare name is looked up in checkpoints/")
+    p.add_argument("--data", default=None, help="dataset root (default: the one the checkpoint was trained on)")
+    p.add_argument("--figures", default="figures", help="folder for the figures and metric files")
+    p.add_argument("--compare", nargs="+", metavar="CKPT", default=None,
+                   help="compare runs (different --arch or --optimizer2) from their checkpoints' histories")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=4, help="cache-building threads, loader processes on CUDA")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"], help="mixed precision on CUDA")
+    p.add_argument("--tta", action="store_true", help="average the softmax over each image and its flip")
+    p.add_argument("--top-pairs", type=int, default=10, help="how many confused class pairs to list")
+    return p
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def confusion_matrix(labels, preds, num_classes, normalize=True):
+    """Counts[true, predicted]; normalised, each row with any images sums to one."""
+    counts = np.bincount(np.asarray(labels) * num_classes + np.asarray(preds),
+                         minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    if not normalize:
+        return counts
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+
+
+def most_confused(counts, classes, top):
+    """The largest off-diagonal cells: (true class, predicted class, count, share of the true class)."""
+    off = counts.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(off, axis=None)[::-1][:top]
+    totals = counts.sum(axis=1)
+    pairs = []
+    for flat in order:
+        t, p = divmod(int(flat), len(classes))
+        if off[t, p] == 0:
+            break
+        pairs.append({"true": classes[t], "predicted": classes[p], "count": int(off[t, p]),
+                      "share": float(off[t, p] / totals[t])})
+    return pairs
+
+
+def compute_metrics(log_p, labels, classes, label_smoothing=0.0, top=10):
+    preds = log_p.argmax(1)
+    k = min(5, len(classes))
+    loss = torch.nn.functional.cross_entropy(log_p, labels, label_smoothing=label_smoothing).item()
+    counts = confusion_matrix(labels.numpy(), preds.numpy(), len(classes), normalize=False)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels.numpy(), preds.numpy(), labels=list(range(len(classes))), zero_division=0)
+    return {
+        "images": len(labels),
+        "loss": loss,
+        "top1": (preds == labels).float().mean().item(),
+        "top5": (log_p.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item(),
+        "most_confused": most_confused(counts, classes, top),
+        "per_class": [{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for c, p, r, f, s in zip(classes, precision, recall, f1, support)],
+        "confusion": counts,
+    }
+
+
+def write_metrics(metrics, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "per_class_metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
+        writer.writeheader()
+        writer.writerows(metrics["per_class"])
+    summary = {k: metrics[k] for k in ("images", "loss", "top1", "top5", "most_confused")}
+    (folder / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def print_metrics(metrics, ckpt):
+    print(f"{ckpt}: {metrics['images']} validation images | loss {metrics['loss']:.4f} | "
+          f"top-1 {metrics['top1']:.4f} | top-5 {metrics['top5']:.4f}")
+    if metrics["most_confused"]:
+        print("most confused (true -> predicted: images, share of the true class):")
+        for pair in metrics["most_confused"]:
+            print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']} ({pair['share']:.1%})")
+
+
+# ----------------------------------------------------------------------------- figures
+
+def epochs_axis(history):
+    """Epoch numbers across both phases, and where Phase II begins (None if it does not)."""
+    x = np.arange(1, len(history) + 1)
+    boundary = next((i + 0.5 for i, r in enumerate(history) if r["phase"] == 2), None)
+    if boundary == 0.5:
+        boundary = None  # Phase II alone
+    return x, boundary
+
+
+def mark_phases(ax, boundary):
+    if boundary is not None:
+        ax.axvline(boundary, color="grey", linestyle="--", linewidth=1)
+        ax.text(boundary, 1.01, " Phase I | Phase II ", transform=ax.get_xaxis_transform(),
+                ha="center", va="bottom", fontsize=8, color="grey")
+
+
+def plot_loss(history, path):
+    """Figure 1: training (and validation) loss per epoch, the phase boundary marked."""
+    x, boundary = epochs_axis(history)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(x, [r["train_loss"] for r in history], label="train", marker="." if len(x) < 40 else None)
+    ax.plot(x, [r["val_loss"] for r in history], label="validation", linestyle="--")
+    mark_phases(ax, boundary)
+    ax.set(xlabel="epoch", ylabel="loss (label-smoothed cross-entropy)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, path)
+
+
+def plot_val_accuracy(history, path):
+    """Figure 2: validation accuracy per epoch, the best epoch marked."""
+    x, boundary = epochs_axis(history)
+    acc = np.array([r["val_acc"] for r in history])
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(x, acc, color="tab:green")
+    best = int(acc.argmax())
+    ax.scatter([x[best]], [acc[best]], color="tab:red", zorder=3)
+    ax.annotate(f"best {acc[best]:.4f}", (x[best], acc[best]), textcoords="offset points", xytext=(0, -14),
+                ha="center", fontsize=9)
+    mark_phases(ax, boundary)
+    ax.set(xlabel="epoch", ylabel="validation accuracy")
+    ax.grid(alpha=0.3)
+    save(fig, path)
+
+
+def plot_confusion(matrix, classes, path):
+    """Figure 5: the row-normalised confusion matrix, every class named."""
+    n = len(classes)
+    side = float(np.clip(0.14 * n + 3, 6, 22))
+    font = float(np.clip(420 / n, 3, 10))
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), classes, fontsize=font)
+    ax.set(xlabel="predicted class", ylabel="true class", title="confusion matrix (each row sums to 1)")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    if n <= 20:
+        for t in range(n):
+            for p in range(n):
+                if matrix[t, p] >= 0.01:
+                    ax.text(p, t, f"{matrix[t, p]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if matrix[t, p] > 0.5 else "black")
+    save(fig, path)
+
+
+def plot_mistakes(images, true, pred, confidence, classes, path, columns=6):
+    """The most confident mistakes: each image with its true class, the prediction and its probability."""
+    n = len(images)
+    columns = max(1, min(columns, n))
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, t, p, c in zip(axes.flat, images, true, pred, confidence):
+        ax.imshow(image)
+        ax.set_title(f"true: {classes[t]}\npred: {classes[p]} ({c:.2f})", fontsize=8)
+    if n == 0:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    fig.suptitle("most confident mistakes")
+    save(fig, path)
+
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- comparing runs
+
+def describe_run(path):
+    state = load_checkpoint(path)
+    history = state["history"]
+    best = max(history, key=lambda r: r["val_acc"])
+    params = sum(v.numel() for k, v in state["model"].items()
+                 if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    folder = Path(path).resolve().parent.name
+    return {"path": str(path), "folder": folder, "arch": state["arch"],
+            "optimizer2": state["args"].get("optimizer2"), "params": params, "history": history,
+            "best_acc": best["val_acc"], "best_epoch": f"phase {best['phase']} epoch {best['epoch']}"}
+
+
+def compare_runs(paths, folder):
+    runs = [describe_run(p) for p in paths]
+    folders = [r["folder"] for r in runs]
+    for r in runs:  # the folder names the run, unless several runs share it
+        r["label"] = r["folder"] if folders.count(r["folder"]) == 1 else f"{r['arch']}/{r['optimizer2']}"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))  # Figure 3: accuracy against size
+    for r in runs:
+        ax.scatter(r["params"] / 1e6, r["best_acc"], s=40)
+        ax.annotate(r["label"], (r["params"] / 1e6, r["best_acc"]), textcoords="offset points", xytext=(5, 5),
+                    fontsize=9)
+    ax.margins(0.2)  # room for the labels
+    ax.set(xlabel="parameters (millions)", ylabel="best validation accuracy")
+    ax.grid(alpha=0.3)
+    save(fig, folder / "fig3_accuracy_vs_parameters.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))  # Figure 4: validation accuracy curves
+    for r in runs:
+        ax.plot(np.arange(1, len(r["history"]) + 1), [h["val_acc"] for h in r["history"]], label=r["label"])
+    ax.set(xlabel="epoch", ylabel="validation accuracy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, folder / "fig4_validation_accuracy_curves.png")
+
+    lines = ["| run | architecture | Phase II optimizer | parameters | best val acc | best epoch | epochs |",
+             "| --- | --- | --- | ---: | ---: | --- | ---: |"]
+    lines += [f"| {r['label']} | {r['arch']} | {r['optimizer2']} | {r['params'] / 1e6:.1f}M | "
+              f"{r['best_acc']:.4f} | {r['best_epoch']} | {len(r['history'])} |" for r in runs]
+    table = "\n".join(lines) + "\n"
+    (folder / "comparison.md").write_text(table)
+    print(table, end="")
+    log(f"wrote {folder / 'fig3_accuracy_vs_parameters.png'}, {folder / 'fig4_validation_accuracy_curves.png'}"
+        f" and {folder / 'comparison.md'}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    figures = Path(args.figures)
+    if args.compare:
+        compare_runs(args.compare, figures)
+        return
+    state = load_checkpoint(args.ckpt)
+    saved = state["args"]
+    classes = state["classes"]
+    device = pick_device(args.device)
+    val = load_val(args.data or state["data"], classes, state["img_size"], saved.get("cache_dir"), args.workers,
+                   saved["val_fraction"], saved["seed"])
+    loader = make_loader(val, args.batch_size, False, args.workers if device.type == "cuda" else 0,
+                         pin_memory=device.type == "cuda")
+    model = model_from_checkpoint(state, device)
+    preprocess = BatchPreprocess(state["mean"], state["std"]).to(device)
+    batches = list(predict_log_probs(model, loader, preprocess, device, amp_dtype(args.amp, device), args.tta))
+    log_p = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
+    metrics = compute_metrics(log_p, labels, classes, saved.get("label_smoothing", 0.0), args.top_pairs)
+
+    write_metrics(metrics, figures)
+    print_metrics(metrics, args.ckpt)
+    plot_loss(state["history"], figures / "fig1_loss.png")
+    plot_val_accuracy(state["history"], figures / "fig2_val_accuracy.png")
+    plot_confusion(confusion_matrix(labels.numpy(), log_p.argmax(1).numpy(), len(classes)), classes,
+                   figures / "fig5_confusion_matrix.png")
+    confidence, preds = log_p.exp().max(1)
+    wrong = torch.nonzero(preds != labels).flatten()
+    worst = wrong[confidence[wrong].argsort(descending=True)][:18].tolist()
+    images = val[worst][0].numpy() if worst else []
+    plot_mistakes(images, labels[worst].tolist(), preds[worst].tolist(), confidence[worst].tolist(), classes,
+                  figures / "mistakes.png")
+    log(f"wrote figures and metrics to {figures}/")
+
+
+if __name__ == "__main__":
+    main()

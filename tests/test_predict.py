@@ -1,0 +1,85 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import predict
+import train
+from conftest import TINY, make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+# Folders listed "1", "10", "2" but labelled in numeric order 1, 2, 10; test image j shows the
+# colour of the j % 3-th class named here.
+CLASSES = ("10", "2", "1")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    data = make_dataset(root / "data", classes=CLASSES, per_class=8, test=7)
+    train.main(["--data", str(data), "--out", str(root / "ck")] + TINY +
+               ["--epochs1", "0", "--epochs2", "6", "--lr2", "3e-3", "--warmup-epochs", "0", "--cosine-epochs", "6"])
+    return root
+
+
+def run_predict(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "predict.py", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def read_csv(text):
+    return list(csv.reader(text.splitlines()))
+
+
+def test_prediction_csv_names_classes_not_indices(trained):
+    result = run_predict("--ckpt", str(trained / "ck" / "best.pt"), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(result.stdout)  # nothing but the CSV on standard output
+    assert rows[0] == ["image_name", "pred_label"]
+    assert [r[0] for r in rows[1:]] == [f"img_{j:02d}" for j in range(7)]  # stems, sorted, one per image
+    assert [r[1] for r in rows[1:]] == [CLASSES[j % 3] for j in range(7)]
+    assert "images/s" in result.stderr
+
+
+def test_out_file_and_tta(trained, tmp_path):
+    out = tmp_path / "prediction.csv"
+    predict.main(["--ckpt", str(trained / "ck" / "best.pt"), "--device", "cpu", "--out", str(out), "--tta"])
+    rows = read_csv(out.read_text())
+    assert len(rows) == 8 and [r[1] for r in rows[1:]] == [CLASSES[j % 3] for j in range(7)]
+    assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
+
+
+def test_unreadable_test_image_is_an_error_unless_skipped(trained, tmp_path):
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    for src in sorted((trained / "data" / "test").iterdir())[:3]:
+        (test_dir / src.name).write_bytes(src.read_bytes())
+    (test_dir / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    out = tmp_path / "p.csv"
+    ckpt = str(trained / "ck" / "best.pt")
+    with pytest.raises(SystemExit, match="broken.jpg"), pytest.warns(UserWarning, match="broken.jpg"):
+        predict.main(["--ckpt", ckpt, "--test-dir", str(test_dir), "--out", str(out), "--device", "cpu"])
+    assert not out.exists()
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        predict.main(["--ckpt", ckpt, "--test-dir", str(test_dir), "--out", str(out), "--device", "cpu",
+                      "--skip-bad"])
+    assert [r[0] for r in read_csv(out.read_text())[1:]] == ["img_00", "img_01", "img_02"]
+
+
+def test_check_accepts_a_good_csv_and_names_each_problem(trained, tmp_path):
+    ckpt = str(trained / "ck" / "best.pt")
+    good = tmp_path / "good.csv"
+    predict.main(["--ckpt", ckpt, "--device", "cpu", "--out", str(good)])
+    predict.main(["--ckpt", ckpt, "--check", str(good)])
+
+    lines = good.read_text().splitlines()
+    bad = tmp_path / "bad.csv"
+    # img_00 missing, img_01 twice, img_02 with an unknown label.
+    bad.write_text("\n".join([lines[0], lines[2], lines[2], "img_02,zebra"] + lines[4:]) + "\n")
+    result = run_predict("--ckpt", ckpt, "--check", str(bad))
+    assert result.returncode != 0
+    assert "img_00: missing" in result.stderr
+    assert "img_01: 2 rows" in result.stderr
+    assert "'zebra' is not one of the checkpoint's classes" in result.stderr
