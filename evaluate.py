@@ -22,7 +22,8 @@ from sklearn.metrics import precision_recall_fscore_support
 
 from data import BatchPreprocess, load_val, make_loader
 from model import model_from_checkpoint
-from utils import amp_dtype, load_checkpoint, log, pick_device, predict_log_probs
+from utils import (amp_dtype, full_history, load_checkpoint, log, pick_device, predict_log_probs,
+                   resolve_checkpoint)
 
 
 def get_args_parser():
@@ -201,7 +202,7 @@ def save(fig, path):
 
 def describe_run(path):
     state = load_checkpoint(path)
-    history = state["history"]
+    history = full_history(resolve_checkpoint(path), state)
     best = max(history, key=lambda r: r["val_acc"])
     params = sum(v.numel() for k, v in state["model"].items()
                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
@@ -272,8 +273,9 @@ def main(argv=None):
 
     write_metrics(metrics, figures)
     print_metrics(metrics, args.ckpt)
-    plot_loss(state["history"], figures / "fig1_loss.png")
-    plot_val_accuracy(state["history"], figures / "fig2_val_accuracy.png")
+    history = full_history(resolve_checkpoint(args.ckpt), state)
+    plot_loss(history, figures / "fig1_loss.png")
+    plot_val_accuracy(history, figures / "fig2_val_accuracy.png")
     plot_confusion(confusion_matrix(labels.numpy(), log_p.argmax(1).numpy(), len(classes)), classes,
                    figures / "fig5_confusion_matrix.png")
     confidence, preds = log_p.exp().max(1)

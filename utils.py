@@ -54,6 +54,26 @@ def resolve_checkpoint(path):
     return path
 
 
+def full_history(ckpt_path, state):
+    """The whole run's per-epoch records. A checkpoint holds the history up to its own epoch
+    (best.pt stops at the best one); history.csv beside it goes on to the run's last epoch."""
+    history = state["history"]
+    path = Path(ckpt_path).parent / "history.csv"
+    if not path.is_file():
+        return history
+    with open(path, newline="") as f:
+        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    same_run = len(rows) >= len(history) and all(
+        (r["phase"], r["epoch"]) == (h["phase"], h["epoch"]) and math.isclose(r["val_acc"], h["val_acc"])
+        for r, h in zip(rows, history))
+    return rows if same_run else history
+
+
+def _number(text):
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
+
+
 def write_history_csv(history, path):
     if not history:
         return
