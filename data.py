@@ -342,27 +342,124 @@ def split_train(cache, classes, val_fraction, seed):
 # ----------------------------------------------------------------------------- on the device
 
 class DeviceAugment(torch.nn.Module):
-    """The report's training augmentation, applied to a whole float batch in [0, 1] on its
-    device, with parameters drawn per sample (each image its own angle, jitter, blur and flips)."""
+    """The report's training augmentation on a whole float batch in [0, 1], on its device:
 
-    def __init__(self, degrees=10.0, translate=0.1, scale=(0.9, 1.1), shear=10.0,
-                 jitter=0.25, hue=0.1, p_jitter=0.5, blur_sigma=(0.1, 2.0), p_blur=0.5,
-                 p_hflip=0.3, p_vflip=0.3):
+        RandomAffine(+-10 deg, +-10 % shift, 0.9-1.1 scale, +-10 deg x-shear, zero fill), always;
+        ColorJitter(brightness, contrast, saturation 0.25, hue 0.1), p 0.5;
+        GaussianBlur(3x3, sigma 0.1-2.0), p 0.5; horizontal flip, p 0.3; vertical flip, p 0.3.
+
+    Every image draws its own parameters. Each op is torchvision's (tests compare them), written
+    for whole batches with per-sample parameters and masks instead of indexing, so that the host
+    never waits for the device (kornia's ops pick the samples to transform by boolean indexing,
+    which makes the host wait for the GPU several times per batch, and on the CPU they took twice
+    as long). The order of the four colour operations is drawn once per batch, as kornia does;
+    every image still draws its own factors and coin."""
+
+    def __init__(self, degrees=10.0, translate=0.1, scale=(0.9, 1.1), shear=10.0, jitter=0.25, hue=0.1,
+                 p_jitter=0.5, blur_sigma=(0.1, 2.0), p_blur=0.5, p_hflip=0.3, p_vflip=0.3):
         super().__init__()
-        import kornia.augmentation as K  # imported here: evaluation and prediction never need it
+        self.degrees, self.translate, self.scale, self.shear = degrees, translate, tuple(scale), shear
+        self.jitter, self.hue, self.p_jitter = jitter, hue, p_jitter
+        self.blur_sigma, self.p_blur = tuple(blur_sigma), p_blur
+        self.p_hflip, self.p_vflip = p_hflip, p_vflip
 
-        self.ops = torch.nn.Sequential(
-            K.RandomAffine(degrees, translate=(translate, translate), scale=tuple(scale), shear=shear,
-                           padding_mode="zeros", p=1.0),
-            K.ColorJitter(jitter, jitter, jitter, hue, p=p_jitter),
-            K.RandomGaussianBlur((3, 3), tuple(blur_sigma), p=p_blur),
-            K.RandomHorizontalFlip(p=p_hflip),
-            K.RandomVerticalFlip(p=p_vflip),
-        )
+    def sample(self, n, device):
+        """The random parameters of n images, drawn on `device` (no host-device traffic)."""
+        def uniform(low, high):
+            return torch.empty(n, device=device).uniform_(low, high)
+
+        def coin(p):
+            return torch.rand(n, device=device) < p
+
+        j = self.jitter
+        return {
+            "angle": uniform(-self.degrees, self.degrees), "shear": uniform(-self.shear, self.shear),
+            "scale": uniform(*self.scale), "tx": uniform(-self.translate, self.translate),
+            "ty": uniform(-self.translate, self.translate),
+            "jitter": coin(self.p_jitter), "brightness": uniform(1 - j, 1 + j), "contrast": uniform(1 - j, 1 + j),
+            "saturation": uniform(1 - j, 1 + j), "hue": uniform(-self.hue, self.hue),
+            "color_order": torch.randperm(4).tolist(),
+            "blur": coin(self.p_blur), "sigma": uniform(*self.blur_sigma),
+            "hflip": coin(self.p_hflip), "vflip": coin(self.p_vflip),
+        }
 
     @torch.no_grad()
-    def forward(self, x):
-        return self.ops(x)
+    def forward(self, x, params=None):
+        p = params or self.sample(x.shape[0], x.device)
+        x = affine(x, p["angle"], p["tx"], p["ty"], p["scale"], p["shear"])
+        x = color_jitter(x, p["jitter"], p["brightness"], p["contrast"], p["saturation"], p["hue"],
+                         p["color_order"])
+        x = where(p["blur"], gaussian_blur3(x, p["sigma"]), x)
+        x = where(p["hflip"], x.flip(3), x)
+        return where(p["vflip"], x.flip(2), x)
+
+
+def where(mask, a, b):
+    """Per-sample choice between two batches."""
+    return torch.where(mask.view(-1, 1, 1, 1), a, b)
+
+
+def affine(x, angle, tx, ty, scale, shear):
+    """torchvision's affine (bilinear, zero fill) about the centre of square images, per sample.
+    angle and shear in degrees, tx and ty as fractions of the side."""
+    rot, sx = torch.deg2rad(angle), torch.deg2rad(shear)
+    # torchvision's _get_inverse_affine_matrix with no y-shear: the output-to-input map.
+    a, c = torch.cos(rot), torch.sin(rot)
+    b = -torch.cos(rot) * torch.tan(sx) - torch.sin(rot)
+    d = -torch.sin(rot) * torch.tan(sx) + torch.cos(rot)
+    inv = torch.stack([torch.stack([d, -b], 1), torch.stack([-c, a], 1)], 1) / scale.view(-1, 1, 1)
+    shift = torch.stack([tx, ty], 1) * 2  # in grid units, where the side is 2
+    theta = torch.cat([inv, -(inv @ shift.unsqueeze(2))], dim=2)
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def grayscale(x):
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def blend(x, other, factor):
+    return (factor.view(-1, 1, 1, 1) * x + (1 - factor.view(-1, 1, 1, 1)) * other).clamp_(0, 1)
+
+
+def adjust_hue(x, shift):
+    """torchvision's adjust_hue: rotate the HSV hue by `shift` (a fraction of the circle)."""
+    maxc, minc = x.amax(1), x.amin(1)
+    chroma = maxc - minc
+    divisor = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
+    rc, gc, bc = ((maxc.unsqueeze(1) - x) / divisor.unsqueeze(1)).unbind(1)
+    r, g, b = x.unbind(1)
+    is_r, is_g = maxc == r, (maxc == g) & (maxc != r)
+    h = torch.where(is_r, bc - gc, torch.where(is_g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = (h / 6.0 + shift.view(-1, 1, 1)) % 1.0
+    # Back to RGB with V = max and V*S = chroma: channel n gets V - chroma*clamp(min(k, 4-k), 0, 1).
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6
+    return maxc.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
+
+
+def color_jitter(x, apply, brightness, contrast, saturation, hue, order=(0, 1, 2, 3)):
+    """torchvision's ColorJitter where `apply`, identity elsewhere; factors per sample."""
+    one = torch.ones_like(brightness)
+    brightness, contrast, saturation = (torch.where(apply, f, one) for f in (brightness, contrast, saturation))
+    for op in order:
+        if op == 0:
+            x = blend(x, torch.zeros_like(x[:, :1]), brightness)
+        elif op == 1:
+            x = blend(x, grayscale(x).mean(dim=(2, 3), keepdim=True), contrast)
+        elif op == 2:
+            x = blend(x, grayscale(x), saturation)
+        else:
+            x = where(apply, adjust_hue(x, hue), x)
+    return x
+
+
+def gaussian_blur3(x, sigma):
+    """torchvision's 3x3 Gaussian blur (reflected borders), one sigma per sample."""
+    e = torch.exp(-0.5 / sigma.view(-1, 1, 1, 1) ** 2)
+    side, centre = e / (1 + 2 * e), 1 / (1 + 2 * e)
+    p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    rows = side * (p[..., :, :-2] + p[..., :, 2:]) + centre * p[..., :, 1:-1]
+    return side * (rows[..., :-2, :] + rows[..., 2:, :]) + centre * rows[..., 1:-1, :]
 
 
 class BatchPreprocess(torch.nn.Module):

@@ -194,19 +194,50 @@ def test_flip_rates_match_the_method():
     assert abs(rates["hv"] - 0.09) < 0.02 and abs(rates["none"] - 0.49) < 0.03
 
 
-def test_affine_always_applies_blur_and_jitter_half_the_time():
+def changed(out, image):
+    return (out - image).abs().amax(dim=(1, 2, 3)) > 1e-4
+
+
+def test_affine_always_applies_jitter_and_blur_half_the_time():
     torch.manual_seed(0)
     n = 4000
     image = torch.rand(1, 3, 8, 8).expand(n, -1, -1, -1).contiguous()
-    moved = only(degrees=10.0, translate=0.1, scale=(0.9, 1.1), shear=10.0)(image)
-    assert ((moved - image).abs().amax(dim=(1, 2, 3)) > 1e-4).all()
-    aug = data.DeviceAugment()
-    aug(image)
-    # kornia records, per op, which samples it transformed in this call.
-    affine, jitter, blur, hflip, vflip = (op._params["batch_prob"].float().mean().item() for op in aug.ops)
-    assert affine == 1.0
-    assert abs(jitter - 0.5) < 0.03 and abs(blur - 0.5) < 0.03
-    assert abs(hflip - 0.3) < 0.03 and abs(vflip - 0.3) < 0.03
+    assert changed(only(degrees=10.0, translate=0.1, scale=(0.9, 1.1), shear=10.0)(image), image).all()
+    jitter_rate = changed(only(p_jitter=0.5)(image), image).float().mean().item()
+    blur_rate = changed(only(p_blur=0.5, blur_sigma=(0.5, 2.0))(image), image).float().mean().item()
+    assert abs(jitter_rate - 0.5) < 0.03 and abs(blur_rate - 0.5) < 0.03
+    draws = data.DeviceAugment().sample(n, "cpu")
+    rates = {k: draws[k].float().mean().item() for k in ("jitter", "blur", "hflip", "vflip")}
+    assert abs(rates["jitter"] - 0.5) < 0.03 and abs(rates["blur"] - 0.5) < 0.03
+    assert abs(rates["hflip"] - 0.3) < 0.03 and abs(rates["vflip"] - 0.3) < 0.03
+    assert draws["angle"].abs().max() <= 10 and draws["angle"].std() > 5  # uniform on +-10: std 5.8
+    assert 0.9 <= draws["scale"].min() and draws["scale"].max() <= 1.1
+
+
+def test_each_augmentation_op_equals_torchvisions():
+    """The batched ops reproduce torchvision's functional ops, which the method's released code uses."""
+    import torchvision.transforms.v2.functional as F
+    from torchvision.transforms import InterpolationMode
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 24, 24)
+    full = lambda v: torch.full((2,), float(v))  # noqa: E731
+    ours = data.affine(x, full(7), full(0.1), full(-0.05), full(1.08), full(-6))
+    ref = F.affine(x, angle=7.0, translate=[2.4, -1.2], scale=1.08, shear=[-6.0, 0.0],
+                   interpolation=InterpolationMode.BILINEAR)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    yes, one, zero = torch.ones(2, dtype=torch.bool), full(1), full(0)
+    for factors, op, ref in [((full(1.2), one, one), 0, F.adjust_brightness(x, 1.2)),
+                             ((one, full(0.8), one), 1, F.adjust_contrast(x, 0.8)),
+                             ((one, one, full(1.25)), 2, F.adjust_saturation(x, 1.25))]:
+        assert torch.allclose(data.color_jitter(x, yes, *factors, zero, [op]), ref, atol=1e-6)
+    for shift in (-0.1, 0.03, 0.5):
+        assert torch.allclose(data.adjust_hue(x, full(shift)), F.adjust_hue(x, shift), atol=1e-5)
+    for sigma in (0.1, 0.8, 2.0):
+        assert torch.allclose(data.gaussian_blur3(x, full(sigma)), F.gaussian_blur(x, [3, 3], [sigma, sigma]),
+                              atol=1e-6)
+    # Not applied: exactly the input.
+    assert torch.equal(data.color_jitter(x, ~yes, full(1.2), full(0.8), full(1.25), full(0.1)), x)
 
 
 def test_demo_dataset_layout(tmp_path):
