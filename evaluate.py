@@ -36,7 +36,8 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=4, help="cache-building threads, loader processes on CUDA")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"], help="mixed precision on CUDA")
+    p.add_argument("--amp", default=None, choices=["fp16", "bf16", "off"],
+                   help="mixed precision on CUDA (default: as in training)")
     p.add_argument("--tta", action="store_true", help="average the softmax over each image and its flip")
     p.add_argument("--top-pairs", type=int, default=10, help="how many confused class pairs to list")
     return p
@@ -77,11 +78,13 @@ def compute_metrics(log_p, labels, classes, label_smoothing=0.0, top=10):
     counts = confusion_matrix(labels.numpy(), preds.numpy(), len(classes), normalize=False)
     precision, recall, f1, support = precision_recall_fscore_support(
         labels.numpy(), preds.numpy(), labels=list(range(len(classes))), zero_division=0)
+    top1 = int((preds == labels).sum())
+    top5 = int((log_p.topk(k, dim=1).indices == labels[:, None]).any(1).sum())
     return {
         "images": len(labels),
         "loss": loss,
-        "top1": (preds == labels).float().mean().item(),
-        "top5": (log_p.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean().item(),
+        "top1": top1 / len(labels), "top1_correct": top1,
+        "top5": top5 / len(labels), "top5_correct": top5,
         "most_confused": most_confused(counts, classes, top),
         "per_class": [{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for c, p, r, f, s in zip(classes, precision, recall, f1, support)],
@@ -95,13 +98,16 @@ def write_metrics(metrics, folder):
         writer = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
         writer.writeheader()
         writer.writerows(metrics["per_class"])
-    summary = {k: metrics[k] for k in ("images", "loss", "top1", "top5", "most_confused")}
+    summary = {k: metrics[k] for k in ("images", "loss", "top1", "top1_correct", "top5", "top5_correct",
+                                       "most_confused")}
     (folder / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def print_metrics(metrics, ckpt):
-    print(f"{ckpt}: {metrics['images']} validation images | loss {metrics['loss']:.4f} | "
-          f"top-1 {metrics['top1']:.4f} | top-5 {metrics['top5']:.4f}")
+    n = metrics["images"]
+    print(f"{ckpt}: {n} validation images | loss {metrics['loss']:.4f} | "
+          f"top-1 {metrics['top1']:.4f} ({metrics['top1_correct']}/{n}) | "
+          f"top-5 {metrics['top5']:.4f} ({metrics['top5_correct']}/{n})")
     if metrics["most_confused"]:
         print("most confused (true -> predicted: images, share of the true class):")
         for pair in metrics["most_confused"]:
@@ -266,7 +272,8 @@ def main(argv=None):
                          pin_memory=device.type == "cuda")
     model = model_from_checkpoint(state, device)
     preprocess = BatchPreprocess(state["mean"], state["std"]).to(device)
-    batches = list(predict_log_probs(model, loader, preprocess, device, amp_dtype(args.amp, device), args.tta))
+    amp = amp_dtype(args.amp or saved.get("amp", "fp16"), device)
+    batches = list(predict_log_probs(model, loader, preprocess, device, amp, args.tta))
     log_p = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
     metrics = compute_metrics(log_p, labels, classes, saved.get("label_smoothing", 0.0), args.top_pairs)

@@ -32,13 +32,15 @@ def get_args_parser():
     p.add_argument("--workers", type=int, default=4, help="cache-building threads, loader processes on CUDA")
     p.add_argument("--cache-dir", default=None, help="default: .cache beside the test folder")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"], help="mixed precision on CUDA")
+    p.add_argument("--amp", default=None, choices=["fp16", "bf16", "off"],
+                   help="mixed precision on CUDA (default: as in training)")
     p.add_argument("--tta", action="store_true",
                    help="average the softmax over each image and its horizontal flip (beyond the report)")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave unreadable images out of the CSV instead of stopping")
     p.add_argument("--check", metavar="CSV", default=None,
-                   help="validate a prediction CSV against the test folder and the checkpoint's classes")
+                   help="validate a prediction CSV against the test folder and the checkpoint's classes "
+                        "(one row per readable image)")
     return p
 
 
@@ -52,6 +54,7 @@ def test_images(test_dir):
     subfolders = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if subfolders:
         log(f"warning: {test_dir} is read flat; its sub-folders are ignored: {', '.join(subfolders[:5])}")
+    files.sort(key=lambda f: Path(f).stem)  # the order of the CSV's image_name column
     stems = Counter(Path(f).stem for f in files)
     clashes = sorted(f for f in files if stems[Path(f).stem] > 1)
     if clashes:
@@ -111,36 +114,42 @@ def main(argv=None):
     loader = make_loader(dataset, args.batch_size, False, args.workers if device.type == "cuda" else 0,
                          pin_memory=device.type == "cuda")
     preprocess = BatchPreprocess(state["mean"], state["std"]).to(device)
-    classes = state["classes"]
-
-    out = open_output(args.out)
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["image_name", "pred_label"])
-    start, row = time.perf_counter(), 0
-    for log_p, _ in predict_log_probs(model, loader, preprocess, device, amp_dtype(args.amp, device), args.tta):
-        for label in log_p.argmax(1).tolist():
-            writer.writerow([Path(cache.files[row]).stem, classes[label]])
-            row += 1
-    seconds = time.perf_counter() - start
-    close_output(out, args.out)
-    log(f"predicted {row} images in {seconds:.1f} s ({row / seconds:.0f} images/s) with {args.ckpt}"
+    amp = amp_dtype(args.amp or state["args"].get("amp", "fp16"), device)
+    try:
+        rows, seconds = write_predictions(args.out, model, loader, preprocess, device, amp, args.tta,
+                                          [Path(f).stem for f in cache.files], state["classes"])
+    except BrokenPipeError:  # `predict.py | head`: the reader has gone, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1)
+    log(f"predicted {rows} images in {seconds:.1f} s ({rows / seconds:.0f} images/s) with {args.ckpt}"
         + (f"; {len(cache.skipped)} unreadable images left out" if cache.skipped else "")
         + (f" -> {args.out}" if args.out else ""))
 
 
-def open_output(path):
-    """Standard output, or a temporary file beside `path` that becomes it only once complete."""
-    if path is None:
-        return sys.stdout
-    return open(f"{path}.{os.getpid()}.tmp", "w", newline="")
-
-
-def close_output(out, path):
-    if path is None:
+def write_predictions(path, model, loader, preprocess, device, dtype, tta, names, classes):
+    """Rows streamed as the batches come: memory stays flat in the number of images. A file
+    appears under `path` only once complete."""
+    tmp = f"{path}.{os.getpid()}.tmp" if path else None
+    out = open(tmp, "w", newline="") if tmp else sys.stdout
+    try:
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["image_name", "pred_label"])
+        start, row = time.perf_counter(), 0
+        for log_p, _ in predict_log_probs(model, loader, preprocess, device, dtype, tta):
+            for label in log_p.argmax(1).tolist():
+                writer.writerow([names[row], classes[label]])
+                row += 1
+        seconds = time.perf_counter() - start
         out.flush()
-        return
-    out.close()
-    os.replace(out.name, path)
+    except BaseException:
+        if tmp:
+            out.close()
+            os.unlink(tmp)
+        raise
+    if tmp:
+        out.close()
+        os.replace(tmp, path)
+    return row, seconds
 
 
 if __name__ == "__main__":

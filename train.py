@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, BatchPreprocess, DeviceAugment, load_splits,
-                  make_loader, set_epoch, write_demo_dataset)
+                  make_loader, on_device, set_epoch, write_demo_dataset)
 from model import build_model, set_trainable, strip_prefixes, train_mode
 from utils import (amp_dtype, load_checkpoint, log, pick_device, rng_state, save_checkpoint,
                    seed_everything, set_rng_state, write_history_csv)
@@ -88,6 +88,8 @@ def get_args_parser():
     g = p.add_argument_group("both phases")
     g.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy loss")
     g.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"], help="mixed precision on CUDA")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the model: slower start, faster steps (beyond the report)")
 
     g = p.add_argument_group("augmentation (training only, per sample, on the device)")
     g.add_argument("--degrees", type=float, default=10.0, help="affine rotation +-, always applied")
@@ -152,9 +154,8 @@ def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, dev
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for images, labels in tqdm(loader, desc=desc, leave=False, disable=None, unit="batch"):
-        images = preprocess(images.to(device, non_blocking=True))
-        labels = labels.to(device, non_blocking=True)
+    batches = on_device(loader, preprocess, device)
+    for images, labels in tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None, unit="batch"):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(images)
             loss = criterion(logits, labels)
@@ -179,9 +180,7 @@ def evaluate(model, loader, preprocess, criterion, device, dtype):
     top1 = torch.zeros((), device=device, dtype=torch.long)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for images, labels in loader:
-        images = preprocess(images.to(device, non_blocking=True))
-        labels = labels.to(device, non_blocking=True)
+    for images, labels in on_device(loader, preprocess, device):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(images).float()
         loss_sum += criterion(logits, labels) * len(labels)
@@ -199,6 +198,7 @@ class Run:
 
     def __init__(self, args, splits, model, device, history):
         self.args, self.splits, self.model, self.device, self.history = args, splits, model, device, history
+        self.net = model  # what runs the steps: with --compile, a compiled view of the same module
         self.out = Path(args.out)
         self.dtype = amp_dtype(args.amp, device)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
@@ -216,6 +216,10 @@ class Run:
     def train_phase(self, phase, epochs, optimizer, scheduler=None, clip=0.0, resume=None):
         """Epochs of one phase, each followed by validation, logging and checkpoints."""
         args = self.args
+        if args.compile:
+            # Compiled anew for each phase: which parameters need gradients has changed.
+            torch.compiler.reset()
+            self.net = torch.compile(self.model)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         start = 0
         if resume is not None:
@@ -229,7 +233,7 @@ class Run:
             lr = optimizer.param_groups[0]["lr"]
             set_epoch(self.train_loader, len(self.history))
             t0 = time.perf_counter()
-            train = train_one_epoch(self.model, self.train_loader, self.train_preprocess, self.criterion,
+            train = train_one_epoch(self.net, self.train_loader, self.train_preprocess, self.criterion,
                                     optimizer, scaler, self.device, self.dtype, clip,
                                     freeze_bn=args.freeze_bn and phase == 1,
                                     desc=f"phase {phase} epoch {epoch + 1}/{epochs}")
@@ -237,7 +241,7 @@ class Run:
             if not math.isfinite(train["train_loss"]):
                 raise SystemExit(f"phase {phase} epoch {epoch + 1}: training loss is {train['train_loss']}; "
                                  f"the last good checkpoint is {self.out / 'last.pt'}")
-            val = evaluate(self.model, self.val_loader, self.eval_preprocess, self.criterion,
+            val = evaluate(self.net, self.val_loader, self.eval_preprocess, self.criterion,
                            self.device, self.dtype)
             if scheduler is not None:
                 scheduler.step()  # per epoch, as the method specifies
@@ -318,7 +322,9 @@ def main(argv=None):
 
     # Phase I: fit the new head on the frozen backbone.
     if args.phase in ("1", "all") and done_phase <= 1 and done_epoch < args.epochs1:
-        optimizer = torch.optim.AdamW(set_trainable(model, phase=1), lr=args.lr1, weight_decay=args.wd1)
+        # Fused on CUDA: one kernel, and GradScaler's overflow check needs no host sync.
+        optimizer = torch.optim.AdamW(set_trainable(model, phase=1), lr=args.lr1, weight_decay=args.wd1,
+                                      fused=device.type == "cuda")
         run.train_phase(1, args.epochs1, optimizer, resume=resume if done_phase == 1 else None)
 
     # Phase II: fine-tune every layer, warmup then cosine, gradients clipped.

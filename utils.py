@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data import on_device
+
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -133,11 +135,10 @@ def predict_log_probs(model, loader, preprocess, device, dtype, tta=False):
     """Yields (log-probabilities, labels) per batch, on the CPU. With tta the probabilities are
     the mean over each image and its horizontal flip."""
     model.eval()
-    for images, labels in loader:
-        x = preprocess(images.to(device, non_blocking=True))
+    for x, labels in on_device(loader, preprocess, device):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             log_p = model(x).float().log_softmax(dim=1)
             if tta:
                 flipped = model(x.flip(3)).float().log_softmax(dim=1)
                 log_p = torch.logsumexp(torch.stack([log_p, flipped]), dim=0) - math.log(2)
-        yield log_p.cpu(), labels
+        yield log_p.cpu(), labels.cpu()

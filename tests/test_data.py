@@ -226,18 +226,26 @@ def test_each_augmentation_op_equals_torchvisions():
     ref = F.affine(x, angle=7.0, translate=[2.4, -1.2], scale=1.08, shear=[-6.0, 0.0],
                    interpolation=InterpolationMode.BILINEAR)
     assert torch.allclose(ours, ref, atol=1e-5)
-    yes, one, zero = torch.ones(2, dtype=torch.bool), full(1), full(0)
+    one, zero = full(1), full(0)
     for factors, op, ref in [((full(1.2), one, one), 0, F.adjust_brightness(x, 1.2)),
                              ((one, full(0.8), one), 1, F.adjust_contrast(x, 0.8)),
                              ((one, one, full(1.25)), 2, F.adjust_saturation(x, 1.25))]:
-        assert torch.allclose(data.color_jitter(x, yes, *factors, zero, [op]), ref, atol=1e-6)
+        assert torch.allclose(data.color_jitter(x, *factors, zero, [op]), ref, atol=1e-6)
     for shift in (-0.1, 0.03, 0.5):
         assert torch.allclose(data.adjust_hue(x, full(shift)), F.adjust_hue(x, shift), atol=1e-5)
     for sigma in (0.1, 0.8, 2.0):
         assert torch.allclose(data.gaussian_blur3(x, full(sigma)), F.gaussian_blur(x, [3, 3], [sigma, sigma]),
                               atol=1e-6)
-    # Not applied: exactly the input.
-    assert torch.equal(data.color_jitter(x, ~yes, full(1.2), full(0.8), full(1.25), full(0.1)), x)
+
+
+def test_masked_ops_leave_the_other_samples_untouched_on_every_path():
+    x = torch.rand(4, 3, 8, 8)
+    mask = torch.tensor([True, False, True, False])
+    out = data.apply_where(mask, lambda x, f: x * f.view(-1, 1, 1, 1), x, torch.full((4,), 0.5))
+    assert torch.equal(out[1], x[1]) and torch.equal(out[3], x[3]) and torch.equal(out[0], x[0] * 0.5)
+    # The device path (transform all, then select) gives the same result.
+    selected = torch.where(mask.view(-1, 1, 1, 1), x * 0.5, x)
+    assert torch.equal(out, selected)
 
 
 def test_demo_dataset_layout(tmp_path):

@@ -83,3 +83,35 @@ def test_check_accepts_a_good_csv_and_names_each_problem(trained, tmp_path):
     assert "img_00: missing" in result.stderr
     assert "img_01: 2 rows" in result.stderr
     assert "'zebra' is not one of the checkpoint's classes" in result.stderr
+
+
+def test_rows_sort_by_image_name_and_names_may_start_with_underscores(trained, tmp_path):
+    test_dir = tmp_path / "photos"
+    test_dir.mkdir()
+    source = (trained / "data" / "test" / "img_00.png").read_bytes()
+    for name in ("a.png", "a-b.png", "a b.png", "__init.png"):
+        (test_dir / name).write_bytes(source)
+    result = run_predict("--ckpt", str(trained / "ck" / "best.pt"), "--test-dir", str(test_dir), "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert [r[0] for r in read_csv(result.stdout)[1:]] == ["__init", "a", "a b", "a-b"]
+
+
+def test_a_closed_pipe_ends_quietly(trained, tmp_path, monkeypatch):
+    """`predict.py | head`: the reader leaves early; no traceback, exit status 1."""
+    class ClosedPipe:
+        def __init__(self):
+            self.file = open(tmp_path / "sink", "w")
+
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return self.file.fileno()
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    with pytest.raises(SystemExit) as exit_:
+        predict.main(["--ckpt", str(trained / "ck" / "best.pt"), "--device", "cpu"])
+    assert exit_.value.code == 1

@@ -1,0 +1,361 @@
+"""Speed of the data path, the training steps and prediction; anyone can rerun it.
+
+    python benchmarks/bench.py                                   # CPU-sized: resnet18 at 112 px
+    python benchmarks/bench.py --device cuda --arch wide_resnet50_2 --img-size 224 --n 2048
+
+Without --images it writes N synthetic JPEGs of varied sizes (once, into --workdir). Each number
+is the median of --repeats runs; the table goes to standard output, progress to standard error.
+
+  pipeline   images/s from files to augmented, normalised batches on the device: this project's
+             cached path (memmap rows -> batch -> device augmentation) against the report's
+             released code (per sample: PIL decode -> ToTensor -> square crop -> resize ->
+             torchvision transforms, in DataLoader workers), same files, same run
+  train      images/s of Phase I and Phase II steps, end to end (cache -> loader -> augmentation
+             -> step) and model-only (the same steps on one batch already on the device); their
+             ratio is the input-bound ratio (1.0: the input pipeline costs nothing)
+  predict    images/s of predict.py's loop
+  cache      cache build time and peak memory at N and 2N images (memory must not grow with N)
+"""
+import argparse
+import itertools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import data  # noqa: E402
+import model as M  # noqa: E402
+import train  # noqa: E402
+from utils import amp_dtype, log, pick_device, predict_log_probs  # noqa: E402
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", default=None, help="a train/-style folder of class folders (default: synthetic)")
+    p.add_argument("--n", type=int, default=512, help="synthetic images (the cache section also uses 2N)")
+    p.add_argument("--workdir", default="benchmarks/.work", help="synthetic images and caches")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--img-size", type=int, default=112)
+    p.add_argument("--batch-size", type=int, default=72)
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count()),
+                   help="loader processes of the released path (and of ours on CUDA)")
+    p.add_argument("--steps", type=int, default=6, help="training steps per measurement")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in the train section")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="the train section's end-to-end steps augment (--no-augment: load and normalise only)")
+    p.add_argument("--sections", default="pipeline,train,sync,predict,cache",
+                   help="comma-separated; sync (host syncs per step) runs on CUDA only")
+    return p
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def synthetic_images(folder, n, classes=10):
+    """n JPEGs of 240-800 px per side, smooth colour fields with noise, in class folders."""
+    folder = Path(folder)
+    if len(list(folder.glob("*/*.jpg"))) >= n:
+        return folder
+    for c in range(classes):
+        (folder / f"c{c}").mkdir(parents=True, exist_ok=True)
+
+    def write(i):
+        rng = np.random.default_rng(i)
+        w, h = (int(v) for v in rng.integers(240, 800, 2))
+        yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+        base = np.stack([np.sin(6 * xx + i), np.cos(5 * yy + i / 3), np.sin(4 * (xx + yy))], -1)
+        pixels = ((base + 1) * 110 + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"c{i % classes}" / f"{i:06d}.jpg", quality=90)
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(write, range(n)))
+    return folder
+
+
+class ReleasedDataset(torch.utils.data.Dataset):
+    """The report's released data path: every epoch decodes and transforms each image anew."""
+
+    def __init__(self, folder, files, labels, size):
+        import torchvision.transforms as T
+
+        self.paths = [Path(folder) / f for f in files]
+        self.labels = labels
+        self.size = size
+        self.augment = T.Compose([
+            T.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=10),
+            T.RandomApply([T.ColorJitter(0.25, 0.25, 0.25, 0.1)], p=0.5),
+            T.RandomApply([T.GaussianBlur(3, (0.1, 2.0))], p=0.5),
+            T.RandomHorizontalFlip(0.3), T.RandomVerticalFlip(0.3),
+            T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
+        ])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        import torchvision.transforms.functional as F
+
+        x = F.to_tensor(Image.open(self.paths[i]).convert("RGB"))
+        side = min(x.shape[1:])
+        x = F.resize(F.center_crop(x, [side, side]), [self.size, self.size], antialias=True)
+        return self.augment(x), int(self.labels[i])
+
+
+# ----------------------------------------------------------------------------- measurements
+
+def timed(fn, repeats):
+    """Median seconds of `repeats` calls after one warm-up call, and the individual runs."""
+    fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs), runs
+
+
+def timed_pair(first, second, repeats):
+    """timed() for two functions run in turns, so that drift in the machine's speed hits both."""
+    first(), second()
+    runs = ([], [])
+    for _ in range(repeats):
+        for fn, out in zip((first, second), runs):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return [(statistics.median(r), r) for r in runs]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_pipeline(args, folder, files, labels, cache, device):
+    released = torch.utils.data.DataLoader(ReleasedDataset(folder, files, labels, args.img_size),
+                                           batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                           pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    ours = data.make_loader(data.CachedImages(cache, labels), args.batch_size, True,
+                            args.workers if device.type == "cuda" else 0, pin_memory=device.type == "cuda")
+    preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to(device)
+
+    def run_released():
+        for x, y in released:
+            x.to(device, non_blocking=True)
+        sync(device)
+
+    def run_ours():
+        for x, y in ours:
+            preprocess(x.to(device, non_blocking=True))
+        sync(device)
+
+    n = len(files)
+    rows = []
+    for name, fn in (("released code path", run_released), ("cached path", run_ours)):
+        median, runs = timed(fn, args.repeats)
+        rows.append((f"input pipeline, {name}", n / median, [n / r for r in runs]))
+        log(f"{rows[-1][0]}: {n / median:.0f} images/s")
+    rows.append(("  speed-up, cached / released", rows[1][1] / rows[0][1], None))
+    return rows
+
+
+class Steps:
+    """The first n batches of a loader, reloading it as often as needed (itertools.cycle would
+    replay stored batches instead of loading them)."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, n
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return itertools.islice(itertools.chain.from_iterable(iter(lambda: self.loader, None)), self.n)
+
+
+def bench_train(args, cache, labels, num_classes, device):
+    dtype = amp_dtype(args.amp, device)
+    net = M.build_model(args.arch, num_classes, "none").to(device, memory_format=torch.channels_last)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    preprocess = data.BatchPreprocess(augment=data.DeviceAugment() if args.augment else None).to(device)
+    loader = data.make_loader(data.CachedImages(cache, labels), args.batch_size, True,
+                              args.workers if device.type == "cuda" else 0, pin_memory=device.type == "cuda",
+                              drop_last=len(cache) >= args.batch_size)
+    images, targets = next(iter(loader))
+    fixed = preprocess(images.to(device)), targets.to(device)
+    rows = []
+    for phase in (1, 2):
+        params = M.set_trainable(net, phase)
+        if args.compile:
+            torch.compiler.reset()
+        step_net = torch.compile(net) if args.compile else net
+        optimizer = (torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-4, fused=device.type == "cuda") if phase == 1
+                     else torch.optim.NAdam(params, lr=5e-4, weight_decay=1e-4))
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        clip = 0.8 if phase == 2 else 0.0
+
+        def end_to_end():
+            batches = Steps(loader, args.steps)
+            train.train_one_epoch(step_net, batches, preprocess, criterion, optimizer, scaler, device, dtype, clip)
+
+        def model_only():
+            batches = [fixed] * args.steps
+            train.train_one_epoch(step_net, batches, lambda x: x, criterion, optimizer, scaler, device, dtype, clip)
+
+        n = args.steps * args.batch_size
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        (e2e, e2e_runs), (alone, alone_runs) = timed_pair(end_to_end, model_only, args.repeats)
+        rows.append((f"Phase {phase} training, end to end", n / e2e, [n / r for r in e2e_runs]))
+        rows.append((f"Phase {phase} training, model only", n / alone, [n / r for r in alone_runs]))
+        rows.append((f"  input-bound ratio, Phase {phase}", e2e / alone, None))
+        if device.type == "cuda":
+            rows.append((f"  peak device memory, Phase {phase} (GiB)", torch.cuda.max_memory_allocated() / 2**30, None))
+        log(f"Phase {phase}: {n / e2e:.0f} images/s end to end, {n / alone:.0f} model only")
+    return rows
+
+
+def count_syncs(args, cache, labels, num_classes, device):
+    """Host-device synchronisations per training step, as CUDA's sync debug mode reports them."""
+    import warnings
+
+    dtype = amp_dtype(args.amp, device)
+    net = M.build_model(args.arch, num_classes, "none").to(device, memory_format=torch.channels_last)
+    preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to(device)
+    loader = data.make_loader(data.CachedImages(cache, labels), args.batch_size, True, 0, pin_memory=True)
+    rows = []
+    for phase in (1, 2):
+        params = M.set_trainable(net, phase)
+        optimizer = (torch.optim.AdamW(params, lr=5e-4, fused=True) if phase == 1
+                     else torch.optim.NAdam(params, lr=5e-4))
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        criterion = torch.nn.CrossEntropyLoss()
+        steps = Steps(loader, 4)
+        train.train_one_epoch(net, steps, preprocess, criterion, optimizer, scaler, device, dtype, 0.8 * (phase == 2))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train.train_one_epoch(net, steps, preprocess, criterion, optimizer, scaler, device, dtype,
+                                      0.8 * (phase == 2))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+        # Two belong to the epoch, not the step: the .item() calls of the returned loss and accuracy.
+        rows.append((f"  host syncs per step, Phase {phase}", (len(syncs) - 2) / 4, None))
+        log(f"Phase {phase}: {len(syncs)} syncs in 4 steps; first: {syncs[:1]}")
+    return rows
+
+
+def bench_predict(args, cache, labels, num_classes, device):
+    net = M.build_model(args.arch, num_classes, "none").to(device, memory_format=torch.channels_last).eval()
+    loader = data.make_loader(data.CachedImages(cache, labels), 2 * args.batch_size, False,
+                              args.workers if device.type == "cuda" else 0, pin_memory=device.type == "cuda")
+    preprocess = data.BatchPreprocess().to(device)
+    dtype = amp_dtype(args.amp, device)
+
+    def run():
+        for _ in predict_log_probs(net, loader, preprocess, device, dtype):
+            pass
+
+    median, runs = timed(run, args.repeats)
+    log(f"predict: {len(cache) / median:.0f} images/s")
+    return [("predict", len(cache) / median, [len(cache) / r for r in runs])]
+
+
+CACHE_PROBE = """
+import json, resource, sys, time
+sys.path.insert(0, {repo!r})
+import data
+files = data.list_labelled_images({folder!r}, data.find_classes({folder!r}))[:{n}]
+start = time.perf_counter()
+data.build_cache({folder!r}, files, {size}, {cache_dir!r}, {workers})
+print(json.dumps({{"seconds": time.perf_counter() - start,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def bench_cache(args, folder, n):
+    rows = []
+    for count in (n, 2 * n):
+        cache_dir = Path(args.workdir) / f"cache-probe-{count}-{time.time_ns()}"
+        code = CACHE_PROBE.format(repo=str(REPO), folder=str(folder), n=count, size=args.img_size,
+                                  cache_dir=str(cache_dir), workers=args.workers)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        for f in cache_dir.iterdir():
+            f.unlink()
+        cache_dir.rmdir()
+        rows.append((f"cache build, {count} images (images/s)", count / result["seconds"], None))
+        rows.append((f"cache build, {count} images, peak host memory (MiB)", result["peak_mb"], None))
+        log(f"cache of {count}: {result['seconds']:.1f} s, {result['peak_mb']:.0f} MiB")
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+def machine(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}"
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    device = pick_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    sections = set(args.sections.split(","))
+    total = 2 * args.n if "cache" in sections else args.n
+    folder = Path(args.images) if args.images else synthetic_images(Path(args.workdir) / "images", total)
+    classes = data.find_classes(folder)
+    files = data.list_labelled_images(folder, classes)[:args.n]
+    labels = data.labels_of(files, classes)
+    cache = data.build_cache(folder, files, args.img_size, Path(args.workdir) / "cache", args.workers)
+    torch.manual_seed(0)
+
+    rows = []
+    if "pipeline" in sections:
+        rows += bench_pipeline(args, folder, files, labels, cache, device)
+    if "train" in sections:
+        rows += bench_train(args, cache, labels, len(classes), device)
+    if "sync" in sections and device.type == "cuda":
+        rows += count_syncs(args, cache, labels, len(classes), device)
+    if "predict" in sections:
+        rows += bench_predict(args, cache, labels, len(classes), device)
+    if "cache" in sections:
+        rows += bench_cache(args, folder, args.n)
+    rows.append(("peak host memory of this process (MiB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                 None))
+
+    print(f"`python benchmarks/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(" `", "`"))
+    print(f"\n{machine(device)}; {args.arch} at {args.img_size} px, batch {args.batch_size}, "
+          f"{len(files)} images, amp {amp_dtype(args.amp, device) or 'off'}, median of {args.repeats}\n")
+    print("| measurement | median | runs |")
+    print("| --- | ---: | --- |")
+    for name, value, runs in rows:
+        shown = ", ".join(f"{r:.0f}" for r in runs) if runs else ""
+        print(f"| {name} | {value:.2f} | {shown} |" if value < 10 else f"| {name} | {value:.0f} | {shown} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# A CUDA machine end to end, in one go: the demo, resume, bf16, evaluation and prediction on the
+# GPU, then the benchmark of the report's model (WRN-50-2, 224 px, batch 72).
+#
+#   bash benchmarks/gpu_checks.sh                 # everything prints; failures say FAILED
+#   DEVICE=cpu BENCH="--n 64 --steps 2 --repeats 1" bash benchmarks/gpu_checks.sh   # a dry run
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+device=${DEVICE:-cuda}
+bench=${BENCH:---arch wide_resnet50_2 --img-size 224 --n 1024 --steps 20 --repeats 5}
+work=$(mktemp -d)
+step() { echo; echo "== $*"; }
+check() { "$@" || echo "FAILED ($?): $*"; }
+
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$py -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+
+step "demo: both phases, fp16, 4 loader workers"
+check $py train.py --demo --data "$work/demo" --out "$work/ck" --device "$device" --workers 4
+
+step "benchmark, fp16"
+check $py benchmarks/bench.py --device "$device" $bench --workdir "$work/bench"
+
+step "resume from last.pt for one more epoch"
+check $py train.py --resume "$work/ck/last.pt" --epochs2 11
+
+step "evaluate (with --tta) and predict, then check the CSV"
+check $py evaluate.py --ckpt "$work/ck/best.pt" --figures "$work/fig" --device "$device" --tta
+check $py predict.py --ckpt "$work/ck/best.pt" --device "$device" --out "$work/prediction.csv"
+check $py predict.py --ckpt "$work/ck/best.pt" --check "$work/prediction.csv"
+
+step "bf16: a short run, then the training benchmark"
+check $py train.py --demo --data "$work/demo" --out "$work/ck-bf16" --device "$device" --amp bf16 --epochs1 1 --epochs2 1
+check $py benchmarks/bench.py --device "$device" $bench --workdir "$work/bench" --sections train --amp bf16
+
+step "torch.compile: the training benchmark (capped at 150 s)"
+check timeout 150 $py benchmarks/bench.py --device "$device" $bench --workdir "$work/bench" --sections train --compile
+rm -rf "$work"
