@@ -274,7 +274,8 @@ def make_loader(dataset, batch_size, shuffle, workers, seed=0, pin_memory=False,
         sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
     else:
-        sampler = torch.utils.data.SequentialSampler(dataset)
+        # Every num_replicas-th image from `rank` on: each image counted once, none padded in.
+        sampler = range(rank, len(dataset), num_replicas)
     batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=drop_last)
     # Its own generator: making an iterator would otherwise draw from the global RNG, and a resumed
     # run (a new iterator) would then see other augmentation draws than one that never stopped.

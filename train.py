@@ -15,13 +15,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import (IMAGENET_MEAN, IMAGENET_STD, BatchPreprocess, DeviceAugment, load_splits,
                   make_loader, on_device, set_epoch, write_demo_dataset)
 from model import build_model, set_trainable, strip_prefixes, train_mode
-from utils import (amp_dtype, load_checkpoint, log, pick_device, rng_state, save_checkpoint,
-                   seed_everything, set_rng_state, write_history_csv)
+from utils import (amp_dtype, gather_from_processes, init_distributed, is_main_process, load_checkpoint,
+                   local_main_first, log, pick_device, rng_state, save_checkpoint, seed_everything,
+                   set_rng_state, sum_over_processes, write_history_csv)
 
 # A CPU-sized run on scikit-learn's digits: a few minutes on two cores, no download.
 DEMO = dict(data="data/demo", arch="resnet18", weights="none", img_size=32, batch_size=64,
@@ -88,6 +90,8 @@ def get_args_parser():
     g = p.add_argument_group("both phases")
     g.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy loss")
     g.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"], help="mixed precision on CUDA")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on CUDA, batch norm statistics over the global batch")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the model: slower start, faster steps (beyond the report)")
 
@@ -155,7 +159,9 @@ def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, dev
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     batches = on_device(loader, preprocess, device)
-    for images, labels in tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None, unit="batch"):
+    bar = tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None if is_main_process() else True,
+               unit="batch")
+    for images, labels in bar:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(images)
             loss = criterion(logits, labels)
@@ -169,7 +175,8 @@ def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, dev
         loss_sum += loss.detach() * len(labels)
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
-    return {"train_loss": loss_sum.item() / seen, "train_acc": correct.item() / seen, "images": seen}
+    loss_sum, correct, seen = sum_over_processes(loss_sum, correct, seen)
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "images": seen}
 
 
 @torch.no_grad()
@@ -188,17 +195,19 @@ def evaluate(model, loader, preprocess, criterion, device, dtype):
         top1 += (best[:, 0] == labels).sum()
         top5 += (best == labels[:, None]).any(dim=1).sum()
         seen += len(labels)
+    loss_sum, top1, top5, seen = sum_over_processes(loss_sum, top1, top5, seen)
     if seen == 0:
         return {"val_loss": float("nan"), "val_acc": 0.0, "val_top5": 0.0}
-    return {"val_loss": loss_sum.item() / seen, "val_acc": top1.item() / seen, "val_top5": top5.item() / seen}
+    return {"val_loss": loss_sum / seen, "val_acc": top1 / seen, "val_top5": top5 / seen}
 
 
 class Run:
     """What both phases share: the data, the model, the device, the history and the checkpoints."""
 
-    def __init__(self, args, splits, model, device, history):
+    def __init__(self, args, splits, model, device, history, rank=0, world_size=1):
         self.args, self.splits, self.model, self.device, self.history = args, splits, model, device, history
-        self.net = model  # what runs the steps: with --compile, a compiled view of the same module
+        self.rank, self.world_size = rank, world_size
+        self.net = model  # what runs the steps: the same module, wrapped for DDP and --compile
         self.out = Path(args.out)
         self.dtype = amp_dtype(args.amp, device)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
@@ -209,17 +218,22 @@ class Run:
         cuda = device.type == "cuda"
         workers = args.workers if cuda else 0
         # Dropping the last partial batch keeps batch norm from ever seeing a batch of one.
+        shard = dict(num_replicas=world_size, rank=rank)
         self.train_loader = make_loader(splits.train, args.batch_size, True, workers, args.seed, cuda,
-                                        drop_last=len(splits.train) > args.batch_size)
-        self.val_loader = make_loader(splits.val, 2 * args.batch_size, False, workers, pin_memory=cuda)
+                                        drop_last=len(splits.train) > args.batch_size * world_size, **shard)
+        self.val_loader = make_loader(splits.val, 2 * args.batch_size, False, workers, pin_memory=cuda, **shard)
 
     def train_phase(self, phase, epochs, optimizer, scheduler=None, clip=0.0, resume=None):
         """Epochs of one phase, each followed by validation, logging and checkpoints."""
         args = self.args
+        # Wrapped anew for each phase: which parameters need gradients has changed, and DDP
+        # all-reduces only the gradients of the parameters that needed them when it was made.
+        self.net = self.model
+        if self.world_size > 1:
+            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if args.compile:
-            # Compiled anew for each phase: which parameters need gradients has changed.
             torch.compiler.reset()
-            self.net = torch.compile(self.model)
+            self.net = torch.compile(self.net)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         start = 0
         if resume is not None:
@@ -263,11 +277,14 @@ class Run:
             "optimizer": optimizer.state_dict() if optimizer else None,
             "scheduler": scheduler.state_dict() if scheduler else None,
             "scaler": scaler.state_dict() if scaler else None,
-            "rng": rng_state(),
+            "rng": gather_from_processes(rng_state()),  # one state per process
+            "world_size": self.world_size,
         }
 
     def save(self, phase, epoch, optimizer, scheduler, scaler, is_best):
-        state = self.checkpoint(phase, epoch, optimizer, scheduler, scaler)
+        state = self.checkpoint(phase, epoch, optimizer, scheduler, scaler)  # every process: gathers
+        if self.rank != 0:
+            return
         if phase == 1 and epoch == self.args.epochs1:  # before last.pt: a resume never needs to redo it
             save_checkpoint(state, self.out / "phase1.pt")
         save_checkpoint(state, self.out / "last.pt")
@@ -297,13 +314,15 @@ def load_data(args):
 
 def main(argv=None):
     args, resume = parse_args(argv)
-    if args.demo:
-        write_demo_dataset(args.data)
-    device = pick_device(args.device)
+    rank, local_rank, world_size = init_distributed(args.device)
+    device = pick_device(args.device, local_rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    seed_everything(args.seed)
-    splits = load_data(args)
+    seed_everything(args.seed + rank)  # each process its own augmentation draws
+    with local_main_first(local_rank):
+        if args.demo:
+            write_demo_dataset(args.data)
+        splits = load_data(args)
     start = resume or phase1_start(args)
     # A state dict is about to replace the weights: no need to fetch them.
     weights = "none" if start else args.weights
@@ -311,14 +330,19 @@ def main(argv=None):
     if start:
         check_classes(start, splits.classes)
         model.load_state_dict(start["model"])
+    if args.sync_bn and world_size > 1:
+        if device.type != "cuda":
+            raise SystemExit("--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
-    run = Run(args, splits, model, device, history=list(start["history"]) if start else [])
+    run = Run(args, splits, model, device, list(start["history"]) if start else [], rank, world_size)
     log(f"{args.arch} on {device} ({run.dtype or torch.float32}), {len(splits.classes)} classes, "
         f"{len(splits.train)} train / {len(splits.val)} val images, batch {args.batch_size}"
+        + (f" per process x {world_size} processes = {args.batch_size * world_size}" if world_size > 1 else "")
         + (f", {splits.skipped} unreadable images skipped" if splits.skipped else ""))
     done_phase, done_epoch = (resume["phase"], resume["epoch"]) if resume else (0, 0)
     if start:
-        set_rng_state(start["rng"])  # the augmentation draws go on where they stopped
+        restore_rng(start, rank, world_size)
 
     # Phase I: fit the new head on the frozen backbone.
     if args.phase in ("1", "all") and done_phase <= 1 and done_epoch < args.epochs1:
@@ -334,6 +358,19 @@ def main(argv=None):
                         resume=resume if done_phase == 2 else None)
 
     summarize(run)
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return run
+
+
+def restore_rng(state, rank, world_size):
+    """The augmentation draws go on where they stopped, each process from its own state."""
+    states = state["rng"]
+    if len(states) == world_size:
+        set_rng_state(states[rank])
+    else:
+        log(f"warning: the checkpoint holds the random state of {len(states)} process(es), this run has "
+            f"{world_size}: augmentation draws start from --seed instead")
 
 
 def phase1_start(args):

@@ -5,10 +5,12 @@ import math
 import os
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from data import on_device
 
@@ -16,8 +18,58 @@ CHECKPOINT_DIR = "checkpoints"
 
 
 def log(*parts):
-    """Messages and progress go to standard error; standard output is for results."""
-    print(*parts, file=sys.stderr, flush=True)
+    """Messages go to standard error (standard output is for results), from one process only."""
+    if is_main_process():
+        print(*parts, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def init_distributed(device_name):
+    """Join the process group when torchrun started this process: NCCL on CUDA, gloo on the CPU.
+    Returns (rank, local rank, world size); (0, 0, 1) for a plain run."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 0, 1
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    cuda = device_name != "cpu" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return rank, local_rank, world
+
+
+def is_main_process():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+@contextmanager
+def local_main_first(local_rank):
+    """The block runs on each machine's first process first (building the cache, writing the demo
+    data), then on the others, which find the work done. If the first fails, torchrun ends them all."""
+    if dist.is_initialized() and local_rank != 0:
+        dist.barrier()
+    yield
+    if dist.is_initialized() and local_rank == 0:
+        dist.barrier()
+
+
+def sum_over_processes(*values):
+    """Each value (tensor or number) summed over all processes, as float64 tensors on its device."""
+    device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
+    total = torch.stack([torch.as_tensor(v, device=device).double() for v in values])
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return total.tolist()
+
+
+def gather_from_processes(obj):
+    """A list of every process's obj, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -113,12 +165,12 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------- devices
 
-def pick_device(name="auto"):
+def pick_device(name="auto", local_rank=0):
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible (use --device cpu)")
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def amp_dtype(amp, device):

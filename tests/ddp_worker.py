@@ -1,0 +1,12 @@
+"""Run under torchrun by test_distributed.py: train.main, then each process saves its parameters."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train  # noqa: E402
+
+out = Path(sys.argv[1])
+run = train.main(sys.argv[2:])
+torch.save({n: p.detach() for n, p in run.model.named_parameters()}, out / f"params_rank{run.rank}.pt")
