@@ -108,8 +108,7 @@ def load_image(path, size):
     """The deterministic preprocessing: EXIF orientation, RGB, centre square crop, bilinear
     antialiased resize to size x size. Returns a uint8 array of shape (size, size, 3)."""
     with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        img = img.convert("RGB")
+        img = to_rgb(ImageOps.exif_transpose(img))
         w, h = img.size
         s = min(w, h)
         left, top = (w - s) // 2, (h - s) // 2
@@ -117,6 +116,18 @@ def load_image(path, size):
         # bilinear filter widens when it shrinks, i.e. the resize is antialiased.
         img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.BILINEAR)
         return np.asarray(img, dtype=np.uint8)
+
+
+def to_rgb(img):
+    """RGB of any mode Pillow opens. 16- and 32-bit greyscale is scaled to 8 bits first (convert
+    would clip it to white); transparent modes keep their colours, as torchvision's loader does."""
+    if img.mode.startswith("I"):
+        pixels = np.asarray(img).astype(np.float64)
+        scale = 255 / 65535 if pixels.max() > 255 else 1.0
+        img = Image.fromarray((pixels * scale).round().clip(0, 255).astype(np.uint8))
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # direct P -> RGB warns about the transparency it drops
+    return img.convert("RGB")
 
 
 def _load_or_reason(path, size):

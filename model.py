@@ -64,7 +64,10 @@ def resolve_weights(arch, weights):
 
 def load_backbone(model, path):
     """Load a local state dict into everything but the head (fc), strictly."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # a file that would run code is refused
+    except Exception as e:
+        raise SystemExit(f"cannot load --weights {path}: {type(e).__name__}: {e}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a checkpoint of this project
     state = {strip_prefixes(k): v for k, v in state.items() if not strip_prefixes(k).startswith("fc.")}

@@ -9,8 +9,8 @@ argument defaults below are the report's Table 1; `python train.py --help` print
     python train.py --resume checkpoints/last.pt
 """
 import argparse
-import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -90,6 +90,9 @@ def get_args_parser():
     g = p.add_argument_group("both phases")
     g.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy loss")
     g.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"], help="mixed precision on CUDA")
+    g.add_argument("--accum-steps", type=int, default=1,
+                   help="an optimizer step every N batches: --batch-size 36 --accum-steps 2 takes the steps "
+                        "of batch 72 in about half the memory")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on CUDA, batch norm statistics over the global batch")
     g.add_argument("--compile", action="store_true",
@@ -150,33 +153,47 @@ def warmup_cosine(optimizer, args):
 
 
 def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, device, dtype,
-                    clip=0.0, freeze_bn=False, desc=""):
-    """One pass over the training data. Loss and accuracy add up on the device, so the host waits for
-    the device only at the end (and in GradScaler's overflow check, with fp16)."""
+                    clip=0.0, freeze_bn=False, accum_steps=1, desc=""):
+    """One pass over the training data, an optimizer step every `accum_steps` batches. Loss and
+    accuracy add up on the device, so the host waits for the device only at the end (and in
+    GradScaler's overflow check, with fp16). Batches whose loss is not finite are counted apart."""
     train_mode(model, freeze_bn)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loss_sum = torch.zeros((), device=device)
+    counted = torch.zeros((), device=device, dtype=torch.long)  # images of batches with a finite loss
     correct = torch.zeros((), device=device, dtype=torch.long)
+    nonfinite = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
+    optimizer.zero_grad(set_to_none=True)
     batches = on_device(loader, preprocess, device)
     bar = tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None if is_main_process() else True,
                unit="batch")
-    for images, labels in bar:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(images)
-            loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if clip:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-            nn.utils.clip_grad_norm_(params, clip)
-        scaler.step(optimizer)
-        scaler.update()
-        loss_sum += loss.detach() * len(labels)
+    for i, (images, labels) in enumerate(bar):
+        step_now = (i + 1) % accum_steps == 0 or i + 1 == len(loader)
+        # Under DDP, gradients are all-reduced once per optimizer step, not once per batch.
+        sync = model.no_sync() if not step_now and hasattr(model, "no_sync") else nullcontext()
+        with sync:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(images)
+                loss = criterion(logits, labels)
+            scaler.scale(loss / accum_steps).backward()
+        if step_now:
+            if clip:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+                nn.utils.clip_grad_norm_(params, clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        finite = torch.isfinite(loss.detach())
+        loss_sum += torch.where(finite, loss.detach(), 0.0) * len(labels)
+        counted += finite * len(labels)
+        nonfinite += ~finite
         correct += (logits.argmax(1) == labels).sum()
         seen += len(labels)
-    loss_sum, correct, seen = sum_over_processes(loss_sum, correct, seen)
-    return {"train_loss": loss_sum / seen, "train_acc": correct / seen, "images": seen}
+    loss_sum, counted, correct, nonfinite, seen, total = sum_over_processes(
+        loss_sum, counted, correct, nonfinite, seen, len(loader))
+    return {"train_loss": loss_sum / counted if counted else float("nan"), "train_acc": correct / seen,
+            "images": seen, "nonfinite": int(nonfinite), "batches": int(total)}
 
 
 @torch.no_grad()
@@ -249,12 +266,10 @@ class Run:
             t0 = time.perf_counter()
             train = train_one_epoch(self.net, self.train_loader, self.train_preprocess, self.criterion,
                                     optimizer, scaler, self.device, self.dtype, clip,
-                                    freeze_bn=args.freeze_bn and phase == 1,
+                                    freeze_bn=args.freeze_bn and phase == 1, accum_steps=args.accum_steps,
                                     desc=f"phase {phase} epoch {epoch + 1}/{epochs}")
             seconds = time.perf_counter() - t0
-            if not math.isfinite(train["train_loss"]):
-                raise SystemExit(f"phase {phase} epoch {epoch + 1}: training loss is {train['train_loss']}; "
-                                 f"the last good checkpoint is {self.out / 'last.pt'}")
+            self.check_finite(train, phase, epoch)
             val = evaluate(self.net, self.val_loader, self.eval_preprocess, self.criterion,
                            self.device, self.dtype)
             if scheduler is not None:
@@ -266,6 +281,17 @@ class Run:
             self.history.append(record)
             self.log_epoch(record, epochs, is_best)
             self.save(phase, epoch + 1, optimizer, scheduler, scaler, is_best)
+
+    def check_finite(self, train, phase, epoch):
+        """An fp16 overflow now and then is normal (GradScaler skips that step and lowers its scale);
+        a loss that stays non-finite, or any in float32 or bf16, has ruined the weights."""
+        bad, batches = train["nonfinite"], train["batches"]
+        if bad and (self.dtype != torch.float16 or bad == batches):
+            raise SystemExit(f"phase {phase} epoch {epoch + 1}: the loss was not finite in {bad} of {batches} "
+                             f"batches, so training stopped. The last good checkpoint is {self.out / 'last.pt'}; "
+                             f"resume from it with a lower learning rate (--lr1/--lr2), or try --amp bf16.")
+        if bad:
+            log(f"warning: {bad} of {batches} fp16 batches overflowed; the grad scaler skipped their steps")
 
     def checkpoint(self, phase, epoch, optimizer=None, scheduler=None, scaler=None):
         """A plain dict: loads with torch.load(weights_only=True)."""
@@ -344,18 +370,25 @@ def main(argv=None):
     if start:
         restore_rng(start, rank, world_size)
 
-    # Phase I: fit the new head on the frozen backbone.
-    if args.phase in ("1", "all") and done_phase <= 1 and done_epoch < args.epochs1:
-        # Fused on CUDA: one kernel, and GradScaler's overflow check needs no host sync.
-        optimizer = torch.optim.AdamW(set_trainable(model, phase=1), lr=args.lr1, weight_decay=args.wd1,
-                                      fused=device.type == "cuda")
-        run.train_phase(1, args.epochs1, optimizer, resume=resume if done_phase == 1 else None)
+    try:
+        # Phase I: fit the new head on the frozen backbone.
+        if args.phase in ("1", "all") and done_phase <= 1 and done_epoch < args.epochs1:
+            # Fused on CUDA: one kernel, and GradScaler's overflow check needs no host sync.
+            optimizer = torch.optim.AdamW(set_trainable(model, phase=1), lr=args.lr1, weight_decay=args.wd1,
+                                          fused=device.type == "cuda")
+            run.train_phase(1, args.epochs1, optimizer, resume=resume if done_phase == 1 else None)
 
-    # Phase II: fine-tune every layer, warmup then cosine, gradients clipped.
-    if args.phase in ("2", "all"):
-        optimizer = OPTIMIZERS[args.optimizer2](set_trainable(model, phase=2), args.lr2, args.wd2)
-        run.train_phase(2, args.epochs2, optimizer, warmup_cosine(optimizer, args), args.clip,
-                        resume=resume if done_phase == 2 else None)
+        # Phase II: fine-tune every layer, warmup then cosine, gradients clipped.
+        if args.phase in ("2", "all"):
+            optimizer = OPTIMIZERS[args.optimizer2](set_trainable(model, phase=2), args.lr2, args.wd2)
+            run.train_phase(2, args.epochs2, optimizer, warmup_cosine(optimizer, args), args.clip,
+                            resume=resume if done_phase == 2 else None)
+    except torch.OutOfMemoryError:
+        half = max(1, args.batch_size // 2)
+        raise SystemExit(
+            f"the GPU ran out of memory at --batch-size {args.batch_size}. The same effective batch in "
+            f"smaller pieces: --batch-size {half} --accum-steps {args.accum_steps * args.batch_size // half}. "
+            f"The last good checkpoint is {run.out / 'last.pt'} (--resume it with those options).") from None
 
     summarize(run)
     if world_size > 1:

@@ -294,3 +294,49 @@ def test_caches_of_two_datasets_in_one_cache_dir_are_kept_apart(tmp_path):
     assert os.path.exists(first.train.cache.pixels_path) and len(second.train) == 3
     assert np.array_equal(first.train[[0, 1]][0].numpy(), np.stack([data.load_image(one / "train" / f, 8)
                                                                      for f in first.train.cache.files]))
+
+
+def bad_inputs(folder):
+    """Every kind of file a real image folder turns up, and whether training can use it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    good.save(folder / "ok.jpg", quality=90)
+    jpeg = (folder / "ok.jpg").read_bytes()
+    good.save(folder / "ok_png.png")
+    png = (folder / "ok_png.png").read_bytes()
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2])
+    (folder / "random.png").write_bytes(np.random.default_rng(1).bytes(500))
+    good.convert("CMYK").save(folder / "cmyk.jpg")
+    good.convert("RGBA").save(folder / "rgba.png")
+    good.convert("P").save(folder / "palette.png", transparency=0)
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(folder / "sixteen_bit.png")
+    Image.new("RGB", (1, 1), (10, 200, 30)).save(folder / "tiny.png")
+    good.save(folder / "with space ünïcødé.png")
+    return {"readable": {"ok.jpg", "ok_png.png", "cmyk.jpg", "rgba.png", "palette.png", "sixteen_bit.png",
+                         "tiny.png", "with space ünïcødé.png"},
+            "unreadable": {"zero.jpg", "truncated.jpg", "truncated.png", "random.png"}}
+
+
+def test_bad_inputs_are_skipped_by_name_and_odd_ones_read(tmp_path):
+    expected = bad_inputs(tmp_path / "train" / "a")
+    with pytest.warns(UserWarning) as caught:
+        splits = data.load_splits(tmp_path, 8, tmp_path / "c")
+    messages = " ".join(str(w.message) for w in caught)
+    for name in expected["unreadable"]:
+        assert name in messages
+    assert splits.skipped == len(expected["unreadable"])
+    cache = splits.train.cache
+    assert {f.split("/", 1)[1] for f in cache.files} == expected["readable"]
+    rows = dict(zip((f.split("/", 1)[1] for f in cache.files), np.array(cache.open())))
+    assert 150 <= rows["sixteen_bit.png"].mean() <= 160  # 40000 / 65535 of white, not clipped to 255
+    assert (rows["tiny.png"] == (10, 200, 30)).all()
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_skipped(tmp_path, monkeypatch):
+    Image.new("RGB", (200, 200)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 200 x 200 is over twice the limit
+    with pytest.warns(UserWarning, match="huge.png"):
+        cache = data.build_cache(tmp_path, ["huge.png"], 8, tmp_path / "c")
+    assert cache.files == [] and "DecompressionBomb" in cache.skipped["huge.png"]
