@@ -340,3 +340,10 @@ def test_an_image_over_the_decompression_bomb_limit_is_skipped(tmp_path, monkeyp
     with pytest.warns(UserWarning, match="huge.png"):
         cache = data.build_cache(tmp_path, ["huge.png"], 8, tmp_path / "c")
     assert cache.files == [] and "DecompressionBomb" in cache.skipped["huge.png"]
+
+
+def test_an_empty_class_folder_is_named_in_a_warning(tmp_path):
+    write_image(tmp_path / "train" / "a" / "x.png", (1, 2, 3))
+    (tmp_path / "train" / "b").mkdir()
+    with pytest.warns(UserWarning, match="train/b holds no images"):
+        assert data.list_labelled_images(tmp_path / "train", ["a", "b"]) == ["a/x.png"]

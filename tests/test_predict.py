@@ -89,11 +89,13 @@ def test_rows_sort_by_image_name_and_names_may_start_with_underscores(trained, t
     test_dir = tmp_path / "photos"
     test_dir.mkdir()
     source = (trained / "data" / "test" / "img_00.png").read_bytes()
-    for name in ("a.png", "a-b.png", "a b.png", "__init.png"):
+    for name in ("a.png", "a-b.png", "a b.png", "__init.png", "nested/b.png"):
+        (test_dir / name).parent.mkdir(exist_ok=True)
         (test_dir / name).write_bytes(source)
     result = run_predict("--ckpt", str(trained / "ck" / "best.pt"), "--test-dir", str(test_dir), "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert [r[0] for r in read_csv(result.stdout)[1:]] == ["__init", "a", "a b", "a-b"]
+    assert "sub-folders are ignored: nested" in result.stderr
 
 
 def test_a_closed_pipe_ends_quietly(trained, tmp_path, monkeypatch):
