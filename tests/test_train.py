@@ -188,3 +188,10 @@ def test_demo_command_runs_end_to_end(tmp_path):
     assert result.stdout == ""  # everything but results goes to stderr
     assert "phase 2 epoch   1/1" in result.stderr and "best val acc" in result.stderr
     assert (tmp_path / "demo" / "answers.csv").exists() and (tmp_path / "ck" / "best.pt").exists()
+
+
+def test_the_run_summary_counts_skipped_images(tiny_args, dataset, capsys):
+    (dataset / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])
+    assert "1 unreadable images were skipped" in capsys.readouterr().err
