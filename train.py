@@ -9,6 +9,7 @@ argument defaults below are the report's Table 1; `python train.py --help` print
     python train.py --resume checkpoints/last.pt
 """
 import argparse
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,9 +22,9 @@ from tqdm import tqdm
 from data import (IMAGENET_MEAN, IMAGENET_STD, BatchPreprocess, DeviceAugment, load_splits,
                   make_loader, on_device, set_epoch, write_demo_dataset)
 from model import build_model, set_trainable, strip_prefixes, train_mode
-from utils import (amp_dtype, gather_from_processes, init_distributed, is_main_process, load_checkpoint,
-                   local_main_first, log, pick_device, rng_state, save_checkpoint, seed_everything,
-                   set_rng_state, sum_over_processes, write_history_csv)
+from utils import (amp_dtype, broadcast_buffers, gather_from_processes, init_distributed, is_main_process,
+                   load_checkpoint, local_main_first, log, pick_device, rng_state, save_checkpoint,
+                   seed_everything, set_rng_state, sum_over_processes, write_history_csv)
 
 # A CPU-sized run on scikit-learn's digits: a few minutes on two cores, no download.
 DEMO = dict(data="data/demo", arch="resnet18", weights="none", img_size=32, batch_size=64,
@@ -129,6 +130,8 @@ def parse_args(argv=None):
     """Arguments, with --demo's preset or a resumed run's saved arguments under the ones given."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    if args.accum_steps < 1:
+        parser.error("--accum-steps must be at least 1")
     unset = object()
     parser.set_defaults(**{k: unset for k in vars(args)})
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
@@ -170,13 +173,14 @@ def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, dev
                unit="batch")
     for i, (images, labels) in enumerate(bar):
         step_now = (i + 1) % accum_steps == 0 or i + 1 == len(loader)
+        group = min(accum_steps, len(loader) - i // accum_steps * accum_steps)  # the last may be shorter
         # Under DDP, gradients are all-reduced once per optimizer step, not once per batch.
         sync = model.no_sync() if not step_now and hasattr(model, "no_sync") else nullcontext()
         with sync:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = model(images)
                 loss = criterion(logits, labels)
-            scaler.scale(loss / accum_steps).backward()
+            scaler.scale(loss / group).backward()
         if step_now:
             if clip:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
@@ -269,9 +273,11 @@ class Run:
                                     freeze_bn=args.freeze_bn and phase == 1, accum_steps=args.accum_steps,
                                     desc=f"phase {phase} epoch {epoch + 1}/{epochs}")
             seconds = time.perf_counter() - t0
-            self.check_finite(train, phase, epoch)
-            val = evaluate(self.net, self.val_loader, self.eval_preprocess, self.criterion,
-                           self.device, self.dtype)
+            # Outside DDP: a process with no validation images would otherwise miss its collectives.
+            broadcast_buffers(self.model)
+            val = evaluate(self.net if self.world_size == 1 else self.model, self.val_loader,
+                           self.eval_preprocess, self.criterion, self.device, self.dtype)
+            self.check_finite(train, val, phase, epoch)
             if scheduler is not None:
                 scheduler.step()  # per epoch, as the method specifies
             record = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": train["train_loss"],
@@ -282,14 +288,18 @@ class Run:
             self.log_epoch(record, epochs, is_best)
             self.save(phase, epoch + 1, optimizer, scheduler, scaler, is_best)
 
-    def check_finite(self, train, phase, epoch):
+    def check_finite(self, train, val, phase, epoch):
         """An fp16 overflow now and then is normal (GradScaler skips that step and lowers its scale);
-        a loss that stays non-finite, or any in float32 or bf16, has ruined the weights."""
+        a loss that stays non-finite, or any in float32 or bf16, or a non-finite validation loss
+        (batch norm statistics spoilt by an overflow), has ruined the model: stop before saving it."""
         bad, batches = train["nonfinite"], train["batches"]
-        if bad and (self.dtype != torch.float16 or bad == batches):
-            raise SystemExit(f"phase {phase} epoch {epoch + 1}: the loss was not finite in {bad} of {batches} "
-                             f"batches, so training stopped. The last good checkpoint is {self.out / 'last.pt'}; "
-                             f"resume from it with a lower learning rate (--lr1/--lr2), or try --amp bf16.")
+        ruined = bad and (self.dtype != torch.float16 or bad == batches)
+        if ruined or (len(self.splits.val) and not math.isfinite(val["val_loss"])):
+            what = f"the loss was not finite in {bad} of {batches} batches" if ruined else \
+                "the validation loss is not finite"
+            raise SystemExit(f"phase {phase} epoch {epoch + 1}: {what}, so training stopped. The last good "
+                             f"checkpoint is {self.out / 'last.pt'}; resume from it with a lower learning rate "
+                             f"(--lr1/--lr2), or try --amp bf16.")
         if bad:
             log(f"warning: {bad} of {batches} fp16 batches overflowed; the grad scaler skipped their steps")
 
@@ -384,11 +394,7 @@ def main(argv=None):
             run.train_phase(2, args.epochs2, optimizer, warmup_cosine(optimizer, args), args.clip,
                             resume=resume if done_phase == 2 else None)
     except torch.OutOfMemoryError:
-        half = max(1, args.batch_size // 2)
-        raise SystemExit(
-            f"the GPU ran out of memory at --batch-size {args.batch_size}. The same effective batch in "
-            f"smaller pieces: --batch-size {half} --accum-steps {args.accum_steps * args.batch_size // half}. "
-            f"The last good checkpoint is {run.out / 'last.pt'} (--resume it with those options).") from None
+        raise SystemExit(out_of_memory_advice(args, run.out / "last.pt")) from None
 
     summarize(run)
     if world_size > 1:
@@ -396,9 +402,19 @@ def main(argv=None):
     return run
 
 
+def out_of_memory_advice(args, last):
+    b = args.batch_size
+    smaller = max((d for d in range(1, b // 2 + 1) if b % d == 0), default=None)
+    if smaller is None:
+        return "the GPU ran out of memory at --batch-size 1; try a smaller --img-size or --arch."
+    return (f"the GPU ran out of memory at --batch-size {b}. The same effective batch in smaller pieces: "
+            f"--batch-size {smaller} --accum-steps {args.accum_steps * b // smaller}. "
+            f"The last good checkpoint is {last} (--resume it with those options).")
+
+
 def restore_rng(state, rank, world_size):
     """The augmentation draws go on where they stopped, each process from its own state."""
-    states = state["rng"]
+    states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     if len(states) == world_size:
         set_rng_state(states[rank])
     else:

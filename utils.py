@@ -6,6 +6,7 @@ import os
 import random
 import sys
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ def init_distributed(device_name):
     cuda = device_name != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    # Long enough for the first process of each machine to build a large cache while the others wait.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=3))
     return rank, local_rank, world
 
 
@@ -52,6 +54,13 @@ def local_main_first(local_rank):
     yield
     if dist.is_initialized() and local_rank == 0:
         dist.barrier()
+
+
+def broadcast_buffers(module):
+    """Every process takes the first one's buffers (batch norm statistics): those it saves."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def sum_over_processes(*values):
@@ -153,14 +162,14 @@ def rng_state():
     """Everything random in a run draws from torch's generators (augmentation, initialisation)."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only
     return state
 
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ----------------------------------------------------------------------------- devices

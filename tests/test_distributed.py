@@ -82,3 +82,12 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path):
     for r1, r2 in zip(one["history"], two["history"]):  # validation counted exactly, over all 9 images
         assert r1["val_acc"] == r2["val_acc"] and r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-5)
         assert r1["train_loss"] == pytest.approx(r2["train_loss"], abs=1e-5)
+
+
+def test_a_process_with_no_validation_images_does_not_hang(tmp_path):
+    data = make_dataset(tmp_path / "data", classes=("a", "b"), per_class=6, val_per_class=0)
+    (data / "val" / "a").mkdir(parents=True)
+    (data / "val" / "a" / "only.png").write_bytes((data / "train" / "a" / "000.png").read_bytes())
+    torchrun("--data", data, "--out", tmp_path / "ck", *TINY, "--epochs1", "1", "--epochs2", "1")
+    history = rows(tmp_path / "ck" / "history.csv")
+    assert len(history) == 2 and all(float(r["val_acc"]) in (0.0, 1.0) for r in history)

@@ -43,6 +43,8 @@ def test_out_of_memory_names_the_options_that_help(tiny_args, monkeypatch):
     monkeypatch.setattr(train.Run, "train_phase", out_of_memory)
     with pytest.raises(SystemExit, match="--batch-size 2 --accum-steps 2"):
         train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
+    with pytest.raises(SystemExit, match="--batch-size 25 --accum-steps 3"):  # 75 = 25 x 3, not 37 x 2
+        train.main(tiny_args + ["--epochs1", "1", "--batch-size", "75"])
 
 
 def run_until_killed(args, line_seen):
