@@ -97,7 +97,8 @@ def get_args_parser():
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on CUDA, batch norm statistics over the global batch")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model: slower start, faster steps (beyond the report)")
+                   help="torch.compile the model, anew for each phase (beyond the report; BENCHMARKS.md has "
+                        "its measured effect)")
 
     g = p.add_argument_group("augmentation (training only, per sample, on the device)")
     g.add_argument("--degrees", type=float, default=10.0, help="affine rotation +-, always applied")
