@@ -280,7 +280,7 @@ class CachedImages(torch.utils.data.Dataset):
 def make_loader(dataset, batch_size, shuffle, workers, seed=0, pin_memory=False,
                 drop_last=False, num_replicas=1, rank=0):
     """A DataLoader of whole batches. With shuffle, the order depends only on (seed, epoch):
-    call loader.sampler.set_epoch(e) before each epoch and a resumed run sees the same batches."""
+    call set_epoch(loader, e) before each epoch and a resumed run sees the same batches."""
     if shuffle:
         sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)

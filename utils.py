@@ -1,4 +1,5 @@
-"""What the scripts share: checkpoint I/O, seeding and random state, devices, logging."""
+"""What the scripts share: checkpoint I/O, seeding and random state, devices, distributed helpers,
+inference, logging."""
 import csv
 import io
 import math
@@ -64,7 +65,7 @@ def broadcast_buffers(module):
 
 
 def sum_over_processes(*values):
-    """Each value (tensor or number) summed over all processes, as float64 tensors on its device."""
+    """Each value (tensor or number) summed over all processes (in float64), as Python floats."""
     device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
     total = torch.stack([torch.as_tensor(v, device=device).double() for v in values])
     if dist.is_initialized():
