@@ -13,10 +13,13 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Full, Queue
 
 import numpy as np
 import torch
@@ -289,7 +292,7 @@ def make_loader(dataset, batch_size, shuffle, workers, seed=0, pin_memory=False,
         sampler = range(rank, len(dataset), num_replicas)
     batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=drop_last)
     # Its own generator: making an iterator would otherwise draw from the global RNG, and a resumed
-    # run (a new iterator) would then see other augmentation draws than one that never stopped.
+    # run (a new iterator) would then see other random draws than one that never stopped.
     return torch.utils.data.DataLoader(
         dataset, sampler=batches, batch_size=None, num_workers=workers, pin_memory=pin_memory,
         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
@@ -361,27 +364,41 @@ class DeviceAugment(torch.nn.Module):
         GaussianBlur(3x3, sigma 0.1-2.0), p 0.5; horizontal flip, p 0.3; vertical flip, p 0.3.
 
     Every image draws its own parameters. Each op is torchvision's (tests compare them), written
-    for whole batches with per-sample parameters and masks instead of indexing, so that the host
-    never waits for the device (kornia's ops pick the samples to transform by boolean indexing,
-    which makes the host wait for the GPU several times per batch, and on the CPU they took twice
-    as long). The order of the four colour operations is drawn once per batch, as kornia does;
-    every image still draws its own factors and coin."""
+    for whole batches. What it costs the device is kept small:
+    - the parameters are drawn on the host, from this module's own generator (`reseed` it), and
+      reach the device in a few small copies that never make the host wait for the device;
+    - the flips are folded into the affine's sampling grid: they commute with the colour ops and
+      with the symmetric blur, so flipping first gives the same images, at no cost;
+    - jitter and blur run on the chosen samples only. The host knows which those are, so picking
+      them out needs no device-to-host round trip.
+    The order of the four colour operations is drawn once per batch, as kornia does; every image
+    still draws its own factors and coin."""
 
     def __init__(self, degrees=10.0, translate=0.1, scale=(0.9, 1.1), shear=10.0, jitter=0.25, hue=0.1,
-                 p_jitter=0.5, blur_sigma=(0.1, 2.0), p_blur=0.5, p_hflip=0.3, p_vflip=0.3):
+                 p_jitter=0.5, blur_sigma=(0.1, 2.0), p_blur=0.5, p_hflip=0.3, p_vflip=0.3, seed=0):
         super().__init__()
         self.degrees, self.translate, self.scale, self.shear = degrees, translate, tuple(scale), shear
         self.jitter, self.hue, self.p_jitter = jitter, hue, p_jitter
         self.blur_sigma, self.p_blur = tuple(blur_sigma), p_blur
         self.p_hflip, self.p_vflip = p_hflip, p_vflip
+        self.generator = torch.Generator()
+        self.reseed(seed)
 
-    def sample(self, n, device):
-        """The random parameters of n images, drawn on `device` (no host-device traffic)."""
+    def reseed(self, *parts):
+        """Start the parameter draws anew from integers: training reseeds each epoch from (seed,
+        epoch, rank), so a resumed run draws what an uninterrupted one would have."""
+        words = np.random.SeedSequence([part & (2**64 - 1) for part in parts]).generate_state(1, np.uint64)
+        self.generator.manual_seed(int(words[0]))
+
+    def sample(self, n):
+        """The random parameters of n images, as host tensors."""
+        g = self.generator
+
         def uniform(low, high):
-            return torch.empty(n, device=device).uniform_(low, high)
+            return torch.empty(n, dtype=torch.float64).uniform_(low, high, generator=g)
 
         def coin(p):
-            return torch.rand(n, device=device) < p
+            return torch.rand(n, dtype=torch.float64, generator=g) < p
 
         j = self.jitter
         return {
@@ -390,80 +407,93 @@ class DeviceAugment(torch.nn.Module):
             "ty": uniform(-self.translate, self.translate),
             "jitter": coin(self.p_jitter), "brightness": uniform(1 - j, 1 + j), "contrast": uniform(1 - j, 1 + j),
             "saturation": uniform(1 - j, 1 + j), "hue": uniform(-self.hue, self.hue),
-            "color_order": torch.randperm(4).tolist(),
+            "color_order": torch.randperm(4, generator=g).tolist(),
             "blur": coin(self.p_blur), "sigma": uniform(*self.blur_sigma),
             "hflip": coin(self.p_hflip), "vflip": coin(self.p_vflip),
         }
 
     @torch.no_grad()
     def forward(self, x, params=None):
-        p = params or self.sample(x.shape[0], x.device)
-        x = affine(x, p["angle"], p["tx"], p["ty"], p["scale"], p["shear"])
-        order = p["color_order"]
-        x = apply_where(p["jitter"], lambda x, b, c, s, h: color_jitter(x, b, c, s, h, order), x,
-                        p["brightness"], p["contrast"], p["saturation"], p["hue"])
-        x = apply_where(p["blur"], gaussian_blur3, x, p["sigma"])
-        x = apply_where(p["hflip"], lambda x: x.flip(3), x)
-        return apply_where(p["vflip"], lambda x: x.flip(2), x)
+        p = self.sample(x.shape[0]) if params is None else params
+        jittered, blurred = p["jitter"].nonzero().squeeze(1), p["blur"].nonzero().squeeze(1)
+        factors = torch.stack([p[k][jittered] for k in ("brightness", "contrast", "saturation", "hue")], 1)
+        theta, factors, kernels, jittered, blurred = to_device(
+            [affine_theta(p["angle"], p["tx"], p["ty"], p["scale"], p["shear"], p["hflip"], p["vflip"]),
+             factors.float(), blur_kernels(p["sigma"][blurred]), jittered, blurred], x.device)
+        x = affine(x, theta)
+        if len(jittered):
+            colours = color_jitter(x.index_select(0, jittered), *factors.unbind(1), p["color_order"])
+            x.index_copy_(0, jittered, colours)
+        if len(blurred):
+            x.index_copy_(0, blurred, gaussian_blur3(x.index_select(0, blurred), kernels))
+        return x
 
 
-def apply_where(mask, fn, x, *params):
-    """fn(x, *params) for the samples where mask is set; the others pass through unchanged.
-
-    On the GPU every sample is transformed and the results selected, so the host never waits
-    for the device; on the CPU only the chosen samples are, which halves the work at p 0.5."""
-    if x.device.type == "cpu":
-        idx = mask.nonzero().squeeze(1)
-        return x.index_copy(0, idx, fn(x[idx], *(p[idx] for p in params)))
-    return torch.where(mask.view(-1, 1, 1, 1), fn(x, *params), x)
+def to_device(tensors, device):
+    """Host tensors on `device`, copied from pinned memory so that the host does not wait."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
 
 
-def affine(x, angle, tx, ty, scale, shear):
-    """torchvision's affine (bilinear, zero fill) about the centre of square images, per sample.
-    angle and shear in degrees, tx and ty as fractions of the side."""
-    rot, sx = torch.deg2rad(angle), torch.deg2rad(shear)
-    # torchvision's _get_inverse_affine_matrix with no y-shear: the output-to-input map.
+def affine_theta(angle, tx, ty, scale, shear, hflip=None, vflip=None):
+    """affine_grid's output-to-input matrices (N x 2 x 3, float32) of torchvision's affine about the
+    centre of square images, per sample: angle and shear (x only) in degrees, tx and ty as
+    fractions of the side. A flip after the affine is its grid mirrored: a column of theta negated."""
+    rot, sx = torch.deg2rad(angle.double()), torch.deg2rad(shear.double())
+    # torchvision's _get_inverse_affine_matrix with no y-shear.
     a, c = torch.cos(rot), torch.sin(rot)
     b = -torch.cos(rot) * torch.tan(sx) - torch.sin(rot)
     d = -torch.sin(rot) * torch.tan(sx) + torch.cos(rot)
-    inv = torch.stack([torch.stack([d, -b], 1), torch.stack([-c, a], 1)], 1) / scale.view(-1, 1, 1)
-    shift = torch.stack([tx, ty], 1) * 2  # in grid units, where the side is 2
+    inv = torch.stack([torch.stack([d, -b], 1), torch.stack([-c, a], 1)], 1) / scale.double().view(-1, 1, 1)
+    shift = torch.stack([tx, ty], 1).double() * 2  # in grid units, where the side is 2
     theta = torch.cat([inv, -(inv @ shift.unsqueeze(2))], dim=2)
+    for column, flip in enumerate((hflip, vflip)):
+        if flip is not None:
+            theta[:, :, column] *= 1 - 2 * flip.double().view(-1, 1)
+    return theta.float()
+
+
+def affine(x, theta):
+    """Bilinear resampling with zero fill on the grids of `theta` (see affine_theta)."""
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
     return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def grayscale(x):
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    r, g, b = x.unbind(1)
+    return torch.add(r * 0.2989, g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
 
 
 def blend(x, other, factor):
-    return (factor.view(-1, 1, 1, 1) * x + (1 - factor.view(-1, 1, 1, 1)) * other).clamp_(0, 1)
+    """torchvision's _blend: factor * x + (1 - factor) * other, clamped to [0, 1]; per sample."""
+    factor = factor.view(-1, 1, 1, 1)
+    return torch.addcmul((1 - factor) * other, factor, x).clamp_(0, 1)
 
 
 def adjust_hue(x, shift):
     """torchvision's adjust_hue: rotate the HSV hue by `shift` (a fraction of the circle)."""
-    maxc, minc = x.amax(1), x.amin(1)
+    minc, maxc = torch.aminmax(x, dim=1)
     chroma = maxc - minc
-    divisor = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
+    divisor = torch.where(chroma == 0, 1.0, chroma)
     rc, gc, bc = ((maxc.unsqueeze(1) - x) / divisor.unsqueeze(1)).unbind(1)
-    r, g, b = x.unbind(1)
-    is_r, is_g = maxc == r, (maxc == g) & (maxc != r)
-    h = torch.where(is_r, bc - gc, torch.where(is_g, 2.0 + rc - bc, 4.0 + gc - rc))
-    h = (h / 6.0 + shift.view(-1, 1, 1)) % 1.0
-    # Back to RGB with V = max and V*S = chroma: channel n gets V - chroma*clamp(min(k, 4-k), 0, 1).
-    # (Python constants: a tensor made from a list would be a host-to-device copy, which waits.)
-    ks = [(n + 6 * h) % 6 for n in (5.0, 3.0, 1.0)]
-    return torch.stack([maxc - chroma * torch.minimum(k, 4 - k).clamp_(0, 1) for k in ks], dim=1)
+    r, g, _ = x.unbind(1)
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.add(shift.view(-1, 1, 1), h, alpha=1 / 6).remainder_(1.0)
+    # Back to RGB with V = max and V*S = chroma: channel n gets V - chroma*clamp(min(k, 4-k), 0, 1)
+    # with k = (5, 3, 1)[n] + 6h mod 6. (arange, not a tensor from a list: that copy would wait.)
+    offsets = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)
+    k = torch.add(offsets, h.unsqueeze(1), alpha=6).remainder_(6.0)
+    return maxc.unsqueeze(1) - chroma.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 def color_jitter(x, brightness, contrast, saturation, hue, order=(0, 1, 2, 3)):
     """torchvision's ColorJitter with given factors, one per sample, its four ops in `order`."""
     for op in order:
         if op == 0:
-            x = blend(x, torch.zeros_like(x[:, :1]), brightness)
+            x = (x * brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
         elif op == 1:
-            x = blend(x, grayscale(x).mean(dim=(2, 3), keepdim=True), contrast)
+            x = blend(x, grayscale(x).mean(dim=(1, 2, 3), keepdim=True), contrast)
         elif op == 2:
             x = blend(x, grayscale(x), saturation)
         else:
@@ -471,45 +501,103 @@ def color_jitter(x, brightness, contrast, saturation, hue, order=(0, 1, 2, 3)):
     return x
 
 
-def gaussian_blur3(x, sigma):
-    """torchvision's 3x3 Gaussian blur (reflected borders), one sigma per sample."""
-    e = torch.exp(-0.5 / sigma.view(-1, 1, 1, 1) ** 2)
-    side, centre = e / (1 + 2 * e), 1 / (1 + 2 * e)
-    p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-    rows = side * (p[..., :, :-2] + p[..., :, 2:]) + centre * p[..., :, 1:-1]
-    return side * (rows[..., :-2, :] + rows[..., 2:, :]) + centre * rows[..., 1:-1, :]
+def blur_kernels(sigma):
+    """torchvision's 3-tap Gaussian kernels, one row per sigma: [e, 1, e] / (1 + 2e), e = exp(-1/2sigma^2)."""
+    e = torch.exp(-0.5 / sigma.double() ** 2)
+    return (torch.stack([e, torch.ones_like(e), e], 1) / (1 + 2 * e).unsqueeze(1)).float()
 
 
-def on_device(loader, preprocess, device):
-    """(inputs, labels) batches on the device, preprocessed one batch ahead.
+def gaussian_blur3(x, kernels):
+    """torchvision's 3x3 Gaussian blur (reflected borders), one kernel per sample (see blur_kernels):
+    one depthwise convolution of the whole batch, each image and channel its own group."""
+    n, c, h, w = x.shape
+    weight = (kernels[:, :, None] * kernels[:, None, :]).repeat_interleave(c, 0).unsqueeze(1)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    return torch.nn.functional.conv2d(padded.view(1, n * c, h + 2, w + 2), weight, groups=n * c).view(n, c, h, w)
 
-    The next batch's copy and augmentation are queued before the current step is, so that when the
-    host has waited for the device (GradScaler's overflow check does, once a step) the device
-    finds work queued at once instead of idling while the host prepares the next batch."""
+
+def on_device(loader, preprocess, device, background=None, ahead=2):
+    """(inputs, labels) batches of a loader of uint8 batches, preprocessed on the device.
+
+    With `background` (the default on CUDA) a thread loads, copies and preprocesses up to `ahead`
+    batches in advance, on CUDA in a stream of its own, so that the training thread only queues
+    model steps: the input pipeline's host work overlaps them (PyTorch ops release the GIL), and
+    so does its device work where the model leaves the GPU room. Batches keep the loader's order;
+    an error in the thread is raised here. On the CPU the model keeps every core busy and a second
+    thread only competes with it (BENCHMARKS.md), so there each batch is prepared when it is due."""
     def prepare(batch):
         images, labels = batch
         return preprocess(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
 
-    batches = iter(loader)
-    ahead = next(batches, None)
-    if ahead is None:
-        return
-    ahead = prepare(ahead)
-    for batch in batches:
-        current, ahead = ahead, prepare(batch)
-        yield current
-    yield ahead
+    if background is None:
+        background = device.type == "cuda"
+    return _prepared_in_background(loader, prepare, device, ahead) if background else map(prepare, loader)
+
+
+def _prepared_in_background(loader, prepare, device, ahead):
+    batches = iter(loader)  # here, not in the thread: a DataLoader starts its worker processes now
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    stream = torch.cuda.Stream(index) if cuda else None
+    queue, stop = Queue(maxsize=ahead), threading.Event()
+
+    def produce():
+        try:
+            if cuda:
+                torch.cuda.set_device(index)  # the current device is per thread
+            with torch.cuda.stream(stream) if cuda else nullcontext():
+                for batch in batches:
+                    x, y = prepare(batch)
+                    if not _put(queue, (x, y, stream.record_event() if cuda else None), stop):
+                        return
+        except BaseException as error:  # noqa: B036 (handed to the consumer, which raises it)
+            _put(queue, error, stop)
+            return
+        _put(queue, _DONE, stop)
+
+    thread = threading.Thread(target=produce, name="on_device", daemon=True)
+    thread.start()
+    try:
+        while (item := queue.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            x, y, ready = item
+            if cuda:
+                current = torch.cuda.current_stream(index)
+                current.wait_event(ready)  # the device waits for the batch; the host does not
+                x.record_stream(current)  # made on the side stream: not to be reused while this one uses it
+                y.record_stream(current)
+            yield x, y
+    finally:
+        stop.set()
+        thread.join()
+
+
+_DONE = object()
+
+
+def _put(queue, item, stop):
+    """Put item unless the consumer has stopped; False if it has."""
+    while not stop.is_set():
+        try:
+            queue.put(item, timeout=0.05)
+            return True
+        except Full:
+            continue
+    return False
 
 
 class BatchPreprocess(torch.nn.Module):
     """uint8 NxHxWx3 batch on the device -> (augmented) normalised float NCHW, channels_last.
 
-    The permuted view of an NHWC batch already has the channels_last layout the convolutions want."""
+    The permuted view of an NHWC batch already has the channels_last layout the convolutions want;
+    the normalisation writes its result in that layout in the same pass."""
 
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=None):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        std = torch.tensor(std).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1 / std, persistent=False)
+        self.register_buffer("shift", -torch.tensor(mean).view(1, 3, 1, 1) / std, persistent=False)
         self.augment = augment
 
     @torch.no_grad()
@@ -517,7 +605,8 @@ class BatchPreprocess(torch.nn.Module):
         x = images.permute(0, 3, 1, 2).float().div_(255)
         if self.augment is not None:
             x = self.augment(x)
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        out = torch.empty(x.shape, device=x.device, memory_format=torch.channels_last)
+        return torch.addcmul(self.shift, x, self.scale, out=out)  # (x - mean) / std
 
 
 # ----------------------------------------------------------------------------- the demo dataset

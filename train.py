@@ -268,6 +268,7 @@ class Run:
         for epoch in range(start, epochs):
             lr = optimizer.param_groups[0]["lr"]
             set_epoch(self.train_loader, len(self.history))
+            self.train_preprocess.augment.reseed(args.seed, len(self.history), self.rank)
             t0 = time.perf_counter()
             train = train_one_epoch(self.net, self.train_loader, self.train_preprocess, self.criterion,
                                     optimizer, scaler, self.device, self.dtype, clip,
@@ -355,7 +356,7 @@ def main(argv=None):
     device = pick_device(args.device, local_rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-    seed_everything(args.seed + rank)  # each process its own augmentation draws
+    seed_everything(args.seed + rank)  # initialisation, and anything random a model adds (dropout)
     with local_main_first(local_rank):
         if args.demo:
             write_demo_dataset(args.data)
@@ -414,13 +415,14 @@ def out_of_memory_advice(args, last):
 
 
 def restore_rng(state, rank, world_size):
-    """The augmentation draws go on where they stopped, each process from its own state."""
+    """torch's global generators go on where they stopped, each process from its own state. (The data
+    order and the augmentation do not need this: they are seeded from (seed, epoch, rank).)"""
     states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     if len(states) == world_size:
         set_rng_state(states[rank])
     else:
         log(f"warning: the checkpoint holds the random state of {len(states)} process(es), this run has "
-            f"{world_size}: augmentation draws start from --seed instead")
+            f"{world_size}: its global random generators start from --seed instead")
 
 
 def phase1_start(args):

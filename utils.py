@@ -160,7 +160,7 @@ def seed_everything(seed):
 
 
 def rng_state():
-    """Everything random in a run draws from torch's generators (augmentation, initialisation)."""
+    """torch's global generators: what draws from them (initialisation, dropout) resumes exactly."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()  # this process's device only

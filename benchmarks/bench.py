@@ -9,14 +9,18 @@ is the median of --repeats runs; the table goes to standard output, progress to 
   pipeline   images/s from files to augmented, normalised batches on the device: this project's
              cached path (memmap rows -> batch -> device augmentation) against the report's
              released code (per sample: PIL decode -> ToTensor -> square crop -> resize ->
-             torchvision transforms, in DataLoader workers), same files, same run
+             torchvision transforms, in DataLoader workers), same files, same run; the cached
+             path's loading and augmentation apart; and the kernels and memory traffic the
+             augmentation asks of the device per batch (exact counts)
   train      images/s of Phase I and Phase II steps, end to end (cache -> loader -> augmentation
              -> step) and model-only (the same steps on one batch already on the device); their
-             ratio is the input-bound ratio (1.0: the input pipeline costs nothing)
+             ratio is the input-bound ratio (1.0: the input pipeline costs nothing). On CUDA also
+             end to end with the batches prepared in the training thread instead of beside it
   predict    images/s of predict.py's loop
   cache      cache build time and peak memory at N and 2N images (memory must not grow with N)
 """
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -164,14 +168,63 @@ def bench_pipeline(args, folder, files, labels, cache, device):
             preprocess(x.to(device, non_blocking=True))
         sync(device)
 
+    def run_loading_only():
+        for x, y in ours:
+            normalise(x.to(device, non_blocking=True))
+        sync(device)
+
+    normalise = data.BatchPreprocess().to(device)
+    resident = next(iter(ours))[0].to(device)
+
+    def run_augmentation_only():
+        for _ in range(len(ours)):
+            preprocess(resident)
+        sync(device)
+
     n = len(files)
     rows = []
-    for name, fn in (("released code path", run_released), ("cached path", run_ours)):
+    for name, fn in (("released code path", run_released), ("cached path", run_ours),
+                     ("cached path, loading only (no augmentation)", run_loading_only),
+                     ("cached path, augmentation only (batch already on the device)", run_augmentation_only)):
         median, runs = timed(fn, args.repeats)
         rows.append((f"input pipeline, {name}", n / median, [n / r for r in runs]))
         log(f"{rows[-1][0]}: {n / median:.0f} images/s")
-    rows.append(("  speed-up, cached / released", rows[1][1] / rows[0][1], None))
+    rows.insert(2, ("  speed-up, cached / released", rows[1][1] / rows[0][1], None))
     return rows
+
+
+def augmentation_device_work(args):
+    """Kernels and memory traffic the training preprocessing (augmentation and normalisation) asks
+    of the device per batch: exact counts, the same on every machine. Run on the meta device, where
+    ops cost nothing but are seen; host-side ops (the parameter draws) are not counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    views = {torch.ops.aten.view.default, torch.ops.aten.unbind.int, torch.ops.aten.select.int,
+             torch.ops.aten.slice.Tensor, torch.ops.aten.permute.default, torch.ops.aten.unsqueeze.default,
+             torch.ops.aten.squeeze.dim, torch.ops.aten.expand.default, torch.ops.aten._unsafe_view.default}
+
+    class Count(TorchDispatchMode):
+        kernels, traffic = 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+            if outs and outs[0].device.type == "meta" and func not in views:
+                ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.is_meta]
+                Count.kernels += 1
+                Count.traffic += sum(t.numel() * t.element_size() for t in ins + outs)
+            return out
+
+    preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to("meta")
+    images = torch.zeros(args.batch_size, args.img_size, args.img_size, 3, dtype=torch.uint8, device="meta")
+    runs = 20
+    with Count():
+        for _ in range(runs):  # the coins differ per batch: an average
+            preprocess(images)
+    return [("augmentation and normalisation, device kernels per batch", Count.kernels / runs, None),
+            ("augmentation and normalisation, device memory traffic per batch (MB)", Count.traffic / runs / 1e6,
+             None)]
 
 
 class Steps:
@@ -209,9 +262,14 @@ def bench_train(args, cache, labels, num_classes, device):
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         clip = 0.8 if phase == 2 else 0.0
 
-        def end_to_end():
+        def end_to_end(background=None):
             batches = Steps(loader, args.steps)
-            train.train_one_epoch(step_net, batches, preprocess, criterion, optimizer, scaler, device, dtype, clip)
+            train.on_device = functools.partial(data.on_device, background=background)
+            try:
+                train.train_one_epoch(step_net, batches, preprocess, criterion, optimizer, scaler, device, dtype,
+                                      clip)
+            finally:
+                train.on_device = data.on_device
 
         def model_only():
             batches = [fixed] * args.steps
@@ -224,6 +282,11 @@ def bench_train(args, cache, labels, num_classes, device):
         rows.append((f"Phase {phase} training, end to end", n / e2e, [n / r for r in e2e_runs]))
         rows.append((f"Phase {phase} training, model only", n / alone, [n / r for r in alone_runs]))
         rows.append((f"  input-bound ratio, Phase {phase}", e2e / alone, None))
+        if device.type == "cuda":  # what the background thread gives
+            (inline, inline_runs), _ = timed_pair(functools.partial(end_to_end, background=False), model_only,
+                                                  args.repeats)
+            rows.append((f"Phase {phase} training, end to end, batches prepared in the training thread", n / inline,
+                         [n / r for r in inline_runs]))
         if device.type == "cuda":
             rows.append((f"  peak device memory, Phase {phase} (GiB)", torch.cuda.max_memory_allocated() / 2**30, None))
         log(f"Phase {phase}: {n / e2e:.0f} images/s end to end, {n / alone:.0f} model only")
@@ -342,6 +405,7 @@ def main(argv=None):
     rows = []
     if "pipeline" in sections:
         rows += bench_pipeline(args, folder, files, labels, cache, device)
+        rows += augmentation_device_work(args)
     if "train" in sections:
         rows += bench_train(args, cache, labels, len(classes), device)
     if "sync" in sections and device.type == "cuda":

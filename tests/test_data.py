@@ -206,7 +206,7 @@ def test_affine_always_applies_jitter_and_blur_half_the_time():
     jitter_rate = changed(only(p_jitter=0.5)(image), image).float().mean().item()
     blur_rate = changed(only(p_blur=0.5, blur_sigma=(0.5, 2.0))(image), image).float().mean().item()
     assert abs(jitter_rate - 0.5) < 0.03 and abs(blur_rate - 0.5) < 0.03
-    draws = data.DeviceAugment().sample(n, "cpu")
+    draws = data.DeviceAugment().sample(n)
     rates = {k: draws[k].float().mean().item() for k in ("jitter", "blur", "hflip", "vflip")}
     assert abs(rates["jitter"] - 0.5) < 0.03 and abs(rates["blur"] - 0.5) < 0.03
     assert abs(rates["hflip"] - 0.3) < 0.03 and abs(rates["vflip"] - 0.3) < 0.03
@@ -222,7 +222,7 @@ def test_each_augmentation_op_equals_torchvisions():
     torch.manual_seed(0)
     x = torch.rand(2, 3, 24, 24)
     full = lambda v: torch.full((2,), float(v))  # noqa: E731
-    ours = data.affine(x, full(7), full(0.1), full(-0.05), full(1.08), full(-6))
+    ours = data.affine(x, data.affine_theta(full(7), full(0.1), full(-0.05), full(1.08), full(-6)))
     ref = F.affine(x, angle=7.0, translate=[2.4, -1.2], scale=1.08, shear=[-6.0, 0.0],
                    interpolation=InterpolationMode.BILINEAR)
     assert torch.allclose(ours, ref, atol=1e-5)
@@ -234,18 +234,63 @@ def test_each_augmentation_op_equals_torchvisions():
     for shift in (-0.1, 0.03, 0.5):
         assert torch.allclose(data.adjust_hue(x, full(shift)), F.adjust_hue(x, shift), atol=1e-5)
     for sigma in (0.1, 0.8, 2.0):
-        assert torch.allclose(data.gaussian_blur3(x, full(sigma)), F.gaussian_blur(x, [3, 3], [sigma, sigma]),
-                              atol=1e-6)
+        assert torch.allclose(data.gaussian_blur3(x, data.blur_kernels(full(sigma))),
+                              F.gaussian_blur(x, [3, 3], [sigma, sigma]), atol=1e-6)
 
 
-def test_masked_ops_leave_the_other_samples_untouched_on_every_path():
-    x = torch.rand(4, 3, 8, 8)
-    mask = torch.tensor([True, False, True, False])
-    out = data.apply_where(mask, lambda x, f: x * f.view(-1, 1, 1, 1), x, torch.full((4,), 0.5))
-    assert torch.equal(out[1], x[1]) and torch.equal(out[3], x[3]) and torch.equal(out[0], x[0] * 0.5)
-    # The device path (transform all, then select) gives the same result.
-    selected = torch.where(mask.view(-1, 1, 1, 1), x * 0.5, x)
-    assert torch.equal(out, selected)
+def torchvision_augment(image, p, i):
+    """Image i of a batch augmented with parameters p by torchvision's ops, one after another in
+    the method's order: affine, jitter (its ops in p's order), blur, horizontal and vertical flip."""
+    import torchvision.transforms.v2.functional as F
+    from torchvision.transforms import InterpolationMode
+
+    side = image.shape[-1]
+    x = F.affine(image, angle=p["angle"][i].item(), scale=p["scale"][i].item(), shear=[p["shear"][i].item(), 0.0],
+                 translate=[p["tx"][i].item() * side, p["ty"][i].item() * side],
+                 interpolation=InterpolationMode.BILINEAR)
+    if p["jitter"][i]:
+        ops = [(F.adjust_brightness, "brightness"), (F.adjust_contrast, "contrast"),
+               (F.adjust_saturation, "saturation"), (F.adjust_hue, "hue")]
+        for op in p["color_order"]:
+            fn, name = ops[op]
+            x = fn(x, p[name][i].item())
+    if p["blur"][i]:
+        x = F.gaussian_blur(x, [3, 3], [p["sigma"][i].item()] * 2)
+    if p["hflip"][i]:
+        x = F.horizontal_flip(x)
+    if p["vflip"][i]:
+        x = F.vertical_flip(x)
+    return x
+
+
+def test_the_whole_augmentation_equals_torchvisions_ops_applied_in_the_methods_order():
+    """Flips folded into the affine's grid, jitter and blur on the chosen samples only: still the
+    method's sequence, image by image, for every combination of coins in the batch."""
+    augment = data.DeviceAugment(seed=3)
+    x = torch.rand(16, 3, 20, 20)
+    for _ in range(3):
+        p = augment.sample(len(x))
+        ours = augment(x, p)
+        for i in range(len(x)):
+            assert torch.allclose(ours[i], torchvision_augment(x[i], p, i), atol=2e-5), (i, p["color_order"])
+
+
+def test_augmentation_draws_repeat_after_a_reseed_and_differ_between_seeds():
+    augment = data.DeviceAugment()
+    x = torch.rand(8, 3, 12, 12)
+    augment.reseed(5)
+    first = augment(x)
+    augment.reseed(5)
+    assert torch.equal(augment(x), first)
+    augment.reseed(6)
+    assert not torch.allclose(augment(x), first)
+
+
+def test_preprocessing_of_a_batch_leaves_the_host_tensors_and_the_input_alone():
+    images = torch.randint(0, 256, (4, 10, 10, 3), dtype=torch.uint8)
+    kept = images.clone()
+    data.BatchPreprocess(augment=data.DeviceAugment())(images)
+    assert torch.equal(images, kept)
 
 
 def test_demo_dataset_layout(tmp_path):
@@ -347,3 +392,36 @@ def test_an_empty_class_folder_is_named_in_a_warning(tmp_path):
     (tmp_path / "train" / "b").mkdir()
     with pytest.warns(UserWarning, match="train/b holds no images"):
         assert data.list_labelled_images(tmp_path / "train", ["a", "b"]) == ["a/x.png"]
+
+
+def loader_of_batches(n_batches, fail_at=None):
+    """A stand-in loader: uint8 NHWC batches numbered by their first pixel; raises at `fail_at`."""
+    for i in range(n_batches):
+        if i == fail_at:
+            raise OSError(f"disk error at batch {i}")
+        yield torch.full((2, 4, 4, 3), i, dtype=torch.uint8), torch.tensor([i, i])
+
+
+def test_batches_reach_the_device_in_order_through_the_background_thread():
+    """The thread that prepares CUDA batches, run on the CPU."""
+    got = [labels[0].item() for _, labels in data.on_device(list(loader_of_batches(7)), data.BatchPreprocess(),
+                                                             torch.device("cpu"), background=True)]
+    assert got == list(range(7))
+
+
+def test_an_error_while_loading_is_raised_in_the_training_thread():
+    with pytest.raises(OSError, match="disk error at batch 3"):
+        for _ in data.on_device(loader_of_batches(6, fail_at=3), data.BatchPreprocess(), torch.device("cpu"),
+                                background=True):
+            pass
+
+
+def test_stopping_early_stops_the_background_thread():
+    import threading
+
+    before = threading.active_count()
+    batches = data.on_device(list(loader_of_batches(50)), data.BatchPreprocess(), torch.device("cpu"),
+                             background=True, ahead=2)
+    next(batches)
+    batches.close()  # what a break out of the loop, or an error in the step, does
+    assert threading.active_count() == before
