@@ -23,7 +23,7 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, BatchPreprocess, DeviceAugment, l
                   make_loader, on_device, set_epoch, write_demo_dataset)
 from model import build_model, set_trainable, strip_prefixes, train_mode
 from utils import (amp_dtype, broadcast_buffers, gather_from_processes, init_distributed, is_main_process,
-                   load_checkpoint, local_main_first, log, pick_device, rng_state, save_checkpoint,
+                   load_checkpoint, local_main_first, log, pick_device, rng_state, save_checkpoints,
                    seed_everything, set_rng_state, sum_over_processes, write_history_csv)
 
 # A CPU-sized run on scikit-learn's digits: a few minutes on two cores, no download.
@@ -323,14 +323,14 @@ class Run:
         state = self.checkpoint(phase, epoch, optimizer, scheduler, scaler)  # every process: gathers
         if self.rank != 0:
             return
+        names = ["last.pt"]
         if phase == 1 and epoch == self.args.epochs1:  # before last.pt: a resume never needs to redo it
-            save_checkpoint(state, self.out / "phase1.pt")
-        save_checkpoint(state, self.out / "last.pt")
+            names.insert(0, "phase1.pt")
         if is_best:
-            save_checkpoint(state, self.out / "best.pt")
-        val_acc = self.history[-1]["val_acc"]
-        if phase == 2 and epoch % self.args.save_every == 0 and val_acc >= self.args.save_min_acc:
-            save_checkpoint(state, self.out / f"phase2_epoch{epoch:03d}.pt")
+            names.append("best.pt")
+        if phase == 2 and epoch % self.args.save_every == 0 and self.history[-1]["val_acc"] >= self.args.save_min_acc:
+            names.append(f"phase2_epoch{epoch:03d}.pt")
+        save_checkpoints(state, [self.out / name for name in names])
         write_history_csv(self.history, self.out / "history.csv")
 
     def log_epoch(self, r, epochs, is_best):

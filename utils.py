@@ -5,6 +5,7 @@ import io
 import math
 import os
 import random
+import shutil
 import sys
 from contextlib import contextmanager
 from datetime import timedelta
@@ -97,6 +98,24 @@ def save_checkpoint(state, path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def save_checkpoints(state, paths):
+    """One state under several names, serialised once: the first is written, the others are
+    hard links to it (a copy where the filesystem has none), each put in place atomically. A
+    later save under one name replaces that name only; the others keep what they held."""
+    first, *others = (Path(p) for p in paths)
+    save_checkpoint(state, first)
+    for path in others:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            try:
+                os.link(first, tmp)
+            except OSError:
+                shutil.copyfile(first, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path, map_location="cpu"):
