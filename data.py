@@ -513,7 +513,7 @@ def gaussian_blur3(x, kernels):
     n, c, h, w = x.shape
     weight = (kernels[:, :, None] * kernels[:, None, :]).repeat_interleave(c, 0).unsqueeze(1)
     padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-    return torch.nn.functional.conv2d(padded.view(1, n * c, h + 2, w + 2), weight, groups=n * c).view(n, c, h, w)
+    return torch.nn.functional.conv2d(padded.reshape(1, n * c, h + 2, w + 2), weight, groups=n * c).view(n, c, h, w)
 
 
 def on_device(loader, preprocess, device, background=None, ahead=2):
@@ -524,21 +524,23 @@ def on_device(loader, preprocess, device, background=None, ahead=2):
     model steps: the input pipeline's host work overlaps them (PyTorch ops release the GIL), and
     so does its device work where the model leaves the GPU room. Batches keep the loader's order;
     an error in the thread is raised here. On the CPU the model keeps every core busy and a second
-    thread only competes with it (BENCHMARKS.md), so there each batch is prepared when it is due."""
+    thread only competes with it (BENCHMARKS.md), so there each batch is prepared when it is due.
+    Iterate it inside `with contextlib.closing(...)`: the thread then stops as soon as the loop
+    does, even when an error ends it."""
     def prepare(batch):
         images, labels = batch
         return preprocess(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
 
     if background is None:
         background = device.type == "cuda"
-    return _prepared_in_background(loader, prepare, device, ahead) if background else map(prepare, loader)
+    return _prepared_in_background(loader, prepare, device, ahead) if background else (prepare(b) for b in loader)
 
 
 def _prepared_in_background(loader, prepare, device, ahead):
     batches = iter(loader)  # here, not in the thread: a DataLoader starts its worker processes now
     cuda = device.type == "cuda"
     index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
-    stream = torch.cuda.Stream(index) if cuda else None
+    stream = _side_stream(index) if cuda else None
     queue, stop = Queue(maxsize=ahead), threading.Event()
 
     def produce():
@@ -574,6 +576,15 @@ def _prepared_in_background(loader, prepare, device, ahead):
 
 
 _DONE = object()
+_SIDE_STREAMS = {}
+
+
+def _side_stream(index):
+    """One stream per device for the input pipeline, kept for the process: the caching allocator
+    keeps freed memory per stream, so a new stream each epoch would strand the last one's."""
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]
 
 
 def _put(queue, item, stop):

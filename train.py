@@ -11,7 +11,7 @@ argument defaults below are the report's Table 1; `python train.py --help` print
 import argparse
 import math
 import time
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from pathlib import Path
 
 import torch
@@ -169,32 +169,32 @@ def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, dev
     nonfinite = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     optimizer.zero_grad(set_to_none=True)
-    batches = on_device(loader, preprocess, device)
-    bar = tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None if is_main_process() else True,
-               unit="batch")
-    for i, (images, labels) in enumerate(bar):
-        step_now = (i + 1) % accum_steps == 0 or i + 1 == len(loader)
-        group = min(accum_steps, len(loader) - i // accum_steps * accum_steps)  # the last may be shorter
-        # Under DDP, gradients are all-reduced once per optimizer step, not once per batch.
-        sync = model.no_sync() if not step_now and hasattr(model, "no_sync") else nullcontext()
-        with sync:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(images)
-                loss = criterion(logits, labels)
-            scaler.scale(loss / group).backward()
-        if step_now:
-            if clip:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
-                nn.utils.clip_grad_norm_(params, clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-        finite = torch.isfinite(loss.detach())
-        loss_sum += torch.where(finite, loss.detach(), 0.0) * len(labels)
-        counted += finite * len(labels)
-        nonfinite += ~finite
-        correct += (logits.argmax(1) == labels).sum()
-        seen += len(labels)
+    with closing(on_device(loader, preprocess, device)) as batches:
+        bar = tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None if is_main_process() else True,
+                   unit="batch")
+        for i, (images, labels) in enumerate(bar):
+            step_now = (i + 1) % accum_steps == 0 or i + 1 == len(loader)
+            group = min(accum_steps, len(loader) - i // accum_steps * accum_steps)  # the last may be shorter
+            # Under DDP, gradients are all-reduced once per optimizer step, not once per batch.
+            sync = model.no_sync() if not step_now and hasattr(model, "no_sync") else nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    logits = model(images)
+                    loss = criterion(logits, labels)
+                scaler.scale(loss / group).backward()
+            if step_now:
+                if clip:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
+                    nn.utils.clip_grad_norm_(params, clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            finite = torch.isfinite(loss.detach())
+            loss_sum += torch.where(finite, loss.detach(), 0.0) * len(labels)
+            counted += finite * len(labels)
+            nonfinite += ~finite
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
     loss_sum, counted, correct, nonfinite, seen, total = sum_over_processes(
         loss_sum, counted, correct, nonfinite, seen, len(loader))
     return {"train_loss": loss_sum / counted if counted else float("nan"), "train_acc": correct / seen,
@@ -209,14 +209,15 @@ def evaluate(model, loader, preprocess, criterion, device, dtype):
     top1 = torch.zeros((), device=device, dtype=torch.long)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for images, labels in on_device(loader, preprocess, device):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(images).float()
-        loss_sum += criterion(logits, labels) * len(labels)
-        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        top1 += (best[:, 0] == labels).sum()
-        top5 += (best == labels[:, None]).any(dim=1).sum()
-        seen += len(labels)
+    with closing(on_device(loader, preprocess, device)) as batches:
+        for images, labels in batches:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(images).float()
+            loss_sum += criterion(logits, labels) * len(labels)
+            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            top1 += (best[:, 0] == labels).sum()
+            top5 += (best == labels[:, None]).any(dim=1).sum()
+            seen += len(labels)
     loss_sum, top1, top5, seen = sum_over_processes(loss_sum, top1, top5, seen)
     if seen == 0:
         return {"val_loss": float("nan"), "val_acc": 0.0, "val_top5": 0.0}

@@ -7,7 +7,7 @@ import os
 import random
 import shutil
 import sys
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -216,10 +216,11 @@ def predict_log_probs(model, loader, preprocess, device, dtype, tta=False):
     """Yields (log-probabilities, labels) per batch, on the CPU. With tta the probabilities are
     the mean over each image and its horizontal flip."""
     model.eval()
-    for x, labels in on_device(loader, preprocess, device):
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            log_p = model(x).float().log_softmax(dim=1)
-            if tta:
-                flipped = model(x.flip(3)).float().log_softmax(dim=1)
-                log_p = torch.logsumexp(torch.stack([log_p, flipped]), dim=0) - math.log(2)
-        yield log_p.cpu(), labels.cpu()
+    with closing(on_device(loader, preprocess, device)) as batches:
+        for x, labels in batches:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                log_p = model(x).float().log_softmax(dim=1)
+                if tta:
+                    flipped = model(x.flip(3)).float().log_softmax(dim=1)
+                    log_p = torch.logsumexp(torch.stack([log_p, flipped]), dim=0) - math.log(2)
+            yield log_p.cpu(), labels.cpu()

@@ -425,3 +425,16 @@ def test_stopping_early_stops_the_background_thread():
     next(batches)
     batches.close()  # what a break out of the loop, or an error in the step, does
     assert threading.active_count() == before
+
+
+def test_an_error_in_the_step_stops_the_background_thread_with_the_loop():
+    import threading
+    from contextlib import closing
+
+    before = threading.active_count()
+    with pytest.raises(ZeroDivisionError):
+        with closing(data.on_device(list(loader_of_batches(50)), data.BatchPreprocess(), torch.device("cpu"),
+                                    background=True)) as batches:
+            for images, labels in batches:
+                1 / 0  # the training step fails; the traceback still holds the generator
+    assert threading.active_count() == before
