@@ -222,7 +222,10 @@ def test_each_augmentation_op_equals_torchvisions():
     torch.manual_seed(0)
     x = torch.rand(2, 3, 24, 24)
     full = lambda v: torch.full((2,), float(v))  # noqa: E731
-    ours = data.affine(x, data.affine_theta(full(7), full(0.1), full(-0.05), full(1.08), full(-6)))
+    theta = data.affine_theta(full(7), full(0.1), full(-0.05), full(1.08), full(-6))
+    assert torch.allclose(data.affine_grid(theta, 24, 20),
+                          torch.nn.functional.affine_grid(theta, [2, 3, 24, 20], align_corners=False), atol=1e-6)
+    ours = data.affine(x, theta)
     ref = F.affine(x, angle=7.0, translate=[2.4, -1.2], scale=1.08, shear=[-6.0, 0.0],
                    interpolation=InterpolationMode.BILINEAR)
     assert torch.allclose(ours, ref, atol=1e-5)
