@@ -538,8 +538,9 @@ def on_device(loader, preprocess, device, background=None, ahead=2):
     batches in advance, on CUDA in a stream of its own, so that the training thread only queues
     model steps: the input pipeline's host work overlaps them (PyTorch ops release the GIL), and
     so does its device work where the model leaves the GPU room. Batches keep the loader's order;
-    an error in the thread is raised here. On the CPU the model keeps every core busy and a second
-    thread only competes with it (BENCHMARKS.md), so there each batch is prepared when it is due.
+    an error in the thread is raised here. On the CPU the model keeps every core busy, and a second
+    thread was no faster there beyond noise, and up to 17 % slower (BENCHMARKS.md): each batch is
+    prepared when it is due.
     Iterate it inside `with contextlib.closing(...)`: the thread then stops as soon as the loop
     does, even when an error ends it."""
     def prepare(batch):
