@@ -1,0 +1,28 @@
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench  # noqa: E402
+
+
+def test_the_benchmark_runs_every_cpu_section_on_a_tiny_setup(tmp_path, capsys):
+    bench.main(["--workdir", str(tmp_path), "--n", "12", "--img-size", "32", "--batch-size", "4", "--steps", "1",
+                "--repeats", "1", "--workers", "0", "--sections", "pipeline,train,predict,cache"])
+    table = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table.splitlines()
+            if line.startswith("| ") and "---" not in line and "measurement" not in line}
+    for name in ("input pipeline, released code path", "input pipeline, cached path",
+                 "input-bound ratio, Phase 1", "input-bound ratio, Phase 2", "predict",
+                 "Phase 2 training, end to end, batches prepared in a background thread",
+                 "cache build, 24 images, memory growth while building (MiB)"):
+        assert name in rows, name
+        assert math.isfinite(float(rows[name])) and float(rows[name]) >= 0, (name, rows[name])
+
+
+def test_the_augmentation_asks_of_the_device_what_benchmarks_md_reports():
+    """Exact counts, not timings: a change that adds passes over the batch shows here."""
+    args = bench.get_args_parser().parse_args(["--img-size", "224", "--batch-size", "72"])
+    (_, ops, _), (_, traffic_mb, _) = bench.augmentation_device_work(args)
+    assert ops <= 75 and traffic_mb <= 2100, (ops, traffic_mb)  # 72 and 2041 in BENCHMARKS.md
