@@ -101,18 +101,17 @@ def save_checkpoint(state, path):
 
 
 def save_checkpoints(state, paths):
-    """One state under several names, serialised once: the first is written, the others are
-    hard links to it (a copy where the filesystem has none), each put in place atomically. A
-    later save under one name replaces that name only; the others keep what they held."""
+    """One state under several names, serialised once: the first file is written, the others are
+    copies of it (no second pickling, no second copy of the tensors off the GPU), each put in
+    place atomically. Copies, not hard links: a file rewritten in place later changes only itself."""
     first, *others = (Path(p) for p in paths)
     save_checkpoint(state, first)
     for path in others:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            try:
-                os.link(first, tmp)
-            except OSError:
-                shutil.copyfile(first, tmp)
+            shutil.copyfile(first, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
