@@ -417,7 +417,7 @@ class DeviceAugment(torch.nn.Module):
         p = self.sample(x.shape[0]) if params is None else params
         jittered, blurred = p["jitter"].nonzero().squeeze(1), p["blur"].nonzero().squeeze(1)
         factors = torch.stack([p[k][jittered] for k in ("brightness", "contrast", "saturation", "hue")], 1)
-        theta, factors, kernels, jittered, blurred = to_device(
+        theta, factors, kernels, jittered, blurred = host_to_device(
             [affine_theta(p["angle"], p["tx"], p["ty"], p["scale"], p["shear"], p["hflip"], p["vflip"]),
              factors.float(), blur_kernels(p["sigma"][blurred]), jittered, blurred], x.device)
         x = affine(x, theta)
@@ -429,7 +429,7 @@ class DeviceAugment(torch.nn.Module):
         return x
 
 
-def to_device(tensors, device):
+def host_to_device(tensors, device):
     """Host tensors on `device`, copied from pinned memory so that the host does not wait."""
     if device.type != "cuda":
         return [t.to(device) for t in tensors]
@@ -464,7 +464,7 @@ def affine_grid(theta, h, w):
     """F.affine_grid(theta, (n, c, h, w), align_corners=False), written as the outer sum it is:
     coordinate i of output pixel (y, x) is theta[i, 0] x + theta[i, 1] y + theta[i, 2]. The library
     version multiplies a materialised n x h x w x 3 grid of pixel centres by theta, several times
-    the memory traffic and, on the CPU, ten times the time."""
+    the memory traffic and, on the CPU, twelve times the time."""
     centres = [torch.arange(size, dtype=theta.dtype, device=theta.device).mul_(2 / size).add_(1 / size - 1)
                for size in (w, h)]  # pixel centres in [-1, 1]
     xs, ys = centres[0].view(1, 1, w), centres[1].view(1, h, 1)
@@ -534,10 +534,11 @@ def gaussian_blur3(x, kernels):
 def on_device(loader, preprocess, device, background=None, ahead=2):
     """(inputs, labels) batches of a loader of uint8 batches, preprocessed on the device.
 
-    With `background` (the default on CUDA) a thread loads, copies and preprocesses up to `ahead`
-    batches in advance, on CUDA in a stream of its own, so that the training thread only queues
-    model steps: the input pipeline's host work overlaps them (PyTorch ops release the GIL), and
-    so does its device work where the model leaves the GPU room. Batches keep the loader's order;
+    With `background` (the default on CUDA) a thread loads, copies and preprocesses batches ahead,
+    keeping up to `ahead` of them ready, on CUDA in a stream of its own. The training thread then
+    only queues model steps. The aim is that the pipeline's host work overlaps them (PyTorch ops
+    release the GIL), and so does its device work where the model leaves the GPU room; BENCHMARKS.md
+    says what has been measured of that. Batches keep the loader's order;
     an error in the thread is raised here. On the CPU the model keeps every core busy, and a second
     thread was no faster there beyond noise, and up to 17 % slower (BENCHMARKS.md): each batch is
     prepared when it is due.
@@ -615,10 +616,8 @@ def _put(queue, item, stop):
 
 
 class BatchPreprocess(torch.nn.Module):
-    """uint8 NxHxWx3 batch on the device -> (augmented) normalised float NCHW, channels_last.
-
-    The permuted view of an NHWC batch already has the channels_last layout the convolutions want;
-    the normalisation writes its result in that layout in the same pass."""
+    """uint8 NxHxWx3 batch on the device -> (augmented) normalised float NCHW, channels_last, the
+    layout the convolutions want: the normalisation writes it in the same pass."""
 
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment=None):
         super().__init__()

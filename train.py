@@ -157,10 +157,11 @@ def warmup_cosine(optimizer, args):
 
 
 def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, device, dtype,
-                    clip=0.0, freeze_bn=False, accum_steps=1, desc=""):
+                    clip=0.0, freeze_bn=False, accum_steps=1, desc="", background=None):
     """One pass over the training data, an optimizer step every `accum_steps` batches. Loss and
     accuracy add up on the device, so the host waits for the device only at the end (and in
-    GradScaler's overflow check, with fp16). Batches whose loss is not finite are counted apart."""
+    GradScaler's overflow check, with fp16). Batches whose loss is not finite are counted apart.
+    `background`: how batches are prepared (see data.on_device; None: its choice for the device)."""
     train_mode(model, freeze_bn)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     loss_sum = torch.zeros((), device=device)
@@ -169,7 +170,7 @@ def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, dev
     nonfinite = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     optimizer.zero_grad(set_to_none=True)
-    with closing(on_device(loader, preprocess, device)) as batches:
+    with closing(on_device(loader, preprocess, device, background)) as batches:
         bar = tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None if is_main_process() else True,
                    unit="batch")
         for i, (images, labels) in enumerate(bar):

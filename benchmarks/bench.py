@@ -177,9 +177,9 @@ def bench_pipeline(args, folder, files, labels, cache, device):
     normalise = data.BatchPreprocess().to(device)
     resident = next(iter(ours))[0].to(device)
 
-    def run_augmentation_only():
-        for _ in range(len(ours)):
-            preprocess(resident)
+    def run_augmentation_only():  # the same batch sizes as the loader's, last partial one included
+        for rows in ours.sampler:  # make_loader's sampler yields the batches' indices
+            preprocess(resident[:len(rows)])
         sync(device)
 
     n = len(files)
@@ -267,12 +267,8 @@ def bench_train(args, cache, labels, num_classes, device):
 
         def end_to_end(background=None):
             batches = Steps(loader, args.steps)
-            train.on_device = functools.partial(data.on_device, background=background)
-            try:
-                train.train_one_epoch(step_net, batches, preprocess, criterion, optimizer, scaler, device, dtype,
-                                      clip)
-            finally:
-                train.on_device = data.on_device
+            train.train_one_epoch(step_net, batches, preprocess, criterion, optimizer, scaler, device, dtype, clip,
+                                  background=background)
 
         def model_only():
             batches = [fixed] * args.steps

@@ -7,7 +7,8 @@
 2. The same seed gives the same augmentation on the CPU and on CUDA (the parameters are drawn on
    the host), up to floating-point differences.
 3. Preparing batches never makes the host wait for the device (CUDA's sync debug mode, set to
-   raise, is on while the batches are prepared, in whichever thread prepares them).
+   raise, is on while the batches are prepared, in the background thread and in the training
+   thread). Batches of one image are among them, so empty selections are copied too.
 """
 import sys
 from pathlib import Path
@@ -19,10 +20,11 @@ import torch  # noqa: E402
 import data  # noqa: E402
 
 
-def batches(n=6, size=64, batch=24):
+def batches(sizes=(24, 24, 1, 24, 2, 1, 24, 1), side=64):
+    """Batches of 1 and 2 among them: those often have no image to jitter or blur."""
     g = torch.Generator().manual_seed(0)
-    return [(torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g).pin_memory(),
-             torch.arange(batch)) for _ in range(n)]
+    return [(torch.randint(0, 256, (n, side, side, 3), dtype=torch.uint8, generator=g).pin_memory(),
+             torch.arange(n)) for n in sizes]
 
 
 def prepared(loader, device, background, seed=1, busy=None):
@@ -33,6 +35,23 @@ def prepared(loader, device, background, seed=1, busy=None):
             busy @ busy  # the training stream has work queued while the next batch is prepared
         out.append((x.cpu(), y.cpu()))
     return out
+
+
+def sync_while_preparing(loader, device, background):
+    """The error CUDA's sync debug mode raises while batches are prepared, or None."""
+    preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to(device)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    kept = []
+    try:
+        for x, y in data.on_device(loader, preprocess, device, background=background):
+            kept.append(x.sum())  # no .cpu() here: that would be the check's own sync
+        return None
+    except RuntimeError as error:
+        return error
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
 
 
 def check(name, ok):
@@ -54,19 +73,10 @@ def main():
     on_cpu = prepared([(x.clone(), y) for x, y in loader], torch.device("cpu"), background=False)
     worst = max((a - b).abs().max().item() for (a, _), (b, _) in zip(threaded, on_cpu))
     ok &= check(f"CPU and CUDA augment alike (largest difference {worst:.2e} in normalised units)", worst < 1e-3)
-    preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to(cuda)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    kept, synced = [], None
-    try:
-        for x, y in data.on_device(loader, preprocess, cuda, background=True):
-            kept.append(x.sum())  # no .cpu() here: that would be the check's own sync
-    except RuntimeError as error:
-        synced = error
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    torch.cuda.synchronize()
-    ok &= check("no host-device sync while preparing batches" + (f" ({synced})" if synced else ""), synced is None)
+    for background in (True, False):
+        synced = sync_while_preparing(loader, cuda, background)
+        ok &= check(f"no host-device sync while preparing batches, background={background}"
+                    + (f" ({synced})" if synced else ""), synced is None)
     sys.exit(0 if ok else 1)
 
 

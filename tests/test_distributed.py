@@ -57,7 +57,7 @@ def test_resume_under_ddp_equals_the_uninterrupted_run(demo_run, tmp_path):
         assert torch.allclose(a["model"][k].float(), b["model"][k].float(), atol=1e-6), k
 
 
-def test_every_process_holds_the_same_weights_after_phase_two(tmp_path):
+def test_every_process_holds_the_same_weights_after_phase_two_and_augments_its_own_way(tmp_path):
     data = make_dataset(tmp_path / "data", per_class=8, val_per_class=3)
     torchrun(tmp_path, "--data", data, "--out", tmp_path / "ck", *TINY, "--epochs1", "1", "--epochs2", "2",
              script="tests/ddp_worker.py")
@@ -65,6 +65,9 @@ def test_every_process_holds_the_same_weights_after_phase_two(tmp_path):
     assert len(rank0) > 60  # the backbone's parameters too, not only the head's
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
+    # Seeded by (seed, epoch, rank): the same number of draws from the same seed would end alike.
+    draws0, draws1 = (torch.load(tmp_path / f"augment_rng_rank{r}.pt") for r in (0, 1))
+    assert not torch.equal(draws0, draws1)
 
 
 def test_two_processes_equal_one_over_the_same_global_batch(tmp_path):
