@@ -363,8 +363,9 @@ class DeviceAugment(torch.nn.Module):
         ColorJitter(brightness, contrast, saturation 0.25, hue 0.1), p 0.5;
         GaussianBlur(3x3, sigma 0.1-2.0), p 0.5; horizontal flip, p 0.3; vertical flip, p 0.3.
 
-    Every image draws its own parameters. Each op is torchvision's (tests compare them), written
-    for whole batches. What it costs the device is kept small:
+    Every image draws its own parameters, from the distributions of torchvision's transforms (the
+    shift too is rounded to whole pixels, as RandomAffine does). Each op is torchvision's (tests
+    compare them), written for whole batches. What it costs the device is kept small:
     - the parameters are drawn on the host, from this module's own generator (`reseed` it), and
       reach the device in a few small copies that never make the host wait for the device;
     - the flips are folded into the affine's sampling grid: they commute with the colour ops and
@@ -415,10 +416,12 @@ class DeviceAugment(torch.nn.Module):
     @torch.no_grad()
     def forward(self, x, params=None):
         p = self.sample(x.shape[0]) if params is None else params
+        h, w = x.shape[-2:]
+        tx, ty = torch.round(p["tx"] * w) / w, torch.round(p["ty"] * h) / h  # whole pixels, as RandomAffine's
         jittered, blurred = p["jitter"].nonzero().squeeze(1), p["blur"].nonzero().squeeze(1)
         factors = torch.stack([p[k][jittered] for k in ("brightness", "contrast", "saturation", "hue")], 1)
         theta, factors, kernels, jittered, blurred = host_to_device(
-            [affine_theta(p["angle"], p["tx"], p["ty"], p["scale"], p["shear"], p["hflip"], p["vflip"]),
+            [affine_theta(p["angle"], tx, ty, p["scale"], p["shear"], p["hflip"], p["vflip"]),
              factors.float(), blur_kernels(p["sigma"][blurred]), jittered, blurred], x.device)
         x = affine(x, theta)
         if len(jittered):
@@ -540,8 +543,8 @@ def on_device(loader, preprocess, device, background=None, ahead=2):
     release the GIL), and so does its device work where the model leaves the GPU room; BENCHMARKS.md
     says what has been measured of that. Batches keep the loader's order;
     an error in the thread is raised here. On the CPU the model keeps every core busy, and a second
-    thread was no faster there beyond noise, and up to 17 % slower (BENCHMARKS.md): each batch is
-    prepared when it is due.
+    thread was no faster there beyond noise, and at worst 17 % slower (BENCHMARKS.md): each batch
+    is prepared when it is due.
     Iterate it inside `with contextlib.closing(...)`: the thread then stops as soon as the loop
     does, even when an error ends it."""
     def prepare(batch):

@@ -248,9 +248,10 @@ def torchvision_augment(image, p, i):
     from torchvision.transforms import InterpolationMode
 
     side = image.shape[-1]
+    # RandomAffine.get_params: the shift drawn uniformly in +-(translate * side), rounded to whole pixels.
+    shift = [int(round(p[k][i].item() * side)) for k in ("tx", "ty")]
     x = F.affine(image, angle=p["angle"][i].item(), scale=p["scale"][i].item(), shear=[p["shear"][i].item(), 0.0],
-                 translate=[p["tx"][i].item() * side, p["ty"][i].item() * side],
-                 interpolation=InterpolationMode.BILINEAR)
+                 translate=shift, interpolation=InterpolationMode.BILINEAR)
     if p["jitter"][i]:
         ops = [(F.adjust_brightness, "brightness"), (F.adjust_contrast, "contrast"),
                (F.adjust_saturation, "saturation"), (F.adjust_hue, "hue")]
