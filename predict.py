@@ -13,13 +13,14 @@ import os
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from data import BatchPreprocess, CachedImages, build_cache, default_cache_dir, list_images, make_loader
 from model import model_from_checkpoint
-from utils import amp_dtype, load_checkpoint, log, pick_device, predict_log_probs
+from utils import amp_dtype, atomic_file, load_checkpoint, log, pick_device, predict_log_probs
 
 
 def get_args_parser():
@@ -129,9 +130,7 @@ def main(argv=None):
 def write_predictions(path, model, loader, preprocess, device, dtype, tta, names, classes):
     """Rows streamed as the batches come: memory stays flat in the number of images. A file
     appears under `path` only once complete."""
-    tmp = f"{path}.{os.getpid()}.tmp" if path else None
-    out = open(tmp, "w", newline="") if tmp else sys.stdout
-    try:
+    with atomic_file(path, "w", newline="") if path else nullcontext(sys.stdout) as out:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["image_name", "pred_label"])
         start, row = time.perf_counter(), 0
@@ -141,14 +140,6 @@ def write_predictions(path, model, loader, preprocess, device, dtype, tta, names
                 row += 1
         seconds = time.perf_counter() - start
         out.flush()
-    except BaseException:
-        if tmp:
-            out.close()
-            os.unlink(tmp)
-        raise
-    if tmp:
-        out.close()
-        os.replace(tmp, path)
     return row, seconds
 
 

@@ -1,7 +1,6 @@
 """What the scripts share: checkpoint I/O, seeding and random state, devices, distributed helpers,
 inference, logging."""
 import csv
-import io
 import math
 import os
 import random
@@ -85,14 +84,17 @@ def gather_from_processes(obj):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(state, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written file."""
+@contextmanager
+def atomic_file(path, mode="wb", **open_kwargs):
+    """A temporary file beside `path`, open for writing, that becomes `path` (flushed and synced to
+    disk) only when the block ends without an error: a crash never leaves a half-written file, and
+    a failed write keeps what was there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -100,21 +102,20 @@ def save_checkpoint(state, path):
         tmp.unlink(missing_ok=True)
 
 
+def save_checkpoint(state, path):
+    with atomic_file(path) as f:
+        torch.save(state, f)
+
+
 def save_checkpoints(state, paths):
     """One state under several names, serialised once: the first file is written, the others are
-    copies of it (no second pickling, no second copy of the tensors off the GPU), each put in
-    place atomically. Copies, not hard links: a file rewritten in place later changes only itself."""
+    copies of it (no second pickling, no second copy of the tensors off the GPU). Copies, not hard
+    links: a file rewritten in place later changes only itself."""
     first, *others = (Path(p) for p in paths)
     save_checkpoint(state, first)
     for path in others:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            shutil.copyfile(first, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_file(path) as f, open(first, "rb") as source:
+            shutil.copyfileobj(source, f)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -159,14 +160,10 @@ def _number(text):
 def write_history_csv(history, path):
     if not history:
         return
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    os.replace(tmp, path)
+    with atomic_file(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
 
 
 # ----------------------------------------------------------------------------- randomness

@@ -134,12 +134,13 @@ def timed(fn, repeats):
     return statistics.median(runs), runs
 
 
-def timed_pair(first, second, repeats):
-    """timed() for two functions run in turns, so that drift in the machine's speed hits both."""
-    first(), second()
-    runs = ([], [])
+def timed_together(fns, repeats):
+    """timed() for several functions run in turns, so that drift in the machine's speed hits all."""
+    for fn in fns:
+        fn()
+    runs = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, out in zip((first, second), runs):
+        for fn, out in zip(fns, runs):
             start = time.perf_counter()
             fn()
             out.append(time.perf_counter() - start)
@@ -277,14 +278,14 @@ def bench_train(args, cache, labels, num_classes, device):
         n = args.steps * args.batch_size
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        (e2e, e2e_runs), (alone, alone_runs) = timed_pair(end_to_end, model_only, args.repeats)
+        # Also the preparation on_device does not choose here (a background thread on the CPU, the
+        # training thread on CUDA): what its choice gives.
+        other = device.type != "cuda"
+        (e2e, e2e_runs), (alone, alone_runs), (alt, alt_runs) = timed_together(
+            [end_to_end, model_only, functools.partial(end_to_end, background=other)], args.repeats)
         rows.append((f"Phase {phase} training, end to end", n / e2e, [n / r for r in e2e_runs]))
         rows.append((f"Phase {phase} training, model only", n / alone, [n / r for r in alone_runs]))
         rows.append((f"  input-bound ratio, Phase {phase}", e2e / alone, None))
-        # The preparation on_device does not choose here (a background thread on the CPU, the training
-        # thread on CUDA): what its choice gives.
-        other = device.type != "cuda"
-        (alt, alt_runs), _ = timed_pair(functools.partial(end_to_end, background=other), model_only, args.repeats)
         where = "in a background thread" if other else "in the training thread"
         rows.append((f"Phase {phase} training, end to end, batches prepared {where}", n / alt,
                      [n / r for r in alt_runs]))

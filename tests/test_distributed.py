@@ -66,7 +66,7 @@ def test_every_process_holds_the_same_weights_after_phase_two_and_augments_its_o
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     # Seeded by (seed, epoch, rank): the same number of draws from the same seed would end alike.
-    draws0, draws1 = (torch.load(tmp_path / f"augment_rng_rank{r}.pt") for r in (0, 1))
+    draws0, draws1 = (torch.load(tmp_path / f"augment_rng_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert not torch.equal(draws0, draws1)
 
 
