@@ -34,7 +34,7 @@ def get_args_parser():
     p.add_argument("--compare", nargs="+", metavar="CKPT", default=None,
                    help="compare runs (different --arch or --optimizer2) from their checkpoints' histories")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=4, help="cache-building threads, loader processes on CUDA")
+    p.add_argument("--workers", type=int, default=4, help="cache-building threads")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--amp", default=None, choices=["fp16", "bf16", "off"],
                    help="mixed precision on CUDA (default: as in training)")
@@ -268,8 +268,7 @@ def main(argv=None):
     device = pick_device(args.device)
     val = load_val(args.data or state["data"], classes, state["img_size"], saved.get("cache_dir"), args.workers,
                    saved["val_fraction"], saved["seed"])
-    loader = make_loader(val, args.batch_size, False, args.workers if device.type == "cuda" else 0,
-                         pin_memory=device.type == "cuda")
+    loader = make_loader(val, args.batch_size, False, pin_memory=device.type == "cuda")
     model = model_from_checkpoint(state, device)
     preprocess = BatchPreprocess(state["mean"], state["std"]).to(device)
     amp = amp_dtype(args.amp or saved.get("amp", "fp16"), device)

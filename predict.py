@@ -30,7 +30,7 @@ def get_args_parser():
     p.add_argument("--test-dir", default=None, help="folder of images to predict (default: <data>/test)")
     p.add_argument("--out", default=None, help="write the CSV to this file instead of standard output")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=4, help="cache-building threads, loader processes on CUDA")
+    p.add_argument("--workers", type=int, default=4, help="cache-building threads")
     p.add_argument("--cache-dir", default=None, help="default: .cache beside the test folder")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--amp", default=None, choices=["fp16", "bf16", "off"],
@@ -112,8 +112,7 @@ def main(argv=None):
     device = pick_device(args.device)
     model = model_from_checkpoint(state, device)
     dataset = CachedImages(cache, np.zeros(len(cache), dtype=np.int64))  # unlabelled
-    loader = make_loader(dataset, args.batch_size, False, args.workers if device.type == "cuda" else 0,
-                         pin_memory=device.type == "cuda")
+    loader = make_loader(dataset, args.batch_size, False, pin_memory=device.type == "cuda")
     preprocess = BatchPreprocess(state["mean"], state["std"]).to(device)
     amp = amp_dtype(args.amp or state["args"].get("amp", "fp16"), device)
     try:
