@@ -17,11 +17,15 @@ is the median of --repeats runs; the table goes to standard output, progress to 
              ratio is the input-bound ratio (1.0: the input pipeline costs nothing); and end to
              end with the batches prepared the other way (on the CPU in a background thread, on
              CUDA in the training thread) than the one training uses there
+  sync       host-device syncs per training step, also after resuming from a checkpoint (CUDA)
+  nadam      Phase II model-only steps with NAdam as training builds it and with capturable=True,
+             which keeps its step counts on the device (CUDA; not run unless asked for)
   predict    images/s of predict.py's loop
   cache      cache build time and peak memory at N and 2N images (memory must not grow with N)
 """
 import argparse
 import functools
+import io
 import itertools
 import json
 import os
@@ -56,7 +60,10 @@ def get_args_parser():
     p.add_argument("--img-size", type=int, default=112)
     p.add_argument("--batch-size", type=int, default=72)
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count()),
-                   help="loader processes of the released path (and of ours on CUDA)")
+                   help="loader processes of the released path; cache-building threads")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="loader processes of this project's path (training uses none: the preparing thread reads "
+                        "each batch from the cache)")
     p.add_argument("--steps", type=int, default=6, help="training steps per measurement")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -65,7 +72,7 @@ def get_args_parser():
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="the train section's end-to-end steps augment (--no-augment: load and normalise only)")
     p.add_argument("--sections", default="pipeline,train,sync,predict,cache",
-                   help="comma-separated; sync (host syncs per step) runs on CUDA only")
+                   help="comma-separated; also nadam. sync and nadam run on CUDA only")
     return p
 
 
@@ -157,7 +164,7 @@ def bench_pipeline(args, folder, files, labels, cache, device):
                                            batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                            pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
     ours = data.make_loader(data.CachedImages(cache, labels), args.batch_size, True,
-                            args.workers if device.type == "cuda" else 0, pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda", workers=args.loader_workers)
     preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to(device)
 
     def run_released():
@@ -251,8 +258,8 @@ def bench_train(args, cache, labels, num_classes, device):
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     preprocess = data.BatchPreprocess(augment=data.DeviceAugment() if args.augment else None).to(device)
     loader = data.make_loader(data.CachedImages(cache, labels), args.batch_size, True,
-                              args.workers if device.type == "cuda" else 0, pin_memory=device.type == "cuda",
-                              drop_last=len(cache) >= args.batch_size)
+                              pin_memory=device.type == "cuda", drop_last=len(cache) >= args.batch_size,
+                              workers=args.loader_workers)
     images, targets = next(iter(loader))
     fixed = preprocess(images.to(device)), targets.to(device)
     rows = []
@@ -261,8 +268,7 @@ def bench_train(args, cache, labels, num_classes, device):
         if args.compile:
             torch.compiler.reset()
         step_net = torch.compile(net) if args.compile else net
-        optimizer = (torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-4, fused=device.type == "cuda") if phase == 1
-                     else torch.optim.NAdam(params, lr=5e-4, weight_decay=1e-4))
+        optimizer = train.make_optimizer("adamw" if phase == 1 else "nadam", params, 5e-4, 1e-4, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         clip = 0.8 if phase == 2 else 0.0
 
@@ -295,6 +301,33 @@ def bench_train(args, cache, labels, num_classes, device):
     return rows
 
 
+def bench_nadam(args, cache, labels, num_classes, device):
+    """Phase II model-only steps with NAdam as training builds it and with capturable=True (step
+    counts on the device, no per-parameter Python arithmetic, more launches), in turns."""
+    dtype = amp_dtype(args.amp, device)
+    net = M.build_model(args.arch, num_classes, "none").to(device, memory_format=torch.channels_last)
+    preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to(device)
+    images, targets = next(iter(data.make_loader(data.CachedImages(cache, labels), args.batch_size, True)))
+    batch = preprocess(images.to(device)), targets.to(device)
+    params = M.set_trainable(net, 2)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def steps(optimizer):
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        return lambda: train.train_one_epoch(net, [batch] * args.steps, lambda x: x, criterion, optimizer, scaler,
+                                             device, dtype, 0.8)
+
+    built = train.make_optimizer("nadam", params, 5e-4, 1e-4, device)
+    capturable = torch.optim.NAdam(params, lr=5e-4, weight_decay=1e-4, capturable=True)
+    n = args.steps * args.batch_size
+    rows = []
+    for name, (median, runs) in zip(("as training builds it", "capturable=True"),
+                                    timed_together([steps(built), steps(capturable)], args.repeats)):
+        rows.append((f"Phase 2 training, model only, NAdam {name}", n / median, [n / r for r in runs]))
+    log(f"NAdam: {rows[0][1]:.0f} images/s as built, {rows[1][1]:.0f} capturable")
+    return rows
+
+
 def count_syncs(args, cache, labels, num_classes, device):
     """Host-device synchronisations per training step, as CUDA's sync debug mode reports them."""
     import warnings
@@ -302,35 +335,48 @@ def count_syncs(args, cache, labels, num_classes, device):
     dtype = amp_dtype(args.amp, device)
     net = M.build_model(args.arch, num_classes, "none").to(device, memory_format=torch.channels_last)
     preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to(device)
-    loader = data.make_loader(data.CachedImages(cache, labels), args.batch_size, True, 0, pin_memory=True)
+    loader = data.make_loader(data.CachedImages(cache, labels), args.batch_size, True, pin_memory=True)
     rows = []
     for phase in (1, 2):
         params = M.set_trainable(net, phase)
-        optimizer = (torch.optim.AdamW(params, lr=5e-4, fused=True) if phase == 1
-                     else torch.optim.NAdam(params, lr=5e-4))
+        optimizer = train.make_optimizer("adamw" if phase == 1 else "nadam", params, 5e-4, 1e-4, device)
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
         criterion = torch.nn.CrossEntropyLoss()
-        steps = Steps(loader, 4)
-        train.train_one_epoch(net, steps, preprocess, criterion, optimizer, scaler, device, dtype, 0.8 * (phase == 2))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                train.train_one_epoch(net, steps, preprocess, criterion, optimizer, scaler, device, dtype,
-                                      0.8 * (phase == 2))
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
-        # Two belong to the epoch, not the step: the .item() calls of the returned loss and accuracy.
-        rows.append((f"  host syncs per step, Phase {phase}", (len(syncs) - 2) / 4, None))
-        log(f"Phase {phase}: {len(syncs)} syncs in 4 steps; first: {syncs[:1]}")
+        clip = 0.8 if phase == 2 else 0.0
+        train.train_one_epoch(net, Steps(loader, 4), preprocess, criterion, optimizer, scaler, device, dtype, clip)
+
+        def syncs(steps):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    train.train_one_epoch(net, Steps(loader, steps), preprocess, criterion, optimizer, scaler,
+                                          device, dtype, clip)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            return [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
+
+        def per_step(name):
+            # Epochs of 4 and 8 steps: the difference leaves out the syncs each epoch makes once (its
+            # totals), which don't grow with its length.
+            short, long = syncs(4), syncs(8)
+            rows.append((f"  host syncs per step, {name}", (len(long) - len(short)) / 4, None))
+            log(f"{name}: {len(short)} syncs in an epoch of 4 steps, {len(long)} in one of 8")
+
+        per_step(f"Phase {phase}")
+        if phase == 2:  # the optimizer's state through a checkpoint file, as --resume loads it
+            saved = io.BytesIO()
+            torch.save(optimizer.state_dict(), saved)
+            saved.seek(0)
+            train.load_optimizer_state(optimizer, torch.load(saved, map_location="cpu", weights_only=True), device)
+            per_step("Phase 2 after resuming from a checkpoint")
     return rows
 
 
 def bench_predict(args, cache, labels, num_classes, device):
     net = M.build_model(args.arch, num_classes, "none").to(device, memory_format=torch.channels_last).eval()
     loader = data.make_loader(data.CachedImages(cache, labels), 2 * args.batch_size, False,
-                              args.workers if device.type == "cuda" else 0, pin_memory=device.type == "cuda")
+                              pin_memory=device.type == "cuda", workers=args.loader_workers)
     preprocess = data.BatchPreprocess().to(device)
     dtype = amp_dtype(args.amp, device)
 
@@ -412,6 +458,8 @@ def main(argv=None):
         rows += bench_train(args, cache, labels, len(classes), device)
     if "sync" in sections and device.type == "cuda":
         rows += count_syncs(args, cache, labels, len(classes), device)
+    if "nadam" in sections and device.type == "cuda":
+        rows += bench_nadam(args, cache, labels, len(classes), device)
     if "predict" in sections:
         rows += bench_predict(args, cache, labels, len(classes), device)
     if "cache" in sections:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A CUDA machine end to end, in one go: checks of the CUDA input path, the benchmark of the
-# report's model (WRN-50-2, 224 px, batch 72), then the demo, resume, bf16, evaluation and
-# prediction on the GPU. The most telling steps come first, in case time runs out.
+# report's model (WRN-50-2, 224 px, batch 72), a profile of its steps, then the demo, resume,
+# evaluation, prediction, bf16 and torch.compile on the GPU. The most telling steps come first,
+# in case time runs out. About 8 minutes on an H100 (all but the compile step ran in 6.5).
 #
 #   bash benchmarks/gpu_checks.sh                 # everything prints; failures say FAILED
 #   DEVICE=cpu BENCH="--n 64 --steps 2 --repeats 1" bash benchmarks/gpu_checks.sh   # a dry run
@@ -10,9 +11,9 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 device=${DEVICE:-cuda}
-bench=${BENCH:---arch wide_resnet50_2 --img-size 224 --n 1024 --steps 20 --repeats 5}
+bench=${BENCH:---arch wide_resnet50_2 --img-size 224 --n 2048 --steps 40 --repeats 5}
 work=$(mktemp -d)
-step() { echo; echo "== $*"; }
+step() { echo; echo "== $* ($SECONDS s)"; }
 check() { "$@" || echo "FAILED ($?): $*"; }
 
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -21,14 +22,20 @@ $py -c "import torch, torchvision; print('torch', torch.__version__, 'torchvisio
 step "the CUDA input path: background thread = training thread, CPU = CUDA, no host sync"
 [ "$device" = cuda ] && check $py benchmarks/check_cuda_pipeline.py
 
-step "benchmark, fp16"
-check $py benchmarks/bench.py --device "$device" $bench --workdir "$work/bench"
+step "training benchmark, fp16; host syncs per step; NAdam as built against capturable"
+check $py benchmarks/bench.py --device "$device" $bench --workdir "$work/bench" --sections train,sync,nadam
 
-step "training benchmark, fp16, the loader in the preparing thread itself (--workers 0)"
-check $py benchmarks/bench.py --device "$device" $bench --workdir "$work/bench" --sections train --workers 0
+step "training benchmark, fp16, with 4 loader processes instead of none"
+check $py benchmarks/bench.py --device "$device" $bench --workdir "$work/bench" --sections train --loader-workers 4
 
-step "demo: both phases, fp16, 4 loader workers"
-check $py train.py --demo --data "$work/demo" --out "$work/ck" --device "$device" --workers 4
+step "where a step's time goes"
+check $py benchmarks/profile_train.py --device "$device" $bench --workdir "$work/bench" --steps 20
+
+step "input pipeline and prediction"
+check $py benchmarks/bench.py --device "$device" $bench --workdir "$work/bench" --sections pipeline,predict
+
+step "demo: both phases, fp16"
+check $py train.py --demo --data "$work/demo" --out "$work/ck" --device "$device"
 
 step "resume from last.pt for one more epoch"
 check $py train.py --resume "$work/ck/last.pt" --epochs2 11
@@ -45,3 +52,4 @@ check $py benchmarks/bench.py --device "$device" $bench --workdir "$work/bench" 
 step "torch.compile: the training benchmark (capped at 120 s)"
 check timeout 120 $py benchmarks/bench.py --device "$device" $bench --workdir "$work/bench" --sections train --compile
 rm -rf "$work"
+echo "== done ($SECONDS s)"

@@ -2,6 +2,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench  # noqa: E402
@@ -26,3 +28,21 @@ def test_the_augmentation_asks_of_the_device_what_benchmarks_md_reports():
     args = bench.get_args_parser().parse_args(["--img-size", "224", "--batch-size", "72"])
     (_, ops, _), (_, traffic_mb, _) = bench.augmentation_device_work(args)
     assert ops <= 75 and traffic_mb <= 2100, (ops, traffic_mb)  # 72 and 2041 in BENCHMARKS.md
+
+
+def test_busy_time_counts_overlapping_work_once_and_idle_gaps_between():
+    import profile_train
+
+    intervals = [(0, 4), (2, 6), (10, 11), (11.05, 12)]  # microseconds, as in a trace
+    assert profile_train.union_length(intervals) == pytest.approx(6 + 1 + 0.95)
+    assert profile_train.gaps(intervals, at_least=1) == [4]  # 6 -> 10; the 0.05 gap is too short
+
+
+def test_the_profile_runs_on_the_cpu(tmp_path, capsys):
+    import profile_train
+
+    profile_train.main(["--workdir", str(tmp_path), "--n", "10", "--img-size", "32", "--batch-size", "4",
+                        "--steps", "1", "--workers", "0", "--trace", str(tmp_path / "trace")])
+    out = capsys.readouterr().out
+    assert "== Phase 1" in out and "== Phase 2" in out and "(training thread): in PyTorch ops" in out
+    assert sorted(p.name for p in (tmp_path / "trace").iterdir()) == ["phase1.json.gz", "phase2.json.gz"]
