@@ -286,7 +286,7 @@ def make_loader(dataset, batch_size, shuffle, seed=0, pin_memory=False, drop_las
     call set_epoch(loader, e) before each epoch and a resumed run sees the same batches.
     workers: loader processes. Training, evaluation and prediction use none: a batch is one read
     of the cache, cheaper in the thread that prepares batches (on_device) than sent from another
-    process; on an H100 that made WRN-50-2's Phase I 37 % faster end to end (BENCHMARKS.md)."""
+    process; on an H100 that made WRN-50-2's Phase I 21-37 % faster end to end (BENCHMARKS.md)."""
     if shuffle:
         sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)

@@ -63,21 +63,24 @@ def step_on_device(cls, device):
     return {"fused": device.type == "cuda"} if issubclass(cls, FUSED) else {}
 
 
-def load_optimizer_state(optimizer, state, device):
-    """A checkpoint's optimizer state, made right for this device whichever device saved it. The
-    saved param groups bring the saving device's fused setting. And load_state_dict moves every
-    state tensor but the step count to the parameter's device, NAdam's momentum product too,
-    which PyTorch reads back as a Python number for every parameter at every step: on CUDA, a host
-    sync each. Step counts and momentum products belong on the device only for a fused step."""
+def load_optimizer_state(optimizer, state):
+    """A checkpoint's optimizer state, made right for this optimizer (built by make_optimizer for
+    this device) whichever device saved it. load_state_dict would bring the saving run's fused and
+    capturable settings along; and it moves every state tensor but the step count to the
+    parameter's device, NAdam's momentum product too, which PyTorch then reads back as a Python
+    number for every parameter at every step: on CUDA, a host sync each. Step counts and momentum
+    products belong on the device only for a fused or capturable step."""
+    built = {key: optimizer.defaults[key] for key in ("fused", "capturable") if key in optimizer.defaults}
     optimizer.load_state_dict(state)
-    options = step_on_device(type(optimizer), device)
     for group in optimizer.param_groups:
-        group.update(options)
-    on_device = options.get("fused", False)
-    for param, param_state in optimizer.state.items():
-        for key in ("step", "mu_product"):
-            if torch.is_tensor(param_state.get(key)):
-                param_state[key] = param_state[key].to(param.device if on_device else "cpu")
+        group.update(built)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            param_state = optimizer.state.get(param, {})
+            for key in ("step", "mu_product"):
+                if torch.is_tensor(param_state.get(key)):
+                    value = param_state[key]
+                    param_state[key] = value.to(param.device, torch.float32) if on_device else value.cpu()
 
 
 def get_args_parser():
@@ -290,7 +293,7 @@ class Run:
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         start = 0
         if resume is not None:
-            load_optimizer_state(optimizer, resume["optimizer"], self.device)
+            load_optimizer_state(optimizer, resume["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(resume["scheduler"])
             if resume["scaler"]:  # empty when the run was saved without fp16 (CPU, bf16, off)

@@ -82,21 +82,22 @@ def test_optimizers_step_fused_on_cuda_where_pytorch_has_a_fused_step():
     assert train.step_on_device(torch.optim.AdamW, cpu) == {"fused": False}
 
 
-def test_optimizer_state_saved_on_cuda_resumes_on_the_cpu():
-    def adamw(value):
-        return train.make_optimizer("adamw", [torch.nn.Parameter(value.clone())], 1e-2, 1e-4, torch.device("cpu"))
+@pytest.mark.parametrize("name,option", [("adamw", "fused"), ("nadam", "capturable")])
+def test_optimizer_state_saved_on_cuda_resumes_on_the_cpu(name, option):
+    def build(value):
+        return train.make_optimizer(name, [torch.nn.Parameter(value.clone())], 1e-2, 1e-4, torch.device("cpu"))
 
     def step(optimizer):
         optimizer.param_groups[0]["params"][0].grad = torch.tensor([1.0, -2.0, 0.5])
         optimizer.step()
 
-    running = adamw(torch.ones(3))
+    running = build(torch.ones(3))
     step(running)
     saved = copy.deepcopy(running.state_dict())  # as a checkpoint holds it: not the running state's tensors
-    saved["param_groups"][0]["fused"] = True  # as a run on CUDA saves it
-    resumed = adamw(running.param_groups[0]["params"][0].detach())
-    train.load_optimizer_state(resumed, saved, torch.device("cpu"))
-    assert resumed.param_groups[0]["fused"] is False
+    saved["param_groups"][0][option] = True  # as a run on CUDA may save it (capturable NAdam fails on the CPU)
+    resumed = build(running.param_groups[0]["params"][0].detach())
+    train.load_optimizer_state(resumed, saved)
+    assert not resumed.param_groups[0][option]
     step(running), step(resumed)
     assert torch.equal(running.param_groups[0]["params"][0], resumed.param_groups[0]["params"][0])
 
