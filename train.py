@@ -191,17 +191,15 @@ def warmup_cosine(optimizer, args):
 
 def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, device, dtype,
                     clip=0.0, freeze_bn=False, accum_steps=1, desc="", background=None):
-    """One pass over the training data, an optimizer step every `accum_steps` batches. Loss and
-    accuracy add up on the device, so the host waits for the device only at the end (and in
-    GradScaler's overflow check, with fp16). Batches whose loss is not finite are counted apart.
-    `background`: how batches are prepared (see data.on_device; None: its choice for the device)."""
+    """One pass over the training data, an optimizer step every `accum_steps` batches. Each batch's
+    loss and correct predictions stay on the device and are summed once, at the end, so the host
+    never waits for the device for them, and a step queues three ops for them rather than fifteen
+    (the host's launches bound a step on a fast GPU: BENCHMARKS.md). Batches whose loss is not
+    finite are counted apart. `background`: how batches are prepared (see data.on_device; None:
+    its choice for the device)."""
     train_mode(model, freeze_bn)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    loss_sum = torch.zeros((), device=device)
-    counted = torch.zeros((), device=device, dtype=torch.long)  # images of batches with a finite loss
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    nonfinite = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    losses, hits, sizes = [], [], []  # per batch: mean loss, correct predictions (device), images
     optimizer.zero_grad(set_to_none=True)
     with closing(on_device(loader, preprocess, device, background)) as batches:
         bar = tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None if is_main_process() else True,
@@ -215,7 +213,7 @@ def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, dev
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     logits = model(images)
                     loss = criterion(logits, labels)
-                scaler.scale(loss / group).backward()
+                scaler.scale(loss / group if group > 1 else loss).backward()
             if step_now:
                 if clip:
                     scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
@@ -223,16 +221,26 @@ def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, dev
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-            finite = torch.isfinite(loss.detach())
-            loss_sum += torch.where(finite, loss.detach(), 0.0) * len(labels)
-            counted += finite * len(labels)
-            nonfinite += ~finite
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
+            losses.append(loss.detach())
+            hits.append((logits.argmax(1) == labels).sum())
+            sizes.append(len(labels))
+    loss_sum, counted, correct, nonfinite = epoch_totals(losses, hits, sizes, device)
     loss_sum, counted, correct, nonfinite, seen, total = sum_over_processes(
-        loss_sum, counted, correct, nonfinite, seen, len(loader))
+        loss_sum, counted, correct, nonfinite, sum(sizes), len(loader))
     return {"train_loss": loss_sum / counted if counted else float("nan"), "train_acc": correct / seen,
             "images": seen, "nonfinite": int(nonfinite), "batches": int(total)}
+
+
+def epoch_totals(losses, hits, sizes, device):
+    """(loss summed over the images of batches with a finite loss, those images, correct
+    predictions, batches with a non-finite loss), as device tensors."""
+    if not sizes:
+        return (torch.zeros((), device=device, dtype=torch.float64),) * 4
+    losses = torch.stack(losses).double()
+    sizes = torch.tensor(sizes, dtype=torch.float64).to(device, non_blocking=True)
+    finite = torch.isfinite(losses)
+    return ((torch.where(finite, losses, 0.0) * sizes).sum(), (finite * sizes).sum(), torch.stack(hits).sum(),
+            (~finite).sum())
 
 
 @torch.no_grad()

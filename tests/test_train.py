@@ -102,6 +102,59 @@ def test_optimizer_state_saved_on_cuda_resumes_on_the_cpu(name, option):
     assert torch.equal(running.param_groups[0]["params"][0], resumed.param_groups[0]["params"][0])
 
 
+class ConstantLogits(torch.nn.Module):
+    """Predicts class 1 for every image."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.tensor([0.0, 1.0]))
+
+    def forward(self, x):
+        return self.bias.expand(len(x), 2)
+
+
+def test_an_epoch_averages_finite_losses_over_their_images_and_counts_the_others():
+    labels = [torch.tensor([1, 1, 0, 1]), torch.tensor([0, 0, 1, 1]), torch.tensor([1, 0])]
+    loader = [(torch.zeros(len(y), 2, 2, 3, dtype=torch.uint8), y) for y in labels]
+    losses = iter([1.0, float("nan"), 4.0])  # each batch's mean loss
+
+    def criterion(logits, target):
+        return logits.sum() * 0 + next(losses)
+
+    model = ConstantLogits()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    out = train.train_one_epoch(model, loader, lambda x: x.float(), criterion, optimizer,
+                                torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), None)
+    assert out["train_loss"] == pytest.approx((1.0 * 4 + 4.0 * 2) / 6)  # the nan batch left out
+    assert out["nonfinite"] == 1 and out["batches"] == 3 and out["images"] == 10
+    assert out["train_acc"] == pytest.approx(6 / 10)  # every image counts for accuracy
+
+
+def test_a_training_step_queues_few_ops_besides_the_model():
+    """On a fast GPU the host's launches bound a step; count the ops of a step whose model,
+    loss and optimizer are tiny (exact, unlike a timing). The epoch's bookkeeping is three of them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(steps):
+        loader = [(torch.zeros(4, 2, 2, 3, dtype=torch.uint8), torch.tensor([1, 0, 1, 1]))] * steps
+        model = ConstantLogits()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        Count.ops = 0
+        with Count():
+            train.train_one_epoch(model, loader, lambda x: x, torch.nn.CrossEntropyLoss(), optimizer,
+                                  torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), None)
+        return Count.ops
+
+    assert (ops(8) - ops(4)) / 4 <= 20  # 36 when each step also added up its loss and accuracy
+
+
 def test_phase_one_step_changes_the_head_and_nothing_else(dataset, tmp_path):
     splits = data.load_splits(dataset, 16, tmp_path / "c")
     net = M.build_model("resnet18", len(splits.classes), weights="none")
