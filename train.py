@@ -24,7 +24,7 @@ from data import (IMAGENET_MEAN, IMAGENET_STD, BatchPreprocess, DeviceAugment, l
 from model import build_model, set_trainable, strip_prefixes, train_mode
 from utils import (amp_dtype, broadcast_buffers, gather_from_processes, init_distributed, is_main_process,
                    load_checkpoint, local_main_first, log, pick_device, rng_state, save_checkpoints,
-                   seed_everything, set_rng_state, sum_over_processes, write_history_csv)
+                   seed_everything, set_rng_state, sum_over_processes, totals_dtype, write_history_csv)
 
 # A CPU-sized run on scikit-learn's digits: a few minutes on two cores, no download.
 DEMO = dict(data="data/demo", arch="resnet18", weights="none", img_size=32, batch_size=64,
@@ -234,10 +234,11 @@ def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, dev
 def epoch_totals(losses, hits, sizes, device):
     """(loss summed over the images of batches with a finite loss, those images, correct
     predictions, batches with a non-finite loss), as device tensors."""
+    dtype = totals_dtype(device)
     if not sizes:
-        return (torch.zeros((), device=device, dtype=torch.float64),) * 4
-    losses = torch.stack(losses).double()
-    sizes = torch.tensor(sizes, dtype=torch.float64).to(device, non_blocking=True)
+        return (torch.zeros((), device=device, dtype=dtype),) * 4
+    losses = torch.stack(losses).to(dtype)
+    sizes = torch.tensor(sizes, dtype=dtype).to(device, non_blocking=True)
     finite = torch.isfinite(losses)
     return ((torch.where(finite, losses, 0.0) * sizes).sum(), (finite * sizes).sum(), torch.stack(hits).sum(),
             (~finite).sum())

@@ -64,10 +64,16 @@ def broadcast_buffers(module):
             dist.broadcast(buffer, src=0)
 
 
+def totals_dtype(device):
+    """The dtype to add up an epoch's losses and counts in on `device`: float64, except on Apple's
+    MPS, which has none (float32 counts exactly up to 2**24)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def sum_over_processes(*values):
-    """Each value (tensor or number) summed over all processes (in float64), as Python floats."""
+    """Each value (tensor or number) summed over all processes, as Python floats."""
     device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
-    total = torch.stack([torch.as_tensor(v, device=device).double() for v in values])
+    total = torch.stack([torch.as_tensor(v, device=device).to(totals_dtype(device)) for v in values])
     if dist.is_initialized():
         dist.all_reduce(total)
     return total.tolist()

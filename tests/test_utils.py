@@ -50,3 +50,9 @@ def test_full_history_goes_past_the_checkpoint_epoch(tmp_path):
     assert utils.full_history(tmp_path / "best.pt", best) == rows
     other_run = {"history": [{"phase": 1, "epoch": 1, "val_acc": 0.1}]}
     assert utils.full_history(tmp_path / "best.pt", other_run) == other_run["history"]
+
+
+def test_epoch_totals_add_up_in_float64_except_on_mps_which_has_none():
+    assert utils.totals_dtype(torch.device("cpu")) == torch.float64
+    assert utils.totals_dtype(torch.device("cuda")) == torch.float64
+    assert utils.totals_dtype(torch.device("mps")) == torch.float32
