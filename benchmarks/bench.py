@@ -71,8 +71,8 @@ def get_args_parser():
     p.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"])
     p.add_argument("--compile", action="store_true", help="torch.compile the model in the train section")
     p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile's mode; reduce-overhead replays CUDA graphs, which takes kernel launches "
-                        "off the host")
+                   help="torch.compile's mode (implies --compile); reduce-overhead replays CUDA graphs, which "
+                        "takes kernel launches off the host")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="the train section's end-to-end steps augment (--no-augment: load and normalise only)")
     p.add_argument("--sections", default="pipeline,train,sync,predict,cache",
@@ -444,6 +444,7 @@ def machine(device):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    args.compile = args.compile or args.compile_mode is not None
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
