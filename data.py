@@ -16,7 +16,7 @@ import sys
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from queue import Full, Queue
@@ -160,6 +160,24 @@ class ImageCache:
                          shape=(len(self.files), self.size, self.size, 3))
 
 
+@contextmanager
+def atomic_file(path, mode="wb", **open_kwargs):
+    """A temporary file beside `path`, open for writing, that becomes `path` (flushed and synced to
+    disk) only when the block ends without an error: a crash never leaves a half-written file, and
+    a failed write keeps what was there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def cache_key(folder, files, size):
     """Changes whenever a file is added, removed or changed, or the preprocessing changes."""
     h = hashlib.sha256(f"v{PREPROCESS_VERSION} size={size}\n".encode())
@@ -201,32 +219,23 @@ def _read_cache_index(index_path, pixels_path, size):
 
 
 def _write_cache(folder, files, size, index_path, pixels_path, workers):
-    index_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pixels_path.with_name(f".{pixels_path.name}.{os.getpid()}.tmp")
     kept, skipped = [], {}
-    bar = tqdm(total=len(files), desc=f"caching {folder}", unit="img", file=sys.stderr,
-               disable=None, leave=False)
+    bar = tqdm(total=len(files), desc=f"caching {folder}", unit="img", file=sys.stderr, disable=None, leave=False)
     # Threads suffice: Pillow releases the GIL while it decodes and resizes. Chunks keep at most
     # one chunk of decoded images in memory, whatever the number of files.
-    try:
-        with open(tmp, "wb") as out, ThreadPoolExecutor(max(workers, 1)) as pool:
-            for start in range(0, len(files), 256):
-                chunk = files[start:start + 256]
-                for f, (pixels, why) in zip(chunk, pool.map(_load_or_reason, [folder / f for f in chunk],
-                                                            [size] * len(chunk))):
-                    if pixels is None:
-                        skipped[f] = why
-                    else:
-                        out.write(pixels.tobytes())
-                        kept.append(f)
-                bar.update(len(chunk))
-        os.replace(tmp, pixels_path)
-    finally:
-        bar.close()
-        tmp.unlink(missing_ok=True)
-    tmp_index = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
-    tmp_index.write_text(json.dumps({"files": kept, "skipped": skipped, "size": size}))
-    os.replace(tmp_index, index_path)
+    with bar, atomic_file(pixels_path) as out, ThreadPoolExecutor(max(workers, 1)) as pool:
+        for start in range(0, len(files), 256):
+            chunk = files[start:start + 256]
+            for f, (pixels, why) in zip(chunk, pool.map(_load_or_reason, [folder / f for f in chunk],
+                                                        [size] * len(chunk))):
+                if pixels is None:
+                    skipped[f] = why
+                else:
+                    out.write(pixels.tobytes())
+                    kept.append(f)
+            bar.update(len(chunk))
+    with atomic_file(index_path, "w") as f:  # last: an index names only complete pixels
+        json.dump({"files": kept, "skipped": skipped, "size": size}, f)
     _remove_stale(index_path, pixels_path)
     return ImageCache(str(pixels_path), kept, size, skipped)
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data import BatchPreprocess, CachedImages, build_cache, default_cache_dir, list_images, make_loader
+from data import (BatchPreprocess, CachedImages, atomic_file, build_cache, default_cache_dir, list_images,
+                  make_loader)
 from model import model_from_checkpoint
-from utils import amp_dtype, atomic_file, load_checkpoint, log, pick_device, predict_log_probs
+from utils import amp_dtype, load_checkpoint, log, pick_device, predict_log_probs
 
 
 def get_args_parser():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import on_device
+from data import atomic_file, on_device
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -89,24 +89,6 @@ def gather_from_processes(obj):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-@contextmanager
-def atomic_file(path, mode="wb", **open_kwargs):
-    """A temporary file beside `path`, open for writing, that becomes `path` (flushed and synced to
-    disk) only when the block ends without an error: a crash never leaves a half-written file, and
-    a failed write keeps what was there."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
 
 def save_checkpoint(state, path):
     with atomic_file(path) as f:

@@ -103,6 +103,24 @@ def synthetic_images(folder, n, classes=10):
     return folder
 
 
+def images_and_cache(args, total):
+    """(folder, classes, the first --n files, their labels, their cache): --images, or `total`
+    synthetic JPEGs written once into --workdir."""
+    folder = Path(args.images) if args.images else synthetic_images(Path(args.workdir) / "images", total)
+    classes = data.find_classes(folder)
+    files = data.list_labelled_images(folder, classes)[:args.n]
+    labels = data.labels_of(files, classes)
+    return folder, classes, files, labels, data.build_cache(folder, files, args.img_size,
+                                                            Path(args.workdir) / "cache", args.workers)
+
+
+def train_loader(args, cache, labels, device):
+    """The shuffled loader of whole batches training uses, without a partial last batch."""
+    return data.make_loader(data.CachedImages(cache, labels), args.batch_size, True,
+                            pin_memory=device.type == "cuda", drop_last=len(cache) >= args.batch_size,
+                            workers=args.loader_workers)
+
+
 class ReleasedDataset(torch.utils.data.Dataset):
     """The report's released data path: every epoch decodes and transforms each image anew."""
 
@@ -261,9 +279,7 @@ def bench_train(args, cache, labels, num_classes, device):
     net = M.build_model(args.arch, num_classes, "none").to(device, memory_format=torch.channels_last)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     preprocess = data.BatchPreprocess(augment=data.DeviceAugment() if args.augment else None).to(device)
-    loader = data.make_loader(data.CachedImages(cache, labels), args.batch_size, True,
-                              pin_memory=device.type == "cuda", drop_last=len(cache) >= args.batch_size,
-                              workers=args.loader_workers)
+    loader = train_loader(args, cache, labels, device)
     images, targets = next(iter(loader))
     fixed = preprocess(images.to(device)), targets.to(device)
     rows = []
@@ -450,11 +466,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     sections = set(args.sections.split(","))
     total = 2 * args.n if "cache" in sections else args.n
-    folder = Path(args.images) if args.images else synthetic_images(Path(args.workdir) / "images", total)
-    classes = data.find_classes(folder)
-    files = data.list_labelled_images(folder, classes)[:args.n]
-    labels = data.labels_of(files, classes)
-    cache = data.build_cache(folder, files, args.img_size, Path(args.workdir) / "cache", args.workers)
+    folder, classes, files, labels, cache = images_and_cache(args, total)
     torch.manual_seed(0)
 
     rows = []

@@ -101,16 +101,11 @@ def main(argv=None):
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
-    folder = Path(args.images) if args.images else bench.synthetic_images(Path(args.workdir) / "images", args.n)
-    classes = data.find_classes(folder)
-    files = data.list_labelled_images(folder, classes)[:args.n]
-    labels = data.labels_of(files, classes)
-    cache = data.build_cache(folder, files, args.img_size, Path(args.workdir) / "cache", args.workers)
+    _, classes, _, labels, cache = bench.images_and_cache(args, args.n)
     dtype = amp_dtype(args.amp, device)
     net = M.build_model(args.arch, len(classes), "none").to(device, memory_format=torch.channels_last)
     preprocess = data.BatchPreprocess(augment=data.DeviceAugment() if args.augment else None).to(device)
-    loader = data.make_loader(data.CachedImages(cache, labels), args.batch_size, True, pin_memory=cuda,
-                              drop_last=len(cache) >= args.batch_size, workers=args.loader_workers)
+    loader = bench.train_loader(args, cache, labels, device)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     print(f"{bench.machine(device)}; {args.arch} at {args.img_size} px, batch {args.batch_size}, "
