@@ -47,6 +47,7 @@ OPTIMIZERS = {  # name: (class, options beyond lr and weight decay)
     "sgd": (torch.optim.SGD, {"momentum": 0.9}),
     "rmsprop": (torch.optim.RMSprop, {}),
 }
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)  # PyTorch has fused CUDA steps for these
 
 
@@ -129,9 +130,10 @@ def get_args_parser():
                         "of batch 72 in about half the memory")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on CUDA, batch norm statistics over the global batch")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the model, anew for each phase (beyond the report; BENCHMARKS.md has "
-                        "its measured effect)")
+    g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                   help="torch.compile the model, anew for each phase, in torch.compile's MODE: "
+                        f"{', '.join(COMPILE_MODES)} (the first when no MODE is given). On a fast GPU, "
+                        "reduce-overhead (CUDA graphs) is the fast one: BENCHMARKS.md. Beyond the report")
 
     g = p.add_argument_group("augmentation (training only, per sample, on the device)")
     g.add_argument("--degrees", type=float, default=10.0, help="affine rotation +-, always applied")
@@ -172,7 +174,10 @@ def parse_args(argv=None):
     resume = None
     if args.resume:
         resume = load_checkpoint(args.resume)
-        args = argparse.Namespace(**{**resume["args"], **given})
+        # Under the saved arguments, the defaults: for options newer than the checkpoint.
+        args = argparse.Namespace(**{**vars(args), **resume["args"], **given})
+        if isinstance(args.compile, bool):  # saved when --compile took no mode
+            args.compile = "default" if args.compile else None
     elif args.demo:
         args = argparse.Namespace(**{**vars(args), **DEMO, **given})
     return args, resume
@@ -298,7 +303,7 @@ class Run:
             self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if args.compile:
             torch.compiler.reset()
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=args.compile)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         start = 0
         if resume is not None:

@@ -69,10 +69,9 @@ def get_args_parser():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the model in the train section")
-    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile's mode (implies --compile); reduce-overhead replays CUDA graphs, which "
-                        "takes kernel launches off the host")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=train.COMPILE_MODES,
+                   metavar="MODE", help="torch.compile the model in the train section, in this mode (as train.py "
+                                        "--compile: reduce-overhead replays CUDA graphs, taking launches off the host)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="the train section's end-to-end steps augment (--no-augment: load and normalise only)")
     p.add_argument("--sections", default="pipeline,train,sync,predict,cache",
@@ -287,7 +286,7 @@ def bench_train(args, cache, labels, num_classes, device):
         params = M.set_trainable(net, phase)
         if args.compile:
             torch.compiler.reset()
-        step_net = torch.compile(net, mode=args.compile_mode) if args.compile else net
+        step_net = torch.compile(net, mode=args.compile) if args.compile else net
         optimizer = train.make_optimizer("adamw" if phase == 1 else "nadam", params, 5e-4, 1e-4, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         clip = 0.8 if phase == 2 else 0.0
@@ -460,7 +459,6 @@ def machine(device):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    args.compile = args.compile or args.compile_mode is not None
     device = pick_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

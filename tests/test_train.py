@@ -292,3 +292,35 @@ def test_the_run_summary_counts_skipped_images(tiny_args, dataset, capsys):
     with pytest.warns(UserWarning, match="broken.jpg"):
         train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])
     assert "1 unreadable images were skipped" in capsys.readouterr().err
+
+
+def test_compile_mode_reaches_torch_compile_and_checkpoints_stay_plain(tiny_args, tmp_path, monkeypatch):
+    modes = []
+    real_compile = torch.compile
+
+    def spy(net, mode=None):  # the eager backend: dynamo's wrapping without inductor's compile time
+        modes.append(mode)
+        return real_compile(net, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", spy)
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1", "--compile", "reduce-overhead"])
+    assert modes == ["reduce-overhead", "reduce-overhead"]  # anew for each phase
+    saved = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    assert not [k for k in saved["model"] if "_orig_mod" in k]
+    assert saved["args"]["compile"] == "reduce-overhead"
+    assert train.parse_args(["--compile"])[0].compile == "default"
+    assert train.parse_args([])[0].compile is None
+
+
+def test_resume_of_a_checkpoint_from_an_earlier_version(tiny_args, tmp_path):
+    """Saved when --compile took no mode, and before an option existed: the option gets its default."""
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])
+    state = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    state["args"]["compile"] = False
+    del state["args"]["accum_steps"]
+    torch.save(state, tmp_path / "old.pt")
+    args, _ = train.parse_args(["--resume", str(tmp_path / "old.pt")])
+    assert args.compile is None and args.accum_steps == 1
+    state["args"]["compile"] = True
+    torch.save(state, tmp_path / "old.pt")
+    assert train.parse_args(["--resume", str(tmp_path / "old.pt")])[0].compile == "default"
