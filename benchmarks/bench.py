@@ -72,6 +72,11 @@ def get_args_parser():
     p.add_argument("--compile", nargs="?", const="default", default=None, choices=train.COMPILE_MODES,
                    metavar="MODE", help="torch.compile the model in the train section, in this mode (as train.py "
                                         "--compile: reduce-overhead replays CUDA graphs, taking launches off the host)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="the train section's model and batches in channels_last, as training has them "
+                        "(--no-channels-last: PyTorch's default layout, to measure what it gains)")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="let cuDNN time its kernels and pick the fastest, as training does")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="the train section's end-to-end steps augment (--no-augment: load and normalise only)")
     p.add_argument("--sections", default="pipeline,train,sync,predict,cache",
@@ -275,9 +280,12 @@ class Steps:
 
 def bench_train(args, cache, labels, num_classes, device):
     dtype = amp_dtype(args.amp, device)
-    net = M.build_model(args.arch, num_classes, "none").to(device, memory_format=torch.channels_last)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    net = M.build_model(args.arch, num_classes, "none").to(device, memory_format=layout)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    preprocess = data.BatchPreprocess(augment=data.DeviceAugment() if args.augment else None).to(device)
+    prepare = data.BatchPreprocess(augment=data.DeviceAugment() if args.augment else None).to(device)
+    # The batches too: a convolution runs channels_last when either its input or its weight is.
+    preprocess = prepare if args.channels_last else (lambda x: prepare(x).contiguous())
     loader = train_loader(args, cache, labels, device)
     images, targets = next(iter(loader))
     fixed = preprocess(images.to(device)), targets.to(device)
@@ -461,7 +469,7 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = pick_device(args.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     sections = set(args.sections.split(","))
     total = 2 * args.n if "cache" in sections else args.n
     folder, classes, files, labels, cache = images_and_cache(args, total)

@@ -46,3 +46,23 @@ def test_the_profile_runs_on_the_cpu(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "== Phase 1" in out and "== Phase 2" in out and "(training thread): in PyTorch ops" in out
     assert sorted(p.name for p in (tmp_path / "trace").iterdir()) == ["phase1.json.gz", "phase2.json.gz"]
+
+
+@pytest.mark.parametrize("flag, layout", [("--channels-last", "channels_last"), ("--no-channels-last", "contiguous")])
+def test_the_training_benchmark_measures_the_layout_it_is_given(tmp_path, monkeypatch, flag, layout):
+    import torch
+    import train
+
+    seen = set()
+
+    def spy(net, batches, preprocess, *args, **kwargs):
+        if isinstance(batches, list):  # the model-only steps: batches already preprocessed
+            images = batches[0][0]
+            for name, tensor in (("weights", net.conv1.weight), ("batch", images)):
+                seen.add((name, "channels_last" if tensor.is_contiguous(memory_format=torch.channels_last)
+                          and not tensor.is_contiguous() else "contiguous"))
+
+    monkeypatch.setattr(train, "train_one_epoch", spy)
+    bench.main(["--workdir", str(tmp_path), "--n", "10", "--img-size", "16", "--batch-size", "4", "--steps", "1",
+                "--repeats", "1", "--workers", "0", "--sections", "train", flag])
+    assert seen == {("weights", layout), ("batch", layout)}
