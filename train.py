@@ -47,7 +47,7 @@ OPTIMIZERS = {  # name: (class, options beyond lr and weight decay)
     "sgd": (torch.optim.SGD, {"momentum": 0.9}),
     "rmsprop": (torch.optim.RMSprop, {}),
 }
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's
 FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)  # PyTorch has fused CUDA steps for these
 
 
@@ -130,10 +130,12 @@ def get_args_parser():
                         "of batch 72 in about half the memory")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun on CUDA, batch norm statistics over the global batch")
-    g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+    g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES + ("off",),
+                   metavar="MODE",
                    help="torch.compile the model, anew for each phase, in torch.compile's MODE: "
-                        f"{', '.join(COMPILE_MODES)} (the first when no MODE is given). On a fast GPU, "
-                        "reduce-overhead (CUDA graphs) is the fast one: BENCHMARKS.md. Beyond the report")
+                        f"{', '.join(COMPILE_MODES)} (the first when no MODE is given); off resumes a compiled "
+                        "run without it. On a fast GPU, reduce-overhead (CUDA graphs) is the fast one: "
+                        "BENCHMARKS.md. Beyond the report")
 
     g = p.add_argument_group("augmentation (training only, per sample, on the device)")
     g.add_argument("--degrees", type=float, default=10.0, help="affine rotation +-, always applied")
@@ -178,6 +180,8 @@ def parse_args(argv=None):
         args = argparse.Namespace(**{**vars(args), **resume["args"], **given})
         if isinstance(args.compile, bool):  # saved when --compile took no mode
             args.compile = "default" if args.compile else None
+    if args.compile == "off":
+        args.compile = None
     elif args.demo:
         args = argparse.Namespace(**{**vars(args), **DEMO, **given})
     return args, resume

@@ -324,3 +324,4 @@ def test_resume_of_a_checkpoint_from_an_earlier_version(tiny_args, tmp_path):
     state["args"]["compile"] = True
     torch.save(state, tmp_path / "old.pt")
     assert train.parse_args(["--resume", str(tmp_path / "old.pt")])[0].compile == "default"
+    assert train.parse_args(["--resume", str(tmp_path / "old.pt"), "--compile", "off"])[0].compile is None
