@@ -180,10 +180,10 @@ def parse_args(argv=None):
         args = argparse.Namespace(**{**vars(args), **resume["args"], **given})
         if isinstance(args.compile, bool):  # saved when --compile took no mode
             args.compile = "default" if args.compile else None
-    if args.compile == "off":
-        args.compile = None
     elif args.demo:
         args = argparse.Namespace(**{**vars(args), **DEMO, **given})
+    if args.compile == "off":
+        args.compile = None
     return args, resume
 
 

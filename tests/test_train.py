@@ -325,3 +325,6 @@ def test_resume_of_a_checkpoint_from_an_earlier_version(tiny_args, tmp_path):
     torch.save(state, tmp_path / "old.pt")
     assert train.parse_args(["--resume", str(tmp_path / "old.pt")])[0].compile == "default"
     assert train.parse_args(["--resume", str(tmp_path / "old.pt"), "--compile", "off"])[0].compile is None
+    state["args"]["demo"] = True  # a demo run resumes with its own arguments, not the demo's preset
+    torch.save(state, tmp_path / "old.pt")
+    assert train.parse_args(["--resume", str(tmp_path / "old.pt")])[0].img_size == 16
