@@ -551,12 +551,11 @@ def on_device(loader, preprocess, device, background=None, ahead=2):
 
     With `background` (the default on CUDA) a thread loads, copies and preprocesses batches ahead,
     keeping up to `ahead` of them ready, on CUDA in a stream of its own. The training thread then
-    only queues model steps. The aim is that the pipeline's host work overlaps them (PyTorch ops
-    release the GIL), and so does its device work where the model leaves the GPU room; BENCHMARKS.md
-    says what has been measured of that. Batches keep the loader's order;
-    an error in the thread is raised here. On the CPU the model keeps every core busy, and a second
-    thread was no faster there beyond noise, and at worst 17 % slower (BENCHMARKS.md): each batch
-    is prepared when it is due.
+    only queues model steps: the pipeline's host work overlaps them (PyTorch ops release the GIL),
+    and so does its device work where the model leaves the GPU room (BENCHMARKS.md measures it).
+    Batches keep the loader's order; an error in the thread is raised here. On the CPU, where the
+    model keeps every core busy, a second thread was no faster beyond noise and at worst 17 %
+    slower (BENCHMARKS.md): each batch is prepared when it is due.
     Iterate it inside `with contextlib.closing(...)`: the thread then stops as soon as the loop
     does, even when an error ends it."""
     def prepare(batch):

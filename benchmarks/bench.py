@@ -125,6 +125,11 @@ def train_loader(args, cache, labels, device):
                             workers=args.loader_workers)
 
 
+def untrained_model(args, num_classes, device, layout=torch.channels_last):
+    """--arch with random weights on the device, in the layout training uses."""
+    return M.build_model(args.arch, num_classes, "none").to(device, memory_format=layout)
+
+
 class ReleasedDataset(torch.utils.data.Dataset):
     """The report's released data path: every epoch decodes and transforms each image anew."""
 
@@ -281,7 +286,7 @@ class Steps:
 def bench_train(args, cache, labels, num_classes, device):
     dtype = amp_dtype(args.amp, device)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    net = M.build_model(args.arch, num_classes, "none").to(device, memory_format=layout)
+    net = untrained_model(args, num_classes, device, layout)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     prepare = data.BatchPreprocess(augment=data.DeviceAugment() if args.augment else None).to(device)
     # The batches too: a convolution runs channels_last when either its input or its weight is.
@@ -334,9 +339,9 @@ def bench_nadam(args, cache, labels, num_classes, device):
     """Phase II model-only steps with NAdam as training builds it and with capturable=True (step
     counts on the device, no per-parameter Python arithmetic, more launches), in turns."""
     dtype = amp_dtype(args.amp, device)
-    net = M.build_model(args.arch, num_classes, "none").to(device, memory_format=torch.channels_last)
+    net = untrained_model(args, num_classes, device)
     preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to(device)
-    images, targets = next(iter(data.make_loader(data.CachedImages(cache, labels), args.batch_size, True)))
+    images, targets = next(iter(train_loader(args, cache, labels, device)))
     batch = preprocess(images.to(device)), targets.to(device)
     params = M.set_trainable(net, 2)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -362,15 +367,15 @@ def count_syncs(args, cache, labels, num_classes, device):
     import warnings
 
     dtype = amp_dtype(args.amp, device)
-    net = M.build_model(args.arch, num_classes, "none").to(device, memory_format=torch.channels_last)
+    net = untrained_model(args, num_classes, device)
     preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to(device)
-    loader = data.make_loader(data.CachedImages(cache, labels), args.batch_size, True, pin_memory=True)
+    loader = train_loader(args, cache, labels, device)
     rows = []
     for phase in (1, 2):
         params = M.set_trainable(net, phase)
         optimizer = train.make_optimizer("adamw" if phase == 1 else "nadam", params, 5e-4, 1e-4, device)
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-        criterion = torch.nn.CrossEntropyLoss()
+        criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
         clip = 0.8 if phase == 2 else 0.0
         train.train_one_epoch(net, Steps(loader, 4), preprocess, criterion, optimizer, scaler, device, dtype, clip)
 
@@ -403,7 +408,7 @@ def count_syncs(args, cache, labels, num_classes, device):
 
 
 def bench_predict(args, cache, labels, num_classes, device):
-    net = M.build_model(args.arch, num_classes, "none").to(device, memory_format=torch.channels_last).eval()
+    net = untrained_model(args, num_classes, device).eval()
     loader = data.make_loader(data.CachedImages(cache, labels), 2 * args.batch_size, False,
                               pin_memory=device.type == "cuda", workers=args.loader_workers)
     preprocess = data.BatchPreprocess().to(device)

@@ -103,7 +103,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True
     _, classes, _, labels, cache = bench.images_and_cache(args, args.n)
     dtype = amp_dtype(args.amp, device)
-    net = M.build_model(args.arch, len(classes), "none").to(device, memory_format=torch.channels_last)
+    net = bench.untrained_model(args, len(classes), device)
     preprocess = data.BatchPreprocess(augment=data.DeviceAugment() if args.augment else None).to(device)
     loader = bench.train_loader(args, cache, labels, device)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
