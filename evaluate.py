@@ -1,12 +1,13 @@
 """Evaluate a checkpoint on the validation split, and draw the report's figures.
 
-    python evaluate.py --ckpt best.pt                 # metrics + Figures 1, 2, 5 and the mistakes gallery
+    python evaluate.py --ckpt best.pt       # metrics, Figures 1, 2, 5 and the mistakes gallery
     python evaluate.py --compare checkpoints/*/best.pt   # Figures 3 and 4 and a table of the runs
 
 The validation images go through exactly the preprocessing used in training. Metrics are printed
 on standard output and written to the figures folder: metrics.json (loss, top-1, top-5, the most
 confused pairs) and per_class_metrics.csv (precision, recall, F1, support).
 """
+
 import argparse
 import csv
 import json
@@ -20,35 +21,38 @@ import numpy as np
 import torch
 from sklearn.metrics import precision_recall_fscore_support
 
-from data import BatchPreprocess, load_val, make_loader
-from model import model_from_checkpoint
-from utils import (amp_dtype, full_history, load_checkpoint, log, pick_device, predict_log_probs,
-                   resolve_checkpoint)
+from data import load_val, make_loader
+from inference import add_inference_args, load_trained, topk_hits
+from utils import full_history, load_checkpoint, log, resolve_checkpoint
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="best.pt", help="checkpoint; a bare name is looked up in checkpoints/")
-    p.add_argument("--data", default=None, help="dataset root (default: the one the checkpoint was trained on)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_inference_args(p)
     p.add_argument("--figures", default="figures", help="folder for the figures and metric files")
-    p.add_argument("--compare", nargs="+", metavar="CKPT", default=None,
-                   help="compare runs (different --arch or --optimizer2) from their checkpoints' histories")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=4, help="cache-building threads")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--amp", default=None, choices=["fp16", "bf16", "off"],
-                   help="mixed precision on CUDA (default: as in training)")
-    p.add_argument("--tta", action="store_true", help="average the softmax over each image and its flip")
-    p.add_argument("--top-pairs", type=int, default=10, help="how many confused class pairs to list")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="CKPT",
+        default=None,
+        help="compare runs (different --arch or --optimizer2) from their checkpoints' histories",
+    )
+    p.add_argument(
+        "--top-pairs", type=int, default=10, help="how many confused class pairs to list"
+    )
     return p
 
 
 # ----------------------------------------------------------------------------- metrics
 
+
 def confusion_matrix(labels, preds, num_classes, normalize=True):
     """Counts[true, predicted]; normalised, each row with any images sums to one."""
-    counts = np.bincount(np.asarray(labels) * num_classes + np.asarray(preds),
-                         minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    counts = np.bincount(
+        np.asarray(labels) * num_classes + np.asarray(preds), minlength=num_classes * num_classes
+    ).reshape(num_classes, num_classes)
     if not normalize:
         return counts
     totals = counts.sum(axis=1, keepdims=True)
@@ -56,7 +60,8 @@ def confusion_matrix(labels, preds, num_classes, normalize=True):
 
 
 def most_confused(counts, classes, top):
-    """The largest off-diagonal cells: (true class, predicted class, count, share of the true class)."""
+    """The largest off-diagonal cells: (true class, predicted class, count, share of the true
+    class)."""
     off = counts.copy()
     np.fill_diagonal(off, 0)
     order = np.argsort(off, axis=None)[::-1][:top]
@@ -66,28 +71,43 @@ def most_confused(counts, classes, top):
         t, p = divmod(int(flat), len(classes))
         if off[t, p] == 0:
             break
-        pairs.append({"true": classes[t], "predicted": classes[p], "count": int(off[t, p]),
-                      "share": float(off[t, p] / totals[t])})
+        pairs.append(
+            {
+                "true": classes[t],
+                "predicted": classes[p],
+                "count": int(off[t, p]),
+                "share": float(off[t, p] / totals[t]),
+            }
+        )
     return pairs
 
 
 def compute_metrics(log_p, labels, classes, label_smoothing=0.0, top=10):
     preds = log_p.argmax(1)
-    k = min(5, len(classes))
     loss = torch.nn.functional.cross_entropy(log_p, labels, label_smoothing=label_smoothing).item()
     counts = confusion_matrix(labels.numpy(), preds.numpy(), len(classes), normalize=False)
     precision, recall, f1, support = precision_recall_fscore_support(
-        labels.numpy(), preds.numpy(), labels=list(range(len(classes))), zero_division=0)
-    top1 = int((preds == labels).sum())
-    top5 = int((log_p.topk(k, dim=1).indices == labels[:, None]).any(1).sum())
+        labels.numpy(), preds.numpy(), labels=list(range(len(classes))), zero_division=0
+    )
+    top1, top5 = (int(hits) for hits in topk_hits(log_p, labels))
     return {
         "images": len(labels),
         "loss": loss,
-        "top1": top1 / len(labels), "top1_correct": top1,
-        "top5": top5 / len(labels), "top5_correct": top5,
+        "top1": top1 / len(labels),
+        "top1_correct": top1,
+        "top5": top5 / len(labels),
+        "top5_correct": top5,
         "most_confused": most_confused(counts, classes, top),
-        "per_class": [{"class": c, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for c, p, r, f, s in zip(classes, precision, recall, f1, support)],
+        "per_class": [
+            {
+                "class": c,
+                "precision": float(p),
+                "recall": float(r),
+                "f1": float(f),
+                "support": int(s),
+            }
+            for c, p, r, f, s in zip(classes, precision, recall, f1, support)
+        ],
         "confusion": counts,
     }
 
@@ -98,16 +118,20 @@ def write_metrics(metrics, folder):
         writer = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
         writer.writeheader()
         writer.writerows(metrics["per_class"])
-    summary = {k: metrics[k] for k in ("images", "loss", "top1", "top1_correct", "top5", "top5_correct",
-                                       "most_confused")}
+    summary = {
+        k: metrics[k]
+        for k in ("images", "loss", "top1", "top1_correct", "top5", "top5_correct", "most_confused")
+    }
     (folder / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def print_metrics(metrics, ckpt):
     n = metrics["images"]
-    print(f"{ckpt}: {n} validation images | loss {metrics['loss']:.4f} | "
-          f"top-1 {metrics['top1']:.4f} ({metrics['top1_correct']}/{n}) | "
-          f"top-5 {metrics['top5']:.4f} ({metrics['top5_correct']}/{n})")
+    print(
+        f"{ckpt}: {n} validation images | loss {metrics['loss']:.4f} | "
+        f"top-1 {metrics['top1']:.4f} ({metrics['top1_correct']}/{n}) | "
+        f"top-5 {metrics['top5']:.4f} ({metrics['top5_correct']}/{n})"
+    )
     if metrics["most_confused"]:
         print("most confused (true -> predicted: images, share of the true class):")
         for pair in metrics["most_confused"]:
@@ -115,6 +139,7 @@ def print_metrics(metrics, ckpt):
 
 
 # ----------------------------------------------------------------------------- figures
+
 
 def epochs_axis(history):
     """Epoch numbers across both phases, and where Phase II begins (None if it does not)."""
@@ -128,15 +153,25 @@ def epochs_axis(history):
 def mark_phases(ax, boundary):
     if boundary is not None:
         ax.axvline(boundary, color="grey", linestyle="--", linewidth=1)
-        ax.text(boundary, 1.01, " Phase I | Phase II ", transform=ax.get_xaxis_transform(),
-                ha="center", va="bottom", fontsize=8, color="grey")
+        ax.text(
+            boundary,
+            1.01,
+            " Phase I | Phase II ",
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="grey",
+        )
 
 
 def plot_loss(history, path):
     """Figure 1: training (and validation) loss per epoch, the phase boundary marked."""
     x, boundary = epochs_axis(history)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(x, [r["train_loss"] for r in history], label="train", marker="." if len(x) < 40 else None)
+    ax.plot(
+        x, [r["train_loss"] for r in history], label="train", marker="." if len(x) < 40 else None
+    )
     ax.plot(x, [r["val_loss"] for r in history], label="validation", linestyle="--")
     mark_phases(ax, boundary)
     ax.set(xlabel="epoch", ylabel="loss (label-smoothed cross-entropy)")
@@ -153,8 +188,14 @@ def plot_val_accuracy(history, path):
     ax.plot(x, acc, color="tab:green")
     best = int(acc.argmax())
     ax.scatter([x[best]], [acc[best]], color="tab:red", zorder=3)
-    ax.annotate(f"best {acc[best]:.4f}", (x[best], acc[best]), textcoords="offset points", xytext=(0, -14),
-                ha="center", fontsize=9)
+    ax.annotate(
+        f"best {acc[best]:.4f}",
+        (x[best], acc[best]),
+        textcoords="offset points",
+        xytext=(0, -14),
+        ha="center",
+        fontsize=9,
+    )
     mark_phases(ax, boundary)
     ax.set(xlabel="epoch", ylabel="validation accuracy")
     ax.grid(alpha=0.3)
@@ -170,19 +211,29 @@ def plot_confusion(matrix, classes, path):
     image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
     ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
     ax.set_yticks(range(n), classes, fontsize=font)
-    ax.set(xlabel="predicted class", ylabel="true class", title="confusion matrix (each row sums to 1)")
+    ax.set(
+        xlabel="predicted class", ylabel="true class", title="confusion matrix (each row sums to 1)"
+    )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     if n <= 20:
         for t in range(n):
             for p in range(n):
                 if matrix[t, p] >= 0.01:
-                    ax.text(p, t, f"{matrix[t, p]:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if matrix[t, p] > 0.5 else "black")
+                    ax.text(
+                        p,
+                        t,
+                        f"{matrix[t, p]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if matrix[t, p] > 0.5 else "black",
+                    )
     save(fig, path)
 
 
 def plot_mistakes(images, true, pred, confidence, classes, path, columns=6):
-    """The most confident mistakes: each image with its true class, the prediction and its probability."""
+    """The most confident mistakes: each image with its true class, the prediction and its
+    probability."""
     n = len(images)
     columns = max(1, min(columns, n))
     rows = max(1, -(-n // columns))
@@ -206,30 +257,48 @@ def save(fig, path):
 
 # ----------------------------------------------------------------------------- comparing runs
 
+
 def describe_run(path):
     state = load_checkpoint(path)
     history = full_history(resolve_checkpoint(path), state)
     best = max(history, key=lambda r: r["val_acc"])
-    params = sum(v.numel() for k, v in state["model"].items()
-                 if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    params = sum(
+        v.numel()
+        for k, v in state["model"].items()
+        if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    )
     folder = Path(path).resolve().parent.name
-    return {"path": str(path), "folder": folder, "arch": state["arch"],
-            "optimizer2": state["args"].get("optimizer2"), "params": params, "history": history,
-            "best_acc": best["val_acc"], "best_epoch": f"phase {best['phase']} epoch {best['epoch']}"}
+    return {
+        "path": str(path),
+        "folder": folder,
+        "arch": state["arch"],
+        "optimizer2": state["args"].get("optimizer2"),
+        "params": params,
+        "history": history,
+        "best_acc": best["val_acc"],
+        "best_epoch": f"phase {best['phase']} epoch {best['epoch']}",
+    }
 
 
 def compare_runs(paths, folder):
     runs = [describe_run(p) for p in paths]
     folders = [r["folder"] for r in runs]
     for r in runs:  # the folder names the run, unless several runs share it
-        r["label"] = r["folder"] if folders.count(r["folder"]) == 1 else f"{r['arch']}/{r['optimizer2']}"
+        r["label"] = (
+            r["folder"] if folders.count(r["folder"]) == 1 else f"{r['arch']}/{r['optimizer2']}"
+        )
     folder.mkdir(parents=True, exist_ok=True)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))  # Figure 3: accuracy against size
     for r in runs:
         ax.scatter(r["params"] / 1e6, r["best_acc"], s=40)
-        ax.annotate(r["label"], (r["params"] / 1e6, r["best_acc"]), textcoords="offset points", xytext=(5, 5),
-                    fontsize=9)
+        ax.annotate(
+            r["label"],
+            (r["params"] / 1e6, r["best_acc"]),
+            textcoords="offset points",
+            xytext=(5, 5),
+            fontsize=9,
+        )
     ax.margins(0.2)  # room for the labels
     ax.set(xlabel="parameters (millions)", ylabel="best validation accuracy")
     ax.grid(alpha=0.3)
@@ -237,24 +306,38 @@ def compare_runs(paths, folder):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))  # Figure 4: validation accuracy curves
     for r in runs:
-        ax.plot(np.arange(1, len(r["history"]) + 1), [h["val_acc"] for h in r["history"]], label=r["label"])
+        ax.plot(
+            np.arange(1, len(r["history"]) + 1),
+            [h["val_acc"] for h in r["history"]],
+            label=r["label"],
+        )
     ax.set(xlabel="epoch", ylabel="validation accuracy")
     ax.legend()
     ax.grid(alpha=0.3)
     save(fig, folder / "fig4_validation_accuracy_curves.png")
 
-    lines = ["| run | architecture | Phase II optimizer | parameters | best val acc | best epoch | epochs |",
-             "| --- | --- | --- | ---: | ---: | --- | ---: |"]
-    lines += [f"| {r['label']} | {r['arch']} | {r['optimizer2']} | {r['params'] / 1e6:.1f}M | "
-              f"{r['best_acc']:.4f} | {r['best_epoch']} | {len(r['history'])} |" for r in runs]
+    lines = [
+        "| run | architecture | Phase II optimizer | parameters | best val acc | best epoch "
+        "| epochs |",
+        "| --- | --- | --- | ---: | ---: | --- | ---: |",
+    ]
+    lines += [
+        f"| {r['label']} | {r['arch']} | {r['optimizer2']} | {r['params'] / 1e6:.1f}M | "
+        f"{r['best_acc']:.4f} | {r['best_epoch']} | {len(r['history'])} |"
+        for r in runs
+    ]
     table = "\n".join(lines) + "\n"
     (folder / "comparison.md").write_text(table)
     print(table, end="")
-    log(f"wrote {folder / 'fig3_accuracy_vs_parameters.png'}, {folder / 'fig4_validation_accuracy_curves.png'}"
-        f" and {folder / 'comparison.md'}")
+    log(
+        f"wrote {folder / 'fig3_accuracy_vs_parameters.png'}, "
+        f"{folder / 'fig4_validation_accuracy_curves.png'}"
+        f" and {folder / 'comparison.md'}"
+    )
 
 
 # ----------------------------------------------------------------------------- main
+
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
@@ -262,34 +345,47 @@ def main(argv=None):
     if args.compare:
         compare_runs(args.compare, figures)
         return
-    state = load_checkpoint(args.ckpt)
-    saved = state["args"]
-    classes = state["classes"]
-    device = pick_device(args.device)
-    val = load_val(args.data or state["data"], classes, state["img_size"], saved.get("cache_dir"), args.workers,
-                   saved["val_fraction"], saved["seed"])
-    loader = make_loader(val, args.batch_size, False, pin_memory=device.type == "cuda")
-    model = model_from_checkpoint(state, device)
-    preprocess = BatchPreprocess(state["mean"], state["std"]).to(device)
-    amp = amp_dtype(args.amp or saved.get("amp", "fp16"), device)
-    batches = list(predict_log_probs(model, loader, preprocess, device, amp, args.tta))
+    trained = load_trained(args)
+    state, classes, saved = trained.state, trained.classes, trained.state["args"]
+    val = load_val(
+        args.data or state["data"],
+        classes,
+        state["img_size"],
+        saved.get("cache_dir"),
+        args.cache_workers,
+        saved["val_fraction"],
+        saved["seed"],
+    )
+    loader = make_loader(val, args.batch_size, False, pin_memory=trained.device.type == "cuda")
+    batches = [(log_p.cpu(), labels.cpu()) for log_p, labels in trained.log_probs(loader, args.tta)]
     log_p = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
-    metrics = compute_metrics(log_p, labels, classes, saved.get("label_smoothing", 0.0), args.top_pairs)
+    metrics = compute_metrics(
+        log_p, labels, classes, saved.get("label_smoothing", 0.0), args.top_pairs
+    )
 
     write_metrics(metrics, figures)
     print_metrics(metrics, args.ckpt)
     history = full_history(resolve_checkpoint(args.ckpt), state)
     plot_loss(history, figures / "fig1_loss.png")
     plot_val_accuracy(history, figures / "fig2_val_accuracy.png")
-    plot_confusion(confusion_matrix(labels.numpy(), log_p.argmax(1).numpy(), len(classes)), classes,
-                   figures / "fig5_confusion_matrix.png")
+    plot_confusion(
+        confusion_matrix(labels.numpy(), log_p.argmax(1).numpy(), len(classes)),
+        classes,
+        figures / "fig5_confusion_matrix.png",
+    )
     confidence, preds = log_p.exp().max(1)
     wrong = torch.nonzero(preds != labels).flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][:18].tolist()
     images = val[worst][0].numpy() if worst else []
-    plot_mistakes(images, labels[worst].tolist(), preds[worst].tolist(), confidence[worst].tolist(), classes,
-                  figures / "mistakes.png")
+    plot_mistakes(
+        images,
+        labels[worst].tolist(),
+        preds[worst].tolist(),
+        confidence[worst].tolist(),
+        classes,
+        figures / "mistakes.png",
+    )
     log(f"wrote figures and metrics to {figures}/")
 
 

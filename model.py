@@ -1,4 +1,6 @@
-"""The network: a torchvision ResNet-family backbone, its pretrained weights, a new head, freezing."""
+"""The network: a torchvision ResNet-family backbone, its pretrained weights, a new head,
+freezing."""
+
 import os
 
 import torch
@@ -9,7 +11,11 @@ RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")
 
 
 def resnet_family_names():
-    return [n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith(RESNET_FAMILY)]
+    return [
+        n
+        for n in torchvision.models.list_models(module=torchvision.models)
+        if n.startswith(RESNET_FAMILY)
+    ]
 
 
 def build_model(arch, num_classes, weights="imagenet"):
@@ -19,8 +25,10 @@ def build_model(arch, num_classes, weights="imagenet"):
     as "IMAGENET1K_V1", "none" (random), or the path of a local state dict (or of a checkpoint of
     this project); local weights load into everything but the head."""
     if arch not in resnet_family_names():
-        raise SystemExit(f"unknown --arch {arch!r}; choose a torchvision ResNet-family model: "
-                         + ", ".join(resnet_family_names()))
+        raise SystemExit(
+            f"unknown --arch {arch!r}; choose a torchvision ResNet-family model: "
+            + ", ".join(resnet_family_names())
+        )
     hub_weights, local_path = resolve_weights(arch, weights)
     try:
         model = torchvision.models.get_model(arch, weights=hub_weights)
@@ -33,7 +41,8 @@ def build_model(arch, num_classes, weights="imagenet"):
             f"To work offline, use one of:\n"
             f"  --weights PATH   a local state dict, e.g. {file} fetched on another machine\n"
             f"  TORCH_HOME=DIR   with that file at DIR/hub/checkpoints/{file}\n"
-            f"  --weights none   random initialisation") from None
+            f"  --weights none   random initialisation"
+        ) from None
     if local_path:
         load_backbone(model, local_path)
     model.fc = new_head(model.fc.in_features, num_classes)
@@ -58,24 +67,32 @@ def resolve_weights(arch, weights):
         return choices.DEFAULT, None
     if weights in choices.__members__:
         return choices[weights], None
-    raise SystemExit(f"--weights {weights}: no such file, nor {arch} weights of that name; use "
-                     f"imagenet, none, a local file or one of: {', '.join(choices.__members__)}")
+    raise SystemExit(
+        f"--weights {weights}: no such file, nor {arch} weights of that name; use "
+        f"imagenet, none, a local file or one of: {', '.join(choices.__members__)}"
+    )
 
 
 def load_backbone(model, path):
     """Load a local state dict into everything but the head (fc), strictly."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # a file that would run code is refused
+        state = torch.load(
+            path, map_location="cpu", weights_only=True
+        )  # a file that would run code is refused
     except Exception as e:
         raise SystemExit(f"cannot load --weights {path}: {type(e).__name__}: {e}") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a checkpoint of this project
-    state = {strip_prefixes(k): v for k, v in state.items() if not strip_prefixes(k).startswith("fc.")}
+    state = {
+        strip_prefixes(k): v for k, v in state.items() if not strip_prefixes(k).startswith("fc.")
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
-        raise ValueError(f"--weights {path} does not fit {type(model).__name__}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"--weights {path} does not fit {type(model).__name__}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
 
 
 def strip_prefixes(key):
@@ -83,6 +100,10 @@ def strip_prefixes(key):
     for prefix in ("module.", "_orig_mod."):
         key = key.removeprefix(prefix)
     return key
+
+
+def count_parameters(params):
+    return sum(p.numel() for p in params)
 
 
 def set_trainable(model, phase):

@@ -7,6 +7,7 @@
 image_name is the file name without its extension and pred_label the class folder name; one row
 per image, sorted by name. Progress and messages go to standard error.
 """
+
 import argparse
 import csv
 import os
@@ -18,31 +19,35 @@ from pathlib import Path
 
 import numpy as np
 
-from data import (BatchPreprocess, CachedImages, atomic_file, build_cache, default_cache_dir, list_images,
-                  make_loader)
-from model import model_from_checkpoint
-from utils import amp_dtype, load_checkpoint, log, pick_device, predict_log_probs
+from data import CachedImages, build_cache, default_cache_dir, list_images, make_loader
+from inference import add_inference_args, load_trained
+from utils import atomic_file, load_checkpoint, log
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default="best.pt", help="checkpoint; a bare name is looked up in checkpoints/")
-    p.add_argument("--data", default=None, help="dataset root (default: the one the checkpoint was trained on)")
-    p.add_argument("--test-dir", default=None, help="folder of images to predict (default: <data>/test)")
-    p.add_argument("--out", default=None, help="write the CSV to this file instead of standard output")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=4, help="cache-building threads")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_inference_args(p)
+    p.add_argument(
+        "--test-dir", default=None, help="folder of images to predict (default: <data>/test)"
+    )
+    p.add_argument(
+        "--out", default=None, help="write the CSV to this file instead of standard output"
+    )
     p.add_argument("--cache-dir", default=None, help="default: .cache beside the test folder")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--amp", default=None, choices=["fp16", "bf16", "off"],
-                   help="mixed precision on CUDA (default: as in training)")
-    p.add_argument("--tta", action="store_true",
-                   help="average the softmax over each image and its horizontal flip (beyond the report)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="leave unreadable images out of the CSV instead of stopping")
-    p.add_argument("--check", metavar="CSV", default=None,
-                   help="validate a prediction CSV against the test folder and the checkpoint's classes "
-                        "(one row per readable image)")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave unreadable images out of the CSV instead of stopping",
+    )
+    p.add_argument(
+        "--check",
+        metavar="CSV",
+        default=None,
+        help="validate a prediction CSV against the test folder and the checkpoint's classes "
+        "(one row per readable image)",
+    )
     return p
 
 
@@ -53,15 +58,22 @@ def test_images(test_dir):
     files = list_images(test_dir)
     if not files:
         raise SystemExit(f"{test_dir} holds no images")
-    subfolders = sorted(p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    subfolders = sorted(
+        p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
     if subfolders:
-        log(f"warning: {test_dir} is read flat; its sub-folders are ignored: {', '.join(subfolders[:5])}")
+        log(
+            f"warning: {test_dir} is read flat; its sub-folders are ignored: "
+            f"{', '.join(subfolders[:5])}"
+        )
     files.sort(key=lambda f: Path(f).stem)  # the order of the CSV's image_name column
     stems = Counter(Path(f).stem for f in files)
     clashes = sorted(f for f in files if stems[Path(f).stem] > 1)
     if clashes:
-        raise SystemExit(f"{test_dir}: these files share a name once the extension is dropped, so their rows "
-                         f"would clash: {', '.join(clashes[:10])}")
+        raise SystemExit(
+            f"{test_dir}: these files share a name once the extension is dropped, so their rows "
+            f"would clash: {', '.join(clashes[:10])}"
+        )
     return files
 
 
@@ -73,7 +85,10 @@ def check_predictions(csv_path, files, classes):
     except OSError as e:
         return [f"cannot read {csv_path}: {e}"]
     if not rows or rows[0] != ["image_name", "pred_label"]:
-        return [f"the header must be image_name,pred_label (found {','.join(rows[0]) if rows else 'nothing'})"]
+        return [
+            "the header must be image_name,pred_label "
+            f"(found {','.join(rows[0]) if rows else 'nothing'})"
+        ]
     problems = []
     expected = {Path(f).stem for f in files}
     seen = Counter(row[0] for row in rows[1:] if row)
@@ -104,37 +119,48 @@ def main(argv=None):
         log(f"{args.check}: {len(files)} rows, one per test image, all labels known")
         return
 
-    cache = build_cache(test_dir, files, state["img_size"], args.cache_dir or default_cache_dir(test_dir.parent),
-                        args.workers)
+    cache = build_cache(
+        test_dir,
+        files,
+        state["img_size"],
+        args.cache_dir or default_cache_dir(test_dir.parent),
+        args.cache_workers,
+    )
     if cache.skipped and not args.skip_bad:
-        raise SystemExit(f"{len(cache.skipped)} unreadable test image(s), nothing written: "
-                         + "; ".join(f"{test_dir / f} ({why})" for f, why in list(cache.skipped.items())[:10])
-                         + "\n(--skip-bad leaves them out of the CSV)")
-    device = pick_device(args.device)
-    model = model_from_checkpoint(state, device)
+        raise SystemExit(
+            f"{len(cache.skipped)} unreadable test image(s), nothing written: "
+            + "; ".join(f"{test_dir / f} ({why})" for f, why in list(cache.skipped.items())[:10])
+            + "\n(--skip-bad leaves them out of the CSV)"
+        )
+    trained = load_trained(args, state)
     dataset = CachedImages(cache, np.zeros(len(cache), dtype=np.int64))  # unlabelled
-    loader = make_loader(dataset, args.batch_size, False, pin_memory=device.type == "cuda")
-    preprocess = BatchPreprocess(state["mean"], state["std"]).to(device)
-    amp = amp_dtype(args.amp or state["args"].get("amp", "fp16"), device)
+    loader = make_loader(dataset, args.batch_size, False, pin_memory=trained.device.type == "cuda")
     try:
-        rows, seconds = write_predictions(args.out, model, loader, preprocess, device, amp, args.tta,
-                                          [Path(f).stem for f in cache.files], state["classes"])
+        rows, seconds = write_predictions(
+            args.out,
+            trained.log_probs(loader, args.tta),
+            [Path(f).stem for f in cache.files],
+            trained.classes,
+        )
     except BrokenPipeError:  # `predict.py | head`: the reader has gone, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(1)
-    log(f"predicted {rows} images in {seconds:.1f} s ({rows / seconds:.0f} images/s) with {args.ckpt}"
+        raise SystemExit(1) from None
+    log(
+        f"predicted {rows} images in {seconds:.1f} s ({rows / seconds:.0f} images/s) "
+        f"with {args.ckpt}"
         + (f"; {len(cache.skipped)} unreadable images left out" if cache.skipped else "")
-        + (f" -> {args.out}" if args.out else ""))
+        + (f" -> {args.out}" if args.out else "")
+    )
 
 
-def write_predictions(path, model, loader, preprocess, device, dtype, tta, names, classes):
+def write_predictions(path, log_probs, names, classes):
     """Rows streamed as the batches come: memory stays flat in the number of images. A file
     appears under `path` only once complete."""
     with atomic_file(path, "w", newline="") if path else nullcontext(sys.stdout) as out:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["image_name", "pred_label"])
         start, row = time.perf_counter(), 0
-        for log_p, _ in predict_log_probs(model, loader, preprocess, device, dtype, tta):
+        for log_p, _ in log_probs:
             for label in log_p.argmax(1).tolist():
                 writer.writerow([names[row], classes[label]])
                 row += 1

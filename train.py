@@ -8,10 +8,12 @@ argument defaults below are the report's Table 1; `python train.py --help` print
     python train.py                     # both phases on data/
     python train.py --resume checkpoints/last.pt
 """
+
 import argparse
 import math
 import time
 from contextlib import closing, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,16 +21,43 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import (IMAGENET_MEAN, IMAGENET_STD, BatchPreprocess, DeviceAugment, load_splits,
-                  make_loader, on_device, set_epoch, write_demo_dataset)
-from model import build_model, set_trainable, strip_prefixes, train_mode
-from utils import (amp_dtype, broadcast_buffers, gather_from_processes, init_distributed, is_main_process,
-                   load_checkpoint, local_main_first, log, pick_device, rng_state, save_checkpoints,
-                   seed_everything, set_rng_state, sum_over_processes, totals_dtype, write_history_csv)
+from augment import IMAGENET_MEAN, IMAGENET_STD, BatchPreprocess, DeviceAugment
+from data import load_splits, make_loader, set_epoch, write_demo_dataset
+from inference import predict_log_probs, topk_hits
+from model import build_model, count_parameters, set_trainable, strip_prefixes, train_mode
+from prefetch import on_device
+from utils import (
+    amp_dtype,
+    broadcast_buffers,
+    gather_from_processes,
+    init_distributed,
+    is_main_process,
+    load_checkpoint,
+    local_main_first,
+    log,
+    pick_device,
+    rng_state,
+    save_checkpoints,
+    seed_everything,
+    set_rng_state,
+    sum_over_processes,
+    totals_dtype,
+    write_history_csv,
+)
 
 # A CPU-sized run on scikit-learn's digits: a few minutes on two cores, no download.
-DEMO = dict(data="data/demo", arch="resnet18", weights="none", img_size=32, batch_size=64,
-            epochs1=2, epochs2=10, warmup_epochs=1, cosine_epochs=9, lr2=1e-3)
+DEMO = dict(
+    data="data/demo",
+    arch="resnet18",
+    weights="none",
+    img_size=32,
+    batch_size=64,
+    epochs1=2,
+    epochs2=10,
+    warmup_epochs=1,
+    cosine_epochs=9,
+    lr2=1e-3,
+)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -48,7 +77,11 @@ OPTIMIZERS = {  # name: (class, options beyond lr and weight decay)
     "rmsprop": (torch.optim.RMSprop, {}),
 }
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's
-FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)  # PyTorch has fused CUDA steps for these
+FUSED = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.SGD,
+)  # PyTorch has fused CUDA steps for these
 
 
 def make_optimizer(name, params, lr, weight_decay, device):
@@ -58,20 +91,20 @@ def make_optimizer(name, params, lr, weight_decay, device):
 
 def step_on_device(cls, device):
     """Options for an optimizer of class `cls`: on CUDA, fused where PyTorch has a fused kernel
-    (a few launches, and GradScaler's overflow check needs no host sync). The others keep
-    PyTorch's defaults. (NAdam's capturable variant, which keeps its step counts on the device,
-    measured 12-16 % slower on an H100: more launches than the per-parameter arithmetic it saves.)"""
+    (a few launches, and GradScaler's overflow check needs no host sync); PyTorch's defaults
+    otherwise."""
     return {"fused": device.type == "cuda"} if issubclass(cls, FUSED) else {}
 
 
 def load_optimizer_state(optimizer, state):
     """A checkpoint's optimizer state, made right for this optimizer (built by make_optimizer for
     this device) whichever device saved it. load_state_dict would bring the saving run's fused and
-    capturable settings along; and it moves every state tensor but the step count to the
-    parameter's device, NAdam's momentum product too, which PyTorch then reads back as a Python
-    number for every parameter at every step: on CUDA, a host sync each. Step counts and momentum
-    products belong on the device only for a fused or capturable step."""
-    built = {key: optimizer.defaults[key] for key in ("fused", "capturable") if key in optimizer.defaults}
+    capturable settings along, and would move NAdam's step counts and momentum products to the
+    device, where PyTorch reads them back at every step (a host sync each): they belong there
+    only for a fused or capturable step."""
+    built = {
+        key: optimizer.defaults[key] for key in ("fused", "capturable") if key in optimizer.defaults
+    }
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:
         group.update(built)
@@ -81,86 +114,124 @@ def load_optimizer_state(optimizer, state):
             for key in ("step", "mu_product"):
                 if torch.is_tensor(param_state.get(key)):
                     value = param_state[key]
-                    param_state[key] = value.to(param.device, torch.float32) if on_device else value.cpu()
+                    param_state[key] = (
+                        value.to(param.device, torch.float32) if on_device else value.cpu()
+                    )
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="data", help="dataset root holding train/<class>/<image>, val/, test/")
-    g.add_argument("--img-size", type=int, default=224, help="square side after centre crop and resize")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="held out of train/ when there is no val/")
-    g.add_argument("--cache-dir", default=None, help="preprocessed-image cache; unset: <data>/.cache")
+    g.add_argument(
+        "--data", default="data", help="dataset root: train/<class>/<image>, val/, test/"
+    )
+    g.add_argument("--img-size", type=int, default=224, help="side after centre crop and resize")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="of train/, if there is no val/")
+    g.add_argument(
+        "--cache-dir", default=None, help="preprocessed-image cache; unset: <data>/.cache"
+    )
     g.add_argument("--batch-size", type=int, default=72, help="images per step")
-    g.add_argument("--workers", type=int, default=4,
-                   help="threads that decode images into the cache (batches are then read from the cache "
-                        "by the thread that prepares them: one read per batch, no loader processes)")
+    g.add_argument(
+        "--cache-workers",
+        "--workers",
+        dest="cache_workers",
+        type=int,
+        default=4,
+        help="threads that decode images into the cache (a batch is one read of it)",
+    )
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="wide_resnet50_2", help="any torchvision ResNet-family model")
-    g.add_argument("--weights", default="imagenet",
-                   help="imagenet | none | a torchvision weights name (IMAGENET1K_V1) | PATH of a state dict")
+    g.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet | none | a torchvision weights name (IMAGENET1K_V1) | PATH",
+    )
 
     g = p.add_argument_group("Phase I: the new head alone, backbone frozen")
     g.add_argument("--epochs1", type=int, default=10, help="0 skips Phase I")
     g.add_argument("--lr1", type=float, default=5e-4, help="AdamW, constant")
     g.add_argument("--wd1", type=float, default=1e-4, help="AdamW weight decay")
-    g.add_argument("--freeze-bn", action="store_true",
-                   help="keep batch norm statistics fixed in Phase I; unset, they adapt")
+    g.add_argument("--freeze-bn", action="store_true", help="keep batch norm statistics fixed")
 
     g = p.add_argument_group("Phase II: every layer")
     g.add_argument("--epochs2", type=int, default=125, help="0 skips Phase II")
-    g.add_argument("--optimizer2", default="nadam", choices=sorted(OPTIMIZERS), help="the report's ablation compares them")
+    g.add_argument(
+        "--optimizer2", default="nadam", choices=sorted(OPTIMIZERS), help="its optimizer"
+    )
     g.add_argument("--lr2", type=float, default=5e-4, help="peak learning rate")
-    g.add_argument("--wd2", type=float, default=1e-4, help="weight decay (L2, as the released code)")
-    g.add_argument("--warmup-epochs", type=int, default=5, help="linear warmup from --warmup-start x lr2")
-    g.add_argument("--warmup-start", type=float, default=0.1, help="first warmup epoch's fraction of lr2")
-    g.add_argument("--cosine-epochs", type=int, default=45,
-                   help="cosine half-period after warmup; it climbs again past it (120: one monotone decay)")
+    g.add_argument("--wd2", type=float, default=1e-4, help="weight decay (L2, as released)")
+    g.add_argument("--warmup-epochs", type=int, default=5, help="linear, from --warmup-start x lr2")
+    g.add_argument("--warmup-start", type=float, default=0.1, help="first warmup epoch's share")
+    g.add_argument(
+        "--cosine-epochs",
+        type=int,
+        default=45,
+        help="cosine half-period after warmup; it climbs back past it",
+    )
     g.add_argument("--min-lr", type=float, default=5e-6, help="the cosine's floor")
-    g.add_argument("--clip", type=float, default=0.8, help="gradient L2 norm limit; 0 turns it off")
-    g.add_argument("--save-every", type=int, default=15, help="keep a checkpoint every N epochs ...")
-    g.add_argument("--save-min-acc", type=float, default=0.82, help="... when val accuracy is at least this")
+    g.add_argument("--clip", type=float, default=0.8, help="gradient L2 norm limit; 0: none")
+    g.add_argument("--save-every", type=int, default=15, help="keep a checkpoint every N epochs")
+    g.add_argument(
+        "--save-min-acc", type=float, default=0.82, help="... if val acc is this or more"
+    )
 
     g = p.add_argument_group("both phases")
-    g.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy loss")
-    g.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"], help="mixed precision on CUDA")
-    g.add_argument("--accum-steps", type=int, default=1,
-                   help="an optimizer step every N batches: --batch-size 36 --accum-steps 2 takes the steps "
-                        "of batch 72 in about half the memory")
-    g.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun on CUDA, batch norm statistics over the global batch")
-    g.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES + ("off",),
-                   metavar="MODE",
-                   help="torch.compile the model, anew for each phase, in torch.compile's MODE: "
-                        f"{', '.join(COMPILE_MODES)} (the first when no MODE is given); off resumes a compiled "
-                        "run without it. On a fast GPU, reduce-overhead (CUDA graphs) is the fast one: "
-                        "BENCHMARKS.md. Beyond the report")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy")
+    g.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"], help="on CUDA")
+    g.add_argument(
+        "--accum-steps",
+        type=int,
+        default=1,
+        help="an optimizer step every N batches: the same steps in less memory",
+    )
+    g.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: global BN stats")
+    g.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="MODE",
+        choices=COMPILE_MODES + ("off",),
+        help=f"torch.compile each phase's model in MODE ({', '.join(COMPILE_MODES)}; "
+        "the first if none is given); off: resume a compiled run without it",
+    )
 
     g = p.add_argument_group("augmentation (training only, per sample, on the device)")
-    g.add_argument("--degrees", type=float, default=10.0, help="affine rotation +-, always applied")
-    g.add_argument("--translate", type=float, default=0.1, help="affine translation, fraction of the side")
+    g.add_argument("--degrees", type=float, default=10.0, help="affine rotation +-, always")
+    g.add_argument("--translate", type=float, default=0.1, help="affine shift, share of the side")
     g.add_argument("--scale", type=float, nargs=2, default=[0.9, 1.1], help="affine scale range")
     g.add_argument("--shear", type=float, default=10.0, help="affine shear +-, degrees")
-    g.add_argument("--jitter", type=float, default=0.25, help="brightness, contrast and saturation jitter")
+    g.add_argument("--jitter", type=float, default=0.25, help="brightness, contrast, saturation")
     g.add_argument("--hue", type=float, default=0.1, help="hue jitter")
     g.add_argument("--p-jitter", type=float, default=0.5, help="probability of colour jitter")
-    g.add_argument("--blur-sigma", type=float, nargs=2, default=[0.1, 2.0], help="3x3 Gaussian blur sigma range")
+    g.add_argument("--blur-sigma", type=float, nargs=2, default=[0.1, 2.0], help="3x3 blur sigma")
     g.add_argument("--p-blur", type=float, default=0.5, help="probability of blur")
     g.add_argument("--p-hflip", type=float, default=0.3, help="probability of a horizontal flip")
     g.add_argument("--p-vflip", type=float, default=0.3, help="probability of a vertical flip")
 
     g = p.add_argument_group("run")
-    g.add_argument("--phase", default="all", choices=["1", "2", "all"],
-                   help="2 alone starts from <out>/phase1.pt")
+    g.add_argument(
+        "--phase",
+        default="all",
+        choices=["1", "2", "all"],
+        help="2 alone starts from <out>/phase1.pt",
+    )
     g.add_argument("--out", default="checkpoints", help="checkpoints and history.csv go here")
-    g.add_argument("--seed", type=int, default=0, help="initialisation, data order, augmentation, val split")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda if there is one")
-    g.add_argument("--resume", default=None, metavar="PATH",
-                   help="continue a run from its last.pt; options given beside it override the saved ones")
-    g.add_argument("--demo", action="store_true",
-                   help="write data/demo (scikit-learn digits) and train a small CPU-sized model on it: "
-                        + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items()))
+    g.add_argument("--seed", type=int, default=0, help="init, data order, augmentation, val split")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    g.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH",
+        help="continue a run from its last.pt; options given here override its own",
+    )
+    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items())
+    g.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"train a CPU-sized model on data/demo (scikit-learn digits): {demo}",
+    )
     return p
 
 
@@ -176,8 +247,11 @@ def parse_args(argv=None):
     resume = None
     if args.resume:
         resume = load_checkpoint(args.resume)
+        saved = dict(resume["args"])
+        if "workers" in saved:  # the name --cache-workers had before
+            saved.setdefault("cache_workers", saved.pop("workers"))
         # Under the saved arguments, the defaults: for options newer than the checkpoint.
-        args = argparse.Namespace(**{**vars(args), **resume["args"], **given})
+        args = argparse.Namespace(**{**vars(args), **saved, **given})
         if isinstance(args.compile, bool):  # saved when --compile took no mode
             args.compile = "default" if args.compile else None
     elif args.demo:
@@ -187,35 +261,109 @@ def parse_args(argv=None):
     return args, resume
 
 
+@dataclass
+class Phase:
+    """One phase of the method as Table 1 sets it: how long, which optimizer (over the parameters
+    it trains), which schedule, which gradient clip, and whether batch norm statistics adapt."""
+
+    number: int
+    epochs: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    clip: float
+    freeze_bn: bool
+
+
+def phase_setup(number, args, model, device):
+    """Table 1 from the arguments: the only place a phase's recipe is put together (train.py and
+    the benchmarks use it). It also sets which of `model`'s parameters learn."""
+    if number == 1:
+        # The new head alone, at a constant learning rate, the backbone frozen.
+        optimizer = make_optimizer("adamw", set_trainable(model, 1), args.lr1, args.wd1, device)
+        return Phase(1, args.epochs1, optimizer, None, 0.0, args.freeze_bn)
+    # Every layer: warmup then cosine, gradients clipped.
+    optimizer = make_optimizer(args.optimizer2, set_trainable(model, 2), args.lr2, args.wd2, device)
+    return Phase(2, args.epochs2, optimizer, warmup_cosine(optimizer, args), args.clip, False)
+
+
 def warmup_cosine(optimizer, args):
     """Per-epoch schedule of the released code: SequentialLR(LinearLR, CosineAnnealingLR). Past
     --cosine-epochs the cosine climbs back up, as PyTorch's CosineAnnealingLR does."""
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.cosine_epochs, eta_min=args.min_lr)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=args.cosine_epochs, eta_min=args.min_lr
+    )
     if args.warmup_epochs == 0:
         return cosine
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=args.warmup_start,
-                                               total_iters=args.warmup_epochs)
-    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[args.warmup_epochs])
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=args.warmup_start, total_iters=args.warmup_epochs
+    )
+    return torch.optim.lr_scheduler.SequentialLR(
+        optimizer, [warmup, cosine], milestones=[args.warmup_epochs]
+    )
 
 
-def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, device, dtype,
-                    clip=0.0, freeze_bn=False, accum_steps=1, desc="", background=None):
-    """One pass over the training data, an optimizer step every `accum_steps` batches. Each batch's
-    loss and correct predictions stay on the device and are summed once, at the end, so the host
-    never waits for the device for them, and a step queues three ops for them rather than fifteen
-    (the host's launches bound a step on a fast GPU: BENCHMARKS.md). Batches whose loss is not
-    finite are counted apart. `background`: how batches are prepared (see data.on_device; None:
-    its choice for the device)."""
+def describe_phase(phase, args, model):
+    """The line that opens a phase, with what the arguments leave unsaid: a cosine that climbs
+    back before the phase ends."""
+    trainable = count_parameters(p for p in model.parameters() if p.requires_grad)
+    total = count_parameters(model.parameters())
+    group = phase.optimizer.param_groups[0]
+    line = (
+        f"Phase {phase.number}: {phase.epochs} epochs, {type(phase.optimizer).__name__} "
+        f"lr {group.get('initial_lr', group['lr']):.1e} weight decay {group['weight_decay']:.0e}, "
+        f"{trainable:,} of {total:,} parameters learn"
+    )
+    if phase.number == 1:
+        return line + (", batch norm frozen" if phase.freeze_bn else ", batch norm adapts")
+    line += f", {args.warmup_epochs} warmup epochs then cosine to {args.min_lr:.0e}"
+    line += f", gradients clipped to {phase.clip}" if phase.clip else ""
+    trough = args.warmup_epochs + args.cosine_epochs
+    if trough < phase.epochs:
+        line += (
+            f"\nnote: the learning rate reaches --min-lr after {trough} epochs and then climbs "
+            f"back towards --lr2 for the phase's last {phase.epochs - trough}; "
+            f"--cosine-epochs {phase.epochs - args.warmup_epochs} gives one monotone decay"
+        )
+    return line
+
+
+def train_one_epoch(
+    model,
+    loader,
+    preprocess,
+    criterion,
+    optimizer,
+    scaler,
+    device,
+    dtype,
+    clip=0.0,
+    freeze_bn=False,
+    accum_steps=1,
+    desc="",
+    background=None,
+):
+    """One pass over the training data, an optimizer step every `accum_steps` batches. Each
+    batch's loss and correct predictions stay on the device and are summed once, at the end, so
+    the host never waits for the device for them. Batches whose loss is not finite are counted
+    apart. `background`: how batches are prepared (see prefetch.on_device)."""
     train_mode(model, freeze_bn)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     losses, hits, sizes = [], [], []  # per batch: mean loss, correct predictions (device), images
     optimizer.zero_grad(set_to_none=True)
     with closing(on_device(loader, preprocess, device, background)) as batches:
-        bar = tqdm(batches, desc=desc, total=len(loader), leave=False, disable=None if is_main_process() else True,
-                   unit="batch")
+        bar = tqdm(
+            batches,
+            desc=desc,
+            total=len(loader),
+            leave=False,
+            disable=None if is_main_process() else True,
+            unit="batch",
+        )
         for i, (images, labels) in enumerate(bar):
             step_now = (i + 1) % accum_steps == 0 or i + 1 == len(loader)
-            group = min(accum_steps, len(loader) - i // accum_steps * accum_steps)  # the last may be shorter
+            group = min(
+                accum_steps, len(loader) - i // accum_steps * accum_steps
+            )  # the last may be shorter
             # Under DDP, gradients are all-reduced once per optimizer step, not once per batch.
             sync = model.no_sync() if not step_now and hasattr(model, "no_sync") else nullcontext()
             with sync:
@@ -235,9 +383,15 @@ def train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, dev
             sizes.append(len(labels))
     loss_sum, counted, correct, nonfinite = epoch_totals(losses, hits, sizes, device)
     loss_sum, counted, correct, nonfinite, seen, total = sum_over_processes(
-        loss_sum, counted, correct, nonfinite, sum(sizes), len(loader))
-    return {"train_loss": loss_sum / counted if counted else float("nan"), "train_acc": correct / seen,
-            "images": seen, "nonfinite": int(nonfinite), "batches": int(total)}
+        loss_sum, counted, correct, nonfinite, sum(sizes), len(loader)
+    )
+    return {
+        "train_loss": loss_sum / counted if counted else float("nan"),
+        "train_acc": correct / seen,
+        "images": seen,
+        "nonfinite": int(nonfinite),
+        "batches": int(total),
+    }
 
 
 def epoch_totals(losses, hits, sizes, device):
@@ -249,147 +403,272 @@ def epoch_totals(losses, hits, sizes, device):
     losses = torch.stack(losses).to(dtype)
     sizes = torch.tensor(sizes, dtype=dtype).to(device, non_blocking=True)
     finite = torch.isfinite(losses)
-    return ((torch.where(finite, losses, 0.0) * sizes).sum(), (finite * sizes).sum(), torch.stack(hits).sum(),
-            (~finite).sum())
+    return (
+        (torch.where(finite, losses, 0.0) * sizes).sum(),
+        (finite * sizes).sum(),
+        torch.stack(hits).sum(),
+        (~finite).sum(),
+    )
 
 
-@torch.no_grad()
 def evaluate(model, loader, preprocess, criterion, device, dtype):
-    """Loss, top-1 and top-5 accuracy over the whole split, from exact counts."""
-    model.eval()
+    """Loss, top-1 and top-5 accuracy over the whole split (every process's share), from exact
+    counts."""
     loss_sum = torch.zeros((), device=device)
     top1 = torch.zeros((), device=device, dtype=torch.long)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    with closing(on_device(loader, preprocess, device)) as batches:
-        for images, labels in batches:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = model(images).float()
-            loss_sum += criterion(logits, labels) * len(labels)
-            best = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            top1 += (best[:, 0] == labels).sum()
-            top5 += (best == labels[:, None]).any(dim=1).sum()
-            seen += len(labels)
+    for log_p, labels in predict_log_probs(model, loader, preprocess, device, dtype):
+        loss_sum += criterion(log_p, labels) * len(labels)
+        hits1, hits5 = topk_hits(log_p, labels)
+        top1 += hits1
+        top5 += hits5
+        seen += len(labels)
     loss_sum, top1, top5, seen = sum_over_processes(loss_sum, top1, top5, seen)
     if seen == 0:
         return {"val_loss": float("nan"), "val_acc": 0.0, "val_top5": 0.0}
     return {"val_loss": loss_sum / seen, "val_acc": top1 / seen, "val_top5": top5 / seen}
 
 
+class Resume:
+    """Where a run continues from, and everything it restores: one checkpoint, read once. It is
+    --resume's, or <out>/phase1.pt for `--phase 2` alone; a fresh run has none. Nothing else in
+    this file asks whether the run resumed."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    @classmethod
+    def find(cls, args, checkpoint=None):
+        if checkpoint is not None or args.phase != "2":
+            return cls(checkpoint)
+        path = Path(args.out) / "phase1.pt"
+        if path.is_file():
+            log(f"Phase II starts from {path}")
+            return cls(load_checkpoint(path))
+        log(
+            f"warning: no {path}, so Phase II starts from --weights {args.weights} "
+            f"(train Phase I first with --phase 1, or use --phase all)"
+        )
+        return cls(None)
+
+    def weights(self, requested):
+        """The --weights to build the model with: none to fetch when a checkpoint replaces them."""
+        return "none" if self.state else requested
+
+    def history(self):
+        return list(self.state["history"]) if self.state else []
+
+    def restore(self, model, classes, rank, world_size):
+        """The saved weights and each process's global random state."""
+        if self.state is None:
+            return
+        if list(self.state["classes"]) != list(classes):
+            raise SystemExit(
+                f"the checkpoint was trained on other classes than the {len(classes)} found in the "
+                f"data (checkpoint: {self.state['classes'][:5]}..., data: {classes[:5]}...)"
+            )
+        model.load_state_dict(self.state["model"])
+        # The data order and the augmentation need no saved state: they are seeded from (seed,
+        # epoch, rank). The global generators (initialisation, dropout) go on where they stopped.
+        states = self.state["rng"] if isinstance(self.state["rng"], list) else [self.state["rng"]]
+        if len(states) == world_size:
+            set_rng_state(states[rank])
+        else:
+            log(
+                f"warning: the checkpoint holds the random state of {len(states)} process(es), "
+                f"this run has {world_size}: its global random generators start from --seed"
+            )
+
+    def epochs_done(self, phase):
+        """Epochs of `phase` already trained: all of a phase the run has passed."""
+        if self.state is None or phase > self.state["phase"]:
+            return 0
+        return self.state["epoch"] if phase == self.state["phase"] else math.inf
+
+    def restore_phase(self, phase, scaler):
+        """The optimizer, schedule and grad scaler of a run stopped inside `phase`."""
+        if self.state is None or self.state["phase"] != phase.number or not self.state["optimizer"]:
+            return
+        load_optimizer_state(phase.optimizer, self.state["optimizer"])
+        if phase.scheduler is not None:
+            phase.scheduler.load_state_dict(self.state["scheduler"])
+        if self.state["scaler"]:  # empty when the run was saved without fp16 (CPU, bf16, off)
+            scaler.load_state_dict(self.state["scaler"])
+
+
 class Run:
     """What both phases share: the data, the model, the device, the history and the checkpoints."""
 
-    def __init__(self, args, splits, model, device, history, rank=0, world_size=1):
-        self.args, self.splits, self.model, self.device, self.history = args, splits, model, device, history
+    def __init__(self, args, splits, model, device, resume, rank=0, world_size=1):
+        self.args, self.splits, self.model, self.device = args, splits, model, device
+        self.resume, self.history = resume, resume.history()
         self.rank, self.world_size = rank, world_size
         self.net = model  # what runs the steps: the same module, wrapped for DDP and --compile
         self.out = Path(args.out)
         self.dtype = amp_dtype(args.amp, device)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-        augment = DeviceAugment(args.degrees, args.translate, args.scale, args.shear, args.jitter, args.hue,
-                                args.p_jitter, args.blur_sigma, args.p_blur, args.p_hflip, args.p_vflip)
+        augment = DeviceAugment.from_args(args)
         self.train_preprocess = BatchPreprocess(IMAGENET_MEAN, IMAGENET_STD, augment).to(device)
         self.eval_preprocess = BatchPreprocess(IMAGENET_MEAN, IMAGENET_STD).to(device)
         cuda = device.type == "cuda"
         # Dropping the last partial batch keeps batch norm from ever seeing a batch of one.
         shard = dict(num_replicas=world_size, rank=rank)
-        self.train_loader = make_loader(splits.train, args.batch_size, True, args.seed, cuda,
-                                        drop_last=len(splits.train) > args.batch_size * world_size, **shard)
-        self.val_loader = make_loader(splits.val, 2 * args.batch_size, False, pin_memory=cuda, **shard)
+        self.train_loader = make_loader(
+            splits.train,
+            args.batch_size,
+            True,
+            args.seed,
+            cuda,
+            drop_last=len(splits.train) > args.batch_size * world_size,
+            **shard,
+        )
+        self.val_loader = make_loader(
+            splits.val, 2 * args.batch_size, False, pin_memory=cuda, **shard
+        )
 
-    def train_phase(self, phase, epochs, optimizer, scheduler=None, clip=0.0, resume=None):
-        """Epochs of one phase, each followed by validation, logging and checkpoints."""
+    def train_phase(self, phase):
+        """The phase's remaining epochs, each followed by validation, logging and checkpoints."""
+        first = self.resume.epochs_done(phase.number)
+        if first >= phase.epochs:
+            return
         args = self.args
         # Wrapped anew for each phase: which parameters need gradients has changed, and DDP
         # all-reduces only the gradients of the parameters that needed them when it was made.
         self.net = self.model
         if self.world_size > 1:
-            self.net = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.net = DDP(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         if args.compile:
             torch.compiler.reset()
             self.net = torch.compile(self.net, mode=args.compile)
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        start = 0
-        if resume is not None:
-            load_optimizer_state(optimizer, resume["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(resume["scheduler"])
-            if resume["scaler"]:  # empty when the run was saved without fp16 (CPU, bf16, off)
-                scaler.load_state_dict(resume["scaler"])
-            start = resume["epoch"]
-        for epoch in range(start, epochs):
-            lr = optimizer.param_groups[0]["lr"]
+        self.resume.restore_phase(phase, scaler)
+        log(describe_phase(phase, args, self.model))
+        for epoch in range(first, phase.epochs):
+            lr = phase.optimizer.param_groups[0]["lr"]
             set_epoch(self.train_loader, len(self.history))
             self.train_preprocess.augment.reseed(args.seed, len(self.history), self.rank)
             t0 = time.perf_counter()
-            train = train_one_epoch(self.net, self.train_loader, self.train_preprocess, self.criterion,
-                                    optimizer, scaler, self.device, self.dtype, clip,
-                                    freeze_bn=args.freeze_bn and phase == 1, accum_steps=args.accum_steps,
-                                    desc=f"phase {phase} epoch {epoch + 1}/{epochs}")
+            train = train_one_epoch(
+                self.net,
+                self.train_loader,
+                self.train_preprocess,
+                self.criterion,
+                phase.optimizer,
+                scaler,
+                self.device,
+                self.dtype,
+                phase.clip,
+                freeze_bn=phase.freeze_bn,
+                accum_steps=args.accum_steps,
+                desc=f"phase {phase.number} epoch {epoch + 1}/{phase.epochs}",
+            )
             seconds = time.perf_counter() - t0
             # Outside DDP: a process with no validation images would otherwise miss its collectives.
             broadcast_buffers(self.model)
-            val = evaluate(self.net if self.world_size == 1 else self.model, self.val_loader,
-                           self.eval_preprocess, self.criterion, self.device, self.dtype)
-            self.check_finite(train, val, phase, epoch)
-            if scheduler is not None:
-                scheduler.step()  # per epoch, as the method specifies
-            record = {"phase": phase, "epoch": epoch + 1, "lr": lr, "train_loss": train["train_loss"],
-                      "train_acc": train["train_acc"], **val, "images_per_s": train["images"] / seconds,
-                      "seconds": seconds}
+            val = evaluate(
+                self.net if self.world_size == 1 else self.model,
+                self.val_loader,
+                self.eval_preprocess,
+                self.criterion,
+                self.device,
+                self.dtype,
+            )
+            self.check_finite(train, val, phase.number, epoch)
+            if phase.scheduler is not None:
+                phase.scheduler.step()  # per epoch, as the method specifies
+            record = {
+                "phase": phase.number,
+                "epoch": epoch + 1,
+                "lr": lr,
+                "train_loss": train["train_loss"],
+                "train_acc": train["train_acc"],
+                **val,
+                "images_per_s": train["images"] / seconds,
+                "seconds": seconds,
+            }
             is_best = val["val_acc"] > max((r["val_acc"] for r in self.history), default=-1.0)
             self.history.append(record)
-            self.log_epoch(record, epochs, is_best)
-            self.save(phase, epoch + 1, optimizer, scheduler, scaler, is_best)
+            self.log_epoch(record, phase.epochs, is_best)
+            self.save(phase, epoch + 1, scaler, is_best)
 
     def check_finite(self, train, val, phase, epoch):
-        """An fp16 overflow now and then is normal (GradScaler skips that step and lowers its scale);
-        a loss that stays non-finite, or any in float32 or bf16, or a non-finite validation loss
-        (batch norm statistics spoilt by an overflow), has ruined the model: stop before saving it."""
+        """An fp16 overflow now and then is normal (GradScaler skips that step and lowers its
+        scale); a loss that stays non-finite, or any in float32 or bf16, or a non-finite
+        validation loss (batch norm statistics spoilt by an overflow), has ruined the model: stop
+        before saving it."""
         bad, batches = train["nonfinite"], train["batches"]
         ruined = bad and (self.dtype != torch.float16 or bad == batches)
         if ruined or (len(self.splits.val) and not math.isfinite(val["val_loss"])):
-            what = f"the loss was not finite in {bad} of {batches} batches" if ruined else \
-                "the validation loss is not finite"
-            raise SystemExit(f"phase {phase} epoch {epoch + 1}: {what}, so training stopped. The last good "
-                             f"checkpoint is {self.out / 'last.pt'}; resume from it with a lower learning rate "
-                             f"(--lr1/--lr2), or try --amp bf16.")
+            what = (
+                f"the loss was not finite in {bad} of {batches} batches"
+                if ruined
+                else "the validation loss is not finite"
+            )
+            raise SystemExit(
+                f"phase {phase} epoch {epoch + 1}: {what}, so training stopped. The last good "
+                f"checkpoint is {self.out / 'last.pt'}; resume from it with a lower learning rate "
+                f"(--lr1/--lr2), or try --amp bf16."
+            )
         if bad:
-            log(f"warning: {bad} of {batches} fp16 batches overflowed; the grad scaler skipped their steps")
+            log(
+                f"warning: {bad} of {batches} fp16 batches overflowed; the grad scaler skipped "
+                "their steps"
+            )
 
-    def checkpoint(self, phase, epoch, optimizer=None, scheduler=None, scaler=None):
+    def checkpoint(self, phase, epoch, scaler=None):
         """A plain dict: loads with torch.load(weights_only=True)."""
         return {
             "model": {strip_prefixes(k): v for k, v in self.model.state_dict().items()},
-            "arch": self.args.arch, "classes": self.splits.classes, "img_size": self.args.img_size,
-            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "data": self.args.data,
-            "args": vars(self.args), "phase": phase, "epoch": epoch, "history": self.history,
-            "optimizer": optimizer.state_dict() if optimizer else None,
-            "scheduler": scheduler.state_dict() if scheduler else None,
+            "arch": self.args.arch,
+            "classes": self.splits.classes,
+            "img_size": self.args.img_size,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "data": self.args.data,
+            "args": vars(self.args),
+            "phase": phase.number,
+            "epoch": epoch,
+            "history": self.history,
+            "optimizer": phase.optimizer.state_dict(),
+            "scheduler": phase.scheduler.state_dict() if phase.scheduler else None,
             "scaler": scaler.state_dict() if scaler else None,
             "rng": gather_from_processes(rng_state()),  # one state per process
             "world_size": self.world_size,
         }
 
-    def save(self, phase, epoch, optimizer, scheduler, scaler, is_best):
-        state = self.checkpoint(phase, epoch, optimizer, scheduler, scaler)  # every process: gathers
+    def save(self, phase, epoch, scaler, is_best):
+        state = self.checkpoint(phase, epoch, scaler)  # every process: gathers
         if self.rank != 0:
             return
         names = ["last.pt"]
-        if phase == 1 and epoch == self.args.epochs1:  # before last.pt: a resume never needs to redo it
+        if (
+            phase.number == 1 and epoch == phase.epochs
+        ):  # before last.pt: a resume never needs to redo it
             names.insert(0, "phase1.pt")
         if is_best:
             names.append("best.pt")
-        if phase == 2 and epoch % self.args.save_every == 0 and self.history[-1]["val_acc"] >= self.args.save_min_acc:
-            names.append(f"phase2_epoch{epoch:03d}.pt")
+        if phase.number == 2 and epoch % self.args.save_every == 0:
+            acc = self.history[-1]["val_acc"]
+            if acc >= self.args.save_min_acc:
+                names.append(f"phase2_epoch{epoch:03d}.pt")
+            else:
+                log(
+                    f"phase2_epoch{epoch:03d}.pt not kept: val acc {acc:.4f} is below "
+                    f"--save-min-acc {self.args.save_min_acc}"
+                )
         save_checkpoints(state, [self.out / name for name in names])
         write_history_csv(self.history, self.out / "history.csv")
 
     def log_epoch(self, r, epochs, is_best):
-        log(f"phase {r['phase']} epoch {r['epoch']:>3}/{epochs} | lr {r['lr']:.2e} | "
+        log(
+            f"phase {r['phase']} epoch {r['epoch']:>3}/{epochs} | lr {r['lr']:.2e} | "
             f"train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | "
             f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} top5 {r['val_top5']:.4f} | "
-            f"{r['images_per_s']:.0f} img/s {r['seconds']:.1f} s" + (" | best" if is_best else ""))
+            f"{r['images_per_s']:.0f} img/s {r['seconds']:.1f} s" + (" | best" if is_best else "")
+        )
 
 
 def load_data(args):
@@ -397,57 +676,58 @@ def load_data(args):
     if not (root / "train").is_dir():
         raise SystemExit(
             f"no training data at {root / 'train'}.\n"
-            f"Point --data at a dataset root laid out as <root>/train/<class>/<image> (val/ and test/ "
-            f"beside it are optional), or try the whole pipeline with: python train.py --demo")
-    return load_splits(root, args.img_size, args.cache_dir, args.workers, args.val_fraction, args.seed)
+            f"Point --data at a dataset root laid out as <root>/train/<class>/<image> (val/ and "
+            f"test/ beside it are optional), or try the whole pipeline with: python train.py --demo"
+        )
+    return load_splits(
+        root, args.img_size, args.cache_dir, args.cache_workers, args.val_fraction, args.seed
+    )
 
 
 def main(argv=None):
-    args, resume = parse_args(argv)
+    args, checkpoint = parse_args(argv)
     rank, local_rank, world_size = init_distributed(args.device)
     device = pick_device(args.device, local_rank)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
+        torch.backends.cudnn.benchmark = (
+            True  # fixed input size: let cuDNN pick the fastest kernels
+        )
     seed_everything(args.seed + rank)  # initialisation, and anything random a model adds (dropout)
     with local_main_first(local_rank):
         if args.demo:
             write_demo_dataset(args.data)
         splits = load_data(args)
-    start = resume or phase1_start(args)
-    # A state dict is about to replace the weights: no need to fetch them.
-    weights = "none" if start else args.weights
-    model = build_model(args.arch, len(splits.classes), weights)
-    if start:
-        check_classes(start, splits.classes)
-        model.load_state_dict(start["model"])
+    resume = Resume.find(args, checkpoint)
+    model = build_model(args.arch, len(splits.classes), resume.weights(args.weights))
+    resume.restore(model, splits.classes, rank, world_size)
     if args.sync_bn and world_size > 1:
         if device.type != "cuda":
-            raise SystemExit("--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation")
+            raise SystemExit(
+                "--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation"
+            )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
-    run = Run(args, splits, model, device, list(start["history"]) if start else [], rank, world_size)
-    log(f"{args.arch} on {device} ({run.dtype or torch.float32}), {len(splits.classes)} classes, "
+    run = Run(args, splits, model, device, resume, rank, world_size)
+    log(
+        f"{args.arch} ({count_parameters(model.parameters()) / 1e6:.1f}M parameters) on {device} "
+        f"({run.dtype or torch.float32}), {len(splits.classes)} classes, "
         f"{len(splits.train)} train / {len(splits.val)} val images, batch {args.batch_size}"
-        + (f" per process x {world_size} processes = {args.batch_size * world_size}" if world_size > 1 else "")
-        + (f", {splits.skipped} unreadable images skipped" if splits.skipped else ""))
-    done_phase, done_epoch = (resume["phase"], resume["epoch"]) if resume else (0, 0)
-    if start:
-        restore_rng(start, rank, world_size)
-
+        + (
+            f" per process x {world_size} processes = {args.batch_size * world_size}"
+            if world_size > 1
+            else ""
+        )
+        + (f", {splits.skipped} unreadable images skipped" if splits.skipped else "")
+    )
     try:
-        # Phase I: fit the new head on the frozen backbone.
-        if args.phase in ("1", "all") and done_phase <= 1 and done_epoch < args.epochs1:
-            optimizer = make_optimizer("adamw", set_trainable(model, phase=1), args.lr1, args.wd1, device)
-            run.train_phase(1, args.epochs1, optimizer, resume=resume if done_phase == 1 else None)
-
+        # Algorithm 1. Phase I: fit the new head on the frozen backbone.
+        if args.phase in ("1", "all"):
+            run.train_phase(phase_setup(1, args, model, device))
         # Phase II: fine-tune every layer, warmup then cosine, gradients clipped.
         if args.phase in ("2", "all"):
-            optimizer = make_optimizer(args.optimizer2, set_trainable(model, phase=2), args.lr2, args.wd2, device)
-            run.train_phase(2, args.epochs2, optimizer, warmup_cosine(optimizer, args), args.clip,
-                            resume=resume if done_phase == 2 else None)
+            run.train_phase(phase_setup(2, args, model, device))
     except torch.OutOfMemoryError:
         raise SystemExit(out_of_memory_advice(args, run.out / "last.pt")) from None
-
     summarize(run)
     if world_size > 1:
         torch.distributed.destroy_process_group()
@@ -459,38 +739,12 @@ def out_of_memory_advice(args, last):
     smaller = max((d for d in range(1, b // 2 + 1) if b % d == 0), default=None)
     if smaller is None:
         return "the GPU ran out of memory at --batch-size 1; try a smaller --img-size or --arch."
-    return (f"the GPU ran out of memory at --batch-size {b}. The same effective batch in smaller pieces: "
-            f"--batch-size {smaller} --accum-steps {args.accum_steps * b // smaller}. "
-            f"The last good checkpoint is {last} (--resume it with those options).")
-
-
-def restore_rng(state, rank, world_size):
-    """torch's global generators go on where they stopped, each process from its own state. (The data
-    order and the augmentation do not need this: they are seeded from (seed, epoch, rank).)"""
-    states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-    if len(states) == world_size:
-        set_rng_state(states[rank])
-    else:
-        log(f"warning: the checkpoint holds the random state of {len(states)} process(es), this run has "
-            f"{world_size}: its global random generators start from --seed instead")
-
-
-def phase1_start(args):
-    """`--phase 2` alone continues from <out>/phase1.pt when there is one."""
-    if args.phase != "2":
-        return None
-    path = Path(args.out) / "phase1.pt"
-    if path.is_file():
-        log(f"Phase II starts from {path}")
-        return load_checkpoint(path)
-    log(f"warning: no {path}; Phase II starts from --weights {args.weights}")
-    return None
-
-
-def check_classes(state, classes):
-    if list(state["classes"]) != list(classes):
-        raise SystemExit(f"the checkpoint was trained on other classes than {len(classes)} found in the data "
-                         f"(checkpoint: {state['classes'][:5]}..., data: {classes[:5]}...)")
+    return (
+        f"the GPU ran out of memory at --batch-size {b}. The same effective batch in smaller "
+        "pieces: "
+        f"--batch-size {smaller} --accum-steps {args.accum_steps * b // smaller}. "
+        f"The last good checkpoint is {last} (--resume it with those options)."
+    )
 
 
 def summarize(run):
@@ -499,9 +753,11 @@ def summarize(run):
         return
     best = max(run.history, key=lambda r: r["val_acc"])
     total = sum(r["seconds"] for r in run.history)
-    log(f"best val acc {best['val_acc']:.4f} (phase {best['phase']} epoch {best['epoch']}) -> "
+    log(
+        f"best val acc {best['val_acc']:.4f} (phase {best['phase']} epoch {best['epoch']}) -> "
         f"{run.out / 'best.pt'}; {len(run.history)} epochs in {total / 60:.1f} min of training"
-        + (f"; {run.splits.skipped} unreadable images were skipped" if run.splits.skipped else ""))
+        + (f"; {run.splits.skipped} unreadable images were skipped" if run.splits.skipped else "")
+    )
 
 
 if __name__ == "__main__":

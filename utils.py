@@ -1,20 +1,19 @@
-"""What the scripts share: checkpoint I/O, seeding and random state, devices, distributed helpers,
-inference, logging."""
+"""What the scripts share: logging, distributed helpers, atomic files and checkpoint I/O, seeding
+and random state, devices. It imports nothing of this project's: every other module may use it."""
+
 import csv
 import math
 import os
 import random
 import shutil
 import sys
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from data import atomic_file, on_device
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -27,6 +26,7 @@ def log(*parts):
 
 # ----------------------------------------------------------------------------- distributed
 
+
 def init_distributed(device_name):
     """Join the process group when torchrun started this process: NCCL on CUDA, gloo on the CPU.
     Returns (rank, local rank, world size); (0, 0, 1) for a plain run."""
@@ -37,7 +37,7 @@ def init_distributed(device_name):
     cuda = device_name != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    # Long enough for the first process of each machine to build a large cache while the others wait.
+    # Long enough for the first process of each machine to build a large cache while others wait.
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=3))
     return rank, local_rank, world
 
@@ -49,7 +49,8 @@ def is_main_process():
 @contextmanager
 def local_main_first(local_rank):
     """The block runs on each machine's first process first (building the cache, writing the demo
-    data), then on the others, which find the work done. If the first fails, torchrun ends them all."""
+    data), then on the others, which find the work done. If the first fails, torchrun ends them
+    all."""
     if dist.is_initialized() and local_rank != 0:
         dist.barrier()
     yield
@@ -73,7 +74,9 @@ def totals_dtype(device):
 def sum_over_processes(*values):
     """Each value (tensor or number) summed over all processes, as Python floats."""
     device = next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
-    total = torch.stack([torch.as_tensor(v, device=device).to(totals_dtype(device)) for v in values])
+    total = torch.stack(
+        [torch.as_tensor(v, device=device).to(totals_dtype(device)) for v in values]
+    )
     if dist.is_initialized():
         dist.all_reduce(total)
     return total.tolist()
@@ -88,7 +91,26 @@ def gather_from_processes(obj):
     return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ------------------------------------------------------------------------- files and checkpoints
+
+
+@contextmanager
+def atomic_file(path, mode="wb", **open_kwargs):
+    """A temporary file beside `path`, open for writing, that becomes `path` (flushed and synced to
+    disk) only when the block ends without an error: a crash never leaves a half-written file, and
+    a failed write keeps what was there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
 
 def save_checkpoint(state, path):
     with atomic_file(path) as f:
@@ -135,8 +157,10 @@ def full_history(ckpt_path, state):
     with open(path, newline="") as f:
         rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
     same_run = len(rows) >= len(history) and all(
-        (r["phase"], r["epoch"]) == (h["phase"], h["epoch"]) and math.isclose(r["val_acc"], h["val_acc"])
-        for r, h in zip(rows, history))
+        (r["phase"], r["epoch"]) == (h["phase"], h["epoch"])
+        and math.isclose(r["val_acc"], h["val_acc"])
+        for r, h in zip(rows, history)
+    )
     return rows if same_run else history
 
 
@@ -155,6 +179,7 @@ def write_history_csv(history, path):
 
 
 # ----------------------------------------------------------------------------- randomness
+
 
 def seed_everything(seed):
     random.seed(seed)
@@ -178,6 +203,7 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------- devices
 
+
 def pick_device(name="auto", local_rank=0):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -193,18 +219,3 @@ def amp_dtype(amp, device):
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         raise SystemExit("--amp bf16: this GPU has no bfloat16 support (use --amp fp16)")
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
-
-
-@torch.no_grad()
-def predict_log_probs(model, loader, preprocess, device, dtype, tta=False):
-    """Yields (log-probabilities, labels) per batch, on the CPU. With tta the probabilities are
-    the mean over each image and its horizontal flip."""
-    model.eval()
-    with closing(on_device(loader, preprocess, device)) as batches:
-        for x, labels in batches:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                log_p = model(x).float().log_softmax(dim=1)
-                if tta:
-                    flipped = model(x.flip(3)).float().log_softmax(dim=1)
-                    log_p = torch.logsumexp(torch.stack([log_p, flipped]), dim=0) - math.log(2)
-            yield log_p.cpu(), labels.cpu()

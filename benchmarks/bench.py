@@ -5,6 +5,7 @@
 
 Without --images it writes N synthetic JPEGs of varied sizes (once, into --workdir). Each number
 is the median of --repeats runs; the table goes to standard output, progress to standard error.
+Each phase is set up by train.phase_setup from train.py's defaults (the method's Table 1).
 
   pipeline   images/s from files to augmented, normalised batches on the device: this project's
              cached path (memmap rows -> batch -> device augmentation) against the report's
@@ -15,17 +16,13 @@ is the median of --repeats runs; the table goes to standard output, progress to 
   train      images/s of Phase I and Phase II steps, end to end (cache -> loader -> augmentation
              -> step) and model-only (the same steps on one batch already on the device); their
              ratio is the input-bound ratio (1.0: the input pipeline costs nothing; the median of
-             the ratios of runs made in turns, so that drift hits both sides alike); and end to
-             end with the batches prepared the other way (on the CPU in a background thread, on
-             CUDA in the training thread) than the one training uses there
+             the ratios of runs made in turns, so that drift hits both sides alike)
   sync       host-device syncs per training step, also after resuming from a checkpoint (CUDA)
-  nadam      Phase II model-only steps with NAdam as training builds it and with capturable=True,
-             which keeps its step counts on the device (CUDA; not run unless asked for)
   predict    images/s of predict.py's loop
   cache      cache build time and peak memory at N and 2N images (memory must not grow with N)
 """
+
 import argparse
-import functools
 import io
 import itertools
 import json
@@ -46,45 +43,77 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import augment  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
-from utils import amp_dtype, log, pick_device, predict_log_probs  # noqa: E402
+from inference import predict_log_probs  # noqa: E402
+from utils import amp_dtype, log, pick_device  # noqa: E402
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", default=None, help="a train/-style folder of class folders (default: synthetic)")
-    p.add_argument("--n", type=int, default=512, help="synthetic images (the cache section also uses 2N)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--images", default=None, help="a train/-style folder of class folders (default: synthetic)"
+    )
+    p.add_argument(
+        "--n", type=int, default=512, help="synthetic images (the cache section also uses 2N)"
+    )
     p.add_argument("--workdir", default="benchmarks/.work", help="synthetic images and caches")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--img-size", type=int, default=112)
     p.add_argument("--batch-size", type=int, default=72)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count()),
-                   help="loader processes of the released path; cache-building threads")
-    p.add_argument("--loader-workers", type=int, default=0,
-                   help="loader processes of this project's path (training uses none: the preparing thread reads "
-                        "each batch from the cache)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count()),
+        help="loader processes of the released path; cache-building threads",
+    )
     p.add_argument("--steps", type=int, default=6, help="training steps per measurement")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"])
-    p.add_argument("--compile", nargs="?", const="default", default=None, choices=train.COMPILE_MODES,
-                   metavar="MODE", help="torch.compile the model in the train section, in this mode (as train.py "
-                                        "--compile: reduce-overhead replays CUDA graphs, taking launches off the host)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="the train section's model and batches in channels_last, as training has them "
-                        "(--no-channels-last: PyTorch's default layout, to measure what it gains)")
-    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
-                   help="let cuDNN time its kernels and pick the fastest, as training does")
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="the train section's end-to-end steps augment (--no-augment: load and normalise only)")
-    p.add_argument("--sections", default="pipeline,train,sync,predict,cache",
-                   help="comma-separated; also nadam. sync and nadam run on CUDA only")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        choices=train.COMPILE_MODES,
+        metavar="MODE",
+        help="torch.compile the model in the train section, in this mode (as train.py "
+        "--compile: reduce-overhead replays CUDA graphs, taking launches off the host)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the train section's model and batches in channels_last, as training has them "
+        "(--no-channels-last: PyTorch's default layout, to measure what it gains)",
+    )
+    p.add_argument(
+        "--cudnn-benchmark",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="let cuDNN time its kernels and pick the fastest, as training does",
+    )
+    p.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the train section's end-to-end steps augment (--no-augment: load and normalise only)",
+    )
+    p.add_argument(
+        "--sections",
+        default="pipeline,train,sync,predict,cache",
+        help="comma-separated; sync runs on CUDA only",
+    )
     return p
 
 
 # ----------------------------------------------------------------------------- inputs
+
 
 def synthetic_images(folder, n, classes=10):
     """n JPEGs of 240-800 px per side, smooth colour fields with noise, in class folders."""
@@ -110,19 +139,43 @@ def synthetic_images(folder, n, classes=10):
 def images_and_cache(args, total):
     """(folder, classes, the first --n files, their labels, their cache): --images, or `total`
     synthetic JPEGs written once into --workdir."""
-    folder = Path(args.images) if args.images else synthetic_images(Path(args.workdir) / "images", total)
+    folder = (
+        Path(args.images) if args.images else synthetic_images(Path(args.workdir) / "images", total)
+    )
     classes = data.find_classes(folder)
-    files = data.list_labelled_images(folder, classes)[:args.n]
+    files = data.list_labelled_images(folder, classes)[: args.n]
     labels = data.labels_of(files, classes)
-    return folder, classes, files, labels, data.build_cache(folder, files, args.img_size,
-                                                            Path(args.workdir) / "cache", args.workers)
+    return (
+        folder,
+        classes,
+        files,
+        labels,
+        data.build_cache(folder, files, args.img_size, Path(args.workdir) / "cache", args.workers),
+    )
 
 
 def train_loader(args, cache, labels, device):
     """The shuffled loader of whole batches training uses, without a partial last batch."""
-    return data.make_loader(data.CachedImages(cache, labels), args.batch_size, True,
-                            pin_memory=device.type == "cuda", drop_last=len(cache) >= args.batch_size,
-                            workers=args.loader_workers)
+    return data.make_loader(
+        data.CachedImages(cache, labels),
+        args.batch_size,
+        True,
+        pin_memory=device.type == "cuda",
+        drop_last=len(cache) >= args.batch_size,
+    )
+
+
+RECIPE = train.parse_args([])[0]  # the method's defaults: Table 1
+
+
+def training_preprocess(device, augmented=True):
+    """Training's preprocessing: normalisation and, unless told otherwise, the augmentation."""
+    chosen = augment.DeviceAugment.from_args(RECIPE) if augmented else None
+    return augment.BatchPreprocess(augment=chosen).to(device)
+
+
+def criterion():
+    return torch.nn.CrossEntropyLoss(label_smoothing=RECIPE.label_smoothing)
 
 
 def untrained_model(args, num_classes, device, layout=torch.channels_last):
@@ -139,13 +192,16 @@ class ReleasedDataset(torch.utils.data.Dataset):
         self.paths = [Path(folder) / f for f in files]
         self.labels = labels
         self.size = size
-        self.augment = T.Compose([
-            T.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=10),
-            T.RandomApply([T.ColorJitter(0.25, 0.25, 0.25, 0.1)], p=0.5),
-            T.RandomApply([T.GaussianBlur(3, (0.1, 2.0))], p=0.5),
-            T.RandomHorizontalFlip(0.3), T.RandomVerticalFlip(0.3),
-            T.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD),
-        ])
+        self.augment = T.Compose(
+            [
+                T.RandomAffine(10, translate=(0.1, 0.1), scale=(0.9, 1.1), shear=10),
+                T.RandomApply([T.ColorJitter(0.25, 0.25, 0.25, 0.1)], p=0.5),
+                T.RandomApply([T.GaussianBlur(3, (0.1, 2.0))], p=0.5),
+                T.RandomHorizontalFlip(0.3),
+                T.RandomVerticalFlip(0.3),
+                T.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD),
+            ]
+        )
 
     def __len__(self):
         return len(self.paths)
@@ -160,6 +216,7 @@ class ReleasedDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------- measurements
+
 
 def timed(fn, repeats):
     """Median seconds of `repeats` calls after one warm-up call, and the individual runs."""
@@ -191,41 +248,50 @@ def sync(device):
 
 
 def bench_pipeline(args, folder, files, labels, cache, device):
-    released = torch.utils.data.DataLoader(ReleasedDataset(folder, files, labels, args.img_size),
-                                           batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                                           pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    ours = data.make_loader(data.CachedImages(cache, labels), args.batch_size, True,
-                            pin_memory=device.type == "cuda", workers=args.loader_workers)
-    preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to(device)
+    released = torch.utils.data.DataLoader(
+        ReleasedDataset(folder, files, labels, args.img_size),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.workers > 0,
+    )
+    ours = data.make_loader(
+        data.CachedImages(cache, labels), args.batch_size, True, pin_memory=device.type == "cuda"
+    )
+    preprocess = training_preprocess(device)
 
     def run_released():
-        for x, y in released:
+        for x, _ in released:
             x.to(device, non_blocking=True)
         sync(device)
 
     def run_ours():
-        for x, y in ours:
+        for x, _ in ours:
             preprocess(x.to(device, non_blocking=True))
         sync(device)
 
     def run_loading_only():
-        for x, y in ours:
+        for x, _ in ours:
             normalise(x.to(device, non_blocking=True))
         sync(device)
 
-    normalise = data.BatchPreprocess().to(device)
+    normalise = augment.BatchPreprocess().to(device)
     resident = next(iter(ours))[0].to(device)
 
     def run_augmentation_only():  # the same batch sizes as the loader's, last partial one included
         for rows in ours.sampler:  # make_loader's sampler yields the batches' indices
-            preprocess(resident[:len(rows)])
+            preprocess(resident[: len(rows)])
         sync(device)
 
     n = len(files)
     rows = []
-    for name, fn in (("released code path", run_released), ("cached path", run_ours),
-                     ("cached path, loading only (no augmentation)", run_loading_only),
-                     ("cached path, augmentation only (batch already on the device)", run_augmentation_only)):
+    for name, fn in (
+        ("released code path", run_released),
+        ("cached path", run_ours),
+        ("cached path, loading only (no augmentation)", run_loading_only),
+        ("cached path, augmentation only (batch already on the device)", run_augmentation_only),
+    ):
         median, runs = timed(fn, args.repeats)
         rows.append((f"input pipeline, {name}", n / median, [n / r for r in runs]))
         log(f"{rows[-1][0]}: {n / median:.0f} images/s")
@@ -242,9 +308,17 @@ def augmentation_device_work(args):
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    views = {torch.ops.aten.view.default, torch.ops.aten.unbind.int, torch.ops.aten.select.int,
-             torch.ops.aten.slice.Tensor, torch.ops.aten.permute.default, torch.ops.aten.unsqueeze.default,
-             torch.ops.aten.squeeze.dim, torch.ops.aten.expand.default, torch.ops.aten._unsafe_view.default}
+    views = {
+        torch.ops.aten.view.default,
+        torch.ops.aten.unbind.int,
+        torch.ops.aten.select.int,
+        torch.ops.aten.slice.Tensor,
+        torch.ops.aten.permute.default,
+        torch.ops.aten.unsqueeze.default,
+        torch.ops.aten.squeeze.dim,
+        torch.ops.aten.expand.default,
+        torch.ops.aten._unsafe_view.default,
+    }
 
     class Count(TorchDispatchMode):
         ops, traffic = 0, 0
@@ -253,20 +327,31 @@ def augmentation_device_work(args):
             out = func(*args, **(kwargs or {}))
             outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
             if outs and outs[0].device.type == "meta" and func not in views:
-                ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor) and t.is_meta]
+                ins = [
+                    t
+                    for t in tree_flatten((args, kwargs))[0]
+                    if isinstance(t, torch.Tensor) and t.is_meta
+                ]
                 Count.ops += 1
                 Count.traffic += sum(t.numel() * t.element_size() for t in ins + outs)
             return out
 
-    preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to("meta")
-    images = torch.zeros(args.batch_size, args.img_size, args.img_size, 3, dtype=torch.uint8, device="meta")
+    preprocess = training_preprocess("meta")
+    images = torch.zeros(
+        args.batch_size, args.img_size, args.img_size, 3, dtype=torch.uint8, device="meta"
+    )
     runs = 20
     with Count():
         for _ in range(runs):  # the coins differ per batch: an average
             preprocess(images)
-    return [("augmentation and normalisation, device ops per batch", Count.ops / runs, None),
-            ("augmentation and normalisation, device memory traffic per batch (MB)", Count.traffic / runs / 1e6,
-             None)]
+    return [
+        ("augmentation and normalisation, device ops per batch", Count.ops / runs, None),
+        (
+            "augmentation and normalisation, device memory traffic per batch (MB)",
+            Count.traffic / runs / 1e6,
+            None,
+        ),
+    ]
 
 
 class Steps:
@@ -280,85 +365,76 @@ class Steps:
         return self.n
 
     def __iter__(self):
-        return itertools.islice(itertools.chain.from_iterable(iter(lambda: self.loader, None)), self.n)
+        return itertools.islice(
+            itertools.chain.from_iterable(iter(lambda: self.loader, None)), self.n
+        )
 
 
 def bench_train(args, cache, labels, num_classes, device):
     dtype = amp_dtype(args.amp, device)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     net = untrained_model(args, num_classes, device, layout)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    prepare = data.BatchPreprocess(augment=data.DeviceAugment() if args.augment else None).to(device)
+    prepare = training_preprocess(device, args.augment)
     # The batches too: a convolution runs channels_last when either its input or its weight is.
     preprocess = prepare if args.channels_last else (lambda x: prepare(x).contiguous())
     loader = train_loader(args, cache, labels, device)
     images, targets = next(iter(loader))
     fixed = preprocess(images.to(device)), targets.to(device)
     rows = []
-    for phase in (1, 2):
-        params = M.set_trainable(net, phase)
+    for number in (1, 2):
+        phase = train.phase_setup(number, RECIPE, net, device)
         if args.compile:
             torch.compiler.reset()
         step_net = torch.compile(net, mode=args.compile) if args.compile else net
-        optimizer = train.make_optimizer("adamw" if phase == 1 else "nadam", params, 5e-4, 1e-4, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        clip = 0.8 if phase == 2 else 0.0
 
-        def end_to_end(background=None):
-            batches = Steps(loader, args.steps)
-            train.train_one_epoch(step_net, batches, preprocess, criterion, optimizer, scaler, device, dtype, clip,
-                                  background=background)
+        def steps(batches, preprocess):
+            train.train_one_epoch(
+                step_net,
+                batches,
+                preprocess,
+                criterion(),
+                phase.optimizer,
+                scaler,
+                device,
+                dtype,
+                phase.clip,
+            )
+
+        def end_to_end():
+            steps(Steps(loader, args.steps), preprocess)
 
         def model_only():
-            batches = [fixed] * args.steps
-            train.train_one_epoch(step_net, batches, lambda x: x, criterion, optimizer, scaler, device, dtype, clip)
+            steps([fixed] * args.steps, lambda x: x)
 
         n = args.steps * args.batch_size
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        # Also the preparation on_device does not choose here (a background thread on the CPU, the
-        # training thread on CUDA): what its choice gives.
-        other = device.type != "cuda"
-        (e2e, e2e_runs), (alone, alone_runs), (alt, alt_runs) = timed_together(
-            [end_to_end, model_only, functools.partial(end_to_end, background=other)], args.repeats)
-        rows.append((f"Phase {phase} training, end to end", n / e2e, [n / r for r in e2e_runs]))
-        rows.append((f"Phase {phase} training, model only", n / alone, [n / r for r in alone_runs]))
+        (e2e, e2e_runs), (alone, alone_runs) = timed_together(
+            [end_to_end, model_only], args.repeats
+        )
+        rows.append((f"Phase {number} training, end to end", n / e2e, [n / r for r in e2e_runs]))
+        rows.append(
+            (f"Phase {number} training, model only", n / alone, [n / r for r in alone_runs])
+        )
         # Each end-to-end run against the model-only run made next to it: drift hits both alike.
         ratio = statistics.median(e / a for e, a in zip(e2e_runs, alone_runs))
-        rows.append((f"  input-bound ratio, Phase {phase}", ratio, [r / a for r, a in zip(e2e_runs, alone_runs)]))
-        where = "in a background thread" if other else "in the training thread"
-        rows.append((f"Phase {phase} training, end to end, batches prepared {where}", n / alt,
-                     [n / r for r in alt_runs]))
+        rows.append(
+            (
+                f"  input-bound ratio, Phase {number}",
+                ratio,
+                [r / a for r, a in zip(e2e_runs, alone_runs)],
+            )
+        )
         if device.type == "cuda":
-            rows.append((f"  peak device memory, Phase {phase} (GiB)", torch.cuda.max_memory_allocated() / 2**30, None))
-        log(f"Phase {phase}: {n / e2e:.0f} images/s end to end, {n / alone:.0f} model only")
-    return rows
-
-
-def bench_nadam(args, cache, labels, num_classes, device):
-    """Phase II model-only steps with NAdam as training builds it and with capturable=True (step
-    counts on the device, no per-parameter Python arithmetic, more launches), in turns."""
-    dtype = amp_dtype(args.amp, device)
-    net = untrained_model(args, num_classes, device)
-    preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to(device)
-    images, targets = next(iter(train_loader(args, cache, labels, device)))
-    batch = preprocess(images.to(device)), targets.to(device)
-    params = M.set_trainable(net, 2)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-
-    def steps(optimizer):
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-        return lambda: train.train_one_epoch(net, [batch] * args.steps, lambda x: x, criterion, optimizer, scaler,
-                                             device, dtype, 0.8)
-
-    built = train.make_optimizer("nadam", params, 5e-4, 1e-4, device)
-    capturable = torch.optim.NAdam(params, lr=5e-4, weight_decay=1e-4, capturable=True)
-    n = args.steps * args.batch_size
-    rows = []
-    for name, (median, runs) in zip(("as training builds it", "capturable=True"),
-                                    timed_together([steps(built), steps(capturable)], args.repeats)):
-        rows.append((f"Phase 2 training, model only, NAdam {name}", n / median, [n / r for r in runs]))
-    log(f"NAdam: {rows[0][1]:.0f} images/s as built, {rows[1][1]:.0f} capturable")
+            rows.append(
+                (
+                    f"  peak device memory, Phase {number} (GiB)",
+                    torch.cuda.max_memory_allocated() / 2**30,
+                    None,
+                )
+            )
+        log(f"Phase {number}: {n / e2e:.0f} images/s end to end, {n / alone:.0f} model only")
     return rows
 
 
@@ -368,50 +444,65 @@ def count_syncs(args, cache, labels, num_classes, device):
 
     dtype = amp_dtype(args.amp, device)
     net = untrained_model(args, num_classes, device)
-    preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to(device)
+    preprocess = training_preprocess(device)
     loader = train_loader(args, cache, labels, device)
     rows = []
-    for phase in (1, 2):
-        params = M.set_trainable(net, phase)
-        optimizer = train.make_optimizer("adamw" if phase == 1 else "nadam", params, 5e-4, 1e-4, device)
+    for number in (1, 2):
+        phase = train.phase_setup(number, RECIPE, net, device)
+        optimizer, clip = phase.optimizer, phase.clip
         scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-        criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-        clip = 0.8 if phase == 2 else 0.0
-        train.train_one_epoch(net, Steps(loader, 4), preprocess, criterion, optimizer, scaler, device, dtype, clip)
+        train.train_one_epoch(
+            net, Steps(loader, 4), preprocess, criterion(), optimizer, scaler, device, dtype, clip
+        )
 
         def syncs(steps):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    train.train_one_epoch(net, Steps(loader, steps), preprocess, criterion, optimizer, scaler,
-                                          device, dtype, clip)
+                    train.train_one_epoch(
+                        net,
+                        Steps(loader, steps),
+                        preprocess,
+                        criterion(),
+                        optimizer,
+                        scaler,
+                        device,
+                        dtype,
+                        clip,
+                    )
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             return [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
 
         def per_step(name):
-            # Epochs of 4 and 8 steps: the difference leaves out the syncs each epoch makes once (its
-            # totals), which don't grow with its length.
+            # Epochs of 4 and 8 steps: the difference leaves out the syncs each epoch makes once
+            # (its totals), which don't grow with its length.
             short, long = syncs(4), syncs(8)
             rows.append((f"  host syncs per step, {name}", (len(long) - len(short)) / 4, None))
             log(f"{name}: {len(short)} syncs in an epoch of 4 steps, {len(long)} in one of 8")
 
-        per_step(f"Phase {phase}")
-        if phase == 2:  # the optimizer's state through a checkpoint file, as --resume loads it
+        per_step(f"Phase {number}")
+        if number == 2:  # the optimizer's state through a checkpoint file, as --resume loads it
             saved = io.BytesIO()
             torch.save(optimizer.state_dict(), saved)
             saved.seek(0)
-            train.load_optimizer_state(optimizer, torch.load(saved, map_location="cpu", weights_only=True))
+            train.load_optimizer_state(
+                optimizer, torch.load(saved, map_location="cpu", weights_only=True)
+            )
             per_step("Phase 2 after resuming from a checkpoint")
     return rows
 
 
 def bench_predict(args, cache, labels, num_classes, device):
     net = untrained_model(args, num_classes, device).eval()
-    loader = data.make_loader(data.CachedImages(cache, labels), 2 * args.batch_size, False,
-                              pin_memory=device.type == "cuda", workers=args.loader_workers)
-    preprocess = data.BatchPreprocess().to(device)
+    loader = data.make_loader(
+        data.CachedImages(cache, labels),
+        2 * args.batch_size,
+        False,
+        pin_memory=device.type == "cuda",
+    )
+    preprocess = augment.BatchPreprocess().to(device)
     dtype = amp_dtype(args.amp, device)
 
     def run():
@@ -444,26 +535,47 @@ def bench_cache(args, folder, n):
     rows = []
     for count in (n, 2 * n):
         cache_dir = Path(args.workdir) / f"cache-probe-{count}-{time.time_ns()}"
-        code = CACHE_PROBE.format(repo=str(REPO), folder=str(folder), n=count, size=args.img_size,
-                                  cache_dir=str(cache_dir), workers=args.workers)
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        code = CACHE_PROBE.format(
+            repo=str(REPO),
+            folder=str(folder),
+            n=count,
+            size=args.img_size,
+            cache_dir=str(cache_dir),
+            workers=args.workers,
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
         result = json.loads(out.strip().splitlines()[-1])
         for f in cache_dir.iterdir():
             f.unlink()
         cache_dir.rmdir()
         rows.append((f"cache build, {count} images (images/s)", count / result["seconds"], None))
-        rows.append((f"cache build, {count} images, peak host memory (MiB)", result["peak_mb"], None))
-        rows.append((f"cache build, {count} images, memory growth while building (MiB)", result["growth_mb"], None))
+        rows.append(
+            (f"cache build, {count} images, peak host memory (MiB)", result["peak_mb"], None)
+        )
+        rows.append(
+            (
+                f"cache build, {count} images, memory growth while building (MiB)",
+                result["growth_mb"],
+                None,
+            )
+        )
         log(f"cache of {count}: {result['seconds']:.1f} s, peak {result['peak_mb']:.0f} MiB")
     return rows
 
 
 # ----------------------------------------------------------------------------- main
 
+
 def machine(device):
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""
@@ -488,23 +600,37 @@ def main(argv=None):
         rows += bench_train(args, cache, labels, len(classes), device)
     if "sync" in sections and device.type == "cuda":
         rows += count_syncs(args, cache, labels, len(classes), device)
-    if "nadam" in sections and device.type == "cuda":
-        rows += bench_nadam(args, cache, labels, len(classes), device)
     if "predict" in sections:
         rows += bench_predict(args, cache, labels, len(classes), device)
     if "cache" in sections:
         rows += bench_cache(args, folder, args.n)
-    rows.append(("peak host memory of this process (MiB)", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                 None))
+    rows.append(
+        (
+            "peak host memory of this process (MiB)",
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            None,
+        )
+    )
 
-    print(f"`python benchmarks/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`".replace(" `", "`"))
-    print(f"\n{machine(device)}; {args.arch} at {args.img_size} px, batch {args.batch_size}, "
-          f"{len(files)} images, amp {amp_dtype(args.amp, device) or 'off'}, median of {args.repeats}\n")
+    print(
+        f"`python benchmarks/bench.py {' '.join(sys.argv[1:] if argv is None else argv)}`".replace(
+            " `", "`"
+        )
+    )
+    print(
+        f"\n{machine(device)}; {args.arch} at {args.img_size} px, batch {args.batch_size}, "
+        f"{len(files)} images, amp {amp_dtype(args.amp, device) or 'off'}, "
+        f"median of {args.repeats}\n"
+    )
     print("| measurement | median | runs |")
     print("| --- | ---: | --- |")
     for name, value, runs in rows:
         shown = ", ".join(f"{r:.2f}" if value < 10 else f"{r:.0f}" for r in runs) if runs else ""
-        print(f"| {name} | {value:.2f} | {shown} |" if value < 10 else f"| {name} | {value:.0f} | {shown} |")
+        print(
+            f"| {name} | {value:.2f} | {shown} |"
+            if value < 10
+            else f"| {name} | {value:.0f} | {shown} |"
+        )
 
 
 if __name__ == "__main__":

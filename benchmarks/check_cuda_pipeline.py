@@ -10,6 +10,7 @@
    raise, is on while the batches are prepared, in the background thread and in the training
    thread). Batches of one image are among them, so empty selections are copied too.
 """
+
 import sys
 from pathlib import Path
 
@@ -17,20 +18,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import data  # noqa: E402
+import augment  # noqa: E402
+import prefetch  # noqa: E402
 
 
 def batches(sizes=(24, 24, 1, 24, 2, 1, 24, 1), side=64):
     """Batches of 1 and 2 among them: those often have no image to jitter or blur."""
     g = torch.Generator().manual_seed(0)
-    return [(torch.randint(0, 256, (n, side, side, 3), dtype=torch.uint8, generator=g).pin_memory(),
-             torch.arange(n)) for n in sizes]
+    return [
+        (
+            torch.randint(0, 256, (n, side, side, 3), dtype=torch.uint8, generator=g).pin_memory(),
+            torch.arange(n),
+        )
+        for n in sizes
+    ]
 
 
 def prepared(loader, device, background, seed=1, busy=None):
-    preprocess = data.BatchPreprocess(augment=data.DeviceAugment(seed=seed)).to(device)
+    preprocess = augment.BatchPreprocess(augment=augment.DeviceAugment(seed=seed)).to(device)
     out = []
-    for x, y in data.on_device(loader, preprocess, device, background=background):
+    for x, y in prefetch.on_device(loader, preprocess, device, background=background):
         if busy is not None:
             busy @ busy  # the training stream has work queued while the next batch is prepared
         out.append((x.cpu(), y.cpu()))
@@ -39,12 +46,12 @@ def prepared(loader, device, background, seed=1, busy=None):
 
 def sync_while_preparing(loader, device, background):
     """The error CUDA's sync debug mode raises while batches are prepared, or None."""
-    preprocess = data.BatchPreprocess(augment=data.DeviceAugment()).to(device)
+    preprocess = augment.BatchPreprocess(augment=augment.DeviceAugment()).to(device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     kept = []
     try:
-        for x, y in data.on_device(loader, preprocess, device, background=background):
+        for x, _ in prefetch.on_device(loader, preprocess, device, background=background):
             kept.append(x.sum())  # no .cpu() here: that would be the check's own sync
         return None
     except RuntimeError as error:
@@ -66,17 +73,27 @@ def main():
     ok = True
     threaded = prepared(loader, cuda, background=True, busy=busy)
     inline = prepared(loader, cuda, background=False)
-    ok &= check("background thread and training thread give the same batches",
-                len(threaded) == len(inline) and all(
-                    torch.allclose(a, b, atol=1e-5) and torch.equal(la, lb)
-                    for (a, la), (b, lb) in zip(threaded, inline)))
+    ok &= check(
+        "background thread and training thread give the same batches",
+        len(threaded) == len(inline)
+        and all(
+            torch.allclose(a, b, atol=1e-5) and torch.equal(la, lb)
+            for (a, la), (b, lb) in zip(threaded, inline)
+        ),
+    )
     on_cpu = prepared([(x.clone(), y) for x, y in loader], torch.device("cpu"), background=False)
     worst = max((a - b).abs().max().item() for (a, _), (b, _) in zip(threaded, on_cpu))
-    ok &= check(f"CPU and CUDA augment alike (largest difference {worst:.2e} in normalised units)", worst < 1e-3)
+    ok &= check(
+        f"CPU and CUDA augment alike (largest difference {worst:.2e} in normalised units)",
+        worst < 1e-3,
+    )
     for background in (True, False):
         synced = sync_while_preparing(loader, cuda, background)
-        ok &= check(f"no host-device sync while preparing batches, background={background}"
-                    + (f" ({synced})" if synced else ""), synced is None)
+        ok &= check(
+            f"no host-device sync while preparing batches, background={background}"
+            + (f" ({synced})" if synced else ""),
+            synced is None,
+        )
     sys.exit(0 if ok else 1)
 
 

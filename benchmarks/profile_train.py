@@ -14,6 +14,7 @@ The profiler adds time to every op it records, so a profiled step is much slower
 (on an H100, WRN-50-2's Phase II: 71-74 ms profiled, 37 ms in bench.py), and many small ops look
 costlier than they are: compare a change's real effect with bench.py. Kernel times are exact.
 """
+
 import collections
 import gzip
 import json
@@ -29,8 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import bench  # noqa: E402  (also puts the repository on sys.path)
-import data  # noqa: E402
-import model as M  # noqa: E402
 import train  # noqa: E402
 from utils import amp_dtype, pick_device  # noqa: E402
 
@@ -58,21 +57,30 @@ def gaps(intervals, at_least):
 def summarise(events, wall_us, steps, main_tid):
     """Lines describing a trace's device and host time."""
     lines = [f"wall {wall_us / 1e3 / steps:.2f} ms per step ({steps} steps)"]
-    device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    device = [
+        e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e
+    ]
     by_stream = collections.defaultdict(list)
     for e in device:
         by_stream[e["args"].get("stream")].append((e["ts"], e["ts"] + e["dur"]))
     if device:
         everything = [iv for ivs in by_stream.values() for iv in ivs]
-        lines.append(f"GPU busy (any stream) {union_length(everything) / wall_us:.0%} of the wall time")
+        lines.append(
+            f"GPU busy (any stream) {union_length(everything) / wall_us:.0%} of the wall time"
+        )
         training = max(by_stream, key=lambda s: union_length(by_stream[s]))
         for stream, ivs in sorted(by_stream.items(), key=lambda kv: -union_length(kv[1])):
             role = " (training)" if stream == training else ""
-            lines.append(f"  stream {stream}{role}: busy {union_length(ivs) / wall_us:.0%}, "
-                         f"{len(ivs) / steps:.0f} kernels and copies per step")
+            lines.append(
+                f"  stream {stream}{role}: busy {union_length(ivs) / wall_us:.0%}, "
+                f"{len(ivs) / steps:.0f} kernels and copies per step"
+            )
         idle = gaps(by_stream[training], 100)
-        lines.append(f"  training stream idle in gaps of 0.1 ms or more: {sum(idle) / 1e3 / steps:.2f} ms per step "
-                     f"({len(idle) / steps:.1f} per step; longest {max(idle, default=0) / 1e3:.2f} ms)")
+        lines.append(
+            f"  training stream idle in gaps of 0.1 ms or more: "
+            f"{sum(idle) / 1e3 / steps:.2f} ms per step "
+            f"({len(idle) / steps:.1f} per step; longest {max(idle, default=0) / 1e3:.2f} ms)"
+        )
         copies = [e for e in device if e.get("cat") == "gpu_memcpy"]
         lines.append(f"  copies: {sum(e['dur'] for e in copies) / 1e3 / steps:.2f} ms per step")
     ops = [e for e in events if e.get("cat") == "cpu_op" and "dur" in e]
@@ -80,8 +88,15 @@ def summarise(events, wall_us, steps, main_tid):
     for e in ops:
         by_thread[e["tid"]].append((e["ts"], e["ts"] + e["dur"]))
     for tid, ivs in sorted(by_thread.items(), key=lambda kv: -union_length(kv[1])):
-        role = " (training thread)" if tid == main_tid else " (autograd's, which queues the backward pass)"
-        lines.append(f"host thread {tid}{role}: in PyTorch ops {union_length(ivs) / 1e3 / steps:.2f} ms per step")
+        role = (
+            " (training thread)"
+            if tid == main_tid
+            else " (autograd's, which queues the backward pass)"
+        )
+        lines.append(
+            f"host thread {tid}{role}: in PyTorch ops "
+            f"{union_length(ivs) / 1e3 / steps:.2f} ms per step"
+        )
     totals = collections.Counter()
     for e in device:
         totals[e["name"][:90]] += e["dur"]
@@ -104,20 +119,31 @@ def main(argv=None):
     _, classes, _, labels, cache = bench.images_and_cache(args, args.n)
     dtype = amp_dtype(args.amp, device)
     net = bench.untrained_model(args, len(classes), device)
-    preprocess = data.BatchPreprocess(augment=data.DeviceAugment() if args.augment else None).to(device)
+    preprocess = bench.training_preprocess(device, args.augment)
     loader = bench.train_loader(args, cache, labels, device)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    print(f"{bench.machine(device)}; {args.arch} at {args.img_size} px, batch {args.batch_size}, "
-          f"amp {dtype or 'off'}, {args.loader_workers} loader processes")
-    for phase in (1, 2):
-        params = M.set_trainable(net, phase)
-        optimizer = train.make_optimizer("adamw" if phase == 1 else "nadam", params, 5e-4, 1e-4, device)
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+    )
+    print(
+        f"{bench.machine(device)}; {args.arch} at {args.img_size} px, batch {args.batch_size}, "
+        f"amp {dtype or 'off'}"
+    )
+    for number in (1, 2):
+        phase = train.phase_setup(number, bench.RECIPE, net, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
         def run():
-            train.train_one_epoch(net, bench.Steps(loader, args.steps), preprocess, criterion, optimizer, scaler,
-                                  device, dtype, 0.8 if phase == 2 else 0.0)
+            train.train_one_epoch(
+                net,
+                bench.Steps(loader, args.steps),
+                preprocess,
+                bench.criterion(),
+                phase.optimizer,
+                scaler,
+                device,
+                dtype,
+                phase.clip,
+            )
 
         run(), run()
         with torch.profiler.profile(activities=activities) as prof:
@@ -125,14 +151,20 @@ def main(argv=None):
             run()
             wall = (time.perf_counter() - start) * 1e6
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"phase{phase}.json"
+            path = Path(tmp) / f"phase{number}.json"
             prof.export_chrome_trace(str(path))
             events = json.loads(path.read_text())["traceEvents"]
-            print(f"\n== Phase {phase}, end to end")
-            print("\n".join(summarise(events, wall, args.steps, threading.get_native_id())), flush=True)
+            print(f"\n== Phase {number}, end to end")
+            print(
+                "\n".join(summarise(events, wall, args.steps, threading.get_native_id())),
+                flush=True,
+            )
             if args.trace:
                 Path(args.trace).mkdir(parents=True, exist_ok=True)
-                with open(path, "rb") as f, gzip.open(Path(args.trace) / f"phase{phase}.json.gz", "wb") as out:
+                with (
+                    open(path, "rb") as f,
+                    gzip.open(Path(args.trace) / f"phase{number}.json.gz", "wb") as out,
+                ):
                     shutil.copyfileobj(f, out)
 
 

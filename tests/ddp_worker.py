@@ -1,5 +1,6 @@
 """Run under torchrun by test_distributed.py: train.main, then each process saves its parameters
 and the state its augmentation's generator ended in."""
+
 import sys
 from pathlib import Path
 
@@ -10,5 +11,9 @@ import train  # noqa: E402
 
 out = Path(sys.argv[1])
 run = train.main(sys.argv[2:])
-torch.save({n: p.detach() for n, p in run.model.named_parameters()}, out / f"params_rank{run.rank}.pt")
-torch.save(run.train_preprocess.augment.generator.get_state(), out / f"augment_rng_rank{run.rank}.pt")
+torch.save(
+    {n: p.detach() for n, p in run.model.named_parameters()}, out / f"params_rank{run.rank}.pt"
+)
+torch.save(
+    run.train_preprocess.augment.generator.get_state(), out / f"augment_rng_rank{run.rank}.pt"
+)

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import evaluate
+import model as M
 import train
 
 
@@ -21,7 +22,9 @@ def test_confusion_matrix_matches_a_hand_computed_case():
 
 def test_metrics_from_log_probabilities():
     classes = ["a", "b", "c"]
-    log_p = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.2, 0.3, 0.5]]).log()
+    log_p = torch.tensor(
+        [[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.2, 0.3, 0.5]]
+    ).log()
     labels = torch.tensor([0, 1, 1, 2])
     m = evaluate.compute_metrics(log_p, labels, classes)
     assert m["top1"] == 0.75 and m["top5"] == 1.0
@@ -43,11 +46,18 @@ def trained(tiny_args, tmp_path):
 
 
 def test_evaluate_writes_metrics_and_figures(trained, tmp_path, capsys):
-    evaluate.main(["--ckpt", str(trained / "best.pt"), "--figures", str(tmp_path / "fig"), "--device", "cpu"])
+    evaluate.main(
+        ["--ckpt", str(trained / "best.pt"), "--figures", str(tmp_path / "fig"), "--device", "cpu"]
+    )
     out = capsys.readouterr().out
     assert "top-1" in out and "top-5" in out
     fig = tmp_path / "fig"
-    for name in ("fig1_loss.png", "fig2_val_accuracy.png", "fig5_confusion_matrix.png", "mistakes.png"):
+    for name in (
+        "fig1_loss.png",
+        "fig2_val_accuracy.png",
+        "fig5_confusion_matrix.png",
+        "mistakes.png",
+    ):
         non_trivial_png(fig / name)
     summary = json.loads((fig / "metrics.json").read_text())
     assert summary["images"] == 6 and 0 <= summary["top1"] <= 1
@@ -57,7 +67,9 @@ def test_evaluate_writes_metrics_and_figures(trained, tmp_path, capsys):
 
 def test_evaluate_matches_training_validation(trained, tmp_path, capsys):
     """Same preprocessing, same split: evaluate.py reproduces the accuracy training logged."""
-    evaluate.main(["--ckpt", str(trained / "last.pt"), "--figures", str(tmp_path / "fig"), "--device", "cpu"])
+    evaluate.main(
+        ["--ckpt", str(trained / "last.pt"), "--figures", str(tmp_path / "fig"), "--device", "cpu"]
+    )
     summary = json.loads((tmp_path / "fig" / "metrics.json").read_text())
     state = torch.load(trained / "last.pt", weights_only=True)
     assert summary["top1"] == pytest.approx(state["history"][-1]["val_acc"])
@@ -69,18 +81,24 @@ def test_confusion_figure_is_readable_at_100_classes(tmp_path):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 100, 3000)
     preds = np.where(rng.random(3000) < 0.8, labels, rng.integers(0, 100, 3000))
-    evaluate.plot_confusion(evaluate.confusion_matrix(labels, preds, 100), classes, tmp_path / "cm.png")
+    evaluate.plot_confusion(
+        evaluate.confusion_matrix(labels, preds, 100), classes, tmp_path / "cm.png"
+    )
     non_trivial_png(tmp_path / "cm.png", min_side=2000)
 
 
 def test_compare_two_runs(tiny_args, tmp_path, capsys):
     for arch in ("resnet18", "resnet34"):
-        args = tiny_args + ["--epochs1", "0", "--epochs2", "2", "--arch", arch, "--out", str(tmp_path / arch)]
-        train.main(args)
-    evaluate.main(["--compare", str(tmp_path / "resnet18" / "best.pt"), str(tmp_path / "resnet34" / "best.pt"),
-                   "--figures", str(tmp_path / "cmp")])
+        train.main(
+            tiny_args
+            + ["--epochs1", "0", "--epochs2", "2", "--arch", arch, "--out", str(tmp_path / arch)]
+        )
+    runs = [str(tmp_path / arch / "best.pt") for arch in ("resnet18", "resnet34")]
+    evaluate.main(["--compare", *runs, "--figures", str(tmp_path / "cmp")])
     table = capsys.readouterr().out
-    assert "| resnet18 | resnet18 | nadam | 11.2M |" in table and "| resnet34 | resnet34 | nadam | 21.3M |" in table
+    for arch in ("resnet18", "resnet34"):
+        params = sum(p.numel() for p in M.build_model(arch, 3, "none").parameters())
+        assert f"| {arch} | {arch} | nadam | {params / 1e6:.1f}M |" in table
     non_trivial_png(tmp_path / "cmp" / "fig3_accuracy_vs_parameters.png")
     non_trivial_png(tmp_path / "cmp" / "fig4_validation_accuracy_curves.png")
     assert (tmp_path / "cmp" / "comparison.md").read_text() == table

@@ -19,7 +19,9 @@ def test_head_is_he_normal_with_zero_bias():
 
 
 def test_any_resnet_family_name_builds_and_others_are_refused():
-    assert {"resnet34", "resnet50", "resnet101", "resnext50_32x4d", "wide_resnet50_2"} <= set(M.resnet_family_names())
+    assert {"resnet34", "resnet50", "resnet101", "resnext50_32x4d", "wide_resnet50_2"} <= set(
+        M.resnet_family_names()
+    )
     assert M.build_model("resnext50_32x4d", 3, weights="none").fc.out_features == 3
     with pytest.raises(SystemExit, match="resnet34"):
         M.build_model("vit_b_16", 3, weights="none")

@@ -1,15 +1,15 @@
 import csv
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+import torchvision
 
 import predict
 import train
-from conftest import TINY, make_dataset
+from conftest import REPO, TINY, make_dataset
+from narrow import narrow_get_model
 
-REPO = Path(__file__).resolve().parents[1]
 # Folders listed "1", "10", "2" but labelled in numeric order 1, 2, 10; test image j shows the
 # colour of the j % 3-th class named here.
 CLASSES = ("10", "2", "1")
@@ -19,14 +19,28 @@ CLASSES = ("10", "2", "1")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     data = make_dataset(root / "data", classes=CLASSES, per_class=8, test=7)
-    train.main(["--data", str(data), "--out", str(root / "ck")] + TINY +
-               ["--epochs1", "0", "--epochs2", "6", "--lr2", "3e-3", "--warmup-epochs", "0", "--cosine-epochs", "6"])
+    recipe = "--epochs1 0 --epochs2 6 --lr2 3e-3 --warmup-epochs 0 --cosine-epochs 6".split()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
+        )
+        train.main(["--data", str(data), "--out", str(root / "ck"), *TINY, *recipe])
     return root
 
 
-def run_predict(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "predict.py", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)
+@pytest.fixture(autouse=True)
+def narrow(narrow_models):
+    """predict.main in this process builds the narrow model the checkpoints hold."""
+
+
+def run_predict(*args):
+    return subprocess.run(
+        [sys.executable, "tests/narrow.py", "predict.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def read_csv(text):
@@ -38,14 +52,18 @@ def test_prediction_csv_names_classes_not_indices(trained):
     assert result.returncode == 0, result.stderr
     rows = read_csv(result.stdout)  # nothing but the CSV on standard output
     assert rows[0] == ["image_name", "pred_label"]
-    assert [r[0] for r in rows[1:]] == [f"img_{j:02d}" for j in range(7)]  # stems, sorted, one per image
+    assert [r[0] for r in rows[1:]] == [
+        f"img_{j:02d}" for j in range(7)
+    ]  # stems, sorted, one per image
     assert [r[1] for r in rows[1:]] == [CLASSES[j % 3] for j in range(7)]
     assert "images/s" in result.stderr
 
 
 def test_out_file_and_tta(trained, tmp_path):
     out = tmp_path / "prediction.csv"
-    predict.main(["--ckpt", str(trained / "ck" / "best.pt"), "--device", "cpu", "--out", str(out), "--tta"])
+    predict.main(
+        ["--ckpt", str(trained / "ck" / "best.pt"), "--device", "cpu", "--out", str(out), "--tta"]
+    )
     rows = read_csv(out.read_text())
     assert len(rows) == 8 and [r[1] for r in rows[1:]] == [CLASSES[j % 3] for j in range(7)]
     assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
@@ -59,12 +77,28 @@ def test_unreadable_test_image_is_an_error_unless_skipped(trained, tmp_path):
     (test_dir / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     out = tmp_path / "p.csv"
     ckpt = str(trained / "ck" / "best.pt")
-    with pytest.raises(SystemExit, match="broken.jpg"), pytest.warns(UserWarning, match="broken.jpg"):
-        predict.main(["--ckpt", ckpt, "--test-dir", str(test_dir), "--out", str(out), "--device", "cpu"])
+    with (
+        pytest.raises(SystemExit, match="broken.jpg"),
+        pytest.warns(UserWarning, match="broken.jpg"),
+    ):
+        predict.main(
+            ["--ckpt", ckpt, "--test-dir", str(test_dir), "--out", str(out), "--device", "cpu"]
+        )
     assert not out.exists()
     with pytest.warns(UserWarning, match="broken.jpg"):
-        predict.main(["--ckpt", ckpt, "--test-dir", str(test_dir), "--out", str(out), "--device", "cpu",
-                      "--skip-bad"])
+        predict.main(
+            [
+                "--ckpt",
+                ckpt,
+                "--test-dir",
+                str(test_dir),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--skip-bad",
+            ]
+        )
     assert [r[0] for r in read_csv(out.read_text())[1:]] == ["img_00", "img_01", "img_02"]
 
 
@@ -92,7 +126,9 @@ def test_rows_sort_by_image_name_and_names_may_start_with_underscores(trained, t
     for name in ("a.png", "a-b.png", "a b.png", "__init.png", "nested/b.png"):
         (test_dir / name).parent.mkdir(exist_ok=True)
         (test_dir / name).write_bytes(source)
-    result = run_predict("--ckpt", str(trained / "ck" / "best.pt"), "--test-dir", str(test_dir), "--device", "cpu")
+    result = run_predict(
+        "--ckpt", str(trained / "ck" / "best.pt"), "--test-dir", str(test_dir), "--device", "cpu"
+    )
     assert result.returncode == 0, result.stderr
     assert [r[0] for r in read_csv(result.stdout)[1:]] == ["__init", "a", "a b", "a-b"]
     assert "sub-folders are ignored: nested" in result.stderr
@@ -100,6 +136,7 @@ def test_rows_sort_by_image_name_and_names_may_start_with_underscores(trained, t
 
 def test_a_closed_pipe_ends_quietly(trained, tmp_path, monkeypatch):
     """`predict.py | head`: the reader leaves early; no traceback, exit status 1."""
+
     class ClosedPipe:
         def __init__(self):
             self.file = open(tmp_path / "sink", "w")

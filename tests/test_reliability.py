@@ -1,18 +1,14 @@
 """Runs that go wrong: non-finite losses, out of memory, a process killed at any moment."""
+
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from conftest import TINY
-
-REPO = Path(__file__).resolve().parents[1]
-NO_AUGMENT = ["--degrees", "0", "--translate", "0", "--scale", "1", "1", "--shear", "0", "--p-jitter", "0",
-              "--p-blur", "0", "--p-hflip", "0", "--p-vflip", "0"]
+from conftest import NO_AUGMENT, REPO, TINY
 
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_args, tmp_path):
@@ -24,16 +20,20 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_args, tmp
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
-def test_accumulated_small_batches_equal_one_large_batch(dataset, tmp_path):
-    common = ["--data", str(dataset), "--arch", "resnet18", "--weights", "none", "--img-size", "16",
-              "--workers", "0", "--device", "cpu", "--epochs1", "2", "--epochs2", "0", "--freeze-bn", *NO_AUGMENT]
+def test_accumulated_small_batches_equal_one_large_batch(dataset, tmp_path, narrow_models):
+    common = ["--data", str(dataset), *TINY, "--epochs1", "2", "--epochs2", "0", "--freeze-bn"]
+    common += NO_AUGMENT
     train.main(common + ["--batch-size", "8", "--out", str(tmp_path / "large")])
-    train.main(common + ["--batch-size", "4", "--accum-steps", "2", "--out", str(tmp_path / "small")])
+    train.main(
+        common + ["--batch-size", "4", "--accum-steps", "2", "--out", str(tmp_path / "small")]
+    )
     large = torch.load(tmp_path / "large" / "last.pt", weights_only=True)
     small = torch.load(tmp_path / "small" / "last.pt", weights_only=True)
     for k in large["model"]:
         assert torch.allclose(large["model"][k].float(), small["model"][k].float(), atol=1e-5), k
-    assert large["history"][-1]["train_loss"] == pytest.approx(small["history"][-1]["train_loss"], abs=1e-5)
+    assert large["history"][-1]["train_loss"] == pytest.approx(
+        small["history"][-1]["train_loss"], abs=1e-5
+    )
 
 
 def test_out_of_memory_names_the_options_that_help(tiny_args, monkeypatch):
@@ -43,15 +43,22 @@ def test_out_of_memory_names_the_options_that_help(tiny_args, monkeypatch):
     monkeypatch.setattr(train.Run, "train_phase", out_of_memory)
     with pytest.raises(SystemExit, match="--batch-size 2 --accum-steps 2"):
         train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
-    with pytest.raises(SystemExit, match="--batch-size 25 --accum-steps 3"):  # 75 = 25 x 3, not 37 x 2
+    with pytest.raises(
+        SystemExit, match="--batch-size 25 --accum-steps 3"
+    ):  # 75 = 25 x 3, not 37 x 2
         train.main(tiny_args + ["--epochs1", "1", "--batch-size", "75"])
 
 
 def run_until_killed(args, line_seen):
     """Start a training process and SIGKILL it as soon as it logs line_seen: the checkpoints of
     that epoch are being written right then."""
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "tests/narrow.py", "train.py", *args],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stderr:
         if line_seen in line:
             proc.send_signal(signal.SIGKILL)
@@ -64,7 +71,9 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_weights(tiny_args, tmp_p
     args = tiny_args + ["--epochs1", "2", "--epochs2", "3"]
     train.main(args + ["--out", str(tmp_path / "straight")])
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
-    for i, moment in enumerate(["phase 1 epoch   1/2", "phase 1 epoch   2/2", "phase 2 epoch   2/3"]):
+    for i, moment in enumerate(
+        ["phase 1 epoch   1/2", "phase 1 epoch   2/2", "phase 2 epoch   2/3"]
+    ):
         out = tmp_path / f"killed{i}"
         assert run_until_killed(args + ["--out", str(out)], moment) == -signal.SIGKILL
         last = out / "last.pt"

@@ -3,43 +3,53 @@ import csv
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
+import augment
 import data
 import model as M
 import train
-from conftest import TINY
+from conftest import REPO, TINY
 
-REPO = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 
 
-def spec_lr(epoch):
-    """SPEC section 3: the Phase II learning rate before epoch e (0-based)."""
+def method_lr(epoch):
+    """The Phase II learning rate before epoch e (0-based), as the released code's
+    SequentialLR(LinearLR(0.1, 5 epochs), CosineAnnealingLR(T_max=45, eta_min=5e-6)) sets it:
+    5e-4 * (0.1 + 0.9 e / 5) for e < 5, then 5e-6 + (5e-4 - 5e-6) (1 + cos(pi (e - 5) / 45)) / 2."""
     if epoch < 5:
         return 5e-4 * (0.1 + 0.9 * epoch / 5)
     return 5e-6 + (5e-4 - 5e-6) * (1 + math.cos(math.pi * (epoch - 5) / 45)) / 2
 
 
+class HeadOnTop(nn.Module):
+    """The smallest model with a backbone and an fc head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(2, 2)
+        self.fc = nn.Linear(2, 3)
+
+
 def phase2_lrs(argv, epochs):
     args, _ = train.parse_args(argv)
-    optimizer = train.make_optimizer(args.optimizer2, [torch.nn.Parameter(torch.zeros(1))], args.lr2, args.wd2,
-                                     torch.device("cpu"))
-    scheduler = train.warmup_cosine(optimizer, args)
+    phase = train.phase_setup(2, args, HeadOnTop(), CPU)
     lrs = []
     for _ in range(epochs):
-        lrs.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
+        lrs.append(phase.optimizer.param_groups[0]["lr"])
+        phase.optimizer.step()
+        phase.scheduler.step()
     return lrs
 
 
 def test_phase_two_learning_rate_follows_the_method_at_every_epoch():
     lrs = phase2_lrs([], 125)
     for epoch, lr in enumerate(lrs):
-        assert lr == pytest.approx(spec_lr(epoch), rel=1e-9), epoch
+        assert lr == pytest.approx(method_lr(epoch), rel=1e-9), epoch
     assert lrs[50] == pytest.approx(5e-6) and lrs[95] == pytest.approx(5e-4)
     assert lrs[124] == pytest.approx(1.44e-4, rel=1e-2)
 
@@ -47,45 +57,79 @@ def test_phase_two_learning_rate_follows_the_method_at_every_epoch():
 def test_cosine_epochs_120_gives_one_monotone_decay():
     lrs = phase2_lrs(["--cosine-epochs", "120"], 125)
     assert all(b <= a for a, b in zip(lrs[5:], lrs[6:]))
-    assert lrs[-1] == pytest.approx(5e-6 + (5e-4 - 5e-6) * (1 + math.cos(math.pi * 119 / 120)) / 2)
+    expected = 5e-6 + (5e-4 - 5e-6) * (1 + math.cos(math.pi * 119 / 120)) / 2
+    assert lrs[-1] == pytest.approx(expected)
 
 
 def test_defaults_are_the_methods_table():
     args, _ = train.parse_args([])
-    assert (args.arch, args.weights, args.img_size, args.batch_size, args.workers) == \
-        ("wide_resnet50_2", "imagenet", 224, 72, 4)
-    assert (args.epochs1, args.lr1, args.wd1, args.epochs2, args.optimizer2, args.lr2, args.wd2) == \
-        (10, 5e-4, 1e-4, 125, "nadam", 5e-4, 1e-4)
-    assert (args.clip, args.label_smoothing, args.amp, args.save_every, args.save_min_acc) == \
-        (0.8, 0.1, "fp16", 15, 0.82)
+    model = (args.arch, args.weights, args.img_size, args.batch_size, args.cache_workers)
+    assert model == ("wide_resnet50_2", "imagenet", 224, 72, 4)
+    phases = (args.epochs1, args.lr1, args.wd1, args.epochs2, args.optimizer2, args.lr2, args.wd2)
+    assert phases == (10, 5e-4, 1e-4, 125, "nadam", 5e-4, 1e-4)
+    rest = (args.clip, args.label_smoothing, args.amp, args.save_every, args.save_min_acc)
+    assert rest == (0.8, 0.1, "fp16", 15, 0.82)
     assert (args.p_jitter, args.p_blur, args.p_hflip, args.p_vflip) == (0.5, 0.5, 0.3, 0.3)
     help_text = train.get_args_parser().format_help()
     assert "(default: 72)" in help_text and "(default: nadam)" in help_text
+    assert train.parse_args(["--workers", "2"])[0].cache_workers == 2  # the name it had before
+
+
+def test_each_phase_is_set_up_as_the_methods_table_says():
+    args, _ = train.parse_args([])
+    net = HeadOnTop()
+    one = train.phase_setup(1, args, net, CPU)
+    assert isinstance(one.optimizer, torch.optim.AdamW) and one.scheduler is None
+    assert (one.epochs, one.clip, one.freeze_bn) == (10, 0.0, False)
+    assert [p.requires_grad for p in net.parameters()] == [False, False, True, True]  # fc only
+    assert one.optimizer.param_groups[0]["params"] == list(net.fc.parameters())
+    group = one.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (5e-4, 1e-4)
+
+    two = train.phase_setup(2, args, net, CPU)
+    assert isinstance(two.optimizer, torch.optim.NAdam) and (two.epochs, two.clip) == (125, 0.8)
+    assert all(p.requires_grad for p in net.parameters())
+    assert len(two.optimizer.param_groups[0]["params"]) == 4
+    group = two.optimizer.param_groups[0]
+    assert (group["initial_lr"], group["weight_decay"]) == (5e-4, 1e-4)
+    assert train.phase_setup(1, train.parse_args(["--freeze-bn"])[0], net, CPU).freeze_bn
 
 
 def test_demo_preset_yields_to_options_given():
     args, _ = train.parse_args(["--demo", "--epochs2", "3"])
-    assert (args.arch, args.weights, args.epochs2, args.data) == ("resnet18", "none", 3, "data/demo")
+    assert (args.arch, args.weights, args.epochs2, args.data) == (
+        "resnet18",
+        "none",
+        3,
+        "data/demo",
+    )
 
 
-def test_every_phase_two_optimizer_builds():
-    params = [torch.nn.Parameter(torch.zeros(2))]
-    for name in ("nadam", "adamw", "adam", "sgd", "rmsprop"):
-        assert train.make_optimizer(name, params, 1e-3, 1e-4, torch.device("cpu")).param_groups[0]["lr"] == 1e-3
+@pytest.mark.parametrize("name", sorted(train.OPTIMIZERS))
+def test_every_phase_two_optimizer_is_built_with_the_arguments(name):
+    args, _ = train.parse_args(["--optimizer2", name, "--lr2", "3e-3", "--wd2", "2e-5"])
+    optimizer = train.phase_setup(2, args, HeadOnTop(), CPU).optimizer
+    assert type(optimizer) is train.OPTIMIZERS[name][0]
+    group = optimizer.param_groups[0]
+    assert (group["initial_lr"], group["weight_decay"]) == (3e-3, 2e-5)
+    for option, value in train.OPTIMIZERS[name][1].items():
+        assert group[option] == value
 
 
 def test_optimizers_step_fused_on_cuda_where_pytorch_has_a_fused_step():
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cuda = torch.device("cuda")
     assert train.step_on_device(torch.optim.AdamW, cuda) == {"fused": True}
     assert train.step_on_device(torch.optim.SGD, cuda) == {"fused": True}
-    assert train.step_on_device(torch.optim.NAdam, cuda) == {}  # none for NAdam; capturable measured slower
-    assert train.step_on_device(torch.optim.AdamW, cpu) == {"fused": False}
+    assert train.step_on_device(torch.optim.NAdam, cuda) == {}  # PyTorch has no fused NAdam
+    assert train.step_on_device(torch.optim.AdamW, CPU) == {"fused": False}
 
 
 @pytest.mark.parametrize("name,option", [("adamw", "fused"), ("nadam", "capturable")])
 def test_optimizer_state_saved_on_cuda_resumes_on_the_cpu(name, option):
     def build(value):
-        return train.make_optimizer(name, [torch.nn.Parameter(value.clone())], 1e-2, 1e-4, torch.device("cpu"))
+        return train.make_optimizer(
+            name, [torch.nn.Parameter(value.clone())], 1e-2, 1e-4, torch.device("cpu")
+        )
 
     def step(optimizer):
         optimizer.param_groups[0]["params"][0].grad = torch.tensor([1.0, -2.0, 0.5])
@@ -93,13 +137,21 @@ def test_optimizer_state_saved_on_cuda_resumes_on_the_cpu(name, option):
 
     running = build(torch.ones(3))
     step(running)
-    saved = copy.deepcopy(running.state_dict())  # as a checkpoint holds it: not the running state's tensors
-    saved["param_groups"][0][option] = True  # as a run on CUDA may save it (capturable NAdam fails on the CPU)
+    # As a checkpoint holds it (not the running state's tensors), and as a run on CUDA may save it
+    # (capturable NAdam fails on the CPU).
+    saved = copy.deepcopy(running.state_dict())
+    saved["param_groups"][0][option] = True
     resumed = build(running.param_groups[0]["params"][0].detach())
     train.load_optimizer_state(resumed, saved)
     assert not resumed.param_groups[0][option]
     step(running), step(resumed)
     assert torch.equal(running.param_groups[0]["params"][0], resumed.param_groups[0]["params"][0])
+
+
+def one_epoch(model, loader, preprocess, criterion, optimizer):
+    """train_one_epoch on the CPU in float32."""
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    return train.train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, CPU, None)
 
 
 class ConstantLogits(torch.nn.Module):
@@ -123,16 +175,33 @@ def test_an_epoch_averages_finite_losses_over_their_images_and_counts_the_others
 
     model = ConstantLogits()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    out = train.train_one_epoch(model, loader, lambda x: x.float(), criterion, optimizer,
-                                torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), None)
+    out = one_epoch(model, loader, lambda x: x.float(), criterion, optimizer)
     assert out["train_loss"] == pytest.approx((1.0 * 4 + 4.0 * 2) / 6)  # the nan batch left out
     assert out["nonfinite"] == 1 and out["batches"] == 3 and out["images"] == 10
     assert out["train_acc"] == pytest.approx(6 / 10)  # every image counts for accuracy
 
 
+def test_epoch_totals_are_exact_past_float32s_range():
+    """An epoch of 2**24 + 1 images (a large dataset's few epochs under DDP): float32 would round
+    its image count and summed loss to 2**24."""
+    losses, hits, sizes = (
+        [torch.tensor(1.0), torch.tensor(3.0)],
+        [torch.tensor(7), torch.tensor(1)],
+        [2**24, 1],
+    )
+    loss_sum, counted, correct, nonfinite = train.epoch_totals(losses, hits, sizes, CPU)
+    assert (loss_sum.item(), counted.item(), correct.item(), nonfinite.item()) == (
+        2**24 + 3,
+        2**24 + 1,
+        8,
+        0,
+    )
+
+
 def test_a_training_step_queues_few_ops_besides_the_model():
     """On a fast GPU the host's launches bound a step. Count, exactly, what train_one_epoch adds to
-    a bare step (forward, loss, backward, optimizer step) of a tiny model: the epoch's bookkeeping."""
+    a bare step (forward, loss, backward, optimizer step) of a tiny model: the epoch's
+    bookkeeping."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -152,8 +221,7 @@ def test_a_training_step_queues_few_ops_besides_the_model():
             optimizer.zero_grad(set_to_none=True)
 
     def epoch(model, optimizer, steps):
-        train.train_one_epoch(model, [(images, labels)] * steps, lambda x: x, criterion, optimizer,
-                              torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), None)
+        one_epoch(model, [(images, labels)] * steps, lambda x: x, criterion, optimizer)
 
     def ops_per_step(run):
         counts = []
@@ -169,32 +237,31 @@ def test_a_training_step_queues_few_ops_besides_the_model():
     assert ops_per_step(epoch) - ops_per_step(bare) <= 4  # argmax, eq, sum and a detach; it was 20
 
 
-def test_phase_one_step_changes_the_head_and_nothing_else(dataset, tmp_path):
+def test_phase_one_step_changes_the_head_and_nothing_else(dataset, tmp_path, narrow_models):
     splits = data.load_splits(dataset, 16, tmp_path / "c")
     net = M.build_model("resnet18", len(splits.classes), weights="none")
     before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.AdamW(M.set_trainable(net, phase=1), lr=1e-2)
-    loader = data.make_loader(splits.train, 8, shuffle=True, workers=0)
-    train.train_one_epoch(net, loader, data.BatchPreprocess(augment=data.DeviceAugment()),
-                          torch.nn.CrossEntropyLoss(), optimizer, torch.amp.GradScaler("cpu", enabled=False),
-                          torch.device("cpu"), None)
+    loader = data.make_loader(splits.train, 8, shuffle=True)
+    preprocess = augment.BatchPreprocess(augment=augment.DeviceAugment())
+    one_epoch(net, loader, preprocess, nn.CrossEntropyLoss(), optimizer)
     after = net.state_dict()
-    for name, param in net.named_parameters():
+    for name, _ in net.named_parameters():
         changed = not torch.equal(before[name], after[name])
         assert changed == name.startswith("fc."), name
     # Batch norm statistics still adapt in Phase I (train mode), as in the released code.
     assert not torch.equal(before["bn1.running_mean"], after["bn1.running_mean"])
 
 
-def test_validation_accuracy_is_an_exact_count(dataset, tmp_path):
+def test_validation_accuracy_is_an_exact_count(dataset, tmp_path, narrow_models):
     splits = data.load_splits(dataset, 16, tmp_path / "c")
     net = M.build_model("resnet18", len(splits.classes), weights="none")
-    loader = data.make_loader(splits.val, 4, shuffle=False, workers=0)  # 6 images: batches of 4 and 2
-    result = train.evaluate(net, loader, data.BatchPreprocess(), torch.nn.CrossEntropyLoss(),
-                            torch.device("cpu"), None)
+    loader = data.make_loader(splits.val, 4, shuffle=False)  # 6 images: batches of 4 and 2
+    normalise = augment.BatchPreprocess()
+    result = train.evaluate(net, loader, normalise, nn.CrossEntropyLoss(), CPU, None)
     with torch.no_grad():
         images, labels = splits.val[list(range(len(splits.val)))]
-        logits = net.eval()(data.BatchPreprocess()(images))
+        logits = net.eval()(normalise(images))
     assert result["val_acc"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
     assert result["val_top5"] == 1.0  # 3 classes: the top 5 holds every class
 
@@ -205,14 +272,25 @@ def read_history(path):
 
 
 def test_two_phase_run_writes_checkpoints_and_history(tiny_args, tmp_path):
-    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "2", "--save-every", "1", "--save-min-acc", "0"])
+    train.main(tiny_args + "--epochs1 1 --epochs2 2 --save-every 1 --save-min-acc 0".split())
     out = tmp_path / "ck"
-    assert {"phase1.pt", "last.pt", "best.pt", "history.csv", "phase2_epoch001.pt", "phase2_epoch002.pt"} \
-        <= {p.name for p in out.iterdir()}
+    written = {p.name for p in out.iterdir()}
+    assert {"phase1.pt", "last.pt", "best.pt", "history.csv"} <= written
+    assert {"phase2_epoch001.pt", "phase2_epoch002.pt"} <= written
     rows = read_history(out / "history.csv")
     assert [(r["phase"], r["epoch"]) for r in rows] == [("1", "1"), ("2", "1"), ("2", "2")]
-    assert set(rows[0]) == {"phase", "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
-                            "val_top5", "images_per_s", "seconds"}
+    assert list(rows[0]) == [
+        "phase",
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "val_top5",
+        "images_per_s",
+        "seconds",
+    ]
 
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["classes"] == ["cat", "dog", "eel"] and last["arch"] == "resnet18"
@@ -226,10 +304,11 @@ def test_two_phase_run_writes_checkpoints_and_history(tiny_args, tmp_path):
     assert (phase1["phase"], phase1["epoch"]) == (1, 1)
 
 
-def test_periodic_checkpoints_need_the_accuracy_threshold(tiny_args, tmp_path):
-    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "1", "--save-every", "1", "--save-min-acc", "1.01"])
+def test_periodic_checkpoints_need_the_accuracy_threshold(tiny_args, tmp_path, capsys):
+    train.main(tiny_args + "--epochs1 0 --epochs2 1 --save-every 1 --save-min-acc 1.01".split())
     names = {p.name for p in (tmp_path / "ck").iterdir()}
     assert "phase2_epoch001.pt" not in names and "phase1.pt" not in names and "last.pt" in names
+    assert "phase2_epoch001.pt not kept: val acc" in capsys.readouterr().err
 
 
 def same_state(a, b):
@@ -266,8 +345,24 @@ def test_phase_one_then_phase_two_equals_both_at_once(tiny_args, tmp_path):
 
 
 def test_phase_two_without_phase_one_warns_and_uses_weights(tiny_args, tmp_path, capsys):
-    train.main(tiny_args + ["--epochs2", "1", "--phase", "2"])
-    assert "no " in capsys.readouterr().err and (tmp_path / "ck" / "last.pt").exists()
+    weights = M.build_model("resnet18", 3, weights="none").state_dict()
+    torch.save(weights, tmp_path / "weights.pth")
+    # lr 0: the weights Phase II ends with are those it started from (batch norm's statistics move).
+    args = tiny_args + ["--epochs2", "1", "--phase", "2", "--lr2", "0"]
+    train.main(args + ["--weights", str(tmp_path / "weights.pth")])
+    err = capsys.readouterr().err
+    assert f"warning: no {tmp_path / 'ck' / 'phase1.pt'}, so Phase II starts from --weights" in err
+    trained = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["model"]
+    assert torch.equal(trained["conv1.weight"], weights["conv1.weight"])
+    assert torch.equal(trained["layer4.0.conv2.weight"], weights["layer4.0.conv2.weight"])
+    assert not torch.equal(trained["fc.weight"], weights["fc.weight"])  # a new head, as always
+
+
+def test_phase_two_says_when_its_learning_rate_climbs_back(tiny_args, tmp_path, capsys):
+    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "5"])  # warmup 1 + cosine 3 < 5
+    assert "reaches --min-lr after 4 epochs and then climbs back" in capsys.readouterr().err
+    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "4", "--out", str(tmp_path / "b")])
+    assert "climbs back" not in capsys.readouterr().err
 
 
 def test_missing_data_folder_says_what_to_do(tmp_path):
@@ -277,10 +372,14 @@ def test_missing_data_folder_says_what_to_do(tmp_path):
 
 def test_demo_command_runs_end_to_end(tmp_path):
     """The README's first command, shortened: a fresh process, data written, both phases."""
+    demo = f"--demo --data {tmp_path / 'demo'} --out {tmp_path / 'ck'} --epochs1 1 --epochs2 1"
     result = subprocess.run(
-        [sys.executable, "train.py", "--demo", "--data", str(tmp_path / "demo"), "--out", str(tmp_path / "ck"),
-         "--epochs1", "1", "--epochs2", "1", "--img-size", "16"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [sys.executable, "tests/narrow.py", "train.py", *demo.split(), "--img-size", "16"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""  # everything but results goes to stderr
     assert "phase 2 epoch   1/1" in result.stderr and "best val acc" in result.stderr
@@ -294,7 +393,9 @@ def test_the_run_summary_counts_skipped_images(tiny_args, dataset, capsys):
     assert "1 unreadable images were skipped" in capsys.readouterr().err
 
 
-def test_compile_mode_reaches_torch_compile_and_checkpoints_stay_plain(tiny_args, tmp_path, monkeypatch):
+def test_compile_mode_reaches_torch_compile_and_checkpoints_stay_plain(
+    tiny_args, tmp_path, monkeypatch
+):
     modes = []
     real_compile = torch.compile
 
@@ -313,7 +414,8 @@ def test_compile_mode_reaches_torch_compile_and_checkpoints_stay_plain(tiny_args
 
 
 def test_resume_of_a_checkpoint_from_an_earlier_version(tiny_args, tmp_path):
-    """Saved when --compile took no mode, and before an option existed: the option gets its default."""
+    """Saved when --compile took no mode, and before an option existed: the option gets its
+    default."""
     train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])
     state = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
     state["args"]["compile"] = False
@@ -324,7 +426,11 @@ def test_resume_of_a_checkpoint_from_an_earlier_version(tiny_args, tmp_path):
     state["args"]["compile"] = True
     torch.save(state, tmp_path / "old.pt")
     assert train.parse_args(["--resume", str(tmp_path / "old.pt")])[0].compile == "default"
-    assert train.parse_args(["--resume", str(tmp_path / "old.pt"), "--compile", "off"])[0].compile is None
-    state["args"]["demo"] = True  # a demo run resumes with its own arguments, not the demo's preset
+    off = train.parse_args(["--resume", str(tmp_path / "old.pt"), "--compile", "off"])[0]
+    assert off.compile is None
+    state["args"]["workers"] = state["args"].pop("cache_workers") + 3  # its name before
+    # A demo run resumes with its own arguments, not the demo's preset.
+    state["args"]["demo"] = True
     torch.save(state, tmp_path / "old.pt")
-    assert train.parse_args(["--resume", str(tmp_path / "old.pt")])[0].img_size == 16
+    args, _ = train.parse_args(["--resume", str(tmp_path / "old.pt")])
+    assert args.img_size == 16 and args.cache_workers == 3

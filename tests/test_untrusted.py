@@ -1,4 +1,5 @@
 """Checkpoints and weights are untrusted files: loading one never runs code it carries."""
+
 import os
 
 import pytest
@@ -30,7 +31,9 @@ def test_every_script_refuses_a_checkpoint_that_would_run_code(evil, dataset, tm
     path, marker = evil
     calls = [
         lambda: train.main(["--resume", str(path)]),
-        lambda: train.main(["--data", str(dataset), "--out", str(tmp_path / "ck"), *TINY, "--weights", str(path)]),
+        lambda: train.main(
+            ["--data", str(dataset), "--out", str(tmp_path / "ck"), *TINY, "--weights", str(path)]
+        ),
         lambda: evaluate.main(["--ckpt", str(path)]),
         lambda: evaluate.main(["--compare", str(path)]),
         lambda: predict.main(["--ckpt", str(path)]),

@@ -1,0 +1,100 @@
+"""A trained checkpoint at work: the options and the load chain evaluate.py and predict.py share,
+and the one loop that turns batches into log-probabilities (training's validation uses it too)."""
+
+import math
+from contextlib import closing
+from dataclasses import dataclass
+
+import torch
+
+from augment import BatchPreprocess
+from model import model_from_checkpoint
+from prefetch import on_device
+from utils import amp_dtype, load_checkpoint, pick_device
+
+
+def add_inference_args(parser):
+    """The options of every script that runs a checkpoint on images."""
+    parser.add_argument(
+        "--ckpt", default="best.pt", help="checkpoint; a bare name is looked up in checkpoints/"
+    )
+    parser.add_argument(
+        "--data", default=None, help="dataset root (default: the one the checkpoint was trained on)"
+    )
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument(
+        "--cache-workers",
+        "--workers",
+        dest="cache_workers",
+        type=int,
+        default=4,
+        help="threads that decode images into the preprocessing cache",
+    )
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument(
+        "--amp",
+        default=None,
+        choices=["fp16", "bf16", "off"],
+        help="mixed precision on CUDA (default: as in training)",
+    )
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="average the softmax over each image and its horizontal flip (beyond the report)",
+    )
+    return parser
+
+
+@dataclass
+class Trained:
+    """A checkpoint ready to run: its saved dict, and the model, preprocessing and autocast dtype
+    on the chosen device."""
+
+    state: dict
+    model: torch.nn.Module
+    preprocess: BatchPreprocess
+    device: torch.device
+    dtype: torch.dtype | None
+
+    @property
+    def classes(self):
+        return self.state["classes"]
+
+    def log_probs(self, loader, tta=False):
+        return predict_log_probs(self.model, loader, self.preprocess, self.device, self.dtype, tta)
+
+
+def load_trained(args, state=None):
+    """The checkpoint --ckpt (or its `state`, already loaded) on --device, with the normalisation
+    it was trained with and --amp (by default the training run's)."""
+    state = state or load_checkpoint(args.ckpt)
+    device = pick_device(args.device)
+    return Trained(
+        state=state,
+        model=model_from_checkpoint(state, device),
+        preprocess=BatchPreprocess(state["mean"], state["std"]).to(device),
+        device=device,
+        dtype=amp_dtype(args.amp or state["args"].get("amp", "fp16"), device),
+    )
+
+
+@torch.no_grad()
+def predict_log_probs(model, loader, preprocess, device, dtype, tta=False):
+    """Yields (log-probabilities, labels) per batch, on the device. With tta the probabilities are
+    the mean over each image and its horizontal flip."""
+    model.eval()
+    with closing(on_device(loader, preprocess, device)) as batches:
+        for x, labels in batches:
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                log_p = model(x).float().log_softmax(dim=1)
+                if tta:
+                    flipped = model(x.flip(3)).float().log_softmax(dim=1)
+                    log_p = torch.logsumexp(torch.stack([log_p, flipped]), dim=0) - math.log(2)
+            yield log_p, labels
+
+
+def topk_hits(scores, labels, k=5):
+    """(images whose top class is the label, images with the label among the top k), as tensors
+    on the scores' device: counts, not rates, so that sums over batches and processes are exact."""
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+    return (top[:, 0] == labels).sum(), (top == labels[:, None]).any(dim=1).sum()
