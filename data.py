@@ -10,6 +10,7 @@ The deterministic half runs once per folder and is kept on disk, so no epoch aft
 decodes an image.
 """
 
+import csv
 import hashlib
 import json
 import os
@@ -379,6 +380,17 @@ def split_train(cache, classes, val_fraction, seed):
     labels = labels_of(cache.files, classes)
     train_idx, val_idx = stratified_split(labels, val_fraction, seed)
     return CachedImages(cache, labels, train_idx), CachedImages(cache, labels, val_idx)
+
+
+def display_names(data_dir, classes):
+    """Names to show for the classes: "<folder> (<words>)" where <data>/class_names.csv has a row
+    for the folder (columns folder, ..., words), else the folder name."""
+    path = Path(data_dir) / "class_names.csv"
+    if not path.is_file():
+        return {c: c for c in classes}
+    with open(path, newline="") as f:
+        words = {row["folder"]: row["words"] for row in csv.DictReader(f) if "folder" in row}
+    return {c: f"{c} ({words[c].split(',')[0][:24]})" if words.get(c) else c for c in classes}
 
 
 # ----------------------------------------------------------------------------- the demo dataset

@@ -2,6 +2,7 @@
 
     python evaluate.py --ckpt best.pt       # metrics, Figures 1, 2, 5 and the mistakes gallery
     python evaluate.py --compare checkpoints/*/best.pt   # Figures 3 and 4 and a table of the runs
+    python evaluate.py --ckpt best.pt --report report.md --answers answers.csv   # the report
 
 The validation images go through exactly the preprocessing used in training. Metrics are printed
 on standard output and written to the figures folder: metrics.json (loss, top-1, top-5, the most
@@ -21,8 +22,18 @@ import numpy as np
 import torch
 from sklearn.metrics import precision_recall_fscore_support
 
-from data import load_val, make_loader
-from inference import add_inference_args, load_trained, topk_hits
+import train
+from data import display_names, load_val, make_loader
+from inference import (
+    add_inference_args,
+    confusion_matrix,
+    load_trained,
+    most_confused,
+    print_confused,
+    topk_hits,
+)
+from predict import check_predictions, predicted_rows, read_rows, score, test_images
+from report import write_report
 from utils import full_history, load_checkpoint, log, resolve_checkpoint
 
 
@@ -35,51 +46,31 @@ def get_args_parser():
     p.add_argument(
         "--compare",
         nargs="+",
+        action="append",
         metavar="CKPT",
         default=None,
-        help="compare runs (different --arch or --optimizer2) from their checkpoints' histories",
+        help="compare runs (different --arch or --optimizer2) from their checkpoints; given "
+        "again, another comparison",
     )
     p.add_argument(
-        "--top-pairs", type=int, default=10, help="how many confused class pairs to list"
+        "--report",
+        metavar="FILE.md",
+        default=None,
+        help="write a Markdown report of --ckpt (and of --compare's runs) linking the figures",
     )
+    p.add_argument(
+        "--answers",
+        metavar="CSV",
+        default=None,
+        help="true labels of the test images (image_name,pred_label): the report gives test "
+        "accuracy, of every compared run too",
+    )
+    p.add_argument("--test-dir", default=None, help="the test images (default: <data>/test)")
+    p.add_argument("--top-pairs", type=int, default=10, help="how many confused pairs to list")
     return p
 
 
 # ----------------------------------------------------------------------------- metrics
-
-
-def confusion_matrix(labels, preds, num_classes, normalize=True):
-    """Counts[true, predicted]; normalised, each row with any images sums to one."""
-    counts = np.bincount(
-        np.asarray(labels) * num_classes + np.asarray(preds), minlength=num_classes * num_classes
-    ).reshape(num_classes, num_classes)
-    if not normalize:
-        return counts
-    totals = counts.sum(axis=1, keepdims=True)
-    return np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
-
-
-def most_confused(counts, classes, top):
-    """The largest off-diagonal cells: (true class, predicted class, count, share of the true
-    class)."""
-    off = counts.copy()
-    np.fill_diagonal(off, 0)
-    order = np.argsort(off, axis=None)[::-1][:top]
-    totals = counts.sum(axis=1)
-    pairs = []
-    for flat in order:
-        t, p = divmod(int(flat), len(classes))
-        if off[t, p] == 0:
-            break
-        pairs.append(
-            {
-                "true": classes[t],
-                "predicted": classes[p],
-                "count": int(off[t, p]),
-                "share": float(off[t, p] / totals[t]),
-            }
-        )
-    return pairs
 
 
 def compute_metrics(log_p, labels, classes, label_smoothing=0.0, top=10):
@@ -132,10 +123,7 @@ def print_metrics(metrics, ckpt):
         f"top-1 {metrics['top1']:.4f} ({metrics['top1_correct']}/{n}) | "
         f"top-5 {metrics['top5']:.4f} ({metrics['top5_correct']}/{n})"
     )
-    if metrics["most_confused"]:
-        print("most confused (true -> predicted: images, share of the true class):")
-        for pair in metrics["most_confused"]:
-            print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']} ({pair['share']:.1%})")
+    print_confused(metrics["most_confused"])
 
 
 # ----------------------------------------------------------------------------- figures
@@ -258,7 +246,9 @@ def save(fig, path):
 # ----------------------------------------------------------------------------- comparing runs
 
 
-def describe_run(path):
+def describe_run(path, args, scores=None):
+    """A run's record for a comparison: what it is, its history, and with --answers its test
+    accuracy (from `scores`, by checkpoint path, where it is known already)."""
     state = load_checkpoint(path)
     history = full_history(resolve_checkpoint(path), state)
     best = max(history, key=lambda r: r["val_acc"])
@@ -267,26 +257,51 @@ def describe_run(path):
         for k, v in state["model"].items()
         if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
     )
-    folder = Path(path).resolve().parent.name
-    return {
+    seconds = state.get("wall_seconds") or sum(
+        r["seconds"] + r.get("val_seconds", 0) for r in history
+    )
+    run = {
         "path": str(path),
-        "folder": folder,
+        "state": state,
+        "folder": Path(path).resolve().parent.name,
         "arch": state["arch"],
         "optimizer2": state["args"].get("optimizer2"),
         "params": params,
         "history": history,
         "best_acc": best["val_acc"],
         "best_epoch": f"phase {best['phase']} epoch {best['epoch']}",
+        "minutes": seconds / 60,
     }
+    if args.answers:
+        known = (scores or {}).get(resolve_checkpoint(path).resolve())
+        run["test"] = known or test_score(load_trained(args, state), args)
+    return run
 
 
-def compare_runs(paths, folder):
-    runs = [describe_run(p) for p in paths]
+def comparison_name(runs):
+    """What a comparison varies, as a title and a folder name."""
+    for key, title in (("arch", "architectures"), ("optimizer2", "Phase II optimizers")):
+        others = [
+            {k: v for k, v in r["state"]["args"].items() if k not in (key, "out")} for r in runs
+        ]
+        if len({r[key] for r in runs}) == len(runs) and all(o == others[0] for o in others):
+            return title, title.split()[-1]
+    return "runs", "runs"
+
+
+def compare_runs(paths, args, scores=None):
+    """The records of several runs, each labelled by its folder (unless several share one)."""
+    runs = [describe_run(p, args, scores) for p in paths]
     folders = [r["folder"] for r in runs]
-    for r in runs:  # the folder names the run, unless several runs share it
+    for r in runs:
         r["label"] = (
             r["folder"] if folders.count(r["folder"]) == 1 else f"{r['arch']}/{r['optimizer2']}"
         )
+    return runs
+
+
+def write_comparison(runs, folder):
+    """Figures 3 and 4 and a table of the runs (comparison.md, also printed), in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))  # Figure 3: accuracy against size
@@ -316,16 +331,23 @@ def compare_runs(paths, folder):
     ax.grid(alpha=0.3)
     save(fig, folder / "fig4_validation_accuracy_curves.png")
 
+    tested = all("test" in r for r in runs)
     lines = [
-        "| run | architecture | Phase II optimizer | parameters | best val acc | best epoch "
-        "| epochs |",
-        "| --- | --- | --- | ---: | ---: | --- | ---: |",
+        "| run | architecture | Phase II optimizer | parameters | "
+        + ("test accuracy | " if tested else "")
+        + "best val acc | best epoch | epochs |",
+        "| --- | --- | --- | ---: | " + ("---: | " if tested else "") + "---: | --- | ---: |",
     ]
-    lines += [
-        f"| {r['label']} | {r['arch']} | {r['optimizer2']} | {r['params'] / 1e6:.1f}M | "
-        f"{r['best_acc']:.4f} | {r['best_epoch']} | {len(r['history'])} |"
-        for r in runs
-    ]
+    for r in runs:
+        test = (
+            f"{r['test'][0] / r['test'][1]:.4f} ({r['test'][0]}/{r['test'][1]}) | "
+            if tested
+            else ""
+        )
+        lines.append(
+            f"| {r['label']} | {r['arch']} | {r['optimizer2']} | {r['params'] / 1e6:.1f}M | "
+            f"{test}{r['best_acc']:.4f} | {r['best_epoch']} | {len(r['history'])} |"
+        )
     table = "\n".join(lines) + "\n"
     (folder / "comparison.md").write_text(table)
     print(table, end="")
@@ -339,13 +361,24 @@ def compare_runs(paths, folder):
 # ----------------------------------------------------------------------------- main
 
 
-def main(argv=None):
-    args = get_args_parser().parse_args(argv)
-    figures = Path(args.figures)
-    if args.compare:
-        compare_runs(args.compare, figures)
-        return
-    trained = load_trained(args)
+def test_score(trained, args):
+    """(correct, images, most confused pairs) of a checkpoint on the test folder against
+    --answers, through predict.py's path."""
+    data_dir = Path(args.data or trained.state["data"])
+    test_dir = Path(args.test_dir) if args.test_dir else data_dir / "test"
+    files = test_images(test_dir)
+    rows, _ = predicted_rows(trained, test_dir, files, None, args.cache_workers, args.batch_size)
+    rows = list(rows)
+    answers = read_rows(args.answers)
+    problems = check_predictions(rows, {r[0] for r in answers}, trained.classes, "answers")
+    if problems:
+        raise SystemExit(f"{args.answers} does not match {test_dir}: " + "; ".join(problems[:10]))
+    return score(rows, answers, trained.classes, args.top_pairs)
+
+
+def evaluate_checkpoint(trained, args, figures, names):
+    """Validation metrics of a checkpoint, printed and written to `figures` with Figures 1, 2, 5
+    and the mistakes gallery; returns (metrics, history)."""
     state, classes, saved = trained.state, trained.classes, trained.state["args"]
     val = load_val(
         args.data or state["data"],
@@ -363,15 +396,15 @@ def main(argv=None):
     metrics = compute_metrics(
         log_p, labels, classes, saved.get("label_smoothing", 0.0), args.top_pairs
     )
-
     write_metrics(metrics, figures)
     print_metrics(metrics, args.ckpt)
     history = full_history(resolve_checkpoint(args.ckpt), state)
     plot_loss(history, figures / "fig1_loss.png")
     plot_val_accuracy(history, figures / "fig2_val_accuracy.png")
+    shown = [names.get(c, c) for c in classes]
     plot_confusion(
         confusion_matrix(labels.numpy(), log_p.argmax(1).numpy(), len(classes)),
-        classes,
+        shown,
         figures / "fig5_confusion_matrix.png",
     )
     confidence, preds = log_p.exp().max(1)
@@ -383,10 +416,42 @@ def main(argv=None):
         labels[worst].tolist(),
         preds[worst].tolist(),
         confidence[worst].tolist(),
-        classes,
+        shown,
         figures / "mistakes.png",
     )
     log(f"wrote figures and metrics to {figures}/")
+    return metrics, history
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    figures = Path(args.figures)
+    groups = args.compare or []
+    if groups and not args.report:
+        for i, paths in enumerate(groups):
+            folder = figures if len(groups) == 1 else figures / f"comparison{i + 1}"
+            write_comparison(compare_runs(paths, args), folder)
+        return
+    trained = load_trained(args)
+    state = trained.state
+    names = display_names(args.data or state["data"], trained.classes)
+    metrics, history = evaluate_checkpoint(trained, args, figures, names)
+    if not args.report:
+        return
+    test = test_score(trained, args) if args.answers else None
+    if test:
+        print(f"{args.ckpt}: test accuracy {test[0] / test[1]:.4f} ({test[0]}/{test[1]})")
+    comparisons = []
+    for paths in groups:
+        runs = compare_runs(paths, args, {resolve_checkpoint(args.ckpt).resolve(): test})
+        title, key = comparison_name(runs)
+        if key in [c["key"] for c in comparisons]:
+            key = f"{key}{len(comparisons) + 1}"
+        write_comparison(runs, figures / key)
+        comparisons.append({"title": title, "key": key, "folder": figures / key, "runs": runs})
+    defaults = vars(train.get_args_parser().parse_args([]))
+    write_report(args.report, figures, state, history, metrics, test, comparisons, names, defaults)
+    log(f"wrote {args.report}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """A trained checkpoint at work: the options and the load chain evaluate.py and predict.py share,
-and the one loop that turns batches into log-probabilities (training's validation uses it too)."""
+the one loop that turns batches into log-probabilities (training's validation uses it too), and
+the counts every score is made of: top-k hits, the confusion matrix, its most confused pairs."""
 
 import math
 from contextlib import closing
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from augment import BatchPreprocess
@@ -98,3 +100,45 @@ def topk_hits(scores, labels, k=5):
     on the scores' device: counts, not rates, so that sums over batches and processes are exact."""
     top = scores.topk(min(k, scores.shape[1]), dim=1).indices
     return (top[:, 0] == labels).sum(), (top == labels[:, None]).any(dim=1).sum()
+
+
+def confusion_matrix(labels, preds, num_classes, normalize=True):
+    """Counts[true, predicted]; normalised, each row with any images sums to one."""
+    counts = np.bincount(
+        np.asarray(labels) * num_classes + np.asarray(preds), minlength=num_classes * num_classes
+    ).reshape(num_classes, num_classes)
+    if not normalize:
+        return counts
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+
+
+def most_confused(counts, classes, top):
+    """The largest off-diagonal cells: (true class, predicted class, count, share of the true
+    class)."""
+    off = counts.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(off, axis=None)[::-1][:top]
+    totals = counts.sum(axis=1)
+    pairs = []
+    for flat in order:
+        t, p = divmod(int(flat), len(classes))
+        if off[t, p] == 0:
+            break
+        pairs.append(
+            {
+                "true": classes[t],
+                "predicted": classes[p],
+                "count": int(off[t, p]),
+                "share": float(off[t, p] / totals[t]),
+            }
+        )
+    return pairs
+
+
+def print_confused(pairs):
+    """The most confused pairs on standard output, one line each."""
+    if pairs:
+        print("most confused (true -> predicted: images, share of the true class):")
+    for pair in pairs:
+        print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']} ({pair['share']:.1%})")

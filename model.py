@@ -2,10 +2,13 @@
 freezing."""
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torchvision
 from torch import nn
+
+from augment import IMAGENET_MEAN, IMAGENET_STD
 
 RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")
 
@@ -18,24 +21,83 @@ def resnet_family_names():
     ]
 
 
-def build_model(arch, num_classes, weights="imagenet"):
-    """`arch` from torchvision with a new He-normal head of `num_classes` outputs.
+@dataclass
+class Weights:
+    """A model's starting weights: torchvision's (`hub`), a local state dict (`state`, head
+    left out), or none; the normalisation they were trained with; a line saying what they are."""
 
-    weights: "imagenet" (torchvision's default ImageNet weights), a torchvision weights name such
-    as "IMAGENET1K_V1", "none" (random), or the path of a local state dict (or of a checkpoint of
-    this project); local weights load into everything but the head."""
+    hub: object = None
+    state: dict | None = None
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    about: str = "random initialisation"
+
+
+def load_weights(arch, weights):
+    """The Weights a --weights value names: "imagenet" (torchvision's default ImageNet weights), a
+    torchvision weights name such as "IMAGENET1K_V1", "none", or the path of a state dict or of a
+    checkpoint of this project (its own normalisation comes with it)."""
+    if weights in (None, "none"):
+        return Weights()
+    if os.path.isfile(weights):
+        return local_weights(arch, weights)
+    choices = torchvision.models.get_model_weights(arch)
+    if weights == "imagenet":
+        weights = choices.DEFAULT.name
+    if weights in choices.__members__:
+        about = f"torchvision's {arch} {weights}, every layer but the head"
+        return Weights(hub=choices[weights], about=about)
+    raise SystemExit(
+        f"--weights {weights}: no such file, nor {arch} weights of that name; use "
+        f"imagenet, none, a local file or one of: {', '.join(choices.__members__)}"
+    )
+
+
+def local_weights(arch, path):
+    try:  # weights_only: a file that would run code is refused
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"cannot load --weights {path}: {type(e).__name__}: {e}") from None
+    if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict)):
+        state = backbone_of(saved)
+        return Weights(state=state, about=f"{len(state)} tensors of the state dict {path}")
+    # A checkpoint of this project: it says what it is, and how its inputs were normalised.
+    if saved.get("arch", arch) != arch:
+        raise SystemExit(f"--weights {path} holds a {saved['arch']}, not a {arch} (--arch)")
+    best = max((r["val_acc"] for r in saved.get("history", [])), default=None)
+    state = backbone_of(saved["model"])
+    classes = len(saved.get("classes", []))
+    about = (
+        f"{len(state)} tensors (all but the head) of {path}: {arch} trained on {classes} classes "
+        f"at {saved.get('img_size', '?')} px, phase {saved.get('phase', '?')} epoch "
+        f"{saved.get('epoch', '?')}" + (f", val acc {best:.4f}" if best is not None else "")
+    )
+    mean, std = saved.get("mean", IMAGENET_MEAN), saved.get("std", IMAGENET_STD)
+    return Weights(state=state, mean=tuple(mean), std=tuple(std), about=about)
+
+
+def backbone_of(state):
+    """A state dict without its head, keys as the plain model has them."""
+    keys = {k: strip_prefixes(k) for k in state}
+    return {plain: state[k] for k, plain in keys.items() if not plain.startswith("fc.")}
+
+
+def build_model(arch, num_classes, weights="imagenet"):
+    """`arch` from torchvision with a new He-normal head of `num_classes` outputs, starting from
+    `weights` (a --weights value or a Weights): local weights load into everything but the head."""
     if arch not in resnet_family_names():
         raise SystemExit(
             f"unknown --arch {arch!r}; choose a torchvision ResNet-family model: "
             + ", ".join(resnet_family_names())
         )
-    hub_weights, local_path = resolve_weights(arch, weights)
+    if not isinstance(weights, Weights):
+        weights = load_weights(arch, weights)
     try:
-        model = torchvision.models.get_model(arch, weights=hub_weights)
+        model = torchvision.models.get_model(arch, weights=weights.hub)
     except Exception as e:  # no network, a proxy, a full disk: the user needs the same advice
-        if hub_weights is None:
+        if weights.hub is None:
             raise
-        file = hub_weights.url.rsplit("/", 1)[-1]
+        file = weights.hub.url.rsplit("/", 1)[-1]
         raise SystemExit(
             f"could not download the {arch} ImageNet weights ({type(e).__name__}: {e}).\n"
             f"To work offline, use one of:\n"
@@ -43,8 +105,14 @@ def build_model(arch, num_classes, weights="imagenet"):
             f"  TORCH_HOME=DIR   with that file at DIR/hub/checkpoints/{file}\n"
             f"  --weights none   random initialisation"
         ) from None
-    if local_path:
-        load_backbone(model, local_path)
+    if weights.state is not None:
+        missing, unexpected = model.load_state_dict(weights.state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise SystemExit(
+                f"the weights of {weights.about} do not fit {arch}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
     model.fc = new_head(model.fc.in_features, num_classes)
     return model
 
@@ -54,45 +122,6 @@ def new_head(in_features, num_classes):
     nn.init.kaiming_normal_(head.weight)  # He normal: std sqrt(2 / in_features)
     nn.init.zeros_(head.bias)
     return head
-
-
-def resolve_weights(arch, weights):
-    """(torchvision weights or None, local file or None) for a --weights value."""
-    if weights in (None, "none"):
-        return None, None
-    if os.path.isfile(weights):
-        return None, weights
-    choices = torchvision.models.get_model_weights(arch)
-    if weights == "imagenet":
-        return choices.DEFAULT, None
-    if weights in choices.__members__:
-        return choices[weights], None
-    raise SystemExit(
-        f"--weights {weights}: no such file, nor {arch} weights of that name; use "
-        f"imagenet, none, a local file or one of: {', '.join(choices.__members__)}"
-    )
-
-
-def load_backbone(model, path):
-    """Load a local state dict into everything but the head (fc), strictly."""
-    try:
-        state = torch.load(
-            path, map_location="cpu", weights_only=True
-        )  # a file that would run code is refused
-    except Exception as e:
-        raise SystemExit(f"cannot load --weights {path}: {type(e).__name__}: {e}") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # a checkpoint of this project
-    state = {
-        strip_prefixes(k): v for k, v in state.items() if not strip_prefixes(k).startswith("fc.")
-    }
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise ValueError(
-            f"--weights {path} does not fit {type(model).__name__}: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
 
 
 def strip_prefixes(key):

@@ -3,6 +3,7 @@
     python predict.py > prediction.csv            # <data>/test with checkpoints/best.pt
     python predict.py --test-dir photos/ --out prediction.csv
     python predict.py --check prediction.csv      # is a CSV complete and well-formed?
+    python predict.py --check prediction.csv --answers answers.csv   # ... and how accurate?
 
 image_name is the file name without its extension and pred_label the class folder name; one row
 per image, sorted by name. Progress and messages go to standard error.
@@ -20,7 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from data import CachedImages, build_cache, default_cache_dir, list_images, make_loader
-from inference import add_inference_args, load_trained
+from inference import (
+    add_inference_args,
+    confusion_matrix,
+    load_trained,
+    most_confused,
+    print_confused,
+)
 from utils import atomic_file, load_checkpoint, log
 
 
@@ -47,6 +54,13 @@ def get_args_parser():
         default=None,
         help="validate a prediction CSV against the test folder and the checkpoint's classes "
         "(one row per readable image)",
+    )
+    p.add_argument(
+        "--answers",
+        metavar="CSV",
+        default=None,
+        help="with --check: the true labels, in the same format; prints the exact accuracy and "
+        "the most confused pairs",
     )
     return p
 
@@ -77,31 +91,96 @@ def test_images(test_dir):
     return files
 
 
-def check_predictions(csv_path, files, classes):
-    """Problems of a prediction CSV, as sentences; none means it is complete and well-formed."""
+def read_rows(path):
+    """The rows of a CSV in the submission format, header checked; SystemExit if unreadable."""
     try:
-        with open(csv_path, newline="") as f:
+        with open(path, newline="") as f:
             rows = list(csv.reader(f))
     except OSError as e:
-        return [f"cannot read {csv_path}: {e}"]
+        raise SystemExit(f"cannot read {path}: {e}") from None
     if not rows or rows[0] != ["image_name", "pred_label"]:
-        return [
-            "the header must be image_name,pred_label "
-            f"(found {','.join(rows[0]) if rows else 'nothing'})"
-        ]
+        found = ",".join(rows[0]) if rows else "nothing"
+        raise SystemExit(f"{path}: the header must be image_name,pred_label (found {found})")
+    return rows[1:]
+
+
+def check_predictions(rows, expected, classes, missing_is="missing"):
+    """Problems of a prediction CSV's rows, as sentences: each name of `expected` once, no other
+    name, two fields a row, labels among `classes`. None means it is complete and well-formed."""
     problems = []
-    expected = {Path(f).stem for f in files}
-    seen = Counter(row[0] for row in rows[1:] if row)
     known = set(classes)
-    for n, row in enumerate(rows[1:], start=2):
+    for n, row in enumerate(rows, start=2):
         if len(row) != 2:
             problems.append(f"line {n}: expected 2 fields, found {len(row)}")
         elif row[1] not in known:
             problems.append(f"line {n}: {row[1]!r} is not one of the checkpoint's classes")
+    seen = Counter(row[0] for row in rows if row)
     problems += [f"{name}: {count} rows" for name, count in sorted(seen.items()) if count > 1]
-    problems += [f"{name}: no such test image" for name in sorted(set(seen) - expected)]
+    problems += [f"{name}: not among the {missing_is}" for name in sorted(set(seen) - expected)]
     problems += [f"{name}: missing" for name in sorted(expected - set(seen))]
     return problems
+
+
+def score(rows, answers, classes, top=10):
+    """Accuracy of well-formed prediction rows against the true labels: (correct, images, the
+    `top` most confused class pairs)."""
+    truth = dict(answers)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[truth[name]] for name, _ in rows]
+    predicted = [index[label] for _, label in rows]
+    correct = sum(t == p for t, p in zip(labels, predicted))
+    counts = confusion_matrix(labels, predicted, len(classes), normalize=False)
+    return correct, len(rows), most_confused(counts, classes, top)
+
+
+def check(args, files, classes):
+    """--check: the CSV against the test folder and the classes, and with --answers its score."""
+    rows = read_rows(args.check)
+    problems = check_predictions(rows, {Path(f).stem for f in files}, classes, "test images")
+    if args.answers and not problems:
+        answers = read_rows(args.answers)
+        answer_problems = check_predictions(answers, {r[0] for r in answers}, classes, "answers")
+        problems += [f"{args.answers}: {p}" for p in answer_problems if "missing" not in p]
+        if not problems:
+            problems = check_predictions(rows, {r[0] for r in answers}, classes, "answers")
+    for problem in problems:
+        log(f"{args.check}: {problem}")
+    if problems:
+        raise SystemExit(1)
+    log(f"{args.check}: {len(rows)} rows, one per test image, all labels known")
+    if args.answers:
+        correct, total, confused = score(rows, answers, classes)
+        print(
+            f"{args.check}: accuracy {correct / total:.4f} ({correct}/{total}) against "
+            f"{args.answers}"
+        )
+        print_confused(confused)
+
+
+def predicted_rows(
+    trained, test_dir, files, cache_dir, threads, batch_size, tta=False, skip_bad=False
+):
+    """(image name, predicted class) of each readable image of the test folder, as a generator
+    that predicts batch by batch, and how many images were unreadable (an error unless
+    skip_bad). The images go through the checkpoint's preprocessing, cached."""
+    cache_dir = cache_dir or default_cache_dir(test_dir.parent)
+    cache = build_cache(test_dir, files, trained.state["img_size"], cache_dir, threads)
+    if cache.skipped and not skip_bad:
+        raise SystemExit(
+            f"{len(cache.skipped)} unreadable test image(s), nothing written: "
+            + "; ".join(f"{test_dir / f} ({why})" for f, why in list(cache.skipped.items())[:10])
+            + "\n(--skip-bad leaves them out of the CSV)"
+        )
+    dataset = CachedImages(cache, np.zeros(len(cache), dtype=np.int64))  # unlabelled
+    loader = make_loader(dataset, batch_size, False, pin_memory=trained.device.type == "cuda")
+    names = iter(Path(f).stem for f in cache.files)
+
+    def rows():
+        for log_p, _ in trained.log_probs(loader, tta):
+            for label in log_p.argmax(1).tolist():
+                yield next(names), trained.classes[label]
+
+    return rows(), len(cache.skipped)
 
 
 def main(argv=None):
@@ -111,62 +190,44 @@ def main(argv=None):
     test_dir = Path(args.test_dir) if args.test_dir else data_dir / "test"
     files = test_images(test_dir)
     if args.check:
-        problems = check_predictions(args.check, files, state["classes"])
-        for problem in problems:
-            log(f"{args.check}: {problem}")
-        if problems:
-            raise SystemExit(1)
-        log(f"{args.check}: {len(files)} rows, one per test image, all labels known")
-        return
-
-    cache = build_cache(
+        return check(args, files, state["classes"])
+    trained = load_trained(args, state)
+    rows, skipped = predicted_rows(
+        trained,
         test_dir,
         files,
-        state["img_size"],
-        args.cache_dir or default_cache_dir(test_dir.parent),
+        args.cache_dir,
         args.cache_workers,
+        args.batch_size,
+        args.tta,
+        args.skip_bad,
     )
-    if cache.skipped and not args.skip_bad:
-        raise SystemExit(
-            f"{len(cache.skipped)} unreadable test image(s), nothing written: "
-            + "; ".join(f"{test_dir / f} ({why})" for f, why in list(cache.skipped.items())[:10])
-            + "\n(--skip-bad leaves them out of the CSV)"
-        )
-    trained = load_trained(args, state)
-    dataset = CachedImages(cache, np.zeros(len(cache), dtype=np.int64))  # unlabelled
-    loader = make_loader(dataset, args.batch_size, False, pin_memory=trained.device.type == "cuda")
     try:
-        rows, seconds = write_predictions(
-            args.out,
-            trained.log_probs(loader, args.tta),
-            [Path(f).stem for f in cache.files],
-            trained.classes,
-        )
+        count, seconds = write_predictions(args.out, rows)
     except BrokenPipeError:  # `predict.py | head`: the reader has gone, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(1) from None
     log(
-        f"predicted {rows} images in {seconds:.1f} s ({rows / seconds:.0f} images/s) "
+        f"predicted {count} images in {seconds:.1f} s ({count / seconds:.0f} images/s) "
         f"with {args.ckpt}"
-        + (f"; {len(cache.skipped)} unreadable images left out" if cache.skipped else "")
+        + (f"; {skipped} unreadable images left out" if skipped else "")
         + (f" -> {args.out}" if args.out else "")
     )
 
 
-def write_predictions(path, log_probs, names, classes):
-    """Rows streamed as the batches come: memory stays flat in the number of images. A file
-    appears under `path` only once complete."""
+def write_predictions(path, rows):
+    """Rows streamed as they come: memory stays flat in the number of images. A file appears
+    under `path` only once complete. Returns (rows, seconds)."""
     with atomic_file(path, "w", newline="") if path else nullcontext(sys.stdout) as out:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["image_name", "pred_label"])
-        start, row = time.perf_counter(), 0
-        for log_p, _ in log_probs:
-            for label in log_p.argmax(1).tolist():
-                writer.writerow([names[row], classes[label]])
-                row += 1
+        start, count = time.perf_counter(), 0
+        for row in rows:
+            writer.writerow(row)
+            count += 1
         seconds = time.perf_counter() - start
         out.flush()
-    return row, seconds
+    return count, seconds
 
 
 if __name__ == "__main__":

@@ -21,10 +21,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from augment import IMAGENET_MEAN, IMAGENET_STD, BatchPreprocess, DeviceAugment
+from augment import BatchPreprocess, DeviceAugment
 from data import load_splits, make_loader, set_epoch, write_demo_dataset
 from inference import predict_log_probs, topk_hits
-from model import build_model, count_parameters, set_trainable, strip_prefixes, train_mode
+from model import (
+    Weights,
+    build_model,
+    count_parameters,
+    load_weights,
+    set_trainable,
+    strip_prefixes,
+    train_mode,
+)
 from prefetch import on_device
 from utils import (
     amp_dtype,
@@ -142,6 +150,14 @@ def get_args_parser():
 
     g = p.add_argument_group("model")
     g.add_argument("--arch", default="wide_resnet50_2", help="any torchvision ResNet-family model")
+    g.add_argument(
+        "--mean",
+        type=float,
+        nargs=3,
+        default=None,
+        help="input normalisation; unset: the weights' own (ImageNet's, or a checkpoint's)",
+    )
+    g.add_argument("--std", type=float, nargs=3, default=None, help="... and its std")
     g.add_argument(
         "--weights",
         default="imagenet",
@@ -435,26 +451,29 @@ class Resume:
     --resume's, or <out>/phase1.pt for `--phase 2` alone; a fresh run has none. Nothing else in
     this file asks whether the run resumed."""
 
-    def __init__(self, state=None):
-        self.state = state
+    def __init__(self, state=None, path=None):
+        self.state, self.path = state, path
 
     @classmethod
     def find(cls, args, checkpoint=None):
         if checkpoint is not None or args.phase != "2":
-            return cls(checkpoint)
+            return cls(checkpoint, args.resume)
         path = Path(args.out) / "phase1.pt"
         if path.is_file():
-            log(f"Phase II starts from {path}")
-            return cls(load_checkpoint(path))
+            return cls(load_checkpoint(path), path)
         log(
             f"warning: no {path}, so Phase II starts from --weights {args.weights} "
             f"(train Phase I first with --phase 1, or use --phase all)"
         )
         return cls(None)
 
-    def weights(self, requested):
-        """The --weights to build the model with: none to fetch when a checkpoint replaces them."""
-        return "none" if self.state else requested
+    def weights(self, arch, requested):
+        """The weights to build the model with: the --weights asked for, unless a checkpoint's
+        are about to replace them (then there is nothing to fetch)."""
+        if self.state is None:
+            return load_weights(arch, requested)
+        where = f"phase {self.state['phase']} epoch {self.state['epoch']}"
+        return Weights(about=f"{self.path} ({where}), to continue from")
 
     def history(self):
         return list(self.state["history"]) if self.state else []
@@ -509,8 +528,8 @@ class Run:
         self.dtype = amp_dtype(args.amp, device)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         augment = DeviceAugment.from_args(args)
-        self.train_preprocess = BatchPreprocess(IMAGENET_MEAN, IMAGENET_STD, augment).to(device)
-        self.eval_preprocess = BatchPreprocess(IMAGENET_MEAN, IMAGENET_STD).to(device)
+        self.train_preprocess = BatchPreprocess(args.mean, args.std, augment).to(device)
+        self.eval_preprocess = BatchPreprocess(args.mean, args.std).to(device)
         cuda = device.type == "cuda"
         # Dropping the last partial batch keeps batch norm from ever seeing a batch of one.
         shard = dict(num_replicas=world_size, rank=rank)
@@ -576,6 +595,7 @@ class Run:
                 self.device,
                 self.dtype,
             )
+            val_seconds = time.perf_counter() - t0 - seconds
             self.check_finite(train, val, phase.number, epoch)
             if phase.scheduler is not None:
                 phase.scheduler.step()  # per epoch, as the method specifies
@@ -588,6 +608,7 @@ class Run:
                 **val,
                 "images_per_s": train["images"] / seconds,
                 "seconds": seconds,
+                "val_seconds": val_seconds,
             }
             is_best = val["val_acc"] > max((r["val_acc"] for r in self.history), default=-1.0)
             self.history.append(record)
@@ -625,8 +646,8 @@ class Run:
             "arch": self.args.arch,
             "classes": self.splits.classes,
             "img_size": self.args.img_size,
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": list(self.args.mean),
+            "std": list(self.args.std),
             "data": self.args.data,
             "args": vars(self.args),
             "phase": phase.number,
@@ -637,6 +658,7 @@ class Run:
             "scaler": scaler.state_dict() if scaler else None,
             "rng": gather_from_processes(rng_state()),  # one state per process
             "world_size": self.world_size,
+            "device": self.device.type,
         }
 
     def save(self, phase, epoch, scaler, is_best):
@@ -698,8 +720,12 @@ def main(argv=None):
             write_demo_dataset(args.data)
         splits = load_data(args)
     resume = Resume.find(args, checkpoint)
-    model = build_model(args.arch, len(splits.classes), resume.weights(args.weights))
+    weights = resume.weights(args.arch, args.weights)
+    model = build_model(args.arch, len(splits.classes), weights)
     resume.restore(model, splits.classes, rank, world_size)
+    # Unless given, the normalisation the weights were trained with (saved: a resume keeps it).
+    args.mean = args.mean or list(weights.mean)
+    args.std = args.std or list(weights.std)
     if args.sync_bn and world_size > 1:
         if device.type != "cuda":
             raise SystemExit(
@@ -719,6 +745,8 @@ def main(argv=None):
         )
         + (f", {splits.skipped} unreadable images skipped" if splits.skipped else "")
     )
+    mean, std = (", ".join(f"{v:.3f}" for v in values) for values in (args.mean, args.std))
+    log(f"weights: {weights.about}; inputs normalised with mean ({mean}), std ({std})")
     try:
         # Algorithm 1. Phase I: fit the new head on the frozen backbone.
         if args.phase in ("1", "all"):

@@ -1,15 +1,18 @@
+import argparse
 import math
 import sys
 
 import pytest
 import torch
 
+import model as M
 import train
-from conftest import REPO
+from conftest import REPO, make_dataset
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import bench  # noqa: E402
+import from_timm  # noqa: E402
 import profile_train  # noqa: E402
 
 TINY_BENCH = "--img-size 32 --batch-size 4 --steps 1 --repeats 1 --workers 0".split()
@@ -102,3 +105,37 @@ def test_the_training_benchmark_measures_the_layout_it_is_given(
     args = ["--workdir", str(tmp_path), "--n", "10", *TINY_BENCH, "--img-size", "16"]
     bench.main(args + ["--sections", "train", flag])
     assert seen == {("weights", layout), ("batch", layout)}
+
+
+def test_a_timm_run_becomes_a_checkpoint_with_the_head_in_this_projects_class_order(tmp_path):
+    data = make_dataset(tmp_path / "data", classes=("a10", "a2", "b"), per_class=1)
+    net = M.build_model("resnet18", 3, "none")  # timm's row i is class ("a2", "a10", "b")[i]
+    timm_output = tmp_path / "timm"
+    timm_output.mkdir()
+    args = argparse.Namespace(opt="sgd", seed=42, img_size=64, mean=None, std=None, device="cpu")
+    state = {"state_dict": net.state_dict(), "arch": "resnet18", "args": args, "epoch": 1}
+    torch.save(state, timm_output / "model_best.pth.tar")
+    (timm_output / "summary.csv").write_text(
+        "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n"
+        "0,2.0,1.9,40.0,90.0,0.01\n1,1.5,1.4,60.0,95.0,0.005\n2,1.2,1.3,55.0,96.0,0.001\n"
+    )
+    from_timm.main(
+        [
+            str(timm_output),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "ck" / "best.pt"),
+            "--command",
+            "python train.py ...",
+            "--wall-seconds",
+            "30",
+        ]
+    )
+    ours = torch.load(tmp_path / "ck" / "best.pt", weights_only=True)
+    assert ours["classes"] == ["a10", "a2", "b"]
+    weight = net.state_dict()["fc.weight"]
+    assert torch.equal(ours["model"]["fc.weight"], weight[[1, 0, 2]])
+    assert (ours["epoch"], ours["img_size"], ours["args"]["optimizer2"]) == (2, 64, "timm sgd")
+    assert [r["val_acc"] for r in ours["history"]] == [0.4, 0.6]  # up to the best epoch
+    assert (tmp_path / "ck" / "history.csv").read_text().count("\n") == 4  # every epoch

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -102,3 +103,54 @@ def test_compare_two_runs(tiny_args, tmp_path, capsys):
     non_trivial_png(tmp_path / "cmp" / "fig3_accuracy_vs_parameters.png")
     non_trivial_png(tmp_path / "cmp" / "fig4_validation_accuracy_curves.png")
     assert (tmp_path / "cmp" / "comparison.md").read_text() == table
+
+
+def test_report_holds_the_runs_table_1_its_result_and_only_links_that_exist(
+    tiny_args, dataset, tmp_path
+):
+    recipe = ["--epochs1", "1", "--epochs2", "2", "--lr2", "2e-3", "--p-vflip", "0.1"]
+    for name, extra in (("method", []), ("adamw", ["--optimizer2", "adamw"])):
+        train.main(tiny_args + recipe + extra + ["--out", str(tmp_path / name)])
+    answers = tmp_path / "answers.csv"  # test image j shows the colour of class j % 3
+    classes = ("cat", "dog", "eel")
+    answers.write_text(
+        "image_name,pred_label\n" + "".join(f"img_{j:02d},{classes[j % 3]}\n" for j in range(5))
+    )
+    (dataset / "class_names.csv").write_text(
+        "folder,words\ncat,house cat\ndog,dog\neel,moray eel\n"
+    )
+    report = tmp_path / "out" / "REPORT.md"
+    runs = [str(tmp_path / name / "best.pt") for name in ("method", "adamw")]
+    argv = [
+        "--ckpt",
+        runs[0],
+        "--report",
+        str(report),
+        "--figures",
+        str(tmp_path / "out" / "fig"),
+        "--answers",
+        str(answers),
+        "--compare",
+        *runs,
+        "--device",
+        "cpu",
+    ]
+    evaluate.main(argv)
+    text = report.read_text()
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    assert len(links) >= 7
+    for target in links:
+        assert (report.parent / target).is_file(), target
+    assert "| Training | Phase II epochs | 2 | II |" in text  # the run's, not the default 125
+    assert "vertical p 0.1" in text and "| Model | pretrained weights | none |" in text
+    assert re.search(r"\| validation \| 6 \| [0-9.]+ \(\d/6\) \|", text)
+    assert re.search(r"\| test \| 5 \| [0-9.]+ \(\d/5\) \|", text)
+    assert "Comparison: Phase II optimizers" in text and "(house cat)" in text
+    assert "`python train.py --data" in text and "--optimizer2 adamw" in text
+
+    # Prose written into a notes slot survives a new report.
+    report.write_text(
+        text.replace("<!-- notes:summary -->\n", "<!-- notes:summary -->\nWe find X.\n")
+    )
+    evaluate.main(argv)
+    assert "<!-- notes:summary -->\nWe find X.\n<!-- /notes -->" in report.read_text()

@@ -41,8 +41,37 @@ def test_local_state_dict_loads_everything_but_the_head(tmp_path):
     net = M.build_model("resnet18", 2, weights=str(tmp_path / "ck.pt"))
     assert torch.equal(net.conv1.weight, source.conv1.weight)
 
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(SystemExit, match="do not fit resnet34"):
         M.build_model("resnet34", 7, weights=str(tmp_path / "r18.pth"))
+
+
+def test_a_checkpoint_as_weights_brings_its_normalisation_and_says_what_it_is(tmp_path):
+    source = torchvision.models.resnet18(num_classes=5)
+    history = [{"phase": 2, "epoch": 1, "val_acc": 0.25}, {"phase": 2, "epoch": 2, "val_acc": 0.5}]
+    checkpoint = {
+        "model": source.state_dict(),
+        "arch": "resnet18",
+        "classes": list("abcde"),
+        "img_size": 64,
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.2, 0.2],
+        "phase": 2,
+        "epoch": 2,
+        "history": history,
+    }
+    torch.save(checkpoint, tmp_path / "best.pt")
+    weights = M.load_weights("resnet18", str(tmp_path / "best.pt"))
+    assert weights.mean == (0.5, 0.4, 0.3) and weights.std == (0.2, 0.2, 0.2)
+    assert len(weights.state) == len(source.state_dict()) - 2  # all but fc.weight and fc.bias
+    assert (
+        "resnet18 trained on 5 classes at 64 px, phase 2 epoch 2, val acc 0.5000" in weights.about
+    )
+    assert "120 tensors (all but the head)" in weights.about
+    with pytest.raises(SystemExit, match="holds a resnet18, not a resnet34"):
+        M.load_weights("resnet34", str(tmp_path / "best.pt"))
+    net = M.build_model("resnet18", 3, weights)
+    assert torch.equal(net.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
+    assert net.fc.out_features == 3
 
 
 def test_unknown_weights_name_is_a_clear_error():

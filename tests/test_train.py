@@ -12,7 +12,7 @@ import augment
 import data
 import model as M
 import train
-from conftest import REPO, TINY
+from conftest import REPO, TINY, make_dataset
 
 CPU = torch.device("cpu")
 
@@ -279,18 +279,8 @@ def test_two_phase_run_writes_checkpoints_and_history(tiny_args, tmp_path):
     assert {"phase2_epoch001.pt", "phase2_epoch002.pt"} <= written
     rows = read_history(out / "history.csv")
     assert [(r["phase"], r["epoch"]) for r in rows] == [("1", "1"), ("2", "1"), ("2", "2")]
-    assert list(rows[0]) == [
-        "phase",
-        "epoch",
-        "lr",
-        "train_loss",
-        "train_acc",
-        "val_loss",
-        "val_acc",
-        "val_top5",
-        "images_per_s",
-        "seconds",
-    ]
+    columns = "phase epoch lr train_loss train_acc val_loss val_acc val_top5 images_per_s seconds"
+    assert list(rows[0]) == columns.split() + ["val_seconds"]
 
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["classes"] == ["cat", "dog", "eel"] and last["arch"] == "resnet18"
@@ -356,6 +346,59 @@ def test_phase_two_without_phase_one_warns_and_uses_weights(tiny_args, tmp_path,
     assert torch.equal(trained["conv1.weight"], weights["conv1.weight"])
     assert torch.equal(trained["layer4.0.conv2.weight"], weights["layer4.0.conv2.weight"])
     assert not torch.equal(trained["fc.weight"], weights["fc.weight"])  # a new head, as always
+
+
+def test_a_pretraining_run_is_the_weights_of_a_fine_tune(tiny_args, tmp_path, capsys):
+    """Pretrain on one dataset, fine-tune on another with --weights <its best.pt>: every tensor
+    but the head loads, the log says so, and the pretraining's normalisation comes along."""
+    pretrain = tmp_path / "pretrain"
+    train.main(
+        tiny_args
+        + [
+            "--epochs1",
+            "0",
+            "--epochs2",
+            "1",
+            "--out",
+            str(pretrain),
+            "--mean",
+            "0.5",
+            "0.5",
+            "0.5",
+            "--std",
+            "0.25",
+            "0.25",
+            "0.25",
+        ]
+    )
+    target = make_dataset(tmp_path / "target", classes=("x", "y", "z", "w"))
+    capsys.readouterr()
+    train.main(
+        tiny_args
+        + [
+            "--data",
+            str(target),
+            "--weights",
+            str(pretrain / "best.pt"),
+            "--epochs1",
+            "1",
+            "--epochs2",
+            "0",
+            "--out",
+            str(tmp_path / "fine"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert f"of {pretrain / 'best.pt'}: resnet18 trained on 3 classes at 16 px" in err
+    assert "inputs normalised with mean (0.500, 0.500, 0.500), std (0.250, 0.250, 0.250)" in err
+    source = torch.load(pretrain / "best.pt", weights_only=True)
+    fine = torch.load(tmp_path / "fine" / "last.pt", weights_only=True)
+    assert (fine["mean"], fine["std"], fine["classes"]) == ([0.5] * 3, [0.25] * 3, list("wxyz"))
+    # Phase I trains the head alone: the backbone is the pretraining's, to the bit.
+    assert torch.equal(
+        fine["model"]["layer2.0.conv1.weight"], source["model"]["layer2.0.conv1.weight"]
+    )
+    assert fine["model"]["fc.weight"].shape[0] == 4
 
 
 def test_phase_two_says_when_its_learning_rate_climbs_back(tiny_args, tmp_path, capsys):

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The real-photo experiments of RESULTS.md, on a CPU: a resnet18 backbone pretrained from scratch
+# on tiny-transfer's source/ half (the stand-in for ImageNet weights), then fine-tuned on its
+# target/ half in the ways RESULTS.md compares, then the report. Each step is skipped when its
+# checkpoint exists, so the script can be stopped and run again.
+#
+#   mkdir -p data && tar -xzf tiny-transfer.tar.gz -C data     # the dataset (see its README)
+#   bash benchmarks/tiny_transfer.sh                           # about 6 hours on 2 cores
+#   STEPS="pretrain method" bash benchmarks/tiny_transfer.sh   # some of it
+#
+# The timm row needs timm (pip install timm, not a requirement of this project) and timm's own
+# train.py from github.com/huggingface/pytorch-image-models at TIMM_TRAIN (default
+# benchmarks/.work/timm/train.py); it is skipped without them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python}
+src=${SOURCE:-data/tiny-transfer/source}
+tgt=${TARGET:-data/tiny-transfer/target}
+ck=${CHECKPOINTS:-checkpoints/tiny-transfer}
+steps=${STEPS:-pretrain method phase2-only probe scratch timm optimizers report}
+timm_train=${TIMM_TRAIN:-benchmarks/.work/timm/train.py}
+
+# The budget: 12 epochs a run, the method's 10 + 125 scaled down to 2 + 10, its warmup to one
+# epoch and its cosine to one monotone decay over the rest (the method's --cosine-epochs 120).
+common=(--data "$tgt" --arch resnet18 --img-size 64)
+pretrained=(--weights "$ck/source/best.pt")
+schedule=(--warmup-epochs 1 --cosine-epochs 9)
+
+wanted() { [[ " $steps " == *" $1 "* ]]; }
+run() {  # run OUT ARGS...: train.py into OUT, unless an earlier call finished it (OUT/done)
+    local out=$1; shift
+    if [ -f "$out/done" ]; then echo "== $out: done"; return; fi
+    echo "== $out: python train.py $* --out $out"
+    $py train.py "$@" --out "$out" 2>&1 | tee "$out.log"
+    touch "$out/done"
+}
+mkdir -p "$ck"
+
+# The stand-in for ImageNet weights: resnet18 from scratch on source/ (30,000 photos, 100
+# classes), Phase II alone, 24 epochs, a higher learning rate and batch than fine-tuning's.
+wanted pretrain && run "$ck/source" --data "$src" --arch resnet18 --img-size 64 --weights none \
+    --batch-size 128 --epochs1 0 --epochs2 24 --lr2 2e-3 --warmup-epochs 2 --cosine-epochs 22
+
+wanted method && run "$ck/method" "${common[@]}" "${pretrained[@]}" --epochs1 2 --epochs2 10 \
+    "${schedule[@]}"
+wanted phase2-only && run "$ck/phase2-only" "${common[@]}" "${pretrained[@]}" --epochs1 0 \
+    --epochs2 12 --warmup-epochs 1 --cosine-epochs 11
+wanted probe && run "$ck/probe" "${common[@]}" "${pretrained[@]}" --epochs1 12 --epochs2 0
+wanted scratch && run "$ck/scratch" "${common[@]}" --weights none --epochs1 0 --epochs2 12 \
+    --warmup-epochs 1 --cosine-epochs 11
+
+# timm's train.py fine-tuning the same backbone for the same 12 epochs, with its own recipe
+# (SGD with Nesterov momentum, lr 0.1 x batch / 256, cosine after 1 warmup epoch, weight decay
+# 2e-5, RandomResizedCrop, horizontal flips, colour jitter 0.4, label smoothing 0.1), at the same
+# batch and size; scored by this project's predict path after benchmarks/from_timm.py.
+if wanted timm && [ ! -f "$ck/timm/best.pt" ]; then
+    if [ -f "$timm_train" ] && $py -c "import timm" 2>/dev/null; then
+        $py -c "import torch; s = torch.load('$ck/source/best.pt', weights_only=True); \
+torch.save(s['model'], '$ck/source/backbone.pth')"
+        cmd=("$timm_train" --model resnet18 --pretrained
+             --model-kwargs "pretrained_cfg_overlay={'file':'$ck/source/backbone.pth'}"
+             --num-classes 100 --data-dir "$tgt" --train-split train --val-split val
+             --img-size 64 --crop-pct 1.0 --batch-size 72 --epochs 12 --warmup-epochs 1
+             --workers 1 --device cpu --seed 0 --output "$ck/timm-output" --experiment run)
+        start=$(date +%s)
+        $py "${cmd[@]}" 2>&1 | tee "$ck/timm.log"
+        $py benchmarks/from_timm.py "$ck/timm-output/run" --data "$tgt" --out "$ck/timm/best.pt" \
+            --command "python ${cmd[*]}" --wall-seconds $(( $(date +%s) - start ))
+    else
+        echo "== timm: skipped (no timm, or no $timm_train)"
+    fi
+fi
+
+# Figure 4: the Phase II optimizers from one Phase I (the method's), 3 epochs each.
+if wanted optimizers; then
+    for opt in nadam adamw adam sgd rmsprop; do
+        mkdir -p "$ck/opt-$opt" && cp -n "$ck/method/phase1.pt" "$ck/opt-$opt/"
+        run "$ck/opt-$opt" "${common[@]}" "${pretrained[@]}" --phase 2 --optimizer2 "$opt" \
+            --epochs1 2 --epochs2 3 --warmup-epochs 1 --cosine-epochs 2
+    done
+fi
+
+if wanted report; then
+    runs=("$ck"/{scratch,probe,phase2-only,method}/best.pt)
+    [ -f "$ck/timm/best.pt" ] && runs+=("$ck/timm/best.pt")
+    $py evaluate.py --ckpt "$ck/method/best.pt" --report RESULTS.md --figures results \
+        --answers "$tgt/answers.csv" --compare "${runs[@]}" \
+        --compare "$ck"/opt-{nadam,adamw,adam,sgd,rmsprop}/best.pt
+fi

@@ -1,0 +1,226 @@
+"""The Markdown report of a run, written by `evaluate.py --report FILE.md`: Table 1 as the run
+used it (from its checkpoint, not from today's defaults), its result as exact counts, Figures 1,
+2 and 5 and the mistakes gallery, a summary of its per-class metrics, and, with --compare,
+Figures 3 and 4 with their table.
+
+Text between `<!-- notes:NAME -->` and `<!-- /notes -->` is kept when the report is written
+again over an earlier one: write the prose there, and regenerate the numbers at will.
+"""
+
+import os
+import re
+import shlex
+from pathlib import Path
+
+from utils import atomic_file
+
+NOTES = re.compile(r"<!-- notes:(\w+) -->\n(.*?)<!-- /notes -->", re.S)
+
+
+def count(correct, total):
+    return f"{correct / total:.4f} ({correct}/{total})" if total else "n/a"
+
+
+def notes(name, kept):
+    """A slot for prose, holding what an earlier version of the report had there."""
+    return f"<!-- notes:{name} -->\n{kept.get(name, '')}<!-- /notes -->"
+
+
+def link(path, report):
+    return os.path.relpath(path, Path(report).parent)
+
+
+def table1(state):
+    """The method's hyperparameters as this run had them, in the report's Table 1 layout."""
+    a = state["args"]
+    cpu = state.get("device", "cuda") != "cuda"
+    amp = (
+        "off (float32 on the CPU)" if cpu else {"off": "off"}.get(a["amp"], f"{a['amp']} autocast")
+    )
+    steps = f" x {a['accum_steps']} accumulated" if a.get("accum_steps", 1) > 1 else ""
+    clip = a["clip"] or "none"
+    save = f"every {a['save_every']} epochs if val acc >= {a['save_min_acc']}"
+    lr2 = (
+        f"{a['lr2']:g} -> {a['min_lr']:g}: linear warmup from {a['warmup_start']:g}x over "
+        f"{a['warmup_epochs']} epoch(s), then cosine with half-period {a['cosine_epochs']}"
+    )
+    jitter = f"{a['jitter']:g} (hue {a['hue']:g}), p {a['p_jitter']:g}"
+    blur = f"3x3, sigma {a['blur_sigma'][0]:g}-{a['blur_sigma'][1]:g}, p {a['p_blur']:g}"
+    rows = [
+        ("Training", "batch size", f"{a['batch_size']}{steps}", "both"),
+        ("Training", "Phase I epochs", a["epochs1"], "I"),
+        ("Training", "Phase II epochs", a["epochs2"], "II"),
+        ("Training", "mixed precision", amp, "both"),
+        ("Training", "gradient clip (L2 norm)", clip, "II"),
+        ("Training", "periodic checkpoints", save, "II"),
+        ("Optimizer", "Phase I", f"AdamW, lr {a['lr1']:g} constant, wd {a['wd1']:g}", "I"),
+        ("Optimizer", "Phase II", f"{a['optimizer2']}, wd {a['wd2']:g}", "II"),
+        ("Optimizer", "Phase II learning rate", lr2, "II"),
+        ("Optimizer", "batch norm in Phase I", "frozen" if a["freeze_bn"] else "adapts", "I"),
+        ("Loss", "label smoothing", a["label_smoothing"], "both"),
+        ("Augmentation", "rotation", f"+-{a['degrees']:g} deg", "train"),
+        ("Augmentation", "translation", f"+-{a['translate']:.0%}", "train"),
+        ("Augmentation", "scale", f"{a['scale'][0]:g}-{a['scale'][1]:g}", "train"),
+        ("Augmentation", "shear", f"+-{a['shear']:g} deg", "train"),
+        ("Augmentation", "colour jitter", jitter, "train"),
+        ("Augmentation", "Gaussian blur", blur, "train"),
+        (
+            "Augmentation",
+            "flips",
+            f"horizontal p {a['p_hflip']:g}, vertical p {a['p_vflip']:g}",
+            "train",
+        ),
+        ("Model", "architecture", state["arch"], "both"),
+        ("Model", "input resolution", f"{state['img_size']}x{state['img_size']}", "both"),
+        ("Model", "pretrained weights", a["weights"], "both"),
+        ("Model", "classes", len(state["classes"]), "both"),
+    ]
+    lines = ["| category | parameter | value | phase |", "| --- | --- | --- | --- |"]
+    return lines + [f"| {c} | {p} | {v} | {ph} |" for c, p, v, ph in rows]
+
+
+def command_of(state, defaults):
+    """The train.py command line of a run: its options that differ from the defaults."""
+    if state.get("command"):
+        return state["command"]
+    args, parts = state["args"], ["python train.py"]
+    skip = {"resume", "cache_workers", "device", "demo", "mean", "std"}
+    for key, value in args.items():
+        if key in skip or key not in defaults or value == defaults[key] or value is None:
+            continue
+        if value is True:
+            parts.append(f"--{key.replace('_', '-')}")
+        elif value is not False:
+            values = value if isinstance(value, list) else [value]
+            parts.append(
+                f"--{key.replace('_', '-')} " + " ".join(shlex.quote(str(v)) for v in values)
+            )
+    return " ".join(parts)
+
+
+def per_class_summary(metrics, names, top=5):
+    rows = sorted(metrics["per_class"], key=lambda r: r["f1"])
+    macro = {k: sum(r[k] for r in rows) / len(rows) for k in ("precision", "recall", "f1")}
+    median = rows[len(rows) // 2]["f1"]
+    lines = [
+        f"Macro-averaged precision {macro['precision']:.4f}, recall {macro['recall']:.4f}, "
+        f"F1 {macro['f1']:.4f}; median F1 {median:.4f}.",
+        "",
+        "| | class | precision | recall | F1 | images |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    groups = [("best", rows[::-1][:top]), ("worst", rows[:top][::-1])]
+    if len(rows) <= 2 * top:  # few classes: each once
+        groups = [("", rows[::-1])]
+    for label, group in groups:
+        for r in group:
+            lines.append(
+                f"| {label} | {names.get(r['class'], r['class'])} | {r['precision']:.3f} | "
+                f"{r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
+            )
+    return lines
+
+
+def confused_table(pairs, names):
+    lines = ["| true class | predicted as | images | share of the true class |"]
+    lines.append("| --- | --- | ---: | ---: |")
+    for p in pairs:
+        true, predicted = (names.get(c, c) for c in (p["true"], p["predicted"]))
+        lines.append(f"| {true} | {predicted} | {p['count']} | {p['share']:.1%} |")
+    return lines
+
+
+def comparison_lines(comparison, report, defaults, kept):
+    title, folder, runs = comparison["title"], comparison["folder"], comparison["runs"]
+    tested = any(r.get("test") for r in runs)
+    header = "| run | architecture | Phase II optimizer | parameters | "
+    header += "test accuracy | " if tested else ""
+    header += "best val acc | epochs | minutes | command |"
+    lines = [
+        f"## Comparison: {title} (Figures 3 and 4)",
+        "",
+        notes(f"compare_{comparison['key']}", kept),
+        "",
+    ]
+    lines += [header, "| --- " * (header.count("|") - 1) + "|"]
+    for r in runs:
+        test = f"{count(*r['test'][:2])} | " if tested else ""
+        lines.append(
+            f"| {r['label']} | {r['arch']} | {r['optimizer2']} | {r['params'] / 1e6:.1f}M | {test}"
+            f"{r['best_acc']:.4f} | {len(r['history'])} | {r['minutes']:.1f} | "
+            f"`{command_of(r['state'], defaults)}` |"
+        )
+    for name, caption in (
+        ("fig3_accuracy_vs_parameters.png", "Figure 3: best validation accuracy against size"),
+        ("fig4_validation_accuracy_curves.png", "Figure 4: validation accuracy per epoch"),
+    ):
+        lines += ["", f"![{caption}]({link(folder / name, report)})"]
+    return lines + [""]
+
+
+def write_report(path, figures, state, history, metrics, test, comparisons, names, defaults):
+    """The report as Markdown at `path`; its images are in `figures` (linked relatively)."""
+    path = Path(path)
+    kept = dict(NOTES.findall(path.read_text())) if path.is_file() else {}
+    best = max(history, key=lambda r: r["val_acc"])
+    n = metrics["images"]
+    lines = [
+        f"# {state['arch']} on {state['data']}: results",
+        "",
+        notes("summary", kept),
+        "",
+        "## The method as this run used it (Table 1)",
+        "",
+        *table1(state),
+        "",
+        f"Command: `{command_of(state, defaults)}`",
+        "",
+        "## Result",
+        "",
+        "| split | images | top-1 | top-5 |",
+        "| --- | ---: | ---: | ---: |",
+        f"| validation | {n} | {count(metrics['top1_correct'], n)} | "
+        f"{count(metrics['top5_correct'], n)} |",
+    ]
+    if test:
+        lines.append(f"| test | {test[1]} | {count(*test[:2])} | |")
+    lines += [
+        "",
+        f"The checkpoint is the epoch with the best validation accuracy: phase {best['phase']} "
+        f"epoch {best['epoch']} of {len(history)} "
+        f"({sum(r['seconds'] + r.get('val_seconds', 0) for r in history) / 60:.1f} minutes of "
+        "training and validation).",
+        "",
+        notes("result", kept),
+        "",
+        "## Training (Figures 1 and 2)",
+        "",
+        f"![Figure 1: training loss]({link(figures / 'fig1_loss.png', path)})",
+        "",
+        f"![Figure 2: validation accuracy]({link(figures / 'fig2_val_accuracy.png', path)})",
+        "",
+        notes("training", kept),
+        "",
+        "## Errors (Figure 5, the mistakes gallery)",
+        "",
+        f"![Figure 5: confusion matrix]({link(figures / 'fig5_confusion_matrix.png', path)})",
+        "",
+        f"![The most confident mistakes]({link(figures / 'mistakes.png', path)})",
+        "",
+        "The most confused pairs on the validation split:",
+        "",
+        *confused_table(metrics["most_confused"], names),
+        "",
+        notes("errors", kept),
+        "",
+        "## Per-class metrics",
+        "",
+        *per_class_summary(metrics, names),
+        "",
+        f"Every class: [per_class_metrics.csv]({link(figures / 'per_class_metrics.csv', path)}).",
+        "",
+    ]
+    for comparison in comparisons:
+        lines += comparison_lines(comparison, path, defaults, kept)
+    with atomic_file(path, "w") as f:
+        f.write("\n".join(lines))
