@@ -269,3 +269,65 @@ class BatchPreprocess(torch.nn.Module):
             x = self.augment(x)
         out = torch.empty(x.shape, device=x.device, memory_format=torch.channels_last)
         return torch.addcmul(self.shift, x, self.scale, out=out)  # (x - mean) / std
+
+
+class MixUpCutMix:
+    """MixUp and CutMix of a normalised batch on its device, per sample, with the semantics of
+    torchvision.transforms.v2.MixUp and CutMix: image i is mixed with image i - 1 (the batch
+    rolled by one, as torchvision pairs them) by its own lambda ~ Beta(alpha, alpha). MixUp
+    blends the two images; CutMix pastes a box of the partner, centred uniformly in the image and
+    clipped to it, of sides sqrt(1 - lambda) times the image's, then takes lambda as the share of
+    the image left. With both on, each image draws which one, with p 0.5. The targets are the
+    one-hot labels mixed by the same lambdas; the loss's label smoothing applies on top, as with
+    torchvision's transforms before CrossEntropyLoss(label_smoothing=...). Parameters are drawn
+    on the host from this object's own generator (reseeded each epoch), like DeviceAugment's."""
+
+    def __init__(self, mixup=0.0, cutmix=0.0, num_classes=2, seed=0):
+        self.mixup, self.cutmix, self.num_classes = mixup, cutmix, num_classes
+        self.generator = torch.Generator()
+        self.reseed(seed)
+
+    reseed = DeviceAugment.reseed
+
+    def sample(self, n, h, w):
+        """The parameters of n images of h x w, as host tensors."""
+        g = self.generator
+        cut = torch.rand(n, generator=g, dtype=torch.float64) < 0.5
+        if not (self.mixup and self.cutmix):  # one of them: every image takes it
+            cut = torch.full((n,), bool(self.cutmix))
+        alphas = torch.where(cut, self.cutmix, self.mixup).double()
+        gamma = torch._standard_gamma  # Beta(a, a) = X / (X + Y) with X, Y ~ Gamma(a)
+        a, b = gamma(alphas, generator=g), gamma(alphas, generator=g)
+        lam = a / (a + b)
+        centre_x = torch.randint(w, (n,), generator=g)
+        centre_y = torch.randint(h, (n,), generator=g)
+        half = 0.5 * torch.sqrt(1 - lam)
+        half_w, half_h = (half * w).long(), (half * h).long()  # int() of torchvision's
+        x1, x2 = (centre_x - half_w).clamp(min=0), (centre_x + half_w).clamp(max=w)
+        y1, y2 = (centre_y - half_h).clamp(min=0), (centre_y + half_h).clamp(max=h)
+        area = ((x2 - x1) * (y2 - y1)).double()
+        return {
+            "lam": torch.where(cut, 1 - area / (h * w), lam),  # the share of image i kept
+            "cut": cut,
+            "box": torch.stack([x1, y1, x2, y2], 1),
+            "drawn": lam,  # the Beta draws, before CutMix's box made them exact
+            "centre": torch.stack([centre_x, centre_y], 1),
+        }
+
+    @torch.no_grad()
+    def __call__(self, x, labels, params=None):
+        """(mixed images, mixed one-hot targets) of a batch and its class indices."""
+        n, _, h, w = x.shape
+        p = self.sample(n, h, w) if params is None else params
+        lam, cut, box = host_to_device([p["lam"].float(), p["cut"], p["box"]], x.device)
+        partner = x.roll(1, 0)
+        ys = torch.arange(h, device=x.device).view(1, h, 1)
+        xs = torch.arange(w, device=x.device).view(1, 1, w)
+        rows = (ys >= box[:, 1, None, None]) & (ys < box[:, 3, None, None])
+        columns = (xs >= box[:, 0, None, None]) & (xs < box[:, 2, None, None])
+        pasted = torch.where((rows & columns).unsqueeze(1), partner, x)
+        blended = torch.lerp(partner, x, lam.view(-1, 1, 1, 1))
+        mixed = torch.where(cut.view(-1, 1, 1, 1), pasted, blended)
+        one_hot = torch.nn.functional.one_hot(labels, self.num_classes).float()
+        targets = torch.lerp(one_hot.roll(1, 0), one_hot, lam.view(-1, 1))
+        return mixed.contiguous(memory_format=torch.channels_last), targets

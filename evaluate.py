@@ -32,8 +32,10 @@ from inference import (
     print_confused,
     topk_hits,
 )
+from model import count_parameters
 from predict import check_predictions, predicted_rows, read_rows, score, test_images
 from report import write_report
+from train import best_acc, parameter_count, warn_if_too_large
 from utils import full_history, load_checkpoint, log, resolve_checkpoint
 
 
@@ -67,6 +69,13 @@ def get_args_parser():
     )
     p.add_argument("--test-dir", default=None, help="the test images (default: <data>/test)")
     p.add_argument("--top-pairs", type=int, default=10, help="how many confused pairs to list")
+    p.add_argument(
+        "--max-params",
+        type=parameter_count,
+        default=None,
+        metavar="N",
+        help="warn when the model has more parameters (e.g. 100M)",
+    )
     return p
 
 
@@ -171,9 +180,19 @@ def plot_loss(history, path):
 def plot_val_accuracy(history, path):
     """Figure 2: validation accuracy per epoch, the best epoch marked."""
     x, boundary = epochs_axis(history)
-    acc = np.array([r["val_acc"] for r in history])
+    acc = np.array([best_acc(r) for r in history])
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(x, acc, color="tab:green")
+    if any("ema_val_acc" in r for r in history):  # --ema: both curves, the best of either
+        ax.plot(x, [r["val_acc"] for r in history], color="tab:green", label="weights")
+        ax.plot(
+            x,
+            [r.get("ema_val_acc", np.nan) for r in history],
+            color="tab:purple",
+            label="moving average (--ema)",
+        )
+        ax.legend()
+    else:
+        ax.plot(x, acc, color="tab:green")
     best = int(acc.argmax())
     ax.scatter([x[best]], [acc[best]], color="tab:red", zorder=3)
     ax.annotate(
@@ -251,7 +270,7 @@ def describe_run(path, args, scores=None):
     accuracy (from `scores`, by checkpoint path, where it is known already)."""
     state = load_checkpoint(path)
     history = full_history(resolve_checkpoint(path), state)
-    best = max(history, key=lambda r: r["val_acc"])
+    best = max(history, key=best_acc)
     params = sum(
         v.numel()
         for k, v in state["model"].items()
@@ -268,7 +287,7 @@ def describe_run(path, args, scores=None):
         "optimizer2": state["args"].get("optimizer2"),
         "params": params,
         "history": history,
-        "best_acc": best["val_acc"],
+        "best_acc": best_acc(best),
         "best_epoch": f"phase {best['phase']} epoch {best['epoch']}",
         "minutes": seconds / 60,
     }
@@ -383,7 +402,7 @@ def evaluate_checkpoint(trained, args, figures, names):
     val = load_val(
         args.data or state["data"],
         classes,
-        state["img_size"],
+        trained.img_size,
         saved.get("cache_dir"),
         args.cache_workers,
         saved["val_fraction"],
@@ -398,6 +417,12 @@ def evaluate_checkpoint(trained, args, figures, names):
     )
     write_metrics(metrics, figures)
     print_metrics(metrics, args.ckpt)
+    params = count_parameters(trained.model.parameters())
+    print(
+        f"{state['arch']}: {params:,} parameters"
+        + (f", {trained.state.get('eval_weights')} weights" if state.get("ema") else "")
+    )
+    warn_if_too_large(state["arch"], params, args.max_params)
     history = full_history(resolve_checkpoint(args.ckpt), state)
     plot_loss(history, figures / "fig1_loss.png")
     plot_val_accuracy(history, figures / "fig2_val_accuracy.png")

@@ -40,6 +40,13 @@ def add_inference_args(parser):
         help="mixed precision on CUDA (default: as in training)",
     )
     parser.add_argument(
+        "--img-size",
+        type=int,
+        default=None,
+        help="side the images are resized to (default: the training run's); larger can be better "
+        "(FixRes)",
+    )
+    parser.add_argument(
         "--tta",
         action="store_true",
         help="average the softmax over each image and its horizontal flip (beyond the report)",
@@ -57,6 +64,7 @@ class Trained:
     preprocess: BatchPreprocess
     device: torch.device
     dtype: torch.dtype | None
+    img_size: int  # what the images are resized to: the training run's, or --img-size
 
     @property
     def classes(self):
@@ -77,6 +85,7 @@ def load_trained(args, state=None):
         preprocess=BatchPreprocess(state["mean"], state["std"]).to(device),
         device=device,
         dtype=amp_dtype(args.amp or state["args"].get("amp", "fp16"), device),
+        img_size=args.img_size or state["img_size"],
     )
 
 

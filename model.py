@@ -1,6 +1,7 @@
 """The network: a torchvision ResNet-family backbone, its pretrained weights, a new head,
 freezing."""
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -153,8 +154,59 @@ def train_mode(model, freeze_bn=False):
                 m.eval()
 
 
+def stage_groups(model, lr, decay):
+    """Parameter groups for layer-wise learning-rate decay: the head at `lr`, each ResNet stage
+    below it `decay` times the one above (layer4, layer3, ..., the stem last)."""
+    if decay == 1:
+        return [p for p in model.parameters() if p.requires_grad]
+    stages = ["fc", "layer4", "layer3", "layer2", "layer1"]
+    groups = [[] for _ in range(len(stages) + 1)]  # the last: the stem (conv1, bn1)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            top = strip_prefixes(name).split(".")[0]
+            groups[stages.index(top) if top in stages else len(stages)].append(p)
+    return [{"params": g, "lr": lr * decay**depth} for depth, g in enumerate(groups) if g]
+
+
+class EMA:
+    """An exponential moving average of a model's weights, as timm's ModelEmaV3 with warmup and
+    its buffers copied: after the n-th optimizer step, ema = d ema + (1 - d) weights with
+    d = min(decay, 1 - (1 + n) ** -2/3), so that the early average is not stuck near the start;
+    batch norm statistics are copied, not averaged."""
+
+    def __init__(self, model, decay):
+        self.source, self.decay, self.updates = model, decay, 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def rate(self, n):
+        return min(self.decay, 1 - (1 + n) ** (-2 / 3))
+
+    @torch.no_grad()
+    def update(self):
+        self.updates += 1
+        ema = [p for p in self.module.parameters()]
+        live = [p.detach() for p in self.source.parameters()]
+        torch._foreach_lerp_(ema, live, 1 - self.rate(self.updates))
+        for mine, theirs in zip(self.module.buffers(), self.source.buffers()):
+            mine.copy_(theirs)
+
+    def state_dict(self):
+        weights = {strip_prefixes(k): v for k, v in self.module.state_dict().items()}
+        return {"model": weights, "updates": self.updates, "decay": self.decay}
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
+def inference_weights(state):
+    """The weights a checkpoint is evaluated with: its EMA where that validated better."""
+    return state["ema"]["model"] if state.get("eval_weights") == "ema" else state["model"]
+
+
 def model_from_checkpoint(state, device):
-    """The trained network of a checkpoint, on `device`, in eval mode."""
+    """The trained network of a checkpoint (its better weights: see inference_weights), on
+    `device`, in eval mode."""
     model = build_model(state["arch"], len(state["classes"]), weights="none")
-    model.load_state_dict(state["model"])
+    model.load_state_dict(inference_weights(state))
     return model.to(device, memory_format=torch.channels_last).eval()

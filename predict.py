@@ -164,7 +164,7 @@ def predicted_rows(
     that predicts batch by batch, and how many images were unreadable (an error unless
     skip_bad). The images go through the checkpoint's preprocessing, cached."""
     cache_dir = cache_dir or default_cache_dir(test_dir.parent)
-    cache = build_cache(test_dir, files, trained.state["img_size"], cache_dir, threads)
+    cache = build_cache(test_dir, files, trained.img_size, cache_dir, threads)
     if cache.skipped and not skip_bad:
         raise SystemExit(
             f"{len(cache.skipped)} unreadable test image(s), nothing written: "

@@ -162,7 +162,7 @@ def write_report(path, figures, state, history, metrics, test, comparisons, name
     """The report as Markdown at `path`; its images are in `figures` (linked relatively)."""
     path = Path(path)
     kept = dict(NOTES.findall(path.read_text())) if path.is_file() else {}
-    best = max(history, key=lambda r: r["val_acc"])
+    best = max(history, key=lambda r: max(r["val_acc"], r.get("ema_val_acc", -1)))
     n = metrics["images"]
     lines = [
         f"# {state['arch']} on {state['data']}: results",

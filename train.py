@@ -21,15 +21,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from augment import BatchPreprocess, DeviceAugment
+from augment import BatchPreprocess, DeviceAugment, MixUpCutMix
 from data import load_splits, make_loader, set_epoch, write_demo_dataset
 from inference import predict_log_probs, topk_hits
 from model import (
+    EMA,
     Weights,
     build_model,
     count_parameters,
     load_weights,
     set_trainable,
+    stage_groups,
     strip_prefixes,
     train_mode,
 )
@@ -213,6 +215,39 @@ def get_args_parser():
         "the first if none is given); off: resume a compiled run without it",
     )
 
+    g = p.add_argument_group("accuracy levers beyond the report (off by default)")
+    g.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights (e.g. 0.999), "
+        "validated beside them; best.pt takes the better",
+    )
+    g.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="Phase II MixUp")
+    g.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="Phase II CutMix")
+    g.add_argument(
+        "--lr-decay",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="Phase II: each ResNet stage learns FACTOR times as fast as the one above",
+    )
+    g.add_argument(
+        "--keep-last",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep the last K epochs' checkpoints (for avg_checkpoints.py)",
+    )
+    g.add_argument(
+        "--max-params",
+        type=parameter_count,
+        default=None,
+        metavar="N",
+        help="warn when the model has more parameters (e.g. 100M)",
+    )
+
     g = p.add_argument_group("augmentation (training only, per sample, on the device)")
     g.add_argument("--degrees", type=float, default=10.0, help="affine rotation +-, always")
     g.add_argument("--translate", type=float, default=0.1, help="affine shift, share of the side")
@@ -251,12 +286,36 @@ def get_args_parser():
     return p
 
 
+def parameter_count(text):
+    """100M, 25.6M, 1.5B or a plain number."""
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(text[-1:].upper(), 1)
+    try:
+        return int(float(text[:-1] if scale != 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (e.g. 100M)") from None
+
+
+def bad_values(args):
+    """What is wrong with the options, as sentences for the parser's error."""
+    if args.accum_steps < 1:
+        yield "--accum-steps must be at least 1"
+    if args.ema is not None and not 0 < args.ema < 1:
+        yield f"--ema {args.ema}: the decay must be between 0 and 1, e.g. 0.999"
+    for name in ("mixup", "cutmix"):
+        if getattr(args, name) < 0:
+            yield f"--{name} {getattr(args, name)}: alpha must be positive (0 turns it off)"
+    if not 0 < args.lr_decay <= 1:
+        yield f"--lr-decay {args.lr_decay}: the factor must be in (0, 1] (1 turns it off)"
+    if args.keep_last < 0:
+        yield "--keep-last must be 0 or more"
+
+
 def parse_args(argv=None):
     """Arguments, with --demo's preset or a resumed run's saved arguments under the ones given."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.accum_steps < 1:
-        parser.error("--accum-steps must be at least 1")
+    for problem in bad_values(args):
+        parser.error(problem)
     unset = object()
     parser.set_defaults(**{k: unset for k in vars(args)})
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
@@ -288,6 +347,7 @@ class Phase:
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     clip: float
     freeze_bn: bool
+    mix: MixUpCutMix | None = None
 
 
 def phase_setup(number, args, model, device):
@@ -298,8 +358,13 @@ def phase_setup(number, args, model, device):
         optimizer = make_optimizer("adamw", set_trainable(model, 1), args.lr1, args.wd1, device)
         return Phase(1, args.epochs1, optimizer, None, 0.0, args.freeze_bn)
     # Every layer: warmup then cosine, gradients clipped.
-    optimizer = make_optimizer(args.optimizer2, set_trainable(model, 2), args.lr2, args.wd2, device)
-    return Phase(2, args.epochs2, optimizer, warmup_cosine(optimizer, args), args.clip, False)
+    set_trainable(model, 2)
+    groups = stage_groups(model, args.lr2, args.lr_decay)
+    optimizer = make_optimizer(args.optimizer2, groups, args.lr2, args.wd2, device)
+    mix = None
+    if args.mixup or args.cutmix:
+        mix = MixUpCutMix(args.mixup, args.cutmix, model.fc.out_features)
+    return Phase(2, args.epochs2, optimizer, warmup_cosine(optimizer, args), args.clip, False, mix)
 
 
 def warmup_cosine(optimizer, args):
@@ -357,11 +422,14 @@ def train_one_epoch(
     accum_steps=1,
     desc="",
     background=None,
+    mix=None,
+    ema=None,
 ):
     """One pass over the training data, an optimizer step every `accum_steps` batches. Each
     batch's loss and correct predictions stay on the device and are summed once, at the end, so
     the host never waits for the device for them. Batches whose loss is not finite are counted
-    apart. `background`: how batches are prepared (see prefetch.on_device)."""
+    apart. `background`: how batches are prepared (see prefetch.on_device). `mix` (MixUpCutMix)
+    mixes each batch and its targets; `ema` (model.EMA) follows every optimizer step."""
     train_mode(model, freeze_bn)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     losses, hits, sizes = [], [], []  # per batch: mean loss, correct predictions (device), images
@@ -377,15 +445,17 @@ def train_one_epoch(
         )
         for i, (images, labels) in enumerate(bar):
             step_now = (i + 1) % accum_steps == 0 or i + 1 == len(loader)
-            group = min(
-                accum_steps, len(loader) - i // accum_steps * accum_steps
-            )  # the last may be shorter
+            # The last group may be shorter.
+            group = min(accum_steps, len(loader) - i // accum_steps * accum_steps)
+            targets = labels
+            if mix is not None:
+                images, targets = mix(images, labels)
             # Under DDP, gradients are all-reduced once per optimizer step, not once per batch.
             sync = model.no_sync() if not step_now and hasattr(model, "no_sync") else nullcontext()
             with sync:
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     logits = model(images)
-                    loss = criterion(logits, labels)
+                    loss = criterion(logits, targets)
                 scaler.scale(loss / group if group > 1 else loss).backward()
             if step_now:
                 if clip:
@@ -394,6 +464,8 @@ def train_one_epoch(
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                if ema is not None:
+                    ema.update()
             losses.append(loss.detach())
             hits.append((logits.argmax(1) == labels).sum())
             sizes.append(len(labels))
@@ -478,8 +550,8 @@ class Resume:
     def history(self):
         return list(self.state["history"]) if self.state else []
 
-    def restore(self, model, classes, rank, world_size):
-        """The saved weights and each process's global random state."""
+    def restore(self, model, ema, classes, rank, world_size):
+        """The saved weights, their moving average and each process's global random state."""
         if self.state is None:
             return
         if list(self.state["classes"]) != list(classes):
@@ -488,6 +560,10 @@ class Resume:
                 f"data (checkpoint: {self.state['classes'][:5]}..., data: {classes[:5]}...)"
             )
         model.load_state_dict(self.state["model"])
+        if ema is not None and self.state.get("ema"):
+            ema.load_state_dict(self.state["ema"])
+        elif ema is not None:  # --ema added to a run that had none: it starts from here
+            ema.module.load_state_dict(self.state["model"])
         # The data order and the augmentation need no saved state: they are seeded from (seed,
         # epoch, rank). The global generators (initialisation, dropout) go on where they stopped.
         states = self.state["rng"] if isinstance(self.state["rng"], list) else [self.state["rng"]]
@@ -516,11 +592,17 @@ class Resume:
             scaler.load_state_dict(self.state["scaler"])
 
 
-class Run:
-    """What both phases share: the data, the model, the device, the history and the checkpoints."""
+def best_acc(record):
+    """An epoch's validation accuracy: of the weights or of their moving average, the better."""
+    return max(record["val_acc"], record.get("ema_val_acc", -1.0))
 
-    def __init__(self, args, splits, model, device, resume, rank=0, world_size=1):
-        self.args, self.splits, self.model, self.device = args, splits, model, device
+
+class Run:
+    """What both phases share: the data, the model and its moving average, the device, the
+    history and the checkpoints."""
+
+    def __init__(self, args, splits, model, ema, device, resume, rank=0, world_size=1):
+        self.args, self.splits, self.model, self.ema, self.device = args, splits, model, ema, device
         self.resume, self.history = resume, resume.history()
         self.rank, self.world_size = rank, world_size
         self.net = model  # what runs the steps: the same module, wrapped for DDP and --compile
@@ -567,8 +649,11 @@ class Run:
         log(describe_phase(phase, args, self.model))
         for epoch in range(first, phase.epochs):
             lr = phase.optimizer.param_groups[0]["lr"]
+            seed = (args.seed, len(self.history), self.rank)  # the augmentation's, per epoch
             set_epoch(self.train_loader, len(self.history))
-            self.train_preprocess.augment.reseed(args.seed, len(self.history), self.rank)
+            self.train_preprocess.augment.reseed(*seed)
+            if phase.mix is not None:
+                phase.mix.reseed(*seed, 1)
             t0 = time.perf_counter()
             train = train_one_epoch(
                 self.net,
@@ -583,19 +668,11 @@ class Run:
                 freeze_bn=phase.freeze_bn,
                 accum_steps=args.accum_steps,
                 desc=f"phase {phase.number} epoch {epoch + 1}/{phase.epochs}",
+                mix=phase.mix,
+                ema=self.ema,
             )
             seconds = time.perf_counter() - t0
-            # Outside DDP: a process with no validation images would otherwise miss its collectives.
-            broadcast_buffers(self.model)
-            val = evaluate(
-                self.net if self.world_size == 1 else self.model,
-                self.val_loader,
-                self.eval_preprocess,
-                self.criterion,
-                self.device,
-                self.dtype,
-            )
-            val_seconds = time.perf_counter() - t0 - seconds
+            val = self.validate()
             self.check_finite(train, val, phase.number, epoch)
             if phase.scheduler is not None:
                 phase.scheduler.step()  # per epoch, as the method specifies
@@ -608,12 +685,23 @@ class Run:
                 **val,
                 "images_per_s": train["images"] / seconds,
                 "seconds": seconds,
-                "val_seconds": val_seconds,
+                "val_seconds": time.perf_counter() - t0 - seconds,
             }
-            is_best = val["val_acc"] > max((r["val_acc"] for r in self.history), default=-1.0)
+            is_best = best_acc(record) > max(map(best_acc, self.history), default=-1.0)
             self.history.append(record)
             self.log_epoch(record, phase.epochs, is_best)
             self.save(phase, epoch + 1, scaler, is_best)
+
+    def validate(self):
+        """Validation of the weights, and of their moving average with --ema."""
+        # Outside DDP: a process with no validation images would otherwise miss its collectives.
+        broadcast_buffers(self.model)
+        net = self.net if self.world_size == 1 else self.model
+        run = (self.val_loader, self.eval_preprocess, self.criterion, self.device, self.dtype)
+        val = evaluate(net, *run)
+        if self.ema is not None:
+            val |= {f"ema_{k}": v for k, v in evaluate(self.ema.module, *run).items()}
+        return val
 
     def check_finite(self, train, val, phase, epoch):
         """An fp16 overflow now and then is normal (GradScaler skips that step and lowers its
@@ -659,6 +747,11 @@ class Run:
             "rng": gather_from_processes(rng_state()),  # one state per process
             "world_size": self.world_size,
             "device": self.device.type,
+            "ema": self.ema.state_dict() if self.ema else None,
+            # The weights evaluate.py and predict.py use: the moving average where it was better.
+            "eval_weights": "ema"
+            if best_acc(self.history[-1]) > self.history[-1]["val_acc"]
+            else "model",
         }
 
     def save(self, phase, epoch, scaler, is_best):
@@ -681,15 +774,22 @@ class Run:
                     f"phase2_epoch{epoch:03d}.pt not kept: val acc {acc:.4f} is below "
                     f"--save-min-acc {self.args.save_min_acc}"
                 )
+        keep = self.args.keep_last  # named by the run's epoch count: epoch001.pt, ...
+        if keep:
+            names.append(f"epoch{len(self.history):03d}.pt")
         save_checkpoints(state, [self.out / name for name in names])
         write_history_csv(self.history, self.out / "history.csv")
+        if keep:
+            (self.out / f"epoch{len(self.history) - keep:03d}.pt").unlink(missing_ok=True)
 
     def log_epoch(self, r, epochs, is_best):
         log(
             f"phase {r['phase']} epoch {r['epoch']:>3}/{epochs} | lr {r['lr']:.2e} | "
             f"train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | "
             f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} top5 {r['val_top5']:.4f} | "
-            f"{r['images_per_s']:.0f} img/s {r['seconds']:.1f} s" + (" | best" if is_best else "")
+            + (f"ema acc {r['ema_val_acc']:.4f} | " if "ema_val_acc" in r else "")
+            + f"{r['images_per_s']:.0f} img/s {r['seconds']:.1f} s"
+            + (" | best" if is_best else "")
         )
 
 
@@ -722,7 +822,6 @@ def main(argv=None):
     resume = Resume.find(args, checkpoint)
     weights = resume.weights(args.arch, args.weights)
     model = build_model(args.arch, len(splits.classes), weights)
-    resume.restore(model, splits.classes, rank, world_size)
     # Unless given, the normalisation the weights were trained with (saved: a resume keeps it).
     args.mean = args.mean or list(weights.mean)
     args.std = args.std or list(weights.std)
@@ -733,9 +832,12 @@ def main(argv=None):
             )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
-    run = Run(args, splits, model, device, resume, rank, world_size)
+    ema = EMA(model, args.ema) if args.ema else None
+    resume.restore(model, ema, splits.classes, rank, world_size)
+    run = Run(args, splits, model, ema, device, resume, rank, world_size)
+    params = count_parameters(model.parameters())
     log(
-        f"{args.arch} ({count_parameters(model.parameters()) / 1e6:.1f}M parameters) on {device} "
+        f"{args.arch} ({params / 1e6:.1f}M parameters) on {device} "
         f"({run.dtype or torch.float32}), {len(splits.classes)} classes, "
         f"{len(splits.train)} train / {len(splits.val)} val images, batch {args.batch_size}"
         + (
@@ -747,6 +849,7 @@ def main(argv=None):
     )
     mean, std = (", ".join(f"{v:.3f}" for v in values) for values in (args.mean, args.std))
     log(f"weights: {weights.about}; inputs normalised with mean ({mean}), std ({std})")
+    warn_if_too_large(args.arch, params, args.max_params)
     try:
         # Algorithm 1. Phase I: fit the new head on the frozen backbone.
         if args.phase in ("1", "all"):
@@ -760,6 +863,11 @@ def main(argv=None):
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return run
+
+
+def warn_if_too_large(arch, params, limit):
+    if limit and params > limit:
+        log(f"warning: {arch} has {params:,} parameters, more than --max-params {limit:,}")
 
 
 def out_of_memory_advice(args, last):

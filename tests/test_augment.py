@@ -188,3 +188,37 @@ def test_the_augmentation_leaves_its_input_alone():
     augment = DeviceAugment(p_jitter=1.0, p_blur=1.0)
     augment(x)
     assert torch.equal(x, kept)
+
+
+def test_mixup_and_cutmix_match_torchvisions_on_the_same_draws(monkeypatch):
+    """Image by image: torchvision's MixUp or CutMix on the pair (image i - 1, image i), with
+    their random draws set to the ones this image drew, gives what the batched version gives."""
+    from torchvision.transforms import v2
+
+    mix = augment.MixUpCutMix(mixup=0.4, cutmix=1.0, num_classes=5, seed=2)
+    x, labels = torch.rand(8, 3, 12, 10), torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    p = mix.sample(8, 12, 10)
+    assert p["cut"].any() and not p["cut"].all()  # both kinds, per image
+    mixed, targets = mix(x, labels, p)
+    assert torch.allclose(targets.sum(1), torch.ones(8))
+    assert torch.allclose(targets[torch.arange(8), labels], p["lam"].float())
+    for i in range(8):
+        kind = v2.CutMix if p["cut"][i] else v2.MixUp
+        reference = kind(alpha=1.0, num_classes=5)
+        with monkeypatch.context() as patch:
+            lam = torch.tensor([float(p["drawn"][i])])
+            fixed = type("Fixed", (), {"sample": lambda self, shape, lam=lam: lam})
+            patch.setattr(reference, "_dist", fixed())
+            centre = iter([p["centre"][i, :1], p["centre"][i, 1:]])  # r_x, then r_y
+            patch.setattr(torch, "randint", lambda *args, centre=centre, **kw: next(centre))
+            ref_x, ref_targets = reference(torch.stack([x[i - 1], x[i]]), labels[[i - 1, i]])
+        assert torch.allclose(mixed[i], ref_x[1], atol=1e-6), i
+        assert torch.allclose(targets[i], ref_targets[1], atol=1e-6), i
+
+
+def test_mixing_draws_repeat_after_a_reseed():
+    mix = augment.MixUpCutMix(mixup=0.2, cutmix=0.0, num_classes=3)
+    mix.reseed(0, 4, 1)
+    first = mix.sample(16, 8, 8)
+    mix.reseed(0, 4, 1)
+    assert torch.equal(mix.sample(16, 8, 8)["lam"], first["lam"]) and not first["cut"].any()

@@ -121,6 +121,7 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, narrow_mod
     # 18 training images in batches of 8 (2 x 4); 9 validation images, not a multiple of 2.
     data = make_dataset(tmp_path / "data", per_class=6, val_per_class=3)
     common = ["--data", data, *TINY, "--epochs1", "2", "--epochs2", "0", "--freeze-bn", *NO_AUGMENT]
+    common += ["--ema", "0.9"]
     common = [str(a) for a in common]
     torchrun(*common, "--batch-size", "4", "--out", tmp_path / "two")
     i = common.index("--batch-size")
@@ -129,8 +130,11 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, narrow_mod
     one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
     for k in one["model"]:
         assert torch.allclose(one["model"][k].float(), two["model"][k].float(), atol=1e-5), k
+        assert torch.allclose(
+            one["ema"]["model"][k].float(), two["ema"]["model"][k].float(), atol=1e-5
+        )
     for r1, r2 in zip(one["history"], two["history"]):  # validation: exact, over all 9 images
-        assert r1["val_acc"] == r2["val_acc"]
+        assert (r1["val_acc"], r1["ema_val_acc"]) == (r2["val_acc"], r2["ema_val_acc"])
         assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-5)
         assert r1["train_loss"] == pytest.approx(r2["train_loss"], abs=1e-5)
 

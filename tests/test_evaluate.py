@@ -154,3 +154,19 @@ def test_report_holds_the_runs_table_1_its_result_and_only_links_that_exist(
     )
     evaluate.main(argv)
     assert "<!-- notes:summary -->\nWe find X.\n<!-- /notes -->" in report.read_text()
+
+
+def test_a_larger_test_size_is_read_through_its_own_cache(trained, tmp_path, capsys):
+    args = [
+        "--ckpt",
+        str(trained / "best.pt"),
+        "--figures",
+        str(tmp_path / "fig"),
+        "--device",
+        "cpu",
+    ]
+    evaluate.main(args + ["--img-size", "24", "--max-params", "1K"])
+    out, err = capsys.readouterr()
+    assert "top-1" in out and "parameters, more than --max-params 1,000" in err
+    cache = [p.name for p in (trained.parent / "data" / ".cache").iterdir()]
+    assert any("-24px-" in name for name in cache) and any("-16px-" in name for name in cache)

@@ -105,3 +105,32 @@ def test_freeze_bn_keeps_batch_norm_in_eval_mode():
     assert net.bn1.training
     M.train_mode(net, freeze_bn=True)
     assert net.training and not net.bn1.training and not net.layer3[0].bn2.training
+
+
+def test_ema_follows_each_step_as_computed_by_hand():
+    """timm's ModelEmaV3 with warmup and buffers copied: after the n-th update the average moves
+    by 1 - min(decay, 1 - (1 + n) ** -2/3) towards the weights; batch norm statistics are copied."""
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = M.EMA(net, decay=0.9)
+    start = net[0].weight.detach().clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        net[1].running_mean.fill_(3.0)
+    ema.update()
+    d = 1 - 2 ** (-2 / 3)  # 0.37: the warmup, under the decay
+    assert torch.allclose(ema.module[0].weight, d * start + (1 - d) * (start + 1))
+    assert torch.equal(ema.module[1].running_mean, torch.full((2,), 3.0))
+    ema.updates = 1000  # long after the warmup: the decay itself
+    before = ema.module[0].weight.detach().clone()
+    ema.update()
+    assert torch.allclose(ema.module[0].weight, 0.9 * before + 0.1 * net[0].weight)
+    assert not ema.module[0].weight.requires_grad
+
+
+def test_layer_wise_decay_gives_each_stage_its_rate():
+    net = M.build_model("resnet18", 3, weights="none")
+    groups = M.stage_groups(net, 1e-3, 0.5)
+    assert [g["lr"] for g in groups] == [1e-3, 5e-4, 2.5e-4, 1.25e-4, 6.25e-5, 3.125e-5]
+    assert groups[0]["params"] == list(net.fc.parameters())
+    assert groups[-1]["params"] == [net.conv1.weight, net.bn1.weight, net.bn1.bias]  # the stem
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))

@@ -447,11 +447,15 @@ def test_compile_mode_reaches_torch_compile_and_checkpoints_stay_plain(
         return real_compile(net, backend="eager")
 
     monkeypatch.setattr(torch, "compile", spy)
-    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1", "--compile", "reduce-overhead"])
+    args = ["--epochs1", "1", "--epochs2", "1", "--compile", "reduce-overhead", "--ema", "0.9"]
+    train.main(tiny_args + args)
     assert modes == ["reduce-overhead", "reduce-overhead"]  # anew for each phase
     saved = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
     assert not [k for k in saved["model"] if "_orig_mod" in k]
     assert saved["args"]["compile"] == "reduce-overhead"
+    assert saved["ema"]["updates"] > 0 and not [
+        k for k in saved["ema"]["model"] if "_orig_mod" in k
+    ]
     assert train.parse_args(["--compile"])[0].compile == "default"
     assert train.parse_args([])[0].compile is None
 
@@ -477,3 +481,57 @@ def test_resume_of_a_checkpoint_from_an_earlier_version(tiny_args, tmp_path):
     torch.save(state, tmp_path / "old.pt")
     args, _ = train.parse_args(["--resume", str(tmp_path / "old.pt")])
     assert args.img_size == 16 and args.cache_workers == 3
+
+
+def test_resume_with_every_lever_on_ends_where_the_uninterrupted_run_does(tiny_args, tmp_path):
+    levers = "--ema 0.9 --mixup 0.4 --cutmix 1.0 --lr-decay 0.7 --epochs1 1".split()
+    train.main(tiny_args + levers + ["--epochs2", "3"])
+    (tmp_path / "ck").rename(tmp_path / "straight")
+    train.main(tiny_args + levers + ["--epochs2", "1"])
+    for epochs in ("2", "3"):
+        train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--epochs2", epochs])
+    a, b = same_state(tmp_path / "straight" / "last.pt", tmp_path / "ck" / "last.pt")
+    assert a["ema"]["updates"] == b["ema"]["updates"] > 0
+    for key, value in a["ema"]["model"].items():
+        assert torch.equal(value, b["ema"]["model"][key]), key
+    for ra, rb in zip(a["history"], b["history"]):
+        assert (ra["val_acc"], ra["ema_val_acc"]) == (rb["val_acc"], rb["ema_val_acc"])
+        assert ra["train_loss"] == rb["train_loss"]
+    assert len(b["optimizer"]["param_groups"]) == 6  # head, four stages, stem
+
+
+def test_ema_is_validated_beside_the_weights_and_best_pt_says_which_it_holds(tiny_args, tmp_path):
+    train.main(tiny_args + ["--ema", "0.5", "--epochs1", "1", "--epochs2", "2"])
+    rows = read_history(tmp_path / "ck" / "history.csv")
+    assert all(r["ema_val_acc"] != "" for r in rows)
+    best = torch.load(tmp_path / "ck" / "best.pt", weights_only=True)
+    record = best["history"][-1]
+    expected = "ema" if record["ema_val_acc"] > record["val_acc"] else "model"
+    assert best["eval_weights"] == expected
+    scores = [max(float(r["val_acc"]), float(r["ema_val_acc"])) for r in rows]
+    assert max(record["val_acc"], record["ema_val_acc"]) == max(scores)
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("--ema 1.5", "the decay must be between 0 and 1"),
+        ("--mixup -1", "alpha must be positive"),
+        ("--cutmix -0.5", "alpha must be positive"),
+        ("--lr-decay 0", "the factor must be in (0, 1]"),
+        ("--keep-last -1", "must be 0 or more"),
+        ("--max-params lots", "not a parameter count"),
+    ],
+)
+def test_each_levers_bad_value_is_a_clear_error(option, message, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(option.split())
+    assert message in capsys.readouterr().err
+
+
+def test_the_start_line_counts_parameters_and_warns_past_max_params(tiny_args, capsys):
+    assert train.parameter_count("100M") == 100_000_000 and train.parameter_count("2.5K") == 2500
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0", "--max-params", "1000"])
+    err = capsys.readouterr().err
+    assert "resnet18 (0.1M parameters)" in err
+    assert "parameters, more than --max-params 1,000" in err

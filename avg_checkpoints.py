@@ -1,0 +1,113 @@
+"""Average the weights of several checkpoints of one run into one model (SWA's average, timm's
+avg_checkpoints.py), then recompute its batch norm statistics on the training images.
+
+    python train.py ... --keep-last 5                 # keeps checkpoints/epoch*.pt, the last 5
+    python avg_checkpoints.py checkpoints/epoch*.pt --out checkpoints/averaged.pt
+    python avg_checkpoints.py checkpoints/phase2_epoch*.pt --out checkpoints/averaged.pt
+    python evaluate.py --ckpt averaged.pt             # like any checkpoint; predict.py too
+
+Each checkpoint contributes the weights it is evaluated with (its moving average where --ema made
+that the better). Batch norm's running statistics of an average are not the average of the
+statistics, so they are measured anew, as torch.optim.swa_utils.update_bn does: one pass over
+the training images (without augmentation), each batch weighted equally. The result has no
+parameters the model did not have; it keeps the last checkpoint's run record.
+"""
+
+import argparse
+from contextlib import closing
+from pathlib import Path
+
+import torch
+
+from augment import BatchPreprocess
+from data import load_splits, make_loader
+from model import build_model, count_parameters, inference_weights
+from prefetch import on_device
+from utils import load_checkpoint, log, pick_device, save_checkpoint
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("checkpoints", nargs="+", help="checkpoints of one run")
+    p.add_argument("--out", required=True, help="where to write the averaged checkpoint")
+    p.add_argument("--data", default=None, help="dataset root (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=128, help="for the batch norm pass")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument(
+        "--no-bn-update", action="store_true", help="keep the averaged statistics as they are"
+    )
+    return p
+
+
+def average(states):
+    """The mean of the checkpoints' weights, key by key; integer buffers (batch norm's batch
+    counts) are the last one's."""
+    weights = [inference_weights(s) for s in states]
+    keys = weights[0].keys()
+    if any(w.keys() != keys for w in weights):
+        raise SystemExit("the checkpoints hold different models: average checkpoints of one run")
+    mean = {}
+    for key in keys:
+        values = [w[key] for w in weights]
+        if values[0].is_floating_point():
+            mean[key] = torch.stack([v.double() for v in values]).mean(0).to(values[0].dtype)
+        else:
+            mean[key] = values[-1].clone()
+    return mean
+
+
+@torch.no_grad()
+def update_bn(model, loader, preprocess, device):
+    """torch.optim.swa_utils.update_bn on this project's batches: running statistics reset, then
+    a cumulative average over one pass of the loader."""
+    with closing(on_device(loader, preprocess, device)) as batches:
+        torch.optim.swa_utils.update_bn(batches, model, device)
+
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
+    paths = sorted(set(args.checkpoints))
+    states = [load_checkpoint(p) for p in paths]
+    last = states[-1]
+    if len({(s["arch"], tuple(s["classes"])) for s in states}) > 1:
+        raise SystemExit("the checkpoints are of different architectures or classes")
+    model = build_model(last["arch"], len(last["classes"]), weights="none")
+    model.load_state_dict(average(states))
+    device = pick_device(args.device)
+    model = model.to(device, memory_format=torch.channels_last)
+    saved = last["args"]
+    if not args.no_bn_update:
+        splits = load_splits(
+            args.data or last["data"],
+            last["img_size"],
+            saved.get("cache_dir"),
+            4,
+            saved["val_fraction"],
+            saved["seed"],
+        )
+        loader = make_loader(splits.train, args.batch_size, False, pin_memory=device.type == "cuda")
+        update_bn(model, loader, BatchPreprocess(last["mean"], last["std"]).to(device), device)
+    averaged = {k: v.cpu() for k, v in model.state_dict().items()}
+    state = {
+        **last,
+        "model": averaged,
+        "ema": None,
+        "eval_weights": "model",
+        "optimizer": None,
+        "scheduler": None,
+        "scaler": None,
+        "averaged": [str(p) for p in paths],
+    }
+    save_checkpoint(state, args.out)
+    log(
+        f"averaged {len(paths)} checkpoints ({count_parameters(model.parameters()):,} parameters)"
+        + ("" if args.no_bn_update else ", batch norm statistics measured on the training images")
+        + f" -> {args.out}"
+    )
+    return Path(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+import torch
+
+import avg_checkpoints
+import data
+import model as M
+import train
+from augment import BatchPreprocess
+from evaluate import main as evaluate_main
+
+
+def test_the_average_is_the_mean_of_the_weights_with_batch_norm_measured_anew(tiny_args, tmp_path):
+    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "3", "--keep-last", "2"])
+    out = tmp_path / "ck"
+    kept = sorted(p.name for p in out.glob("epoch*.pt"))
+    assert kept == ["epoch002.pt", "epoch003.pt"]  # the last two epochs
+    sources = [torch.load(out / name, weights_only=True) for name in kept]
+    avg_checkpoints.main(
+        [str(out / n) for n in kept] + ["--out", str(out / "avg.pt"), "--device", "cpu"]
+    )
+    averaged = torch.load(out / "avg.pt", weights_only=True)
+    for key, value in averaged["model"].items():
+        if key.endswith(("running_mean", "running_var", "num_batches_tracked")):
+            continue
+        assert torch.allclose(value, (sources[0]["model"][key] + sources[1]["model"][key]) / 2), key
+
+    # Batch norm: not the mean of the two runs' statistics, but one pass over the training images.
+    net = M.build_model("resnet18", 3, weights="none")
+    net.load_state_dict(averaged["model"])
+    splits = data.load_splits(tmp_path / "data", 16)
+    batches = [(BatchPreprocess()(x), y) for x, y in data.make_loader(splits.train, 128, False)]
+    torch.optim.swa_utils.update_bn(batches, net)
+    mean_of_means = (
+        sources[0]["model"]["bn1.running_mean"] + sources[1]["model"]["bn1.running_mean"]
+    ) / 2
+    assert not torch.allclose(averaged["model"]["bn1.running_mean"], mean_of_means)
+    for key in ("bn1.running_mean", "layer4.0.bn2.running_var"):
+        assert torch.allclose(averaged["model"][key], net.state_dict()[key], atol=1e-6), key
+    assert averaged["averaged"] == [str(out / n) for n in kept]
+    evaluate_main(
+        ["--ckpt", str(out / "avg.pt"), "--figures", str(tmp_path / "fig"), "--device", "cpu"]
+    )
