@@ -12,6 +12,7 @@ decodes an image.
 
 import csv
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from utils import atomic_file
+from utils import atomic_file, exclusive
 
 # Bump when load_image changes what it writes: every cache built before is then rebuilt.
 PREPROCESS_VERSION = 1
@@ -188,7 +189,9 @@ def build_cache(folder, files, size, cache_dir, threads=0):
 
     Reuses the cache when nothing changed. Unreadable images are skipped with a warning naming
     them. The pixels and then the index are written under temporary names and moved into place,
-    so an interrupted build leaves no cache that looks complete."""
+    so an interrupted build leaves no cache that looks complete. Two processes needing the same
+    cache at once (two runs on one dataset) take turns: one builds it, the other waits and reads
+    it."""
     folder, cache_dir = Path(folder), Path(cache_dir)
     key = cache_key(folder, files, size)
     # The folder's full path in the name: datasets sharing a --cache-dir keep apart.
@@ -197,7 +200,11 @@ def build_cache(folder, files, size, cache_dir, threads=0):
     index_path, pixels_path = cache_dir / f"{stem}.json", cache_dir / f"{stem}.u8"
     cache = _read_cache_index(index_path, pixels_path, size)
     if cache is None:
-        cache = _write_cache(folder, files, size, index_path, pixels_path, threads)
+        lock = cache_dir / f"{folder.name}-{where}-{size}px.lock"  # one for every version
+        with exclusive(lock, f"the cache {stem}", wait=True):
+            cache = _read_cache_index(index_path, pixels_path, size)  # built while we waited?
+            if cache is None:
+                cache = _write_cache(folder, files, size, index_path, pixels_path, threads)
     for f, why in cache.skipped.items():
         warnings.warn(f"skipped unreadable image {folder / f}: {why}", stacklevel=2)
     return cache
@@ -297,7 +304,8 @@ def make_loader(
     """A loader of whole batches, each one read of the cache, in the thread that iterates it (no
     loader processes: handing a batch over from one costs more than the read).
     With shuffle, the order depends only on (seed, epoch): call set_epoch(loader, e) before each
-    epoch and a resumed run sees the same batches. Under DDP each process gets its own shard."""
+    epoch and a resumed run sees the same batches (set_epoch(loader, e, start) skips the first
+    `start` of them unread). Under DDP each process gets its own shard."""
     if shuffle:
         sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
@@ -305,7 +313,7 @@ def make_loader(
     else:
         # Every num_replicas-th image from `rank` on: each image counted once, none padded in.
         sampler = range(rank, len(dataset), num_replicas)
-    batches = torch.utils.data.BatchSampler(sampler, batch_size, drop_last=drop_last)
+    batches = EpochBatches(sampler, batch_size, drop_last=drop_last)
     # Its own generator: making an iterator would otherwise draw from the global RNG, and a resumed
     # run (a new iterator) would then see other random draws than one that never stopped.
     return torch.utils.data.DataLoader(
@@ -317,9 +325,23 @@ def make_loader(
     )
 
 
-def set_epoch(loader, epoch):
-    """Shuffle for `epoch`: the order is a function of (seed, epoch) alone."""
+class EpochBatches(torch.utils.data.BatchSampler):
+    """The batches of an epoch, from the `start`-th on."""
+
+    start = 0
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start, None)
+
+    def __len__(self):
+        return super().__len__() - self.start
+
+
+def set_epoch(loader, epoch, start=0):
+    """Shuffle for `epoch` (the order is a function of (seed, epoch) alone), and begin at its
+    `start`-th batch: a run stopped mid-epoch goes on where it stopped."""
     loader.sampler.sampler.set_epoch(epoch)
+    loader.sampler.start = start
 
 
 @dataclass

@@ -37,8 +37,11 @@ from model import (
 )
 from prefetch import on_device
 from utils import (
+    EXIT_PREEMPTED,
+    StopRequest,
     amp_dtype,
     broadcast_buffers,
+    exclusive,
     gather_from_processes,
     init_distributed,
     is_main_process,
@@ -269,6 +272,13 @@ def get_args_parser():
         help="2 alone starts from <out>/phase1.pt",
     )
     g.add_argument("--out", default="checkpoints", help="checkpoints and history.csv go here")
+    g.add_argument(
+        "--save-every-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also save last.pt every N optimizer steps, mid-epoch (0: at epoch ends)",
+    )
     g.add_argument("--seed", type=int, default=0, help="init, data order, augmentation, val split")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     g.add_argument(
@@ -308,6 +318,8 @@ def bad_values(args):
         yield f"--lr-decay {args.lr_decay}: the factor must be in (0, 1] (1 turns it off)"
     if args.keep_last < 0:
         yield "--keep-last must be 0 or more"
+    if args.save_every_steps < 0:
+        yield "--save-every-steps must be 0 or more"
 
 
 def parse_args(argv=None):
@@ -424,29 +436,37 @@ def train_one_epoch(
     background=None,
     mix=None,
     ema=None,
+    start=0,
+    done=None,
+    on_step=None,
 ):
     """One pass over the training data, an optimizer step every `accum_steps` batches. Each
     batch's loss and correct predictions stay on the device and are summed once, at the end, so
     the host never waits for the device for them. Batches whose loss is not finite are counted
     apart. `background`: how batches are prepared (see prefetch.on_device). `mix` (MixUpCutMix)
-    mixes each batch and its targets; `ema` (model.EMA) follows every optimizer step."""
+    mixes each batch and its targets; `ema` (model.EMA) follows every optimizer step.
+    An epoch stopped after `start` batches goes on from the loader's next (see data.set_epoch),
+    with `done`, the (losses, hits, sizes) of those. on_step(batches done, (losses, hits, sizes))
+    is called after every optimizer step (it may save them, or stop the run)."""
     train_mode(model, freeze_bn)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    losses, hits, sizes = [], [], []  # per batch: mean loss, correct predictions (device), images
+    # Per batch: mean loss, correct predictions (both on the device), images.
+    losses, hits, sizes = (list(kept) for kept in done) if done else ([], [], [])
+    total = start + len(loader)
     optimizer.zero_grad(set_to_none=True)
     with closing(on_device(loader, preprocess, device, background)) as batches:
         bar = tqdm(
             batches,
             desc=desc,
-            total=len(loader),
+            total=total,
+            initial=start,
             leave=False,
             disable=None if is_main_process() else True,
             unit="batch",
         )
-        for i, (images, labels) in enumerate(bar):
-            step_now = (i + 1) % accum_steps == 0 or i + 1 == len(loader)
-            # The last group may be shorter.
-            group = min(accum_steps, len(loader) - i // accum_steps * accum_steps)
+        for i, (images, labels) in enumerate(bar, start=start):
+            step_now = (i + 1) % accum_steps == 0 or i + 1 == total
+            group = min(accum_steps, total - i // accum_steps * accum_steps)  # the last: shorter
             targets = labels
             if mix is not None:
                 images, targets = mix(images, labels)
@@ -469,9 +489,11 @@ def train_one_epoch(
             losses.append(loss.detach())
             hits.append((logits.argmax(1) == labels).sum())
             sizes.append(len(labels))
+            if step_now and on_step is not None:
+                on_step(i + 1, (losses, hits, sizes))
     loss_sum, counted, correct, nonfinite = epoch_totals(losses, hits, sizes, device)
     loss_sum, counted, correct, nonfinite, seen, total = sum_over_processes(
-        loss_sum, counted, correct, nonfinite, sum(sizes), len(loader)
+        loss_sum, counted, correct, nonfinite, sum(sizes), total
     )
     return {
         "train_loss": loss_sum / counted if counted else float("nan"),
@@ -545,6 +567,9 @@ class Resume:
         if self.state is None:
             return load_weights(arch, requested)
         where = f"phase {self.state['phase']} epoch {self.state['epoch']}"
+        if self.state.get("step"):
+            where = f"phase {self.state['phase']}, {self.state['step']} batches into epoch "
+            where += f"{self.state['epoch'] + 1}"
         return Weights(about=f"{self.path} ({where}), to continue from")
 
     def history(self):
@@ -575,11 +600,21 @@ class Resume:
                 f"this run has {world_size}: its global random generators start from --seed"
             )
 
-    def epochs_done(self, phase):
-        """Epochs of `phase` already trained: all of a phase the run has passed."""
+    def position(self, phase, rank, world_size):
+        """Where `phase` goes on: (its epochs done, batches done of the next one, their record).
+        All of a phase the run has passed is done; a run stopped mid-epoch (a signal, or
+        --save-every-steps) goes on at its next batch."""
         if self.state is None or phase > self.state["phase"]:
-            return 0
-        return self.state["epoch"] if phase == self.state["phase"] else math.inf
+            return 0, 0, None
+        if phase < self.state["phase"]:
+            return math.inf, 0, None
+        step, progress = self.state.get("step", 0), self.state.get("progress")
+        if step and len(progress) != world_size:
+            raise SystemExit(
+                f"{self.path} stopped mid-epoch with {len(progress)} process(es): resume it with "
+                f"as many (this run has {world_size})"
+            )
+        return self.state["epoch"], step, progress[rank] if step else None
 
     def restore_phase(self, phase, scaler):
         """The optimizer, schedule and grad scaler of a run stopped inside `phase`."""
@@ -597,6 +632,10 @@ def best_acc(record):
     return max(record["val_acc"], record.get("ema_val_acc", -1.0))
 
 
+class Preempted(Exception):
+    """A stop request was met: the position is saved, the run exits with EXIT_PREEMPTED."""
+
+
 class Run:
     """What both phases share: the data, the model and its moving average, the device, the
     history and the checkpoints."""
@@ -607,6 +646,8 @@ class Run:
         self.rank, self.world_size = rank, world_size
         self.net = model  # what runs the steps: the same module, wrapped for DDP and --compile
         self.out = Path(args.out)
+        self.stop = StopRequest()
+        self.failed_write = None  # the last checkpoint that could not be written, if any
         self.dtype = amp_dtype(args.amp, device)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         augment = DeviceAugment.from_args(args)
@@ -630,7 +671,7 @@ class Run:
 
     def train_phase(self, phase):
         """The phase's remaining epochs, each followed by validation, logging and checkpoints."""
-        first = self.resume.epochs_done(phase.number)
+        first, start, done = self.resume.position(phase.number, self.rank, self.world_size)
         if first >= phase.epochs:
             return
         args = self.args
@@ -650,11 +691,18 @@ class Run:
         for epoch in range(first, phase.epochs):
             lr = phase.optimizer.param_groups[0]["lr"]
             seed = (args.seed, len(self.history), self.rank)  # the augmentation's, per epoch
-            set_epoch(self.train_loader, len(self.history))
+            set_epoch(self.train_loader, len(self.history), start)
             self.train_preprocess.augment.reseed(*seed)
             if phase.mix is not None:
                 phase.mix.reseed(*seed, 1)
-            t0 = time.perf_counter()
+            kept = self.replay(phase, done) if done else None
+            t0 = time.perf_counter() - (done["seconds"] if done else 0.0)
+            last = start + len(self.train_loader)  # the epoch's batches
+
+            def after_step(batches, so_far, epoch=epoch, t0=t0, last=last):
+                seconds = time.perf_counter() - t0
+                self.after_step(phase, epoch, scaler, batches, last, so_far, seconds)
+
             train = train_one_epoch(
                 self.net,
                 self.train_loader,
@@ -670,7 +718,11 @@ class Run:
                 desc=f"phase {phase.number} epoch {epoch + 1}/{phase.epochs}",
                 mix=phase.mix,
                 ema=self.ema,
+                start=start,
+                done=kept,
+                on_step=after_step,
             )
+            start, done = 0, None
             seconds = time.perf_counter() - t0
             val = self.validate()
             self.check_finite(train, val, phase.number, epoch)
@@ -691,6 +743,41 @@ class Run:
             self.history.append(record)
             self.log_epoch(record, phase.epochs, is_best)
             self.save(phase, epoch + 1, scaler, is_best)
+            if self.stop.requested():  # during validation or the save: this is the place
+                raise Preempted(f"after phase {phase.number} epoch {epoch + 1}")
+
+    def replay(self, phase, done):
+        """The batches an epoch stopped after, back on the device, and the random draws their
+        augmentation made, drawn again so that the rest of the epoch draws what it would have."""
+        size = self.args.img_size
+        for n in done["sizes"]:
+            self.train_preprocess.augment.sample(n)
+            if phase.mix is not None:
+                phase.mix.sample(n, size, size)
+        losses = list(done["losses"].to(self.device).unbind())
+        hits = list(done["hits"].to(self.device).unbind())
+        return losses, hits, list(done["sizes"])
+
+    def after_step(self, phase, epoch, scaler, batches, last, so_far, seconds):
+        """After each optimizer step: stop if asked to, save the position every
+        --save-every-steps steps. Either way the checkpoint holds the epoch's record so far. (At
+        the epoch's last batch, a stop waits for its validation and its checkpoint.)"""
+        stop = batches < last and self.stop.requested()
+        steps = self.args.save_every_steps * self.args.accum_steps
+        if stop or (steps and batches % steps == 0 and batches < last):
+            losses, hits, sizes = so_far
+            progress = {
+                "losses": torch.stack(losses).cpu(),
+                "hits": torch.stack(hits).cpu(),
+                "sizes": list(sizes),
+                "seconds": seconds,
+            }
+            state = self.checkpoint(phase, epoch, scaler)  # every process: gathers
+            state |= {"step": batches, "progress": gather_from_processes(progress)}
+            if self.rank == 0:
+                self.write(state, ["last.pt"], must=stop)
+        if stop:
+            raise Preempted(f"{batches} batches into phase {phase.number} epoch {epoch + 1}")
 
     def validate(self):
         """Validation of the weights, and of their moving average with --ema."""
@@ -729,6 +816,8 @@ class Run:
 
     def checkpoint(self, phase, epoch, scaler=None):
         """A plain dict: loads with torch.load(weights_only=True)."""
+        last = self.history[-1] if self.history else {"val_acc": 0.0}
+        ema_was_better = best_acc(last) > last["val_acc"]
         return {
             "model": {strip_prefixes(k): v for k, v in self.model.state_dict().items()},
             "arch": self.args.arch,
@@ -749,9 +838,7 @@ class Run:
             "device": self.device.type,
             "ema": self.ema.state_dict() if self.ema else None,
             # The weights evaluate.py and predict.py use: the moving average where it was better.
-            "eval_weights": "ema"
-            if best_acc(self.history[-1]) > self.history[-1]["val_acc"]
-            else "model",
+            "eval_weights": "ema" if ema_was_better else "model",
         }
 
     def save(self, phase, epoch, scaler, is_best):
@@ -777,10 +864,26 @@ class Run:
         keep = self.args.keep_last  # named by the run's epoch count: epoch001.pt, ...
         if keep:
             names.append(f"epoch{len(self.history):03d}.pt")
-        save_checkpoints(state, [self.out / name for name in names])
-        write_history_csv(self.history, self.out / "history.csv")
-        if keep:
+        if self.write(state, names) and keep:
             (self.out / f"epoch{len(self.history) - keep:03d}.pt").unlink(missing_ok=True)
+
+    def write(self, state, names, must=False):
+        """Checkpoints and history.csv, each file atomically. A failure (a full disk, an
+        unwritable folder) leaves the files before it as they were, and is said with the path and
+        the error; training goes on, trying again at the next save, unless the write `must`
+        succeed. Returns whether it did."""
+        try:
+            save_checkpoints(state, [self.out / name for name in names])
+            write_history_csv(self.history, self.out / "history.csv")
+        except OSError as e:
+            self.failed_write = f"{self.out / names[0]}: {e.strerror or e} ({type(e).__name__})"
+            message = f"could not write {self.failed_write}; the checkpoints before it are intact"
+            if must:
+                raise SystemExit(message) from None
+            log(f"warning: {message}. Training goes on and tries again at the next save.")
+            return False
+        self.failed_write = None
+        return True
 
     def log_epoch(self, r, epochs, is_best):
         log(
@@ -850,18 +953,34 @@ def main(argv=None):
     mean, std = (", ".join(f"{v:.3f}" for v in values) for values in (args.mean, args.std))
     log(f"weights: {weights.about}; inputs normalised with mean ({mean}), std ({std})")
     warn_if_too_large(args.arch, params, args.max_params)
+    # The first process writes --out; no other run may write there meanwhile.
+    lock = exclusive(run.out / ".lock", f"--out {run.out}") if rank == 0 else nullcontext()
     try:
-        # Algorithm 1. Phase I: fit the new head on the frozen backbone.
-        if args.phase in ("1", "all"):
-            run.train_phase(phase_setup(1, args, model, device))
-        # Phase II: fine-tune every layer, warmup then cosine, gradients clipped.
-        if args.phase in ("2", "all"):
-            run.train_phase(phase_setup(2, args, model, device))
+        with lock:
+            # Algorithm 1. Phase I: fit the new head on the frozen backbone.
+            if args.phase in ("1", "all"):
+                run.train_phase(phase_setup(1, args, model, device))
+            # Phase II: fine-tune every layer, warmup then cosine, gradients clipped.
+            if args.phase in ("2", "all"):
+                run.train_phase(phase_setup(2, args, model, device))
     except torch.OutOfMemoryError:
         raise SystemExit(out_of_memory_advice(args, run.out / "last.pt")) from None
+    except Preempted as where:
+        last = run.out / "last.pt"
+        log(
+            f"stopped by {run.stop.name()} {where}: {last} holds the position. Resume with: "
+            f"python train.py --resume {last} (exit status {EXIT_PREEMPTED})"
+        )
+        raise SystemExit(EXIT_PREEMPTED) from None
+    finally:
+        run.stop.close()
     summarize(run)
     if world_size > 1:
         torch.distributed.destroy_process_group()
+    if run.failed_write:
+        raise SystemExit(
+            f"the run ended, but its last checkpoint could not be written: {run.failed_write}"
+        )
     return run
 
 

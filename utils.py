@@ -2,11 +2,15 @@
 and random state, devices. It imports nothing of this project's: every other module may use it."""
 
 import csv
+import fcntl
 import math
 import os
 import random
 import shutil
+import signal
+import socket
 import sys
+import threading
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -89,6 +93,73 @@ def gather_from_processes(obj):
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+# ----------------------------------------------------------------------------- stopping and locks
+
+EXIT_PREEMPTED = 75  # sysexits.h's EX_TEMPFAIL: stopped on request; resubmit with --resume
+
+
+class StopRequest:
+    """SIGTERM or SIGUSR1, what SLURM, Kubernetes and spot instances send before they kill a job,
+    asks the run to stop at its next step. The handler only notes it, so a second signal, or one
+    during a save, changes nothing. Under torchrun one process receiving it is enough: requested()
+    is agreed by every process, through an all-reduce of one number on a gloo group of its own
+    (the GPU never waits for it)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signal = None
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                signal.signal(number, self._note)
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+    def _note(self, number, frame):
+        self.signal = self.signal or number
+
+    def requested(self):
+        """True on every process once any has been signalled (a collective under torchrun)."""
+        if self.group is None:
+            return self.signal is not None
+        flag = torch.tensor([self.signal or 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        self.signal = self.signal or int(flag) or None
+        return self.signal is not None
+
+    def name(self):
+        return signal.Signals(self.signal).name if self.signal else "nothing"
+
+    def close(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                signal.signal(number, signal.SIG_DFL)
+
+
+@contextmanager
+def exclusive(path, what, wait=False):
+    """Hold an exclusive lock on the file `path` (made if missing) for the block. Another process
+    holding it makes this raise SystemExit naming it, or with wait, wait for it. The kernel drops
+    the lock with the process however it ends, kill -9 included, so none is ever left stale."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise SystemExit(f"{what} is in use by {holder} (lock {path})") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------- files and checkpoints

@@ -110,7 +110,7 @@ def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
     row = cache.files.index("a/001.png")
     assert np.array_equal(cache.open()[row], data.load_image(target, 12))
     # Only the current cache is left on disk.
-    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".u8"]
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".u8"]
 
 
 def test_truncated_cache_is_rebuilt(tmp_path):

@@ -119,7 +119,9 @@ def test_check_accepts_a_good_csv_and_names_each_problem(trained, tmp_path):
     assert "'zebra' is not one of the checkpoint's classes" in result.stderr
 
 
-def test_check_with_answers_prints_the_exact_accuracy_and_the_confused_pairs(trained, tmp_path):
+def test_check_with_answers_prints_the_exact_accuracy_and_the_confused_pairs(
+    trained, tmp_path, capsys
+):
     ckpt = str(trained / "ck" / "best.pt")
     answers = tmp_path / "answers.csv"  # test image j shows class CLASSES[j % 3]
     answers.write_text(
@@ -130,19 +132,23 @@ def test_check_with_answers_prints_the_exact_accuracy_and_the_confused_pairs(tra
         "image_name,pred_label\n"
         + "".join(f"img_{j:02d},{'1' if j in (1, 4) else CLASSES[j % 3]}\n" for j in range(7))
     )
-    result = run_predict("--ckpt", ckpt, "--check", str(guesses), "--answers", str(answers))
-    assert result.returncode == 0, result.stderr
-    assert f"{guesses}: accuracy 0.7143 (5/7) against {answers}" in result.stdout
-    assert "  2 -> 1: 2 (100.0%)" in result.stdout  # both images of class "2"
+    check = ["--ckpt", ckpt, "--check", str(guesses), "--answers", str(answers)]
+    predict.main(check)
+    out = capsys.readouterr().out
+    assert f"{guesses}: accuracy 0.7143 (5/7) against {answers}" in out
+    assert "  2 -> 1: 2 (100.0%)" in out  # both images of class "2"
 
     # Answers the predictions do not match, row for row: each difference named.
     answers.write_text(answers.read_text().replace("img_03,10\n", "") + "img_99,2\nimg_99,2\n")
-    result = run_predict("--ckpt", ckpt, "--check", str(guesses), "--answers", str(answers))
-    assert result.returncode != 0 and "accuracy" not in result.stdout
-    assert f"{answers}: img_99: 2 rows" in result.stderr
+    with pytest.raises(SystemExit):
+        predict.main(check)
+    out, err = capsys.readouterr()
+    assert "accuracy" not in out and f"{answers}: img_99: 2 rows" in err
     answers.write_text(answers.read_text().replace("img_99,2\nimg_99,2\n", "img_99,2\n"))
-    result = run_predict("--ckpt", ckpt, "--check", str(guesses), "--answers", str(answers))
-    assert "img_03: not among the answers" in result.stderr and "img_99: missing" in result.stderr
+    with pytest.raises(SystemExit):
+        predict.main(check)
+    err = capsys.readouterr().err
+    assert "img_03: not among the answers" in err and "img_99: missing" in err
 
 
 def test_rows_sort_by_image_name_and_names_may_start_with_underscores(trained, tmp_path):

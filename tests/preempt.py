@@ -1,0 +1,56 @@
+"""Run a script with the narrow models (tests/narrow.py) and send this process SIGTERM at a chosen
+moment, the way a cluster's scheduler would:
+
+    python tests/preempt.py step=6 train.py ...        # during the 6th training batch
+    python tests/preempt.py validation=2 train.py ...  # during the 2nd validation
+    python tests/preempt.py save=3 train.py ...        # during the 3rd checkpoint write, twice
+
+Under torchrun only the process of rank PREEMPT_RANK (default 0) is signalled.
+"""
+
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import augment  # noqa: E402
+import inference  # noqa: E402
+import utils  # noqa: E402
+from narrow import narrow_get_model  # noqa: E402
+
+
+def signal_on_call(module, name, call, times=1):
+    """Wrap module.name so that its call-th call sends SIGTERM (`times` times) as it runs."""
+    real, calls = getattr(module, name), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+            result = real(*args, **kwargs)
+            for _ in range(times - 1):  # another signal while the first is being handled
+                os.kill(os.getpid(), signal.SIGTERM)
+            return result
+        return real(*args, **kwargs)
+
+    setattr(module, name, wrapper)
+
+
+if __name__ == "__main__":
+    moment, script, sys.argv = sys.argv[1], sys.argv[2], sys.argv[2:]
+    torchvision.models.get_model = narrow_get_model(torchvision.models.get_model)
+    if os.environ.get("RANK", "0") == os.environ.get("PREEMPT_RANK", "0"):
+        what, call = moment.split("=")
+        # Patched where they are defined, before the script imports them.
+        target = {
+            "step": (augment.DeviceAugment, "forward", 1),  # once per training batch
+            "validation": (inference, "predict_log_probs", 1),  # once per validation
+            "save": (utils, "save_checkpoints", 2),  # once per epoch (and mid-epoch save)
+        }[what]
+        signal_on_call(*target[:2], int(call), target[2])
+    runpy.run_path(script, run_name="__main__")

@@ -1,0 +1,169 @@
+"""Preemption and shared machines: a signal at any moment costs at most the step in flight, and
+the resumed run ends bit-identical on the CPU (under torchrun: test_distributed.py); full disks,
+two runs in one folder, two cache builds at once."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+import utils
+from conftest import REPO, make_dataset
+
+# Every lever that draws random numbers or keeps state, so that resuming must restore them all.
+LEVERS = "--epochs1 2 --epochs2 3 --ema 0.9 --mixup 0.4 --cutmix 1.0 --lr-decay 0.8".split()
+LEVERS += ["--accum-steps", "2"]  # stops fall between optimizer steps, never inside one
+
+
+def preempted(moment, args, **env):
+    return subprocess.run(
+        [sys.executable, "tests/preempt.py", moment, "train.py", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
+
+
+def same_run(a, b):
+    a, b = (torch.load(p, weights_only=True) for p in (a, b))
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    for key, value in a["ema"]["model"].items():
+        assert torch.equal(value, b["ema"]["model"][key]), key
+    columns = ("train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc")
+    assert [[r[c] for c in columns] for r in a["history"]] == [
+        [r[c] for c in columns] for r in b["history"]
+    ]
+
+
+@pytest.fixture
+def straight(tiny_args, tmp_path):
+    train.main(tiny_args + LEVERS + ["--out", str(tmp_path / "straight")])
+    return tmp_path / "straight" / "last.pt"
+
+
+# 18 images in batches of 4: 4 batches an epoch, 8 in Phase I, 12 in Phase II.
+# With --save-every-steps 1 (one optimizer step: 2 batches), each epoch saves after its 2nd batch
+# too: its 3rd save is mid-epoch.
+@pytest.mark.parametrize(
+    "moment, extra",
+    [
+        ("step=1", []),  # the first batch
+        ("step=6", []),  # mid-epoch, Phase I
+        ("step=8", []),  # Phase I's last batch: its validation and phase1.pt come first
+        ("step=9", []),  # mid-epoch, Phase II: its MixUp and CutMix draws replayed
+        ("validation=3", []),
+        ("save=2", []),  # an epoch's checkpoint
+        ("save=3", ["--save-every-steps", "1"]),  # a mid-epoch checkpoint
+    ],
+)
+def test_a_signal_at_any_moment_stops_the_run_and_resume_ends_bit_identical(
+    moment, extra, tiny_args, straight, tmp_path
+):
+    out = tmp_path / "ck"
+    result = preempted(moment, tiny_args + LEVERS + extra + ["--out", out])
+    assert result.returncode == utils.EXIT_PREEMPTED, result.stderr[-2000:]
+    assert "stopped by SIGTERM" in result.stderr and "--resume" in result.stderr
+    torch.load(out / "last.pt", weights_only=True)  # loads: the second signal spoilt nothing
+    train.main(["--resume", str(out / "last.pt")])
+    same_run(straight, out / "last.pt")
+
+
+def failing_writes(monkeypatch, fail):
+    """torch.save raising ENOSPC (a full disk) when fail(call number) says so."""
+    real, calls = torch.save, [0]
+
+    def save(obj, f, *args, **kwargs):
+        calls[0] += 1
+        if fail(calls[0]):
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoints_and_the_run_goes_on(
+    tiny_args, tmp_path, monkeypatch, capsys
+):
+    failing_writes(monkeypatch, lambda call: call == 2)  # the second epoch's checkpoints
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "2"])
+    err = capsys.readouterr().err
+    assert f"could not write {tmp_path / 'ck' / 'last.pt'}: No space left on device" in err
+    assert "Training goes on" in err
+    assert torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["epoch"] == 2  # written later
+    assert not list((tmp_path / "ck").glob(".*.tmp"))
+
+
+def test_a_disk_that_stays_full_ends_the_run_with_the_old_checkpoints_intact(
+    tiny_args, tmp_path, monkeypatch
+):
+    failing_writes(monkeypatch, lambda call: call >= 2)
+    with pytest.raises(SystemExit, match="last checkpoint could not be written: .*last.pt"):
+        train.main(tiny_args + ["--epochs1", "1", "--epochs2", "2"])
+    for name in ("last.pt", "best.pt", "phase1.pt"):
+        state = torch.load(tmp_path / "ck" / name, weights_only=True)
+        assert (state["phase"], state["epoch"]) == (1, 1)
+
+
+def test_a_second_run_into_one_folder_is_refused_and_a_killed_runs_lock_is_not(tiny_args, tmp_path):
+    out = tmp_path / "ck"
+    long = tiny_args + ["--epochs1", "0", "--epochs2", "500", "--out", str(out)]
+    first = subprocess.Popen(
+        [sys.executable, "tests/narrow.py", "train.py", *long],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 60
+        while f"process {first.pid}" not in (
+            (out / ".lock").read_text() if (out / ".lock").exists() else ""
+        ):
+            assert time.time() < deadline and first.poll() is None
+            time.sleep(0.1)
+        with pytest.raises(SystemExit, match=f"--out {out} is in use by process {first.pid} on"):
+            train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])  # kill -9 left no lock behind
+    assert torch.load(out / "last.pt", weights_only=True)["phase"] == 1
+
+
+BUILD = """
+import sys, time
+sys.path.insert(0, {repo!r})
+import data
+decoded = []
+load = data.load_image
+def slow(path, size):
+    decoded.append(path)
+    time.sleep(0.02)  # long enough for the two builds to overlap
+    return load(path, size)
+data.load_image = slow
+files = data.list_labelled_images({folder!r}, ["a", "b"])
+cache = data.build_cache({folder!r}, files, 12, {cache!r}, 2)
+print(len(decoded), len(cache), bytes(cache.open()[-1]).hex()[:64])
+"""
+
+
+def test_two_runs_building_one_cache_at_once_take_turns(tmp_path):
+    folder = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=20) / "train"
+    code = BUILD.format(repo=str(REPO), folder=str(folder), cache=str(tmp_path / "cache"))
+    runs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = sorted(run.communicate(timeout=120)[0].split() for run in runs)
+    assert [o[0] for o in outputs] == ["0", "40"]  # one decoded every image, the other none
+    assert outputs[0][1:] == outputs[1][1:] == [outputs[0][1], outputs[0][2]]
+    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".u8"]
