@@ -47,6 +47,13 @@ def add_inference_args(parser):
         "(FixRes)",
     )
     parser.add_argument(
+        "--use",
+        default="auto",
+        choices=["auto", "weights", "ema"],
+        help="a checkpoint trained with --ema holds two sets of weights: auto takes the one that "
+        "validated better",
+    )
+    parser.add_argument(
         "--tta",
         action="store_true",
         help="average the softmax over each image and its horizontal flip (beyond the report)",
@@ -81,7 +88,7 @@ def load_trained(args, state=None):
     device = pick_device(args.device)
     return Trained(
         state=state,
-        model=model_from_checkpoint(state, device),
+        model=model_from_checkpoint(state, device, args.use),
         preprocess=BatchPreprocess(state["mean"], state["std"]).to(device),
         device=device,
         dtype=amp_dtype(args.amp or state["args"].get("amp", "fp16"), device),

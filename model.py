@@ -199,14 +199,21 @@ class EMA:
         self.updates = state["updates"]
 
 
-def inference_weights(state):
-    """The weights a checkpoint is evaluated with: its EMA where that validated better."""
-    return state["ema"]["model"] if state.get("eval_weights") == "ema" else state["model"]
+def inference_weights(state, use="auto"):
+    """The weights a checkpoint is evaluated with: with use="auto" its moving average where that
+    validated better, else the trained weights; "weights" or "ema" pick one."""
+    if use == "auto":
+        use = "ema" if state.get("eval_weights") == "ema" else "weights"
+    if use == "ema" and not state.get("ema"):
+        raise SystemExit(
+            "this checkpoint holds no moving average of its weights (train with --ema)"
+        )
+    return state["ema"]["model"] if use == "ema" else state["model"]
 
 
-def model_from_checkpoint(state, device):
-    """The trained network of a checkpoint (its better weights: see inference_weights), on
-    `device`, in eval mode."""
+def model_from_checkpoint(state, device, use="auto"):
+    """The trained network of a checkpoint (the weights inference_weights picks), on `device`,
+    in eval mode."""
     model = build_model(state["arch"], len(state["classes"]), weights="none")
-    model.load_state_dict(inference_weights(state))
+    model.load_state_dict(inference_weights(state, use))
     return model.to(device, memory_format=torch.channels_last).eval()

@@ -17,7 +17,7 @@ py=${PYTHON:-python}
 src=${SOURCE:-data/tiny-transfer/source}
 tgt=${TARGET:-data/tiny-transfer/target}
 ck=${CHECKPOINTS:-checkpoints/tiny-transfer}
-steps=${STEPS:-pretrain method phase2-only probe scratch timm optimizers report}
+steps=${STEPS:-pretrain method phase2-only probe scratch timm optimizers levers report}
 timm_train=${TIMM_TRAIN:-benchmarks/.work/timm/train.py}
 
 # The budget: 12 epochs a run, the method's 10 + 125 scaled down to 2 + 10, its warmup to one
@@ -80,10 +80,31 @@ if wanted optimizers; then
     done
 fi
 
+# The accuracy levers, at a reduced budget (1 + 5 epochs), two seeds each. The base run keeps
+# its moving average and its last 3 epochs, so that --ema, averaging, --tta and the test size are
+# measured on the very run they would change nothing of in training.
+if wanted levers; then
+    L="$ck/levers"
+    for seed in 0 1; do
+        base=("${common[@]}" "${pretrained[@]}" --epochs1 1 --epochs2 5 --warmup-epochs 1
+              --cosine-epochs 4 --seed "$seed")
+        run "$L/base-s$seed" "${base[@]}" --ema 0.998 --keep-last 3
+        [ -f "$L/base-s$seed/averaged.pt" ] || $py avg_checkpoints.py "$L/base-s$seed"/epoch*.pt \
+            --out "$L/base-s$seed/averaged.pt"
+        run "$L/mixup-s$seed" "${base[@]}" --mixup 0.2
+        run "$L/cutmix-s$seed" "${base[@]}" --cutmix 1.0
+        run "$L/lr-decay-s$seed" "${base[@]}" --lr-decay 0.7
+        run "$L/no-vflip-s$seed" "${base[@]}" --p-vflip 0
+        run "$L/freeze-bn-s$seed" "${base[@]}" --freeze-bn
+    done
+fi
+
 if wanted report; then
     runs=("$ck"/{scratch,probe,phase2-only,method}/best.pt)
     [ -f "$ck/timm/best.pt" ] && runs+=("$ck/timm/best.pt")
     $py evaluate.py --ckpt "$ck/method/best.pt" --report RESULTS.md --figures results \
         --answers "$tgt/answers.csv" --compare "${runs[@]}" \
         --compare "$ck"/opt-{nadam,adamw,adam,sgd,rmsprop}/best.pt
+    [ -d "$ck/levers" ] && $py benchmarks/levers.py "$ck/levers" --answers "$tgt/answers.csv" \
+        --results RESULTS.md
 fi

@@ -1,0 +1,131 @@
+"""The accuracy levers on real photos: each lever's test accuracy against the method's run at the
+same budget, seed by seed, as exact counts; written into RESULTS.md (its `levers` notes block)
+or printed.
+
+    python benchmarks/levers.py checkpoints/tiny-transfer/levers \\
+        --answers data/tiny-transfer/target/answers.csv --results RESULTS.md
+
+Reads the runs benchmarks/tiny_transfer.sh trains into that folder, one per lever and seed
+(`<lever>-s<seed>/`). Every row scores the weights of the run's last epoch (so that a lever that
+only changes which weights are kept, like --ema or averaging, is compared at equal training),
+through predict.py's path: the test folder, its cache, the checkpoint's preprocessing.
+"""
+
+import argparse
+import re
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from inference import load_trained  # noqa: E402
+from model import count_parameters  # noqa: E402
+from predict import check_predictions, predicted_rows, read_rows, score, test_images  # noqa: E402
+from report import NOTES, command_of  # noqa: E402
+from train import get_args_parser  # noqa: E402
+from utils import atomic_file, load_checkpoint, log  # noqa: E402
+
+# (row, run folder, checkpoint, how it is scored): test-time options in the last three.
+ROWS = [
+    ("the method", "base", "last.pt", {}),
+    ("--ema 0.998", "base", "last.pt", {"use": "ema"}),
+    ("avg_checkpoints.py, the last 3 epochs", "base", "averaged.pt", {}),
+    ("--tta (horizontal flip)", "base", "last.pt", {"tta": True}),
+    ("test size 72 px", "base", "last.pt", {"img_size": 72}),
+    ("test size 80 px", "base", "last.pt", {"img_size": 80}),
+    ("--mixup 0.2", "mixup", "last.pt", {}),
+    ("--cutmix 1.0", "cutmix", "last.pt", {}),
+    ("--lr-decay 0.7", "lr-decay", "last.pt", {}),
+    ("--p-vflip 0 (no vertical flips)", "no-vflip", "last.pt", {}),
+    ("--freeze-bn (Phase I)", "freeze-bn", "last.pt", {}),
+    ("recipe: --cutmix 1.0 --ema 0.998, averaged, --tta", "recipe", "averaged.pt", {"tta": True}),
+]
+
+
+def test_accuracy(path, answers, use="weights", tta=False, img_size=None):
+    """(correct, images) of a checkpoint's weights on the test images."""
+    args = argparse.Namespace(ckpt=str(path), device="auto", amp=None, use=use, img_size=img_size)
+    trained = load_trained(args)
+    test_dir = Path(trained.state["data"]) / "test"
+    files = test_images(test_dir)
+    rows, _ = predicted_rows(trained, test_dir, files, None, 2, 256, tta)
+    rows, truth = list(rows), read_rows(answers)
+    problems = check_predictions(rows, {r[0] for r in truth}, trained.classes, "answers")
+    if problems:
+        raise SystemExit(f"{answers}: " + "; ".join(problems[:5]))
+    correct, total, _ = score(rows, truth, trained.classes)
+    return correct, total, trained
+
+
+def table(folder, answers):
+    folder = Path(folder)
+    seeds = sorted(
+        {m.group(1) for p in folder.glob("base-s*") if (m := re.search(r"s(\d+)$", p.name))}
+    )
+    defaults = vars(get_args_parser().parse_args([]))
+    lines = [
+        "| lever | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | gain | parameters |",
+        "| --- | " + "---: | " * (len(seeds) + 3),
+    ]
+    base, commands = None, []
+    for label, run, name, options in ROWS:
+        paths = [folder / f"{run}-s{s}" / name for s in seeds]
+        if not all(p.is_file() for p in paths):
+            log(f"{label}: not run yet ({paths[0].parent})")
+            continue
+        results = [test_accuracy(p, answers, **{"use": "weights", **options}) for p in paths]
+        rates = [c / t for c, t, _ in results]
+        mean = statistics.mean(rates)
+        base = mean if base is None else base
+        params = count_parameters(results[0][2].model.parameters())
+        counts = " | ".join(f"{c / t:.4f} ({c}/{t})" for c, t, _ in results)
+        gain = f"{100 * (mean - base):+.2f} points" if label != "the method" else ""
+        lines.append(f"| {label} | {counts} | {mean:.4f} | {gain} | {params / 1e6:.1f}M |")
+        command = command_of(load_checkpoint(paths[0]), defaults)
+        if name == "averaged.pt":
+            run_dir = paths[0].parent
+            command += f"`, then `python avg_checkpoints.py {run_dir}/epoch*.pt --out averaged.pt"
+        test_time = " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in options.items() if v is not True
+        )
+        test_time += " --tta" if options.get("tta") else ""
+        commands.append(
+            f"- {label}: `{command}`"
+            + (f", scored with `{test_time.strip()}`" if test_time.strip() else "")
+        )
+    return (
+        "\n".join(lines + ["", "Commands (seed 0; seed 1 adds `--seed 1`):", ""] + commands) + "\n"
+    )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("folder", help="the lever runs' folder")
+    p.add_argument("--answers", required=True, help="the test images' true labels")
+    p.add_argument(
+        "--results", default=None, help="a report to write the table into (its levers notes)"
+    )
+    args = p.parse_args(argv)
+    text = table(args.folder, args.answers)
+    print(text, end="")
+    if args.results:
+        report = Path(args.results).read_text()
+        if "<!-- notes:levers -->" not in report:
+            report += "\n## Accuracy levers\n\n<!-- notes:levers -->\n<!-- /notes -->\n"
+        report = NOTES.sub(
+            lambda m: (
+                f"<!-- notes:levers -->\n{text}<!-- /notes -->"
+                if m.group(1) == "levers"
+                else m.group(0)
+            ),
+            report,
+        )
+        with atomic_file(args.results, "w") as f:
+            f.write(report)
+
+
+if __name__ == "__main__":
+    main()
