@@ -134,3 +134,13 @@ def test_layer_wise_decay_gives_each_stage_its_rate():
     assert groups[0]["params"] == list(net.fc.parameters())
     assert groups[-1]["params"] == [net.conv1.weight, net.bn1.weight, net.bn1.bias]  # the stem
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))
+
+
+def test_a_checkpoint_is_evaluated_with_the_weights_it_says_or_those_asked_for():
+    weights, average = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
+    state = {"model": weights, "ema": {"model": average}, "eval_weights": "ema"}
+    assert M.inference_weights(state) is average
+    assert M.inference_weights(state, "weights") is weights
+    assert M.inference_weights({**state, "eval_weights": "model"}) is weights
+    with pytest.raises(SystemExit, match="no moving average"):
+        M.inference_weights({"model": weights, "ema": None}, "ema")
