@@ -272,15 +272,16 @@ class BatchPreprocess(torch.nn.Module):
 
 
 class MixUpCutMix:
-    """MixUp and CutMix of a normalised batch on its device, per sample, with the semantics of
-    torchvision.transforms.v2.MixUp and CutMix: image i is mixed with image i - 1 (the batch
-    rolled by one, as torchvision pairs them) by its own lambda ~ Beta(alpha, alpha). MixUp
-    blends the two images; CutMix pastes a box of the partner, centred uniformly in the image and
-    clipped to it, of sides sqrt(1 - lambda) times the image's, then takes lambda as the share of
-    the image left. With both on, each image draws which one, with p 0.5. The targets are the
-    one-hot labels mixed by the same lambdas; the loss's label smoothing applies on top, as with
-    torchvision's transforms before CrossEntropyLoss(label_smoothing=...). Parameters are drawn
-    on the host from this object's own generator (reseeded each epoch), like DeviceAugment's."""
+    """MixUp and CutMix of a normalised batch on its device, as torchvision.transforms.v2's
+    MixUp and CutMix but per sample: each image draws its own lambda ~ Beta(alpha, alpha), box
+    and, with both on, which of the two (p 0.5); torchvision draws once per batch (timm's "batch"
+    mode, this is its "elem" mode). Image i is mixed with image i - 1 (the batch rolled by one,
+    as torchvision pairs them). MixUp blends the two images; CutMix pastes a box of the partner,
+    centred uniformly in the image and clipped to it, of sides sqrt(1 - lambda) times the
+    image's, then takes lambda as the share of the image left. The targets are the one-hot labels
+    mixed by the same lambdas; the loss's label smoothing applies on top, as with torchvision's
+    transforms before CrossEntropyLoss(label_smoothing=...). Parameters are drawn on the host
+    from this object's own generator (reseeded each epoch), like DeviceAugment's."""
 
     def __init__(self, mixup=0.0, cutmix=0.0, num_classes=2, seed=0):
         self.mixup, self.cutmix, self.num_classes = mixup, cutmix, num_classes

@@ -9,8 +9,8 @@ avg_checkpoints.py), then recompute its batch norm statistics on the training im
 Each checkpoint contributes the weights it is evaluated with (its moving average where --ema made
 that the better). Batch norm's running statistics of an average are not the average of the
 statistics, so they are measured anew, as torch.optim.swa_utils.update_bn does: one pass over
-the training images (without augmentation), each batch weighted equally. The result has no
-parameters the model did not have; it keeps the last checkpoint's run record.
+the training images in shuffled batches (without augmentation), each weighted equally. The
+result has no parameters the model did not have; it keeps the last checkpoint's run record.
 """
 
 import argparse
@@ -84,10 +84,18 @@ def main(argv=None):
             last["img_size"],
             saved.get("cache_dir"),
             4,
-            saved["val_fraction"],
-            saved["seed"],
+            saved.get("val_fraction", 0.1),
+            saved.get("seed", 0),
         )
-        loader = make_loader(splits.train, args.batch_size, False, pin_memory=device.type == "cuda")
+        # Shuffled, as training's: batches of one class each would leave the spread between the
+        # classes out of the variances.
+        loader = make_loader(
+            splits.train,
+            args.batch_size,
+            True,
+            saved.get("seed", 0),
+            pin_memory=device.type == "cuda",
+        )
         update_bn(model, loader, BatchPreprocess(last["mean"], last["std"]).to(device), device)
     averaged = {k: v.cpu() for k, v in model.state_dict().items()}
     state = {

@@ -33,7 +33,7 @@ from inference import (
     topk_hits,
 )
 from model import count_parameters
-from predict import check_predictions, predicted_rows, read_rows, score, test_images
+from predict import check_predictions, predicted_rows, read_answers, score, test_images
 from report import write_report
 from train import best_acc, parameter_count, warn_if_too_large
 from utils import full_history, load_checkpoint, log, resolve_checkpoint
@@ -342,7 +342,7 @@ def write_comparison(runs, folder):
     for r in runs:
         ax.plot(
             np.arange(1, len(r["history"]) + 1),
-            [h["val_acc"] for h in r["history"]],
+            [best_acc(h) for h in r["history"]],
             label=r["label"],
         )
     ax.set(xlabel="epoch", ylabel="validation accuracy")
@@ -388,7 +388,7 @@ def test_score(trained, args):
     files = test_images(test_dir)
     rows, _ = predicted_rows(trained, test_dir, files, None, args.cache_workers, args.batch_size)
     rows = list(rows)
-    answers = read_rows(args.answers)
+    answers = read_answers(args.answers, trained.classes)
     problems = check_predictions(rows, {r[0] for r in answers}, trained.classes, "answers")
     if problems:
         raise SystemExit(f"{args.answers} does not match {test_dir}: " + "; ".join(problems[:10]))
@@ -405,9 +405,11 @@ def evaluate_checkpoint(trained, args, figures, names):
         trained.img_size,
         saved.get("cache_dir"),
         args.cache_workers,
-        saved["val_fraction"],
-        saved["seed"],
+        saved.get("val_fraction", 0.1),  # not in a checkpoint made elsewhere (from_timm.py)
+        saved.get("seed", 0),
     )
+    if len(val) == 0:
+        raise SystemExit(f"no validation images in {args.data or state['data']}")
     loader = make_loader(val, args.batch_size, False, pin_memory=trained.device.type == "cuda")
     batches = [(log_p.cpu(), labels.cpu()) for log_p, labels in trained.log_probs(loader, args.tta)]
     log_p = torch.cat([b[0] for b in batches])
@@ -424,8 +426,11 @@ def evaluate_checkpoint(trained, args, figures, names):
     )
     warn_if_too_large(state["arch"], params, args.max_params)
     history = full_history(resolve_checkpoint(args.ckpt), state)
-    plot_loss(history, figures / "fig1_loss.png")
-    plot_val_accuracy(history, figures / "fig2_val_accuracy.png")
+    if history:
+        plot_loss(history, figures / "fig1_loss.png")
+        plot_val_accuracy(history, figures / "fig2_val_accuracy.png")
+    else:  # saved during its first epoch
+        log(f"{args.ckpt} has no finished epoch: no Figures 1 and 2")
     shown = [names.get(c, c) for c in classes]
     plot_confusion(
         confusion_matrix(labels.numpy(), log_p.argmax(1).numpy(), len(classes)),

@@ -66,7 +66,7 @@ def local_weights(arch, path):
     if saved.get("arch", arch) != arch:
         raise SystemExit(f"--weights {path} holds a {saved['arch']}, not a {arch} (--arch)")
     best = max((r["val_acc"] for r in saved.get("history", [])), default=None)
-    state = backbone_of(saved["model"])
+    state = backbone_of(inference_weights(saved))  # its moving average, if that validated better
     classes = len(saved.get("classes", []))
     about = (
         f"{len(state)} tensors (all but the head) of {path}: {arch} trained on {classes} classes "
@@ -192,7 +192,7 @@ class EMA:
 
     def state_dict(self):
         weights = {strip_prefixes(k): v for k, v in self.module.state_dict().items()}
-        return {"model": weights, "updates": self.updates, "decay": self.decay}
+        return {"model": weights, "updates": self.updates}
 
     def load_state_dict(self, state):
         self.module.load_state_dict(state["model"])

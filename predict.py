@@ -101,7 +101,18 @@ def read_rows(path):
     if not rows or rows[0] != ["image_name", "pred_label"]:
         found = ",".join(rows[0]) if rows else "nothing"
         raise SystemExit(f"{path}: the header must be image_name,pred_label (found {found})")
-    return rows[1:]
+    return [row for row in rows[1:] if row]  # a blank line is no row
+
+
+def read_answers(path, classes):
+    """The true labels of a held-out set (the submission format), checked: one row per image,
+    labels among `classes`; SystemExit naming every problem."""
+    answers = read_rows(path)
+    names = {row[0] for row in answers}
+    problems = check_predictions(answers, names, classes, "answers")
+    if problems:
+        raise SystemExit(f"{path}: " + "; ".join(problems[:20]))
+    return answers
 
 
 def check_predictions(rows, expected, classes, missing_is="missing"):
@@ -138,11 +149,8 @@ def check(args, files, classes):
     rows = read_rows(args.check)
     problems = check_predictions(rows, {Path(f).stem for f in files}, classes, "test images")
     if args.answers and not problems:
-        answers = read_rows(args.answers)
-        answer_problems = check_predictions(answers, {r[0] for r in answers}, classes, "answers")
-        problems += [f"{args.answers}: {p}" for p in answer_problems if "missing" not in p]
-        if not problems:
-            problems = check_predictions(rows, {r[0] for r in answers}, classes, "answers")
+        answers = read_answers(args.answers, classes)
+        problems = check_predictions(rows, {r[0] for r in answers}, classes, "answers")
     for problem in problems:
         log(f"{args.check}: {problem}")
     if problems:

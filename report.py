@@ -12,6 +12,7 @@ import re
 import shlex
 from pathlib import Path
 
+from train import best_acc
 from utils import atomic_file
 
 NOTES = re.compile(r"<!-- notes:(\w+) -->\n(.*?)<!-- /notes -->", re.S)
@@ -158,11 +159,27 @@ def comparison_lines(comparison, report, defaults, kept):
     return lines + [""]
 
 
+def where_from(state, history):
+    """Which weights of the run these are, and what the run cost."""
+    if state.get("averaged"):
+        what = f"The weights are the average of {len(state['averaged'])} checkpoints"
+    else:
+        kind = {"ema": "the moving average of the weights", "model": "the weights"}
+        what = f"The checkpoint holds {kind[state.get('eval_weights', 'model')]} after "
+        what += f"phase {state['phase']} epoch {state['epoch']}"
+        what += f" ({state['step']} batches into the next)" if state.get("step") else ""
+    if history:
+        best = max(history, key=best_acc)
+        what += f"; the run's best validation epoch was phase {best['phase']} epoch {best['epoch']}"
+        minutes = sum(r["seconds"] + r.get("val_seconds", 0) for r in history) / 60
+        what += f", of {len(history)} ({minutes:.1f} minutes of training and validation)"
+    return [what + "."]
+
+
 def write_report(path, figures, state, history, metrics, test, comparisons, names, defaults):
     """The report as Markdown at `path`; its images are in `figures` (linked relatively)."""
     path = Path(path)
     kept = dict(NOTES.findall(path.read_text())) if path.is_file() else {}
-    best = max(history, key=lambda r: max(r["val_acc"], r.get("ema_val_acc", -1)))
     n = metrics["images"]
     lines = [
         f"# {state['arch']} on {state['data']}: results",
@@ -171,7 +188,7 @@ def write_report(path, figures, state, history, metrics, test, comparisons, name
         "",
         "## The method as this run used it (Table 1)",
         "",
-        *table1(state),
+        *(table1(state) if "lr1" in state["args"] else ["Trained by another program."]),
         "",
         f"Command: `{command_of(state, defaults)}`",
         "",
@@ -184,21 +201,17 @@ def write_report(path, figures, state, history, metrics, test, comparisons, name
     ]
     if test:
         lines.append(f"| test | {test[1]} | {count(*test[:2])} | |")
+    lines += ["", *where_from(state, history), "", notes("result", kept), ""]
+    if history:
+        lines += [
+            "## Training (Figures 1 and 2)",
+            "",
+            f"![Figure 1: training loss]({link(figures / 'fig1_loss.png', path)})",
+            "",
+            f"![Figure 2: validation accuracy]({link(figures / 'fig2_val_accuracy.png', path)})",
+            "",
+        ]
     lines += [
-        "",
-        f"The checkpoint is the epoch with the best validation accuracy: phase {best['phase']} "
-        f"epoch {best['epoch']} of {len(history)} "
-        f"({sum(r['seconds'] + r.get('val_seconds', 0) for r in history) / 60:.1f} minutes of "
-        "training and validation).",
-        "",
-        notes("result", kept),
-        "",
-        "## Training (Figures 1 and 2)",
-        "",
-        f"![Figure 1: training loss]({link(figures / 'fig1_loss.png', path)})",
-        "",
-        f"![Figure 2: validation accuracy]({link(figures / 'fig2_val_accuracy.png', path)})",
-        "",
         notes("training", kept),
         "",
         "## Errors (Figure 5, the mistakes gallery)",

@@ -14,6 +14,7 @@ import math
 import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -339,6 +340,8 @@ def parse_args(argv=None):
             saved.setdefault("cache_workers", saved.pop("workers"))
         # Under the saved arguments, the defaults: for options newer than the checkpoint.
         args = argparse.Namespace(**{**vars(args), **saved, **given})
+        if "lr_decay" in given and given["lr_decay"] != saved.get("lr_decay", 1.0):
+            parser.error("--lr-decay cannot change on --resume: the optimizer's groups are saved")
         if isinstance(args.compile, bool):  # saved when --compile took no mode
             args.compile = "default" if args.compile else None
     elif args.demo:
@@ -381,7 +384,11 @@ def phase_setup(number, args, model, device):
 
 def warmup_cosine(optimizer, args):
     """Per-epoch schedule of the released code: SequentialLR(LinearLR, CosineAnnealingLR). Past
-    --cosine-epochs the cosine climbs back up, as PyTorch's CosineAnnealingLR does."""
+    --cosine-epochs the cosine climbs back up, as PyTorch's CosineAnnealingLR does. With
+    --lr-decay the groups learn at different rates: the same schedule then scales each group's
+    own rate (its floor too), so that the ratios between the stages hold throughout."""
+    if args.lr_decay != 1:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(schedule_factor, args=args))
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=args.cosine_epochs, eta_min=args.min_lr
     )
@@ -393,6 +400,15 @@ def warmup_cosine(optimizer, args):
     return torch.optim.lr_scheduler.SequentialLR(
         optimizer, [warmup, cosine], milestones=[args.warmup_epochs]
     )
+
+
+def schedule_factor(epoch, args):
+    """warmup_cosine's learning rate before `epoch` (0-based), as a fraction of --lr2."""
+    if epoch < args.warmup_epochs:
+        return args.warmup_start + (1 - args.warmup_start) * epoch / args.warmup_epochs
+    floor = args.min_lr / args.lr2
+    cosine = (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / args.cosine_epochs)) / 2
+    return floor + (1 - floor) * cosine
 
 
 def describe_phase(phase, args, model):
@@ -545,16 +561,17 @@ class Resume:
     --resume's, or <out>/phase1.pt for `--phase 2` alone; a fresh run has none. Nothing else in
     this file asks whether the run resumed."""
 
-    def __init__(self, state=None, path=None):
-        self.state, self.path = state, path
+    def __init__(self, state=None, path=None, batching=None):
+        self.state, self.path, self.batching = state, path, batching
 
     @classmethod
     def find(cls, args, checkpoint=None):
+        batching = (args.batch_size, args.accum_steps)
         if checkpoint is not None or args.phase != "2":
-            return cls(checkpoint, args.resume)
+            return cls(checkpoint, args.resume, batching)
         path = Path(args.out) / "phase1.pt"
         if path.is_file():
-            return cls(load_checkpoint(path), path)
+            return cls(load_checkpoint(path), path, batching)
         log(
             f"warning: no {path}, so Phase II starts from --weights {args.weights} "
             f"(train Phase I first with --phase 1, or use --phase all)"
@@ -567,10 +584,11 @@ class Resume:
         if self.state is None:
             return load_weights(arch, requested)
         where = f"phase {self.state['phase']} epoch {self.state['epoch']}"
+        normalisation = {k: tuple(self.state[k]) for k in ("mean", "std") if k in self.state}
         if self.state.get("step"):
             where = f"phase {self.state['phase']}, {self.state['step']} batches into epoch "
             where += f"{self.state['epoch'] + 1}"
-        return Weights(about=f"{self.path} ({where}), to continue from")
+        return Weights(about=f"{self.path} ({where}), to continue from", **normalisation)
 
     def history(self):
         return list(self.state["history"]) if self.state else []
@@ -614,6 +632,12 @@ class Resume:
                 f"{self.path} stopped mid-epoch with {len(progress)} process(es): resume it with "
                 f"as many (this run has {world_size})"
             )
+        saved = self.state["args"]
+        if step and (saved["batch_size"], saved["accum_steps"]) != self.batching:
+            raise SystemExit(
+                f"{self.path} stopped mid-epoch with --batch-size {saved['batch_size']} "
+                f"--accum-steps {saved['accum_steps']}: resume it with the same"
+            )
         return self.state["epoch"], step, progress[rank] if step else None
 
     def restore_phase(self, phase, scaler):
@@ -647,7 +671,7 @@ class Run:
         self.net = model  # what runs the steps: the same module, wrapped for DDP and --compile
         self.out = Path(args.out)
         self.stop = StopRequest()
-        self.failed_write = None  # the last checkpoint that could not be written, if any
+        self.unwritten = {}  # file name: why its last write failed
         self.dtype = amp_dtype(args.amp, device)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
         augment = DeviceAugment.from_args(args)
@@ -743,7 +767,9 @@ class Run:
             self.history.append(record)
             self.log_epoch(record, phase.epochs, is_best)
             self.save(phase, epoch + 1, scaler, is_best)
-            if self.stop.requested():  # during validation or the save: this is the place
+            # A stop asked for during the validation or the save: here, unless all is done.
+            phase2_follows = phase.number == 1 and args.phase == "all" and args.epochs2 > 0
+            if (epoch + 1 < phase.epochs or phase2_follows) and self.stop.requested():
                 raise Preempted(f"after phase {phase.number} epoch {epoch + 1}")
 
     def replay(self, phase, done):
@@ -777,12 +803,15 @@ class Run:
             if self.rank == 0:
                 self.write(state, ["last.pt"], must=stop)
         if stop:
+            self.stop.barrier()  # no process exits before the first has written last.pt
             raise Preempted(f"{batches} batches into phase {phase.number} epoch {epoch + 1}")
 
     def validate(self):
         """Validation of the weights, and of their moving average with --ema."""
         # Outside DDP: a process with no validation images would otherwise miss its collectives.
         broadcast_buffers(self.model)
+        if self.ema is not None:
+            broadcast_buffers(self.ema.module)  # copied from each process's own statistics
         net = self.net if self.world_size == 1 else self.model
         run = (self.val_loader, self.eval_preprocess, self.criterion, self.device, self.dtype)
         val = evaluate(net, *run)
@@ -868,22 +897,28 @@ class Run:
             (self.out / f"epoch{len(self.history) - keep:03d}.pt").unlink(missing_ok=True)
 
     def write(self, state, names, must=False):
-        """Checkpoints and history.csv, each file atomically. A failure (a full disk, an
-        unwritable folder) leaves the files before it as they were, and is said with the path and
-        the error; training goes on, trying again at the next save, unless the write `must`
-        succeed. Returns whether it did."""
+        """Checkpoints and history.csv, each file atomically: one that cannot be written (a full
+        disk, an unwritable folder) stays as it was, and the message names it and the error.
+        Training goes on and writes it again at its next save; the run ends with an error if a
+        file is still unwritten then, at once if the write `must` succeed. Returns whether every
+        file was written."""
+        failed = save_checkpoints(state, [self.out / name for name in names])
         try:
-            save_checkpoints(state, [self.out / name for name in names])
             write_history_csv(self.history, self.out / "history.csv")
-        except OSError as e:
-            self.failed_write = f"{self.out / names[0]}: {e.strerror or e} ({type(e).__name__})"
-            message = f"could not write {self.failed_write}; the checkpoints before it are intact"
+        except OSError as error:
+            failed[self.out / "history.csv"] = error
+        for path in map(Path, (self.out / name for name in [*names, "history.csv"])):
+            if path in failed:
+                error = failed[path]
+                self.unwritten[path.name] = f"{path}: {error.strerror or error}"
+            else:
+                self.unwritten.pop(path.name, None)
+        for path, error in failed.items():
+            message = f"could not write {path}: {error.strerror or error}; the file is as it was"
             if must:
-                raise SystemExit(message) from None
-            log(f"warning: {message}. Training goes on and tries again at the next save.")
-            return False
-        self.failed_write = None
-        return True
+                raise SystemExit(message)
+            log(f"warning: {message}. Training goes on and tries again at its next save.")
+        return not failed
 
     def log_epoch(self, r, epochs, is_best):
         log(
@@ -977,9 +1012,10 @@ def main(argv=None):
     summarize(run)
     if world_size > 1:
         torch.distributed.destroy_process_group()
-    if run.failed_write:
+    if run.unwritten:
         raise SystemExit(
-            f"the run ended, but its last checkpoint could not be written: {run.failed_write}"
+            "the run ended, but these files could not be written: "
+            + "; ".join(run.unwritten.values())
         )
     return run
 
@@ -1006,10 +1042,10 @@ def summarize(run):
     if not run.history:
         log("nothing to train: every requested epoch is done")
         return
-    best = max(run.history, key=lambda r: r["val_acc"])
+    best = max(run.history, key=best_acc)
     total = sum(r["seconds"] for r in run.history)
     log(
-        f"best val acc {best['val_acc']:.4f} (phase {best['phase']} epoch {best['epoch']}) -> "
+        f"best val acc {best_acc(best):.4f} (phase {best['phase']} epoch {best['epoch']}) -> "
         f"{run.out / 'best.pt'}; {len(run.history)} epochs in {total / 60:.1f} min of training"
         + (f"; {run.splits.skipped} unreadable images were skipped" if run.splits.skipped else "")
     )

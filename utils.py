@@ -110,10 +110,9 @@ class StopRequest:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
-        self.signal = None
+        self.signal, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():
-            for number in self.SIGNALS:
-                signal.signal(number, self._note)
+            self.previous = {number: signal.signal(number, self._note) for number in self.SIGNALS}
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     def _note(self, number, frame):
@@ -132,9 +131,15 @@ class StopRequest:
         return signal.Signals(self.signal).name if self.signal else "nothing"
 
     def close(self):
-        if threading.current_thread() is threading.main_thread():
-            for number in self.SIGNALS:
-                signal.signal(number, signal.SIG_DFL)
+        """The handlers as they were before."""
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def barrier(self):
+        """Every process waits here for the others (after the first has written a checkpoint,
+        before any exits): on the gloo group, so the GPU does not."""
+        if self.group is not None:
+            dist.barrier(group=self.group)
 
 
 @contextmanager
@@ -189,14 +194,22 @@ def save_checkpoint(state, path):
 
 
 def save_checkpoints(state, paths):
-    """One state under several names, serialised once: the first file is written, the others are
-    copies of it (no second pickling, no second copy of the tensors off the GPU). Copies, not hard
-    links: a file rewritten in place later changes only itself."""
-    first, *others = (Path(p) for p in paths)
-    save_checkpoint(state, first)
-    for path in others:
-        with atomic_file(path) as f, open(first, "rb") as source:
-            shutil.copyfileobj(source, f)
+    """One state under several names, serialised once: the first file written, the others copies
+    of it (no second pickling, no second copy of the tensors off the GPU). Copies, not hard links:
+    a file rewritten in place later changes only itself. Each file is written atomically, and
+    one that cannot be (a full disk) does not stop the others: returns {path: OSError}."""
+    written, failed = None, {}
+    for path in map(Path, paths):
+        try:
+            if written is None:
+                save_checkpoint(state, path)
+                written = path
+            else:
+                with atomic_file(path) as f, open(written, "rb") as source:
+                    shutil.copyfileobj(source, f)
+        except OSError as error:
+            failed[path] = error
+    return failed
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -236,6 +249,8 @@ def full_history(ckpt_path, state):
 
 
 def _number(text):
+    if text == "":  # a column an earlier epoch did not have (--ema added on --resume, say)
+        return math.nan
     value = float(text)
     return int(value) if value.is_integer() and "." not in text and "e" not in text else value
 
@@ -244,7 +259,9 @@ def write_history_csv(history, path):
     if not history:
         return
     with atomic_file(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        # Every column any epoch has: a resumed run may add some (--ema).
+        columns = list(dict.fromkeys(key for record in history for key in record))
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
 

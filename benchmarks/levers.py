@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference import load_trained  # noqa: E402
 from model import count_parameters  # noqa: E402
-from predict import check_predictions, predicted_rows, read_rows, score, test_images  # noqa: E402
+from predict import check_predictions, predicted_rows, read_answers, score, test_images  # noqa: E402
 from report import NOTES, command_of  # noqa: E402
 from train import get_args_parser  # noqa: E402
 from utils import atomic_file, load_checkpoint, log  # noqa: E402
@@ -50,7 +50,7 @@ def test_accuracy(path, answers, use="weights", tta=False, img_size=None):
     test_dir = Path(trained.state["data"]) / "test"
     files = test_images(test_dir)
     rows, _ = predicted_rows(trained, test_dir, files, None, 2, 256, tta)
-    rows, truth = list(rows), read_rows(answers)
+    rows, truth = list(rows), read_answers(answers, trained.classes)
     problems = check_predictions(rows, {r[0] for r in truth}, trained.classes, "answers")
     if problems:
         raise SystemExit(f"{answers}: " + "; ".join(problems[:5]))

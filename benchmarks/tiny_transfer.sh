@@ -85,6 +85,7 @@ fi
 # measured on the very run they would change nothing of in training.
 if wanted levers; then
     L="$ck/levers"
+    mkdir -p "$L"
     for seed in 0 1; do
         base=("${common[@]}" "${pretrained[@]}" --epochs1 1 --epochs2 5 --warmup-epochs 1
               --cosine-epochs 4 --seed "$seed")

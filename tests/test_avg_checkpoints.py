@@ -27,7 +27,8 @@ def test_the_average_is_the_mean_of_the_weights_with_batch_norm_measured_anew(ti
     net = M.build_model("resnet18", 3, weights="none")
     net.load_state_dict(averaged["model"])
     splits = data.load_splits(tmp_path / "data", 16)
-    batches = [(BatchPreprocess()(x), y) for x, y in data.make_loader(splits.train, 128, False)]
+    loader = data.make_loader(splits.train, 128, True, seed=0)  # the run's seed, shuffled
+    batches = [(BatchPreprocess()(x), y) for x, y in loader]
     torch.optim.swa_utils.update_bn(batches, net)
     mean_of_means = (
         sources[0]["model"]["bn1.running_mean"] + sources[1]["model"]["bn1.running_mean"]

@@ -140,10 +140,10 @@ def test_check_with_answers_prints_the_exact_accuracy_and_the_confused_pairs(
 
     # Answers the predictions do not match, row for row: each difference named.
     answers.write_text(answers.read_text().replace("img_03,10\n", "") + "img_99,2\nimg_99,2\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as stop:
         predict.main(check)
-    out, err = capsys.readouterr()
-    assert "accuracy" not in out and f"{answers}: img_99: 2 rows" in err
+    out = capsys.readouterr().out
+    assert "accuracy" not in out and f"{answers}: img_99: 2 rows" in str(stop.value)
     answers.write_text(answers.read_text().replace("img_99,2\nimg_99,2\n", "img_99,2\n"))
     with pytest.raises(SystemExit):
         predict.main(check)

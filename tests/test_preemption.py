@@ -107,7 +107,7 @@ def test_a_disk_that_stays_full_ends_the_run_with_the_old_checkpoints_intact(
     tiny_args, tmp_path, monkeypatch
 ):
     failing_writes(monkeypatch, lambda call: call >= 2)
-    with pytest.raises(SystemExit, match="last checkpoint could not be written: .*last.pt"):
+    with pytest.raises(SystemExit, match="these files could not be written: .*last.pt: No space"):
         train.main(tiny_args + ["--epochs1", "1", "--epochs2", "2"])
     for name in ("last.pt", "best.pt", "phase1.pt"):
         state = torch.load(tmp_path / "ck" / name, weights_only=True)
@@ -167,3 +167,12 @@ def test_two_runs_building_one_cache_at_once_take_turns(tmp_path):
     assert [o[0] for o in outputs] == ["0", "40"]  # one decoded every image, the other none
     assert outputs[0][1:] == outputs[1][1:] == [outputs[0][1], outputs[0][2]]
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".u8"]
+
+
+def test_a_signal_during_the_last_epochs_validation_lets_the_finished_run_end_well(
+    tiny_args, tmp_path
+):
+    # 5 epochs, 2 validations each (the weights and their average): the 9th is the last epoch's.
+    result = preempted("validation=9", tiny_args + LEVERS + ["--out", tmp_path / "ck"])
+    assert result.returncode == 0 and "stopped by" not in result.stderr, result.stderr[-2000:]
+    assert "best val acc" in result.stderr

@@ -12,6 +12,7 @@ import augment
 import data
 import model as M
 import train
+import utils
 from conftest import REPO, TINY, make_dataset
 
 CPU = torch.device("cpu")
@@ -535,3 +536,30 @@ def test_the_start_line_counts_parameters_and_warns_past_max_params(tiny_args, c
     err = capsys.readouterr().err
     assert "resnet18 (0.1M parameters)" in err
     assert "parameters, more than --max-params 1,000" in err
+
+
+def test_layer_wise_decay_keeps_the_stages_ratios_through_the_schedule():
+    args, _ = train.parse_args(["--lr-decay", "0.5", "--lr2", "1e-3", "--min-lr", "1e-5"])
+    model = M.build_model("resnet18", 3, weights="none")
+    phase = train.phase_setup(2, args, model, CPU)
+    for epoch in range(125):
+        lrs = [group["lr"] for group in phase.optimizer.param_groups]
+        factor = 1e-3 * train.schedule_factor(epoch, args)
+        assert lrs == pytest.approx([factor * 0.5**depth for depth in range(6)], rel=1e-9)
+        phase.optimizer.step()
+        phase.scheduler.step()
+    # The method's own schedule, one group: the closed form is the released code's.
+    default, _ = train.parse_args([])
+    for epoch, lr in enumerate(phase2_lrs([], 125)):
+        assert lr == pytest.approx(5e-4 * train.schedule_factor(epoch, default), rel=1e-9)
+
+
+def test_ema_added_on_resume_adds_its_columns_to_history_csv(tiny_args, tmp_path):
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])
+    train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--epochs2", "1", "--ema", "0.9"])
+    rows = read_history(tmp_path / "ck" / "history.csv")
+    assert [r["ema_val_acc"] for r in rows][0] == "" and rows[1]["ema_val_acc"] != ""
+    history = utils.full_history(
+        tmp_path / "ck" / "last.pt", torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    )
+    assert math.isnan(history[0]["ema_val_acc"]) and len(history) == 2
