@@ -80,6 +80,18 @@ if wanted optimizers; then
     done
 fi
 
+# Figure 3 on a GPU (not in the default steps: hours on a CPU): each architecture pretrained on
+# source/ as resnet18 was, then fine-tuned by the method at the same budget.
+#   STEPS="architectures report" bash benchmarks/tiny_transfer.sh
+if wanted architectures; then
+    for arch in ${ARCHS:-resnet34 resnet50 resnet101 resnext50_32x4d wide_resnet50_2}; do
+        run "$ck/source-$arch" --data "$src" --arch "$arch" --img-size 64 --weights none \
+            --batch-size 128 --epochs1 0 --epochs2 24 --lr2 2e-3 --warmup-epochs 2 --cosine-epochs 22
+        run "$ck/arch-$arch" "${common[@]/resnet18/$arch}" --weights "$ck/source-$arch/best.pt" \
+            --epochs1 2 --epochs2 10 "${schedule[@]}"
+    done
+fi
+
 # The accuracy levers, at a reduced budget (1 + 5 epochs), two seeds each. The base run keeps
 # its moving average and its last 3 epochs, so that --ema, averaging, --tta and the test size are
 # measured on the very run they would change nothing of in training.
@@ -103,9 +115,11 @@ fi
 if wanted report; then
     runs=("$ck"/{scratch,probe,phase2-only,method}/best.pt)
     [ -f "$ck/timm/best.pt" ] && runs+=("$ck/timm/best.pt")
+    archs=("$ck"/arch-*/best.pt) compare_archs=()
+    [ -f "${archs[0]}" ] && compare_archs=(--compare "$ck/method/best.pt" "${archs[@]}")
     $py evaluate.py --ckpt "$ck/method/best.pt" --report RESULTS.md --figures results \
         --answers "$tgt/answers.csv" --compare "${runs[@]}" \
-        --compare "$ck"/opt-{nadam,adamw,adam,sgd,rmsprop}/best.pt
+        --compare "$ck"/opt-{nadam,adamw,adam,sgd,rmsprop}/best.pt "${compare_archs[@]}"
     [ -d "$ck/levers" ] && $py benchmarks/levers.py "$ck/levers" --answers "$tgt/answers.csv" \
         --results RESULTS.md
 fi
