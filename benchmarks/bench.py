@@ -48,6 +48,7 @@ import data  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
 from inference import predict_log_probs  # noqa: E402
+from resume import load_optimizer_state  # noqa: E402
 from utils import amp_dtype, log, pick_device  # noqa: E402
 
 
@@ -487,7 +488,7 @@ def count_syncs(args, cache, labels, num_classes, device):
             saved = io.BytesIO()
             torch.save(optimizer.state_dict(), saved)
             saved.seek(0)
-            train.load_optimizer_state(
+            load_optimizer_state(
                 optimizer, torch.load(saved, map_location="cpu", weights_only=True)
             )
             per_step("Phase 2 after resuming from a checkpoint")

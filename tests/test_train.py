@@ -14,6 +14,7 @@ import model as M
 import train
 import utils
 from conftest import REPO, TINY, make_dataset
+from resume import load_optimizer_state
 
 CPU = torch.device("cpu")
 
@@ -143,7 +144,7 @@ def test_optimizer_state_saved_on_cuda_resumes_on_the_cpu(name, option):
     saved = copy.deepcopy(running.state_dict())
     saved["param_groups"][0][option] = True
     resumed = build(running.param_groups[0]["params"][0].detach())
-    train.load_optimizer_state(resumed, saved)
+    load_optimizer_state(resumed, saved)
     assert not resumed.param_groups[0][option]
     step(running), step(resumed)
     assert torch.equal(running.param_groups[0]["params"][0], resumed.param_groups[0]["params"][0])
