@@ -98,7 +98,7 @@ fi
 if wanted levers; then
     L="$ck/levers"
     mkdir -p "$L"
-    for seed in 0 1; do
+    for seed in ${SEEDS:-0 1}; do  # SEEDS=0 and SEEDS=1 can run side by side, a core each
         base=("${common[@]}" "${pretrained[@]}" --epochs1 1 --epochs2 5 --warmup-epochs 1
               --cosine-epochs 4 --seed "$seed")
         run "$L/base-s$seed" "${base[@]}" --ema 0.998 --keep-last 3
