@@ -5,7 +5,7 @@
 # checkpoint exists, so the script can be stopped and run again.
 #
 #   mkdir -p data && tar -xzf tiny-transfer.tar.gz -C data     # the dataset (see its README)
-#   bash benchmarks/tiny_transfer.sh                           # about 6 hours on 2 cores
+#   bash benchmarks/tiny_transfer.sh                           # 8 to 16 hours on 2 cores
 #   STEPS="pretrain method" bash benchmarks/tiny_transfer.sh   # some of it
 #
 # The timm row needs timm (pip install timm, not a requirement of this project) and timm's own
@@ -20,11 +20,11 @@ ck=${CHECKPOINTS:-checkpoints/tiny-transfer}
 steps=${STEPS:-pretrain method phase2-only probe scratch timm optimizers levers report}
 timm_train=${TIMM_TRAIN:-benchmarks/.work/timm/train.py}
 
-# The budget: 12 epochs a run, the method's 10 + 125 scaled down to 2 + 10, its warmup to one
+# The budget: 8 epochs a run, the method's 10 + 125 scaled down to 2 + 6, its warmup to one
 # epoch and its cosine to one monotone decay over the rest (the method's --cosine-epochs 120).
 common=(--data "$tgt" --arch resnet18 --img-size 64)
 pretrained=(--weights "$ck/source/best.pt")
-schedule=(--warmup-epochs 1 --cosine-epochs 9)
+schedule=(--warmup-epochs 1 --cosine-epochs 5)
 
 wanted() { [[ " $steps " == *" $1 "* ]]; }
 run() {  # run OUT ARGS...: train.py into OUT, unless an earlier call finished it (OUT/done)
@@ -41,15 +41,15 @@ mkdir -p "$ck"
 wanted pretrain && run "$ck/source" --data "$src" --arch resnet18 --img-size 64 --weights none \
     --batch-size 128 --epochs1 0 --epochs2 24 --lr2 2e-3 --warmup-epochs 2 --cosine-epochs 22
 
-wanted method && run "$ck/method" "${common[@]}" "${pretrained[@]}" --epochs1 2 --epochs2 10 \
+wanted method && run "$ck/method" "${common[@]}" "${pretrained[@]}" --epochs1 2 --epochs2 6 \
     "${schedule[@]}"
 wanted phase2-only && run "$ck/phase2-only" "${common[@]}" "${pretrained[@]}" --epochs1 0 \
-    --epochs2 12 --warmup-epochs 1 --cosine-epochs 11
-wanted probe && run "$ck/probe" "${common[@]}" "${pretrained[@]}" --epochs1 12 --epochs2 0
-wanted scratch && run "$ck/scratch" "${common[@]}" --weights none --epochs1 0 --epochs2 12 \
-    --warmup-epochs 1 --cosine-epochs 11
+    --epochs2 8 --warmup-epochs 1 --cosine-epochs 7
+wanted probe && run "$ck/probe" "${common[@]}" "${pretrained[@]}" --epochs1 8 --epochs2 0
+wanted scratch && run "$ck/scratch" "${common[@]}" --weights none --epochs1 0 --epochs2 8 \
+    --warmup-epochs 1 --cosine-epochs 7
 
-# timm's train.py fine-tuning the same backbone for the same 12 epochs, with its own recipe
+# timm's train.py fine-tuning the same backbone for the same 8 epochs, with its own recipe
 # (SGD with Nesterov momentum, lr 0.1 x batch / 256, cosine after 1 warmup epoch, weight decay
 # 2e-5, RandomResizedCrop, horizontal flips, colour jitter 0.4, label smoothing 0.1), at the same
 # batch and size; scored by this project's predict path after benchmarks/from_timm.py.
@@ -60,7 +60,7 @@ torch.save(s['model'], '$ck/source/backbone.pth')"
         cmd=("$timm_train" --model resnet18 --pretrained
              --model-kwargs "pretrained_cfg_overlay={'file':'$ck/source/backbone.pth'}"
              --num-classes 100 --data-dir "$tgt" --train-split train --val-split val
-             --img-size 64 --crop-pct 1.0 --batch-size 72 --epochs 12 --warmup-epochs 1
+             --img-size 64 --crop-pct 1.0 --batch-size 72 --epochs 8 --warmup-epochs 1
              --workers 1 --device cpu --seed 0 --output "$ck/timm-output" --experiment run)
         start=$(date +%s)
         $py "${cmd[@]}" 2>&1 | tee "$ck/timm.log"
@@ -88,19 +88,19 @@ if wanted architectures; then
         run "$ck/source-$arch" --data "$src" --arch "$arch" --img-size 64 --weights none \
             --batch-size 128 --epochs1 0 --epochs2 24 --lr2 2e-3 --warmup-epochs 2 --cosine-epochs 22
         run "$ck/arch-$arch" "${common[@]/resnet18/$arch}" --weights "$ck/source-$arch/best.pt" \
-            --epochs1 2 --epochs2 10 "${schedule[@]}"
+            --epochs1 2 --epochs2 6 "${schedule[@]}"
     done
 fi
 
-# The accuracy levers, at a reduced budget (1 + 5 epochs), two seeds each. The base run keeps
+# The accuracy levers, at a reduced budget (1 + 4 epochs), two seeds each. The base run keeps
 # its moving average and its last 3 epochs, so that --ema, averaging, --tta and the test size are
 # measured on the very run they would change nothing of in training.
 if wanted levers; then
     L="$ck/levers"
     mkdir -p "$L"
     for seed in ${SEEDS:-0 1}; do  # SEEDS=0 and SEEDS=1 can run side by side, a core each
-        base=("${common[@]}" "${pretrained[@]}" --epochs1 1 --epochs2 5 --warmup-epochs 1
-              --cosine-epochs 4 --seed "$seed")
+        base=("${common[@]}" "${pretrained[@]}" --epochs1 1 --epochs2 4 --warmup-epochs 1
+              --cosine-epochs 3 --seed "$seed")
         run "$L/base-s$seed" "${base[@]}" --ema 0.998 --keep-last 3
         [ -f "$L/base-s$seed/averaged.pt" ] || $py avg_checkpoints.py "$L/base-s$seed"/epoch*.pt \
             --out "$L/base-s$seed/averaged.pt"
