@@ -1,4 +1,5 @@
-"""On the device: the normalisation every split gets, and the method's training augmentation.
+"""On the device: the normalisation every split gets, the method's training augmentation, and
+Phase II's MixUp and CutMix (beyond the method).
 
 A batch arrives as uint8 N x H x W x 3 (see data.py) and leaves as normalised float N x 3 x H x W
 in channels_last. The augmentation runs on the whole batch at once, each image with its own
@@ -109,10 +110,8 @@ class DeviceAugment(torch.nn.Module):
     def forward(self, x, params=None):
         p = self.sample(x.shape[0]) if params is None else params
         h, w = x.shape[-2:]
-        tx, ty = (
-            torch.round(p["tx"] * w) / w,
-            torch.round(p["ty"] * h) / h,
-        )  # whole pixels, as RandomAffine's
+        # Shifts of whole pixels, as RandomAffine's.
+        tx, ty = torch.round(p["tx"] * w) / w, torch.round(p["ty"] * h) / h
         jittered, blurred = p["jitter"].nonzero().squeeze(1), p["blur"].nonzero().squeeze(1)
         factors = torch.stack(
             [p[k][jittered] for k in ("brightness", "contrast", "saturation", "hue")], 1
@@ -177,8 +176,8 @@ def affine(x, theta):
 def affine_grid(theta, h, w):
     """F.affine_grid(theta, (n, c, h, w), align_corners=False), written as the outer sum it is:
     coordinate i of output pixel (y, x) is theta[i, 0] x + theta[i, 1] y + theta[i, 2]. The library
-    version multiplies a materialised n x h x w x 3 grid of pixel centres by theta, several times
-    the memory traffic and, on the CPU, twelve times the time."""
+    version multiplies a materialised n x h x w x 3 grid of pixel centres by theta: several times
+    the memory traffic (BENCHMARKS.md)."""
     centres = [
         torch.arange(size, dtype=theta.dtype, device=theta.device).mul_(2 / size).add_(1 / size - 1)
         for size in (w, h)

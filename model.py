@@ -1,5 +1,5 @@
 """The network: a torchvision ResNet-family backbone, its pretrained weights, a new head,
-freezing."""
+freezing, layer-wise learning-rate groups, the weights' moving average, a checkpoint's network."""
 
 import copy
 import os

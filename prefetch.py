@@ -69,9 +69,8 @@ def _prepared_in_background(loader, prepare, device, ahead):
             if cuda:
                 current = torch.cuda.current_stream(index)
                 current.wait_event(ready)  # the device waits for the batch; the host does not
-                x.record_stream(
-                    current
-                )  # made on the side stream: not to be reused while this one uses it
+                # Made on the side stream: its memory is not reused while this one uses it.
+                x.record_stream(current)
                 y.record_stream(current)
             yield x, y
     finally:

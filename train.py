@@ -57,7 +57,7 @@ from utils import (
     write_history_csv,
 )
 
-# A CPU-sized run on scikit-learn's digits: a few minutes on two cores, no download.
+# A CPU-sized run on scikit-learn's digits: about a minute on two cores, no download.
 DEMO = dict(
     data="data/demo",
     arch="resnet18",
@@ -73,10 +73,10 @@ DEMO = dict(
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help shows every default: together they are the method's Table 1."""
+    """--help shows every default that is set: together they are the method's Table 1."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
             return action.help
         return f"{action.help or ''} (default: %(default)s)"
 
@@ -180,7 +180,8 @@ def get_args_parser():
         "--accum-steps",
         type=int,
         default=1,
-        help="an optimizer step every N batches: the same steps in less memory",
+        help="an optimizer step every N batches: the same effective batch in less memory, with "
+        "a smaller --batch-size",
     )
     g.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: global BN stats")
     g.add_argument(
@@ -755,9 +756,8 @@ class Run:
         if self.rank != 0:
             return
         names = ["last.pt"]
-        if (
-            phase.number == 1 and epoch == phase.epochs
-        ):  # before last.pt: a resume never needs to redo it
+        # phase1.pt before last.pt: a resume never needs to redo it.
+        if phase.number == 1 and epoch == phase.epochs:
             names.insert(0, "phase1.pt")
         if is_best:
             names.append("best.pt")
@@ -829,9 +829,8 @@ def main(argv=None):
     rank, local_rank, world_size = init_distributed(args.device)
     device = pick_device(args.device, local_rank)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = (
-            True  # fixed input size: let cuDNN pick the fastest kernels
-        )
+        # A fixed input size: let cuDNN time its kernels and keep the fastest.
+        torch.backends.cudnn.benchmark = True
     seed_everything(args.seed + rank)  # initialisation, and anything random a model adds (dropout)
     with local_main_first(local_rank):
         if args.demo:

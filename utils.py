@@ -1,5 +1,6 @@
-"""What the scripts share: logging, distributed helpers, atomic files and checkpoint I/O, seeding
-and random state, devices. It imports nothing of this project's: every other module may use it."""
+"""What the scripts share: logging, distributed helpers, stop requests (SIGTERM, SIGUSR1) and
+locks, atomic files and checkpoint I/O, seeding and random state, devices. It imports nothing of
+this project's: every other module may use it."""
 
 import csv
 import fcntl

@@ -2,9 +2,8 @@
 # A CUDA machine end to end, in one go: checks of the CUDA input path, the benchmark of the
 # report's model (WRN-50-2, 224 px, batch 72), a profile of its steps, then the demo, resume,
 # evaluation, prediction and bf16 on the GPU. The most telling steps come first, in case time
-# runs out. On an H100 the steps besides the compiled benchmark took about 5.5 minutes. That one
-# compiles the model for each phase: it took about 2 minutes in one run, and did not finish Phase
-# II within 140 s in another, on a fresh machine; it is capped at 4, so the whole takes under 10.
+# runs out. The compiled benchmark compiles the model for each phase, minutes on a fresh machine:
+# it is capped at 4 minutes, so that the whole stays under 10 on an H100 (BENCHMARKS.md).
 #
 #   bash benchmarks/gpu_checks.sh                 # everything prints; failures say FAILED, and
 #                                                 # the script exits 1 if any check failed

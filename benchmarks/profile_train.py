@@ -11,8 +11,8 @@ seen by the profiler); and the kernels that took longest.
 --trace DIR keeps the traces (open them in chrome://tracing or Perfetto).
 
 The profiler adds time to every op it records, so a profiled step is much slower than a real one
-(on an H100, WRN-50-2's Phase II: 71-74 ms profiled, 37 ms in bench.py), and many small ops look
-costlier than they are: compare a change's real effect with bench.py. Kernel times are exact.
+(BENCHMARKS.md), and many small ops look costlier than they are: compare a change's real effect
+with bench.py. Kernel times are exact.
 """
 
 import collections

@@ -21,7 +21,8 @@ steps=${STEPS:-pretrain method phase2-only probe scratch timm optimizers levers 
 timm_train=${TIMM_TRAIN:-benchmarks/.work/timm/train.py}
 
 # The budget: 8 epochs a run, the method's 10 + 125 scaled down to 2 + 6, its warmup to one
-# epoch and its cosine to one monotone decay over the rest (the method's --cosine-epochs 120).
+# epoch and its cosine to one monotone decay over the rest (as --cosine-epochs 120 does for the
+# full 125 epochs).
 common=(--data "$tgt" --arch resnet18 --img-size 64)
 pretrained=(--weights "$ck/source/best.pt")
 schedule=(--warmup-epochs 1 --cosine-epochs 5)

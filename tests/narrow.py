@@ -1,6 +1,6 @@
 """Narrow stand-ins for resnet18 and resnet34 in end-to-end tests: torchvision's ResNet class with
-one BasicBlock per stage and a fraction of the widths. A checkpoint with its optimizer state is
-about a megabyte instead of 135 MB, and a step takes milliseconds.
+one BasicBlock per stage and an eighth of the widths: a checkpoint is a small fraction of
+resnet18's, and a step takes milliseconds.
 
 In a test, the `narrow_models` fixture (conftest.py) swaps them in. For a subprocess:
 

@@ -1,8 +1,8 @@
 """Run a script with the narrow models (tests/narrow.py) and send this process SIGTERM at a chosen
 moment, the way a cluster's scheduler would:
 
-    python tests/preempt.py step=6 train.py ...        # during the 6th training batch
-    python tests/preempt.py validation=2 train.py ...  # during the 2nd validation
+    python tests/preempt.py step=6 train.py ...        # as the 6th training batch is augmented
+    python tests/preempt.py validation=2 train.py ...  # as the 2nd validation pass starts
     python tests/preempt.py save=3 train.py ...        # during the 3rd checkpoint write, twice
 
 Under torchrun only the process of rank PREEMPT_RANK (default 0) is signalled.
