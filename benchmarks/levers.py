@@ -39,7 +39,6 @@ ROWS = [
     ("--lr-decay 0.7", "lr-decay", "last.pt", {}),
     ("--p-vflip 0 (no vertical flips)", "no-vflip", "last.pt", {}),
     ("--freeze-bn (Phase I)", "freeze-bn", "last.pt", {}),
-    ("recipe: --cutmix 1.0 --ema 0.998, averaged, --tta", "recipe", "averaged.pt", {"tta": True}),
 ]
 
 
