@@ -72,12 +72,12 @@ torch.save(s['model'], '$ck/source/backbone.pth')"
     fi
 fi
 
-# Figure 4: the Phase II optimizers from one Phase I (the method's), 3 epochs each.
+# Figure 4: the Phase II optimizers from one Phase I (the method's), 2 epochs each.
 if wanted optimizers; then
     for opt in nadam adamw adam sgd rmsprop; do
         mkdir -p "$ck/opt-$opt" && cp -n "$ck/method/phase1.pt" "$ck/opt-$opt/"
         run "$ck/opt-$opt" "${common[@]}" "${pretrained[@]}" --phase 2 --optimizer2 "$opt" \
-            --epochs1 2 --epochs2 3 --warmup-epochs 1 --cosine-epochs 2
+            --epochs1 2 --epochs2 2 --warmup-epochs 1 --cosine-epochs 1
     done
 fi
 
