@@ -7,8 +7,8 @@ or printed.
 
 Reads the runs benchmarks/tiny_transfer.sh trains into that folder, one per lever and seed
 (`<lever>-s<seed>/`). Every row scores the weights of the run's last epoch (so that a lever that
-only changes which weights are kept, like --ema or averaging, is compared at equal training),
-through predict.py's path: the test folder, its cache, the checkpoint's preprocessing.
+only changes which weights are kept, like --ema, is compared at equal training), through
+predict.py's path: the test folder, its cache, the checkpoint's preprocessing.
 """
 
 import argparse
@@ -26,19 +26,17 @@ from report import NOTES, command_of  # noqa: E402
 from train import get_args_parser  # noqa: E402
 from utils import atomic_file, load_checkpoint, log  # noqa: E402
 
-# (row, run folder, checkpoint, how it is scored): test-time options in the last three.
+# (row, run folder, how its last.pt is scored): test-time options for the base run.
 ROWS = [
-    ("the method", "base", "last.pt", {}),
-    ("--ema 0.998", "base", "last.pt", {"use": "ema"}),
-    ("avg_checkpoints.py, the last 3 epochs", "base", "averaged.pt", {}),
-    ("--tta (horizontal flip)", "base", "last.pt", {"tta": True}),
-    ("test size 72 px", "base", "last.pt", {"img_size": 72}),
-    ("test size 80 px", "base", "last.pt", {"img_size": 80}),
-    ("--mixup 0.2", "mixup", "last.pt", {}),
-    ("--cutmix 1.0", "cutmix", "last.pt", {}),
-    ("--lr-decay 0.7", "lr-decay", "last.pt", {}),
-    ("--p-vflip 0 (no vertical flips)", "no-vflip", "last.pt", {}),
-    ("--freeze-bn (Phase I)", "freeze-bn", "last.pt", {}),
+    ("the method", "base", {}),
+    ("--ema 0.99", "base", {"use": "ema"}),
+    ("--tta (horizontal flip)", "base", {"tta": True}),
+    ("test size 72 px", "base", {"img_size": 72}),
+    ("test size 80 px", "base", {"img_size": 80}),
+    ("--mixup 0.2", "mixup", {}),
+    ("--cutmix 1.0", "cutmix", {}),
+    ("--lr-decay 0.7", "lr-decay", {}),
+    ("--p-vflip 0 (no vertical flips)", "no-vflip", {}),
 ]
 
 
@@ -68,8 +66,8 @@ def table(folder, answers):
         "| --- | " + "---: | " * (len(seeds) + 3),
     ]
     base, commands = None, []
-    for label, run, name, options in ROWS:
-        paths = [folder / f"{run}-s{s}" / name for s in seeds]
+    for label, run, options in ROWS:
+        paths = [folder / f"{run}-s{s}" / "last.pt" for s in seeds]
         if not all(p.is_file() for p in paths):
             log(f"{label}: not run yet ({paths[0].parent})")
             continue
@@ -82,9 +80,6 @@ def table(folder, answers):
         gain = f"{100 * (mean - base):+.2f} points" if label != "the method" else ""
         lines.append(f"| {label} | {counts} | {mean:.4f} | {gain} | {params / 1e6:.1f}M |")
         command = command_of(load_checkpoint(paths[0]), defaults)
-        if name == "averaged.pt":
-            run_dir = paths[0].parent
-            command += f"`, then `python avg_checkpoints.py {run_dir}/epoch*.pt --out averaged.pt"
         test_time = " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in options.items() if v is not True
         )

@@ -72,12 +72,13 @@ torch.save(s['model'], '$ck/source/backbone.pth')"
     fi
 fi
 
-# Figure 4: the Phase II optimizers from one Phase I (the method's), 2 epochs each.
+# Figure 4: the Phase II optimizers from one Phase I (the method's), one epoch each at the
+# method's peak learning rate. The levers below share this start and budget.
+short=(--phase 2 --epochs1 2 --epochs2 1 --warmup-epochs 0 --cosine-epochs 1)
 if wanted optimizers; then
     for opt in nadam adamw adam sgd rmsprop; do
         mkdir -p "$ck/opt-$opt" && cp -n "$ck/method/phase1.pt" "$ck/opt-$opt/"
-        run "$ck/opt-$opt" "${common[@]}" "${pretrained[@]}" --phase 2 --optimizer2 "$opt" \
-            --epochs1 2 --epochs2 2 --warmup-epochs 1 --cosine-epochs 1
+        run "$ck/opt-$opt" "${common[@]}" "${pretrained[@]}" "${short[@]}" --optimizer2 "$opt"
     done
 fi
 
@@ -93,23 +94,22 @@ if wanted architectures; then
     done
 fi
 
-# The accuracy levers, at a reduced budget (1 + 4 epochs), two seeds each. The base run keeps
-# its moving average and its last 3 epochs, so that --ema, averaging, --tta and the test size are
-# measured on the very run they would change nothing of in training.
+# The accuracy levers, each a Phase II epoch from the method's Phase I, as the optimizers above,
+# two seeds each (the seed draws Phase II's batches and augmentation). The base run keeps a
+# moving average, so that --ema, --tta and the test size are measured on the very run they would
+# change nothing of in training.
 if wanted levers; then
     L="$ck/levers"
-    mkdir -p "$L"
     for seed in ${SEEDS:-0 1}; do  # SEEDS=0 and SEEDS=1 can run side by side, a core each
-        base=("${common[@]}" "${pretrained[@]}" --epochs1 1 --epochs2 4 --warmup-epochs 1
-              --cosine-epochs 3 --seed "$seed")
-        run "$L/base-s$seed" "${base[@]}" --ema 0.998 --keep-last 3
-        [ -f "$L/base-s$seed/averaged.pt" ] || $py avg_checkpoints.py "$L/base-s$seed"/epoch*.pt \
-            --out "$L/base-s$seed/averaged.pt"
+        for lever in base mixup cutmix lr-decay no-vflip; do
+            mkdir -p "$L/$lever-s$seed" && cp -n "$ck/method/phase1.pt" "$L/$lever-s$seed/"
+        done
+        base=("${common[@]}" "${pretrained[@]}" "${short[@]}" --seed "$seed")
+        run "$L/base-s$seed" "${base[@]}" --ema 0.99
         run "$L/mixup-s$seed" "${base[@]}" --mixup 0.2
         run "$L/cutmix-s$seed" "${base[@]}" --cutmix 1.0
         run "$L/lr-decay-s$seed" "${base[@]}" --lr-decay 0.7
         run "$L/no-vflip-s$seed" "${base[@]}" --p-vflip 0
-        run "$L/freeze-bn-s$seed" "${base[@]}" --freeze-bn
     done
 fi
 
