@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The real-photo experiments of RESULTS.md, on a CPU: a resnet18 backbone pretrained from scratch
 # on tiny-transfer's source/ half (the stand-in for ImageNet weights), then fine-tuned on its
-# target/ half in the ways RESULTS.md compares, then the report. Each step is skipped when its
-# checkpoint exists, so the script can be stopped and run again.
+# target/ half in the ways RESULTS.md compares, then the report. A finished run is skipped and a
+# stopped one resumed from its last epoch, so the script can be stopped and run again.
 #
 #   mkdir -p data && tar -xzf tiny-transfer.tar.gz -C data     # the dataset (see its README)
 #   bash benchmarks/tiny_transfer.sh                           # 8 to 16 hours on 2 cores
@@ -28,11 +28,14 @@ pretrained=(--weights "$ck/source/best.pt")
 schedule=(--warmup-epochs 1 --cosine-epochs 5)
 
 wanted() { [[ " $steps " == *" $1 "* ]]; }
-run() {  # run OUT ARGS...: train.py into OUT, unless an earlier call finished it (OUT/done)
+run() {  # run OUT ARGS...: train.py into OUT, unless an earlier call finished it (OUT/done);
+          # a call that was stopped goes on from its last.pt
     local out=$1; shift
     if [ -f "$out/done" ]; then echo "== $out: done"; return; fi
-    echo "== $out: python train.py $* --out $out"
-    $py train.py "$@" --out "$out" 2>&1 | tee "$out.log"
+    local resume=()
+    [ -f "$out/last.pt" ] && resume=(--resume "$out/last.pt")
+    echo "== $out: python train.py $* --out $out ${resume[*]}"
+    $py train.py "$@" --out "$out" "${resume[@]}" 2>&1 | tee -a "$out.log"
     touch "$out/done"
 }
 mkdir -p "$ck"
