@@ -57,9 +57,8 @@ def test_accuracy(path, answers, use="weights", tta=False, img_size=None):
 
 def table(folder, answers):
     folder = Path(folder)
-    seeds = sorted(
-        {m.group(1) for p in folder.glob("base-s*") if (m := re.search(r"s(\d+)$", p.name))}
-    )
+    finished = [p.parent for p in folder.glob("base-s*/done")]  # tiny_transfer.sh's marker
+    seeds = sorted({m.group(1) for p in finished if (m := re.search(r"s(\d+)$", p.name))})
     defaults = vars(get_args_parser().parse_args([]))
     lines = [
         "| lever | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | gain | parameters |",
@@ -68,7 +67,7 @@ def table(folder, answers):
     base, commands = None, []
     for label, run, options in ROWS:
         paths = [folder / f"{run}-s{s}" / "last.pt" for s in seeds]
-        if not all(p.is_file() for p in paths):
+        if not all((p.parent / "done").is_file() for p in paths):
             log(f"{label}: not run yet ({paths[0].parent})")
             continue
         results = [test_accuracy(p, answers, **{"use": "weights", **options}) for p in paths]

@@ -116,14 +116,18 @@ if wanted levers; then
     done
 fi
 
-if wanted report; then
-    runs=("$ck"/{scratch,probe,phase2-only,method}/best.pt)
+if wanted report; then  # of the runs that have finished
+    finished() { for f in "$@"; do [ -f "$(dirname "$f")/done" ] && echo "$f"; done; }
+    mapfile -t runs < <(finished "$ck"/{scratch,probe,phase2-only,method}/best.pt)
     [ -f "$ck/timm/best.pt" ] && runs+=("$ck/timm/best.pt")
-    archs=("$ck"/arch-*/best.pt) compare_archs=()
-    [ -f "${archs[0]}" ] && compare_archs=(--compare "$ck/method/best.pt" "${archs[@]}")
+    mapfile -t optimizers < <(finished "$ck"/opt-{nadam,adamw,adam,sgd,rmsprop}/best.pt)
+    mapfile -t archs < <(finished "$ck"/arch-*/best.pt)
+    compare=(--compare "${runs[@]}")
+    [ ${#optimizers[@]} -gt 0 ] && compare+=(--compare "${optimizers[@]}")
+    [ ${#archs[@]} -gt 0 ] && compare+=(--compare "$ck/method/best.pt" "${archs[@]}")
     $py evaluate.py --ckpt "$ck/method/best.pt" --report RESULTS.md --figures results \
-        --answers "$tgt/answers.csv" --compare "${runs[@]}" \
-        --compare "$ck"/opt-{nadam,adamw,adam,sgd,rmsprop}/best.pt "${compare_archs[@]}"
-    [ -d "$ck/levers" ] && $py benchmarks/levers.py "$ck/levers" --answers "$tgt/answers.csv" \
-        --results RESULTS.md
+        --answers "$tgt/answers.csv" "${compare[@]}"
+    if [ -d "$ck/levers" ]; then
+        $py benchmarks/levers.py "$ck/levers" --answers "$tgt/answers.csv" --results RESULTS.md
+    fi
 fi
