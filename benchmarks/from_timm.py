@@ -33,8 +33,10 @@ def natural_key(name):
 
 
 def summary_rows(timm_output):
+    """An epoch's row, the last of its rows where a resumed run trained it again."""
     with open(Path(timm_output) / "summary.csv", newline="") as f:
-        return list(csv.DictReader(f))
+        rows = {r["epoch"]: r for r in csv.DictReader(f)}
+    return sorted(rows.values(), key=lambda r: int(r["epoch"]))
 
 
 def history_of(timm_output, seconds_per_epoch):

@@ -66,10 +66,17 @@ torch.save(s['model'], '$ck/source/backbone.pth')"
              --num-classes 100 --data-dir "$tgt" --train-split train --val-split val
              --img-size 64 --crop-pct 1.0 --batch-size 72 --epochs 8 --warmup-epochs 1
              --workers 1 --device cpu --seed 0 --output "$ck/timm-output" --experiment run)
-        start=$(date +%s)
-        $py "${cmd[@]}" 2>&1 | tee "$ck/timm.log"
-        $py benchmarks/from_timm.py "$ck/timm-output/run" --data "$tgt" --out "$ck/timm/best.pt" \
-            --command "python ${cmd[*]}" --wall-seconds $(( $(date +%s) - start ))
+        out="$ck/timm-output/run" resume=()
+        [ -f "$out/last.pth.tar" ] && resume=(--resume "$out/last.pth.tar")  # a stopped run
+        epochs() {  # that timm's summary.csv records
+            [ -f "$out/summary.csv" ] && echo $(( $(wc -l < "$out/summary.csv") - 1 )) || echo 0
+        }
+        before=$(epochs) start=$(date +%s)
+        $py "${cmd[@]}" "${resume[@]}" 2>&1 | tee -a "$ck/timm.log"
+        after=$(epochs)  # a resumed run's time: this call's, scaled to all of its epochs
+        $py benchmarks/from_timm.py "$out" --data "$tgt" --out "$ck/timm/best.pt" \
+            --command "python ${cmd[*]}" \
+            --wall-seconds $(( ( $(date +%s) - start ) * after / (after - before) ))
     else
         echo "== timm: skipped (no timm, or no $timm_train)"
     fi

@@ -117,7 +117,8 @@ def test_a_timm_run_becomes_a_checkpoint_with_the_head_in_this_projects_class_or
     torch.save(state, timm_output / "model_best.pth.tar")
     (timm_output / "summary.csv").write_text(
         "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n"
-        "0,2.0,1.9,40.0,90.0,0.01\n1,1.5,1.4,60.0,95.0,0.005\n2,1.2,1.3,55.0,96.0,0.001\n"
+        "0,2.0,1.9,40.0,90.0,0.01\n1,1.9,1.8,50.0,93.0,0.005\n"  # then stopped before saving
+        "1,1.5,1.4,60.0,95.0,0.005\n2,1.2,1.3,55.0,96.0,0.001\n"  # resumed: epoch 1 again
     )
     from_timm.main(
         [
@@ -138,4 +139,4 @@ def test_a_timm_run_becomes_a_checkpoint_with_the_head_in_this_projects_class_or
     assert torch.equal(ours["model"]["fc.weight"], weight[[1, 0, 2]])
     assert (ours["epoch"], ours["img_size"], ours["args"]["optimizer2"]) == (2, 64, "timm sgd")
     assert [r["val_acc"] for r in ours["history"]] == [0.4, 0.6]  # up to the best epoch
-    assert (tmp_path / "ck" / "history.csv").read_text().count("\n") == 4  # every epoch
+    assert (tmp_path / "ck" / "history.csv").read_text().count("\n") == 4  # every epoch, once
