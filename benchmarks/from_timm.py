@@ -39,8 +39,9 @@ def summary_rows(timm_output):
     return sorted(rows.values(), key=lambda r: int(r["epoch"]))
 
 
-def history_of(timm_output, seconds_per_epoch):
+def history_of(timm_output, wall_seconds):
     """timm's summary.csv as this project's per-epoch records (accuracies as fractions)."""
+    rows = summary_rows(timm_output)
     return [
         {
             "phase": 2,
@@ -52,10 +53,10 @@ def history_of(timm_output, seconds_per_epoch):
             "val_acc": float(r["eval_top1"]) / 100,
             "val_top5": float(r["eval_top5"]) / 100,
             "images_per_s": math.nan,
-            "seconds": seconds_per_epoch,
+            "seconds": wall_seconds / len(rows),
             "val_seconds": 0.0,
         }
-        for i, r in enumerate(summary_rows(timm_output))
+        for i, r in enumerate(rows)
     ]
 
 
@@ -71,7 +72,7 @@ def convert(timm_output, data, command, wall_seconds):
     rows = torch.tensor([timm_order.index(c) for c in classes])  # our class i is timm's rows[i]
     state = dict(saved["state_dict"])
     state["fc.weight"], state["fc.bias"] = state["fc.weight"][rows], state["fc.bias"][rows]
-    history = history_of(timm_output, wall_seconds / len(summary_rows(timm_output)))
+    history = history_of(timm_output, wall_seconds)
     size = timm_args.get("img_size") or (timm_args.get("input_size") or [3, 224, 224])[-1]
     best = max(range(len(history)), key=lambda i: history[i]["val_acc"])
     return {
