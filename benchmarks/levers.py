@@ -62,7 +62,7 @@ def table(folder, answers):
     defaults = vars(get_args_parser().parse_args([]))
     lines = [
         "| lever | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | gain | parameters |",
-        "| --- | " + "---: | " * (len(seeds) + 3),
+        "| --- |" + " ---: |" * (len(seeds) + 3),
     ]
     base, commands = None, []
     for label, run, options in ROWS:
@@ -92,6 +92,34 @@ def table(folder, answers):
     )
 
 
+def averaging_table(runs, answers):
+    """Weight averaging needs epochs to average, so it is measured on longer runs: each run's last
+    epoch against the average of its kept epochs (avg_checkpoints.py's averaged.pt)."""
+    runs = [Path(r) for r in runs if (Path(r) / "averaged.pt").is_file()]
+    if not runs:
+        return ""
+    lines = [
+        "| run | last epoch | average of the kept epochs | gain |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for run in runs:
+        (c1, t1, _), (c2, t2, trained) = (
+            test_accuracy(run / name, answers) for name in ("last.pt", "averaged.pt")
+        )
+        lines.append(
+            f"| {run.name} | {c1 / t1:.4f} ({c1}/{t1}) | {c2 / t2:.4f} ({c2}/{t2}) "
+            f"| {100 * (c2 / t2 - c1 / t1):+.2f} points |"
+        )
+    kept = [Path(p).name for p in trained.state["averaged"]]
+    how = (
+        f"Weight averaging of each run's last {len(kept)} epochs, batch norm statistics measured "
+        "again on the training images: `python avg_checkpoints.py "
+        + " ".join(f"RUN/{name}" for name in kept)
+        + " --out RUN/averaged.pt`."
+    )
+    return "\n".join(["", how, "", *lines]) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -101,8 +129,14 @@ def main(argv=None):
     p.add_argument(
         "--results", default=None, help="a report to write the table into (its levers notes)"
     )
+    p.add_argument(
+        "--averaging",
+        nargs="*",
+        default=[],
+        help="runs holding an averaged.pt of their last epochs, to score against their last.pt",
+    )
     args = p.parse_args(argv)
-    text = table(args.folder, args.answers)
+    text = table(args.folder, args.answers) + averaging_table(args.averaging, args.answers)
     print(text, end="")
     if args.results:
         report = Path(args.results).read_text()

@@ -17,7 +17,7 @@ py=${PYTHON:-python}
 src=${SOURCE:-data/tiny-transfer/source}
 tgt=${TARGET:-data/tiny-transfer/target}
 ck=${CHECKPOINTS:-checkpoints/tiny-transfer}
-steps=${STEPS:-pretrain method phase2-only probe scratch timm optimizers levers report}
+steps=${STEPS:-pretrain method phase2-only probe scratch method-1+7 timm optimizers levers report}
 timm_train=${TIMM_TRAIN:-benchmarks/.work/timm/train.py}
 
 # The budget: 8 epochs a run, the method's 10 + 125 scaled down to 2 + 6, its warmup to one
@@ -52,6 +52,20 @@ wanted phase2-only && run "$ck/phase2-only" "${common[@]}" "${pretrained[@]}" --
 wanted probe && run "$ck/probe" "${common[@]}" "${pretrained[@]}" --epochs1 8 --epochs2 0
 wanted scratch && run "$ck/scratch" "${common[@]}" --weights none --epochs1 0 --epochs2 8 \
     --warmup-epochs 1 --cosine-epochs 7
+
+# The method with its budget split as the report's (Phase I 10 of 135 epochs, warmup 5 of 125):
+# at 8 epochs that is 1 + 7 and no warmup, where the rows above round both up. Two seeds, to show
+# the noise between runs; each keeps its last 3 epochs, which avg_checkpoints.py averages for the
+# weight-averaging lever.
+if wanted method-1+7; then
+    for seed in ${SEEDS:-0 1}; do
+        out="$ck/method-1+7-s$seed"
+        run "$out" "${common[@]}" "${pretrained[@]}" --epochs1 1 --epochs2 7 --warmup-epochs 0 \
+            --cosine-epochs 7 --keep-last 3 --seed "$seed"
+        [ -f "$out/averaged.pt" ] || $py avg_checkpoints.py "$out"/epoch00{6,7,8}.pt \
+            --out "$out/averaged.pt"
+    done
+fi
 
 # timm's train.py fine-tuning the same backbone for the same 8 epochs, with its own recipe
 # (SGD with Nesterov momentum, lr 0.1 x batch / 256, cosine after 1 warmup epoch, weight decay
@@ -125,7 +139,7 @@ fi
 
 if wanted report; then  # of the runs that have finished
     finished() { for f in "$@"; do [ -f "$(dirname "$f")/done" ] && echo "$f"; done; }
-    mapfile -t runs < <(finished "$ck"/{scratch,probe,phase2-only,method}/best.pt)
+    mapfile -t runs < <(finished "$ck"/{scratch,probe,phase2-only,method,method-1+7-s0}/best.pt)
     [ -f "$ck/timm/best.pt" ] && runs+=("$ck/timm/best.pt")
     mapfile -t optimizers < <(finished "$ck"/opt-{nadam,adamw,adam,sgd,rmsprop}/best.pt)
     mapfile -t archs < <(finished "$ck"/arch-*/best.pt)
@@ -135,6 +149,7 @@ if wanted report; then  # of the runs that have finished
     $py evaluate.py --ckpt "$ck/method/best.pt" --report RESULTS.md --figures results \
         --answers "$tgt/answers.csv" "${compare[@]}"
     if [ -d "$ck/levers" ]; then
-        $py benchmarks/levers.py "$ck/levers" --answers "$tgt/answers.csv" --results RESULTS.md
+        $py benchmarks/levers.py "$ck/levers" --answers "$tgt/answers.csv" --results RESULTS.md \
+            --averaging "$ck"/method-1+7-s*
     fi
 fi

@@ -15,6 +15,9 @@ import bench  # noqa: E402
 import from_timm  # noqa: E402
 import profile_train  # noqa: E402
 
+TINY_LEVERS = (
+    "--arch resnet18 --weights none --img-size 16 --batch-size 4 --cache-workers 0 --device cpu"
+).split()
 TINY_BENCH = "--img-size 32 --batch-size 4 --steps 1 --repeats 1 --workers 0".split()
 
 
@@ -140,3 +143,56 @@ def test_a_timm_run_becomes_a_checkpoint_with_the_head_in_this_projects_class_or
     assert (ours["epoch"], ours["img_size"], ours["args"]["optimizer2"]) == (2, 64, "timm sgd")
     assert [r["val_acc"] for r in ours["history"]] == [0.4, 0.6]  # up to the best epoch
     assert (tmp_path / "ck" / "history.csv").read_text().count("\n") == 4  # every epoch, once
+
+
+def test_the_levers_table_scores_finished_runs_and_writes_its_notes_block(
+    dataset, tmp_path, capsys, narrow_models
+):
+    import avg_checkpoints
+    import levers
+
+    answers = tmp_path / "answers.csv"  # test image j shows class j % 3 (conftest)
+    classes = ("cat", "dog", "eel")
+    answers.write_text(
+        "image_name,pred_label\n" + "".join(f"img_{j:02d},{classes[j % 3]}\n" for j in range(5))
+    )
+    runs = tmp_path / "levers"
+    common = ["--data", str(dataset), *TINY_LEVERS, "--warmup-epochs", "0", "--epochs1", "1"]
+    one_epoch = [*common, "--epochs2", "1", "--cosine-epochs", "1"]
+    for name, lever in (("base-s0", ["--ema", "0.9"]), ("mixup-s0", ["--mixup", "0.2"])):
+        train.main([*one_epoch, *lever, "--out", str(runs / name)])
+        (runs / name / "done").touch()  # tiny_transfer.sh's marker of a finished run
+    train.main([*one_epoch, "--cutmix", "1.0", "--out", str(runs / "cutmix-s0")])  # unfinished
+    longer = tmp_path / "method-s0"  # its last two epochs kept, then averaged
+    train.main(
+        [
+            *common,
+            "--epochs2",
+            "2",
+            "--cosine-epochs",
+            "2",
+            "--keep-last",
+            "2",
+            "--out",
+            str(longer),
+        ]
+    )
+    kept = sorted(str(p) for p in longer.glob("epoch*.pt"))
+    avg_checkpoints.main([*kept, "--out", str(longer / "averaged.pt"), "--batch-size", "4"])
+
+    report = tmp_path / "RESULTS.md"
+    report.write_text("# results\n\nprose kept\n")
+    capsys.readouterr()
+    args = [str(runs), "--answers", str(answers), "--results", str(report)]
+    levers.main(args + ["--averaging", str(longer), str(tmp_path / "absent")])
+    text = report.read_text()
+    assert text.startswith("# results\n\nprose kept\n") and "<!-- notes:levers -->" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    for label in ("the method", "--ema 0.99", "--tta (horizontal flip)", "test size 80 px"):
+        assert "/5)" in rows[label]
+    assert "--mixup 0.2" in rows and "--cutmix 1.0" not in rows  # an unfinished run is left out
+    assert rows["the method"].split("|")[-3].strip() == ""  # the reference has no gain
+    assert "points" in rows["--mixup 0.2"] and "method-s0" in rows
+    assert "avg_checkpoints.py RUN/epoch002.pt RUN/epoch003.pt --out" in text
+    levers.main(args)  # rewritten in place, the prose kept
+    assert report.read_text().count("<!-- notes:levers -->") == 1
