@@ -344,6 +344,7 @@ def write_comparison(runs, folder):
             np.arange(1, len(r["history"]) + 1),
             [best_acc(h) for h in r["history"]],
             label=r["label"],
+            marker="o" if len(r["history"]) < 40 else None,  # a short run's points stay visible
         )
     ax.set(xlabel="epoch", ylabel="validation accuracy")
     ax.legend()
