@@ -16,6 +16,9 @@ from train import best_acc
 from utils import atomic_file
 
 NOTES = re.compile(r"<!-- notes:(\w+) -->\n(.*?)<!-- /notes -->", re.S)
+# Sections that other tools add to a report (benchmarks/levers.py's) follow this line: a report
+# written again over an earlier one keeps them as they were.
+APPENDIX = "<!-- sections added to the report -->\n"
 
 
 def count(correct, total):
@@ -179,7 +182,8 @@ def where_from(state, history):
 def write_report(path, figures, state, history, metrics, test, comparisons, names, defaults):
     """The report as Markdown at `path`; its images are in `figures` (linked relatively)."""
     path = Path(path)
-    kept = dict(NOTES.findall(path.read_text())) if path.is_file() else {}
+    old = path.read_text() if path.is_file() else ""
+    kept = dict(NOTES.findall(old))
     n = metrics["images"]
     lines = [
         f"# {state['arch']} on {state['data']}: results",
@@ -235,5 +239,7 @@ def write_report(path, figures, state, history, metrics, test, comparisons, name
     ]
     for comparison in comparisons:
         lines += comparison_lines(comparison, path, defaults, kept)
+    if APPENDIX in old:
+        lines += [APPENDIX + old.split(APPENDIX, 1)[1]]
     with atomic_file(path, "w") as f:
         f.write("\n".join(lines))

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from inference import load_trained  # noqa: E402
 from model import count_parameters  # noqa: E402
 from predict import check_predictions, predicted_rows, read_answers, score, test_images  # noqa: E402
-from report import NOTES, command_of  # noqa: E402
+from report import APPENDIX, NOTES, command_of  # noqa: E402
 from train import get_args_parser  # noqa: E402
 from utils import atomic_file, load_checkpoint, log  # noqa: E402
 
@@ -140,8 +140,12 @@ def main(argv=None):
     print(text, end="")
     if args.results:
         report = Path(args.results).read_text()
-        if "<!-- notes:levers -->" not in report:
-            report += "\n## Accuracy levers\n\n<!-- notes:levers -->\n<!-- /notes -->\n"
+        if "<!-- notes:levers -->" not in report:  # a section of its own, prose slot first
+            report += "" if APPENDIX in report else "\n" + APPENDIX
+            report += (
+                "\n## Accuracy levers\n\n<!-- notes:levers_findings -->\n<!-- /notes -->\n\n"
+                "<!-- notes:levers -->\n<!-- /notes -->\n"
+            )
         report = NOTES.sub(
             lambda m: (
                 f"<!-- notes:levers -->\n{text}<!-- /notes -->"

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+import evaluate
 import model as M
 import train
 from conftest import REPO, make_dataset
@@ -194,5 +195,17 @@ def test_the_levers_table_scores_finished_runs_and_writes_its_notes_block(
     assert rows["the method"].split("|")[-3].strip() == ""  # the reference has no gain
     assert "points" in rows["--mixup 0.2"] and "method-s0" in rows
     assert "avg_checkpoints.py RUN/epoch002.pt RUN/epoch003.pt --out" in text
+    findings = "<!-- notes:levers_findings -->\n"
+    report.write_text(report.read_text().replace(findings, findings + "EMA helps.\n"))
     levers.main(args)  # rewritten in place, the prose kept
     assert report.read_text().count("<!-- notes:levers -->") == 1
+    assert findings + "EMA helps.\n" in report.read_text()
+
+    # The report of a run, written over this one, keeps the section levers.py added.
+    base = str(runs / "base-s0" / "last.pt")
+    evaluate.main(["--ckpt", base, "--report", str(report), "--figures", str(tmp_path / "fig")])
+    text = report.read_text()
+    assert "prose kept" not in text and "## Result" in text  # the report's own, written anew
+    assert findings + "EMA helps.\n" in text and "| --mixup 0.2 |" in text
+    evaluate.main(["--ckpt", base, "--report", str(report), "--figures", str(tmp_path / "fig")])
+    assert report.read_text() == text
