@@ -37,6 +37,7 @@ ROWS = [
     ("--cutmix 1.0", "cutmix", {}),
     ("--lr-decay 0.7", "lr-decay", {}),
     ("--p-vflip 0 (no vertical flips)", "no-vflip", {}),
+    ("the recipe: --ema 0.99 --lr-decay 0.7 --p-vflip 0", "recipe", {"use": "ema"}),
 ]
 
 

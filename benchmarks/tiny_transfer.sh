@@ -125,7 +125,7 @@ fi
 if wanted levers; then
     L="$ck/levers"
     for seed in ${SEEDS:-0 1}; do  # SEEDS=0 and SEEDS=1 can run side by side, a core each
-        for lever in base mixup cutmix lr-decay no-vflip; do
+        for lever in base mixup cutmix lr-decay no-vflip recipe; do
             mkdir -p "$L/$lever-s$seed" && cp -n "$ck/method/phase1.pt" "$L/$lever-s$seed/"
         done
         base=("${common[@]}" "${pretrained[@]}" "${short[@]}" --seed "$seed")
@@ -134,6 +134,8 @@ if wanted levers; then
         run "$L/cutmix-s$seed" "${base[@]}" --cutmix 1.0
         run "$L/lr-decay-s$seed" "${base[@]}" --lr-decay 0.7
         run "$L/no-vflip-s$seed" "${base[@]}" --p-vflip 0
+        # The levers that measured better on validation, together: README's leaderboard recipe.
+        run "$L/recipe-s$seed" "${base[@]}" --ema 0.99 --lr-decay 0.7 --p-vflip 0
     done
 fi
 
