@@ -12,6 +12,7 @@ predict.py's path: the test folder, its cache, the checkpoint's preprocessing.
 """
 
 import argparse
+import json
 import re
 import statistics
 import sys
@@ -38,22 +39,36 @@ ROWS = [
     ("--lr-decay 0.7", "lr-decay", {}),
     ("--p-vflip 0 (no vertical flips)", "no-vflip", {}),
     ("the recipe: --ema 0.99 --lr-decay 0.7 --p-vflip 0", "recipe", {"use": "ema"}),
+    ("the recipe, with --tta", "recipe", {"use": "ema", "tta": True}),
 ]
 
 
 def test_accuracy(path, answers, use="weights", tta=False, img_size=None):
-    """(correct, images) of a checkpoint's weights on the test images."""
-    args = argparse.Namespace(ckpt=str(path), device="auto", amp=None, use=use, img_size=img_size)
-    trained = load_trained(args)
-    test_dir = Path(trained.state["data"]) / "test"
-    files = test_images(test_dir)
-    rows, _ = predicted_rows(trained, test_dir, files, None, 2, 256, tta)
-    rows, truth = list(rows), read_answers(answers, trained.classes)
-    problems = check_predictions(rows, {r[0] for r in truth}, trained.classes, "answers")
-    if problems:
-        raise SystemExit(f"{answers}: " + "; ".join(problems[:5]))
-    correct, total, _ = score(rows, truth, trained.classes)
-    return correct, total, trained
+    """(correct, images, parameters) of a checkpoint's weights on the test images. Remembered
+    in the run's folder (scores.json), keyed by the checkpoint's size and time and the options,
+    so that writing the table again scores only the runs that are new or changed."""
+    path, answers = Path(path), Path(answers)
+    stat = path.stat()
+    key = json.dumps([path.name, stat.st_size, stat.st_mtime_ns, use, tta, img_size, str(answers)])
+    memo = path.parent / "scores.json"
+    known = json.loads(memo.read_text()) if memo.is_file() else {}
+    if key not in known:
+        args = argparse.Namespace(
+            ckpt=str(path), device="auto", amp=None, use=use, img_size=img_size
+        )
+        trained = load_trained(args)
+        test_dir = Path(trained.state["data"]) / "test"
+        files = test_images(test_dir)
+        rows, _ = predicted_rows(trained, test_dir, files, None, 2, 256, tta)
+        rows, truth = list(rows), read_answers(answers, trained.classes)
+        problems = check_predictions(rows, {r[0] for r in truth}, trained.classes, "answers")
+        if problems:
+            raise SystemExit(f"{answers}: " + "; ".join(problems[:5]))
+        correct, total, _ = score(rows, truth, trained.classes)
+        known[key] = [correct, total, count_parameters(trained.model.parameters())]
+        with atomic_file(memo, "w") as f:
+            json.dump(known, f, indent=1)
+    return tuple(known[key])
 
 
 def table(folder, answers):
@@ -75,7 +90,7 @@ def table(folder, answers):
         rates = [c / t for c, t, _ in results]
         mean = statistics.mean(rates)
         base = mean if base is None else base
-        params = count_parameters(results[0][2].model.parameters())
+        params = results[0][2]
         counts = " | ".join(f"{c / t:.4f} ({c}/{t})" for c, t, _ in results)
         gain = f"{100 * (mean - base):+.2f} points" if label != "the method" else ""
         lines.append(f"| {label} | {counts} | {mean:.4f} | {gain} | {params / 1e6:.1f}M |")
@@ -104,14 +119,14 @@ def averaging_table(runs, answers):
         "| --- | ---: | ---: | ---: |",
     ]
     for run in runs:
-        (c1, t1, _), (c2, t2, trained) = (
+        (c1, t1, _), (c2, t2, _) = (
             test_accuracy(run / name, answers) for name in ("last.pt", "averaged.pt")
         )
         lines.append(
             f"| {run.name} | {c1 / t1:.4f} ({c1}/{t1}) | {c2 / t2:.4f} ({c2}/{t2}) "
             f"| {100 * (c2 / t2 - c1 / t1):+.2f} points |"
         )
-    kept = [Path(p).name for p in trained.state["averaged"]]
+    kept = [Path(p).name for p in load_checkpoint(runs[-1] / "averaged.pt")["averaged"]]
     how = (
         f"Weight averaging of each run's last {len(kept)} epochs, batch norm statistics measured "
         "again on the training images: `python avg_checkpoints.py "

@@ -147,7 +147,7 @@ def test_a_timm_run_becomes_a_checkpoint_with_the_head_in_this_projects_class_or
 
 
 def test_the_levers_table_scores_finished_runs_and_writes_its_notes_block(
-    dataset, tmp_path, capsys, narrow_models
+    dataset, tmp_path, capsys, narrow_models, monkeypatch
 ):
     import avg_checkpoints
     import levers
@@ -197,9 +197,11 @@ def test_the_levers_table_scores_finished_runs_and_writes_its_notes_block(
     assert "avg_checkpoints.py RUN/epoch002.pt RUN/epoch003.pt --out" in text
     findings = "<!-- notes:levers_findings -->\n"
     report.write_text(report.read_text().replace(findings, findings + "EMA helps.\n"))
+    monkeypatch.setattr(levers, "load_trained", None)  # every score is remembered now
     levers.main(args)  # rewritten in place, the prose kept
-    assert report.read_text().count("<!-- notes:levers -->") == 1
-    assert findings + "EMA helps.\n" in report.read_text()
+    again = report.read_text()
+    assert again.count("<!-- notes:levers -->") == 1 and findings + "EMA helps.\n" in again
+    assert rows["--ema 0.99"] in again and rows["--mixup 0.2"] in again  # the same scores
 
     # The report of a run, written over this one, keeps the section levers.py added.
     base = str(runs / "base-s0" / "last.pt")

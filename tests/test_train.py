@@ -564,3 +564,20 @@ def test_ema_added_on_resume_adds_its_columns_to_history_csv(tiny_args, tmp_path
         tmp_path / "ck" / "last.pt", torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
     )
     assert math.isnan(history[0]["ema_val_acc"]) and len(history) == 2
+
+
+def test_a_budget_of_epochs_is_split_as_the_report_splits_its_135():
+    def split(*argv):
+        args, _ = train.parse_args(list(argv))
+        return args.epochs1, args.epochs2, args.warmup_epochs, args.cosine_epochs
+
+    assert split("--epochs", "135") == (10, 125, 5, 120)  # the report's, one monotone decay
+    assert split("--epochs", "8") == (1, 7, 0, 7)
+    assert split("--epochs", "30") == (2, 28, 1, 27)
+    assert split("--epochs", "8", "--warmup-epochs", "1") == (1, 7, 1, 7)  # given ones win
+    assert split() == (10, 125, 5, 45)  # without --epochs: the released code's schedule
+    args, _ = train.parse_args(["--epochs", "8"])
+    lrs = [train.schedule_factor(epoch, args) for epoch in range(7)]
+    assert lrs[0] == 1 and all(a > b for a, b in zip(lrs, lrs[1:]))  # no warmup, then decay
+    with pytest.raises(SystemExit):
+        train.parse_args(["--epochs", "1"])
