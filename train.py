@@ -145,6 +145,15 @@ def get_args_parser():
         help="imagenet | none | a torchvision weights name (IMAGENET1K_V1) | PATH",
     )
 
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a budget of N epochs in all, split as the report splits its 135 (see README); "
+        "sets --epochs1, --epochs2, --warmup-epochs and --cosine-epochs unless they are given",
+    )
+
     g = p.add_argument_group("Phase I: the new head alone, backbone frozen")
     g.add_argument("--epochs1", type=int, default=10, help="0 skips Phase I")
     g.add_argument("--lr1", type=float, default=5e-4, help="AdamW, constant")
@@ -282,8 +291,25 @@ def parameter_count(text):
         raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (e.g. 100M)") from None
 
 
+def split_budget(total):
+    """The report's 10 + 125 epochs (5 of them warmup) scaled to `total`: Phase I's share rounded
+    (at least one epoch), the warmup's share of Phase II rounded, then one cosine decay over the
+    rest. Rounding each share keeps the phases in the report's proportions; a short budget that
+    took 2 + 6 with a warmup epoch (its minimums) spent a quarter of itself on the head alone."""
+    epochs1 = max(1, round(total * 10 / 135))
+    warmup = round((total - epochs1) * 5 / 125)
+    return dict(
+        epochs1=epochs1,
+        epochs2=total - epochs1,
+        warmup_epochs=warmup,
+        cosine_epochs=max(1, total - epochs1 - warmup),
+    )
+
+
 def bad_values(args):
     """What is wrong with the options, as sentences for the parser's error."""
+    if args.epochs is not None and args.epochs < 2:
+        yield f"--epochs {args.epochs}: the budget needs at least 2 epochs, one for each phase"
     if args.accum_steps < 1:
         yield "--accum-steps must be at least 1"
     if args.ema is not None and not 0 < args.ema < 1:
@@ -322,6 +348,8 @@ def parse_args(argv=None):
             args.compile = "default" if args.compile else None
     elif args.demo:
         args = argparse.Namespace(**{**vars(args), **DEMO, **given})
+    if args.epochs:
+        args = argparse.Namespace(**{**vars(args), **split_budget(args.epochs), **given})
     if args.compile == "off":
         args.compile = None
     return args, resume
