@@ -62,8 +62,8 @@ if wanted method-1+7; then
         out="$ck/method-1+7-s$seed"
         run "$out" "${common[@]}" "${pretrained[@]}" --epochs1 1 --epochs2 7 --warmup-epochs 0 \
             --cosine-epochs 7 --keep-last 3 --seed "$seed"
-        [ -f "$out/averaged.pt" ] || $py avg_checkpoints.py "$out"/epoch00{6,7,8}.pt \
-            --out "$out/averaged.pt"
+        [ -f "$out/averaged.pt" ] || $py avg_checkpoints.py "$out"/epoch*.pt \
+            --out "$out/averaged.pt"  # the 3 that --keep-last left
     done
 fi
 
