@@ -54,8 +54,9 @@ wanted scratch && run "$ck/scratch" "${common[@]}" --weights none --epochs1 0 --
     --warmup-epochs 1 --cosine-epochs 7
 
 # The method with its budget split as the report's (Phase I 10 of 135 epochs, warmup 5 of 125):
-# at 8 epochs that is 1 + 7 and no warmup, where the rows above round both up. Two seeds, to show
-# the noise between runs; each keeps its last 3 epochs, which avg_checkpoints.py averages for the
+# at 8 epochs that is 1 + 7 and no warmup, where the rows above round both up (the split
+# `--epochs 8` makes, written out so that RESULTS.md's command shows it). Two seeds, to show the
+# noise between runs; each keeps its last 3 epochs, which avg_checkpoints.py averages for the
 # weight-averaging lever.
 if wanted method-1+7; then
     for seed in ${SEEDS:-0 1}; do
