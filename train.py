@@ -565,6 +565,21 @@ def best_acc(record):
     return max(record["val_acc"], record.get("ema_val_acc", -1.0))
 
 
+def epoch_record(phase, epoch, lr, train, val, seconds, t0):
+    """An epoch's row of history.csv: `seconds` of training, validation since."""
+    return {
+        "phase": phase,
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": train["train_loss"],
+        "train_acc": train["train_acc"],
+        **val,
+        "images_per_s": train["images"] / seconds,
+        "seconds": seconds,
+        "val_seconds": time.perf_counter() - t0 - seconds,
+    }
+
+
 class Preempted(Exception):
     """A stop request was met: the position is saved, the run exits with EXIT_PREEMPTED."""
 
@@ -608,16 +623,7 @@ class Run:
         if first >= phase.epochs:
             return
         args = self.args
-        # Wrapped anew for each phase: which parameters need gradients has changed, and DDP
-        # all-reduces only the gradients of the parameters that needed them when it was made.
-        self.net = self.model
-        if self.world_size > 1:
-            self.net = DDP(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        if args.compile:
-            torch.compiler.reset()
-            self.net = torch.compile(self.net, mode=args.compile)
+        self.net = self.wrap()
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.resume.restore_phase(phase, scaler)
         log(describe_phase(phase, args, self.model))
@@ -661,17 +667,7 @@ class Run:
             self.check_finite(train, val, phase.number, epoch)
             if phase.scheduler is not None:
                 phase.scheduler.step()  # per epoch, as the method specifies
-            record = {
-                "phase": phase.number,
-                "epoch": epoch + 1,
-                "lr": lr,
-                "train_loss": train["train_loss"],
-                "train_acc": train["train_acc"],
-                **val,
-                "images_per_s": train["images"] / seconds,
-                "seconds": seconds,
-                "val_seconds": time.perf_counter() - t0 - seconds,
-            }
+            record = epoch_record(phase.number, epoch, lr, train, val, seconds, t0)
             is_best = best_acc(record) > max(map(best_acc, self.history), default=-1.0)
             self.history.append(record)
             self.log_epoch(record, phase.epochs, is_best)
@@ -680,6 +676,18 @@ class Run:
             phase2_follows = phase.number == 1 and args.phase == "all" and args.epochs2 > 0
             if (epoch + 1 < phase.epochs or phase2_follows) and self.stop.requested():
                 raise Preempted(f"after phase {phase.number} epoch {epoch + 1}")
+
+    def wrap(self):
+        """The model as the phase's steps run it: under DDP with several processes, compiled with
+        --compile. Wrapped anew for each phase: which parameters need gradients has changed, and
+        DDP all-reduces only the gradients of the parameters that needed them when it was made."""
+        net = self.model
+        if self.world_size > 1:
+            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.args.compile:
+            torch.compiler.reset()
+            net = torch.compile(net, mode=self.args.compile)
+        return net
 
     def replay(self, phase, done):
         """The batches an epoch stopped after, back on the device, and the random draws their
