@@ -142,7 +142,7 @@ fi
 
 if wanted report; then  # of the runs that have finished
     finished() { for f in "$@"; do [ -f "$(dirname "$f")/done" ] && echo "$f"; done; }
-    mapfile -t runs < <(finished "$ck"/{scratch,probe,phase2-only,method,method-1+7-s0,method-1+7-s1}/best.pt)
+    mapfile -t runs < <(finished "$ck"/{scratch,probe,phase2-only,method,method-1+7-s{0,1}}/best.pt)
     [ -f "$ck/timm/best.pt" ] && runs+=("$ck/timm/best.pt")
     mapfile -t optimizers < <(finished "$ck"/opt-{nadam,adamw,adam,sgd,rmsprop}/best.pt)
     mapfile -t archs < <(finished "$ck"/arch-*/best.pt)
