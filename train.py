@@ -565,8 +565,8 @@ def best_acc(record):
     return max(record["val_acc"], record.get("ema_val_acc", -1.0))
 
 
-def epoch_record(phase, epoch, lr, train, val, seconds, t0):
-    """An epoch's row of history.csv: `seconds` of training, validation since."""
+def epoch_record(phase, epoch, lr, train, val, seconds, val_seconds):
+    """An epoch's row of history.csv."""
     return {
         "phase": phase,
         "epoch": epoch + 1,
@@ -576,7 +576,7 @@ def epoch_record(phase, epoch, lr, train, val, seconds, t0):
         **val,
         "images_per_s": train["images"] / seconds,
         "seconds": seconds,
-        "val_seconds": time.perf_counter() - t0 - seconds,
+        "val_seconds": val_seconds,
     }
 
 
@@ -667,7 +667,8 @@ class Run:
             self.check_finite(train, val, phase.number, epoch)
             if phase.scheduler is not None:
                 phase.scheduler.step()  # per epoch, as the method specifies
-            record = epoch_record(phase.number, epoch, lr, train, val, seconds, t0)
+            val_seconds = time.perf_counter() - t0 - seconds
+            record = epoch_record(phase.number, epoch, lr, train, val, seconds, val_seconds)
             is_best = best_acc(record) > max(map(best_acc, self.history), default=-1.0)
             self.history.append(record)
             self.log_epoch(record, phase.epochs, is_best)

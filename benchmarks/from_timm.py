@@ -62,10 +62,9 @@ def history_of(timm_output, wall_seconds):
 
 def convert(timm_output, data, command, wall_seconds):
     timm_output = Path(timm_output)
+    checkpoint = timm_output / "model_best.pth.tar"
     with torch.serialization.safe_globals([argparse.Namespace]):  # timm saves its arguments so
-        saved = torch.load(
-            timm_output / "model_best.pth.tar", map_location="cpu", weights_only=True
-        )
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
     timm_args = vars(saved["args"])
     classes = find_classes(Path(data) / "train")
     timm_order = sorted(classes, key=natural_key)
