@@ -14,15 +14,15 @@ result has no parameters the model did not have; it keeps the last checkpoint's 
 """
 
 import argparse
-from contextlib import closing
 from pathlib import Path
 
 import torch
 
 from augment import BatchPreprocess
+from checkpoint import averaged_checkpoint
 from data import load_splits, make_loader
-from model import build_model, count_parameters, inference_weights
-from prefetch import on_device
+from inference import update_bn
+from model import average_weights, build_model, count_parameters
 from utils import load_checkpoint, log, pick_device, save_checkpoint
 
 
@@ -41,31 +41,6 @@ def get_args_parser():
     return p
 
 
-def average(states):
-    """The mean of the checkpoints' weights, key by key; integer buffers (batch norm's batch
-    counts) are the last one's."""
-    weights = [inference_weights(s) for s in states]
-    keys = weights[0].keys()
-    if any(w.keys() != keys for w in weights):
-        raise SystemExit("the checkpoints hold different models: average checkpoints of one run")
-    mean = {}
-    for key in keys:
-        values = [w[key] for w in weights]
-        if values[0].is_floating_point():
-            mean[key] = torch.stack([v.double() for v in values]).mean(0).to(values[0].dtype)
-        else:
-            mean[key] = values[-1].clone()
-    return mean
-
-
-@torch.no_grad()
-def update_bn(model, loader, preprocess, device):
-    """torch.optim.swa_utils.update_bn on this project's batches: running statistics reset, then
-    a cumulative average over one pass of the loader."""
-    with closing(on_device(loader, preprocess, device)) as batches:
-        torch.optim.swa_utils.update_bn(batches, model, device)
-
-
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     paths = sorted(set(args.checkpoints))
@@ -74,7 +49,7 @@ def main(argv=None):
     if len({(s["arch"], tuple(s["classes"])) for s in states}) > 1:
         raise SystemExit("the checkpoints are of different architectures or classes")
     model = build_model(last["arch"], len(last["classes"]), weights="none")
-    model.load_state_dict(average(states))
+    model.load_state_dict(average_weights(states))
     device = pick_device(args.device)
     model = model.to(device, memory_format=torch.channels_last)
     saved = last["args"]
@@ -97,18 +72,7 @@ def main(argv=None):
             pin_memory=device.type == "cuda",
         )
         update_bn(model, loader, BatchPreprocess(last["mean"], last["std"]).to(device), device)
-    averaged = {k: v.cpu() for k, v in model.state_dict().items()}
-    state = {
-        **last,
-        "model": averaged,
-        "ema": None,
-        "eval_weights": "model",
-        "optimizer": None,
-        "scheduler": None,
-        "scaler": None,
-        "averaged": [str(p) for p in paths],
-    }
-    save_checkpoint(state, args.out)
+    save_checkpoint(averaged_checkpoint(last, model.state_dict(), paths), args.out)
     log(
         f"averaged {len(paths)} checkpoints ({count_parameters(model.parameters()):,} parameters)"
         + ("" if args.no_bn_update else ", batch norm statistics measured on the training images")

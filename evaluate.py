@@ -412,7 +412,7 @@ def evaluate_checkpoint(trained, args, figures, names):
     if len(val) == 0:
         raise SystemExit(f"no validation images in {args.data or state['data']}")
     loader = make_loader(val, args.batch_size, False, pin_memory=trained.device.type == "cuda")
-    batches = [(log_p.cpu(), labels.cpu()) for log_p, labels in trained.log_probs(loader, args.tta)]
+    batches = [(log_p.cpu(), labels.cpu()) for log_p, labels in trained.log_probs(loader)]
     log_p = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
     metrics = compute_metrics(

@@ -2,6 +2,7 @@
 the one loop that turns batches into log-probabilities (training's validation uses it too), and
 the counts every score is made of: top-k hits, the confusion matrix, its most confused pairs."""
 
+import argparse
 import math
 from contextlib import closing
 from dataclasses import dataclass
@@ -55,8 +56,10 @@ def add_inference_args(parser):
     )
     parser.add_argument(
         "--tta",
-        action="store_true",
-        help="average the softmax over each image and its horizontal flip (beyond the report)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="average the softmax over each image and its horizontal flip (beyond the report); "
+        "default: as the checkpoint is marked (train.py --tta auto), else off",
     )
     return parser
 
@@ -72,18 +75,22 @@ class Trained:
     device: torch.device
     dtype: torch.dtype | None
     img_size: int  # what the images are resized to: the training run's, or --img-size
+    tta: bool  # whether each image's prediction averages in its horizontal flip
 
     @property
     def classes(self):
         return self.state["classes"]
 
-    def log_probs(self, loader, tta=False):
-        return predict_log_probs(self.model, loader, self.preprocess, self.device, self.dtype, tta)
+    def log_probs(self, loader):
+        return predict_log_probs(
+            self.model, loader, self.preprocess, self.device, self.dtype, self.tta
+        )
 
 
 def load_trained(args, state=None):
     """The checkpoint --ckpt (or its `state`, already loaded) on --device, with the normalisation
-    it was trained with and --amp (by default the training run's)."""
+    it was trained with, --amp (by default the training run's) and --tta (by default as the
+    checkpoint is marked)."""
     state = state or load_checkpoint(args.ckpt)
     device = pick_device(args.device)
     return Trained(
@@ -93,6 +100,7 @@ def load_trained(args, state=None):
         device=device,
         dtype=amp_dtype(args.amp or state["args"].get("amp", "fp16"), device),
         img_size=args.img_size or state["img_size"],
+        tta=state.get("tta", False) if getattr(args, "tta", None) is None else args.tta,
     )
 
 
@@ -109,6 +117,23 @@ def predict_log_probs(model, loader, preprocess, device, dtype, tta=False):
                     flipped = model(x.flip(3)).float().log_softmax(dim=1)
                     log_p = torch.logsumexp(torch.stack([log_p, flipped]), dim=0) - math.log(2)
             yield log_p, labels
+
+
+@torch.no_grad()
+def update_bn(model, loader, preprocess, device):
+    """torch.optim.swa_utils.update_bn on this project's batches: batch norm's running statistics
+    reset, then a cumulative average over one pass of the loader (shuffled, not augmented)."""
+    with closing(on_device(loader, preprocess, device)) as batches:
+        torch.optim.swa_utils.update_bn(batches, model, device)
+
+
+def count_correct(model, loader, preprocess, device, dtype, tta=False):
+    """(images whose top class is their label, images) over a loader, in this process alone."""
+    correct, seen = 0, 0
+    for log_p, labels in predict_log_probs(model, loader, preprocess, device, dtype, tta):
+        correct += topk_hits(log_p, labels)[0]
+        seen += len(labels)
+    return int(correct), seen
 
 
 def topk_hits(scores, labels, k=5):

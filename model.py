@@ -211,6 +211,25 @@ def inference_weights(state, use="auto"):
     return state["ema"]["model"] if use == "ema" else state["model"]
 
 
+def average_weights(states):
+    """The mean of checkpoints' weights (each the weights it is evaluated with), key by key, as
+    SWA averages; integer buffers (batch norm's batch counts) are the last one's. Batch norm's
+    running statistics of an average are not the average of the statistics: measure them again
+    (inference.update_bn)."""
+    weights = [inference_weights(s) for s in states]
+    keys = weights[0].keys()
+    if any(w.keys() != keys for w in weights):
+        raise SystemExit("the checkpoints hold different models: average checkpoints of one run")
+    mean = {}
+    for key in keys:
+        values = [w[key] for w in weights]
+        if values[0].is_floating_point():
+            mean[key] = torch.stack([v.double() for v in values]).mean(0).to(values[0].dtype)
+        else:
+            mean[key] = values[-1].clone()
+    return mean
+
+
 def model_from_checkpoint(state, device, use="auto"):
     """The trained network of a checkpoint (the weights inference_weights picks), on `device`,
     in eval mode."""

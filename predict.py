@@ -165,9 +165,7 @@ def check(args, files, classes):
         print_confused(confused)
 
 
-def predicted_rows(
-    trained, test_dir, files, cache_dir, threads, batch_size, tta=False, skip_bad=False
-):
+def predicted_rows(trained, test_dir, files, cache_dir, threads, batch_size, skip_bad=False):
     """(image name, predicted class) of each readable image of the test folder, as a generator
     that predicts batch by batch, and how many images were unreadable (an error unless
     skip_bad). The images go through the checkpoint's preprocessing, cached."""
@@ -184,7 +182,7 @@ def predicted_rows(
     names = iter(Path(f).stem for f in cache.files)
 
     def rows():
-        for log_p, _ in trained.log_probs(loader, tta):
+        for log_p, _ in trained.log_probs(loader):
             for label in log_p.argmax(1).tolist():
                 yield next(names), trained.classes[label]
 
@@ -207,7 +205,6 @@ def main(argv=None):
         args.cache_dir,
         args.cache_workers,
         args.batch_size,
-        args.tta,
         args.skip_bad,
     )
     try:

@@ -79,8 +79,34 @@ def table1(state):
         ("Model", "pretrained weights", a["weights"], "both"),
         ("Model", "classes", len(state["classes"]), "both"),
     ]
+    rows += levers(a)
     lines = ["| category | parameter | value | phase |", "| --- | --- | --- | --- |"]
     return lines + [f"| {c} | {p} | {v} | {ph} |" for c, p, v, ph in rows]
+
+
+def levers(a):
+    """Table 1's rows for the options beyond the report that the run switched on (--recipe best
+    switches several), after the recipe's own row."""
+    rows = [("Levers", "recipe", a.get("recipe", "report"), "")]
+    on = [
+        ("moving average of the weights (EMA)", a.get("ema"), f"decay {a.get('ema')}", "both"),
+        ("layer-wise lr decay", a.get("lr_decay", 1) != 1, f"x{a.get('lr_decay')} a stage", "II"),
+        ("MixUp", a.get("mixup"), f"alpha {a.get('mixup')}", "II"),
+        ("CutMix", a.get("cutmix"), f"alpha {a.get('cutmix')}", "II"),
+        (
+            "weight averaging",
+            a.get("average_last"),
+            f"the last {a.get('average_last')} Phase II epochs, if it validates better",
+            "result",
+        ),
+        (
+            "test-time augmentation",
+            a.get("tta") == "auto",
+            "horizontal flip, if it validates better",
+            "result",
+        ),
+    ]
+    return rows + [("Levers", name, value, phase) for name, used, value, phase in on if used]
 
 
 def command_of(state, defaults):
@@ -166,11 +192,15 @@ def where_from(state, history):
     """Which weights of the run these are, and what the run cost."""
     if state.get("averaged"):
         what = f"The weights are the average of {len(state['averaged'])} checkpoints"
+        if state.get("val_acc") is not None:
+            what += f" (validation accuracy {state['val_acc']:.4f})"
     else:
         kind = {"ema": "the moving average of the weights", "model": "the weights"}
         what = f"The checkpoint holds {kind[state.get('eval_weights', 'model')]} after "
         what += f"phase {state['phase']} epoch {state['epoch']}"
         what += f" ({state['step']} batches into the next)" if state.get("step") else ""
+    if state.get("tta"):
+        what += ", predicted with each image's horizontal flip averaged in (it validated better)"
     if history:
         best = max(history, key=best_acc)
         what += f"; the run's best validation epoch was phase {best['phase']} epoch {best['epoch']}"

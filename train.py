@@ -23,12 +23,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from augment import BatchPreprocess, DeviceAugment, MixUpCutMix
+from checkpoint import averaged_checkpoint
 from data import load_splits, make_loader, set_epoch, write_demo_dataset
-from inference import predict_log_probs, topk_hits
+from inference import count_correct, predict_log_probs, topk_hits, update_bn
 from model import (
     EMA,
+    average_weights,
     build_model,
     count_parameters,
+    model_from_checkpoint,
     set_trainable,
     stage_groups,
     strip_prefixes,
@@ -70,6 +73,14 @@ DEMO = dict(
     cosine_epochs=9,
     lr2=1e-3,
 )
+
+# --recipe: "report" is Table 1 (the argument defaults); "best" adds the levers that measured
+# better on real photos (RESULTS.md), and picks the run's result among its best epoch, the
+# average of its last epochs and either with flipped copies at test time.
+RECIPES = {
+    "report": {},
+    "best": dict(ema=0.99, lr_decay=0.7, p_vflip=0.0, average_last=3, tta="auto"),
+}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -205,6 +216,20 @@ def get_args_parser():
     )
 
     g = p.add_argument_group("accuracy levers beyond the report (off by default)")
+    recipes = "; ".join(
+        f"{name}: "
+        + (
+            " ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
+            or "the report's Table 1, these levers off"
+        )
+        for name, preset in RECIPES.items()
+    )
+    g.add_argument(
+        "--recipe",
+        default="report",
+        choices=sorted(RECIPES),
+        help=f"a preset of the options below ({recipes}); options given explicitly win",
+    )
     g.add_argument(
         "--ema",
         type=float,
@@ -228,6 +253,21 @@ def get_args_parser():
         default=0,
         metavar="K",
         help="keep the last K epochs' checkpoints (for avg_checkpoints.py)",
+    )
+    g.add_argument(
+        "--average-last",
+        type=int,
+        default=0,
+        metavar="K",
+        help="at the end, average the weights of the last K Phase II epochs into averaged.pt "
+        "(batch norm measured again); it becomes best.pt if it validates better",
+    )
+    g.add_argument(
+        "--tta",
+        default="off",
+        choices=["off", "auto"],
+        help="auto: at the end, validate best.pt with and without horizontal-flip test-time "
+        "augmentation and mark it with the better (evaluate.py and predict.py follow the mark)",
     )
     g.add_argument(
         "--max-params",
@@ -321,6 +361,8 @@ def bad_values(args):
         yield f"--lr-decay {args.lr_decay}: the factor must be in (0, 1] (1 turns it off)"
     if args.keep_last < 0:
         yield "--keep-last must be 0 or more"
+    if args.average_last < 0:
+        yield "--average-last must be 0 or more"
     if args.save_every_steps < 0:
         yield "--save-every-steps must be 0 or more"
 
@@ -346,8 +388,9 @@ def parse_args(argv=None):
             parser.error("--lr-decay cannot change on --resume: the optimizer's groups are saved")
         if isinstance(args.compile, bool):  # saved when --compile took no mode
             args.compile = "default" if args.compile else None
-    elif args.demo:
-        args = argparse.Namespace(**{**vars(args), **DEMO, **given})
+    else:  # a fresh run: defaults < --demo < the recipe < the --epochs split < given
+        demo = DEMO if args.demo else {}
+        args = argparse.Namespace(**{**vars(args), **demo, **RECIPES[args.recipe], **given})
     if args.epochs:
         args = argparse.Namespace(**{**vars(args), **split_budget(args.epochs), **given})
     if args.compile == "off":
@@ -807,7 +850,8 @@ class Run:
                     f"phase2_epoch{epoch:03d}.pt not kept: val acc {acc:.4f} is below "
                     f"--save-min-acc {self.args.save_min_acc}"
                 )
-        keep = self.args.keep_last  # named by the run's epoch count: epoch001.pt, ...
+        # Named by the run's epoch count: epoch001.pt, ...; --average-last averages them.
+        keep = max(self.args.keep_last, self.args.average_last)
         if keep:
             names.append(f"epoch{len(self.history):03d}.pt")
         if self.write(state, names) and keep:
@@ -914,6 +958,8 @@ def main(argv=None):
             # Phase II: fine-tune every layer, warmup then cosine, gradients clipped.
             if args.phase in ("2", "all"):
                 run.train_phase(phase_setup(2, args, model, device))
+                # Return the best checkpoint: of the epochs, or of their average.
+                select_result(run)
     except torch.OutOfMemoryError:
         raise SystemExit(out_of_memory_advice(args, run.out / "last.pt")) from None
     except Preempted as where:
@@ -934,6 +980,60 @@ def main(argv=None):
             + "; ".join(run.unwritten.values())
         )
     return run
+
+
+def select_result(run):
+    """Which model best.pt holds, once the last epoch is done: with --average-last, the average
+    of the last K Phase II epochs (written as averaged.pt) replaces the best epoch if it validates
+    better; with --tta auto, best.pt is marked with whether horizontal-flip test-time augmentation
+    validates better. The first process alone (the epoch files are its), on the whole validation
+    split; the others wait. A run stopped here does it again when resumed, with the same result."""
+    args = run.args
+    if run.rank == 0 and run.history and len(run.splits.val):
+        cuda = run.device.type == "cuda"
+        val = make_loader(run.splits.val, 2 * args.batch_size, False, pin_memory=cuda)
+        if args.average_last:
+            average_last_epochs(run, val)
+        if args.tta == "auto":
+            mark_tta(run, val)
+    run.stop.barrier()
+
+
+def average_last_epochs(run, val):
+    args, device = run.args, run.device
+    epochs = [n for n, r in enumerate(run.history, 1) if r["phase"] == 2][-args.average_last :]
+    paths = [run.out / f"epoch{n:03d}.pt" for n in epochs]
+    if len(paths) < 2 or not all(p.is_file() for p in paths):
+        log(f"--average-last {args.average_last}: fewer than 2 Phase II epochs kept, no average")
+        return
+    states = [load_checkpoint(p) for p in paths]
+    net = build_model(args.arch, len(run.splits.classes), weights="none")
+    net.load_state_dict(average_weights(states))
+    net = net.to(device, memory_format=torch.channels_last)
+    train = make_loader(run.splits.train, args.batch_size, True, args.seed, device.type == "cuda")
+    update_bn(net, train, run.eval_preprocess, device)
+    correct, seen = count_correct(net, val, run.eval_preprocess, device, run.dtype)
+    acc, best = correct / seen, max(map(best_acc, run.history))
+    names = ["averaged.pt"] + (["best.pt"] if acc > best else [])
+    run.write(averaged_checkpoint(states[-1], net.state_dict(), paths, acc), names, must=True)
+    log(
+        f"the average of epochs {epochs[0]}-{epochs[-1]}: val acc {acc:.4f} ({correct}/{seen}), "
+        f"the best epoch's {best:.4f} -> {' and '.join(str(run.out / n) for n in names)}"
+    )
+
+
+def mark_tta(run, val):
+    state = load_checkpoint(run.out / "best.pt")
+    net = model_from_checkpoint(state, run.device)
+    plain, seen = count_correct(net, val, run.eval_preprocess, run.device, run.dtype)
+    flipped, _ = count_correct(net, val, run.eval_preprocess, run.device, run.dtype, tta=True)
+    state["tta"] = flipped > plain
+    run.write(state, ["best.pt"], must=True)
+    log(
+        f"best.pt with horizontal-flip test-time augmentation: val acc {flipped / seen:.4f}, "
+        f"without: {plain / seen:.4f} -> evaluate.py and predict.py use it "
+        + ("by default" if state["tta"] else "only with --tta")
+    )
 
 
 def warn_if_too_large(arch, params, limit):

@@ -5,10 +5,11 @@ predict.py then score it exactly as they score ours (RESULTS.md compares the two
         --command "python train.py ..." --wall-seconds 1234
 
 TIMM_OUTPUT is the folder timm's train.py wrote: model_best.pth.tar (its best epoch by top-1,
-with torchvision's key names for a ResNet), summary.csv (one row per epoch) and args.yaml. DATA
-is the dataset it trained on: its train/ folder gives the class order. timm orders class folders
-by a natural sort; the head's rows are put into this project's order (numeric when every name is
-an integer, else lexicographic).
+with torchvision's key names for a ResNet; with --model-ema, the epoch and weights of the moving
+average, which timm then validates), summary.csv (one row per epoch) and args.yaml. DATA is the
+dataset it trained on: its train/ folder gives the class order. timm orders class folders by a
+natural sort; the head's rows are put into this project's order (numeric when every name is an
+integer, else lexicographic).
 """
 
 import argparse
@@ -69,7 +70,8 @@ def convert(timm_output, data, command, wall_seconds):
     classes = find_classes(Path(data) / "train")
     timm_order = sorted(classes, key=natural_key)
     rows = torch.tensor([timm_order.index(c) for c in classes])  # our class i is timm's rows[i]
-    state = dict(saved["state_dict"])
+    # With --model-ema, timm validates the moving average and picks its best epoch by it.
+    state = dict(saved.get("state_dict_ema") or saved["state_dict"])
     state["fc.weight"], state["fc.bias"] = state["fc.weight"][rows], state["fc.bias"][rows]
     history = history_of(timm_output, wall_seconds)
     size = timm_args.get("img_size") or (timm_args.get("input_size") or [3, 224, 224])[-1]

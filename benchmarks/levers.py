@@ -54,12 +54,12 @@ def test_accuracy(path, answers, use="weights", tta=False, img_size=None):
     known = json.loads(memo.read_text()) if memo.is_file() else {}
     if key not in known:
         args = argparse.Namespace(
-            ckpt=str(path), device="auto", amp=None, use=use, img_size=img_size
+            ckpt=str(path), device="auto", amp=None, use=use, img_size=img_size, tta=tta
         )
         trained = load_trained(args)
         test_dir = Path(trained.state["data"]) / "test"
         files = test_images(test_dir)
-        rows, _ = predicted_rows(trained, test_dir, files, None, 2, 256, tta)
+        rows, _ = predicted_rows(trained, test_dir, files, None, 2, 256)
         rows, truth = list(rows), read_answers(answers, trained.classes)
         problems = check_predictions(rows, {r[0] for r in truth}, trained.classes, "answers")
         if problems:

@@ -17,7 +17,7 @@ py=${PYTHON:-python}
 src=${SOURCE:-data/tiny-transfer/source}
 tgt=${TARGET:-data/tiny-transfer/target}
 ck=${CHECKPOINTS:-checkpoints/tiny-transfer}
-steps=${STEPS:-pretrain method phase2-only probe scratch method-1+7 timm optimizers levers report}
+steps=${STEPS:-pretrain method phase2-only probe scratch method-1+7 timm optimizers levers recipe-8 timm-recipe budget-16 report}
 timm_train=${TIMM_TRAIN:-benchmarks/.work/timm/train.py}
 
 # The budget: 8 epochs a run, the method's 10 + 125 scaled down to 2 + 6, its warmup to one
@@ -68,34 +68,40 @@ if wanted method-1+7; then
     done
 fi
 
-# timm's train.py fine-tuning the same backbone for the same 8 epochs, with its own recipe
-# (SGD with Nesterov momentum, lr 0.1 x batch / 256, cosine after 1 warmup epoch, weight decay
-# 2e-5, RandomResizedCrop, horizontal flips, colour jitter 0.4, label smoothing 0.1), at the same
-# batch and size; scored by this project's predict path after benchmarks/from_timm.py.
-if wanted timm && [ ! -f "$ck/timm/best.pt" ]; then
-    if [ -f "$timm_train" ] && $py -c "import timm" 2>/dev/null; then
-        $py -c "import torch; s = torch.load('$ck/source/best.pt', weights_only=True); \
-torch.save(s['model'], '$ck/source/backbone.pth')"
-        cmd=("$timm_train" --model resnet18 --pretrained
-             --model-kwargs "pretrained_cfg_overlay={'file':'$ck/source/backbone.pth'}"
-             --num-classes 100 --data-dir "$tgt" --train-split train --val-split val
-             --img-size 64 --crop-pct 1.0 --batch-size 72 --epochs 8 --warmup-epochs 1
-             --workers 1 --device cpu --seed 0 --output "$ck/timm-output" --experiment run)
-        out="$ck/timm-output/run" resume=()
-        [ -f "$out/last.pth.tar" ] && resume=(--resume "$out/last.pth.tar")  # a stopped run
-        epochs() {  # that timm's summary.csv records
-            [ -f "$out/summary.csv" ] && echo $(( $(wc -l < "$out/summary.csv") - 1 )) || echo 0
-        }
-        before=$(epochs) start=$(date +%s)
-        $py "${cmd[@]}" "${resume[@]}" 2>&1 | tee -a "$ck/timm.log"
-        after=$(epochs)  # a resumed run's time: this call's, scaled to all of its epochs
-        $py benchmarks/from_timm.py "$out" --data "$tgt" --out "$ck/timm/best.pt" \
-            --command "python ${cmd[*]}" \
-            --wall-seconds $(( ( $(date +%s) - start ) * after / (after - before) ))
-    else
-        echo "== timm: skipped (no timm, or no $timm_train)"
+timm_run() {  # timm_run NAME ARGS...: timm's train.py fine-tuning the source backbone for 8
+              # epochs at the same batch and size, into $ck/timm-output/NAME, then converted into
+              # $ck/NAME/best.pt (scored by this project's predict path); a stopped run resumes
+    local name=$1; shift
+    if [ -f "$ck/$name/best.pt" ]; then echo "== $name: done"; return; fi
+    if [ ! -f "$timm_train" ] || ! $py -c "import timm" 2>/dev/null; then
+        echo "== $name: skipped (no timm, or no $timm_train)"; return
     fi
-fi
+    [ -f "$ck/source/backbone.pth" ] || $py -c "import torch; \
+s = torch.load('$ck/source/best.pt', weights_only=True); torch.save(s['model'], '$ck/source/backbone.pth')"
+    local cmd=("$timm_train" --model resnet18 --pretrained
+               --model-kwargs "pretrained_cfg_overlay={'file':'$ck/source/backbone.pth'}"
+               --num-classes 100 --data-dir "$tgt" --train-split train --val-split val
+               --img-size 64 --crop-pct 1.0 --batch-size 72 --epochs 8 --workers 1 --device cpu
+               --output "$ck/timm-output" --experiment "$name" "$@")
+    local out="$ck/timm-output/$name" resume=()
+    [ -f "$out/last.pth.tar" ] && resume=(--resume "$out/last.pth.tar")
+    epochs() {  # that timm's summary.csv records
+        [ -f "$out/summary.csv" ] && echo $(( $(wc -l < "$out/summary.csv") - 1 )) || echo 0
+    }
+    local before after start
+    before=$(epochs) start=$(date +%s)
+    echo "== $name: python ${cmd[*]} ${resume[*]}"
+    $py "${cmd[@]}" "${resume[@]}" 2>&1 | tee -a "$ck/$name.log"
+    after=$(epochs)  # a resumed run's time: this call's, scaled to all of its epochs
+    $py benchmarks/from_timm.py "$out" --data "$tgt" --out "$ck/$name/best.pt" \
+        --command "python ${cmd[*]}" \
+        --wall-seconds $(( ( $(date +%s) - start ) * after / (after - before) ))
+}
+
+# timm's train.py with its own recipe (SGD with Nesterov momentum, lr 0.1 x batch / 256, cosine
+# after 1 warmup epoch, weight decay 2e-5, RandomResizedCrop, horizontal flips, colour jitter 0.4,
+# label smoothing 0.1).
+wanted timm && timm_run timm --warmup-epochs 1 --seed 0
 
 # Figure 4: the Phase II optimizers from one Phase I (the method's), one epoch each at the
 # method's peak learning rate. The levers below share this start and budget.
@@ -138,6 +144,36 @@ if wanted levers; then
         # The levers that measured better on validation, together: README's leaderboard recipe.
         run "$L/recipe-s$seed" "${base[@]}" --ema 0.99 --lr-decay 0.7 --p-vflip 0
     done
+fi
+
+# --recipe best at the full budget, against the method (method-1+7 above) and against timm's
+# train.py given the recipe's levers in its own terms: the same optimizer, peak rate and weight
+# decay (NAdam, 5e-4, 1e-4; timm leaves biases and batch norm undecayed), no warmup and one cosine
+# over the 8 epochs as `--epochs 8` makes, --model-ema at 0.99 (timm then validates and keeps
+# the moving average), --layer-decay 0.7 (timm decays per block, ours per stage), no vertical
+# flips; otherwise its defaults (RandomResizedCrop, horizontal flips, colour jitter 0.4).
+# Two seeds each; SEEDS=0 then SEEDS=1 runs the rows seed by seed.
+if wanted recipe-8; then
+    for seed in ${SEEDS:-0 1}; do
+        run "$ck/recipe-8-s$seed" "${common[@]}" "${pretrained[@]}" --recipe best --epochs 8 \
+            --seed "$seed"
+    done
+fi
+if wanted timm-recipe; then
+    for seed in ${SEEDS:-0 1}; do
+        timm_run "timm-recipe-s$seed" --opt nadam --lr 5e-4 --weight-decay 1e-4 --warmup-epochs 0 \
+            --model-ema --model-ema-decay 0.99 --layer-decay 0.7 --vflip 0 --seed "$seed"
+    done
+fi
+# 16 epochs, one seed: does the two phases' gain over Phase II alone appear at a longer budget,
+# and do MixUp and CutMix, a loss at one epoch, turn into a gain?
+if wanted budget-16; then
+    run "$ck/method-16" "${common[@]}" "${pretrained[@]}" --epochs 16
+    run "$ck/recipe-16" "${common[@]}" "${pretrained[@]}" --recipe best --epochs 16
+    run "$ck/phase2-only-16" "${common[@]}" "${pretrained[@]}" --epochs1 0 --epochs2 16 \
+        --warmup-epochs 1 --cosine-epochs 15  # the Phase II schedule --epochs 16 makes
+    run "$ck/mixup-16" "${common[@]}" "${pretrained[@]}" --epochs 16 --mixup 0.2
+    run "$ck/cutmix-16" "${common[@]}" "${pretrained[@]}" --epochs 16 --cutmix 1.0
 fi
 
 if wanted report; then  # of the runs that have finished

@@ -145,6 +145,14 @@ def test_a_timm_run_becomes_a_checkpoint_with_the_head_in_this_projects_class_or
     assert [r["val_acc"] for r in ours["history"]] == [0.4, 0.6]  # up to the best epoch
     assert (tmp_path / "ck" / "history.csv").read_text().count("\n") == 4  # every epoch, once
 
+    # With --model-ema timm validates the moving average and keeps its best epoch by it.
+    ema = M.build_model("resnet18", 3, "none").state_dict()
+    torch.save({**state, "state_dict_ema": ema}, timm_output / "model_best.pth.tar")
+    from_timm.main([str(timm_output), "--data", str(data), "--out", str(tmp_path / "ema.pt")])
+    converted = torch.load(tmp_path / "ema.pt", weights_only=True)["model"]
+    assert torch.equal(converted["conv1.weight"], ema["conv1.weight"])
+    assert torch.equal(converted["fc.weight"], ema["fc.weight"][[1, 0, 2]])
+
 
 def test_the_levers_table_scores_finished_runs_and_writes_its_notes_block(
     dataset, tmp_path, capsys, narrow_models, monkeypatch

@@ -8,6 +8,7 @@ from PIL import Image
 
 import evaluate
 import model as M
+import report
 import train
 
 
@@ -143,6 +144,7 @@ def test_report_holds_the_runs_table_1_its_result_and_only_links_that_exist(
         assert (report.parent / target).is_file(), target
     assert "| Training | Phase II epochs | 2 | II |" in text  # the run's, not the default 125
     assert "vertical p 0.1" in text and "| Model | pretrained weights | none |" in text
+    assert "| Levers | recipe | report |" in text and "EMA" not in text  # no lever on
     assert re.search(r"\| validation \| 6 \| [0-9.]+ \(\d/6\) \|", text)
     assert re.search(r"\| test \| 5 \| [0-9.]+ \(\d/5\) \|", text)
     assert "Comparison: Phase II optimizers" in text and "(house cat)" in text
@@ -170,3 +172,16 @@ def test_a_larger_test_size_is_read_through_its_own_cache(trained, tmp_path, cap
     assert "top-1" in out and "parameters, more than --max-params 1,000" in err
     cache = [p.name for p in (trained.parent / "data" / ".cache").iterdir()]
     assert any("-24px-" in name for name in cache) and any("-16px-" in name for name in cache)
+
+
+def test_table_1_of_a_recipe_best_run_shows_its_levers():
+    args = vars(train.parse_args(["--recipe", "best", "--mixup", "0.2"])[0])
+    state = {"args": args, "arch": "resnet18", "img_size": 64, "classes": ["a"], "device": "cpu"}
+    text = "\n".join(report.table1(state))
+    assert "| Levers | recipe | best |" in text
+    assert "| Levers | moving average of the weights (EMA) | decay 0.99 | both |" in text
+    assert "| Levers | layer-wise lr decay | x0.7 a stage | II |" in text
+    assert "| Levers | MixUp | alpha 0.2 | II |" in text and "CutMix" not in text
+    assert "the last 3 Phase II epochs, if it validates better" in text
+    assert "| Levers | test-time augmentation | horizontal flip" in text
+    assert "vertical p 0" in text

@@ -3,8 +3,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import torchvision
 
+import inference
 import predict
 import train
 from conftest import REPO, TINY, make_dataset
@@ -67,6 +69,29 @@ def test_out_file_and_tta(trained, tmp_path):
     rows = read_csv(out.read_text())
     assert len(rows) == 8 and [r[1] for r in rows[1:]] == [CLASSES[j % 3] for j in range(7)]
     assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
+
+
+def test_a_checkpoint_marked_for_tta_is_predicted_with_it_unless_told_otherwise(
+    trained, tmp_path, monkeypatch
+):
+    state = torch.load(trained / "ck" / "best.pt", weights_only=True)
+    torch.save({**state, "tta": True}, tmp_path / "marked.pt")  # as train.py --tta auto marks it
+    used = []
+    real = inference.predict_log_probs
+
+    def spy(*args):
+        used.append(args[-1])  # its tta
+        return real(*args)
+
+    monkeypatch.setattr(inference, "predict_log_probs", spy)
+    for option, expected in (([], True), (["--no-tta"], False)):
+        used.clear()
+        out = tmp_path / "p.csv"
+        predict.main(["--ckpt", str(tmp_path / "marked.pt"), "--out", str(out), *option])
+        assert used and set(used) == {expected}
+    used.clear()
+    predict.main(["--ckpt", str(trained / "ck" / "best.pt"), "--out", str(out)])
+    assert set(used) == {False}  # unmarked: off
 
 
 def test_unreadable_test_image_is_an_error_unless_skipped(trained, tmp_path):

@@ -176,3 +176,17 @@ def test_a_signal_during_the_last_epochs_validation_lets_the_finished_run_end_we
     result = preempted("validation=9", tiny_args + LEVERS + ["--out", tmp_path / "ck"])
     assert result.returncode == 0 and "stopped by" not in result.stderr, result.stderr[-2000:]
     assert "best val acc" in result.stderr
+
+
+def test_a_recipe_best_run_stopped_mid_phase_two_resumes_to_the_same_result(tiny_args, tmp_path):
+    recipe = tiny_args + ["--recipe", "best", "--epochs1", "1", "--epochs2", "3"]
+    train.main(recipe + ["--out", str(tmp_path / "straight")])
+    out = tmp_path / "ck"
+    result = preempted("step=10", recipe + ["--out", out])  # Phase II's second epoch
+    assert result.returncode == utils.EXIT_PREEMPTED, result.stderr[-2000:]
+    train.main(["--resume", str(out / "last.pt")])
+    for name in ("last.pt", "averaged.pt", "best.pt"):
+        a, b = (torch.load(p / name, weights_only=True) for p in (tmp_path / "straight", out))
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), (name, key)
+        assert a.get("tta") == b.get("tta") and a.get("val_acc") == b.get("val_acc")

@@ -581,3 +581,63 @@ def test_a_budget_of_epochs_is_split_as_the_report_splits_its_135():
     assert lrs[0] == 1 and all(a > b for a, b in zip(lrs, lrs[1:]))  # no warmup, then decay
     with pytest.raises(SystemExit):
         train.parse_args(["--epochs", "1"])
+
+
+def test_recipe_best_sets_its_levers_under_the_options_given():
+    def levers(*argv):
+        args, _ = train.parse_args(list(argv))
+        return args.ema, args.lr_decay, args.p_vflip, args.average_last, args.tta
+
+    assert levers() == (None, 1.0, 0.3, 0, "off")  # --recipe report: Table 1
+    assert levers("--recipe", "best") == (0.99, 0.7, 0.0, 3, "auto")
+    assert levers("--recipe", "best", "--ema", "0.999", "--p-vflip", "0.3", "--tta", "off") == (
+        0.999,
+        0.7,
+        0.3,
+        3,
+        "off",
+    )
+    demo, _ = train.parse_args(["--demo", "--recipe", "best", "--epochs", "8"])
+    assert (demo.arch, demo.ema, demo.epochs1, demo.epochs2, demo.warmup_epochs) == (
+        "resnet18",
+        0.99,
+        1,
+        7,
+        0,
+    )
+    shown = " ".join(train.get_args_parser().format_help().split())  # unwrapped
+    assert "best: --ema 0.99 --lr-decay 0.7 --p-vflip 0.0 --average-last 3 --tta auto" in shown
+
+
+def test_recipe_best_returns_the_better_of_the_best_epoch_and_the_average(
+    tiny_args, tmp_path, capsys
+):
+    train.main(tiny_args + ["--recipe", "best", "--epochs1", "1", "--epochs2", "3"])
+    out = tmp_path / "ck"
+    assert sorted(p.name for p in out.glob("epoch*.pt")) == [
+        "epoch002.pt",
+        "epoch003.pt",
+        "epoch004.pt",
+    ]
+    last = torch.load(out / "last.pt", weights_only=True)
+    saved = last["args"]  # the resolved values
+    assert (saved["recipe"], saved["ema"], saved["lr_decay"], saved["average_last"]) == (
+        "best",
+        0.99,
+        0.7,
+        3,
+    )
+    averaged = torch.load(out / "averaged.pt", weights_only=True)
+    assert averaged["averaged"] == [str(out / f"epoch00{n}.pt") for n in (2, 3, 4)]
+    best = torch.load(out / "best.pt", weights_only=True)
+    best_epoch = max(max(r["val_acc"], r["ema_val_acc"]) for r in last["history"])
+    assert ("averaged" in best) == (averaged["val_acc"] > best_epoch)
+    assert isinstance(best["tta"], bool)
+    err = capsys.readouterr().err
+    assert "the average of epochs 2-4: val acc" in err and "test-time augmentation" in err
+    # Run again, the run finished: nothing to train, the same choice.
+    train.main(["--resume", str(out / "last.pt")])
+    again = torch.load(out / "best.pt", weights_only=True)
+    assert again["tta"] == best["tta"]
+    for key, value in best["model"].items():
+        assert torch.equal(value, again["model"][key]), key
