@@ -28,13 +28,13 @@ class NarrowResNet(ResNet):
         return super()._make_layer(block, planes * self.width // 64, blocks, stride, dilate)
 
 
-def narrow_get_model(real):
-    """torchvision.models.get_model, the archs of WIDTHS built narrow (never pretrained)."""
+def narrow_get_model(real, widths=WIDTHS):
+    """torchvision.models.get_model, the archs of `widths` built narrow (never pretrained)."""
 
     def get_model(name, weights=None, **kwargs):
-        if name in WIDTHS:
+        if name in widths:
             assert weights is None, "narrow models have no pretrained weights"
-            return NarrowResNet(WIDTHS[name], **kwargs)
+            return NarrowResNet(widths[name], **kwargs)
         return real(name, weights=weights, **kwargs)
 
     return get_model
