@@ -16,14 +16,12 @@ result has no parameters the model did not have; it keeps the last checkpoint's 
 import argparse
 from pathlib import Path
 
-import torch
-
 from augment import BatchPreprocess
-from checkpoint import averaged_checkpoint
+from checkpoint import averaged_checkpoint, load_checkpoint, save_checkpoint
 from data import load_splits, make_loader
-from inference import update_bn
-from model import average_weights, build_model, count_parameters
-from utils import load_checkpoint, log, pick_device, save_checkpoint
+from inference import averaged_model
+from model import count_parameters
+from utils import log, pick_device
 
 
 def get_args_parser():
@@ -48,11 +46,8 @@ def main(argv=None):
     last = states[-1]
     if len({(s["arch"], tuple(s["classes"])) for s in states}) > 1:
         raise SystemExit("the checkpoints are of different architectures or classes")
-    model = build_model(last["arch"], len(last["classes"]), weights="none")
-    model.load_state_dict(average_weights(states))
     device = pick_device(args.device)
-    model = model.to(device, memory_format=torch.channels_last)
-    saved = last["args"]
+    saved, loader = last["args"], None
     if not args.no_bn_update:
         splits = load_splits(
             args.data or last["data"],
@@ -71,7 +66,8 @@ def main(argv=None):
             saved.get("seed", 0),
             pin_memory=device.type == "cuda",
         )
-        update_bn(model, loader, BatchPreprocess(last["mean"], last["std"]).to(device), device)
+    preprocess = BatchPreprocess(last["mean"], last["std"]).to(device)
+    model = averaged_model(states, device, loader, preprocess)
     save_checkpoint(averaged_checkpoint(last, model.state_dict(), paths), args.out)
     log(
         f"averaged {len(paths)} checkpoints ({count_parameters(model.parameters()):,} parameters)"

@@ -1,17 +1,453 @@
-"""The checkpoint format: what a checkpoint dict of this project holds, built in one place."""
+"""The checkpoint: what one holds (a plain dict, built in one place), the files a run writes and
+in which order, writing them atomically into a folder no other run is using, reading them back,
+and where a run continues from one.
+
+A checkpoint loads with torch.load(path, weights_only=True): tensors, numbers, strings, lists and
+dicts only. Its keys: `model` (the state dict), `arch`, `classes`, `img_size`, `mean`, `std`,
+`data` (what the weights are and how to feed them), `args` (the run's resolved options), `phase`
+and `epoch` (the epochs of that phase done), `history` (one record per epoch), `optimizer`,
+`scheduler`, `scaler`, `rng` (one per process), `world_size`, `device` (what resuming needs),
+`ema` (the weights' moving average, or None) and `eval_weights` (`model` or `ema`: the one that
+validated better); `step` and `progress` when saved mid-epoch; `averaged` and `val_acc` for an
+average of checkpoints, `tta` where test-time flips validated better.
+"""
+
+import csv
+import math
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from model import Weights, load_weights, strip_prefixes
+from utils import atomic_file, exclusive, gather_from_processes, log, rng_state, set_rng_state
+
+CHECKPOINT_DIR = "checkpoints"  # where a bare name such as best.pt is looked up
+LAST, BEST, PHASE1, AVERAGED = "last.pt", "best.pt", "phase1.pt", "averaged.pt"
+HISTORY, LOCK = "history.csv", ".lock"
+# Everything a run writes into its folder (RunFolder.claimed deletes these with --overwrite).
+RUN_FILES = (LAST, BEST, PHASE1, AVERAGED, HISTORY, "epoch[0-9][0-9][0-9]*.pt", "phase2_epoch*.pt")
+ABOUT = ("arch", "classes", "img_size", "mean", "std", "data")  # what the weights are
+EXTRA = {"step", "progress", "averaged", "val_acc", "tta", "command", "wall_seconds"}
+
+
+def epoch_file(n):
+    """The run's n-th epoch (--keep-last): epoch001.pt, ..."""
+    return f"epoch{n:03d}.pt"
+
+
+def periodic_file(epoch):
+    """Phase II's periodic checkpoint (--save-every)."""
+    return f"phase2_epoch{epoch:03d}.pt"
+
+
+# ----------------------------------------------------------------------------- the dict
+
+
+def make_checkpoint(model, about, args, history, phase, epoch, ema=None, training=None, **extra):
+    """The one place a checkpoint dict is made. `model`: the weights' state dict; `about`: the
+    ABOUT keys; `args`: the resolved options; `phase`, `epoch`: the position; `ema`: the moving
+    average's state (with `eval_weights` in `training` or `extra`); `training`: what resuming
+    needs (optimizer, scheduler, scaler, rng, world_size, device, eval_weights); `extra`: the
+    optional keys of EXTRA."""
+    if set(extra) - EXTRA - {"eval_weights"}:
+        raise ValueError(f"not a checkpoint key: {sorted(set(extra) - EXTRA)}")
+    training = training or {}
+    return {
+        "model": model,
+        **{key: about[key] for key in ABOUT},
+        "args": args,
+        "phase": phase,
+        "epoch": epoch,
+        "history": history,
+        "optimizer": training.get("optimizer"),
+        "scheduler": training.get("scheduler"),
+        "scaler": training.get("scaler"),
+        "rng": training.get("rng"),
+        "world_size": training.get("world_size", 1),
+        "device": training.get("device", "cpu"),
+        "ema": ema,
+        "eval_weights": training.get("eval_weights", "model"),
+        **extra,
+    }
+
+
+def run_checkpoint(run, phase, epoch, **extra):
+    """A training run's checkpoint after `epoch` epochs of `phase` (train.Run, recipe.Phase).
+    A collective under torchrun: every process calls it (it gathers each one's random state)."""
+    args, last = run.args, run.history[-1] if run.history else {"val_acc": 0.0}
+    about = dict(arch=args.arch, classes=run.splits.classes, img_size=args.img_size)
+    about |= dict(mean=list(args.mean), std=list(args.std), data=args.data)
+    training = {
+        "optimizer": phase.optimizer.state_dict(),
+        "scheduler": phase.scheduler.state_dict() if phase.scheduler else None,
+        "scaler": phase.scaler.state_dict(),
+        "rng": gather_from_processes(rng_state()),  # one state per process
+        "world_size": run.world_size,
+        "device": run.device.type,
+        # The weights evaluate.py and predict.py use: the moving average where it was better.
+        "eval_weights": "ema" if best_acc(last) > last["val_acc"] else "model",
+    }
+    weights = {strip_prefixes(k): v for k, v in run.model.state_dict().items()}
+    ema = run.ema.state_dict() if run.ema else None
+    return make_checkpoint(
+        weights, about, vars(args), run.history, phase.number, epoch, ema, training, **extra
+    )
 
 
 def averaged_checkpoint(last, weights, sources, val_acc=None):
     """The checkpoint of an average of `sources` (paths): the last one's run record with the
     averaged `weights` (on the CPU), no moving average and nothing to resume from."""
+    weights = {k: v.detach().cpu() for k, v in weights.items()}
+    about = {key: last[key] for key in ABOUT}
+    return make_checkpoint(
+        weights,
+        about,
+        last["args"],
+        last["history"],
+        last["phase"],
+        last["epoch"],
+        training={"device": last.get("device", "cpu")},
+        averaged=[str(p) for p in sources],
+        val_acc=val_acc,
+    )
+
+
+def best_acc(record):
+    """An epoch's validation accuracy: of the weights or of their moving average, the better."""
+    return max(record["val_acc"], record.get("ema_val_acc", -1.0))
+
+
+def epoch_record(phase, epoch, lr, train, val, seconds, val_seconds):
+    """An epoch's row of history.csv."""
     return {
-        **last,
-        "model": {k: v.detach().cpu() for k, v in weights.items()},
-        "ema": None,
-        "eval_weights": "model",
-        "optimizer": None,
-        "scheduler": None,
-        "scaler": None,
-        "averaged": [str(p) for p in sources],
-        "val_acc": val_acc,
+        "phase": phase,
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": train["train_loss"],
+        "train_acc": train["train_acc"],
+        **val,
+        "images_per_s": train["images"] / seconds,
+        "seconds": seconds,
+        "val_seconds": val_seconds,
     }
+
+
+def files_for_epoch(history, phase, epoch, phase_epochs, is_best, args):
+    """The files that hold the checkpoint of `phase`'s epoch `epoch` (1-based) of `phase_epochs`,
+    in the order they are written, and the kept epoch file that has just fallen out of
+    --keep-last's window (or None). phase1.pt comes before last.pt: a resume never needs to redo
+    Phase I."""
+    names = [LAST]
+    if phase == 1 and epoch == phase_epochs:
+        names.insert(0, PHASE1)
+    if is_best:
+        names.append(BEST)
+    if phase == 2 and epoch % args.save_every == 0:
+        acc = history[-1]["val_acc"]
+        if acc >= args.save_min_acc:
+            names.append(periodic_file(epoch))
+        else:
+            log(
+                f"{periodic_file(epoch)} not kept: val acc {acc:.4f} is below "
+                f"--save-min-acc {args.save_min_acc}"
+            )
+    keep = max(args.keep_last, args.average_last)  # --average-last averages the kept ones
+    if not keep:
+        return names, None
+    n = len(history)  # numbered by the run's epoch count
+    return names + [epoch_file(n)], epoch_file(n - keep) if n > keep else None
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_checkpoint(state, path):
+    with atomic_file(path) as f:
+        torch.save(state, f)
+
+
+def save_checkpoints(state, paths):
+    """One state under several names, serialised once: the first file written, the others copies
+    of it (no second pickling, no second copy of the tensors off the GPU). Copies, not hard links:
+    a file rewritten in place later changes only itself. Each file is written atomically, and
+    one that cannot be (a full disk) does not stop the others: returns {path: OSError}."""
+    written, failed = None, {}
+    for path in map(Path, paths):
+        try:
+            if written is None:
+                save_checkpoint(state, path)
+                written = path
+            else:
+                with atomic_file(path) as f, open(written, "rb") as source:
+                    shutil.copyfileobj(source, f)
+        except OSError as error:
+            failed[path] = error
+    return failed
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint of this project. weights_only=True: a file that would run code is refused."""
+    path = resolve_checkpoint(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+
+
+def peek(path):
+    """A checkpoint's dict with its tensors mapped, not read (cheap for any size), or None if
+    there is none that loads."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+
+
+def resolve_checkpoint(path):
+    """A bare name such as best.pt that is not a file means checkpoints/best.pt."""
+    path = Path(path)
+    if not path.exists() and len(path.parts) == 1 and (Path(CHECKPOINT_DIR) / path).exists():
+        return Path(CHECKPOINT_DIR) / path
+    if not path.exists():
+        raise SystemExit(f"no checkpoint {path}")
+    return path
+
+
+def full_history(ckpt_path, state):
+    """The whole run's per-epoch records. A checkpoint holds the history up to its own epoch
+    (best.pt stops at the best one); history.csv beside it goes on to the run's last epoch."""
+    history = state["history"]
+    path = Path(ckpt_path).parent / HISTORY
+    if not path.is_file():
+        return history
+    with open(path, newline="") as f:
+        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    same_run = len(rows) >= len(history) and all(
+        (r["phase"], r["epoch"]) == (h["phase"], h["epoch"])
+        and math.isclose(r["val_acc"], h["val_acc"])
+        for r, h in zip(rows, history)
+    )
+    return rows if same_run else history
+
+
+def _number(text):
+    if text == "":  # a column an earlier epoch did not have (--ema added on --resume, say)
+        return math.nan
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
+
+
+def write_history_csv(history, path):
+    if not history:
+        return
+    with atomic_file(path, "w", newline="") as f:
+        # Every column any epoch has: a resumed run may add some (--ema).
+        columns = list(dict.fromkeys(key for record in history for key in record))
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+# ------------------------------------------------------------------------------ a run's folder
+
+
+class RunFolder:
+    """A run's --out: the lock that keeps other runs out while it trains, the guard that keeps a
+    fresh run from overwriting a run the folder holds, and every file written into it. Only the
+    first process writes (`writer`); under torchrun the others hold no lock and write nothing."""
+
+    def __init__(self, path, writer=True):
+        self.path, self.writer = Path(path), writer
+        self.unwritten = {}  # file name: why its last write failed
+
+    @contextmanager
+    def claimed(self, start, overwrite=False, demo=False):
+        """The folder, held for the block. Refused if another run holds it, or if it holds a run
+        that this one does not continue, unless --overwrite (or a demo run replacing a demo run:
+        the README's first command works every time)."""
+        if not self.writer:
+            yield self
+            return
+        with exclusive(self.path / LOCK, f"--out {self.path}"):
+            self.guard(start, overwrite, demo)
+            yield self
+
+    def held(self):
+        """The run files in the folder, by name."""
+        return sorted({p.name for pattern in RUN_FILES for p in self.path.glob(pattern)})
+
+    def guard(self, start, overwrite, demo):
+        held = self.held()
+        keep = [PHASE1] if start.from_phase1_in(self.path) else []
+        last = peek(self.path / LAST) if LAST in held else None
+        phase2_begun = keep and last is not None and last["phase"] == 2
+        checkpoints = [name for name in held if name.endswith(".pt") and name not in keep]
+        if not checkpoints or (start.continues_in(self.path) and not phase2_begun):
+            return  # nothing to lose (a history.csv alone, at most), or the run goes on
+        demo_run = demo and last is not None and last["args"].get("demo")
+        if not (overwrite or demo_run):
+            raise SystemExit(self.refusal(held, last, phase2_begun))
+        gone = [name for name in held if name not in keep]
+        for name in gone:
+            (self.path / name).unlink()
+        why = "--overwrite" if overwrite else "--demo (replacing a demo run)"
+        log(f"{why}: deleted {', '.join(gone)} from {self.path}")
+
+    def refusal(self, held, last, phase2_begun):
+        where = f" (last.pt: phase {last['phase']} epoch {last['epoch']})" if last else ""
+        if phase2_begun:
+            what = f"{self.path} holds this run's Phase II{where}: --phase 2 would start it again"
+            over = "start Phase II over:   --overwrite (deletes every file but phase1.pt)"
+        else:
+            what = f"--out {self.path} holds a run{where}: {', '.join(held)}; a fresh run would "
+            what += "overwrite it"
+            over = "start over there:      --overwrite (deletes those files first)"
+        ways = [f"continue it:           python train.py --resume {self.path / LAST}"] * bool(last)
+        ways += ["train somewhere else:  --out ANOTHER_FOLDER"] * (not phase2_begun) + [over]
+        return f"{what}. Either\n" + "\n".join(f"  {way}" for way in ways)
+
+    def save(self, state, names, history, must=False):
+        """history.csv, then `state` under each of `names`, each file atomically: one that cannot
+        be written (a full disk, an unwritable folder) stays as it was, and the message names it
+        and the error. Training goes on and writes it again at its next save; the run ends with
+        an error if a file is still unwritten then, at once if the write `must` succeed. Returns
+        whether every file was written. history.csv comes first: a run killed between the two
+        writes holds a history.csv one epoch ahead of last.pt, which the resumed run writes
+        again, never one behind that no later save would mend."""
+        failed = {}
+        try:
+            write_history_csv(history, self.path / HISTORY)
+        except OSError as error:
+            failed[self.path / HISTORY] = error
+        failed |= save_checkpoints(state, [self.path / name for name in names])
+        for path in (self.path / name for name in [*names, HISTORY]):
+            if path in failed:
+                error = failed[path]
+                self.unwritten[path.name] = f"{path}: {error.strerror or error}"
+            else:
+                self.unwritten.pop(path.name, None)
+        for path, error in failed.items():
+            message = f"could not write {path}: {error.strerror or error}; the file is as it was"
+            if must:
+                raise SystemExit(message)
+            log(f"warning: {message}. Training goes on and tries again at its next save.")
+        return not failed
+
+    def remove(self, name):
+        (self.path / name).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------ where a run continues
+
+
+class Resume:
+    """Where a run starts: the checkpoint it continues (--resume's, or <out>/phase1.pt for
+    `--phase 2` alone), read once, or none for a fresh run. train.py asks it where each phase
+    begins and never itself whether the run resumed."""
+
+    def __init__(self, state=None, path=None):
+        self.state, self.path = state, Path(path) if path else None
+
+    def continues_in(self, folder):
+        return self.path is not None and self.path.resolve().parent == Path(folder).resolve()
+
+    def from_phase1_in(self, folder):
+        return self.continues_in(folder) and self.path.name == PHASE1
+
+    def weights(self, arch, requested):
+        """The weights to build the model with: the --weights asked for, unless a checkpoint's
+        are about to replace them (then there is nothing to fetch)."""
+        if self.state is None:
+            return load_weights(arch, requested)
+        where = f"phase {self.state['phase']} epoch {self.state['epoch']}"
+        normalisation = {k: tuple(self.state[k]) for k in ("mean", "std") if k in self.state}
+        if self.state.get("step"):
+            where = f"phase {self.state['phase']}, {self.state['step']} batches into epoch "
+            where += f"{self.state['epoch'] + 1}"
+        return Weights(about=f"{self.path} ({where}), to continue from", **normalisation)
+
+    def history(self):
+        return list(self.state["history"]) if self.state else []
+
+    def restore(self, model, ema, classes, rank, world_size):
+        """The saved weights, their moving average and each process's global random state."""
+        if self.state is None:
+            return
+        if list(self.state["classes"]) != list(classes):
+            raise SystemExit(
+                f"the checkpoint was trained on other classes than the {len(classes)} found in the "
+                f"data (checkpoint: {self.state['classes'][:5]}..., data: {classes[:5]}...)"
+            )
+        model.load_state_dict(self.state["model"])
+        if ema is not None and self.state.get("ema"):
+            ema.load_state_dict(self.state["ema"])
+        elif ema is not None:  # --ema added to a run that had none: it starts from here
+            ema.module.load_state_dict(self.state["model"])
+        # The data order and the augmentation need no saved state: they are seeded from (seed,
+        # epoch, rank). The global generators (initialisation, dropout) go on where they stopped.
+        states = self.state["rng"] if isinstance(self.state["rng"], list) else [self.state["rng"]]
+        if len(states) == world_size:
+            set_rng_state(states[rank])
+        else:
+            log(
+                f"warning: the checkpoint holds the random state of {len(states)} process(es), "
+                f"this run has {world_size}: its global random generators start from --seed"
+            )
+
+    def position(self, phase, batching, rank, world_size):
+        """Where `phase` goes on: (its epochs done, batches done of the next one, their record).
+        All of a phase the run has passed is done; a run stopped mid-epoch (a signal, or
+        --save-every-steps) goes on at its next batch, with the same (--batch-size,
+        --accum-steps) `batching` and as many processes."""
+        if self.state is None or phase > self.state["phase"]:
+            return 0, 0, None
+        if phase < self.state["phase"]:
+            return math.inf, 0, None
+        step, progress = self.state.get("step", 0), self.state.get("progress")
+        if step and len(progress) != world_size:
+            raise SystemExit(
+                f"{self.path} stopped mid-epoch with {len(progress)} process(es): resume it with "
+                f"as many (this run has {world_size})"
+            )
+        saved = self.state["args"]
+        if step and (saved["batch_size"], saved["accum_steps"]) != tuple(batching):
+            raise SystemExit(
+                f"{self.path} stopped mid-epoch with --batch-size {saved['batch_size']} "
+                f"--accum-steps {saved['accum_steps']}: resume it with the same"
+            )
+        return self.state["epoch"], step, progress[rank] if step else None
+
+    def restore_phase(self, phase):
+        """The optimizer, schedule and grad scaler of a run stopped inside `phase`."""
+        if self.state is None or self.state["phase"] != phase.number or not self.state["optimizer"]:
+            return
+        load_optimizer_state(phase.optimizer, self.state["optimizer"])
+        if phase.scheduler is not None:
+            phase.scheduler.load_state_dict(self.state["scheduler"])
+        if self.state["scaler"]:  # empty when the run was saved without fp16 (CPU, bf16, off)
+            phase.scaler.load_state_dict(self.state["scaler"])
+
+
+def load_optimizer_state(optimizer, state):
+    """A checkpoint's optimizer state, made right for this optimizer (built by make_optimizer for
+    this device) whichever device saved it. load_state_dict would bring the saving run's fused and
+    capturable settings along, and would move NAdam's step counts and momentum products to the
+    device, where PyTorch reads them back at every step (a host sync each): they belong there
+    only for a fused or capturable step."""
+    built = {
+        key: optimizer.defaults[key] for key in ("fused", "capturable") if key in optimizer.defaults
+    }
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(built)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            param_state = optimizer.state.get(param, {})
+            for key in ("step", "mu_product"):
+                if torch.is_tensor(param_state.get(key)):
+                    value = param_state[key]
+                    param_state[key] = (
+                        value.to(param.device, torch.float32) if on_device else value.cpu()
+                    )

@@ -425,6 +425,15 @@ def write_demo_dataset(root, size=32, seed=0):
     root = Path(root)
     if (root / "answers.csv").is_file():
         return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Machines sharing a filesystem take turns: the second finds it written.
+    with exclusive(root.parent / f".{root.name}.lock", f"the demo dataset {root}", wait=True):
+        if not (root / "answers.csv").is_file():
+            _write_digits(root, size, seed)
+    return root
+
+
+def _write_digits(root, size, seed):
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -453,8 +462,6 @@ def write_demo_dataset(root, size=32, seed=0):
             img.save(path)
     lines = ["image_name,pred_label"] + [f"{n},{label}" for n, label in sorted(answers)]
     (tmp / "answers.csv").write_text("\n".join(lines) + "\n")
-    root.parent.mkdir(parents=True, exist_ok=True)
     if root.exists():  # a partial folder from an interrupted earlier write
         shutil.rmtree(root)
     os.replace(tmp, root)
-    return root

@@ -22,21 +22,26 @@ import numpy as np
 import torch
 from sklearn.metrics import precision_recall_fscore_support
 
-import train
+from checkpoint import best_acc, full_history, load_checkpoint, resolve_checkpoint
 from data import display_names, load_val, make_loader
 from inference import (
     add_inference_args,
+    check_predictions,
     confusion_matrix,
     load_trained,
     most_confused,
+    predicted_rows,
     print_confused,
+    read_answers,
+    score,
+    test_images,
     topk_hits,
 )
-from model import count_parameters
-from predict import check_predictions, predicted_rows, read_answers, score, test_images
+from model import count_parameters, warn_if_too_large
+from recipe import get_args_parser as training_options
+from recipe import parameter_count
 from report import write_report
-from train import best_acc, parameter_count, warn_if_too_large
-from utils import full_history, load_checkpoint, log, resolve_checkpoint
+from utils import log
 
 
 def get_args_parser():
@@ -480,7 +485,7 @@ def main(argv=None):
             key = f"{key}{len(comparisons) + 1}"
         write_comparison(runs, figures / key)
         comparisons.append({"title": title, "key": key, "folder": figures / key, "runs": runs})
-    defaults = vars(train.get_args_parser().parse_args([]))
+    defaults = vars(training_options().parse_args([]))
     write_report(args.report, figures, state, history, metrics, test, comparisons, names, defaults)
     log(f"wrote {args.report}")
 

@@ -1,19 +1,26 @@
 """A trained checkpoint at work: the options and the load chain evaluate.py and predict.py share,
-the one loop that turns batches into log-probabilities (training's validation uses it too), and
-the counts every score is made of: top-k hits, the confusion matrix, its most confused pairs."""
+the one loop that turns batches into log-probabilities (training's validation uses it too), the
+counts every score is made of (top-k hits, the confusion matrix, its most confused pairs), an
+average of checkpoints with its batch norm measured again, and test folders with the submission
+format (image_name,pred_label)."""
 
 import argparse
+import csv
 import math
+from collections import Counter
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from augment import BatchPreprocess
-from model import model_from_checkpoint
+from checkpoint import load_checkpoint
+from data import CachedImages, build_cache, default_cache_dir, list_images, make_loader
+from model import average_weights, build_model, model_from_checkpoint
 from prefetch import on_device
-from utils import amp_dtype, load_checkpoint, pick_device
+from utils import amp_dtype, log, pick_device, sum_over_processes
 
 
 def add_inference_args(parser):
@@ -119,12 +126,44 @@ def predict_log_probs(model, loader, preprocess, device, dtype, tta=False):
             yield log_p, labels
 
 
+def averaged_model(states, device, loader=None, preprocess=None):
+    """The average of checkpoints' weights (model.average_weights) as a model on `device`, in
+    eval mode, its batch norm statistics measured again on `loader` (shuffled training images,
+    not augmented) unless it is None."""
+    last = states[-1]
+    model = build_model(last["arch"], len(last["classes"]), weights="none")
+    model.load_state_dict(average_weights(states))
+    model = model.to(device, memory_format=torch.channels_last)
+    if loader is not None:
+        update_bn(model, loader, preprocess, device)
+    return model.eval()
+
+
 @torch.no_grad()
 def update_bn(model, loader, preprocess, device):
     """torch.optim.swa_utils.update_bn on this project's batches: batch norm's running statistics
     reset, then a cumulative average over one pass of the loader (shuffled, not augmented)."""
     with closing(on_device(loader, preprocess, device)) as batches:
         torch.optim.swa_utils.update_bn(batches, model, device)
+
+
+def evaluate(model, loader, preprocess, criterion, device, dtype):
+    """Loss, top-1 and top-5 accuracy over the whole split (every process's share), from exact
+    counts."""
+    loss_sum = torch.zeros((), device=device)
+    top1 = torch.zeros((), device=device, dtype=torch.long)
+    top5 = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    for log_p, labels in predict_log_probs(model, loader, preprocess, device, dtype):
+        loss_sum += criterion(log_p, labels) * len(labels)
+        hits1, hits5 = topk_hits(log_p, labels)
+        top1 += hits1
+        top5 += hits5
+        seen += len(labels)
+    loss_sum, top1, top5, seen = sum_over_processes(loss_sum, top1, top5, seen)
+    if seen == 0:
+        return {"val_loss": float("nan"), "val_acc": 0.0, "val_top5": 0.0}
+    return {"val_loss": loss_sum / seen, "val_acc": top1 / seen, "val_top5": top5 / seen}
 
 
 def count_correct(model, loader, preprocess, device, dtype, tta=False):
@@ -183,3 +222,110 @@ def print_confused(pairs):
         print("most confused (true -> predicted: images, share of the true class):")
     for pair in pairs:
         print(f"  {pair['true']} -> {pair['predicted']}: {pair['count']} ({pair['share']:.1%})")
+
+
+# ----------------------------------------------------------------------------- test folders and
+# the submission format (image_name,pred_label), shared by predict.py and evaluate.py
+
+
+def test_images(test_dir):
+    """The images of a flat test folder, refusing names that would give two rows the same id."""
+    if not test_dir.is_dir():
+        raise SystemExit(f"no test folder {test_dir} (use --test-dir or --data)")
+    files = list_images(test_dir)
+    if not files:
+        raise SystemExit(f"{test_dir} holds no images")
+    subfolders = sorted(
+        p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
+    if subfolders:
+        log(
+            f"warning: {test_dir} is read flat; its sub-folders are ignored: "
+            f"{', '.join(subfolders[:5])}"
+        )
+    files.sort(key=lambda f: Path(f).stem)  # the order of the CSV's image_name column
+    stems = Counter(Path(f).stem for f in files)
+    clashes = sorted(f for f in files if stems[Path(f).stem] > 1)
+    if clashes:
+        raise SystemExit(
+            f"{test_dir}: these files share a name once the extension is dropped, so their rows "
+            f"would clash: {', '.join(clashes[:10])}"
+        )
+    return files
+
+
+def read_rows(path):
+    """The rows of a CSV in the submission format, header checked; SystemExit if unreadable."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as e:
+        raise SystemExit(f"cannot read {path}: {e}") from None
+    if not rows or rows[0] != ["image_name", "pred_label"]:
+        found = ",".join(rows[0]) if rows else "nothing"
+        raise SystemExit(f"{path}: the header must be image_name,pred_label (found {found})")
+    return [row for row in rows[1:] if row]  # a blank line is no row
+
+
+def read_answers(path, classes):
+    """The true labels of a held-out set (the submission format), checked: one row per image,
+    labels among `classes`; SystemExit naming every problem."""
+    answers = read_rows(path)
+    names = {row[0] for row in answers}
+    problems = check_predictions(answers, names, classes, "answers")
+    if problems:
+        raise SystemExit(f"{path}: " + "; ".join(problems[:20]))
+    return answers
+
+
+def check_predictions(rows, expected, classes, missing_is="missing"):
+    """Problems of a prediction CSV's rows, as sentences: each name of `expected` once, no other
+    name, two fields a row, labels among `classes`. None means it is complete and well-formed."""
+    problems = []
+    known = set(classes)
+    for n, row in enumerate(rows, start=2):
+        if len(row) != 2:
+            problems.append(f"line {n}: expected 2 fields, found {len(row)}")
+        elif row[1] not in known:
+            problems.append(f"line {n}: {row[1]!r} is not one of the checkpoint's classes")
+    seen = Counter(row[0] for row in rows if row)
+    problems += [f"{name}: {count} rows" for name, count in sorted(seen.items()) if count > 1]
+    problems += [f"{name}: not among the {missing_is}" for name in sorted(set(seen) - expected)]
+    problems += [f"{name}: missing" for name in sorted(expected - set(seen))]
+    return problems
+
+
+def score(rows, answers, classes, top=10):
+    """Accuracy of well-formed prediction rows against the true labels: (correct, images, the
+    `top` most confused class pairs)."""
+    truth = dict(answers)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[truth[name]] for name, _ in rows]
+    predicted = [index[label] for _, label in rows]
+    correct = sum(t == p for t, p in zip(labels, predicted))
+    counts = confusion_matrix(labels, predicted, len(classes), normalize=False)
+    return correct, len(rows), most_confused(counts, classes, top)
+
+
+def predicted_rows(trained, test_dir, files, cache_dir, threads, batch_size, skip_bad=False):
+    """(image name, predicted class) of each readable image of the test folder, as a generator
+    that predicts batch by batch, and how many images were unreadable (an error unless
+    skip_bad). The images go through the checkpoint's preprocessing, cached."""
+    cache_dir = cache_dir or default_cache_dir(test_dir.parent)
+    cache = build_cache(test_dir, files, trained.img_size, cache_dir, threads)
+    if cache.skipped and not skip_bad:
+        raise SystemExit(
+            f"{len(cache.skipped)} unreadable test image(s), nothing written: "
+            + "; ".join(f"{test_dir / f} ({why})" for f, why in list(cache.skipped.items())[:10])
+            + "\n(--skip-bad leaves them out of the CSV)"
+        )
+    dataset = CachedImages(cache, np.zeros(len(cache), dtype=np.int64))  # unlabelled
+    loader = make_loader(dataset, batch_size, False, pin_memory=trained.device.type == "cuda")
+    names = iter(Path(f).stem for f in cache.files)
+
+    def rows():
+        for log_p, _ in trained.log_probs(loader):
+            for label in log_p.argmax(1).tolist():
+                yield next(names), trained.classes[label]
+
+    return rows(), len(cache.skipped)

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 
 from augment import IMAGENET_MEAN, IMAGENET_STD
+from utils import log
 
 RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")
 
@@ -134,6 +135,12 @@ def strip_prefixes(key):
 
 def count_parameters(params):
     return sum(p.numel() for p in params)
+
+
+def warn_if_too_large(arch, params, limit):
+    """--max-params: the homework's rule on model size, as a warning."""
+    if limit and params > limit:
+        log(f"warning: {arch} has {params:,} parameters, more than --max-params {limit:,}")
 
 
 def set_trainable(model, phase):

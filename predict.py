@@ -14,21 +14,22 @@ import csv
 import os
 import sys
 import time
-from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
-
-from data import CachedImages, build_cache, default_cache_dir, list_images, make_loader
+from checkpoint import load_checkpoint
 from inference import (
     add_inference_args,
-    confusion_matrix,
+    check_predictions,
     load_trained,
-    most_confused,
+    predicted_rows,
     print_confused,
+    read_answers,
+    read_rows,
+    score,
+    test_images,
 )
-from utils import atomic_file, load_checkpoint, log
+from utils import atomic_file, log
 
 
 def get_args_parser():
@@ -65,85 +66,6 @@ def get_args_parser():
     return p
 
 
-def test_images(test_dir):
-    """The images of a flat test folder, refusing names that would give two rows the same id."""
-    if not test_dir.is_dir():
-        raise SystemExit(f"no test folder {test_dir} (use --test-dir or --data)")
-    files = list_images(test_dir)
-    if not files:
-        raise SystemExit(f"{test_dir} holds no images")
-    subfolders = sorted(
-        p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
-    )
-    if subfolders:
-        log(
-            f"warning: {test_dir} is read flat; its sub-folders are ignored: "
-            f"{', '.join(subfolders[:5])}"
-        )
-    files.sort(key=lambda f: Path(f).stem)  # the order of the CSV's image_name column
-    stems = Counter(Path(f).stem for f in files)
-    clashes = sorted(f for f in files if stems[Path(f).stem] > 1)
-    if clashes:
-        raise SystemExit(
-            f"{test_dir}: these files share a name once the extension is dropped, so their rows "
-            f"would clash: {', '.join(clashes[:10])}"
-        )
-    return files
-
-
-def read_rows(path):
-    """The rows of a CSV in the submission format, header checked; SystemExit if unreadable."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except OSError as e:
-        raise SystemExit(f"cannot read {path}: {e}") from None
-    if not rows or rows[0] != ["image_name", "pred_label"]:
-        found = ",".join(rows[0]) if rows else "nothing"
-        raise SystemExit(f"{path}: the header must be image_name,pred_label (found {found})")
-    return [row for row in rows[1:] if row]  # a blank line is no row
-
-
-def read_answers(path, classes):
-    """The true labels of a held-out set (the submission format), checked: one row per image,
-    labels among `classes`; SystemExit naming every problem."""
-    answers = read_rows(path)
-    names = {row[0] for row in answers}
-    problems = check_predictions(answers, names, classes, "answers")
-    if problems:
-        raise SystemExit(f"{path}: " + "; ".join(problems[:20]))
-    return answers
-
-
-def check_predictions(rows, expected, classes, missing_is="missing"):
-    """Problems of a prediction CSV's rows, as sentences: each name of `expected` once, no other
-    name, two fields a row, labels among `classes`. None means it is complete and well-formed."""
-    problems = []
-    known = set(classes)
-    for n, row in enumerate(rows, start=2):
-        if len(row) != 2:
-            problems.append(f"line {n}: expected 2 fields, found {len(row)}")
-        elif row[1] not in known:
-            problems.append(f"line {n}: {row[1]!r} is not one of the checkpoint's classes")
-    seen = Counter(row[0] for row in rows if row)
-    problems += [f"{name}: {count} rows" for name, count in sorted(seen.items()) if count > 1]
-    problems += [f"{name}: not among the {missing_is}" for name in sorted(set(seen) - expected)]
-    problems += [f"{name}: missing" for name in sorted(expected - set(seen))]
-    return problems
-
-
-def score(rows, answers, classes, top=10):
-    """Accuracy of well-formed prediction rows against the true labels: (correct, images, the
-    `top` most confused class pairs)."""
-    truth = dict(answers)
-    index = {c: i for i, c in enumerate(classes)}
-    labels = [index[truth[name]] for name, _ in rows]
-    predicted = [index[label] for _, label in rows]
-    correct = sum(t == p for t, p in zip(labels, predicted))
-    counts = confusion_matrix(labels, predicted, len(classes), normalize=False)
-    return correct, len(rows), most_confused(counts, classes, top)
-
-
 def check(args, files, classes):
     """--check: the CSV against the test folder and the classes, and with --answers its score."""
     rows = read_rows(args.check)
@@ -163,30 +85,6 @@ def check(args, files, classes):
             f"{args.answers}"
         )
         print_confused(confused)
-
-
-def predicted_rows(trained, test_dir, files, cache_dir, threads, batch_size, skip_bad=False):
-    """(image name, predicted class) of each readable image of the test folder, as a generator
-    that predicts batch by batch, and how many images were unreadable (an error unless
-    skip_bad). The images go through the checkpoint's preprocessing, cached."""
-    cache_dir = cache_dir or default_cache_dir(test_dir.parent)
-    cache = build_cache(test_dir, files, trained.img_size, cache_dir, threads)
-    if cache.skipped and not skip_bad:
-        raise SystemExit(
-            f"{len(cache.skipped)} unreadable test image(s), nothing written: "
-            + "; ".join(f"{test_dir / f} ({why})" for f, why in list(cache.skipped.items())[:10])
-            + "\n(--skip-bad leaves them out of the CSV)"
-        )
-    dataset = CachedImages(cache, np.zeros(len(cache), dtype=np.int64))  # unlabelled
-    loader = make_loader(dataset, batch_size, False, pin_memory=trained.device.type == "cuda")
-    names = iter(Path(f).stem for f in cache.files)
-
-    def rows():
-        for log_p, _ in trained.log_probs(loader):
-            for label in log_p.argmax(1).tolist():
-                yield next(names), trained.classes[label]
-
-    return rows(), len(cache.skipped)
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ import re
 import shlex
 from pathlib import Path
 
-from train import best_acc
+from checkpoint import best_acc
 from utils import atomic_file
 
 NOTES = re.compile(r"<!-- notes:(\w+) -->\n(.*?)<!-- /notes -->", re.S)
@@ -114,7 +114,7 @@ def command_of(state, defaults):
     if state.get("command"):
         return state["command"]
     args, parts = state["args"], ["python train.py"]
-    skip = {"resume", "cache_workers", "device", "demo", "mean", "std"}
+    skip = {"resume", "overwrite", "cache_workers", "device", "demo", "mean", "std"}
     for key, value in args.items():
         if key in skip or key not in defaults or value == defaults[key] or value is None:
             continue

@@ -1,13 +1,18 @@
 """What the scripts share: logging, distributed helpers, stop requests (SIGTERM, SIGUSR1) and
-locks, atomic files and checkpoint I/O, seeding and random state, devices. It imports nothing of
-this project's: every other module may use it."""
+locks, atomic files, seeding and random state, devices. It imports nothing of this project's:
+every other module may use it.
 
-import csv
+Who writes a file that several processes could write (under torchrun, on one machine or on
+several that share a filesystem):
+- a run's checkpoints and history.csv: the first process of the job alone (checkpoint.RunFolder),
+  holding the folder's lock;
+- a dataset's preprocessing cache and the demo dataset: the first process of each machine, under
+  a lock beside them, so that machines sharing a filesystem take turns and the second finds the
+  work done (data.build_cache, data.write_demo_dataset); every file atomically (atomic_file)."""
+
 import fcntl
-import math
 import os
 import random
-import shutil
 import signal
 import socket
 import sys
@@ -19,8 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-
-CHECKPOINT_DIR = "checkpoints"
 
 
 def log(*parts):
@@ -187,84 +190,6 @@ def atomic_file(path, mode="wb", **open_kwargs):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def save_checkpoint(state, path):
-    with atomic_file(path) as f:
-        torch.save(state, f)
-
-
-def save_checkpoints(state, paths):
-    """One state under several names, serialised once: the first file written, the others copies
-    of it (no second pickling, no second copy of the tensors off the GPU). Copies, not hard links:
-    a file rewritten in place later changes only itself. Each file is written atomically, and
-    one that cannot be (a full disk) does not stop the others: returns {path: OSError}."""
-    written, failed = None, {}
-    for path in map(Path, paths):
-        try:
-            if written is None:
-                save_checkpoint(state, path)
-                written = path
-            else:
-                with atomic_file(path) as f, open(written, "rb") as source:
-                    shutil.copyfileobj(source, f)
-        except OSError as error:
-            failed[path] = error
-    return failed
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint of this project. weights_only=True: a file that would run code is refused."""
-    path = resolve_checkpoint(path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
-
-
-def resolve_checkpoint(path):
-    """A bare name such as best.pt that is not a file means checkpoints/best.pt."""
-    path = Path(path)
-    if not path.exists() and len(path.parts) == 1 and (Path(CHECKPOINT_DIR) / path).exists():
-        return Path(CHECKPOINT_DIR) / path
-    if not path.exists():
-        raise SystemExit(f"no checkpoint {path}")
-    return path
-
-
-def full_history(ckpt_path, state):
-    """The whole run's per-epoch records. A checkpoint holds the history up to its own epoch
-    (best.pt stops at the best one); history.csv beside it goes on to the run's last epoch."""
-    history = state["history"]
-    path = Path(ckpt_path).parent / "history.csv"
-    if not path.is_file():
-        return history
-    with open(path, newline="") as f:
-        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    same_run = len(rows) >= len(history) and all(
-        (r["phase"], r["epoch"]) == (h["phase"], h["epoch"])
-        and math.isclose(r["val_acc"], h["val_acc"])
-        for r, h in zip(rows, history)
-    )
-    return rows if same_run else history
-
-
-def _number(text):
-    if text == "":  # a column an earlier epoch did not have (--ema added on --resume, say)
-        return math.nan
-    value = float(text)
-    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
-
-
-def write_history_csv(history, path):
-    if not history:
-        return
-    with atomic_file(path, "w", newline="") as f:
-        # Every column any epoch has: a resumed run may add some (--ema).
-        columns = list(dict.fromkeys(key for record in history for key in record))
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
 
 
 # ----------------------------------------------------------------------------- randomness

@@ -5,7 +5,8 @@
 
 Without --images it writes N synthetic JPEGs of varied sizes (once, into --workdir). Each number
 is the median of --repeats runs; the table goes to standard output, progress to standard error.
-Each phase is set up by train.phase_setup from train.py's defaults (the method's Table 1).
+Each phase is set up by recipe.phase_setup from the defaults (the method's Table 1) and trained
+by train.train_one_epoch, as train.py trains it.
 
   pipeline   images/s from files to augmented, normalised batches on the device: this project's
              cached path (memmap rows -> batch -> device augmentation) against the report's
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +49,10 @@ import augment  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
+from checkpoint import load_optimizer_state  # noqa: E402
 from inference import predict_log_probs  # noqa: E402
-from resume import load_optimizer_state  # noqa: E402
+from prefetch import on_device  # noqa: E402
+from recipe import COMPILE_MODES, phase_setup, resolve_options  # noqa: E402
 from utils import amp_dtype, log, pick_device  # noqa: E402
 
 
@@ -81,7 +85,7 @@ def get_args_parser():
         nargs="?",
         const="default",
         default=None,
-        choices=train.COMPILE_MODES,
+        choices=COMPILE_MODES,
         metavar="MODE",
         help="torch.compile the model in the train section, in this mode (as train.py "
         "--compile: reduce-overhead replays CUDA graphs, taking launches off the host)",
@@ -166,17 +170,29 @@ def train_loader(args, cache, labels, device):
     )
 
 
-RECIPE = train.parse_args([])[0]  # the method's defaults: Table 1
+RECIPE = resolve_options([])[0]  # the method's defaults: Table 1
+
+
+def phase_of(number, args, net, device):
+    """The method's phase `number` (Table 1), with --amp's autocast and grad scaler."""
+    return phase_setup(number, argparse.Namespace(**{**vars(RECIPE), "amp": args.amp}), net, device)
+
+
+def one_epoch(net, loader, preprocess, phase):
+    """The steps of one epoch, as train.py takes them: batches onto the device and augmented,
+    then train.train_one_epoch."""
+    device = next(net.parameters()).device
+    tally = train.EpochTally()
+    with closing(on_device(loader, preprocess, device)) as batches:
+        for _ in train.train_one_epoch(net, batches, len(loader), phase, None, tally):
+            pass
+    return tally
 
 
 def training_preprocess(device, augmented=True):
     """Training's preprocessing: normalisation and, unless told otherwise, the augmentation."""
     chosen = augment.DeviceAugment.from_args(RECIPE) if augmented else None
     return augment.BatchPreprocess(augment=chosen).to(device)
-
-
-def criterion():
-    return torch.nn.CrossEntropyLoss(label_smoothing=RECIPE.label_smoothing)
 
 
 def untrained_model(args, num_classes, device, layout=torch.channels_last):
@@ -372,7 +388,6 @@ class Steps:
 
 
 def bench_train(args, cache, labels, num_classes, device):
-    dtype = amp_dtype(args.amp, device)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     net = untrained_model(args, num_classes, device, layout)
     prepare = training_preprocess(device, args.augment)
@@ -383,24 +398,13 @@ def bench_train(args, cache, labels, num_classes, device):
     fixed = preprocess(images.to(device)), targets.to(device)
     rows = []
     for number in (1, 2):
-        phase = train.phase_setup(number, RECIPE, net, device)
+        phase = phase_of(number, args, net, device)
         if args.compile:
             torch.compiler.reset()
         step_net = torch.compile(net, mode=args.compile) if args.compile else net
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
         def steps(batches, preprocess):
-            train.train_one_epoch(
-                step_net,
-                batches,
-                preprocess,
-                criterion(),
-                phase.optimizer,
-                scaler,
-                device,
-                dtype,
-                phase.clip,
-            )
+            one_epoch(step_net, batches, preprocess, phase)
 
         def end_to_end():
             steps(Steps(loader, args.steps), preprocess)
@@ -443,35 +447,20 @@ def count_syncs(args, cache, labels, num_classes, device):
     """Host-device synchronisations per training step, as CUDA's sync debug mode reports them."""
     import warnings
 
-    dtype = amp_dtype(args.amp, device)
     net = untrained_model(args, num_classes, device)
     preprocess = training_preprocess(device)
     loader = train_loader(args, cache, labels, device)
     rows = []
     for number in (1, 2):
-        phase = train.phase_setup(number, RECIPE, net, device)
-        optimizer, clip = phase.optimizer, phase.clip
-        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-        train.train_one_epoch(
-            net, Steps(loader, 4), preprocess, criterion(), optimizer, scaler, device, dtype, clip
-        )
+        phase = phase_of(number, args, net, device)
+        one_epoch(net, Steps(loader, 4), preprocess, phase)
 
         def syncs(steps):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    train.train_one_epoch(
-                        net,
-                        Steps(loader, steps),
-                        preprocess,
-                        criterion(),
-                        optimizer,
-                        scaler,
-                        device,
-                        dtype,
-                        clip,
-                    )
+                    one_epoch(net, Steps(loader, steps), preprocess, phase)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             return [str(w.message) for w in caught if "called a synchronizing" in str(w.message)]
@@ -486,10 +475,10 @@ def count_syncs(args, cache, labels, num_classes, device):
         per_step(f"Phase {number}")
         if number == 2:  # the optimizer's state through a checkpoint file, as --resume loads it
             saved = io.BytesIO()
-            torch.save(optimizer.state_dict(), saved)
+            torch.save(phase.optimizer.state_dict(), saved)
             saved.seek(0)
             load_optimizer_state(
-                optimizer, torch.load(saved, map_location="cpu", weights_only=True)
+                phase.optimizer, torch.load(saved, map_location="cpu", weights_only=True)
             )
             per_step("Phase 2 after resuming from a checkpoint")
     return rows

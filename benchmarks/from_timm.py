@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from checkpoint import make_checkpoint, save_checkpoint, write_history_csv  # noqa: E402
 from data import find_classes  # noqa: E402
-from utils import save_checkpoint, write_history_csv  # noqa: E402
 
 
 def natural_key(name):
@@ -63,9 +63,9 @@ def history_of(timm_output, wall_seconds):
 
 def convert(timm_output, data, command, wall_seconds):
     timm_output = Path(timm_output)
-    checkpoint = timm_output / "model_best.pth.tar"
+    best_path = timm_output / "model_best.pth.tar"
     with torch.serialization.safe_globals([argparse.Namespace]):  # timm saves its arguments so
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        saved = torch.load(best_path, map_location="cpu", weights_only=True)
     timm_args = vars(saved["args"])
     classes = find_classes(Path(data) / "train")
     timm_order = sorted(classes, key=natural_key)
@@ -76,22 +76,25 @@ def convert(timm_output, data, command, wall_seconds):
     history = history_of(timm_output, wall_seconds)
     size = timm_args.get("img_size") or (timm_args.get("input_size") or [3, 224, 224])[-1]
     best = max(range(len(history)), key=lambda i: history[i]["val_acc"])
-    return {
-        "model": state,
-        "arch": saved["arch"],
-        "classes": classes,
-        "img_size": size,
-        "mean": list(timm_args.get("mean") or IMAGENET_MEAN),
-        "std": list(timm_args.get("std") or IMAGENET_STD),
-        "data": str(data),
-        "args": {"optimizer2": f"timm {timm_args['opt']}", "amp": "off", "seed": timm_args["seed"]},
-        "phase": 2,
-        "epoch": best + 1,
-        "history": history[: best + 1],  # history.csv beside it holds every epoch
-        "command": command,
-        "wall_seconds": wall_seconds,
-        "device": "cpu" if timm_args.get("device") == "cpu" else "cuda",
-    }, history
+    about = dict(arch=saved["arch"], classes=classes, img_size=size, data=str(data))
+    about |= dict(
+        mean=list(timm_args.get("mean") or IMAGENET_MEAN),
+        std=list(timm_args.get("std") or IMAGENET_STD),
+    )
+    args = {"optimizer2": f"timm {timm_args['opt']}", "amp": "off", "seed": timm_args["seed"]}
+    device = "cpu" if timm_args.get("device") == "cpu" else "cuda"
+    state = make_checkpoint(
+        state,
+        about,
+        args,
+        history[: best + 1],  # history.csv beside it holds every epoch
+        2,
+        best + 1,
+        training={"device": device},
+        command=command,
+        wall_seconds=wall_seconds,
+    )
+    return state, history
 
 
 def main(argv=None):

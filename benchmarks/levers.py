@@ -20,12 +20,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inference import load_trained  # noqa: E402
+from checkpoint import load_checkpoint  # noqa: E402
+from inference import (  # noqa: E402
+    check_predictions,
+    load_trained,
+    predicted_rows,
+    read_answers,
+    score,
+    test_images,
+)
 from model import count_parameters  # noqa: E402
-from predict import check_predictions, predicted_rows, read_answers, score, test_images  # noqa: E402
+from recipe import get_args_parser  # noqa: E402
 from report import APPENDIX, NOTES, command_of  # noqa: E402
-from train import get_args_parser  # noqa: E402
-from utils import atomic_file, load_checkpoint, log  # noqa: E402
+from utils import atomic_file, log  # noqa: E402
 
 # (row, run folder, how its last.pt is scored): test-time options for the base run.
 ROWS = [

@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import bench  # noqa: E402  (also puts the repository on sys.path)
-import train  # noqa: E402
 from utils import amp_dtype, pick_device  # noqa: E402
 
 
@@ -129,21 +128,10 @@ def main(argv=None):
         f"amp {dtype or 'off'}"
     )
     for number in (1, 2):
-        phase = train.phase_setup(number, bench.RECIPE, net, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        phase = bench.phase_of(number, args, net, device)
 
         def run():
-            train.train_one_epoch(
-                net,
-                bench.Steps(loader, args.steps),
-                preprocess,
-                bench.criterion(),
-                phase.optimizer,
-                scaler,
-                device,
-                dtype,
-                phase.clip,
-            )
+            bench.one_epoch(net, bench.Steps(loader, args.steps), preprocess, phase)
 
         run(), run()
         with torch.profiler.profile(activities=activities) as prof:

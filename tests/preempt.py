@@ -19,8 +19,8 @@ import torchvision
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import augment  # noqa: E402
+import checkpoint  # noqa: E402
 import inference  # noqa: E402
-import utils  # noqa: E402
 from narrow import narrow_get_model  # noqa: E402
 
 
@@ -50,7 +50,7 @@ if __name__ == "__main__":
         target = {
             "step": (augment.DeviceAugment, "forward", 1),  # once per training batch
             "validation": (inference, "predict_log_probs", 1),  # once per validation
-            "save": (utils, "save_checkpoints", 2),  # once per epoch (and mid-epoch save)
+            "save": (checkpoint, "save_checkpoints", 2),  # once per epoch (and mid-epoch save)
         }[what]
         signal_on_call(*target[:2], int(call), target[2])
     runpy.run_path(script, run_name="__main__")

@@ -9,6 +9,7 @@ import evaluate
 import model as M
 import train
 from conftest import REPO, make_dataset
+from recipe import resolve_options
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -47,17 +48,17 @@ def test_the_benchmark_runs_every_cpu_section_on_a_tiny_setup(tmp_path, capsys, 
 
 
 def test_the_benchmark_sets_each_phase_up_as_training_does(tmp_path, monkeypatch, narrow_models):
-    """Table 1 reaches the benchmark through train.phase_setup: a changed default shows there."""
+    """Table 1 reaches the benchmark through recipe.phase_setup: a changed default shows there."""
     built = []
-    real = train.phase_setup
+    real = bench.phase_setup
 
     def spy(number, args, model, device):
         built.append((number, args.lr1 if number == 1 else args.lr2, args.optimizer2))
         return real(number, args, model, device)
 
-    monkeypatch.setattr(train, "phase_setup", spy)
+    monkeypatch.setattr(bench, "phase_setup", spy)
     monkeypatch.setattr(
-        bench, "RECIPE", train.parse_args(["--lr2", "7e-4", "--optimizer2", "sgd"])[0]
+        bench, "RECIPE", resolve_options(["--lr2", "7e-4", "--optimizer2", "sgd"])[0]
     )
     bench.main(["--workdir", str(tmp_path), "--n", "10", *TINY_BENCH, "--sections", "train"])
     assert built == [(1, 5e-4, "sgd"), (2, 7e-4, "sgd")]
@@ -100,12 +101,12 @@ def test_the_training_benchmark_measures_the_layout_it_is_given(
 ):
     seen = set()
 
-    def spy(net, batches, preprocess, *args, **kwargs):
+    def spy(net, batches, preprocess, phase):
         if isinstance(batches, list):  # the model-only steps: batches already preprocessed
             seen.add(("weights", layout_of(net.conv1.weight)))
             seen.add(("batch", layout_of(batches[0][0])))
 
-    monkeypatch.setattr(train, "train_one_epoch", spy)
+    monkeypatch.setattr(bench, "one_epoch", spy)
     args = ["--workdir", str(tmp_path), "--n", "10", *TINY_BENCH, "--img-size", "16"]
     bench.main(args + ["--sections", "train", flag])
     assert seen == {("weights", layout), ("batch", layout)}

@@ -1,14 +1,23 @@
-"""The checkpoint format: what a checkpoint holds, and that one written by an earlier version of
-the code loads and resumes."""
+"""The checkpoint: its files, written atomically; a run's folder, never overwritten by a fresh run;
+reading a checkpoint back, one of an earlier version too; the optimizer state across devices."""
 
+import copy
+import os
+import pickle
 from pathlib import Path
 
+import pytest
 import torch
 import torchvision
 
+import checkpoint
+import recipe
 import train
+import utils
+from checkpoint import load_optimizer_state
 from conftest import TINY, make_dataset
 from narrow import narrow_get_model
+from recipe import resolve_options
 
 # Written by the code as it was before its run state was redesigned (tests/data/README.md): a run
 # with every lever that keeps state, stopped by SIGTERM two batches into Phase II.
@@ -21,7 +30,18 @@ V1_OPTIONS = (
 )
 
 
-def test_a_checkpoint_of_the_earlier_format_resumes_to_the_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """Float sums as the checkpoint below was written: by one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_checkpoint_of_the_earlier_format_resumes_to_the_uninterrupted_run(
+    tmp_path, monkeypatch, one_thread
+):
     monkeypatch.setattr(
         torchvision.models,
         "get_model",
@@ -34,7 +54,7 @@ def test_a_checkpoint_of_the_earlier_format_resumes_to_the_uninterrupted_run(tmp
     resumed = tmp_path / "resumed" / "last.pt"
     resumed.parent.mkdir()
     torch.save(old, resumed)
-    train.main(["--resume", str(resumed), "--data", str(data), "--out", str(resumed.parent)])
+    train.main(["--resume", str(resumed), "--data", str(data)])  # in its own folder
     a, b = (torch.load(p, weights_only=True) for p in (tmp_path / "straight" / "last.pt", resumed))
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
@@ -42,3 +62,159 @@ def test_a_checkpoint_of_the_earlier_format_resumes_to_the_uninterrupted_run(tmp
         assert torch.equal(value, b["ema"]["model"][key]), key
     assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+
+
+def test_checkpoint_round_trip_with_weights_only(tmp_path):
+    state = {
+        "model": {"w": torch.arange(3.0)},
+        "classes": ["a", "b"],
+        "args": {"lr": 5e-4, "scale": [0.9, 1.1]},
+        "history": [{"phase": 1, "epoch": 1, "val_acc": 0.5}],
+        "rng": utils.rng_state(),
+        "scaler": None,
+    }
+    checkpoint.save_checkpoint(state, tmp_path / "ck" / "last.pt")
+    loaded = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    assert (
+        torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["args"] == state["args"]
+    )
+    assert os.listdir(tmp_path / "ck") == ["last.pt"]  # no temporary file left
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save_checkpoint({"epoch": 1}, path)
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
+        checkpoint.save_checkpoint({"epoch": 2, "bad": lambda: None}, path)  # cannot be pickled
+    assert torch.load(path, weights_only=True) == {"epoch": 1} and os.listdir(tmp_path) == [
+        "last.pt"
+    ]
+
+
+def test_one_state_under_several_names_each_file_its_own(tmp_path):
+    checkpoint.save_checkpoints({"epoch": 1}, [tmp_path / "last.pt", tmp_path / "best.pt"])
+    assert torch.load(tmp_path / "best.pt", weights_only=True) == {"epoch": 1}
+    torch.save({"edited": True}, tmp_path / "best.pt")  # a user's script rewriting best.pt in place
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 1}
+    checkpoint.save_checkpoints({"epoch": 2}, [tmp_path / "last.pt"])
+    assert torch.load(tmp_path / "best.pt", weights_only=True) == {"edited": True}
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
+
+
+def test_bare_checkpoint_name_resolves_in_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    checkpoint.save_checkpoint({"x": 1}, tmp_path / "checkpoints" / "best.pt")
+    assert checkpoint.resolve_checkpoint("best.pt") == Path("checkpoints/best.pt")
+    with pytest.raises(SystemExit, match="no checkpoint"):
+        checkpoint.resolve_checkpoint("missing.pt")
+
+
+def test_full_history_goes_past_the_checkpoint_epoch(tmp_path):
+    rows = [
+        {"phase": 1, "epoch": 1, "val_acc": 0.5, "lr": 5e-4},
+        {"phase": 2, "epoch": 1, "val_acc": 0.9, "lr": 5e-5},
+        {"phase": 2, "epoch": 2, "val_acc": 0.8, "lr": 5e-4},
+    ]
+    checkpoint.write_history_csv(rows, tmp_path / "history.csv")
+    best = {"history": rows[:2]}
+    assert checkpoint.full_history(tmp_path / "best.pt", best) == rows
+    other_run = {"history": [{"phase": 1, "epoch": 1, "val_acc": 0.1}]}
+    assert checkpoint.full_history(tmp_path / "best.pt", other_run) == other_run["history"]
+
+
+@pytest.mark.parametrize("name,option", [("adamw", "fused"), ("nadam", "capturable")])
+def test_optimizer_state_saved_on_cuda_resumes_on_the_cpu(name, option):
+    def build(value):
+        return recipe.make_optimizer(
+            name, [torch.nn.Parameter(value.clone())], 1e-2, 1e-4, torch.device("cpu")
+        )
+
+    def step(optimizer):
+        optimizer.param_groups[0]["params"][0].grad = torch.tensor([1.0, -2.0, 0.5])
+        optimizer.step()
+
+    running = build(torch.ones(3))
+    step(running)
+    # As a checkpoint holds it (not the running state's tensors), and as a run on CUDA may save it
+    # (capturable NAdam fails on the CPU).
+    saved = copy.deepcopy(running.state_dict())
+    saved["param_groups"][0][option] = True
+    resumed = build(running.param_groups[0]["params"][0].detach())
+    load_optimizer_state(resumed, saved)
+    assert not resumed.param_groups[0][option]
+    step(running), step(resumed)
+    assert torch.equal(running.param_groups[0]["params"][0], resumed.param_groups[0]["params"][0])
+
+
+def test_resume_of_a_checkpoint_from_an_earlier_version(tiny_args, tmp_path):
+    """Saved when --compile took no mode, and before an option existed: the option gets its
+    default."""
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])
+    state = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    state["args"]["compile"] = False
+    del state["args"]["accum_steps"]
+    torch.save(state, tmp_path / "old.pt")
+    args, _ = resolve_options(["--resume", str(tmp_path / "old.pt")])
+    assert args.compile is None and args.accum_steps == 1
+    state["args"]["compile"] = True
+    torch.save(state, tmp_path / "old.pt")
+    assert resolve_options(["--resume", str(tmp_path / "old.pt")])[0].compile == "default"
+    off = resolve_options(["--resume", str(tmp_path / "old.pt"), "--compile", "off"])[0]
+    assert off.compile is None
+    state["args"]["workers"] = state["args"].pop("cache_workers") + 3  # its name before
+    # A demo run resumes with its own arguments, not the demo's preset.
+    state["args"]["demo"] = True
+    torch.save(state, tmp_path / "old.pt")
+    args, _ = resolve_options(["--resume", str(tmp_path / "old.pt")])
+    assert args.img_size == 16 and args.cache_workers == 3
+
+
+def test_a_fresh_run_never_overwrites_a_run_and_says_the_ways_on(tiny_args, tmp_path):
+    out = tmp_path / "ck"
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}
+    with pytest.raises(SystemExit) as refused:
+        train.main(tiny_args + ["--epochs1", "1", "--epochs2", "2"])
+    message = str(refused.value)
+    assert f"--out {out} holds a run (last.pt: phase 2 epoch 1)" in message
+    assert "best.pt, history.csv, last.pt, phase1.pt" in message
+    assert f"python train.py --resume {out / 'last.pt'}" in message
+    assert "--out ANOTHER_FOLDER" in message and "--overwrite" in message
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == before
+    # Asked for explicitly: the old run's files go, the new run trains from scratch.
+    (out / "epoch009.pt").write_bytes(b"a kept epoch of the old run")
+    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "1", "--overwrite"])
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt"]
+    assert len(torch.load(out / "last.pt", weights_only=True)["history"]) == 1
+
+
+def test_phase_two_continues_phase_one_and_is_not_started_twice_by_accident(tiny_args, tmp_path):
+    out = tmp_path / "ck"
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "2", "--phase", "1", "--lr2", "2e-3"])
+    train.main(["--phase", "2", "--out", str(out)])  # phase1.pt's options: data, sizes, --lr2
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert (last["phase"], last["epoch"], last["args"]["lr2"]) == (2, 2, 2e-3)
+    assert last["args"]["data"] == tiny_args[1] and last["img_size"] == 16
+    with pytest.raises(SystemExit, match="holds this run's Phase II .* would start it again"):
+        train.main(["--phase", "2", "--out", str(out)])
+    train.main(["--phase", "2", "--out", str(out), "--optimizer2", "adamw", "--overwrite"])
+    again = torch.load(out / "last.pt", weights_only=True)
+    assert again["args"]["optimizer2"] == "adamw" and [r["phase"] for r in again["history"]] == [
+        1,
+        2,
+        2,
+    ]
+    assert (out / "phase1.pt").is_file()  # where Phase II started again
+
+
+def test_the_demo_run_twice_into_one_folder_replaces_the_first(tiny_args, dataset, capsys):
+    (dataset / "answers.csv").write_text("image_name,pred_label\n")  # the demo's data, written
+    demo = tiny_args + ["--demo", "--epochs1", "1", "--epochs2", "1"]
+    train.main(demo)
+    train.main(demo)  # the README's first command, run twice
+    assert "--demo (replacing a demo run): deleted" in capsys.readouterr().err
+    # A demo never replaces a run that is not one.
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0", "--overwrite"])
+    with pytest.raises(SystemExit, match="holds a run"):
+        train.main(demo)

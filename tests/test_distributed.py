@@ -2,6 +2,7 @@
 
 import csv
 import os
+import socket
 import subprocess
 import sys
 
@@ -41,9 +42,11 @@ def rows(path):
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+    """The demo on one machine with two processes, each saving its parameters and its
+    augmentation's random state at the end (tests/ddp_worker.py)."""
     root = tmp_path_factory.mktemp("ddp")
-    result = torchrun(*DEMO, "--data", root / "demo", "--out", root / "ck", "--epochs2", "2")
-    return root, result
+    args = [root, *DEMO, "--data", root / "demo", "--out", root / "ck", "--epochs2", "2"]
+    return root, torchrun(*args, script="tests/ddp_worker.py")
 
 
 DEMO = ["--demo", "--img-size", "16", "--epochs1", "1", "--ema", "0.9"]
@@ -60,6 +63,41 @@ def test_torchrun_demo_writes_one_set_of_outputs(demo_run):
     assert "batch 64 per process x 2 processes = 128" in result.stderr
     state = torch.load(root / "ck" / "last.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+def test_two_machines_sharing_a_filesystem_train_as_one_machine_with_two_processes(
+    demo_run, tmp_path
+):
+    """Two torchrun agents on 127.0.0.1, one process each (--nnodes 2 --node_rank 0/1), as two
+    machines sharing the data folder and --out: the first process of each writes the demo data
+    and builds its cache at once, and they take turns. The run ends as the demo_run fixture's,
+    one machine with two processes."""
+    root, _ = demo_run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [*DEMO, "--data", tmp_path / "demo", "--out", tmp_path / "ck", "--epochs2", "2"]
+    agents = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node"]
+            + ["1", "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port"]
+            + [str(port), "tests/narrow.py", "train.py", *map(str, args)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            # As torchrun sets it for several processes a machine: the same float sums.
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for node in (0, 1)
+    ]
+    for agent in agents:
+        _, err = agent.communicate(timeout=240)
+        assert agent.returncode == 0, err[-3000:]
+    one, two = (torch.load(p / "ck" / "last.pt", weights_only=True) for p in (root, tmp_path))
+    for k in one["model"]:
+        assert torch.equal(one["model"][k], two["model"][k]), k
+    assert [r["val_acc"] for r in one["history"]] == [r["val_acc"] for r in two["history"]]
 
 
 def test_one_signalled_process_stops_both_and_the_resumed_run_ends_as_the_straight_one(
@@ -86,28 +124,15 @@ def test_one_signalled_process_stops_both_and_the_resumed_run_ends_as_the_straig
     assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]
 
 
-def test_every_process_holds_the_same_weights_after_phase_two_and_augments_its_own_way(tmp_path):
-    data = make_dataset(tmp_path / "data", per_class=8, val_per_class=3)
-    torchrun(
-        tmp_path,
-        "--data",
-        data,
-        "--out",
-        tmp_path / "ck",
-        *TINY,
-        "--epochs1",
-        "1",
-        "--epochs2",
-        "2",
-        script="tests/ddp_worker.py",
-    )
-    rank0, rank1 = (torch.load(tmp_path / f"params_rank{r}.pt", weights_only=True) for r in (0, 1))
+def test_every_process_holds_the_same_weights_after_phase_two_and_augments_its_own_way(demo_run):
+    root, _ = demo_run
+    rank0, rank1 = (torch.load(root / f"params_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert {"conv1.weight", "layer4.0.conv2.weight", "fc.weight"} <= set(rank0)  # all, not the head
     for name in rank0:
         assert torch.equal(rank0[name], rank1[name]), name
     # Seeded by (seed, epoch, rank): the same number of draws from the same seed would end alike.
     draws0, draws1 = (
-        torch.load(tmp_path / f"augment_rng_rank{r}.pt", weights_only=True) for r in (0, 1)
+        torch.load(root / f"augment_rng_rank{r}.pt", weights_only=True) for r in (0, 1)
     )
     assert not torch.equal(draws0, draws1)
 

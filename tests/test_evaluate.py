@@ -10,6 +10,7 @@ import evaluate
 import model as M
 import report
 import train
+from recipe import resolve_options
 
 
 def test_confusion_matrix_matches_a_hand_computed_case():
@@ -175,7 +176,7 @@ def test_a_larger_test_size_is_read_through_its_own_cache(trained, tmp_path, cap
 
 
 def test_table_1_of_a_recipe_best_run_shows_its_levers():
-    args = vars(train.parse_args(["--recipe", "best", "--mixup", "0.2"])[0])
+    args = vars(resolve_options(["--recipe", "best", "--mixup", "0.2"])[0])
     state = {"args": args, "arch": "resnet18", "img_size": 64, "classes": ["a"], "device": "cpu"}
     text = "\n".join(report.table1(state))
     assert "| Levers | recipe | best |" in text

@@ -127,7 +127,7 @@ def test_unreadable_test_image_is_an_error_unless_skipped(trained, tmp_path):
     assert [r[0] for r in read_csv(out.read_text())[1:]] == ["img_00", "img_01", "img_02"]
 
 
-def test_check_accepts_a_good_csv_and_names_each_problem(trained, tmp_path):
+def test_check_accepts_a_good_csv_and_names_each_problem(trained, tmp_path, capsys):
     ckpt = str(trained / "ck" / "best.pt")
     good = tmp_path / "good.csv"
     predict.main(["--ckpt", ckpt, "--device", "cpu", "--out", str(good)])
@@ -137,11 +137,14 @@ def test_check_accepts_a_good_csv_and_names_each_problem(trained, tmp_path):
     bad = tmp_path / "bad.csv"
     # img_00 missing, img_01 twice, img_02 with an unknown label.
     bad.write_text("\n".join([lines[0], lines[2], lines[2], "img_02,zebra"] + lines[4:]) + "\n")
-    result = run_predict("--ckpt", ckpt, "--check", str(bad))
-    assert result.returncode != 0
-    assert "img_00: missing" in result.stderr and "img_02: not among" not in result.stderr
-    assert "img_01: 2 rows" in result.stderr
-    assert "'zebra' is not one of the checkpoint's classes" in result.stderr
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as failed:
+        predict.main(["--ckpt", ckpt, "--check", str(bad)])
+    assert failed.value.code != 0
+    err = capsys.readouterr().err
+    assert "img_00: missing" in err and "img_02: not among" not in err
+    assert "img_01: 2 rows" in err
+    assert "'zebra' is not one of the checkpoint's classes" in err
 
 
 def test_check_with_answers_prints_the_exact_accuracy_and_the_confused_pairs(
@@ -176,19 +179,17 @@ def test_check_with_answers_prints_the_exact_accuracy_and_the_confused_pairs(
     assert "img_03: not among the answers" in err and "img_99: missing" in err
 
 
-def test_rows_sort_by_image_name_and_names_may_start_with_underscores(trained, tmp_path):
+def test_rows_sort_by_image_name_and_names_may_start_with_underscores(trained, tmp_path, capsys):
     test_dir = tmp_path / "photos"
     test_dir.mkdir()
     source = (trained / "data" / "test" / "img_00.png").read_bytes()
     for name in ("a.png", "a-b.png", "a b.png", "__init.png", "nested/b.png"):
         (test_dir / name).parent.mkdir(exist_ok=True)
         (test_dir / name).write_bytes(source)
-    result = run_predict(
-        "--ckpt", str(trained / "ck" / "best.pt"), "--test-dir", str(test_dir), "--device", "cpu"
-    )
-    assert result.returncode == 0, result.stderr
-    assert [r[0] for r in read_csv(result.stdout)[1:]] == ["__init", "a", "a b", "a-b"]
-    assert "sub-folders are ignored: nested" in result.stderr
+    predict.main(["--ckpt", str(trained / "ck" / "best.pt"), "--test-dir", str(test_dir)])
+    out, err = capsys.readouterr()
+    assert [r[0] for r in read_csv(out)[1:]] == ["__init", "a", "a b", "a-b"]
+    assert "sub-folders are ignored: nested" in err
 
 
 def test_a_closed_pipe_ends_quietly(trained, tmp_path, monkeypatch):

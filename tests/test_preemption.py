@@ -2,8 +2,10 @@
 the resumed run ends bit-identical on the CPU (under torchrun: test_distributed.py); full disks,
 two runs in one folder, two cache builds at once."""
 
+import csv
 import errno
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -12,6 +14,9 @@ import time
 import pytest
 import torch
 
+import augment
+import checkpoint
+import inference
 import train
 import utils
 from conftest import REPO, make_dataset
@@ -36,45 +41,119 @@ def same_run(a, b):
     a, b = (torch.load(p, weights_only=True) for p in (a, b))
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
-    for key, value in a["ema"]["model"].items():
+    for key, value in (a["ema"] or {"model": {}})["model"].items():
         assert torch.equal(value, b["ema"]["model"][key]), key
     columns = ("train_loss", "train_acc", "val_loss", "val_acc", "ema_val_acc")
-    assert [[r[c] for c in columns] for r in a["history"]] == [
-        [r[c] for c in columns] for r in b["history"]
+    assert [[r.get(c) for c in columns] for r in a["history"]] == [
+        [r.get(c) for c in columns] for r in b["history"]
     ]
 
 
-@pytest.fixture
-def straight(tiny_args, tmp_path):
-    train.main(tiny_args + LEVERS + ["--out", str(tmp_path / "straight")])
-    return tmp_path / "straight" / "last.pt"
+def history_csv(folder):
+    """history.csv without the columns that time the run."""
+    with open(folder / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in rows]
 
 
-# 18 images in batches of 4: 4 batches an epoch, 8 in Phase I, 12 in Phase II.
-# With --save-every-steps 1 (one optimizer step: 2 batches), each epoch saves after its 2nd batch
-# too: its 3rd save is mid-epoch.
-@pytest.mark.parametrize(
-    "moment, extra",
-    [
-        ("step=1", []),  # the first batch
-        ("step=6", []),  # mid-epoch, Phase I
-        ("step=8", []),  # Phase I's last batch: its validation and phase1.pt come first
-        ("step=9", []),  # mid-epoch, Phase II: its MixUp and CutMix draws replayed
-        ("validation=3", []),
-        ("save=2", []),  # an epoch's checkpoint
-        ("save=3", ["--save-every-steps", "1"]),  # a mid-epoch checkpoint
-    ],
-)
-def test_a_signal_at_any_moment_stops_the_run_and_resume_ends_bit_identical(
-    moment, extra, tiny_args, straight, tmp_path
+class Killed(BaseException):
+    """kill -9, in this process: nothing runs after it, but for the folder lock's release."""
+
+
+def stop_at(monkeypatch, moment):
+    """SIGTERM to this process as the n-th training batch is augmented (step=n), the n-th
+    validation pass starts (validation=n) or the n-th checkpoint write runs (save=n); or death
+    right after the n-th checkpoint write (kill=n)."""
+    what, n = moment.split("=")
+    owner, name = {
+        "step": (augment.DeviceAugment, "forward"),
+        "validation": (inference, "predict_log_probs"),
+        "save": (checkpoint, "save_checkpoints"),
+        "kill": (checkpoint, "save_checkpoints"),
+    }[what]
+    real, calls = getattr(owner, name), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(n) and what != "kill":
+            os.kill(os.getpid(), signal.SIGTERM)
+        result = real(*args, **kwargs)
+        if calls[0] == int(n) and what == "kill":
+            raise Killed
+        return result
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+# Drawn once, from a fixed seed: option combinations that change the schedule or keep state, and
+# a moment to stop at. 18 training images in batches of 4 make 4 batches an epoch (2 optimizer
+# steps with --accum-steps 2); each epoch validates once, twice with --ema.
+BUDGETS = [
+    ["--epochs", "4"],  # 1 + 3, no warmup
+    ["--epochs", "5", "--warmup-epochs", "1"],  # 1 + 4, warmup 1, cosine 3
+    ["--epochs", "5", "--epochs1", "2"],  # 2 + 3
+    ["--epochs1", "2", "--epochs2", "2"],
+    ["--recipe", "best", "--epochs", "4"],
+]
+LEVER_CHOICES = [
+    [],
+    ["--ema", "0.9"],
+    ["--mixup", "0.4"],
+    ["--cutmix", "1.0"],
+    ["--lr-decay", "0.7"],
+]
+LEVER_CHOICES += [["--accum-steps", "2"], ["--keep-last", "2"]]
+
+
+def draw_cases(n, seed=21):
+    rng = random.Random(seed)
+    cases = []
+    for i in range(n):
+        options = rng.choice(BUDGETS) + sum(rng.sample(LEVER_CHOICES, 2), [])
+        moment = [
+            f"step={rng.randint(2, 11)}",  # mid-epoch, either phase
+            "step=4" if "--epochs1" not in options else "step=8",  # Phase I's last batch
+            f"validation={rng.randint(1, 3)}",
+            f"kill={rng.randint(2, 5)}",  # after a mid-epoch save (every optimizer step)
+        ][i % 4]
+        if moment.startswith("kill"):
+            options = options + ["--save-every-steps", "1"]
+        cases.append(pytest.param(options, moment, id=f"{moment} {' '.join(options)}"))
+    return cases
+
+
+@pytest.mark.parametrize("options, moment", draw_cases(8))
+def test_a_run_stopped_at_any_moment_resumes_to_the_uninterrupted_runs_end(
+    options, moment, tiny_args, tmp_path, monkeypatch
 ):
+    """The resumed run is given nothing but --resume: its options, schedule, position and random
+    state all come from last.pt."""
+    train.main(tiny_args + options + ["--out", str(tmp_path / "straight")])
     out = tmp_path / "ck"
-    result = preempted(moment, tiny_args + LEVERS + extra + ["--out", out])
+    with monkeypatch.context() as patch:
+        stop_at(patch, moment)
+        with pytest.raises((SystemExit, Killed)) as stopped:
+            train.main(tiny_args + options + ["--out", str(out)])
+    if stopped.type is SystemExit:
+        assert stopped.value.code == utils.EXIT_PREEMPTED
+    train.main(["--resume", str(out / "last.pt")])
+    same_run(tmp_path / "straight" / "last.pt", out / "last.pt")
+    assert history_csv(tmp_path / "straight") == history_csv(out)
+    kept = sorted(p.name for p in (tmp_path / "straight").glob("*.pt"))
+    assert kept == sorted(p.name for p in out.glob("*.pt"))
+
+
+def test_a_signalled_process_saves_its_position_and_exits_75(tiny_args, tmp_path):
+    levers = "--epochs1 2 --epochs2 3 --ema 0.9 --mixup 0.4 --cutmix 1.0 --accum-steps 2".split()
+    train.main(tiny_args + levers + ["--out", str(tmp_path / "straight")])
+    out = tmp_path / "ck"
+    result = preempted("step=9", tiny_args + levers + ["--out", out])  # mid-epoch, Phase II
     assert result.returncode == utils.EXIT_PREEMPTED, result.stderr[-2000:]
-    assert "stopped by SIGTERM" in result.stderr and "--resume" in result.stderr
+    assert "stopped by SIGTERM 2 batches into phase 2 epoch 1" in result.stderr
+    assert f"--resume {out / 'last.pt'}" in result.stderr
     torch.load(out / "last.pt", weights_only=True)  # loads: the second signal spoilt nothing
     train.main(["--resume", str(out / "last.pt")])
-    same_run(straight, out / "last.pt")
+    same_run(tmp_path / "straight" / "last.pt", out / "last.pt")
 
 
 def failing_writes(monkeypatch, fail):
@@ -170,20 +249,25 @@ def test_two_runs_building_one_cache_at_once_take_turns(tmp_path):
 
 
 def test_a_signal_during_the_last_epochs_validation_lets_the_finished_run_end_well(
-    tiny_args, tmp_path
+    tiny_args, tmp_path, monkeypatch, capsys
 ):
     # 5 epochs, 2 validations each (the weights and their average): the 9th is the last epoch's.
-    result = preempted("validation=9", tiny_args + LEVERS + ["--out", tmp_path / "ck"])
-    assert result.returncode == 0 and "stopped by" not in result.stderr, result.stderr[-2000:]
-    assert "best val acc" in result.stderr
+    stop_at(monkeypatch, "validation=9")
+    train.main(tiny_args + LEVERS + ["--out", str(tmp_path / "ck")])  # no SystemExit: it ended
+    err = capsys.readouterr().err
+    assert "stopped by" not in err and "best val acc" in err
 
 
-def test_a_recipe_best_run_stopped_mid_phase_two_resumes_to_the_same_result(tiny_args, tmp_path):
+def test_a_recipe_best_run_stopped_mid_phase_two_resumes_to_the_same_result(
+    tiny_args, tmp_path, monkeypatch
+):
     recipe = tiny_args + ["--recipe", "best", "--epochs1", "1", "--epochs2", "3"]
     train.main(recipe + ["--out", str(tmp_path / "straight")])
     out = tmp_path / "ck"
-    result = preempted("step=10", recipe + ["--out", out])  # Phase II's second epoch
-    assert result.returncode == utils.EXIT_PREEMPTED, result.stderr[-2000:]
+    with monkeypatch.context() as patch:
+        stop_at(patch, "step=10")  # Phase II's second epoch
+        with pytest.raises(SystemExit, match=str(utils.EXIT_PREEMPTED)):
+            train.main(recipe + ["--out", str(out)])
     train.main(["--resume", str(out / "last.pt")])
     for name in ("last.pt", "averaged.pt", "best.pt"):
         a, b = (torch.load(p / name, weights_only=True) for p in (tmp_path / "straight", out))

@@ -40,7 +40,7 @@ def test_out_of_memory_names_the_options_that_help(tiny_args, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train.Run, "train_phase", out_of_memory)
+    monkeypatch.setattr(train, "train_phase", out_of_memory)
     with pytest.raises(SystemExit, match="--batch-size 2 --accum-steps 2"):
         train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
     with pytest.raises(
@@ -71,9 +71,9 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_weights(tiny_args, tmp_p
     args = tiny_args + ["--epochs1", "2", "--epochs2", "3"]
     train.main(args + ["--out", str(tmp_path / "straight")])
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["model"]
-    for i, moment in enumerate(
-        ["phase 1 epoch   1/2", "phase 1 epoch   2/2", "phase 2 epoch   2/3"]
-    ):
+    # As an epoch's checkpoints are written (the moment a kill could leave half a file); stops
+    # at every other moment are test_preemption.py's.
+    for i, moment in enumerate(["phase 2 epoch   2/3"]):
         out = tmp_path / f"killed{i}"
         assert run_until_killed(args + ["--out", str(out)], moment) == -signal.SIGKILL
         last = out / "last.pt"

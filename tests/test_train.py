@@ -1,159 +1,36 @@
-import copy
 import csv
 import math
 import subprocess
 import sys
+from contextlib import closing
 
 import pytest
 import torch
 from torch import nn
 
 import augment
+import checkpoint
 import data
+import inference
 import model as M
 import train
-import utils
 from conftest import REPO, TINY, make_dataset
-from resume import load_optimizer_state
+from prefetch import on_device
+from recipe import Phase, parameter_count, resolve_options
 
 CPU = torch.device("cpu")
 
 
-def method_lr(epoch):
-    """The Phase II learning rate before epoch e (0-based), as the released code's
-    SequentialLR(LinearLR(0.1, 5 epochs), CosineAnnealingLR(T_max=45, eta_min=5e-6)) sets it:
-    5e-4 * (0.1 + 0.9 e / 5) for e < 5, then 5e-6 + (5e-4 - 5e-6) (1 + cos(pi (e - 5) / 45)) / 2."""
-    if epoch < 5:
-        return 5e-4 * (0.1 + 0.9 * epoch / 5)
-    return 5e-6 + (5e-4 - 5e-6) * (1 + math.cos(math.pi * (epoch - 5) / 45)) / 2
-
-
-class HeadOnTop(nn.Module):
-    """The smallest model with a backbone and an fc head."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Linear(2, 2)
-        self.fc = nn.Linear(2, 3)
-
-
-def phase2_lrs(argv, epochs):
-    args, _ = train.parse_args(argv)
-    phase = train.phase_setup(2, args, HeadOnTop(), CPU)
-    lrs = []
-    for _ in range(epochs):
-        lrs.append(phase.optimizer.param_groups[0]["lr"])
-        phase.optimizer.step()
-        phase.scheduler.step()
-    return lrs
-
-
-def test_phase_two_learning_rate_follows_the_method_at_every_epoch():
-    lrs = phase2_lrs([], 125)
-    for epoch, lr in enumerate(lrs):
-        assert lr == pytest.approx(method_lr(epoch), rel=1e-9), epoch
-    assert lrs[50] == pytest.approx(5e-6) and lrs[95] == pytest.approx(5e-4)
-    assert lrs[124] == pytest.approx(1.44e-4, rel=1e-2)
-
-
-def test_cosine_epochs_120_gives_one_monotone_decay():
-    lrs = phase2_lrs(["--cosine-epochs", "120"], 125)
-    assert all(b <= a for a, b in zip(lrs[5:], lrs[6:]))
-    expected = 5e-6 + (5e-4 - 5e-6) * (1 + math.cos(math.pi * 119 / 120)) / 2
-    assert lrs[-1] == pytest.approx(expected)
-
-
-def test_defaults_are_the_methods_table():
-    args, _ = train.parse_args([])
-    model = (args.arch, args.weights, args.img_size, args.batch_size, args.cache_workers)
-    assert model == ("wide_resnet50_2", "imagenet", 224, 72, 4)
-    phases = (args.epochs1, args.lr1, args.wd1, args.epochs2, args.optimizer2, args.lr2, args.wd2)
-    assert phases == (10, 5e-4, 1e-4, 125, "nadam", 5e-4, 1e-4)
-    rest = (args.clip, args.label_smoothing, args.amp, args.save_every, args.save_min_acc)
-    assert rest == (0.8, 0.1, "fp16", 15, 0.82)
-    assert (args.p_jitter, args.p_blur, args.p_hflip, args.p_vflip) == (0.5, 0.5, 0.3, 0.3)
-    help_text = train.get_args_parser().format_help()
-    assert "(default: 72)" in help_text and "(default: nadam)" in help_text
-    assert train.parse_args(["--workers", "2"])[0].cache_workers == 2  # the name it had before
-
-
-def test_each_phase_is_set_up_as_the_methods_table_says():
-    args, _ = train.parse_args([])
-    net = HeadOnTop()
-    one = train.phase_setup(1, args, net, CPU)
-    assert isinstance(one.optimizer, torch.optim.AdamW) and one.scheduler is None
-    assert (one.epochs, one.clip, one.freeze_bn) == (10, 0.0, False)
-    assert [p.requires_grad for p in net.parameters()] == [False, False, True, True]  # fc only
-    assert one.optimizer.param_groups[0]["params"] == list(net.fc.parameters())
-    group = one.optimizer.param_groups[0]
-    assert (group["lr"], group["weight_decay"]) == (5e-4, 1e-4)
-
-    two = train.phase_setup(2, args, net, CPU)
-    assert isinstance(two.optimizer, torch.optim.NAdam) and (two.epochs, two.clip) == (125, 0.8)
-    assert all(p.requires_grad for p in net.parameters())
-    assert len(two.optimizer.param_groups[0]["params"]) == 4
-    group = two.optimizer.param_groups[0]
-    assert (group["initial_lr"], group["weight_decay"]) == (5e-4, 1e-4)
-    assert train.phase_setup(1, train.parse_args(["--freeze-bn"])[0], net, CPU).freeze_bn
-
-
-def test_demo_preset_yields_to_options_given():
-    args, _ = train.parse_args(["--demo", "--epochs2", "3"])
-    assert (args.arch, args.weights, args.epochs2, args.data) == (
-        "resnet18",
-        "none",
-        3,
-        "data/demo",
-    )
-
-
-@pytest.mark.parametrize("name", sorted(train.OPTIMIZERS))
-def test_every_phase_two_optimizer_is_built_with_the_arguments(name):
-    args, _ = train.parse_args(["--optimizer2", name, "--lr2", "3e-3", "--wd2", "2e-5"])
-    optimizer = train.phase_setup(2, args, HeadOnTop(), CPU).optimizer
-    assert type(optimizer) is train.OPTIMIZERS[name][0]
-    group = optimizer.param_groups[0]
-    assert (group["initial_lr"], group["weight_decay"]) == (3e-3, 2e-5)
-    for option, value in train.OPTIMIZERS[name][1].items():
-        assert group[option] == value
-
-
-def test_optimizers_step_fused_on_cuda_where_pytorch_has_a_fused_step():
-    cuda = torch.device("cuda")
-    assert train.step_on_device(torch.optim.AdamW, cuda) == {"fused": True}
-    assert train.step_on_device(torch.optim.SGD, cuda) == {"fused": True}
-    assert train.step_on_device(torch.optim.NAdam, cuda) == {}  # PyTorch has no fused NAdam
-    assert train.step_on_device(torch.optim.AdamW, CPU) == {"fused": False}
-
-
-@pytest.mark.parametrize("name,option", [("adamw", "fused"), ("nadam", "capturable")])
-def test_optimizer_state_saved_on_cuda_resumes_on_the_cpu(name, option):
-    def build(value):
-        return train.make_optimizer(
-            name, [torch.nn.Parameter(value.clone())], 1e-2, 1e-4, torch.device("cpu")
-        )
-
-    def step(optimizer):
-        optimizer.param_groups[0]["params"][0].grad = torch.tensor([1.0, -2.0, 0.5])
-        optimizer.step()
-
-    running = build(torch.ones(3))
-    step(running)
-    # As a checkpoint holds it (not the running state's tensors), and as a run on CUDA may save it
-    # (capturable NAdam fails on the CPU).
-    saved = copy.deepcopy(running.state_dict())
-    saved["param_groups"][0][option] = True
-    resumed = build(running.param_groups[0]["params"][0].detach())
-    load_optimizer_state(resumed, saved)
-    assert not resumed.param_groups[0][option]
-    step(running), step(resumed)
-    assert torch.equal(running.param_groups[0]["params"][0], resumed.param_groups[0]["params"][0])
-
-
 def one_epoch(model, loader, preprocess, criterion, optimizer):
-    """train_one_epoch on the CPU in float32."""
+    """train_one_epoch over a whole loader, on the CPU in float32, as a phase without clipping;
+    returns the epoch's training metrics."""
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    return train.train_one_epoch(model, loader, preprocess, criterion, optimizer, scaler, CPU, None)
+    phase = Phase(1, 1, optimizer, None, 0.0, False, None, criterion, None, scaler)
+    tally = train.EpochTally()
+    with closing(on_device(loader, preprocess, CPU)) as batches:
+        steps = list(train.train_one_epoch(model, batches, len(loader), phase, None, tally))
+    assert steps == list(range(1, len(loader) + 1))  # it yields after each optimizer step
+    return tally.summary(CPU)
 
 
 class ConstantLogits(torch.nn.Module):
@@ -260,7 +137,7 @@ def test_validation_accuracy_is_an_exact_count(dataset, tmp_path, narrow_models)
     net = M.build_model("resnet18", len(splits.classes), weights="none")
     loader = data.make_loader(splits.val, 4, shuffle=False)  # 6 images: batches of 4 and 2
     normalise = augment.BatchPreprocess()
-    result = train.evaluate(net, loader, normalise, nn.CrossEntropyLoss(), CPU, None)
+    result = inference.evaluate(net, loader, normalise, nn.CrossEntropyLoss(), CPU, None)
     with torch.no_grad():
         images, labels = splits.val[list(range(len(splits.val)))]
         logits = net.eval()(normalise(images))
@@ -458,31 +335,8 @@ def test_compile_mode_reaches_torch_compile_and_checkpoints_stay_plain(
     assert saved["ema"]["updates"] > 0 and not [
         k for k in saved["ema"]["model"] if "_orig_mod" in k
     ]
-    assert train.parse_args(["--compile"])[0].compile == "default"
-    assert train.parse_args([])[0].compile is None
-
-
-def test_resume_of_a_checkpoint_from_an_earlier_version(tiny_args, tmp_path):
-    """Saved when --compile took no mode, and before an option existed: the option gets its
-    default."""
-    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])
-    state = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
-    state["args"]["compile"] = False
-    del state["args"]["accum_steps"]
-    torch.save(state, tmp_path / "old.pt")
-    args, _ = train.parse_args(["--resume", str(tmp_path / "old.pt")])
-    assert args.compile is None and args.accum_steps == 1
-    state["args"]["compile"] = True
-    torch.save(state, tmp_path / "old.pt")
-    assert train.parse_args(["--resume", str(tmp_path / "old.pt")])[0].compile == "default"
-    off = train.parse_args(["--resume", str(tmp_path / "old.pt"), "--compile", "off"])[0]
-    assert off.compile is None
-    state["args"]["workers"] = state["args"].pop("cache_workers") + 3  # its name before
-    # A demo run resumes with its own arguments, not the demo's preset.
-    state["args"]["demo"] = True
-    torch.save(state, tmp_path / "old.pt")
-    args, _ = train.parse_args(["--resume", str(tmp_path / "old.pt")])
-    assert args.img_size == 16 and args.cache_workers == 3
+    assert resolve_options(["--compile"])[0].compile == "default"
+    assert resolve_options([])[0].compile is None
 
 
 def test_resume_with_every_lever_on_ends_where_the_uninterrupted_run_does(tiny_args, tmp_path):
@@ -514,45 +368,12 @@ def test_ema_is_validated_beside_the_weights_and_best_pt_says_which_it_holds(tin
     assert max(record["val_acc"], record["ema_val_acc"]) == max(scores)
 
 
-@pytest.mark.parametrize(
-    "option, message",
-    [
-        ("--ema 1.5", "the decay must be between 0 and 1"),
-        ("--mixup -1", "alpha must be positive"),
-        ("--cutmix -0.5", "alpha must be positive"),
-        ("--lr-decay 0", "the factor must be in (0, 1]"),
-        ("--keep-last -1", "must be 0 or more"),
-        ("--max-params lots", "not a parameter count"),
-    ],
-)
-def test_each_levers_bad_value_is_a_clear_error(option, message, capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(option.split())
-    assert message in capsys.readouterr().err
-
-
 def test_the_start_line_counts_parameters_and_warns_past_max_params(tiny_args, capsys):
-    assert train.parameter_count("100M") == 100_000_000 and train.parameter_count("2.5K") == 2500
+    assert parameter_count("100M") == 100_000_000 and parameter_count("2.5K") == 2500
     train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0", "--max-params", "1000"])
     err = capsys.readouterr().err
     assert "resnet18 (0.1M parameters)" in err
     assert "parameters, more than --max-params 1,000" in err
-
-
-def test_layer_wise_decay_keeps_the_stages_ratios_through_the_schedule():
-    args, _ = train.parse_args(["--lr-decay", "0.5", "--lr2", "1e-3", "--min-lr", "1e-5"])
-    model = M.build_model("resnet18", 3, weights="none")
-    phase = train.phase_setup(2, args, model, CPU)
-    for epoch in range(125):
-        lrs = [group["lr"] for group in phase.optimizer.param_groups]
-        factor = 1e-3 * train.schedule_factor(epoch, args)
-        assert lrs == pytest.approx([factor * 0.5**depth for depth in range(6)], rel=1e-9)
-        phase.optimizer.step()
-        phase.scheduler.step()
-    # The method's own schedule, one group: the closed form is the released code's.
-    default, _ = train.parse_args([])
-    for epoch, lr in enumerate(phase2_lrs([], 125)):
-        assert lr == pytest.approx(5e-4 * train.schedule_factor(epoch, default), rel=1e-9)
 
 
 def test_ema_added_on_resume_adds_its_columns_to_history_csv(tiny_args, tmp_path):
@@ -560,53 +381,10 @@ def test_ema_added_on_resume_adds_its_columns_to_history_csv(tiny_args, tmp_path
     train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--epochs2", "1", "--ema", "0.9"])
     rows = read_history(tmp_path / "ck" / "history.csv")
     assert [r["ema_val_acc"] for r in rows][0] == "" and rows[1]["ema_val_acc"] != ""
-    history = utils.full_history(
+    history = checkpoint.full_history(
         tmp_path / "ck" / "last.pt", torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
     )
     assert math.isnan(history[0]["ema_val_acc"]) and len(history) == 2
-
-
-def test_a_budget_of_epochs_is_split_as_the_report_splits_its_135():
-    def split(*argv):
-        args, _ = train.parse_args(list(argv))
-        return args.epochs1, args.epochs2, args.warmup_epochs, args.cosine_epochs
-
-    assert split("--epochs", "135") == (10, 125, 5, 120)  # the report's, one monotone decay
-    assert split("--epochs", "8") == (1, 7, 0, 7)
-    assert split("--epochs", "30") == (2, 28, 1, 27)
-    assert split("--epochs", "8", "--warmup-epochs", "1") == (1, 7, 1, 7)  # given ones win
-    assert split() == (10, 125, 5, 45)  # without --epochs: the released code's schedule
-    args, _ = train.parse_args(["--epochs", "8"])
-    lrs = [train.schedule_factor(epoch, args) for epoch in range(7)]
-    assert lrs[0] == 1 and all(a > b for a, b in zip(lrs, lrs[1:]))  # no warmup, then decay
-    with pytest.raises(SystemExit):
-        train.parse_args(["--epochs", "1"])
-
-
-def test_recipe_best_sets_its_levers_under_the_options_given():
-    def levers(*argv):
-        args, _ = train.parse_args(list(argv))
-        return args.ema, args.lr_decay, args.p_vflip, args.average_last, args.tta
-
-    assert levers() == (None, 1.0, 0.3, 0, "off")  # --recipe report: Table 1
-    assert levers("--recipe", "best") == (0.99, 0.7, 0.0, 3, "auto")
-    assert levers("--recipe", "best", "--ema", "0.999", "--p-vflip", "0.3", "--tta", "off") == (
-        0.999,
-        0.7,
-        0.3,
-        3,
-        "off",
-    )
-    demo, _ = train.parse_args(["--demo", "--recipe", "best", "--epochs", "8"])
-    assert (demo.arch, demo.ema, demo.epochs1, demo.epochs2, demo.warmup_epochs) == (
-        "resnet18",
-        0.99,
-        1,
-        7,
-        0,
-    )
-    shown = " ".join(train.get_args_parser().format_help().split())  # unwrapped
-    assert "best: --ema 0.99 --lr-decay 0.7 --p-vflip 0.0 --average-last 3 --tta auto" in shown
 
 
 def test_recipe_best_returns_the_better_of_the_best_epoch_and_the_average(

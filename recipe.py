@@ -1,0 +1,529 @@
+"""The method's recipe, the report's Table 1: the options (their defaults are its values), the
+presets (--demo, --recipe), the --epochs budget split, the order in which all of these resolve,
+and each phase's optimizer, schedule and settings. train.py runs it; evaluate.py, report.py and
+the benchmarks read it from here.
+
+    python train.py --help              # every option with its default: Table 1
+"""
+
+import argparse
+import math
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from augment import MixUpCutMix
+from checkpoint import PHASE1, Resume, load_checkpoint, resolve_checkpoint
+from model import count_parameters, set_trainable, stage_groups
+from utils import amp_dtype, log
+
+USAGE = """Fine-tune an ImageNet-pretrained ResNet in two phases (the report's Algorithm 1).
+
+Phase I trains only a new head on the frozen backbone; Phase II fine-tunes every layer with
+NAdam, a linear warmup then cosine learning rate, fp16 autocast and gradient clipping. The
+defaults below are the report's Table 1.
+
+    python train.py --demo              # the whole pipeline on a small bundled dataset, CPU
+    python train.py                     # both phases on data/
+    python train.py --resume checkpoints/last.pt
+"""
+
+# A CPU-sized run on scikit-learn's digits: about a minute on two cores, no download.
+DEMO = dict(
+    data="data/demo",
+    arch="resnet18",
+    weights="none",
+    img_size=32,
+    batch_size=64,
+    epochs1=2,
+    epochs2=10,
+    warmup_epochs=1,
+    cosine_epochs=9,
+    lr2=1e-3,
+)
+
+# --recipe: "report" is Table 1 (the argument defaults); "best" adds the levers that measured
+# better on real photos (RESULTS.md), and picks the run's result among its best epoch, the
+# average of its last epochs and either with flipped copies at test time.
+RECIPES = {
+    "report": {},
+    "best": dict(ema=0.99, lr_decay=0.7, p_vflip=0.0, average_last=3, tta="auto"),
+}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every default that is set: together they are the method's Table 1."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)"
+
+
+OPTIMIZERS = {  # name: (class, options beyond lr and weight decay)
+    "nadam": (torch.optim.NAdam, {}),
+    "adamw": (torch.optim.AdamW, {}),
+    "adam": (torch.optim.Adam, {}),
+    "sgd": (torch.optim.SGD, {"momentum": 0.9}),
+    "rmsprop": (torch.optim.RMSprop, {}),
+}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's
+FUSED = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.SGD,
+)  # PyTorch has fused CUDA steps for these
+
+
+def make_optimizer(name, params, lr, weight_decay, device):
+    cls, options = OPTIMIZERS[name]
+    return cls(params, lr=lr, weight_decay=weight_decay, **options, **step_on_device(cls, device))
+
+
+def step_on_device(cls, device):
+    """Options for an optimizer of class `cls`: on CUDA, fused where PyTorch has a fused kernel
+    (a few launches, and GradScaler's overflow check needs no host sync); PyTorch's defaults
+    otherwise."""
+    return {"fused": device.type == "cuda"} if issubclass(cls, FUSED) else {}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=USAGE, formatter_class=HelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument(
+        "--data", default="data", help="dataset root: train/<class>/<image>, val/, test/"
+    )
+    g.add_argument("--img-size", type=int, default=224, help="side after centre crop and resize")
+    g.add_argument("--val-fraction", type=float, default=0.1, help="of train/, if there is no val/")
+    g.add_argument(
+        "--cache-dir", default=None, help="preprocessed-image cache; unset: <data>/.cache"
+    )
+    g.add_argument("--batch-size", type=int, default=72, help="images per step")
+    g.add_argument(
+        "--cache-workers",
+        "--workers",
+        dest="cache_workers",
+        type=int,
+        default=4,
+        help="threads that decode images into the cache (a batch is one read of it)",
+    )
+
+    g = p.add_argument_group("model")
+    g.add_argument("--arch", default="wide_resnet50_2", help="any torchvision ResNet-family model")
+    g.add_argument(
+        "--mean",
+        type=float,
+        nargs=3,
+        default=None,
+        help="input normalisation; unset: the weights' own (ImageNet's, or a checkpoint's)",
+    )
+    g.add_argument("--std", type=float, nargs=3, default=None, help="... and its std")
+    g.add_argument(
+        "--weights",
+        default="imagenet",
+        help="imagenet | none | a torchvision weights name (IMAGENET1K_V1) | PATH",
+    )
+
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a budget of N epochs in all, split as the report splits its 135: sets --epochs1, "
+        "--epochs2, --warmup-epochs and --cosine-epochs, dividing what is left of N around "
+        "those given (--epochs 8: 1 + 7, no warmup; --epochs 8 --epochs1 2: 2 + 6)",
+    )
+
+    g = p.add_argument_group("Phase I: the new head alone, backbone frozen")
+    g.add_argument("--epochs1", type=int, default=10, help="0 skips Phase I")
+    g.add_argument("--lr1", type=float, default=5e-4, help="AdamW, constant")
+    g.add_argument("--wd1", type=float, default=1e-4, help="AdamW weight decay")
+    g.add_argument("--freeze-bn", action="store_true", help="keep batch norm statistics fixed")
+
+    g = p.add_argument_group("Phase II: every layer")
+    g.add_argument("--epochs2", type=int, default=125, help="0 skips Phase II")
+    g.add_argument(
+        "--optimizer2", default="nadam", choices=sorted(OPTIMIZERS), help="its optimizer"
+    )
+    g.add_argument("--lr2", type=float, default=5e-4, help="peak learning rate")
+    g.add_argument("--wd2", type=float, default=1e-4, help="weight decay (L2, as released)")
+    g.add_argument("--warmup-epochs", type=int, default=5, help="linear, from --warmup-start x lr2")
+    g.add_argument("--warmup-start", type=float, default=0.1, help="first warmup epoch's share")
+    g.add_argument(
+        "--cosine-epochs",
+        type=int,
+        default=45,
+        help="cosine half-period after warmup; it climbs back past it",
+    )
+    g.add_argument("--min-lr", type=float, default=5e-6, help="the cosine's floor")
+    g.add_argument("--clip", type=float, default=0.8, help="gradient L2 norm limit; 0: none")
+    g.add_argument("--save-every", type=int, default=15, help="keep a checkpoint every N epochs")
+    g.add_argument(
+        "--save-min-acc", type=float, default=0.82, help="... if val acc is this or more"
+    )
+
+    g = p.add_argument_group("both phases")
+    g.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy")
+    g.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"], help="on CUDA")
+    g.add_argument(
+        "--accum-steps",
+        type=int,
+        default=1,
+        help="an optimizer step every N batches: the same effective batch in less memory, with "
+        "a smaller --batch-size",
+    )
+    g.add_argument("--sync-bn", action="store_true", help="under torchrun on CUDA: global BN stats")
+    g.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        metavar="MODE",
+        choices=COMPILE_MODES + ("off",),
+        help=f"torch.compile each phase's model in MODE ({', '.join(COMPILE_MODES)}; "
+        "the first if none is given); off: resume a compiled run without it",
+    )
+
+    g = p.add_argument_group("accuracy levers beyond the report (off by default)")
+    recipes = "; ".join(
+        f"{name}: "
+        + (
+            " ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
+            or "the report's Table 1, these levers off"
+        )
+        for name, preset in RECIPES.items()
+    )
+    g.add_argument(
+        "--recipe",
+        default="report",
+        choices=sorted(RECIPES),
+        help=f"a preset of the options below ({recipes}); options given explicitly win",
+    )
+    g.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        metavar="DECAY",
+        help="keep an exponential moving average of the weights (e.g. 0.999), "
+        "validated beside them; best.pt takes the better",
+    )
+    g.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA", help="Phase II MixUp")
+    g.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA", help="Phase II CutMix")
+    g.add_argument(
+        "--lr-decay",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="Phase II: each ResNet stage learns FACTOR times as fast as the one above",
+    )
+    g.add_argument(
+        "--keep-last",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep the last K epochs' checkpoints (for avg_checkpoints.py)",
+    )
+    g.add_argument(
+        "--average-last",
+        type=int,
+        default=0,
+        metavar="K",
+        help="at the end, average the weights of the last K Phase II epochs into averaged.pt "
+        "(batch norm measured again); it becomes best.pt if it validates better",
+    )
+    g.add_argument(
+        "--tta",
+        default="off",
+        choices=["off", "auto"],
+        help="auto: at the end, validate best.pt with and without horizontal-flip test-time "
+        "augmentation and mark it with the better (evaluate.py and predict.py follow the mark)",
+    )
+    g.add_argument(
+        "--max-params",
+        type=parameter_count,
+        default=None,
+        metavar="N",
+        help="warn when the model has more parameters (e.g. 100M)",
+    )
+
+    g = p.add_argument_group("augmentation (training only, per sample, on the device)")
+    g.add_argument("--degrees", type=float, default=10.0, help="affine rotation +-, always")
+    g.add_argument("--translate", type=float, default=0.1, help="affine shift, share of the side")
+    g.add_argument("--scale", type=float, nargs=2, default=[0.9, 1.1], help="affine scale range")
+    g.add_argument("--shear", type=float, default=10.0, help="affine shear +-, degrees")
+    g.add_argument("--jitter", type=float, default=0.25, help="brightness, contrast, saturation")
+    g.add_argument("--hue", type=float, default=0.1, help="hue jitter")
+    g.add_argument("--p-jitter", type=float, default=0.5, help="probability of colour jitter")
+    g.add_argument("--blur-sigma", type=float, nargs=2, default=[0.1, 2.0], help="3x3 blur sigma")
+    g.add_argument("--p-blur", type=float, default=0.5, help="probability of blur")
+    g.add_argument("--p-hflip", type=float, default=0.3, help="probability of a horizontal flip")
+    g.add_argument("--p-vflip", type=float, default=0.3, help="probability of a vertical flip")
+
+    g = p.add_argument_group("run")
+    g.add_argument(
+        "--phase",
+        default="all",
+        choices=["1", "2", "all"],
+        help="2 alone continues the run of <out>/phase1.pt, with its options",
+    )
+    g.add_argument("--out", default="checkpoints", help="checkpoints and history.csv go here")
+    g.add_argument(
+        "--save-every-steps",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also save last.pt every N optimizer steps, mid-epoch (0: at epoch ends)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="init, data order, augmentation, val split")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    g.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH",
+        help="continue a run from its last.pt, in that checkpoint's folder: its saved options "
+        "hold, and options given here override them",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out that holds a run: its checkpoints are deleted first "
+        "(with --phase 2, all but phase1.pt, where Phase II starts again)",
+    )
+    demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items())
+    g.add_argument(
+        "--demo",
+        action="store_true",
+        help=f"train a CPU-sized model on data/demo (scikit-learn digits): {demo}",
+    )
+    return p
+
+
+def parameter_count(text):
+    """100M, 25.6M, 1.5B or a plain number."""
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(text[-1:].upper(), 1)
+    try:
+        return int(float(text[:-1] if scale != 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (e.g. 100M)") from None
+
+
+PHASE_EPOCHS = ("epochs1", "epochs2", "warmup_epochs", "cosine_epochs")
+
+
+def split_budget(total, fixed=None):
+    """The report's 10 + 125 epochs (5 of them warmup) scaled to a budget of `total`: Phase I's
+    share rounded (at least one epoch), the warmup's share of Phase II rounded, then one cosine
+    decay over the rest. `fixed`: the ones given explicitly, which hold; the rest of the budget is
+    divided around them (`--epochs 8 --epochs1 2` is 2 + 6). Rounding each share keeps the phases
+    in the report's proportions; a short budget that took 2 + 6 with a warmup epoch (its minimums)
+    spent a quarter of itself on the head alone."""
+    fixed = fixed or {}
+    epochs1 = fixed.get("epochs1")
+    if epochs1 is None:
+        given2 = fixed.get("epochs2")
+        epochs1 = total - given2 if given2 is not None else max(1, round(total * 10 / 135))
+    epochs2 = fixed.get("epochs2", total - epochs1)
+    if epochs1 + epochs2 != total or min(epochs1, epochs2) < 0:
+        raise SystemExit(
+            f"--epochs {total}: --epochs1 {epochs1} and --epochs2 {epochs2} do not make it up"
+        )
+    warmup = fixed.get("warmup_epochs", round(epochs2 * 5 / 125))
+    cosine = fixed.get("cosine_epochs", max(1, epochs2 - warmup))
+    return dict(epochs1=epochs1, epochs2=epochs2, warmup_epochs=warmup, cosine_epochs=cosine)
+
+
+def bad_values(args):
+    """What is wrong with the options, as sentences for the parser's error."""
+    if args.epochs is not None and args.epochs < 2:
+        yield f"--epochs {args.epochs}: the budget needs at least 2 epochs, one for each phase"
+    if args.accum_steps < 1:
+        yield "--accum-steps must be at least 1"
+    if args.ema is not None and not 0 < args.ema < 1:
+        yield f"--ema {args.ema}: the decay must be between 0 and 1, e.g. 0.999"
+    for name in ("mixup", "cutmix"):
+        if getattr(args, name) < 0:
+            yield f"--{name} {getattr(args, name)}: alpha must be positive (0 turns it off)"
+    if not 0 < args.lr_decay <= 1:
+        yield f"--lr-decay {args.lr_decay}: the factor must be in (0, 1] (1 turns it off)"
+    if args.keep_last < 0:
+        yield "--keep-last must be 0 or more"
+    if args.average_last < 0:
+        yield "--average-last must be 0 or more"
+    if args.save_every_steps < 0:
+        yield "--save-every-steps must be 0 or more"
+
+
+def resolve_options(argv=None):
+    """The run's options, resolved once and in one order, and where it starts (a Resume: the
+    checkpoint it continues, read once, or none). A checkpoint saves exactly this result.
+
+    - a fresh run: defaults < --demo < --recipe < the --epochs split < given;
+    - --resume PATH: PATH's saved options < given, in PATH's folder unless --out is given;
+    - --phase 2 with <out>/phase1.pt: phase1.pt's saved options < given: Phase II of that run.
+
+    On a run that continues, --recipe and the --epochs split apply again only if given again."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    for problem in bad_values(args):
+        parser.error(problem)
+    given = given_options(parser, argv)
+    start = continued_run(args)
+    if start.state is None:
+        options = {**vars(args), **(DEMO if args.demo else {}), **RECIPES[args.recipe]}
+    else:
+        options = {**vars(args), **saved_options(start.state), "resume": args.resume}
+        options["out"] = str(start.path.parent)  # the run goes on in its own folder
+        options |= RECIPES[given["recipe"]] if "recipe" in given else {}
+    budget = given.get("epochs", options["epochs"])
+    if budget and (start.state is None or "epochs" in given):
+        fixed = {k: given[k] for k in PHASE_EPOCHS if k in given}
+        options |= split_budget(budget, fixed)
+    options |= given
+    options["overwrite"] = args.overwrite  # an order for this command, never a saved option
+    if start.state is not None and options["lr_decay"] != start.state["args"].get("lr_decay", 1):
+        parser.error("--lr-decay cannot change in a run that continues: its optimizer is saved")
+    if options["compile"] == "off":
+        options["compile"] = None
+    return argparse.Namespace(**options), start
+
+
+def given_options(parser, argv):
+    """The options written on the command line, with their values."""
+    unset = object()
+    parser.set_defaults(**{action.dest: unset for action in parser._actions})
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
+
+
+def continued_run(args):
+    """Where the run starts: --resume's checkpoint, <out>/phase1.pt for --phase 2 alone, or
+    nothing (a fresh run)."""
+    if args.resume:
+        path = resolve_checkpoint(args.resume)
+        return Resume(load_checkpoint(path), path)
+    path = Path(args.out) / PHASE1
+    if args.phase != "2":
+        return Resume()
+    if path.is_file():
+        return Resume(load_checkpoint(path), path)
+    log(
+        f"warning: no {path}, so Phase II starts from --weights {args.weights} "
+        f"(train Phase I first with --phase 1, or use --phase all)"
+    )
+    return Resume()
+
+
+def saved_options(state):
+    """A checkpoint's resolved options, in today's names and forms."""
+    saved = dict(state["args"])
+    if "workers" in saved:  # the name --cache-workers had before
+        saved.setdefault("cache_workers", saved.pop("workers"))
+    if isinstance(saved.get("compile"), bool):  # saved when --compile took no mode
+        saved["compile"] = "default" if saved["compile"] else None
+    return saved
+
+
+@dataclass
+class Phase:
+    """One phase of the method as Table 1 sets it, and everything a training step of it needs:
+    how long, the optimizer (over the parameters it trains) and its schedule, the gradient clip,
+    whether batch norm statistics adapt, MixUp/CutMix, the loss, the autocast dtype with its
+    grad scaler, and how many batches an optimizer step takes."""
+
+    number: int
+    epochs: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    clip: float
+    freeze_bn: bool
+    mix: MixUpCutMix | None
+    criterion: nn.Module
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    accum_steps: int = 1
+
+
+def phase_setup(number, args, model, device):
+    """Table 1 from the options: the only place a phase's recipe is put together (train.py and
+    the benchmarks use it). It also sets which of `model`'s parameters learn."""
+    dtype = amp_dtype(args.amp, device)
+    step = dict(
+        criterion=loss_of(args),
+        dtype=dtype,
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        accum_steps=args.accum_steps,
+    )
+    if number == 1:
+        # The new head alone, at a constant learning rate, the backbone frozen.
+        optimizer = make_optimizer("adamw", set_trainable(model, 1), args.lr1, args.wd1, device)
+        return Phase(1, args.epochs1, optimizer, None, 0.0, args.freeze_bn, None, **step)
+    # Every layer: warmup then cosine, gradients clipped.
+    set_trainable(model, 2)
+    groups = stage_groups(model, args.lr2, args.lr_decay)
+    optimizer = make_optimizer(args.optimizer2, groups, args.lr2, args.wd2, device)
+    mix = None
+    if args.mixup or args.cutmix:
+        mix = MixUpCutMix(args.mixup, args.cutmix, model.fc.out_features)
+    schedule = warmup_cosine(optimizer, args)
+    return Phase(2, args.epochs2, optimizer, schedule, args.clip, False, mix, **step)
+
+
+def loss_of(args):
+    """Both phases' loss, validation's too: cross-entropy with label smoothing."""
+    return nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+
+def warmup_cosine(optimizer, args):
+    """Per-epoch schedule of the released code: SequentialLR(LinearLR, CosineAnnealingLR). Past
+    --cosine-epochs the cosine climbs back up, as PyTorch's CosineAnnealingLR does. With
+    --lr-decay the groups learn at different rates: the same schedule then scales each group's
+    own rate (its floor too), so that the ratios between the stages hold throughout."""
+    if args.lr_decay != 1:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(schedule_factor, args=args))
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=args.cosine_epochs, eta_min=args.min_lr
+    )
+    if args.warmup_epochs == 0:
+        return cosine
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=args.warmup_start, total_iters=args.warmup_epochs
+    )
+    return torch.optim.lr_scheduler.SequentialLR(
+        optimizer, [warmup, cosine], milestones=[args.warmup_epochs]
+    )
+
+
+def schedule_factor(epoch, args):
+    """warmup_cosine's learning rate before `epoch` (0-based), as a fraction of --lr2."""
+    if epoch < args.warmup_epochs:
+        return args.warmup_start + (1 - args.warmup_start) * epoch / args.warmup_epochs
+    floor = args.min_lr / args.lr2
+    cosine = (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / args.cosine_epochs)) / 2
+    return floor + (1 - floor) * cosine
+
+
+def describe_phase(phase, args, model):
+    """The line that opens a phase, with what the arguments leave unsaid: a cosine that climbs
+    back before the phase ends."""
+    trainable = count_parameters(p for p in model.parameters() if p.requires_grad)
+    total = count_parameters(model.parameters())
+    group = phase.optimizer.param_groups[0]
+    line = (
+        f"Phase {phase.number}: {phase.epochs} epochs, {type(phase.optimizer).__name__} "
+        f"lr {group.get('initial_lr', group['lr']):.1e} weight decay {group['weight_decay']:.0e}, "
+        f"{trainable:,} of {total:,} parameters learn"
+    )
+    if phase.number == 1:
+        return line + (", batch norm frozen" if phase.freeze_bn else ", batch norm adapts")
+    line += f", {args.warmup_epochs} warmup epochs then cosine to {args.min_lr:.0e}"
+    line += f", gradients clipped to {phase.clip}" if phase.clip else ""
+    trough = args.warmup_epochs + args.cosine_epochs
+    if trough < phase.epochs:
+        line += (
+            f"\nnote: the learning rate reaches --min-lr after {trough} epochs and then climbs "
+            f"back towards --lr2 for the phase's last {phase.epochs - trough}; "
+            f"--cosine-epochs {phase.epochs - args.warmup_epochs} gives one monotone decay"
+        )
+    return line

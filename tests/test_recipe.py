@@ -1,0 +1,306 @@
+"""Table 1 and how a run's options resolve: the defaults, the presets, the --epochs split, each
+phase's optimizer and schedule, and one precedence for fresh, resumed and Phase II runs."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import model as M
+import recipe
+from checkpoint import PHASE1
+from recipe import resolve_options
+
+CPU = torch.device("cpu")
+
+
+def method_lr(epoch):
+    """The Phase II learning rate before epoch e (0-based), as the released code's
+    SequentialLR(LinearLR(0.1, 5 epochs), CosineAnnealingLR(T_max=45, eta_min=5e-6)) sets it:
+    5e-4 * (0.1 + 0.9 e / 5) for e < 5, then 5e-6 + (5e-4 - 5e-6) (1 + cos(pi (e - 5) / 45)) / 2."""
+    if epoch < 5:
+        return 5e-4 * (0.1 + 0.9 * epoch / 5)
+    return 5e-6 + (5e-4 - 5e-6) * (1 + math.cos(math.pi * (epoch - 5) / 45)) / 2
+
+
+class HeadOnTop(nn.Module):
+    """The smallest model with a backbone and an fc head."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(2, 2)
+        self.fc = nn.Linear(2, 3)
+
+
+def phase2_lrs(argv, epochs):
+    args, _ = resolve_options(argv)
+    phase = recipe.phase_setup(2, args, HeadOnTop(), CPU)
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(phase.optimizer.param_groups[0]["lr"])
+        phase.optimizer.step()
+        phase.scheduler.step()
+    return lrs
+
+
+def test_phase_two_learning_rate_follows_the_method_at_every_epoch():
+    lrs = phase2_lrs([], 125)
+    for epoch, lr in enumerate(lrs):
+        assert lr == pytest.approx(method_lr(epoch), rel=1e-9), epoch
+    assert lrs[50] == pytest.approx(5e-6) and lrs[95] == pytest.approx(5e-4)
+    assert lrs[124] == pytest.approx(1.44e-4, rel=1e-2)
+
+
+def test_cosine_epochs_120_gives_one_monotone_decay():
+    lrs = phase2_lrs(["--cosine-epochs", "120"], 125)
+    assert all(b <= a for a, b in zip(lrs[5:], lrs[6:]))
+    expected = 5e-6 + (5e-4 - 5e-6) * (1 + math.cos(math.pi * 119 / 120)) / 2
+    assert lrs[-1] == pytest.approx(expected)
+
+
+def test_defaults_are_the_methods_table():
+    args, _ = resolve_options([])
+    model = (args.arch, args.weights, args.img_size, args.batch_size, args.cache_workers)
+    assert model == ("wide_resnet50_2", "imagenet", 224, 72, 4)
+    phases = (args.epochs1, args.lr1, args.wd1, args.epochs2, args.optimizer2, args.lr2, args.wd2)
+    assert phases == (10, 5e-4, 1e-4, 125, "nadam", 5e-4, 1e-4)
+    rest = (args.clip, args.label_smoothing, args.amp, args.save_every, args.save_min_acc)
+    assert rest == (0.8, 0.1, "fp16", 15, 0.82)
+    assert (args.p_jitter, args.p_blur, args.p_hflip, args.p_vflip) == (0.5, 0.5, 0.3, 0.3)
+    help_text = recipe.get_args_parser().format_help()
+    assert "(default: 72)" in help_text and "(default: nadam)" in help_text
+    assert resolve_options(["--workers", "2"])[0].cache_workers == 2  # the name it had before
+
+
+def test_each_phase_is_set_up_as_the_methods_table_says():
+    args, _ = resolve_options([])
+    net = HeadOnTop()
+    one = recipe.phase_setup(1, args, net, CPU)
+    assert isinstance(one.optimizer, torch.optim.AdamW) and one.scheduler is None
+    assert (one.epochs, one.clip, one.freeze_bn) == (10, 0.0, False)
+    assert [p.requires_grad for p in net.parameters()] == [False, False, True, True]  # fc only
+    assert one.optimizer.param_groups[0]["params"] == list(net.fc.parameters())
+    group = one.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (5e-4, 1e-4)
+
+    two = recipe.phase_setup(2, args, net, CPU)
+    assert isinstance(two.optimizer, torch.optim.NAdam) and (two.epochs, two.clip) == (125, 0.8)
+    assert all(p.requires_grad for p in net.parameters())
+    assert len(two.optimizer.param_groups[0]["params"]) == 4
+    group = two.optimizer.param_groups[0]
+    assert (group["initial_lr"], group["weight_decay"]) == (5e-4, 1e-4)
+    assert recipe.phase_setup(1, resolve_options(["--freeze-bn"])[0], net, CPU).freeze_bn
+
+
+def test_demo_preset_yields_to_options_given():
+    args, _ = resolve_options(["--demo", "--epochs2", "3"])
+    assert (args.arch, args.weights, args.epochs2, args.data) == (
+        "resnet18",
+        "none",
+        3,
+        "data/demo",
+    )
+
+
+@pytest.mark.parametrize("name", sorted(recipe.OPTIMIZERS))
+def test_every_phase_two_optimizer_is_built_with_the_arguments(name):
+    args, _ = resolve_options(["--optimizer2", name, "--lr2", "3e-3", "--wd2", "2e-5"])
+    optimizer = recipe.phase_setup(2, args, HeadOnTop(), CPU).optimizer
+    assert type(optimizer) is recipe.OPTIMIZERS[name][0]
+    group = optimizer.param_groups[0]
+    assert (group["initial_lr"], group["weight_decay"]) == (3e-3, 2e-5)
+    for option, value in recipe.OPTIMIZERS[name][1].items():
+        assert group[option] == value
+
+
+def test_optimizers_step_fused_on_cuda_where_pytorch_has_a_fused_step():
+    cuda = torch.device("cuda")
+    assert recipe.step_on_device(torch.optim.AdamW, cuda) == {"fused": True}
+    assert recipe.step_on_device(torch.optim.SGD, cuda) == {"fused": True}
+    assert recipe.step_on_device(torch.optim.NAdam, cuda) == {}  # PyTorch has no fused NAdam
+    assert recipe.step_on_device(torch.optim.AdamW, CPU) == {"fused": False}
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("--ema 1.5", "the decay must be between 0 and 1"),
+        ("--mixup -1", "alpha must be positive"),
+        ("--cutmix -0.5", "alpha must be positive"),
+        ("--lr-decay 0", "the factor must be in (0, 1]"),
+        ("--keep-last -1", "must be 0 or more"),
+        ("--max-params lots", "not a parameter count"),
+    ],
+)
+def test_each_levers_bad_value_is_a_clear_error(option, message, capsys):
+    with pytest.raises(SystemExit):
+        resolve_options(option.split())
+    assert message in capsys.readouterr().err
+
+
+def test_layer_wise_decay_keeps_the_stages_ratios_through_the_schedule():
+    args, _ = resolve_options(["--lr-decay", "0.5", "--lr2", "1e-3", "--min-lr", "1e-5"])
+    model = M.build_model("resnet18", 3, weights="none")
+    phase = recipe.phase_setup(2, args, model, CPU)
+    for epoch in range(125):
+        lrs = [group["lr"] for group in phase.optimizer.param_groups]
+        factor = 1e-3 * recipe.schedule_factor(epoch, args)
+        assert lrs == pytest.approx([factor * 0.5**depth for depth in range(6)], rel=1e-9)
+        phase.optimizer.step()
+        phase.scheduler.step()
+    # The method's own schedule, one group: the closed form is the released code's.
+    default, _ = resolve_options([])
+    for epoch, lr in enumerate(phase2_lrs([], 125)):
+        assert lr == pytest.approx(5e-4 * recipe.schedule_factor(epoch, default), rel=1e-9)
+
+
+def test_a_budget_of_epochs_is_split_as_the_report_splits_its_135():
+    def split(*argv):
+        args, _ = resolve_options(list(argv))
+        return args.epochs1, args.epochs2, args.warmup_epochs, args.cosine_epochs
+
+    assert split("--epochs", "135") == (10, 125, 5, 120)  # the report's, one monotone decay
+    assert split("--epochs", "8") == (1, 7, 0, 7)
+    assert split("--epochs", "30") == (2, 28, 1, 27)
+    # Given ones win, and the rest of the budget is divided around them.
+    assert split("--epochs", "8", "--warmup-epochs", "1") == (1, 7, 1, 6)
+    assert split("--epochs", "8", "--epochs1", "2") == (2, 6, 0, 6)
+    assert split("--epochs", "8", "--epochs2", "6") == (2, 6, 0, 6)
+    assert split("--epochs", "16", "--epochs1", "0") == (0, 16, 1, 15)
+    assert split() == (10, 125, 5, 45)  # without --epochs: the released code's schedule
+    args, _ = resolve_options(["--epochs", "8"])
+    lrs = [recipe.schedule_factor(epoch, args) for epoch in range(7)]
+    assert lrs[0] == 1 and all(a > b for a, b in zip(lrs, lrs[1:]))  # no warmup, then decay
+    with pytest.raises(SystemExit):
+        resolve_options(["--epochs", "1"])
+
+
+def test_recipe_best_sets_its_levers_under_the_options_given():
+    def levers(*argv):
+        args, _ = resolve_options(list(argv))
+        return args.ema, args.lr_decay, args.p_vflip, args.average_last, args.tta
+
+    assert levers() == (None, 1.0, 0.3, 0, "off")  # --recipe report: Table 1
+    assert levers("--recipe", "best") == (0.99, 0.7, 0.0, 3, "auto")
+    assert levers("--recipe", "best", "--ema", "0.999", "--p-vflip", "0.3", "--tta", "off") == (
+        0.999,
+        0.7,
+        0.3,
+        3,
+        "off",
+    )
+    demo, _ = resolve_options(["--demo", "--recipe", "best", "--epochs", "8"])
+    assert (demo.arch, demo.ema, demo.epochs1, demo.epochs2, demo.warmup_epochs) == (
+        "resnet18",
+        0.99,
+        1,
+        7,
+        0,
+    )
+    shown = " ".join(recipe.get_args_parser().format_help().split())  # unwrapped
+    assert "best: --ema 0.99 --lr-decay 0.7 --p-vflip 0.0 --average-last 3 --tta auto" in shown
+
+
+def saved_run(folder, argv, name="last.pt"):
+    """A checkpoint of a run started with `argv`, as far as options are concerned: its resolved
+    options (what resolving a continued run reads of it)."""
+    args, _ = resolve_options(argv)
+    path = folder / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"args": vars(args), "phase": 2, "epoch": 1, "history": []}, path)
+    return path
+
+
+SHAPING = "epochs1 epochs2 warmup_epochs cosine_epochs warmup_start min_lr lr1 lr2 lr_decay".split()
+SHAPING += "ema mixup cutmix p_vflip average_last tta keep_last accum_steps data arch".split()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--epochs", "5", "--warmup-epochs", "1"],
+        ["--epochs", "8", "--epochs1", "2"],
+        ["--epochs1", "3", "--epochs2", "9", "--warmup-epochs", "2", "--cosine-epochs", "7"],
+        ["--warmup-start", "0.2", "--min-lr", "1e-6", "--lr2", "1e-3", "--lr-decay", "0.8"],
+        ["--recipe", "best", "--epochs", "8", "--mixup", "0.2", "--accum-steps", "2"],
+        ["--demo", "--epochs2", "4", "--cutmix", "1.0", "--keep-last", "2"],
+    ],
+)
+def test_a_resumed_run_keeps_every_option_that_shapes_it(argv, tmp_path):
+    """Resumed with --resume alone: the options it was started with, as they resolved then, and
+    so the same learning rate at every epoch."""
+    started, _ = resolve_options(argv)
+    resumed, start = resolve_options(["--resume", str(saved_run(tmp_path, argv))])
+    assert start.path == tmp_path / "last.pt"
+    for key in SHAPING:
+        assert getattr(resumed, key) == getattr(started, key), key
+    epochs = started.epochs2
+    lrs = [phase2_lrs_of(args, epochs) for args in (started, resumed)]
+    assert lrs[0] == lrs[1]
+
+
+def phase2_lrs_of(args, epochs):
+    phase = recipe.phase_setup(2, args, M.build_model("resnet18", 3, "none"), CPU)
+    lrs = []
+    for _ in range(epochs):
+        lrs.append([group["lr"] for group in phase.optimizer.param_groups])
+        phase.optimizer.step()
+        phase.scheduler.step()
+    return lrs
+
+
+def test_on_resume_options_given_win_and_the_split_is_redone_only_if_given_again(tmp_path):
+    path = str(saved_run(tmp_path, ["--epochs", "8", "--ema", "0.9"]))
+
+    def phases(*argv):
+        args, _ = resolve_options(["--resume", path, *argv])
+        return args.epochs1, args.epochs2, args.warmup_epochs, args.cosine_epochs, args.ema
+
+    assert phases() == (1, 7, 0, 7, 0.9)
+    assert phases("--epochs2", "9") == (1, 9, 0, 7, 0.9)  # train longer, on the same schedule
+    assert phases("--epochs", "16") == (1, 15, 1, 14, 0.9)  # a new budget, split again
+    assert phases("--ema", "0.99") == (1, 7, 0, 7, 0.99)
+    with pytest.raises(SystemExit):  # the optimizer's parameter groups are saved
+        resolve_options(["--resume", path, "--lr-decay", "0.7"])
+
+
+def test_a_resumed_run_goes_on_in_its_checkpoints_folder_unless_told_otherwise(tmp_path):
+    path = saved_run(tmp_path / "copied", ["--out", str(tmp_path / "where-it-ran"), "--overwrite"])
+    args, _ = resolve_options(["--resume", str(path)])
+    assert args.out == str(tmp_path / "copied")
+    assert not args.overwrite  # an order for one command, never inherited
+    assert resolve_options(["--resume", str(path), "--out", "x"])[0].out == "x"
+
+
+def test_phase_two_alone_continues_with_phase_ones_options(tmp_path, capsys):
+    out = tmp_path / "ck"
+    phase1 = ["--data", "photos", "--arch", "resnet50", "--img-size", "128", "--lr2", "1e-3"]
+    saved_run(out, phase1 + ["--phase", "1", "--batch-size", "32"], name=PHASE1)
+    args, start = resolve_options(["--phase", "2", "--out", str(out)])
+    assert start.path == out / PHASE1 and args.phase == "2" and args.out == str(out)
+    assert (args.data, args.arch, args.img_size, args.batch_size, args.lr2) == (
+        "photos",
+        "resnet50",
+        128,
+        32,
+        1e-3,
+    )
+    args, _ = resolve_options(["--phase", "2", "--out", str(out), "--optimizer2", "adamw"])
+    assert (args.optimizer2, args.arch) == ("adamw", "resnet50")
+    # Without phase1.pt: a fresh Phase II from --weights, with a warning.
+    args, start = resolve_options(["--phase", "2", "--out", str(tmp_path / "none")])
+    assert start.state is None and args.arch == "wide_resnet50_2"
+    assert "so Phase II starts from --weights imagenet" in capsys.readouterr().err
+
+
+def test_a_fresh_run_resolves_defaults_then_demo_then_recipe_then_split_then_given():
+    argv = ["--demo", "--recipe", "best", "--epochs", "8", "--epochs1", "2", "--ema", "0.5"]
+    args, start = resolve_options(argv)
+    assert start.state is None
+    assert (args.arch, args.lr2, args.img_size) == ("resnet18", 1e-3, 32)  # --demo
+    assert (args.lr_decay, args.average_last, args.ema) == (0.7, 3, 0.5)  # recipe, then given
+    # The split over the demo's 2 + 10, around the --epochs1 given.
+    assert (args.epochs1, args.epochs2, args.warmup_epochs, args.cosine_epochs) == (2, 6, 0, 6)
+    with pytest.raises(SystemExit, match="do not make it up"):
+        resolve_options(["--epochs", "8", "--epochs1", "2", "--epochs2", "3"])
