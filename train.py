@@ -93,6 +93,8 @@ def main(argv=None):
         finally:
             run.stop.close()
     summarize(run)
+    if args.demo:
+        log(demo_next_steps(args))
     if world_size > 1:
         torch.distributed.destroy_process_group()
     if folder.unwritten:
@@ -526,6 +528,18 @@ def epoch_line(r, epochs, is_best):
         + (f"ema acc {r['ema_val_acc']:.4f} | " if "ema_val_acc" in r else "")
         + f"{r['images_per_s']:.0f} img/s {r['seconds']:.1f} s"
         + (" | best" if is_best else "")
+    )
+
+
+def demo_next_steps(args):
+    """The rest of the pipeline on the demo's run: the commands that make its figures, its report
+    and its submission file, and score that file against the demo's true labels."""
+    best, answers = Path(args.out) / BEST, Path(args.data) / "answers.csv"
+    return (
+        "the rest of the pipeline, a few seconds each:\n"
+        f"  python evaluate.py --ckpt {best} --report figures/report.md --answers {answers}\n"
+        f"  python predict.py --ckpt {best} > prediction.csv\n"
+        f"  python predict.py --ckpt {best} --check prediction.csv --answers {answers}"
     )
 
 

@@ -11,8 +11,10 @@ from torch import nn
 import augment
 import checkpoint
 import data
+import evaluate
 import inference
 import model as M
+import predict
 import train
 from conftest import REPO, TINY, make_dataset
 from prefetch import on_device
@@ -292,8 +294,9 @@ def test_missing_data_folder_says_what_to_do(tmp_path):
         train.main(["--data", str(tmp_path / "nowhere")] + TINY)
 
 
-def test_demo_command_runs_end_to_end(tmp_path):
-    """The README's first command, shortened: a fresh process, data written, both phases."""
+def test_demo_command_runs_end_to_end(tmp_path, narrow_models, monkeypatch, capsys):
+    """The README's first command, shortened: a fresh process, data written, both phases; then
+    the commands it prints: the figures, the report, the submission file and its score."""
     demo = f"--demo --data {tmp_path / 'demo'} --out {tmp_path / 'ck'} --epochs1 1 --epochs2 1"
     result = subprocess.run(
         [sys.executable, "tests/narrow.py", "train.py", *demo.split(), "--img-size", "16"],
@@ -306,6 +309,15 @@ def test_demo_command_runs_end_to_end(tmp_path):
     assert result.stdout == ""  # everything but results goes to stderr
     assert "phase 2 epoch   1/1" in result.stderr and "best val acc" in result.stderr
     assert (tmp_path / "demo" / "answers.csv").exists() and (tmp_path / "ck" / "best.pt").exists()
+    commands = result.stderr.split("the rest of the pipeline, a few seconds each:\n")[1]
+    evaluate_line, predict_line, check_line = commands.strip().splitlines()
+    monkeypatch.chdir(tmp_path)  # figures/, prediction.csv
+    evaluate.main(evaluate_line.split()[2:])
+    assert (tmp_path / "figures" / "report.md").is_file()
+    predict.main(predict_line.split()[2:-2] + ["--out", "prediction.csv"])
+    capsys.readouterr()
+    predict.main(check_line.split()[2:])
+    assert "prediction.csv: accuracy" in capsys.readouterr().out
 
 
 def test_the_run_summary_counts_skipped_images(tiny_args, dataset, capsys):
