@@ -26,8 +26,12 @@ from utils import atomic_file, exclusive, gather_from_processes, log, rng_state,
 CHECKPOINT_DIR = "checkpoints"  # where a bare name such as best.pt is looked up
 LAST, BEST, PHASE1, AVERAGED = "last.pt", "best.pt", "phase1.pt", "averaged.pt"
 HISTORY, LOCK = "history.csv", ".lock"
+# Left by a run stopped by a signal (the job scripts' sign that it was preempted, not broken:
+# under torchrun the exit status does not say so), removed when the next run takes the folder.
+PREEMPTED = "preempted"
 # Everything a run writes into its folder (RunFolder.claimed deletes these with --overwrite).
-RUN_FILES = (LAST, BEST, PHASE1, AVERAGED, HISTORY, "epoch[0-9][0-9][0-9]*.pt", "phase2_epoch*.pt")
+RUN_FILES = (LAST, BEST, PHASE1, AVERAGED, HISTORY, PREEMPTED, "epoch[0-9][0-9][0-9]*.pt")
+RUN_FILES += ("phase2_epoch*.pt",)
 ABOUT = ("arch", "classes", "img_size", "mean", "std", "data")  # what the weights are
 EXTRA = {"step", "progress", "averaged", "val_acc", "tta", "command", "wall_seconds"}
 
@@ -272,6 +276,7 @@ class RunFolder:
             return
         with exclusive(self.path / LOCK, f"--out {self.path}"):
             self.guard(start, overwrite, demo)
+            self.remove(PREEMPTED)
             yield self
 
     def held(self):
@@ -337,6 +342,12 @@ class RunFolder:
 
     def remove(self, name):
         (self.path / name).unlink(missing_ok=True)
+
+    def mark_preempted(self, why):
+        """The sign for a job script that the run stopped on request and wants resuming."""
+        if self.writer:
+            with atomic_file(self.path / PREEMPTED, "w") as f:
+                f.write(why + "\n")
 
 
 # ------------------------------------------------------------------------ where a run continues

@@ -84,9 +84,12 @@ def main(argv=None):
         except torch.OutOfMemoryError:
             raise SystemExit(out_of_memory_advice(args, folder.path / LAST)) from None
         except Preempted as where:
+            stopped = (
+                f"stopped by {run.stop.name()} {where}: {folder.path / LAST} holds the position"
+            )
+            folder.mark_preempted(stopped)
             log(
-                f"stopped by {run.stop.name()} {where}: {folder.path / LAST} holds the position. "
-                f"Resume with: python train.py --resume {folder.path / LAST} "
+                f"{stopped}. Resume with: python train.py --resume {folder.path / LAST} "
                 f"(exit status {EXIT_PREEMPTED})"
             )
             raise SystemExit(EXIT_PREEMPTED) from None

@@ -93,7 +93,8 @@ def table(folder, answers):
         if not all((p.parent / "done").is_file() for p in paths):
             log(f"{label}: not run yet ({paths[0].parent})")
             continue
-        results = [test_accuracy(p, answers, **{"use": "weights", **options}) for p in paths]
+        options = {"use": "weights", **options}  # a run trained with --ema: its weights unless said
+        results = [test_accuracy(p, answers, **options) for p in paths]
         rates = [c / t for c, t, _ in results]
         mean = statistics.mean(rates)
         base = mean if base is None else base
@@ -101,9 +102,11 @@ def table(folder, answers):
         counts = " | ".join(f"{c / t:.4f} ({c}/{t})" for c, t, _ in results)
         gain = f"{100 * (mean - base):+.2f} points" if label != "the method" else ""
         lines.append(f"| {label} | {counts} | {mean:.4f} | {gain} | {params / 1e6:.1f}M |")
-        command = command_of(load_checkpoint(paths[0]), defaults)
+        state = load_checkpoint(paths[0])
+        command = command_of(state, defaults)
+        shown = {k: v for k, v in options.items() if k != "use" or state.get("ema")}
         test_time = " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in options.items() if v is not True
+            f"--{k.replace('_', '-')} {v}" for k, v in shown.items() if v is not True
         )
         test_time += " --tta" if options.get("tta") else ""
         commands.append(

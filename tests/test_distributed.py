@@ -113,6 +113,8 @@ def test_one_signalled_process_stops_both_and_the_resumed_run_ends_as_the_straig
         *args, runner="tests/preempt.py step=12", env={"PREEMPT_RANK": "1"}, check=False
     )
     assert "stopped by SIGTERM 3 batches into phase 2 epoch 1" in stopped.stderr, stopped.stderr
+    # torchrun reports the workers' exit status 75 as a failure of its own; the file tells.
+    assert stopped.returncode == 1 and (out / "preempted").is_file()
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
     torchrun("--resume", out / "last.pt")
     a = torch.load(root / "ck" / "last.pt", weights_only=True)

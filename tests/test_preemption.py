@@ -151,9 +151,11 @@ def test_a_signalled_process_saves_its_position_and_exits_75(tiny_args, tmp_path
     assert result.returncode == utils.EXIT_PREEMPTED, result.stderr[-2000:]
     assert "stopped by SIGTERM 2 batches into phase 2 epoch 1" in result.stderr
     assert f"--resume {out / 'last.pt'}" in result.stderr
+    assert "2 batches into phase 2 epoch 1" in (out / "preempted").read_text()  # jobs/slurm.sh's
     torch.load(out / "last.pt", weights_only=True)  # loads: the second signal spoilt nothing
     train.main(["--resume", str(out / "last.pt")])
     same_run(tmp_path / "straight" / "last.pt", out / "last.pt")
+    assert not (out / "preempted").exists()  # the resumed run took the folder
 
 
 def failing_writes(monkeypatch, fail):

@@ -1,0 +1,51 @@
+#!/bin/bash
+# A SLURM job that trains until the run is done. Stopped by its time limit or by a preemption,
+# train.py saves its position and exits; the job then requeues itself, and its next start
+# resumes from <out>/last.pt. A run that fails for another reason is not requeued.
+#
+#   sbatch jobs/slurm.sh --data data --out checkpoints/run1                 # one GPU
+#   NPROC=4 sbatch --gres=gpu:4 jobs/slurm.sh --data data --out checkpoints/run1   # torchrun
+#
+# Everything after the script's name goes to train.py; give --out, where the job looks for
+# last.pt. Run it from the repository (sbatch keeps the directory it is called from).
+#SBATCH --job-name=finetune
+#SBATCH --gres=gpu:1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=04:00:00
+#SBATCH --signal=TERM@180
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.log
+# --signal: SIGTERM to the training processes 3 minutes before the time limit, time to save.
+# --open-mode=append: a requeued job adds to its log instead of replacing it.
+set -u
+
+out=checkpoints
+previous=
+for arg in "$@"; do
+    [ "$previous" = "--out" ] && out=$arg
+    case $arg in --out=*) out=${arg#--out=} ;; esac
+    previous=$arg
+done
+
+resume=()
+[ -f "$out/last.pt" ] && resume=(--resume "$out/last.pt")
+if [ "${NPROC:-1}" -gt 1 ]; then
+    launch=(torchrun --standalone --nproc_per_node "$NPROC")
+else
+    launch=(python)
+fi
+
+rm -f "$out/preempted"  # only this job's run may leave it
+srun "${launch[@]}" train.py "$@" "${resume[@]}"
+status=$?
+
+# Preempted, not broken: train.py exits with 75 when a signal stopped it, and leaves
+# <out>/preempted; under torchrun, which reports any worker's non-zero exit as its own 1, only the
+# file tells.
+if [ "$status" -eq 75 ] || [ -f "$out/preempted" ]; then
+    echo "stopped by a signal with its position saved: requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+exit "$status"

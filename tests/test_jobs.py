@@ -1,0 +1,85 @@
+"""jobs/slurm.sh's decisions, with stand-ins for srun, scontrol, python and torchrun: a run stopped
+by a signal requeues the job, one that failed does not, and the next start resumes."""
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import REPO
+
+# The training command's stand-in: logs its arguments, then ends as $ENDING says, as train.py
+# would: "preempted" exits 75 leaving <out>/preempted; "preempted under torchrun" leaves the
+# file but exits 1, as torchrun does when a worker exits 75; "failed" exits 1; "done" exits 0.
+TRAINER = """#!/bin/bash
+echo "$(basename "$0") $*" >> "$CALLS"
+case $ENDING in
+    preempted) echo stopped > "$OUT/preempted"; exit 75 ;;
+    "preempted under torchrun") echo stopped > "$OUT/preempted"; exit 1 ;;
+    failed) exit 1 ;;
+esac
+"""
+
+
+@pytest.fixture
+def job(tmp_path):
+    bin_dir, out = tmp_path / "bin", tmp_path / "run"
+    bin_dir.mkdir()
+    out.mkdir()
+    stand_ins = {
+        "srun": 'exec "$@"\n',
+        "scontrol": 'echo "scontrol $*" >> "$CALLS"\n',
+        "python": TRAINER,
+        "torchrun": TRAINER,
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(body if body.startswith("#!") else "#!/bin/bash\n" + body)
+        (bin_dir / name).chmod(0o755)
+    calls = tmp_path / "calls"
+
+    def run(ending, nproc=1):
+        calls.write_text("")
+        env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls)}
+        env |= {"ENDING": ending, "OUT": str(out), "NPROC": str(nproc), "SLURM_JOB_ID": "42"}
+        result = subprocess.run(
+            ["bash", "jobs/slurm.sh", "--data", "photos", "--out", str(out)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return result.returncode, calls.read_text().splitlines()
+
+    return run, out
+
+
+def test_a_preempted_run_requeues_the_job_and_the_next_start_resumes(job):
+    run, out = job
+    status, calls = run("preempted")
+    assert status == 0 and calls == [
+        f"python train.py --data photos --out {out}",
+        "scontrol requeue 42",
+    ]
+    (out / "last.pt").write_bytes(b"the position")  # as the stopped run left it
+    status, calls = run("done")
+    assert status == 0 and calls == [
+        f"python train.py --data photos --out {out} --resume {out / 'last.pt'}"
+    ]
+
+
+def test_under_torchrun_the_file_the_run_leaves_tells_a_preemption_from_a_failure(job):
+    run, out = job
+    status, calls = run("preempted under torchrun", nproc=2)
+    assert (
+        calls[0] == f"torchrun --standalone --nproc_per_node 2 train.py --data photos --out {out}"
+    )
+    assert status == 0 and calls[1] == "scontrol requeue 42"
+    status, calls = run("failed", nproc=2)  # the file of the previous start does not count
+    assert status == 1 and not any(call.startswith("scontrol") for call in calls)
+
+
+def test_a_failed_run_is_not_requeued(job):
+    run, _ = job
+    status, calls = run("failed")
+    assert status == 1 and len(calls) == 1
