@@ -13,6 +13,7 @@ import shlex
 from pathlib import Path
 
 from checkpoint import best_acc
+from recipe import DEMO, RECIPES, split_budget
 from utils import atomic_file
 
 NOTES = re.compile(r"<!-- notes:(\w+) -->\n(.*?)<!-- /notes -->", re.S)
@@ -110,13 +111,20 @@ def levers(a):
 
 
 def command_of(state, defaults):
-    """The train.py command line of a run: its options that differ from the defaults."""
+    """The train.py command line of a run: --demo and --recipe if it used them, then the options
+    that differ from what the defaults, those presets and the --epochs split make of them."""
     if state.get("command"):
         return state["command"]
     args, parts = state["args"], ["python train.py"]
+    implied = {**defaults, **(DEMO if args.get("demo") else {})}
+    implied |= RECIPES.get(args.get("recipe", "report"), {})
+    if args.get("epochs"):
+        implied |= split_budget(args["epochs"])
+    if args.get("demo"):
+        parts.append("--demo")
     skip = {"resume", "overwrite", "cache_workers", "device", "demo", "mean", "std"}
     for key, value in args.items():
-        if key in skip or key not in defaults or value == defaults[key] or value is None:
+        if key in skip or key not in defaults or value == implied[key] or value is None:
             continue
         if value is True:
             parts.append(f"--{key.replace('_', '-')}")

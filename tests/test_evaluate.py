@@ -1,5 +1,6 @@
 import json
 import re
+import shlex
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from PIL import Image
 
 import evaluate
 import model as M
+import recipe
 import report
 import train
 from recipe import resolve_options
@@ -186,3 +188,20 @@ def test_table_1_of_a_recipe_best_run_shows_its_levers():
     assert "the last 3 Phase II epochs, if it validates better" in text
     assert "| Levers | test-time augmentation | horizontal flip" in text
     assert "vertical p 0" in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--recipe", "best", "--epochs", "8", "--seed", "1", "--data", "photos"],
+        ["--demo", "--epochs2", "5", "--cosine-epochs", "4"],
+        ["--epochs", "8", "--epochs1", "2", "--ema", "0.5", "--scale", "0.8", "1.2"],
+        ["--arch", "resnet50", "--freeze-bn", "--optimizer2", "sgd"],
+    ],
+)
+def test_the_reports_command_reproduces_the_runs_options(argv):
+    defaults = vars(recipe.get_args_parser().parse_args([]))
+    args = vars(resolve_options(argv)[0])
+    command = report.command_of({"args": args}, defaults)
+    again = vars(resolve_options(shlex.split(command)[2:])[0])
+    assert again == args
