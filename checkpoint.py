@@ -9,7 +9,8 @@ and `epoch` (the epochs of that phase done), `history` (one record per epoch), `
 `scheduler`, `scaler`, `rng` (one per process), `world_size`, `device` (what resuming needs),
 `ema` (the weights' moving average, or None) and `eval_weights` (`model` or `ema`: the one that
 validated better); `step` and `progress` when saved mid-epoch; `averaged` and `val_acc` for an
-average of checkpoints, `tta` where test-time flips validated better.
+average of checkpoints; `tta` (whether test-time flips validated better) once --tta auto has
+chosen.
 """
 
 import csv
@@ -52,10 +53,9 @@ def periodic_file(epoch):
 def make_checkpoint(model, about, args, history, phase, epoch, ema=None, training=None, **extra):
     """The one place a checkpoint dict is made. `model`: the weights' state dict; `about`: the
     ABOUT keys; `args`: the resolved options; `phase`, `epoch`: the position; `ema`: the moving
-    average's state (with `eval_weights` in `training` or `extra`); `training`: what resuming
-    needs (optimizer, scheduler, scaler, rng, world_size, device, eval_weights); `extra`: the
-    optional keys of EXTRA."""
-    if set(extra) - EXTRA - {"eval_weights"}:
+    average's state; `training`: what resuming needs (optimizer, scheduler, scaler, rng,
+    world_size, device) and `eval_weights`; `extra`: the optional keys of EXTRA."""
+    if set(extra) - EXTRA:
         raise ValueError(f"not a checkpoint key: {sorted(set(extra) - EXTRA)}")
     training = training or {}
     return {
@@ -267,15 +267,15 @@ class RunFolder:
         self.unwritten = {}  # file name: why its last write failed
 
     @contextmanager
-    def claimed(self, start, overwrite=False, demo=False):
+    def claimed(self, start, args):
         """The folder, held for the block. Refused if another run holds it, or if it holds a run
-        that this one does not continue, unless --overwrite (or a demo run replacing a demo run:
-        the README's first command works every time)."""
+        that this one does not continue, unless --overwrite (or a fresh --demo run replacing a
+        demo run: the README's first command works every time)."""
         if not self.writer:
             yield self
             return
         with exclusive(self.path / LOCK, f"--out {self.path}"):
-            self.guard(start, overwrite, demo)
+            self.guard(start, args.overwrite, args.demo and start.state is None, args.weights)
             self.remove(PREEMPTED)
             yield self
 
@@ -283,17 +283,22 @@ class RunFolder:
         """The run files in the folder, by name."""
         return sorted({p.name for pattern in RUN_FILES for p in self.path.glob(pattern)})
 
-    def guard(self, start, overwrite, demo):
+    def guard(self, start, overwrite, fresh_demo, weights):
         held = self.held()
         keep = [PHASE1] if start.from_phase1_in(self.path) else []
         last = peek(self.path / LAST) if LAST in held else None
-        phase2_begun = keep and last is not None and last["phase"] == 2
         checkpoints = [name for name in held if name.endswith(".pt") and name not in keep]
+        # Phase II from phase1.pt: refused once any other checkpoint is past Phase I.
+        phase2_begun = keep and any(
+            (peek(self.path / name) or {"phase": 2})["phase"] != 1 for name in checkpoints
+        )
         if not checkpoints or (start.continues_in(self.path) and not phase2_begun):
             return  # nothing to lose (a history.csv alone, at most), or the run goes on
-        demo_run = demo and last is not None and last["args"].get("demo")
+        demo_run = fresh_demo and last is not None and last["args"].get("demo")
         if not (overwrite or demo_run):
             raise SystemExit(self.refusal(held, last, phase2_begun))
+        if Path(weights).is_file() and Path(weights).resolve().parent == self.path.resolve():
+            keep.append(Path(weights).name)  # the weights the run starts from: read first
         gone = [name for name in held if name not in keep]
         for name in gone:
             (self.path / name).unlink()
@@ -303,7 +308,8 @@ class RunFolder:
     def refusal(self, held, last, phase2_begun):
         where = f" (last.pt: phase {last['phase']} epoch {last['epoch']})" if last else ""
         if phase2_begun:
-            what = f"{self.path} holds this run's Phase II{where}: --phase 2 would start it again"
+            what = f"{self.path} holds this run's Phase II{where}: starting from phase1.pt again "
+            what += "would overwrite it"
             over = "start Phase II over:   --overwrite (deletes every file but phase1.pt)"
         else:
             what = f"--out {self.path} holds a run{where}: {', '.join(held)}; a fresh run would "
@@ -386,6 +392,11 @@ class Resume:
         """The saved weights, their moving average and each process's global random state."""
         if self.state is None:
             return
+        if self.state.get("averaged"):
+            raise SystemExit(
+                f"{self.path} is an average of checkpoints, not a position in a run: resume "
+                "from the run's last.pt, or start a run from it with --weights"
+            )
         if list(self.state["classes"]) != list(classes):
             raise SystemExit(
                 f"the checkpoint was trained on other classes than the {len(classes)} found in the "

@@ -48,10 +48,8 @@ DEMO = dict(
 # --recipe: "report" is Table 1 (the argument defaults); "best" adds the levers that measured
 # better on real photos (RESULTS.md), and picks the run's result among its best epoch, the
 # average of its last epochs and either with flipped copies at test time.
-RECIPES = {
-    "report": {},
-    "best": dict(ema=0.99, lr_decay=0.7, p_vflip=0.0, average_last=3, tta="auto"),
-}
+# (--recipe report, the default, sets the same options to their defaults: Table 1.)
+RECIPES = {"best": dict(ema=0.99, lr_decay=0.7, p_vflip=0.0, average_last=3, tta="auto")}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -189,18 +187,16 @@ def get_args_parser():
 
     g = p.add_argument_group("accuracy levers beyond the report (off by default)")
     recipes = "; ".join(
-        f"{name}: "
-        + (
-            " ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
-            or "the report's Table 1, these levers off"
-        )
+        f"{name}: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
         for name, preset in RECIPES.items()
     )
     g.add_argument(
         "--recipe",
         default="report",
-        choices=sorted(RECIPES),
-        help=f"a preset of the options below ({recipes}); options given explicitly win",
+        choices=["report", *RECIPES],
+        help=f"a preset of the options below: report, the report's Table 1 (these at their "
+        f"defaults); "
+        f"{recipes}. Options given explicitly win",
     )
     g.add_argument(
         "--ema",
@@ -369,30 +365,39 @@ def resolve_options(argv=None):
     args = parser.parse_args(argv)
     for problem in bad_values(args):
         parser.error(problem)
-    given = given_options(parser, argv)
+    given = given_options(argv)
     start = continued_run(args)
     if start.state is None:
-        options = {**vars(args), **(DEMO if args.demo else {}), **RECIPES[args.recipe]}
+        options = {**vars(args), **(DEMO if args.demo else {}), **preset(parser, args.recipe)}
     else:
         options = {**vars(args), **saved_options(start.state), "resume": args.resume}
         options["out"] = str(start.path.parent)  # the run goes on in its own folder
-        options |= RECIPES[given["recipe"]] if "recipe" in given else {}
+        options |= preset(parser, given["recipe"]) if "recipe" in given else {}
     budget = given.get("epochs", options["epochs"])
     if budget and (start.state is None or "epochs" in given):
         fixed = {k: given[k] for k in PHASE_EPOCHS if k in given}
         options |= split_budget(budget, fixed)
     options |= given
     options["overwrite"] = args.overwrite  # an order for this command, never a saved option
-    if start.state is not None and options["lr_decay"] != start.state["args"].get("lr_decay", 1):
-        parser.error("--lr-decay cannot change in a run that continues: its optimizer is saved")
+    saved = start.state or {}
+    if saved.get("phase") == 2 and saved.get("optimizer"):  # Phase II's parameter groups, saved
+        if options["lr_decay"] != saved["args"].get("lr_decay", 1):
+            parser.error("--lr-decay cannot change in Phase II: its optimizer's groups are saved")
     if options["compile"] == "off":
         options["compile"] = None
     return argparse.Namespace(**options), start
 
 
-def given_options(parser, argv):
+def preset(parser, recipe):
+    """--recipe's values: "report" sets what the others set to its defaults, Table 1's."""
+    if recipe == "report":
+        return {key: parser.get_default(key) for key in RECIPES["best"]}
+    return RECIPES[recipe]
+
+
+def given_options(argv):
     """The options written on the command line, with their values."""
-    unset = object()
+    parser, unset = get_args_parser(), object()
     parser.set_defaults(**{action.dest: unset for action in parser._actions})
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
 

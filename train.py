@@ -70,7 +70,7 @@ def main(argv=None):
     rank, local_rank, world_size = init_distributed(args.device)
     folder = RunFolder(args.out, writer=rank == 0)
     # The first process holds --out for the run: no other run writes there meanwhile.
-    with folder.claimed(start, args.overwrite, args.demo):
+    with folder.claimed(start, args):
         run = set_up(args, start, folder, rank, local_rank, world_size)
         try:
             # Algorithm 1. Phase I: fit the new head on the frozen backbone.
@@ -509,6 +509,9 @@ def average_last_epochs(run, val):
 
 
 def mark_tta(run, val):
+    if not (run.folder.path / BEST).is_file():  # resumed into another folder, no epoch better
+        log(f"--tta auto: no {run.folder.path / BEST} to mark")
+        return
     state = load_checkpoint(run.folder.path / BEST)
     net = model_from_checkpoint(state, run.device)
     plain, seen = count_correct(net, val, run.eval_preprocess, run.device, run.dtype)

@@ -51,7 +51,10 @@ def init_distributed(device_name):
 
 
 def is_main_process():
-    return not dist.is_initialized() or dist.get_rank() == 0
+    """The first process of the job; under torchrun before the process group exists, too."""
+    if not dist.is_initialized():
+        return int(os.environ.get("RANK", 0)) == 0
+    return dist.get_rank() == 0
 
 
 @contextmanager
@@ -117,7 +120,12 @@ class StopRequest:
         self.signal, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {number: signal.signal(number, self._note) for number in self.SIGNALS}
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        # As long as the process group's own: the others wait here while the first process
+        # alone averages the last epochs (train.select_result).
+        timeout = timedelta(hours=3)
+        self.group = (
+            dist.new_group(backend="gloo", timeout=timeout) if dist.is_initialized() else None
+        )
 
     def _note(self, number, frame):
         self.signal = self.signal or number

@@ -29,7 +29,11 @@ for arg in "$@"; do
 done
 
 resume=()
-[ -f "$out/last.pt" ] && resume=(--resume "$out/last.pt")
+if [ -f "$out/last.pt" ]; then
+    resume=(--resume "$out/last.pt")
+elif [ -f "$out/phase1.pt" ]; then  # killed between the end of Phase I's files
+    resume=(--resume "$out/phase1.pt")
+fi
 if [ "${NPROC:-1}" -gt 1 ]; then
     launch=(torchrun --standalone --nproc_per_node "$NPROC")
 else

@@ -196,7 +196,7 @@ def test_phase_two_continues_phase_one_and_is_not_started_twice_by_accident(tiny
     last = torch.load(out / "last.pt", weights_only=True)
     assert (last["phase"], last["epoch"], last["args"]["lr2"]) == (2, 2, 2e-3)
     assert last["args"]["data"] == tiny_args[1] and last["img_size"] == 16
-    with pytest.raises(SystemExit, match="holds this run's Phase II .* would start it again"):
+    with pytest.raises(SystemExit, match="holds this run's Phase II .* would overwrite it"):
         train.main(["--phase", "2", "--out", str(out)])
     train.main(["--phase", "2", "--out", str(out), "--optimizer2", "adamw", "--overwrite"])
     again = torch.load(out / "last.pt", weights_only=True)
@@ -218,3 +218,35 @@ def test_the_demo_run_twice_into_one_folder_replaces_the_first(tiny_args, datase
     train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0", "--overwrite"])
     with pytest.raises(SystemExit, match="holds a run"):
         train.main(demo)
+
+
+def test_the_guard_keeps_what_a_run_needs_and_sees_phase_two_without_last_pt(tiny_args, tmp_path):
+    out = tmp_path / "ck"
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
+    # --overwrite starting from the folder's own best.pt: it is read before anything is written.
+    train.main(tiny_args + ["--weights", str(out / "best.pt"), "--epochs1", "1", "--overwrite"])
+    assert (
+        "best.pt (phase" in torch.load(out / "last.pt", weights_only=True)["args"]["weights"]
+        or (out / "best.pt").is_file()
+    )
+    # Phase II has begun even when last.pt is gone: epoch002.pt is a Phase II checkpoint.
+    b = ["--epochs1", "1", "--epochs2", "1", "--keep-last", "1", "--out", str(tmp_path / "b")]
+    train.main(tiny_args + b)
+    (tmp_path / "b" / "last.pt").unlink()
+    with pytest.raises(SystemExit, match="Phase II"):
+        train.main(["--phase", "2", "--out", str(tmp_path / "b")])
+
+
+def test_a_demo_continued_elsewhere_never_replaces_a_demo_run(tiny_args, dataset, tmp_path):
+    (dataset / "answers.csv").write_text("image_name,pred_label\n")  # the demo's data, written
+    demo = tiny_args + ["--demo", "--epochs1", "1", "--epochs2", "1"]
+    train.main(demo)
+    train.main(demo[:-4] + ["--epochs1", "1", "--epochs2", "0", "--out", str(tmp_path / "other")])
+    with pytest.raises(SystemExit, match="holds a run"):  # a continuation, not a fresh demo
+        train.main(["--resume", str(tmp_path / "other" / "last.pt"), "--out", str(tmp_path / "ck")])
+
+
+def test_an_average_is_not_a_position_to_resume_from(tiny_args, tmp_path):
+    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "2", "--average-last", "2"])
+    with pytest.raises(SystemExit, match="an average of checkpoints, not a position"):
+        train.main(["--resume", str(tmp_path / "ck" / "averaged.pt"), "--epochs2", "3"])

@@ -261,7 +261,9 @@ def test_on_resume_options_given_win_and_the_split_is_redone_only_if_given_again
     assert phases("--epochs2", "9") == (1, 9, 0, 7, 0.9)  # train longer, on the same schedule
     assert phases("--epochs", "16") == (1, 15, 1, 14, 0.9)  # a new budget, split again
     assert phases("--ema", "0.99") == (1, 7, 0, 7, 0.99)
-    with pytest.raises(SystemExit):  # the optimizer's parameter groups are saved
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "optimizer": {"state": {}}}, path)  # Phase II's, with its groups
+    with pytest.raises(SystemExit):
         resolve_options(["--resume", path, "--lr-decay", "0.7"])
 
 
@@ -304,3 +306,23 @@ def test_a_fresh_run_resolves_defaults_then_demo_then_recipe_then_split_then_giv
     assert (args.epochs1, args.epochs2, args.warmup_epochs, args.cosine_epochs) == (2, 6, 0, 6)
     with pytest.raises(SystemExit, match="do not make it up"):
         resolve_options(["--epochs", "8", "--epochs1", "2", "--epochs2", "3"])
+
+
+def test_phase_two_from_phase_one_may_take_its_own_levers(tmp_path):
+    """phase1.pt holds Phase I's optimizer only: Phase II's layer-wise rates are still open,
+    --recipe best's too. Once Phase II's optimizer is saved, they are not."""
+    out = tmp_path / "ck"
+    saved_run(out, ["--phase", "1"], name=PHASE1)
+    args, _ = resolve_options(["--phase", "2", "--out", str(out), "--recipe", "best"])
+    assert (args.lr_decay, args.ema, args.p_vflip) == (0.7, 0.99, 0.0)
+    state = torch.load(out / PHASE1, weights_only=True)
+    torch.save({**state, "optimizer": {"state": {}}}, out / "last.pt")  # in Phase II
+    with pytest.raises(SystemExit):
+        resolve_options(["--resume", str(out / "last.pt"), "--lr-decay", "0.7"])
+
+
+def test_recipe_report_given_again_on_resume_turns_the_levers_off(tmp_path):
+    path = str(saved_run(tmp_path, ["--recipe", "best", "--epochs", "8"]))
+    args, _ = resolve_options(["--resume", path, "--recipe", "report", "--lr-decay", "0.7"])
+    assert (args.ema, args.p_vflip, args.average_last, args.tta) == (None, 0.3, 0, "off")
+    assert args.recipe == "report" and args.lr_decay == 0.7  # given wins over the preset

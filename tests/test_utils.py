@@ -11,3 +11,11 @@ def test_totals_over_processes_count_exactly_past_float32s_range():
     assert float(torch.tensor(big, dtype=torch.float32)) != big  # what float32 would have given
     # Apple's MPS has no float64: totals there are float32, exact up to 2**24 images.
     assert utils.totals_dtype(torch.device("mps")) == torch.float32
+
+
+def test_before_the_process_group_exists_only_the_first_process_logs(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    utils.log("once")
+    monkeypatch.setenv("RANK", "0")
+    utils.log("once")
+    assert capsys.readouterr().err == "once\n"
