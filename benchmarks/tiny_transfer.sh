@@ -185,8 +185,12 @@ if wanted report; then  # of the runs that have finished
     compare=(--compare "${runs[@]}")
     [ ${#optimizers[@]} -gt 0 ] && compare+=(--compare "${optimizers[@]}")
     [ ${#archs[@]} -gt 0 ] && compare+=(--compare "$ck/method/best.pt" "${archs[@]}")
-    $py evaluate.py --ckpt "$ck/method/best.pt" --report RESULTS.md --figures results \
-        --answers "$tgt/answers.csv" "${compare[@]}"
+    if [ -f "$ck/method/best.pt" ]; then
+        $py evaluate.py --ckpt "$ck/method/best.pt" --report RESULTS.md --figures results \
+            --answers "$tgt/answers.csv" "${compare[@]}"
+    fi
+    $py benchmarks/full_budget.py "$ck" --answers "$tgt/answers.csv" --results RESULTS.md \
+        --figures results/recipe  # the runs of recipe-8, timm-recipe and budget-16 that finished
     if [ -d "$ck/levers" ]; then
         $py benchmarks/levers.py "$ck/levers" --answers "$tgt/answers.csv" --results RESULTS.md \
             --averaging "$ck"/method-1+7-s*

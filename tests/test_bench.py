@@ -220,3 +220,45 @@ def test_the_levers_table_scores_finished_runs_and_writes_its_notes_block(
     assert findings + "EMA helps.\n" in text and "| --mixup 0.2 |" in text
     evaluate.main(["--ckpt", base, "--report", str(report), "--figures", str(tmp_path / "fig")])
     assert report.read_text() == text
+
+
+def test_the_full_budget_section_scores_each_runs_result_and_says_how_soon_it_reaches_timm(
+    dataset, tmp_path, capsys, narrow_models
+):
+    import full_budget
+
+    answers = tmp_path / "answers.csv"  # test image j shows class j % 3 (conftest)
+    classes = ("cat", "dog", "eel")
+    answers.write_text(
+        "image_name,pred_label\n" + "".join(f"img_{j:02d},{classes[j % 3]}\n" for j in range(5))
+    )
+    runs = tmp_path / "runs"
+    common = ["--data", str(dataset), *TINY_LEVERS, "--epochs", "3"]
+    for seed in (0, 1):
+        for name, extra in (("method-1+7", []), ("recipe-8", ["--recipe", "best"])):
+            out = runs / f"{name}-s{seed}"
+            train.main([*common, *extra, "--seed", str(seed), "--out", str(out)])
+            (out / "done").touch()
+        # timm's run as from_timm.py leaves it: its command and wall time in the checkpoint.
+        timm = runs / f"timm-recipe-s{seed}"
+        timm.mkdir()
+        state = torch.load(runs / f"method-1+7-s{seed}" / "best.pt", weights_only=True)
+        state |= {"command": "python timm/train.py --opt nadam", "wall_seconds": 120.0}
+        torch.save(state, timm / "best.pt")
+    train.main([*common, "--out", str(runs / "method-16")])  # not done: left out
+
+    report = tmp_path / "RESULTS.md"
+    report.write_text("# results\n")
+    args = [str(runs), "--answers", str(answers), "--results", str(report)]
+    full_budget.main(args + ["--figures", str(tmp_path / "fig")])
+    text = report.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "/5)" in line]
+    assert len(rows) == 6  # three kinds of run, two seeds; the unfinished 16-epoch run left out
+    recipe_rows = [r for r in rows if r.startswith("| --recipe best |")]
+    assert len(recipe_rows) == 2 and recipe_rows[1].endswith("--seed 1` |")
+    assert "--epochs 3 --recipe best" in recipe_rows[1]
+    assert any("timm, the recipe's levers" in r and "| 2.0 |" in r for r in rows)  # its minutes
+    assert "- `--recipe best` against timm with the same levers:" in text
+    assert "reaches timm's 8-epoch validation accuracy" in text
+    assert (tmp_path / "fig" / "fig_time_to_accuracy_8_epochs.png").is_file()
+    assert "## The recipe at the full budget" in text and "<!-- notes:full_budget -->" in text
