@@ -19,9 +19,9 @@ from conftest import TINY, make_dataset
 from narrow import narrow_get_model
 from recipe import resolve_options
 
-# Written by the code as it was before its run state was redesigned (tests/data/README.md): a run
-# with every lever that keeps state, stopped by SIGTERM two batches into Phase II.
-V1_MID_EPOCH = Path(__file__).parent / "data" / "stopped_mid_epoch_v1.pt"
+# Written by the code as it was before its run state was redesigned (tests/fixtures/README.md):
+# a run with every lever that keeps state, stopped by SIGTERM two batches into Phase II.
+V1_MID_EPOCH = Path(__file__).parent / "fixtures" / "stopped_mid_epoch_v1.pt"
 V1_OPTIONS = (
     TINY
     + (
