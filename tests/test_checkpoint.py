@@ -223,12 +223,11 @@ def test_the_demo_run_twice_into_one_folder_replaces_the_first(tiny_args, datase
 def test_the_guard_keeps_what_a_run_needs_and_sees_phase_two_without_last_pt(tiny_args, tmp_path):
     out = tmp_path / "ck"
     train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
-    # --overwrite starting from the folder's own best.pt: it is read before anything is written.
-    train.main(tiny_args + ["--weights", str(out / "best.pt"), "--epochs1", "1", "--overwrite"])
-    assert (
-        "best.pt (phase" in torch.load(out / "last.pt", weights_only=True)["args"]["weights"]
-        or (out / "best.pt").is_file()
-    )
+    # --overwrite starting from the folder's own best.pt: kept, and read before it is replaced.
+    again = ["--weights", str(out / "best.pt"), "--epochs1", "1", "--epochs2", "0", "--overwrite"]
+    train.main(tiny_args + again)
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert (last["phase"], last["epoch"], last["args"]["weights"]) == (1, 1, str(out / "best.pt"))
     # Phase II has begun even when last.pt is gone: epoch002.pt is a Phase II checkpoint.
     b = ["--epochs1", "1", "--epochs2", "1", "--keep-last", "1", "--out", str(tmp_path / "b")]
     train.main(tiny_args + b)

@@ -216,7 +216,8 @@ def test_a_second_run_into_one_folder_is_refused_and_a_killed_runs_lock_is_not(t
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])  # kill -9 left no lock behind
+    # kill -9 left no lock behind (--overwrite: the first run may have saved an epoch by then)
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0", "--overwrite"])
     assert torch.load(out / "last.pt", weights_only=True)["phase"] == 1
 
 
