@@ -31,6 +31,19 @@ def notes(name, kept):
     return f"<!-- notes:{name} -->\n{kept.get(name, '')}<!-- /notes -->"
 
 
+def write_section(report_path, name, title, text):
+    """`text` as the `name` notes block of a report's added section `title` (a prose slot,
+    `name`_findings, before it), the section appended on its first write."""
+    report = Path(report_path).read_text()
+    if f"<!-- notes:{name} -->" not in report:
+        report += "" if APPENDIX in report else "\n" + APPENDIX
+        report += f"\n## {title}\n\n{notes(name + '_findings', {})}\n\n{notes(name, {})}\n"
+    block = f"<!-- notes:{name} -->\n{text}<!-- /notes -->"
+    report = NOTES.sub(lambda m: block if m.group(1) == name else m.group(0), report)
+    with atomic_file(report_path, "w") as f:
+        f.write(report)
+
+
 def link(path, report):
     return os.path.relpath(path, Path(report).parent)
 

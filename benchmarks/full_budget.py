@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from checkpoint import best_acc, full_history, load_checkpoint  # noqa: E402
 from levers import test_accuracy  # noqa: E402
 from recipe import get_args_parser  # noqa: E402
-from report import APPENDIX, NOTES, command_of  # noqa: E402
-from utils import atomic_file  # noqa: E402
+from report import command_of, write_section  # noqa: E402
 
 SEEDS = (0, 1)
 EIGHT = [  # (row, run folder, colour in the figure)
@@ -220,27 +219,6 @@ def section(folder, answers, figures, report_path=None):
     return "\n".join(lines) + "\n"
 
 
-def write_into(report_path, text):
-    """The section as the `full_budget` notes block of a report, after a prose slot of its own."""
-    report = Path(report_path).read_text()
-    if "<!-- notes:full_budget -->" not in report:
-        report += "" if APPENDIX in report else "\n" + APPENDIX
-        report += (
-            "\n## The recipe at the full budget\n\n<!-- notes:full_budget_findings -->\n"
-            "<!-- /notes -->\n\n<!-- notes:full_budget -->\n<!-- /notes -->\n"
-        )
-    report = NOTES.sub(
-        lambda m: (
-            f"<!-- notes:full_budget -->\n{text}<!-- /notes -->"
-            if m.group(1) == "full_budget"
-            else m.group(0)
-        ),
-        report,
-    )
-    with atomic_file(report_path, "w") as f:
-        f.write(report)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -253,7 +231,7 @@ def main(argv=None):
     text = section(args.folder, args.answers, args.figures, args.results)
     print(text, end="")
     if args.results:
-        write_into(args.results, text)
+        write_section(args.results, "full_budget", "The recipe at the full budget", text)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from inference import (  # noqa: E402
 )
 from model import count_parameters  # noqa: E402
 from recipe import get_args_parser  # noqa: E402
-from report import APPENDIX, NOTES, command_of  # noqa: E402
+from report import command_of, write_section  # noqa: E402
 from utils import atomic_file, log  # noqa: E402
 
 # (row, run folder, how its last.pt is scored): test-time options for the base run.
@@ -165,23 +165,7 @@ def main(argv=None):
     text = table(args.folder, args.answers) + averaging_table(args.averaging, args.answers)
     print(text, end="")
     if args.results:
-        report = Path(args.results).read_text()
-        if "<!-- notes:levers -->" not in report:  # a section of its own, prose slot first
-            report += "" if APPENDIX in report else "\n" + APPENDIX
-            report += (
-                "\n## Accuracy levers\n\n<!-- notes:levers_findings -->\n<!-- /notes -->\n\n"
-                "<!-- notes:levers -->\n<!-- /notes -->\n"
-            )
-        report = NOTES.sub(
-            lambda m: (
-                f"<!-- notes:levers -->\n{text}<!-- /notes -->"
-                if m.group(1) == "levers"
-                else m.group(0)
-            ),
-            report,
-        )
-        with atomic_file(args.results, "w") as f:
-            f.write(report)
+        write_section(args.results, "levers", "Accuracy levers", text)
 
 
 if __name__ == "__main__":
