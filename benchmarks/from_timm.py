@@ -4,9 +4,10 @@ predict.py then score it exactly as they score ours (RESULTS.md compares the two
     python benchmarks/from_timm.py TIMM_OUTPUT --data DATA --out checkpoints/timm/best.pt \\
         --command "python train.py ..." --wall-seconds 1234
 
-TIMM_OUTPUT is the folder timm's train.py wrote: model_best.pth.tar (its best epoch by top-1,
-with torchvision's key names for a ResNet; with --model-ema, the epoch and weights of the moving
-average, which timm then validates), summary.csv (one row per epoch) and args.yaml. DATA is the
+TIMM_OUTPUT is the folder timm's train.py wrote: summary.csv (one row per epoch; with
+--model-ema, the moving average's validation), the best epoch's checkpoint-N.pth.tar (else
+model_best.pth.tar), with torchvision's key names for a ResNet (with --model-ema, the moving
+average's weights are taken) and args.yaml. DATA is the
 dataset it trained on: its train/ folder gives the class order. timm orders class folders by a
 natural sort; the head's rows are put into this project's order (numeric when every name is an
 integer, else lexicographic).
@@ -35,8 +36,8 @@ def natural_key(name):
 
 def summary_rows(timm_output):
     """An epoch's row, the last of its rows where a resumed run trained it again."""
-    with open(Path(timm_output) / "summary.csv", newline="") as f:
-        rows = {r["epoch"]: r for r in csv.DictReader(f)}
+    with open(Path(timm_output) / "summary.csv", newline="") as f:  # a resumed run repeats
+        rows = {r["epoch"]: r for r in csv.DictReader(f) if r["epoch"] != "epoch"}  # the header
     return sorted(rows.values(), key=lambda r: int(r["epoch"]))
 
 
@@ -63,9 +64,17 @@ def history_of(timm_output, wall_seconds):
 
 def convert(timm_output, data, command, wall_seconds):
     timm_output = Path(timm_output)
-    best_path = timm_output / "model_best.pth.tar"
+    history = history_of(timm_output, wall_seconds)
+    best = max(range(len(history)), key=lambda i: history[i]["val_acc"])
+    # The best epoch's own checkpoint: a resumed timm run's model_best.pth.tar is the best of the
+    # epochs after the resume only.
+    best_path = timm_output / f"checkpoint-{best}.pth.tar"
+    if not best_path.is_file():
+        best_path = timm_output / "model_best.pth.tar"
     with torch.serialization.safe_globals([argparse.Namespace]):  # timm saves its arguments so
         saved = torch.load(best_path, map_location="cpu", weights_only=True)
+    if saved["epoch"] != best:
+        raise SystemExit(f"{best_path} holds epoch {saved['epoch']}; summary.csv's best is {best}")
     timm_args = vars(saved["args"])
     classes = find_classes(Path(data) / "train")
     timm_order = sorted(classes, key=natural_key)
@@ -73,9 +82,7 @@ def convert(timm_output, data, command, wall_seconds):
     # With --model-ema, timm validates the moving average and picks its best epoch by it.
     state = dict(saved.get("state_dict_ema") or saved["state_dict"])
     state["fc.weight"], state["fc.bias"] = state["fc.weight"][rows], state["fc.bias"][rows]
-    history = history_of(timm_output, wall_seconds)
     size = timm_args.get("img_size") or (timm_args.get("input_size") or [3, 224, 224])[-1]
-    best = max(range(len(history)), key=lambda i: history[i]["val_acc"])
     about = dict(arch=saved["arch"], classes=classes, img_size=size, data=str(data))
     about |= dict(
         mean=list(timm_args.get("mean") or IMAGENET_MEAN),

@@ -85,8 +85,8 @@ s = torch.load('$ck/source/best.pt', weights_only=True); torch.save(s['model'], 
                --output "$ck/timm-output" --experiment "$name" "$@")
     local out="$ck/timm-output/$name" resume=()
     [ -f "$out/last.pth.tar" ] && resume=(--resume "$out/last.pth.tar")
-    epochs() {  # that timm's summary.csv records
-        [ -f "$out/summary.csv" ] && echo $(( $(wc -l < "$out/summary.csv") - 1 )) || echo 0
+    epochs() {  # that timm's summary.csv records (a resumed run writes its header again)
+        [ -f "$out/summary.csv" ] && grep -c '^[0-9]' "$out/summary.csv" || echo 0
     }
     local before after start
     before=$(epochs) start=$(date +%s)

@@ -123,7 +123,8 @@ def test_a_timm_run_becomes_a_checkpoint_with_the_head_in_this_projects_class_or
     (timm_output / "summary.csv").write_text(
         "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n"
         "0,2.0,1.9,40.0,90.0,0.01\n1,1.9,1.8,50.0,93.0,0.005\n"  # then stopped before saving
-        "1,1.5,1.4,60.0,95.0,0.005\n2,1.2,1.3,55.0,96.0,0.001\n"  # resumed: epoch 1 again
+        "epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n"  # resumed: the header again
+        "1,1.5,1.4,60.0,95.0,0.005\n2,1.2,1.3,55.0,96.0,0.001\n"  # and epoch 1 again
     )
     from_timm.main(
         [
@@ -153,6 +154,18 @@ def test_a_timm_run_becomes_a_checkpoint_with_the_head_in_this_projects_class_or
     converted = torch.load(tmp_path / "ema.pt", weights_only=True)["model"]
     assert torch.equal(converted["conv1.weight"], ema["conv1.weight"])
     assert torch.equal(converted["fc.weight"], ema["fc.weight"][[1, 0, 2]])
+
+    # A run resumed after its best epoch: model_best.pth.tar is the best epoch since the resume;
+    # the best epoch's own checkpoint is taken.
+    later = M.build_model("resnet18", 3, "none").state_dict()
+    torch.save({**state, "state_dict": later, "epoch": 2}, timm_output / "model_best.pth.tar")
+    torch.save(state, timm_output / "checkpoint-1.pth.tar")
+    from_timm.main([str(timm_output), "--data", str(data), "--out", str(tmp_path / "again.pt")])
+    converted = torch.load(tmp_path / "again.pt", weights_only=True)["model"]
+    assert torch.equal(converted["conv1.weight"], net.state_dict()["conv1.weight"])
+    (timm_output / "checkpoint-1.pth.tar").unlink()
+    with pytest.raises(SystemExit, match="holds epoch 2; summary.csv's best is 1"):
+        from_timm.main([str(timm_output), "--data", str(data), "--out", str(tmp_path / "x.pt")])
 
 
 def test_the_levers_table_scores_finished_runs_and_writes_its_notes_block(
