@@ -77,9 +77,18 @@ def describe(folder, answers, defaults):
         "minutes": minutes,
         "epochs": len(history),
         "command": command_of(state, defaults),
-        "result": "average" if state.get("averaged") else state.get("eval_weights", "model"),
+        "result": result_of(state),
         "tta": bool(state.get("tta")),
     }
+
+
+def result_of(state):
+    """Which weights the run submits: the average, the moving average or the weights."""
+    if state.get("averaged"):
+        return "average"
+    if state.get("wall_seconds") and "--model-ema" in state.get("command", ""):
+        return "ema"  # timm's: from_timm.py converted its moving average
+    return state.get("eval_weights", "model")
 
 
 def row(label, seed, run):
