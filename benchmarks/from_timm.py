@@ -5,12 +5,11 @@ predict.py then score it exactly as they score ours (RESULTS.md compares the two
         --command "python train.py ..." --wall-seconds 1234
 
 TIMM_OUTPUT is the folder timm's train.py wrote: summary.csv (one row per epoch; with
---model-ema, the moving average's validation), the best epoch's checkpoint-N.pth.tar (else
+--model-ema, the moving average's validation) and the best epoch's checkpoint-N.pth.tar (else
 model_best.pth.tar), with torchvision's key names for a ResNet (with --model-ema, the moving
-average's weights are taken) and args.yaml. DATA is the
-dataset it trained on: its train/ folder gives the class order. timm orders class folders by a
-natural sort; the head's rows are put into this project's order (numeric when every name is an
-integer, else lexicographic).
+average's weights are taken). DATA is the dataset it trained on: its train/ folder gives the
+class order. timm orders class folders by a natural sort; the head's rows are put into this
+project's order (numeric when every name is an integer, else lexicographic).
 """
 
 import argparse

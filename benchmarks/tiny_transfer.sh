@@ -86,7 +86,7 @@ s = torch.load('$ck/source/best.pt', weights_only=True); torch.save(s['model'], 
     local out="$ck/timm-output/$name" resume=()
     [ -f "$out/last.pth.tar" ] && resume=(--resume "$out/last.pth.tar")
     epochs() {  # that timm's summary.csv records (a resumed run writes its header again)
-        [ -f "$out/summary.csv" ] && grep -c '^[0-9]' "$out/summary.csv" || echo 0
+        if [ -f "$out/summary.csv" ]; then grep -c '^[0-9]' "$out/summary.csv" || true; else echo 0; fi
     }
     local before after start
     before=$(epochs) start=$(date +%s)
