@@ -6,10 +6,11 @@ predict.py then score it exactly as they score ours (RESULTS.md compares the two
 
 TIMM_OUTPUT is the folder timm's train.py wrote: summary.csv (one row per epoch; with
 --model-ema, the moving average's validation) and the best epoch's checkpoint-N.pth.tar (else
-model_best.pth.tar), with torchvision's key names for a ResNet (with --model-ema, the moving
-average's weights are taken). DATA is the dataset it trained on: its train/ folder gives the
-class order. timm orders class folders by a natural sort; the head's rows are put into this
-project's order (numeric when every name is an integer, else lexicographic).
+model_best.pth.tar), with torchvision's key names for a ResNet (with --model-ema, its moving
+average as well, which evaluate.py and predict.py then use). DATA is the dataset it trained on:
+its train/ folder gives the class order. timm orders class folders by a natural sort; the head's
+rows are put into this project's order (numeric when every name is an integer, else
+lexicographic).
 """
 
 import argparse
@@ -78,9 +79,18 @@ def convert(timm_output, data, command, wall_seconds):
     classes = find_classes(Path(data) / "train")
     timm_order = sorted(classes, key=natural_key)
     rows = torch.tensor([timm_order.index(c) for c in classes])  # our class i is timm's rows[i]
-    # With --model-ema, timm validates the moving average and picks its best epoch by it.
-    state = dict(saved.get("state_dict_ema") or saved["state_dict"])
-    state["fc.weight"], state["fc.bias"] = state["fc.weight"][rows], state["fc.bias"][rows]
+
+    def ours(weights):  # the head's rows in this project's class order
+        weights = dict(weights)
+        weights["fc.weight"], weights["fc.bias"] = (
+            weights["fc.weight"][rows],
+            weights["fc.bias"][rows],
+        )
+        return weights
+
+    # With --model-ema, timm validates the moving average and picks its best epoch by it: the
+    # checkpoint holds both, as ours do, marked to be evaluated with the average.
+    ema = {"model": ours(saved["state_dict_ema"])} if saved.get("state_dict_ema") else None
     size = timm_args.get("img_size") or (timm_args.get("input_size") or [3, 224, 224])[-1]
     about = dict(arch=saved["arch"], classes=classes, img_size=size, data=str(data))
     about |= dict(
@@ -90,13 +100,14 @@ def convert(timm_output, data, command, wall_seconds):
     args = {"optimizer2": f"timm {timm_args['opt']}", "amp": "off", "seed": timm_args["seed"]}
     device = "cpu" if timm_args.get("device") == "cpu" else "cuda"
     state = make_checkpoint(
-        state,
+        ours(saved["state_dict"]),
         about,
         args,
         history[: best + 1],  # history.csv beside it holds every epoch
         2,
         best + 1,
-        training={"device": device},
+        ema=ema,
+        training={"device": device, "eval_weights": "ema" if ema else "model"},
         command=command,
         wall_seconds=wall_seconds,
     )

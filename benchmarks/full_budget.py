@@ -86,8 +86,6 @@ def result_of(state):
     """Which weights the run submits: the average, the moving average or the weights."""
     if state.get("averaged"):
         return "average"
-    if state.get("wall_seconds") and "--model-ema" in state.get("command", ""):
-        return "ema"  # timm's: from_timm.py converted its moving average
     return state.get("eval_weights", "model")
 
 

@@ -151,7 +151,7 @@ def test_a_timm_run_becomes_a_checkpoint_with_the_head_in_this_projects_class_or
     ema = M.build_model("resnet18", 3, "none").state_dict()
     torch.save({**state, "state_dict_ema": ema}, timm_output / "model_best.pth.tar")
     from_timm.main([str(timm_output), "--data", str(data), "--out", str(tmp_path / "ema.pt")])
-    converted = torch.load(tmp_path / "ema.pt", weights_only=True)["model"]
+    converted = M.inference_weights(torch.load(tmp_path / "ema.pt", weights_only=True))
     assert torch.equal(converted["conv1.weight"], ema["conv1.weight"])
     assert torch.equal(converted["fc.weight"], ema["fc.weight"][[1, 0, 2]])
 
@@ -161,7 +161,7 @@ def test_a_timm_run_becomes_a_checkpoint_with_the_head_in_this_projects_class_or
     torch.save({**state, "state_dict": later, "epoch": 2}, timm_output / "model_best.pth.tar")
     torch.save(state, timm_output / "checkpoint-1.pth.tar")
     from_timm.main([str(timm_output), "--data", str(data), "--out", str(tmp_path / "again.pt")])
-    converted = torch.load(tmp_path / "again.pt", weights_only=True)["model"]
+    converted = M.inference_weights(torch.load(tmp_path / "again.pt", weights_only=True))
     assert torch.equal(converted["conv1.weight"], net.state_dict()["conv1.weight"])
     (timm_output / "checkpoint-1.pth.tar").unlink()
     with pytest.raises(SystemExit, match="holds epoch 2; summary.csv's best is 1"):
@@ -257,6 +257,7 @@ def test_the_full_budget_section_scores_each_runs_result_and_says_how_soon_it_re
         timm.mkdir()
         state = torch.load(runs / f"method-1+7-s{seed}" / "best.pt", weights_only=True)
         state |= {"command": "python timm/train.py --model-ema", "wall_seconds": 120.0}
+        state |= {"ema": {"model": state["model"]}, "eval_weights": "ema"}  # as from_timm.py
         torch.save(state, timm / "best.pt")
     train.main([*common, "--out", str(runs / "method-16")])  # not done: left out
 
