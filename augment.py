@@ -64,10 +64,14 @@ class DeviceAugment(torch.nn.Module):
         self.reseed(seed)
 
     @classmethod
+    def option_names(cls):
+        """train.py's options that describe it: each names a parameter here."""
+        return tuple(n for n in inspect.signature(cls).parameters if n != "seed")
+
+    @classmethod
     def from_args(cls, args):
-        """The augmentation train.py's options describe: each option names a parameter here."""
-        names = [n for n in inspect.signature(cls).parameters if n != "seed"]
-        return cls(**{name: getattr(args, name) for name in names})
+        """The augmentation train.py's options describe."""
+        return cls(**{name: getattr(args, name) for name in cls.option_names()})
 
     def reseed(self, *parts):
         """Start the parameter draws anew from integers: training reseeds each epoch from (seed,

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from augment import BatchPreprocess
 from checkpoint import averaged_checkpoint, load_checkpoint, save_checkpoint
-from data import load_splits, make_loader
-from inference import averaged_model
+from data import cache_splits, find_dataset, trained_data_root
+from inference import averaged_model, bn_loader
 from model import count_parameters
 from utils import log, pick_device
 
@@ -49,23 +49,17 @@ def main(argv=None):
     device = pick_device(args.device)
     saved, loader = last["args"], None
     if not args.no_bn_update:
-        splits = load_splits(
-            args.data or last["data"],
+        root = trained_data_root(args.data, last)
+        splits = cache_splits(
+            find_dataset(root, classes=last["classes"]),
             last["img_size"],
-            saved.get("cache_dir"),
-            4,
-            saved.get("val_fraction", 0.1),
-            saved.get("seed", 0),
+            cache_dir=saved.get("cache_dir"),
+            val_fraction=saved.get("val_fraction", 0.1),
+            seed=saved.get("seed", 0),
         )
         # Shuffled, as training's: batches of one class each would leave the spread between the
         # classes out of the variances.
-        loader = make_loader(
-            splits.train,
-            args.batch_size,
-            True,
-            saved.get("seed", 0),
-            pin_memory=device.type == "cuda",
-        )
+        loader = bn_loader(splits.train, args.batch_size, saved.get("seed", 0), device)
     preprocess = BatchPreprocess(last["mean"], last["std"]).to(device)
     model = averaged_model(states, device, loader, preprocess)
     save_checkpoint(averaged_checkpoint(last, model.state_dict(), paths), args.out)

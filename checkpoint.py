@@ -4,9 +4,11 @@ and where a run continues from one.
 
 A checkpoint loads with torch.load(path, weights_only=True): tensors, numbers, strings, lists and
 dicts only. Its keys: `model` (the state dict), `arch`, `classes`, `img_size`, `mean`, `std`,
-`data` (what the weights are and how to feed them), `args` (the run's resolved options), `phase`
-and `epoch` (the epochs of that phase done), `history` (one record per epoch), `optimizer`,
-`scheduler`, `scaler`, `rng` (one per process), `world_size`, `device` (what resuming needs),
+`data` (what the weights are and how to feed them; `data` is the dataset's absolute path),
+`args` (the run's resolved options), `phase` and `epoch` (the epochs of that phase done),
+`history` (one record per epoch), `optimizer`, `scheduler` (None: the learning rate is a
+function of the options and the epoch), `scaler`, `rng` (one per process), `world_size`,
+`device` (what resuming needs),
 `ema` (the weights' moving average, or None) and `eval_weights` (`model` or `ema`: the one that
 validated better); `step` and `progress` when saved mid-epoch; `averaged` and `val_acc` for an
 average of checkpoints; `tta` (whether test-time flips validated better) once --tta auto has
@@ -21,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from model import Weights, load_weights, strip_prefixes
-from utils import atomic_file, exclusive, gather_from_processes, log, rng_state, set_rng_state
+from model import Weights, load_weights, optimizer_order, parameter_names
+from utils import atomic_file, exclusive, log, set_rng_state
 
 CHECKPOINT_DIR = "checkpoints"  # where a bare name such as best.pt is looked up
 LAST, BEST, PHASE1, AVERAGED = "last.pt", "best.pt", "phase1.pt", "averaged.pt"
@@ -77,29 +79,6 @@ def make_checkpoint(model, about, args, history, phase, epoch, ema=None, trainin
     }
 
 
-def run_checkpoint(run, phase, epoch, **extra):
-    """A training run's checkpoint after `epoch` epochs of `phase` (train.Run, recipe.Phase).
-    A collective under torchrun: every process calls it (it gathers each one's random state)."""
-    args, last = run.args, run.history[-1] if run.history else {"val_acc": 0.0}
-    about = dict(arch=args.arch, classes=run.splits.classes, img_size=args.img_size)
-    about |= dict(mean=list(args.mean), std=list(args.std), data=args.data)
-    training = {
-        "optimizer": phase.optimizer.state_dict(),
-        "scheduler": phase.scheduler.state_dict() if phase.scheduler else None,
-        "scaler": phase.scaler.state_dict(),
-        "rng": gather_from_processes(rng_state()),  # one state per process
-        "world_size": run.world_size,
-        "device": run.device.type,
-        # The weights evaluate.py and predict.py use: the moving average where it was better.
-        "eval_weights": "ema" if best_acc(last) > last["val_acc"] else "model",
-    }
-    weights = {strip_prefixes(k): v for k, v in run.model.state_dict().items()}
-    ema = run.ema.state_dict() if run.ema else None
-    return make_checkpoint(
-        weights, about, vars(args), run.history, phase.number, epoch, ema, training, **extra
-    )
-
-
 def averaged_checkpoint(last, weights, sources, val_acc=None):
     """The checkpoint of an average of `sources` (paths): the last one's run record with the
     averaged `weights` (on the CPU), no moving average and nothing to resume from."""
@@ -148,7 +127,7 @@ def files_for_epoch(history, phase, epoch, phase_epochs, is_best, args):
         names.insert(0, PHASE1)
     if is_best:
         names.append(BEST)
-    if phase == 2 and epoch % args.save_every == 0:
+    if phase == 2 and args.save_every and epoch % args.save_every == 0:  # 0: none
         acc = history[-1]["val_acc"]
         if acc >= args.save_min_acc:
             names.append(periodic_file(epoch))
@@ -265,56 +244,68 @@ class RunFolder:
     def __init__(self, path, writer=True):
         self.path, self.writer = Path(path), writer
         self.unwritten = {}  # file name: why its last write failed
+        self.replaced = []  # the files of the run this one replaces, deleted at its first save
+        self.written = False
 
     @contextmanager
-    def claimed(self, start, args):
+    def claimed(self, resume, args):
         """The folder, held for the block. Refused if another run holds it, or if it holds a run
-        that this one does not continue, unless --overwrite (or a fresh --demo run replacing a
-        demo run: the README's first command works every time)."""
+        that this one does not continue, unless --overwrite (or the run it holds is the demo's:
+        a throwaway that any fresh run replaces). Nothing of a replaced run is deleted before
+        this one writes its first file, and a run that fails before that leaves no trace: no
+        folder it made, no lock."""
         if not self.writer:
             yield self
             return
-        with exclusive(self.path / LOCK, f"--out {self.path}"):
-            self.guard(start, args.overwrite, args.demo and start.state is None, args.weights)
-            self.remove(PREEMPTED)
-            yield self
+        made = not self.path.exists()
+        try:
+            with exclusive(self.path / LOCK, f"--out {self.path}"):
+                self.guard(resume, args.overwrite, resume.state is None, args.weights)
+                self.remove(PREEMPTED)
+                yield self
+        finally:
+            if not self.written and not self.held():
+                (self.path / LOCK).unlink(missing_ok=True)
+                if made and not any(self.path.iterdir()):
+                    self.path.rmdir()
 
     def held(self):
         """The run files in the folder, by name."""
         return sorted({p.name for pattern in RUN_FILES for p in self.path.glob(pattern)})
 
-    def guard(self, start, overwrite, fresh_demo, weights):
+    def guard(self, resume, overwrite, fresh, weights):
         held = self.held()
-        keep = [PHASE1] if start.from_phase1_in(self.path) else []
+        keep = [PHASE1] if resume.from_phase1_in(self.path) else []
         last = peek(self.path / LAST) if LAST in held else None
         checkpoints = [name for name in held if name.endswith(".pt") and name not in keep]
         # Phase II from phase1.pt: refused once any other checkpoint is past Phase I.
         phase2_begun = keep and any(
             (peek(self.path / name) or {"phase": 2})["phase"] != 1 for name in checkpoints
         )
-        if not checkpoints or (start.continues_in(self.path) and not phase2_begun):
+        if not checkpoints or (resume.continues_in(self.path) and not phase2_begun):
             return  # nothing to lose (a history.csv alone, at most), or the run goes on
-        demo_run = fresh_demo and last is not None and last["args"].get("demo")
+        demo_run = fresh and last is not None and last["args"].get("demo")
         if not (overwrite or demo_run):
             raise SystemExit(self.refusal(held, last, phase2_begun))
         if Path(weights).is_file() and Path(weights).resolve().parent == self.path.resolve():
             keep.append(Path(weights).name)  # the weights the run starts from: read first
-        gone = [name for name in held if name not in keep]
-        for name in gone:
-            (self.path / name).unlink()
-        why = "--overwrite" if overwrite else "--demo (replacing a demo run)"
-        log(f"{why}: deleted {', '.join(gone)} from {self.path}")
+        self.replaced = [name for name in held if name not in keep]
+        self.why_replaced = "--overwrite" if overwrite else "replacing the demo's run"
+        log(
+            f"{self.why_replaced}: {', '.join(self.replaced)} in {self.path} will be deleted "
+            "when this run saves its first file"
+        )
 
     def refusal(self, held, last, phase2_begun):
         where = f" (last.pt: phase {last['phase']} epoch {last['epoch']})" if last else ""
         if phase2_begun:
             what = f"{self.path} holds this run's Phase II{where}: starting from phase1.pt again "
             what += "would overwrite it"
-            over = "start Phase II over:   --overwrite (deletes every file but phase1.pt)"
+            over = "start Phase II over:   --overwrite (then deletes every file but phase1.pt)"
         else:
             what = f"--out {self.path} holds a run{where}: {', '.join(held)}; a fresh run would "
             what += "overwrite it"
-            over = "start over there:      --overwrite (deletes those files first)"
+            over = "start over there:      --overwrite (deletes them when the new run first saves)"
         ways = [f"continue it:           python train.py --resume {self.path / LAST}"] * bool(last)
         ways += ["train somewhere else:  --out ANOTHER_FOLDER"] * (not phase2_begun) + [over]
         return f"{what}. Either\n" + "\n".join(f"  {way}" for way in ways)
@@ -327,6 +318,8 @@ class RunFolder:
         whether every file was written. history.csv comes first: a run killed between the two
         writes holds a history.csv one epoch ahead of last.pt, which the resumed run writes
         again, never one behind that no later save would mend."""
+        self.delete_replaced()
+        self.written = True
         failed = {}
         try:
             write_history_csv(history, self.path / HISTORY)
@@ -345,6 +338,14 @@ class RunFolder:
                 raise SystemExit(message)
             log(f"warning: {message}. Training goes on and tries again at its next save.")
         return not failed
+
+    def delete_replaced(self):
+        """The replaced run's files, once this run is about to write its own."""
+        for name in self.replaced:
+            (self.path / name).unlink(missing_ok=True)
+        if self.replaced:
+            log(f"{self.why_replaced}: deleted {', '.join(self.replaced)} from {self.path}")
+        self.replaced = []
 
     def remove(self, name):
         (self.path / name).unlink(missing_ok=True)
@@ -392,11 +393,6 @@ class Resume:
         """The saved weights, their moving average and each process's global random state."""
         if self.state is None:
             return
-        if self.state.get("averaged"):
-            raise SystemExit(
-                f"{self.path} is an average of checkpoints, not a position in a run: resume "
-                "from the run's last.pt, or start a run from it with --weights"
-            )
         if list(self.state["classes"]) != list(classes):
             raise SystemExit(
                 f"the checkpoint was trained on other classes than the {len(classes)} found in the "
@@ -418,11 +414,11 @@ class Resume:
                 f"this run has {world_size}: its global random generators start from --seed"
             )
 
-    def position(self, phase, batching, rank, world_size):
+    def position(self, phase, rank, world_size):
         """Where `phase` goes on: (its epochs done, batches done of the next one, their record).
         All of a phase the run has passed is done; a run stopped mid-epoch (a signal, or
-        --save-every-steps) goes on at its next batch, with the same (--batch-size,
-        --accum-steps) `batching` and as many processes."""
+        --save-every-steps) goes on at its next batch, with as many processes (and the same
+        --batch-size and --accum-steps: recipe.CONTINUING)."""
         if self.state is None or phase > self.state["phase"]:
             return 0, 0, None
         if phase < self.state["phase"]:
@@ -433,31 +429,39 @@ class Resume:
                 f"{self.path} stopped mid-epoch with {len(progress)} process(es): resume it with "
                 f"as many (this run has {world_size})"
             )
-        saved = self.state["args"]
-        if step and (saved["batch_size"], saved["accum_steps"]) != tuple(batching):
-            raise SystemExit(
-                f"{self.path} stopped mid-epoch with --batch-size {saved['batch_size']} "
-                f"--accum-steps {saved['accum_steps']}: resume it with the same"
-            )
         return self.state["epoch"], step, progress[rank] if step else None
 
-    def restore_phase(self, phase):
-        """The optimizer, schedule and grad scaler of a run stopped inside `phase`."""
-        if self.state is None or self.state["phase"] != phase.number or not self.state["optimizer"]:
+    def restore_phase(self, phase, model):
+        """The optimizer and grad scaler of a run stopped inside `phase`. The optimizer's state
+        is each parameter's (its moments, its step count), matched by name, so that another
+        --lr-decay (other parameter groups) takes the same state; its learning rates and weight
+        decay are the options' (recipe.Phase.set_epoch). A scaler is restored only where this
+        run scales fp16 losses and the saved run did too."""
+        state = self.state
+        if state is None or state["phase"] != phase.number or not state["optimizer"]:
             return
-        load_optimizer_state(phase.optimizer, self.state["optimizer"])
-        if phase.scheduler is not None:
-            phase.scheduler.load_state_dict(self.state["scheduler"])
-        if self.state["scaler"]:  # empty when the run was saved without fp16 (CPU, bf16, off)
-            phase.scaler.load_state_dict(self.state["scaler"])
+        saved_decay = state["args"].get("lr_decay", 1.0)
+        saved_order = optimizer_order(model, phase.number, saved_decay)
+        load_optimizer_state(
+            phase.optimizer,
+            state["optimizer"],
+            parameter_names(model, phase.optimizer),
+            saved_order,
+        )
+        if state["scaler"] and phase.scaler.is_enabled():  # empty when saved without fp16
+            phase.scaler.load_state_dict(state["scaler"])
 
 
-def load_optimizer_state(optimizer, state):
+def load_optimizer_state(optimizer, state, names=None, saved_names=None):
     """A checkpoint's optimizer state, made right for this optimizer (built by make_optimizer for
-    this device) whichever device saved it. load_state_dict would bring the saving run's fused and
-    capturable settings along, and would move NAdam's step counts and momentum products to the
-    device, where PyTorch reads them back at every step (a host sync each): they belong there
-    only for a fused or capturable step."""
+    this device) whichever device saved it. `names` and `saved_names`: the parameters' names in
+    this optimizer's order and in the saved one's; where they differ (other parameter groups),
+    each parameter's state is moved to its place here, and the groups are this optimizer's.
+    load_state_dict would bring the saving run's fused and capturable settings along, and would
+    move NAdam's step counts and momentum products to the device, where PyTorch reads them back
+    at every step (a host sync each): they belong there only for a fused or capturable step."""
+    if names is not None and names != saved_names:
+        state = regrouped(optimizer, state, names, saved_names)
     built = {
         key: optimizer.defaults[key] for key in ("fused", "capturable") if key in optimizer.defaults
     }
@@ -473,3 +477,19 @@ def load_optimizer_state(optimizer, state):
                     param_state[key] = (
                         value.to(param.device, torch.float32) if on_device else value.cpu()
                     )
+
+
+def regrouped(optimizer, state, names, saved_names):
+    """`state` (saved with its parameters in the order `saved_names`) as this optimizer's state
+    dict, whose parameters are `names` in its own groups."""
+    if sorted(names) != sorted(saved_names):
+        raise SystemExit("the checkpoint's optimizer holds other parameters than this phase trains")
+    saved_index = {name: i for i, name in enumerate(saved_names)}
+    template = optimizer.state_dict()
+    indices = [i for group in template["param_groups"] for i in group["params"]]
+    per_param = {
+        index: state["state"][saved_index[name]]
+        for index, name in zip(indices, names, strict=True)
+        if saved_index[name] in state["state"]
+    }
+    return {"state": per_param, "param_groups": template["param_groups"]}

@@ -120,7 +120,8 @@ def load_image(path, size):
     """The deterministic preprocessing: EXIF orientation, RGB, centre square crop, bilinear
     antialiased resize to size x size. Returns a uint8 array of shape (size, size, 3)."""
     with Image.open(path) as img:
-        img = to_rgb(ImageOps.exif_transpose(img))
+        bits = png_significant_bits(path) if img.mode.startswith("I;16") else None
+        img = to_rgb(ImageOps.exif_transpose(img), bits)
         w, h = img.size
         s = min(w, h)
         left, top = (w - s) // 2, (h - s) // 2
@@ -130,16 +131,34 @@ def load_image(path, size):
         return np.asarray(img, dtype=np.uint8)
 
 
-def to_rgb(img):
-    """RGB of any mode Pillow opens. 16- and 32-bit greyscale is scaled to 8 bits first (convert
-    would clip it to white); transparent modes keep their colours, as torchvision's loader does."""
+def to_rgb(img, significant_bits=None):
+    """RGB of any mode Pillow opens. 16-bit greyscale is scaled to 8 bits by its container's range
+    (or the significant bits its PNG declares, 12 for a 12-bit image), the same for every image:
+    a dim image stays dim beside a bright one. (convert would clip it to white.) Transparent modes
+    keep their colours, as torchvision's loader does."""
     if img.mode.startswith("I"):
-        pixels = np.asarray(img).astype(np.float64)
-        scale = 255 / 65535 if pixels.max() > 255 else 1.0
-        img = Image.fromarray((pixels * scale).round().clip(0, 255).astype(np.uint8))
+        bits = significant_bits or (16 if img.mode.startswith("I;16") else 32)
+        pixels = np.asarray(img).astype(np.float64) * (255 / (2**bits - 1))
+        img = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # direct P -> RGB warns about the transparency it drops
     return img.convert("RGB")
+
+
+def png_significant_bits(path):
+    """The bits a PNG's sBIT chunk says its grey samples carry (a 12-bit image in a 16-bit PNG
+    says 12), or None. Pillow reads the chunk but does not expose it."""
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        while header := f.read(8):
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind == b"sBIT":
+                return f.read(length)[0] or None
+            if kind in (b"IDAT", b"IEND") or len(header) < 8:
+                return None
+            f.seek(length + 4, 1)  # the chunk and its CRC
+    return None
 
 
 def _load_or_reason(path, size):
@@ -147,6 +166,11 @@ def _load_or_reason(path, size):
         return load_image(path, size), None
     except Exception as e:  # any decoder failure: the caller names the file and goes on
         return None, f"{type(e).__name__}: {e}"
+
+
+def why_unreadable(path):
+    """Why the preprocessing cannot read the image at `path`, or None if it can."""
+    return _load_or_reason(path, 8)[1]
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -291,6 +315,10 @@ class CachedImages(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
+    def subset(self, rows):
+        """The images at `rows` of this one."""
+        return CachedImages(self.cache, self.labels, self.indices[np.asarray(rows, dtype=np.int64)])
+
     def __getitem__(self, batch):
         if self._pixels is None:
             self._pixels = self.cache.open()
@@ -344,64 +372,149 @@ def set_epoch(loader, epoch, start=0):
     loader.sampler.start = start
 
 
+# ----------------------------------------------------------------------------- the dataset
+
+
 @dataclass
-class Splits:
+class Listed:
+    """A folder's labelled images, listed and checked, none decoded yet."""
+
+    folder: Path
+    files: list  # relative to the folder
+    labels: np.ndarray  # the class index of each file
+
+
+@dataclass
+class DatasetFiles:
+    """What a dataset root holds for training, found before anything is decoded or written."""
+
+    root: Path
     classes: list
-    train: CachedImages
-    val: CachedImages
-    skipped: int  # unreadable images left out of train and val
+    train: Listed
+    val: Listed | None  # None: held out of train by --val-fraction and --seed
+    layout: str  # how the root was read, in words
 
 
-def load_splits(data_dir, size, cache_dir=None, threads=0, val_fraction=0.1, seed=0):
-    """train/ and val/ of a dataset root, cached (without val/: a stratified split of train/)."""
-    data_dir = Path(data_dir)
-    classes = find_classes(data_dir / "train")
-    train_cache = cache_split(data_dir, "train", classes, size, cache_dir, threads)
-    if len(train_cache) == 0:
-        raise SystemExit(f"{data_dir / 'train'} holds no readable images")
-    if (data_dir / "val").is_dir():
-        val_cache = cache_split(data_dir, "val", classes, size, cache_dir, threads)
-        train, val = labelled(train_cache, classes), labelled(val_cache, classes)
-        skipped = len(train_cache.skipped) + len(val_cache.skipped)
-    else:
-        train, val = split_train(train_cache, classes, val_fraction, seed)
-        skipped = len(train_cache.skipped)
-    return Splits(classes, train, val, skipped)
+def find_dataset(root, classes=None):
+    """The training and validation images of a dataset root, listed and checked:
+    <root>/train/<class>/<image>, and <root>/val/<class>/<image> if there is a val/. `classes`:
+    the class list to label with (a checkpoint's), instead of train/'s folders."""
+    root = Path(root)
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise SystemExit(
+            f"no training data at {train_dir}.\n"
+            f"Point --data at a dataset root laid out as <root>/train/<class>/<image> (val/ and "
+            f"test/ beside it are optional), or try the whole pipeline with: python train.py --demo"
+        )
+    classes = list(classes) if classes is not None else find_classes(train_dir)
+    train = listed_folders(train_dir, classes)
+    if not train.files:
+        raise SystemExit(f"{train_dir} holds no images in its class folders")
+    val_dir = root / "val"
+    if not val_dir.is_dir():
+        return DatasetFiles(root, classes, train, None, "train/ class folders, val held out")
+    val = listed_folders(val_dir, classes)
+    if not val.files:
+        flat = list_images(val_dir)
+        raise SystemExit(
+            f"{val_dir} holds no images in class folders (expected {val_dir}/<class>/<image>)"
+            + (f"; it holds {len(flat)} images directly" if flat else "")
+            + f". Put them in class folders, or remove {val_dir} to hold out --val-fraction of "
+            "train/ instead"
+        )
+    return DatasetFiles(root, classes, train, val, "train/ and val/ class folders")
 
 
-def load_val(data_dir, classes, size, cache_dir=None, threads=0, val_fraction=0.1, seed=0):
-    """The validation split exactly as training saw it."""
-    data_dir = Path(data_dir)
-    if (data_dir / "val").is_dir():
-        return labelled(cache_split(data_dir, "val", classes, size, cache_dir, threads), classes)
-    return split_train(
-        cache_split(data_dir, "train", classes, size, cache_dir, threads),
-        classes,
-        val_fraction,
-        seed,
-    )[1]
+def validation_is_drawn(options):
+    """Whether the run's validation images are held out of its training images (by --seed and
+    --val-fraction), as find_dataset would find them: no val/."""
+    return not (Path(options["data"]) / "val").is_dir()
 
 
-def cache_split(data_dir, split, classes, size, cache_dir=None, threads=0):
-    folder = Path(data_dir) / split
-    return build_cache(
-        folder,
-        list_labelled_images(folder, classes),
-        size,
-        cache_dir or default_cache_dir(data_dir),
-        threads,
+def trained_data_root(given, state):
+    """The dataset root a checkpoint's scripts read: --data if `given`, else the one the run was
+    trained on, where it was (a checkpoint records its absolute path) or, from a checkpoint that
+    records it as typed, relative to here."""
+    if given:
+        return Path(given)
+    for candidate in (state.get("data"), state.get("args", {}).get("data")):
+        if candidate and Path(candidate).is_dir():
+            return Path(candidate)
+    raise SystemExit(
+        f"the dataset this checkpoint was trained on, {state.get('data')}, is not there: "
+        "name it with --data"
     )
 
 
-def labelled(cache, classes, indices=None):
-    return CachedImages(cache, labels_of(cache.files, classes), indices)
+def validation_of(state, root, size, threads=4):
+    """A checkpoint's validation images, exactly as its run held them out: its classes, its
+    --val-fraction and --seed, its cache folder."""
+    saved = state["args"]
+    dataset = find_dataset(root, classes=state["classes"])
+    return cache_splits(
+        dataset,
+        size,
+        cache_dir=saved.get("cache_dir"),
+        threads=threads,
+        val_fraction=saved.get("val_fraction", 0.1),  # not in a checkpoint made elsewhere
+        seed=saved.get("seed", 0),
+        val_only=True,
+    ).val
 
 
-def split_train(cache, classes, val_fraction, seed):
-    """(train, val) from one folder: a stratified split fixed by (val_fraction, seed)."""
-    labels = labels_of(cache.files, classes)
-    train_idx, val_idx = stratified_split(labels, val_fraction, seed)
-    return CachedImages(cache, labels, train_idx), CachedImages(cache, labels, val_idx)
+def listed_folders(split_dir, classes):
+    files = list_labelled_images(split_dir, classes)
+    return Listed(Path(split_dir), files, labels_of(files, classes))
+
+
+@dataclass
+class Splits:
+    classes: list
+    train: CachedImages | None
+    val: CachedImages
+    skipped: int  # unreadable images left out of train and val
+    layout: str = ""
+
+
+def cache_splits(
+    dataset, size, cache_dir=None, threads=0, val_fraction=0.1, seed=0, val_only=False
+):
+    """The training and validation images of `dataset` (find_dataset's), cached: the one rule for
+    which images validate. val/ if the dataset has one, else a stratified split of train/ fixed
+    by (val_fraction, seed), over the images that could be read. With val_only the training
+    images are cached only where validation is drawn from them."""
+    cache_dir = cache_dir or default_cache_dir(dataset.root)
+
+    def cached(listed):
+        cache = build_cache(listed.folder, listed.files, size, cache_dir, threads)
+        if listed.files and not cache.files:
+            raise SystemExit(
+                f"none of the {len(listed.files)} images of {listed.folder} could be read"
+            )
+        label = dict(zip(listed.files, listed.labels.tolist()))
+        return CachedImages(cache, [label[f] for f in cache.files])
+
+    if dataset.val is not None:
+        val = cached(dataset.val)
+        train = None if val_only else cached(dataset.train)
+        skipped = len(val.cache.skipped) + (len(train.cache.skipped) if train else 0)
+    else:
+        whole = cached(dataset.train)
+        train_rows, val_rows = stratified_split(whole.labels, val_fraction, seed)
+        train, val = whole.subset(train_rows), whole.subset(val_rows)
+        skipped = len(whole.cache.skipped)
+        if not len(val):
+            raise SystemExit(
+                f"no validation images: no class of {dataset.train.folder} has two readable "
+                "images to hold one out of; give the data a val/ folder"
+            )
+    return Splits(dataset.classes, train, val, skipped, dataset.layout)
+
+
+def load_splits(root, size, cache_dir=None, threads=0, val_fraction=0.1, seed=0):
+    """train/ and val/ of a dataset root, cached (without val/: a stratified split of train/)."""
+    return cache_splits(find_dataset(root), size, cache_dir, threads, val_fraction, seed)
 
 
 def display_names(data_dir, classes):

@@ -23,7 +23,7 @@ import torch
 from sklearn.metrics import precision_recall_fscore_support
 
 from checkpoint import best_acc, full_history, load_checkpoint, resolve_checkpoint
-from data import display_names, load_val, make_loader
+from data import display_names, make_loader, trained_data_root, validation_of
 from inference import (
     add_inference_args,
     check_predictions,
@@ -389,7 +389,7 @@ def write_comparison(runs, folder):
 def test_score(trained, args):
     """(correct, images, most confused pairs) of a checkpoint on the test folder against
     --answers, through predict.py's path."""
-    data_dir = Path(args.data or trained.state["data"])
+    data_dir = trained_data_root(args.data, trained.state)
     test_dir = Path(args.test_dir) if args.test_dir else data_dir / "test"
     files = test_images(test_dir)
     rows, _ = predicted_rows(trained, test_dir, files, None, args.cache_workers, args.batch_size)
@@ -405,18 +405,12 @@ def evaluate_checkpoint(trained, args, figures, names):
     """Validation metrics of a checkpoint, printed and written to `figures` with Figures 1, 2, 5
     and the mistakes gallery; returns (metrics, history)."""
     state, classes, saved = trained.state, trained.classes, trained.state["args"]
-    val = load_val(
-        args.data or state["data"],
-        classes,
-        trained.img_size,
-        saved.get("cache_dir"),
-        args.cache_workers,
-        saved.get("val_fraction", 0.1),  # not in a checkpoint made elsewhere (from_timm.py)
-        saved.get("seed", 0),
+    val = validation_of(
+        state, trained_data_root(args.data, state), trained.img_size, args.cache_workers
     )
-    if len(val) == 0:
-        raise SystemExit(f"no validation images in {args.data or state['data']}")
-    loader = make_loader(val, args.batch_size, False, pin_memory=trained.device.type == "cuda")
+    loader = make_loader(
+        val, args.batch_size, shuffle=False, pin_memory=trained.device.type == "cuda"
+    )
     batches = [(log_p.cpu(), labels.cpu()) for log_p, labels in trained.log_probs(loader)]
     log_p = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
@@ -470,7 +464,7 @@ def main(argv=None):
         return
     trained = load_trained(args)
     state = trained.state
-    names = display_names(args.data or state["data"], trained.classes)
+    names = display_names(trained_data_root(args.data, state), trained.classes)
     metrics, history = evaluate_checkpoint(trained, args, figures, names)
     if not args.report:
         return

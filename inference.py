@@ -139,6 +139,20 @@ def averaged_model(states, device, loader=None, preprocess=None):
     return model.eval()
 
 
+def bn_loader(images, batch_size, seed, device):
+    """The training images in shuffled batches, for measuring an average's batch norm statistics
+    again; the last partial batch is left out where there are more images than a batch, so that
+    none is a single image (batch norm cannot measure one at a small size)."""
+    return make_loader(
+        images,
+        batch_size,
+        shuffle=True,
+        seed=seed,
+        pin_memory=device.type == "cuda",
+        drop_last=len(images) > batch_size,
+    )
+
+
 @torch.no_grad()
 def update_bn(model, loader, preprocess, device):
     """torch.optim.swa_utils.update_bn on this project's batches: batch norm's running statistics
@@ -320,7 +334,9 @@ def predicted_rows(trained, test_dir, files, cache_dir, threads, batch_size, ski
             + "\n(--skip-bad leaves them out of the CSV)"
         )
     dataset = CachedImages(cache, np.zeros(len(cache), dtype=np.int64))  # unlabelled
-    loader = make_loader(dataset, batch_size, False, pin_memory=trained.device.type == "cuda")
+    loader = make_loader(
+        dataset, batch_size, shuffle=False, pin_memory=trained.device.type == "cuda"
+    )
     names = iter(Path(f).stem for f in cache.files)
 
     def rows():

@@ -108,6 +108,17 @@ def build_model(arch, num_classes, weights="imagenet"):
             f"  --weights none   random initialisation"
         ) from None
     if weights.state is not None:
+        misfits = [
+            f"{key} is {tuple(value.shape)} there, {tuple(mine.shape)} in {arch}"
+            for key, value in weights.state.items()
+            if (mine := model.state_dict().get(key)) is not None and mine.shape != value.shape
+        ]
+        if misfits:
+            raise SystemExit(
+                f"the weights of {weights.about} do not fit {arch} (weights of another "
+                f"architecture or width?): {'; '.join(misfits[:3])}"
+                + (f"; and {len(misfits) - 3} more" if len(misfits) > 3 else "")
+            )
         missing, unexpected = model.load_state_dict(weights.state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
@@ -161,18 +172,40 @@ def train_mode(model, freeze_bn=False):
                 m.eval()
 
 
+STAGES = ("fc", "layer4", "layer3", "layer2", "layer1")  # from the head down; the stem below
+
+
+def stage_depth(name):
+    """How many stages below the head a parameter is: fc 0, layer4 1, ..., the stem 5."""
+    top = strip_prefixes(name).split(".")[0]
+    return STAGES.index(top) if top in STAGES else len(STAGES)
+
+
 def stage_groups(model, lr, decay):
     """Parameter groups for layer-wise learning-rate decay: the head at `lr`, each ResNet stage
     below it `decay` times the one above (layer4, layer3, ..., the stem last)."""
     if decay == 1:
         return [p for p in model.parameters() if p.requires_grad]
-    stages = ["fc", "layer4", "layer3", "layer2", "layer1"]
-    groups = [[] for _ in range(len(stages) + 1)]  # the last: the stem (conv1, bn1)
+    groups = [[] for _ in range(len(STAGES) + 1)]
     for name, p in model.named_parameters():
         if p.requires_grad:
-            top = strip_prefixes(name).split(".")[0]
-            groups[stages.index(top) if top in stages else len(stages)].append(p)
+            groups[stage_depth(name)].append(p)
     return [{"params": g, "lr": lr * decay**depth} for depth, g in enumerate(groups) if g]
+
+
+def optimizer_order(model, phase, decay):
+    """The names of the parameters a phase's optimizer holds, in its order, as recipe.phase_setup
+    builds it with --lr-decay `decay`: what a saved optimizer state's indices refer to."""
+    named = [strip_prefixes(name) for name, _ in model.named_parameters()]
+    if phase == 1:
+        return [name for name in named if name.startswith("fc.")]
+    return named if decay == 1 else sorted(named, key=stage_depth)  # stable: model order within
+
+
+def parameter_names(model, optimizer):
+    """The names of the parameters `optimizer` holds, in its order."""
+    names = {id(p): strip_prefixes(n) for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
 
 class EMA:

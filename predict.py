@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from checkpoint import load_checkpoint
+from data import trained_data_root, why_unreadable
 from inference import (
     add_inference_args,
     check_predictions,
@@ -66,23 +67,31 @@ def get_args_parser():
     return p
 
 
-def check(args, files, classes):
-    """--check: the CSV against the test folder and the classes, and with --answers its score."""
+def check(args, test_dir, files, classes):
+    """--check: the CSV against the test folder and the classes, and with --answers its score.
+    An image the CSV leaves out is a problem unless it is unreadable (as --skip-bad leaves it)."""
     rows = read_rows(args.check)
-    problems = check_predictions(rows, {Path(f).stem for f in files}, classes, "test images")
+    stems = {Path(f).stem: f for f in files}
+    left_out = set(stems) - {row[0] for row in rows if row}
+    unreadable = {stem for stem in left_out if why_unreadable(test_dir / stems[stem])}
+    expected = set(stems) - unreadable
+    problems = check_predictions(rows, expected, classes, "test images")
     if args.answers and not problems:
         answers = read_answers(args.answers, classes)
-        problems = check_predictions(rows, {r[0] for r in answers}, classes, "answers")
+        scored = {r[0] for r in answers} - unreadable
+        problems = check_predictions(rows, scored, classes, "answers")
     for problem in problems:
         log(f"{args.check}: {problem}")
     if problems:
         raise SystemExit(1)
-    log(f"{args.check}: {len(rows)} rows, one per test image, all labels known")
+    skipped = f", {len(unreadable)} unreadable left out" if unreadable else ""
+    log(f"{args.check}: {len(rows)} rows, one per readable test image{skipped}, all labels known")
     if args.answers:
         correct, total, confused = score(rows, answers, classes)
         print(
             f"{args.check}: accuracy {correct / total:.4f} ({correct}/{total}) against "
             f"{args.answers}"
+            + (f" (the {len(unreadable)} unreadable images not counted)" if unreadable else "")
         )
         print_confused(confused)
 
@@ -90,11 +99,10 @@ def check(args, files, classes):
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     state = load_checkpoint(args.ckpt)
-    data_dir = Path(args.data or state["data"])
-    test_dir = Path(args.test_dir) if args.test_dir else data_dir / "test"
+    test_dir = Path(args.test_dir or trained_data_root(args.data, state) / "test")
     files = test_images(test_dir)
     if args.check:
-        return check(args, files, state["classes"])
+        return check(args, test_dir, files, state["classes"])
     trained = load_trained(args, state)
     rows, skipped = predicted_rows(
         trained,

@@ -9,16 +9,15 @@ the benchmarks read it from here.
 import argparse
 import math
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from augment import MixUpCutMix
+from augment import DeviceAugment, MixUpCutMix
 from checkpoint import PHASE1, Resume, load_checkpoint, resolve_checkpoint
 from model import count_parameters, set_trainable, stage_groups
-from utils import amp_dtype, log
+from utils import log
 
 USAGE = """Fine-tune an ImageNet-pretrained ResNet in two phases (the report's Algorithm 1).
 
@@ -68,6 +67,7 @@ OPTIMIZERS = {  # name: (class, options beyond lr and weight decay)
     "sgd": (torch.optim.SGD, {"momentum": 0.9}),
     "rmsprop": (torch.optim.RMSprop, {}),
 }
+AUGMENTATION = DeviceAugment.option_names()
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's
 FUSED = (
     torch.optim.Adam,
@@ -158,7 +158,9 @@ def get_args_parser():
     )
     g.add_argument("--min-lr", type=float, default=5e-6, help="the cosine's floor")
     g.add_argument("--clip", type=float, default=0.8, help="gradient L2 norm limit; 0: none")
-    g.add_argument("--save-every", type=int, default=15, help="keep a checkpoint every N epochs")
+    g.add_argument(
+        "--save-every", type=int, default=15, help="keep a checkpoint every N epochs; 0: none"
+    )
     g.add_argument(
         "--save-min-acc", type=float, default=0.82, help="... if val acc is this or more"
     )
@@ -280,13 +282,15 @@ def get_args_parser():
         default=None,
         metavar="PATH",
         help="continue a run from its last.pt, in that checkpoint's folder: its saved options "
-        "hold, and options given here override them",
+        "hold, and each option given here is applied to the rest of the run or refused "
+        "(docs/checkpoints.md)",
     )
     g.add_argument(
         "--overwrite",
         action="store_true",
-        help="start over in an --out that holds a run: its checkpoints are deleted first "
-        "(with --phase 2, all but phase1.pt, where Phase II starts again)",
+        help="start over in an --out that holds a run: its checkpoints are deleted when the new "
+        "run saves its first file (with --phase 2, all but phase1.pt, where Phase II starts "
+        "again)",
     )
     demo = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO.items())
     g.add_argument(
@@ -348,8 +352,9 @@ def bad_values(args):
         yield "--keep-last must be 0 or more"
     if args.average_last < 0:
         yield "--average-last must be 0 or more"
-    if args.save_every_steps < 0:
-        yield "--save-every-steps must be 0 or more"
+    for name in ("save_every_steps", "save_every"):
+        if getattr(args, name) < 0:
+            yield f"--{name.replace('_', '-')} must be 0 or more (0: none)"
 
 
 def resolve_options(argv=None):
@@ -360,32 +365,237 @@ def resolve_options(argv=None):
     - --resume PATH: PATH's saved options < given, in PATH's folder unless --out is given;
     - --phase 2 with <out>/phase1.pt: phase1.pt's saved options < given: Phase II of that run.
 
-    On a run that continues, --recipe and the --epochs split apply again only if given again."""
+    On a run that continues, --recipe and the --epochs split apply again only if given again,
+    and each option that differs from the run's obeys its rule in CONTINUING: applied, or refused
+    here, before anything is read or written."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     for problem in bad_values(args):
         parser.error(problem)
     given = given_options(argv)
-    start = continued_run(args)
-    if start.state is None:
+    resume = continued_run(args)
+    if resume.state is None:
         options = {**vars(args), **(DEMO if args.demo else {}), **preset(parser, args.recipe)}
+        if args.epochs:
+            options |= split_budget(args.epochs, {k: given[k] for k in PHASE_EPOCHS if k in given})
     else:
-        options = {**vars(args), **saved_options(start.state), "resume": args.resume}
-        options["out"] = str(start.path.parent)  # the run goes on in its own folder
-        options |= preset(parser, given["recipe"]) if "recipe" in given else {}
-    budget = given.get("epochs", options["epochs"])
-    if budget and (start.state is None or "epochs" in given):
-        fixed = {k: given[k] for k in PHASE_EPOCHS if k in given}
-        options |= split_budget(budget, fixed)
+        saved = {**vars(parser.parse_args([])), **saved_options(resume.state)}
+        options = continued_options(parser, saved, given, resume)
     options |= given
     options["overwrite"] = args.overwrite  # an order for this command, never a saved option
-    saved = start.state or {}
-    if saved.get("phase") == 2 and saved.get("optimizer"):  # Phase II's parameter groups, saved
-        if options["lr_decay"] != saved["args"].get("lr_decay", 1):
-            parser.error("--lr-decay cannot change in Phase II: its optimizer's groups are saved")
+    if resume.state is not None:
+        refuse_changes(options, saved, resume)
     if options["compile"] == "off":
         options["compile"] = None
-    return argparse.Namespace(**options), start
+    return argparse.Namespace(**options), resume
+
+
+def continued_options(parser, saved, given, resume):
+    """A continued run's options before those given: the saved ones, in the checkpoint's folder,
+    on its dataset (where it was, if --data was relative and the command runs elsewhere), with
+    --recipe's preset and the --epochs split done again where given. A new budget keeps the
+    Phase I epochs a run has done once it is past Phase I."""
+    options = {**saved, "resume": given.get("resume"), "out": str(resume.path.parent)}
+    where = resume.state.get("data")
+    if where and not Path(saved["data"]).is_dir() and Path(where).is_dir():
+        options["data"] = where
+    if "recipe" in given:
+        options |= preset(parser, given["recipe"])
+    if "epochs" in given:
+        fixed = {k: given[k] for k in PHASE_EPOCHS if k in given}
+        if phase1_closed(resume.state, given.get("phase", saved["phase"])):
+            fixed.setdefault("epochs1", saved["epochs1"])
+        options |= split_budget(given["epochs"], fixed)
+    return options
+
+
+# ------------------------------------------------------------------------ continuing a run
+#
+# When a run continues (--resume, or --phase 2 from <out>/phase1.pt), each option that differs
+# from the run's own value obeys one rule. Applied: the remaining epochs train exactly as a fresh
+# run given that option would train them (a phase's learning rates and weight decay are a
+# function of the options and the epoch alone, set after the optimizer's state is loaded). The
+# other rules refuse the option where they say, with a sentence naming it and the way on.
+# tests/test_continue.py walks the parser: an option without a rule here fails it.
+
+
+@dataclass(frozen=True)
+class Continuing:
+    """What the rules look at: the checkpoint the run continues from, and its options now."""
+
+    state: dict
+    path: Path
+    options: dict
+
+    @property
+    def phase1_closed(self):
+        return phase1_closed(self.state, self.options["phase"])
+
+    @property
+    def phase2_begun(self):
+        return self.state["phase"] == 2 and bool(self.state.get("optimizer"))
+
+    @property
+    def mid_epoch(self):
+        return bool(self.state.get("step"))
+
+
+def phase1_closed(state, phase):
+    """Whether Phase I trains no more in a run continuing from `state` with --phase `phase`."""
+    return state["phase"] == 2 or phase == "2"
+
+
+def applied(run, value):
+    return None
+
+
+def fixed(run, value):
+    return (
+        "the run's weights were made with the value it has; another needs a fresh run "
+        "(--out ANOTHER_FOLDER, or --overwrite there)"
+    )
+
+
+def starting_weights(run, value):
+    return (
+        "a run that continues starts from its checkpoint's weights, not from --weights; to start "
+        "from these, train a fresh run (--out ANOTHER_FOLDER)"
+    )
+
+
+def phase1_only(run, value):
+    if run.phase1_closed:
+        over = "is over" if run.state["phase"] == 2 else "does not train again (--phase 2)"
+        return (
+            f"Phase I of this run {over}, so it would change nothing; to train Phase I with it, "
+            "start the run over (--overwrite, or --out ANOTHER_FOLDER)"
+        )
+    if run.options["epochs1"] < run.state["epoch"]:
+        return f"Phase I has already trained {run.state['epoch']} epochs"
+    return None
+
+
+def phase2_optimizer(run, value):
+    if run.phase2_begun:
+        saved = run.state["args"]["optimizer2"]
+        return (
+            f"Phase II's {saved} state is saved in {run.path} and would not fit another "
+            f"optimizer; to train Phase II with {value}, start it again from phase1.pt: "
+            f"python train.py --phase 2 --out {run.path.parent} --optimizer2 {value} --overwrite"
+        )
+    return None
+
+
+def whole_epochs(run, value):
+    if run.mid_epoch:
+        return (
+            f"{run.path} stopped {run.state['step']} batches into an epoch, whose remaining "
+            "batches are those it began with; resume without it to finish that epoch first"
+        )
+    return None
+
+
+def held_out_split(run, value):
+    from data import validation_is_drawn  # the data's layout decides
+
+    if validation_is_drawn(run.options):
+        return (
+            "the validation images are drawn from the training images by --seed and "
+            "--val-fraction, so another value would move images the run trained on into "
+            "validation; keep the run's value, or give the data a val/ folder of its own"
+        )
+    return None
+
+
+def seed_rule(run, value):
+    return held_out_split(run, value) or whole_epochs(run, value)
+
+
+COMMAND = None  # an order for this command alone, never a saved option
+
+CONTINUING = {
+    # the data
+    "data": applied,
+    "img_size": applied,
+    "val_fraction": held_out_split,
+    "cache_dir": applied,
+    "batch_size": whole_epochs,
+    "cache_workers": applied,
+    # the model
+    "arch": fixed,
+    "mean": fixed,
+    "std": fixed,
+    "weights": starting_weights,
+    # the budget, Phase I, Phase II
+    "epochs": applied,  # through the split, each of whose parts has its rule
+    "epochs1": phase1_only,
+    "lr1": phase1_only,
+    "wd1": phase1_only,
+    "freeze_bn": phase1_only,
+    "epochs2": applied,
+    "optimizer2": phase2_optimizer,
+    "lr2": applied,
+    "wd2": applied,
+    "warmup_epochs": applied,
+    "warmup_start": applied,
+    "cosine_epochs": applied,
+    "min_lr": applied,
+    "clip": applied,
+    "save_every": applied,
+    "save_min_acc": applied,
+    # both phases
+    "label_smoothing": applied,
+    "amp": applied,
+    "accum_steps": whole_epochs,
+    "sync_bn": applied,
+    "compile": applied,
+    # the levers (--lr-decay regroups Phase II's saved optimizer state by parameter)
+    "recipe": applied,  # through its levers, each of which has its rule
+    "ema": applied,
+    "mixup": applied,
+    "cutmix": applied,
+    "lr_decay": applied,
+    "keep_last": applied,
+    "average_last": applied,
+    "tta": applied,
+    "max_params": applied,
+    # the augmentation: drawn anew each epoch from the options
+    **dict.fromkeys(AUGMENTATION, applied),
+    # the run
+    "phase": applied,
+    "out": applied,
+    "save_every_steps": applied,
+    "seed": seed_rule,
+    "device": applied,
+    "demo": fixed,
+    "resume": COMMAND,
+    "overwrite": COMMAND,
+}
+
+
+def refuse_changes(options, saved, resume):
+    """SystemExit naming every option that differs from the run's and that its rule refuses."""
+    run = Continuing(resume.state, resume.path, options)
+    flags = {a.dest: a.option_strings[0] for a in get_args_parser()._actions}
+    refused = []
+    for key, rule in CONTINUING.items():
+        if rule is COMMAND or options[key] == saved.get(key):
+            continue
+        why = rule(run, options[key])
+        if why:
+            was = shown(saved.get(key))
+            refused.append(f"{flags[key]} {shown(options[key])} (the run has {was}): {why}")
+    if refused:
+        raise SystemExit(
+            f"these options cannot change in the run {resume.path} continues:\n  "
+            + "\n  ".join(refused)
+        )
+
+
+def shown(value):
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return "unset" if value is None else str(value)
 
 
 def preset(parser, recipe):
@@ -407,7 +617,13 @@ def continued_run(args):
     nothing (a fresh run)."""
     if args.resume:
         path = resolve_checkpoint(args.resume)
-        return Resume(load_checkpoint(path), path)
+        state = load_checkpoint(path)
+        if state.get("averaged"):
+            raise SystemExit(
+                f"{path} is an average of checkpoints, not a position in a run: resume from the "
+                "run's last.pt, or start a run from it with --weights"
+            )
+        return Resume(state, path)
     path = Path(args.out) / PHASE1
     if args.phase != "2":
         return Resume()
@@ -433,14 +649,17 @@ def saved_options(state):
 @dataclass
 class Phase:
     """One phase of the method as Table 1 sets it, and everything a training step of it needs:
-    how long, the optimizer (over the parameters it trains) and its schedule, the gradient clip,
-    whether batch norm statistics adapt, MixUp/CutMix, the loss, the autocast dtype with its
-    grad scaler, and how many batches an optimizer step takes."""
+    how long, the optimizer (over the parameters it trains), each parameter group's peak
+    learning rate and the schedule that scales them epoch by epoch, the weight decay, the
+    gradient clip, whether batch norm statistics adapt, MixUp/CutMix, the loss, the autocast
+    dtype with its grad scaler, and how many batches an optimizer step takes."""
 
     number: int
     epochs: int
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    peak_lrs: list
+    schedule: object  # epoch (0-based) -> the share of peak_lrs it trains at
+    weight_decay: float
     clip: float
     freeze_bn: bool
     mix: MixUpCutMix | None
@@ -449,13 +668,26 @@ class Phase:
     scaler: torch.amp.GradScaler
     accum_steps: int = 1
 
+    def set_epoch(self, epoch):
+        """The optimizer's learning rates and weight decay for `epoch`, from the options alone:
+        they replace whatever a checkpoint's optimizer state brought along, so that a run
+        continued with other options trains as they say."""
+        share = self.schedule(epoch)
+        for group, peak in zip(self.optimizer.param_groups, self.peak_lrs, strict=True):
+            group["lr"] = peak * share
+            group["weight_decay"] = self.weight_decay
 
-def phase_setup(number, args, model, device):
+    def lrs(self):
+        """The learning rate of the first parameter group at each of the phase's epochs."""
+        return [self.peak_lrs[0] * self.schedule(epoch) for epoch in range(self.epochs)]
+
+
+def phase_setup(number, args, model, device, criterion, dtype):
     """Table 1 from the options: the only place a phase's recipe is put together (train.py and
-    the benchmarks use it). It also sets which of `model`'s parameters learn."""
-    dtype = amp_dtype(args.amp, device)
+    the benchmarks use it). It also sets which of `model`'s parameters learn. `criterion` and
+    `dtype` are the run's loss and autocast dtype, which validation shares."""
     step = dict(
-        criterion=loss_of(args),
+        criterion=criterion,
         dtype=dtype,
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         accum_steps=args.accum_steps,
@@ -463,7 +695,18 @@ def phase_setup(number, args, model, device):
     if number == 1:
         # The new head alone, at a constant learning rate, the backbone frozen.
         optimizer = make_optimizer("adamw", set_trainable(model, 1), args.lr1, args.wd1, device)
-        return Phase(1, args.epochs1, optimizer, None, 0.0, args.freeze_bn, None, **step)
+        return Phase(
+            number=1,
+            epochs=args.epochs1,
+            optimizer=optimizer,
+            peak_lrs=[args.lr1],
+            schedule=constant,
+            weight_decay=args.wd1,
+            clip=0.0,
+            freeze_bn=args.freeze_bn,
+            mix=None,
+            **step,
+        )
     # Every layer: warmup then cosine, gradients clipped.
     set_trainable(model, 2)
     groups = stage_groups(model, args.lr2, args.lr_decay)
@@ -471,8 +714,22 @@ def phase_setup(number, args, model, device):
     mix = None
     if args.mixup or args.cutmix:
         mix = MixUpCutMix(args.mixup, args.cutmix, model.fc.out_features)
-    schedule = warmup_cosine(optimizer, args)
-    return Phase(2, args.epochs2, optimizer, schedule, args.clip, False, mix, **step)
+    return Phase(
+        number=2,
+        epochs=args.epochs2,
+        optimizer=optimizer,
+        peak_lrs=[group["lr"] for group in optimizer.param_groups],
+        schedule=WarmupCosine.of(args),
+        weight_decay=args.wd2,
+        clip=args.clip,
+        freeze_bn=False,
+        mix=mix,
+        **step,
+    )
+
+
+def constant(epoch):
+    return 1.0
 
 
 def loss_of(args):
@@ -480,33 +737,31 @@ def loss_of(args):
     return nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
 
-def warmup_cosine(optimizer, args):
-    """Per-epoch schedule of the released code: SequentialLR(LinearLR, CosineAnnealingLR). Past
-    --cosine-epochs the cosine climbs back up, as PyTorch's CosineAnnealingLR does. With
-    --lr-decay the groups learn at different rates: the same schedule then scales each group's
-    own rate (its floor too), so that the ratios between the stages hold throughout."""
-    if args.lr_decay != 1:
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(schedule_factor, args=args))
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=args.cosine_epochs, eta_min=args.min_lr
-    )
-    if args.warmup_epochs == 0:
-        return cosine
-    warmup = torch.optim.lr_scheduler.LinearLR(
-        optimizer, start_factor=args.warmup_start, total_iters=args.warmup_epochs
-    )
-    return torch.optim.lr_scheduler.SequentialLR(
-        optimizer, [warmup, cosine], milestones=[args.warmup_epochs]
-    )
+@dataclass(frozen=True)
+class WarmupCosine:
+    """Phase II's schedule, stepped per epoch, as a share of each group's peak rate: the released
+    code's SequentialLR(LinearLR(warmup_start, warmup epochs), CosineAnnealingLR(T_max=cosine
+    epochs, eta_min=min_lr)) in closed form. Past --cosine-epochs the cosine climbs back up, as
+    PyTorch's CosineAnnealingLR does. With --lr-decay the groups learn at different rates: the
+    same shares scale each group's own rate (its floor too), so the ratios between the stages
+    hold throughout. A function of the options and the epoch alone: nothing of it is saved that
+    could disagree with the options a run continues with."""
 
+    warmup_epochs: int
+    warmup_start: float
+    cosine_epochs: int
+    floor: float  # --min-lr as a share of --lr2
 
-def schedule_factor(epoch, args):
-    """warmup_cosine's learning rate before `epoch` (0-based), as a fraction of --lr2."""
-    if epoch < args.warmup_epochs:
-        return args.warmup_start + (1 - args.warmup_start) * epoch / args.warmup_epochs
-    floor = args.min_lr / args.lr2
-    cosine = (1 + math.cos(math.pi * (epoch - args.warmup_epochs) / args.cosine_epochs)) / 2
-    return floor + (1 - floor) * cosine
+    @classmethod
+    def of(cls, args):
+        floor = args.min_lr / args.lr2 if args.lr2 else 0.0
+        return cls(args.warmup_epochs, args.warmup_start, args.cosine_epochs, floor)
+
+    def __call__(self, epoch):
+        if epoch < self.warmup_epochs:
+            return self.warmup_start + (1 - self.warmup_start) * epoch / self.warmup_epochs
+        cosine = (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / self.cosine_epochs)) / 2
+        return self.floor + (1 - self.floor) * cosine
 
 
 def describe_phase(phase, args, model):
@@ -514,10 +769,9 @@ def describe_phase(phase, args, model):
     back before the phase ends."""
     trainable = count_parameters(p for p in model.parameters() if p.requires_grad)
     total = count_parameters(model.parameters())
-    group = phase.optimizer.param_groups[0]
     line = (
         f"Phase {phase.number}: {phase.epochs} epochs, {type(phase.optimizer).__name__} "
-        f"lr {group.get('initial_lr', group['lr']):.1e} weight decay {group['weight_decay']:.0e}, "
+        f"lr {phase.peak_lrs[0]:.1e} weight decay {phase.weight_decay:.0e}, "
         f"{trainable:,} of {total:,} parameters learn"
     )
     if phase.number == 1:

@@ -34,31 +34,43 @@ from checkpoint import (
     epoch_record,
     files_for_epoch,
     load_checkpoint,
-    run_checkpoint,
+    make_checkpoint,
 )
-from data import Splits, load_splits, make_loader, set_epoch, write_demo_dataset
-from inference import averaged_model, count_correct, evaluate
+from data import (
+    DatasetFiles,
+    Splits,
+    cache_splits,
+    find_dataset,
+    make_loader,
+    set_epoch,
+    write_demo_dataset,
+)
+from inference import averaged_model, bn_loader, count_correct, evaluate
 from model import (
     EMA,
     build_model,
     count_parameters,
     model_from_checkpoint,
+    strip_prefixes,
     train_mode,
     warn_if_too_large,
 )
 from prefetch import on_device
 from recipe import describe_phase, loss_of, phase_setup, resolve_options
 from utils import (
+    EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
     StopRequest,
     amp_dtype,
     broadcast_buffers,
+    broadcast_module,
     gather_from_processes,
     init_distributed,
     is_main_process,
     local_main_first,
     log,
     pick_device,
+    rng_state,
     seed_everything,
     sum_over_processes,
     totals_dtype,
@@ -66,39 +78,50 @@ from utils import (
 
 
 def main(argv=None):
-    args, start = resolve_options(argv)
-    rank, local_rank, world_size = init_distributed(args.device)
-    folder = RunFolder(args.out, writer=rank == 0)
-    # The first process holds --out for the run: no other run writes there meanwhile.
-    with folder.claimed(start, args):
-        run = set_up(args, start, folder, rank, local_rank, world_size)
-        try:
-            # Algorithm 1. Phase I: fit the new head on the frozen backbone.
-            if args.phase in ("1", "all"):
-                train_phase(run, phase_setup(1, args, run.model, run.device))
-            # Phase II: fine-tune every layer, warmup then cosine, gradients clipped.
-            if args.phase in ("2", "all"):
-                train_phase(run, phase_setup(2, args, run.model, run.device))
-                # Return the best checkpoint: of the epochs, or of their average.
-                select_result(run)
-        except torch.OutOfMemoryError:
-            raise SystemExit(out_of_memory_advice(args, folder.path / LAST)) from None
-        except Preempted as where:
-            stopped = (
-                f"stopped by {run.stop.name()} {where}: {folder.path / LAST} holds the position"
-            )
-            folder.mark_preempted(stopped)
-            log(
-                f"{stopped}. Resume with: python train.py --resume {folder.path / LAST} "
-                f"(exit status {EXIT_PREEMPTED})"
-            )
-            raise SystemExit(EXIT_PREEMPTED) from None
-        finally:
-            run.stop.close()
+    args, resume = resolve_options(argv)
+    procs = init_distributed(args.device)
+    device = pick_device(args.device, procs.local_rank)
+    # What can be checked is, before a folder is claimed or an image decoded: the data's layout,
+    # the architecture and the weights (a download too). A typo costs seconds, not a cache build.
+    with local_main_first(procs.local_rank):
+        if args.demo:
+            write_demo_dataset(args.data)
+        dataset = find_dataset(args.data)
+    seed_everything(args.seed + procs.rank)  # initialisation, and anything random a model adds
+    weights = resume.weights(args.arch, args.weights)
+    model = build_model(args.arch, len(dataset.classes), weights)
+    # Unless given, the normalisation the weights were trained with (saved: a resume keeps it).
+    args.mean, args.std = args.mean or list(weights.mean), args.std or list(weights.std)
+    mean, std = (", ".join(f"{v:.3f}" for v in values) for values in (args.mean, args.std))
+    log(f"weights: {weights.about}; inputs normalised with mean ({mean}), std ({std})")
+    folder = RunFolder(args.out, writer=procs.rank == 0)
+    try:
+        # The first process holds --out for the run: no other run writes there meanwhile.
+        with folder.claimed(resume, args):
+            with local_main_first(procs.local_rank):
+                splits = load_data(args, dataset)
+            with StopRequest() as stop:
+                run = set_up(args, resume, splits, model, folder, device, procs, stop)
+                # Algorithm 1. Phase I: fit the new head on the frozen backbone.
+                if args.phase in ("1", "all"):
+                    train_phase(run, phase_setup(1, args, model, device, run.criterion, run.dtype))
+                # Phase II: fine-tune every layer, warmup then cosine, gradients clipped.
+                if args.phase in ("2", "all"):
+                    train_phase(run, phase_setup(2, args, model, device, run.criterion, run.dtype))
+                    # Return the best checkpoint: of the epochs, or of their average.
+                    select_result(run)
+    except torch.OutOfMemoryError:
+        raise SystemExit(out_of_memory_advice(args)) from None
+    except Preempted as stop:
+        raise SystemExit(stopped(folder, stop)) from None
+    except KeyboardInterrupt:
+        saved = f"{folder.path / LAST} holds the last position saved" if folder.written else ""
+        log(f"interrupted at once: {saved or 'nothing of this run was saved'}")
+        raise SystemExit(EXIT_INTERRUPTED) from None
     summarize(run)
     if args.demo:
         log(demo_next_steps(args))
-    if world_size > 1:
+    if procs.world_size > 1:
         torch.distributed.destroy_process_group()
     if folder.unwritten:
         raise SystemExit(
@@ -108,63 +131,70 @@ def main(argv=None):
     return run
 
 
-def set_up(args, start, folder, rank, local_rank, world_size):
-    """The data, the model at the run's start (its weights, or the checkpoint it continues), and
-    the device: a Run."""
-    device = pick_device(args.device, local_rank)
+def set_up(args, resume, splits, model, folder, device, procs, stop):
+    """The model on the device at the run's start (its weights, or the checkpoint it
+    continues), its moving average, the data's loaders: a Run."""
     if device.type == "cuda":
         # A fixed input size: let cuDNN time its kernels and keep the fastest.
         torch.backends.cudnn.benchmark = True
-    seed_everything(args.seed + rank)  # initialisation, and anything random a model adds (dropout)
-    with local_main_first(local_rank):
-        if args.demo:
-            write_demo_dataset(args.data)
-        splits = load_data(args)
-    weights = start.weights(args.arch, args.weights)
-    model = build_model(args.arch, len(splits.classes), weights)
-    # Unless given, the normalisation the weights were trained with (saved: a resume keeps it).
-    args.mean = args.mean or list(weights.mean)
-    args.std = args.std or list(weights.std)
-    if args.sync_bn and world_size > 1:
+    if args.sync_bn and procs.world_size > 1:
         if device.type != "cuda":
             raise SystemExit(
                 "--sync-bn needs CUDA: PyTorch's SyncBatchNorm has no CPU implementation"
             )
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
+    broadcast_module(model)  # one new head for every process, before the average copies it
     ema = EMA(model, args.ema) if args.ema else None
-    start.restore(model, ema, splits.classes, rank, world_size)
-    run = Run(args, splits, model, ema, device, start, folder, rank, world_size)
+    resume.restore(model, ema, splits.classes, procs.rank, procs.world_size)
+    run = Run(args, splits, model, ema, device, resume, folder, stop, procs.rank, procs.world_size)
     params = count_parameters(model.parameters())
-    per_process = f" per process x {world_size} processes = {args.batch_size * world_size}"
+    per_process = (
+        f" per process x {procs.world_size} processes = {args.batch_size * procs.world_size}"
+    )
     log(
         f"{args.arch} ({params / 1e6:.1f}M parameters) on {device} "
         f"({run.dtype or torch.float32}), {len(splits.classes)} classes, "
-        f"{len(splits.train)} train / {len(splits.val)} val images, batch {args.batch_size}"
-        + (per_process if world_size > 1 else "")
+        f"{len(splits.train)} train / {len(splits.val)} val images ({splits.layout}), "
+        f"batch {args.batch_size}"
+        + (per_process if procs.world_size > 1 else "")
         + (f", {splits.skipped} unreadable images skipped" if splits.skipped else "")
     )
-    mean, std = (", ".join(f"{v:.3f}" for v in values) for values in (args.mean, args.std))
-    log(f"weights: {weights.about}; inputs normalised with mean ({mean}), std ({std})")
     warn_if_too_large(args.arch, params, args.max_params)
     return run
 
 
-def load_data(args):
-    root = Path(args.data)
-    if not (root / "train").is_dir():
-        raise SystemExit(
-            f"no training data at {root / 'train'}.\n"
-            f"Point --data at a dataset root laid out as <root>/train/<class>/<image> (val/ and "
-            f"test/ beside it are optional), or try the whole pipeline with: python train.py --demo"
-        )
-    return load_splits(
-        root, args.img_size, args.cache_dir, args.cache_workers, args.val_fraction, args.seed
+def load_data(args, dataset: DatasetFiles) -> Splits:
+    return cache_splits(
+        dataset,
+        args.img_size,
+        cache_dir=args.cache_dir,
+        threads=args.cache_workers,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
     )
 
 
 class Preempted(Exception):
-    """A stop request was met: the position is saved, the run exits with EXIT_PREEMPTED."""
+    """A stop request was met: the position is saved, the run exits with EXIT_PREEMPTED (or, for
+    a Ctrl-C, EXIT_INTERRUPTED)."""
+
+    def __init__(self, where, stop):
+        super().__init__(where)
+        self.where, self.by, self.interrupted = where, stop.name(), stop.interrupted()
+
+
+def stopped(folder, stop):
+    """The log line of a run stopped on request, the sign a job script looks for, and the exit
+    status: 75 for a scheduler's signal (resubmit it), 130 for a Ctrl-C."""
+    what = f"stopped by {stop.by} {stop.where}: {folder.path / LAST} holds the position"
+    if not stop.interrupted:
+        folder.mark_preempted(what)
+    status = EXIT_INTERRUPTED if stop.interrupted else EXIT_PREEMPTED
+    log(
+        f"{what}. Resume with: python train.py --resume {folder.path / LAST} (exit status {status})"
+    )
+    return status
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -172,22 +202,20 @@ class Preempted(Exception):
 
 def train_phase(run, phase):
     """The phase's remaining epochs, each followed by validation, its record and checkpoints."""
-    batching = (run.args.batch_size, run.args.accum_steps)
-    first, start, progress = run.start.position(phase.number, batching, run.rank, run.world_size)
-    if first >= phase.epochs:
+    first_epoch, first_batch, progress = run.resume.position(phase.number, run.rank, run.world_size)
+    if first_epoch >= phase.epochs:
         return
-    run.start.restore_phase(phase)
+    run.resume.restore_phase(phase, run.model)
     run.net = run.wrap()
     log(describe_phase(phase, run.args, run.model))
-    for epoch in range(first, phase.epochs):
+    for epoch in range(first_epoch, phase.epochs):
+        phase.set_epoch(epoch)  # per epoch, as the method specifies
         lr = phase.optimizer.param_groups[0]["lr"]
-        train, seconds = train_epoch(run, phase, epoch, start, progress)
-        start, progress = 0, None
+        train, seconds = train_epoch(run, phase, epoch, first_batch, progress)
+        first_batch, progress = 0, None
         t0 = time.perf_counter()
         val = run.validate()
-        run.check_finite(train, val, phase.number, epoch)
-        if phase.scheduler is not None:
-            phase.scheduler.step()  # per epoch, as the method specifies
+        run.check_finite(phase.number, epoch, train, val)
         record = epoch_record(
             phase.number, epoch, lr, train, val, seconds, time.perf_counter() - t0
         )
@@ -198,52 +226,56 @@ def train_phase(run, phase):
         # A stop asked for during the validation or the save: here, unless all is done.
         phase2_follows = phase.number == 1 and run.args.phase == "all" and run.args.epochs2 > 0
         if (epoch + 1 < phase.epochs or phase2_follows) and run.stop.requested():
-            raise Preempted(f"after phase {phase.number} epoch {epoch + 1}")
+            raise Preempted(f"after phase {phase.number} epoch {epoch + 1}", run.stop)
 
 
-def train_epoch(run, phase, epoch, start=0, progress=None):
-    """Epoch `epoch` of `phase`, from its batch `start` on (a run stopped mid-epoch saved the
-    `progress` of the batches before). After each optimizer step, and there alone, the run stops
-    if asked to or saves its position every --save-every-steps steps; at the epoch's last batch a
-    stop waits for its validation and checkpoint. Returns (its training metrics, seconds)."""
+def train_epoch(run, phase, epoch, first_batch=0, progress=None):
+    """One epoch of `phase` as the run sees it: its batches from `first_batch` on (a run stopped
+    mid-epoch saved the `progress` of those before), trained by optimizer_steps. After each
+    optimizer step, and there alone, the run stops if asked to or saves its position every
+    --save-every-steps steps; at the epoch's last batch a stop waits for its validation and
+    checkpoint. Returns (its training metrics, seconds)."""
     args = run.args
-    run.draw_for_epoch(phase, start)
+    run.draw_for_epoch(phase, first_batch)
     tally = EpochTally()
     if progress:
         tally = EpochTally.restored(progress, run.device)
         run.replay_draws(phase, progress["sizes"])
     t0 = time.perf_counter() - (progress["seconds"] if progress else 0.0)
-    total = start + len(run.train_loader)  # the epoch's batches
+    total = first_batch + len(run.train_loader)  # the epoch's batches
     every = args.save_every_steps * args.accum_steps
     with closing(on_device(run.train_loader, run.train_preprocess, run.device)) as batches:
         bar = tqdm(
             batches,
             desc=f"phase {phase.number} epoch {epoch + 1}/{phase.epochs}",
             total=total,
-            initial=start,
+            initial=first_batch,
             leave=False,
             disable=None if is_main_process() else True,
             unit="batch",
         )
-        for done in train_one_epoch(run.net, bar, total, phase, run.ema, tally):
+        for done in optimizer_steps(run.net, bar, total, phase, run.ema, tally):
             if done == total:
                 continue
             stop = run.stop.requested()  # agreed by every process
             if stop or (every and done % every == 0):
+                run.check_position_finite(phase.number, epoch, tally)
                 seconds = time.perf_counter() - t0
                 run.save_position(phase, epoch, tally.saved(seconds), must=stop)
             if stop:
                 run.stop.barrier()  # no process exits before the first has written last.pt
-                raise Preempted(f"{done} batches into phase {phase.number} epoch {epoch + 1}")
+                raise Preempted(
+                    f"{done} batches into phase {phase.number} epoch {epoch + 1}", run.stop
+                )
     return tally.summary(run.device), time.perf_counter() - t0
 
 
-def train_one_epoch(net, batches, total, phase, ema, tally):
-    """Trains on `batches`, the rest of an epoch of `total` batches from batch `tally.batches` on,
-    an optimizer step every `phase.accum_steps` batches; yields the number of batches done after
-    each optimizer step, where the caller may save the position or stop. Each batch's loss and
-    correct predictions stay on the device in `tally`, so the host never waits for the device for
-    them. `ema` (model.EMA) follows every optimizer step."""
+def optimizer_steps(net, batches, total, phase, ema, tally):
+    """The training steps: trains on `batches`, the rest of an epoch of `total` batches from
+    batch `tally.batches` on, an optimizer step every `phase.accum_steps` batches, and yields the
+    number of batches done after each optimizer step, where the caller may save the position or
+    stop. Each batch's loss and correct predictions stay on the device in `tally`, so the host
+    never waits for the device for them. `ema` (model.EMA) follows every optimizer step."""
     train_mode(net, phase.freeze_bn)
     optimizer, scaler, accum = phase.optimizer, phase.scaler, phase.accum_steps
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -337,42 +369,56 @@ def epoch_totals(losses, hits, sizes, device):
     )
 
 
+def all_finite(module):
+    """Whether every weight and floating-point buffer (batch norm statistics) is finite: one
+    reduction on the device, read once (a host sync, at save time only)."""
+    tensors = [t for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
 # ----------------------------------------------------------------------------- the run
 
 
 @dataclass
 class Run:
     """What both phases share: the options, the data and its loaders, the model and its moving
-    average, the device and the processes, where the run started, its folder and its history."""
+    average, the loss and autocast dtype (training's and validation's), the device and the
+    processes, where the run started, its folder and its history."""
 
     args: object
     splits: Splits
     model: nn.Module
     ema: EMA | None
     device: torch.device
-    start: Resume
+    resume: Resume
     folder: RunFolder
+    stop: StopRequest
     rank: int = 0
     world_size: int = 1
 
     def __post_init__(self):
         args, device = self.args, self.device
-        self.history = self.start.history()  # an epoch's record each
+        self.history = self.resume.history()  # an epoch's record each
         self.net = self.model  # what runs the steps: the same module, wrapped for DDP, --compile
-        self.stop = StopRequest()
         self.dtype = amp_dtype(args.amp, device)
         self.criterion = loss_of(args)
+        self.saved_at = None  # where last.pt was last written by this run, in words
         augment = DeviceAugment.from_args(args)
         self.train_preprocess = BatchPreprocess(args.mean, args.std, augment).to(device)
         self.eval_preprocess = BatchPreprocess(args.mean, args.std).to(device)
         cuda, shard = device.type == "cuda", dict(num_replicas=self.world_size, rank=self.rank)
-        # Dropping the last partial batch keeps batch norm from ever seeing a batch of one.
-        drop_last = len(self.splits.train) > args.batch_size * self.world_size
         self.train_loader = make_loader(
-            self.splits.train, args.batch_size, True, args.seed, cuda, drop_last, **shard
+            self.splits.train,
+            args.batch_size,
+            shuffle=True,
+            seed=args.seed,
+            pin_memory=cuda,
+            # Dropping the last partial batch keeps batch norm from ever seeing a batch of one.
+            drop_last=len(self.splits.train) > args.batch_size * self.world_size,
+            **shard,
         )
         self.val_loader = make_loader(
-            self.splits.val, 2 * args.batch_size, False, pin_memory=cuda, **shard
+            self.splits.val, 2 * args.batch_size, shuffle=False, pin_memory=cuda, **shard
         )
 
     @property
@@ -381,11 +427,11 @@ class Run:
         augmentation, so that a resumed run draws what an uninterrupted one would."""
         return len(self.history)
 
-    def draw_for_epoch(self, phase, start):
-        """The epoch's data order (from its batch `start` on) and augmentation, seeded by (seed,
-        epoch, process)."""
+    def draw_for_epoch(self, phase, first_batch):
+        """The epoch's data order (from its batch `first_batch` on) and augmentation, seeded by
+        (seed, epoch, process)."""
         seed = (self.args.seed, self.epochs_trained, self.rank)
-        set_epoch(self.train_loader, self.epochs_trained, start)
+        set_epoch(self.train_loader, self.epochs_trained, first_batch)
         self.train_preprocess.augment.reseed(*seed)
         if phase.mix is not None:
             phase.mix.reseed(*seed, 1)
@@ -424,32 +470,78 @@ class Run:
             val |= {f"ema_{k}": v for k, v in evaluate(self.ema.module, *run).items()}
         return val
 
-    def check_finite(self, train, val, phase, epoch):
+    def check_finite(self, phase, epoch, train, val):
         """An fp16 overflow now and then is normal (GradScaler skips that step and lowers its
-        scale); a loss that stays non-finite, or any in float32 or bf16, or a non-finite
-        validation loss (batch norm statistics spoilt by an overflow), has ruined the model: stop
-        before saving it."""
+        scale); a loss that stays non-finite, or any in float32 or bf16, a non-finite validation
+        loss (batch norm statistics spoilt by an overflow) or non-finite weights have ruined the
+        model: stop before saving it."""
         bad, batches = train["nonfinite"], train["batches"]
-        ruined = bad and (self.dtype != torch.float16 or bad == batches)
-        if ruined or (len(self.splits.val) and not math.isfinite(val["val_loss"])):
-            what = (
-                f"the loss was not finite in {bad} of {batches} batches"
-                if ruined
-                else "the validation loss is not finite"
+        if bad and (self.dtype != torch.float16 or bad == batches):
+            raise self.diverged(
+                phase, epoch, f"the loss was not finite in {bad} of {batches} batches"
             )
-            raise SystemExit(
-                f"phase {phase} epoch {epoch + 1}: {what}, so training stopped. The last good "
-                f"checkpoint is {self.folder.path / LAST}; resume from it with a lower learning "
-                f"rate (--lr1/--lr2), or try --amp bf16."
-            )
+        if len(self.splits.val) and not math.isfinite(val["val_loss"]):
+            raise self.diverged(phase, epoch, "the validation loss is not finite")
+        if not all_finite(self.model):
+            raise self.diverged(phase, epoch, "the weights are not finite")
         if bad:
             log(
                 f"warning: {bad} of {batches} fp16 batches overflowed; the grad scaler skipped "
                 "their steps"
             )
 
+    def check_position_finite(self, phase, epoch, tally):
+        """check_finite for a save in the middle of an epoch: the batches so far, the weights."""
+        losses = torch.stack(tally.losses)
+        bad = int(sum_over_processes((~torch.isfinite(losses)).sum())[0])
+        if bad and (self.dtype != torch.float16 or bad == tally.batches):
+            raise self.diverged(phase, epoch, f"the loss was not finite in {bad} batches")
+        if not all_finite(self.model):
+            raise self.diverged(phase, epoch, "the weights are not finite")
+
+    def diverged(self, phase, epoch, what):
+        """The SystemExit of a run whose model the loss has ruined, with the way on: the last
+        good position and a lower learning rate for the phase it was in."""
+        option = "--lr1" if phase == 1 else "--lr2"
+        lower = (self.args.lr1 if phase == 1 else self.args.lr2) / 4
+        last = self.folder.path / LAST
+        if self.saved_at is None and not last.is_file():
+            way = f"start again with a lower learning rate ({option} {lower:.1e}) or --amp bf16"
+        else:
+            where = f" ({self.saved_at})" if self.saved_at else ""
+            way = (
+                f"the last good checkpoint is {last}{where}; go on from it with a lower "
+                f"learning rate: python train.py --resume {last} {option} {lower:.1e} "
+                "(or --amp bf16)"
+            )
+        return SystemExit(
+            f"phase {phase} epoch {epoch + 1}: {what}, so training stopped before saving. {way}"
+        )
+
+    def checkpoint(self, phase, epoch, **extra):
+        """The run's checkpoint after `epoch` epochs of `phase`. A collective under torchrun:
+        every process calls it (it gathers each one's random state)."""
+        args, last = self.args, self.history[-1] if self.history else {"val_acc": 0.0}
+        about = dict(arch=args.arch, classes=self.splits.classes, img_size=args.img_size)
+        about |= dict(mean=list(args.mean), std=list(args.std), data=str(Path(args.data).resolve()))
+        training = {
+            "optimizer": phase.optimizer.state_dict(),
+            "scheduler": None,  # the schedule is the options' (recipe.Phase.set_epoch)
+            "scaler": phase.scaler.state_dict(),
+            "rng": gather_from_processes(rng_state()),  # one state per process
+            "world_size": self.world_size,
+            "device": self.device.type,
+            # The weights evaluate.py and predict.py use: the moving average where it was better.
+            "eval_weights": "ema" if best_acc(last) > last["val_acc"] else "model",
+        }
+        weights = {strip_prefixes(k): v for k, v in self.model.state_dict().items()}
+        ema = self.ema.state_dict() if self.ema else None
+        return make_checkpoint(
+            weights, about, vars(args), self.history, phase.number, epoch, ema, training, **extra
+        )
+
     def save_epoch(self, phase, epoch, is_best):
-        state = run_checkpoint(self, phase, epoch)  # every process
+        state = self.checkpoint(phase, epoch)  # every process
         if self.rank != 0:
             return
         names, stale = files_for_epoch(
@@ -457,14 +549,16 @@ class Run:
         )
         if self.folder.save(state, names, self.history) and stale:
             self.folder.remove(stale)
+        self.saved_at = f"phase {phase.number} epoch {epoch}"
 
     def save_position(self, phase, epoch, progress, must):
         """last.pt in the middle of an epoch: the batches done and their record, so far."""
         progress = gather_from_processes(progress)  # every process
         step = len(progress[0]["sizes"])
-        state = run_checkpoint(self, phase, epoch, step=step, progress=progress)
+        state = self.checkpoint(phase, epoch, step=step, progress=progress)
         if self.rank == 0:
             self.folder.save(state, [LAST], self.history, must=must)
+        self.saved_at = f"phase {phase.number}, {step} batches into epoch {epoch + 1}"
 
 
 # ----------------------------------------------------------------------------- the result
@@ -479,7 +573,7 @@ def select_result(run):
     args = run.args
     if run.rank == 0 and run.history and len(run.splits.val):
         cuda = run.device.type == "cuda"
-        val = make_loader(run.splits.val, 2 * args.batch_size, False, pin_memory=cuda)
+        val = make_loader(run.splits.val, 2 * args.batch_size, shuffle=False, pin_memory=cuda)
         if args.average_last:
             average_last_epochs(run, val)
         if args.tta == "auto":
@@ -495,7 +589,7 @@ def average_last_epochs(run, val):
         log(f"--average-last {args.average_last}: fewer than 2 Phase II epochs kept, no average")
         return
     states = [load_checkpoint(p) for p in paths]
-    train = make_loader(run.splits.train, args.batch_size, True, args.seed, device.type == "cuda")
+    train = bn_loader(run.splits.train, args.batch_size, args.seed, device)
     net = averaged_model(states, device, train, run.eval_preprocess)
     correct, seen = count_correct(net, val, run.eval_preprocess, device, run.dtype)
     acc, best = correct / seen, max(map(best_acc, run.history))
@@ -549,16 +643,21 @@ def demo_next_steps(args):
     )
 
 
-def out_of_memory_advice(args, last):
+def out_of_memory_advice(args):
     b = args.batch_size
     smaller = max((d for d in range(1, b // 2 + 1) if b % d == 0), default=None)
     if smaller is None:
         return "the GPU ran out of memory at --batch-size 1; try a smaller --img-size or --arch."
+    last = Path(args.out) / LAST
     return (
         f"the GPU ran out of memory at --batch-size {b}. The same effective batch in smaller "
         "pieces: "
-        f"--batch-size {smaller} --accum-steps {args.accum_steps * b // smaller}. "
-        f"The last good checkpoint is {last} (--resume it with those options)."
+        f"--batch-size {smaller} --accum-steps {args.accum_steps * b // smaller}."
+        + (
+            f" The last good checkpoint is {last} (--resume it with those options)."
+            if last.is_file()
+            else ""
+        )
     )
 
 

@@ -20,6 +20,7 @@ import threading
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,19 +36,27 @@ def log(*parts):
 # ----------------------------------------------------------------------------- distributed
 
 
+class Processes(NamedTuple):
+    """This process's place in the job: (0, 0, 1) for a plain run."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+
+
 def init_distributed(device_name):
     """Join the process group when torchrun started this process: NCCL on CUDA, gloo on the CPU.
-    Returns (rank, local rank, world size); (0, 0, 1) for a plain run."""
+    Returns its Processes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
-        return 0, 0, 1
+        return Processes(0, 0, 1)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     cuda = device_name != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
     # Long enough for the first process of each machine to build a large cache while others wait.
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=3))
-    return rank, local_rank, world
+    return Processes(rank, local_rank, world)
 
 
 def is_main_process():
@@ -74,6 +83,15 @@ def broadcast_buffers(module):
     if dist.is_initialized():
         for buffer in module.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def broadcast_module(module):
+    """Every process takes the first one's parameters and buffers: a new head initialised from
+    each process's own seed becomes one, before anything (a moving average) copies it."""
+    if dist.is_initialized():
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor.data, src=0)
 
 
 def totals_dtype(device):
@@ -105,16 +123,18 @@ def gather_from_processes(obj):
 # ----------------------------------------------------------------------------- stopping and locks
 
 EXIT_PREEMPTED = 75  # sysexits.h's EX_TEMPFAIL: stopped on request; resubmit with --resume
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 class StopRequest:
     """SIGTERM or SIGUSR1, what SLURM, Kubernetes and spot instances send before they kill a job,
-    asks the run to stop at its next step. The handler only notes it, so a second signal, or one
-    during a save, changes nothing. Under torchrun one process receiving it is enough: requested()
+    or a first Ctrl-C (SIGINT), asks the run to stop at its next step. The handler only notes it,
+    so a second SIGTERM, or one during a save, changes nothing; a second Ctrl-C ends the process
+    at once (KeyboardInterrupt). Under torchrun one process receiving it is enough: requested()
     is agreed by every process, through an all-reduce of one number on a gloo group of its own
     (the GPU never waits for it)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.signal, self.previous = None, {}
@@ -128,7 +148,15 @@ class StopRequest:
         )
 
     def _note(self, number, frame):
+        if number == signal.SIGINT:
+            if self.signal is not None:
+                raise KeyboardInterrupt
+            log("Ctrl-C: the run stops after this step and saves its position (again: at once)")
         self.signal = self.signal or number
+
+    def interrupted(self):
+        """Whether the stop was asked for at the keyboard rather than by a scheduler."""
+        return self.signal == signal.SIGINT
 
     def requested(self):
         """True on every process once any has been signalled (a collective under torchrun)."""
@@ -140,7 +168,15 @@ class StopRequest:
         return self.signal is not None
 
     def name(self):
+        if self.interrupted():
+            return "Ctrl-C"
         return signal.Signals(self.signal).name if self.signal else "nothing"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self):
         """The handlers as they were before."""

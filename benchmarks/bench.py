@@ -6,7 +6,7 @@
 Without --images it writes N synthetic JPEGs of varied sizes (once, into --workdir). Each number
 is the median of --repeats runs; the table goes to standard output, progress to standard error.
 Each phase is set up by recipe.phase_setup from the defaults (the method's Table 1) and trained
-by train.train_one_epoch, as train.py trains it.
+by train.optimizer_steps, as train.py trains it.
 
   pipeline   images/s from files to augmented, normalised batches on the device: this project's
              cached path (memmap rows -> batch -> device augmentation) against the report's
@@ -52,7 +52,7 @@ import train  # noqa: E402
 from checkpoint import load_optimizer_state  # noqa: E402
 from inference import predict_log_probs  # noqa: E402
 from prefetch import on_device  # noqa: E402
-from recipe import COMPILE_MODES, phase_setup, resolve_options  # noqa: E402
+from recipe import COMPILE_MODES, loss_of, phase_setup, resolve_options  # noqa: E402
 from utils import amp_dtype, log, pick_device  # noqa: E402
 
 
@@ -164,7 +164,7 @@ def train_loader(args, cache, labels, device):
     return data.make_loader(
         data.CachedImages(cache, labels),
         args.batch_size,
-        True,
+        shuffle=True,
         pin_memory=device.type == "cuda",
         drop_last=len(cache) >= args.batch_size,
     )
@@ -174,17 +174,22 @@ RECIPE = resolve_options([])[0]  # the method's defaults: Table 1
 
 
 def phase_of(number, args, net, device):
-    """The method's phase `number` (Table 1), with --amp's autocast and grad scaler."""
-    return phase_setup(number, argparse.Namespace(**{**vars(RECIPE), "amp": args.amp}), net, device)
+    """The method's phase `number` (Table 1), with --amp's autocast and grad scaler, set for its
+    first epoch."""
+    options = argparse.Namespace(**{**vars(RECIPE), "amp": args.amp})
+    dtype = amp_dtype(options.amp, device)
+    phase = phase_setup(number, options, net, device, loss_of(options), dtype)
+    phase.set_epoch(0)
+    return phase
 
 
 def one_epoch(net, loader, preprocess, phase):
     """The steps of one epoch, as train.py takes them: batches onto the device and augmented,
-    then train.train_one_epoch."""
+    then train.optimizer_steps."""
     device = next(net.parameters()).device
     tally = train.EpochTally()
     with closing(on_device(loader, preprocess, device)) as batches:
-        for _ in train.train_one_epoch(net, batches, len(loader), phase, None, tally):
+        for _ in train.optimizer_steps(net, batches, len(loader), phase, None, tally):
             pass
     return tally
 

@@ -35,6 +35,9 @@ elif [ -f "$out/phase1.pt" ]; then  # killed between the end of Phase I's files
     resume=(--resume "$out/phase1.pt")
 fi
 if [ "${NPROC:-1}" -gt 1 ]; then
+    # torchrun gives its workers 30 s after passing on a signal, then kills them: too little for
+    # a validation and a checkpoint. 170 s of the 180 that --signal leaves before the limit.
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-170}
     launch=(torchrun --standalone --nproc_per_node "$NPROC")
 else
     launch=(python)

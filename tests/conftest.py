@@ -1,6 +1,9 @@
 """What the tests share: tiny datasets written on the fly (a few coloured images per class, no
-downloads), narrow models, and the options of a run that takes a second or two on a CPU."""
+downloads), narrow models, the options of a run that takes a second or two on a CPU, and a stop
+signal sent at a chosen moment of a run."""
 
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +11,9 @@ import pytest
 import torchvision
 from PIL import Image
 
+import augment
+import checkpoint
+import inference
 from narrow import narrow_get_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +57,13 @@ def make_dataset(root, classes=("cat", "dog", "eel"), per_class=6, val_per_class
     return root
 
 
+@pytest.fixture(autouse=True)
+def away_from_the_repository(tmp_path_factory, monkeypatch):
+    """Every test runs in a folder of its own: none reads or writes the repository's own
+    checkpoints/, data/ or figures/ (the README's demo may have filled them)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture
 def dataset(tmp_path):
     return make_dataset(tmp_path / "data")
@@ -81,3 +94,33 @@ NO_AUGMENT = (
     "--degrees 0 --translate 0 --scale 1 1 --shear 0 "
     "--p-jitter 0 --p-blur 0 --p-hflip 0 --p-vflip 0"
 ).split()
+
+
+class Killed(BaseException):
+    """kill -9, in this process: nothing runs after it, but for the folder lock's release."""
+
+
+def stop_at(monkeypatch, moment, number=signal.SIGTERM, times=1):
+    """SIGTERM (or signal `number`, `times` times) to this process as the n-th training batch is
+    augmented (step=n), the n-th validation pass starts (validation=n) or the n-th checkpoint
+    write runs (save=n); or death right after the n-th checkpoint write (kill=n)."""
+    what, n = moment.split("=")
+    owner, name = {
+        "step": (augment.DeviceAugment, "forward"),
+        "validation": (inference, "predict_log_probs"),
+        "save": (checkpoint, "save_checkpoints"),
+        "kill": (checkpoint, "save_checkpoints"),
+    }[what]
+    real, calls = getattr(owner, name), [0]
+
+    def wrapper(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(n) and what != "kill":
+            for _ in range(times):
+                os.kill(os.getpid(), number)
+        result = real(*args, **kwargs)
+        if calls[0] == int(n) and what == "kill":
+            raise Killed
+        return result
+
+    monkeypatch.setattr(owner, name, wrapper)

@@ -52,9 +52,9 @@ def test_the_benchmark_sets_each_phase_up_as_training_does(tmp_path, monkeypatch
     built = []
     real = bench.phase_setup
 
-    def spy(number, args, model, device):
+    def spy(number, args, model, device, criterion, dtype):
         built.append((number, args.lr1 if number == 1 else args.lr2, args.optimizer2))
-        return real(number, args, model, device)
+        return real(number, args, model, device, criterion, dtype)
 
     monkeypatch.setattr(bench, "phase_setup", spy)
     monkeypatch.setattr(

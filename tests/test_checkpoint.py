@@ -208,15 +208,20 @@ def test_phase_two_continues_phase_one_and_is_not_started_twice_by_accident(tiny
     assert (out / "phase1.pt").is_file()  # where Phase II started again
 
 
-def test_the_demo_run_twice_into_one_folder_replaces_the_first(tiny_args, dataset, capsys):
+def test_any_fresh_run_replaces_the_demos_run_and_a_demo_replaces_no_other(
+    tiny_args, dataset, capsys
+):
+    """The README's first command works every time, and its next one (a real run into the same
+    checkpoints/) is not stopped by the demo's throwaway run."""
     (dataset / "answers.csv").write_text("image_name,pred_label\n")  # the demo's data, written
     demo = tiny_args + ["--demo", "--epochs1", "1", "--epochs2", "1"]
     train.main(demo)
-    train.main(demo)  # the README's first command, run twice
-    assert "--demo (replacing a demo run): deleted" in capsys.readouterr().err
-    # A demo never replaces a run that is not one.
-    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0", "--overwrite"])
-    with pytest.raises(SystemExit, match="holds a run"):
+    train.main(demo)  # run twice
+    assert "replacing the demo's run: deleted" in capsys.readouterr().err
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])  # a real run, no --overwrite
+    assert "replacing the demo's run: deleted" in capsys.readouterr().err
+    assert not torch.load(tiny_args[3] + "/last.pt", weights_only=True)["args"]["demo"]
+    with pytest.raises(SystemExit, match="holds a run"):  # a demo never replaces a real run
         train.main(demo)
 
 
@@ -249,3 +254,48 @@ def test_an_average_is_not_a_position_to_resume_from(tiny_args, tmp_path):
     train.main(tiny_args + ["--epochs1", "0", "--epochs2", "2", "--average-last", "2"])
     with pytest.raises(SystemExit, match="an average of checkpoints, not a position"):
         train.main(["--resume", str(tmp_path / "ck" / "averaged.pt"), "--epochs2", "3"])
+
+
+def test_overwrite_deletes_nothing_of_the_old_run_until_the_new_one_writes(
+    tiny_args, tmp_path, capsys
+):
+    out = tmp_path / "ck"
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}
+    broken = make_dataset(tmp_path / "broken")
+    for image in (broken / "train").rglob("*.png"):
+        image.write_bytes(b"not an image")  # the start fails as the cache is built
+    with pytest.raises(SystemExit, match="none of the 18 images .* could be read"):
+        train.main(tiny_args + ["--data", str(broken), "--overwrite"])
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == before
+    assert "will be deleted when this run saves its first file" in capsys.readouterr().err
+    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "1", "--overwrite"])  # one that starts
+    assert (
+        "--overwrite: deleted best.pt, history.csv, last.pt, phase1.pt" in capsys.readouterr().err
+    )
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "last.pt"]
+
+
+@pytest.mark.parametrize(
+    "mistake, message",
+    [
+        (["--arch", "resnet1"], "unknown --arch 'resnet1'"),
+        (["--weights", "IMAGENET1K_V9"], "--weights IMAGENET1K_V9: no such file"),
+        (["--weights", "imagenet"], "could not download the resnet18 ImageNet weights"),
+        (["--data", "no-such-folder"], "no training data at no-such-folder/train"),
+    ],
+)
+def test_a_mistyped_start_fails_in_seconds_before_any_cache_or_folder(
+    mistake, message, tiny_args, dataset, tmp_path
+):
+    """Before a preprocessing cache is built (minutes for a real dataset) or --out is touched.
+    (The narrow models have no ImageNet weights: asking for them fails as a download does.)"""
+    with pytest.raises(SystemExit, match=message):
+        train.main(tiny_args + mistake)
+    assert not (dataset / ".cache").exists() and not (tmp_path / "ck").exists()
+
+
+def test_a_missing_dataset_is_named_before_a_folder_holding_a_run_is(tiny_args, tmp_path):
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])
+    with pytest.raises(SystemExit, match="no training data at"):
+        train.main(["--data", str(tmp_path / "nope"), "--out", str(tmp_path / "ck")])

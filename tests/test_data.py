@@ -1,9 +1,10 @@
 import os
+import warnings
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import data
 from conftest import make_dataset, write_image
@@ -264,3 +265,43 @@ def test_an_empty_class_folder_is_named_in_a_warning(tmp_path):
     (tmp_path / "train" / "b").mkdir()
     with pytest.warns(UserWarning, match="train/b holds no images"):
         assert data.list_labelled_images(tmp_path / "train", ["a", "b"]) == ["a/x.png"]
+
+
+@pytest.mark.parametrize("how", ["flat", "empty", "unreadable"])
+def test_a_val_folder_that_yields_no_images_is_an_error_saying_why(how, tmp_path):
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=3, val_per_class=1)
+    for image in (root / "val").rglob("*.jpg"):
+        if how == "flat":
+            image.rename(root / "val" / f"{image.parent.name}-{image.name}")
+        elif how == "empty":
+            image.unlink()
+        else:
+            image.write_bytes(b"no image")
+    expected = {
+        "flat": "holds no images in class folders .* it holds 2 images directly",
+        "empty": "holds no images in class folders",
+        "unreadable": "none of the 2 images of .*val could be read",
+    }[how]
+    with pytest.raises(SystemExit, match=expected), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each unreadable image's own warning
+        data.load_splits(root, 8, tmp_path / "c")
+
+
+def write_grey16(path, values, significant_bits=None):
+    info = PngImagePlugin.PngInfo()
+    if significant_bits:
+        info.add(b"sBIT", bytes([significant_bits]))
+    Image.fromarray(np.asarray(values, dtype=np.uint16)).save(path, pnginfo=info)
+    return path
+
+
+def test_16_bit_images_are_scaled_alike_and_12_bit_ones_keep_their_levels(tmp_path):
+    """One scale for every 16-bit image, not one per image: a dim photo stays dim beside a
+    bright one. A 12-bit image in a 16-bit PNG (its sBIT chunk says so) spans the 8-bit range."""
+    ramp = np.tile(np.arange(0, 4096, 16), (256, 1))  # 256 levels of 12 bits, square
+    dim = data.load_image(write_grey16(tmp_path / "dim.png", ramp // 16), 256)  # all below 256
+    bright = data.load_image(write_grey16(tmp_path / "bright.png", ramp * 16), 256)
+    assert dim.max() <= 1 and bright.max() >= 250  # the same light, a 257th of the range
+    twelve = write_grey16(tmp_path / "twelve.png", ramp, significant_bits=12)
+    pixels = data.load_image(twelve, 256)[0, :, 0]
+    assert pixels.max() >= 250 and len(np.unique(pixels)) > 200  # not 17 grey levels

@@ -13,6 +13,8 @@ from conftest import REPO
 # file but exits 1, as torchrun does when a worker exits 75; "failed" exits 1; "done" exits 0.
 TRAINER = """#!/bin/bash
 echo "$(basename "$0") $*" >> "$CALLS"
+timeout=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+[ -n "$timeout" ] && echo "shutdown $timeout" >> "$CALLS"
 case $ENDING in
     preempted) echo stopped > "$OUT/preempted"; exit 75 ;;
     "preempted under torchrun") echo stopped > "$OUT/preempted"; exit 1 ;;
@@ -74,7 +76,7 @@ def test_under_torchrun_the_file_the_run_leaves_tells_a_preemption_from_a_failur
     assert (
         calls[0] == f"torchrun --standalone --nproc_per_node 2 train.py --data photos --out {out}"
     )
-    assert status == 0 and calls[1] == "scontrol requeue 42"
+    assert status == 0 and calls[2] == "scontrol requeue 42"
     status, calls = run("failed", nproc=2)  # the file of the previous start does not count
     assert status == 1 and not any(call.startswith("scontrol") for call in calls)
 
@@ -83,3 +85,20 @@ def test_a_failed_run_is_not_requeued(job):
     run, _ = job
     status, calls = run("failed")
     assert status == 1 and len(calls) == 1
+
+
+def test_under_torchrun_the_workers_get_the_time_the_job_leaves_before_its_limit(job):
+    """torchrun passes a signal on to its workers and kills them 30 s later by default: not
+    time enough for a validation and a save. The job gives them most of the 180 s that SLURM's
+    --signal=TERM@180 leaves, and torchrun reads it from there."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    run, _ = job
+    _, calls = run("preempted under torchrun", nproc=2)
+    seconds = int(calls[1].removeprefix("shutdown "))
+    assert 120 <= seconds < 180
+    lead = next(line for line in (REPO / "jobs" / "slurm.sh").open() if "--signal=TERM@" in line)
+    assert seconds < int(lead.rsplit("@", 1)[1])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(seconds))
+        assert LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2).shutdown_timeout == seconds

@@ -5,6 +5,7 @@ import torch
 import torchvision
 
 import model as M
+from narrow import NarrowResNet
 
 
 def test_head_is_he_normal_with_zero_bias():
@@ -43,6 +44,20 @@ def test_local_state_dict_loads_everything_but_the_head(tmp_path):
 
     with pytest.raises(SystemExit, match="do not fit resnet34"):
         M.build_model("resnet34", 7, weights=str(tmp_path / "r18.pth"))
+
+
+def test_weights_of_another_width_are_a_message_naming_the_shapes(tmp_path):
+    """resnet50's weights into wide_resnet50_2: the same names, twice the width inside each
+    block (a RuntimeError traceback from load_state_dict before)."""
+    narrow, wide = NarrowResNet(8), NarrowResNet(16)
+    torch.save(narrow.state_dict(), tmp_path / "narrow.pth")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torchvision.models, "get_model", lambda name, weights=None: wide)
+        patch.setattr(M, "resnet_family_names", lambda: ["wide"])
+        with pytest.raises(
+            SystemExit, match=r"do not fit wide .* layer1.0.conv1.weight is \(8, 64, 3, 3\) there"
+        ):
+            M.build_model("wide", 3, weights=str(tmp_path / "narrow.pth"))
 
 
 def test_a_checkpoint_as_weights_brings_its_normalisation_and_says_what_it_is(tmp_path):

@@ -1,5 +1,4 @@
 import csv
-import subprocess
 import sys
 
 import pytest
@@ -9,7 +8,7 @@ import torchvision
 import inference
 import predict
 import train
-from conftest import REPO, TINY, make_dataset
+from conftest import TINY, make_dataset
 from narrow import narrow_get_model
 
 # Folders listed "1", "10", "2" but labelled in numeric order 1, 2, 10; test image j shows the
@@ -35,30 +34,20 @@ def narrow(narrow_models):
     """predict.main in this process builds the narrow model the checkpoints hold."""
 
 
-def run_predict(*args):
-    return subprocess.run(
-        [sys.executable, "tests/narrow.py", "predict.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def read_csv(text):
     return list(csv.reader(text.splitlines()))
 
 
-def test_prediction_csv_names_classes_not_indices(trained):
-    result = run_predict("--ckpt", str(trained / "ck" / "best.pt"), "--device", "cpu")
-    assert result.returncode == 0, result.stderr
-    rows = read_csv(result.stdout)  # nothing but the CSV on standard output
+def test_prediction_csv_names_classes_not_indices(trained, capsys):
+    predict.main(["--ckpt", str(trained / "ck" / "best.pt"), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    rows = read_csv(out)  # nothing but the CSV on standard output
     assert rows[0] == ["image_name", "pred_label"]
     assert [r[0] for r in rows[1:]] == [
         f"img_{j:02d}" for j in range(7)
     ]  # stems, sorted, one per image
     assert [r[1] for r in rows[1:]] == [CLASSES[j % 3] for j in range(7)]
-    assert "images/s" in result.stderr
+    assert "images/s" in err
 
 
 def test_out_file_and_tta(trained, tmp_path):
@@ -125,6 +114,12 @@ def test_unreadable_test_image_is_an_error_unless_skipped(trained, tmp_path):
             ]
         )
     assert [r[0] for r in read_csv(out.read_text())[1:]] == ["img_00", "img_01", "img_02"]
+    # --check takes the file --skip-bad wrote: the unreadable image is left out, not missing.
+    predict.main(["--ckpt", ckpt, "--test-dir", str(test_dir), "--check", str(out)])
+    (test_dir / "img_02.png").unlink()  # a readable image the CSV names but the folder lacks
+    (test_dir / "img_09.png").write_bytes((test_dir / "img_00.png").read_bytes())
+    with pytest.raises(SystemExit):
+        predict.main(["--ckpt", ckpt, "--test-dir", str(test_dir), "--check", str(out)])
 
 
 def test_check_accepts_a_good_csv_and_names_each_problem(trained, tmp_path, capsys):
@@ -212,3 +207,16 @@ def test_a_closed_pipe_ends_quietly(trained, tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_:
         predict.main(["--ckpt", str(trained / "ck" / "best.pt"), "--device", "cpu"])
     assert exit_.value.code == 1
+
+
+def test_a_run_trained_from_a_relative_data_path_is_read_from_any_folder(
+    tmp_path, monkeypatch, capsys
+):
+    """The checkpoint records its dataset's absolute path: --data data given in one folder, the
+    run evaluated and predicted from another."""
+    make_dataset(tmp_path / "project" / "data")
+    monkeypatch.chdir(tmp_path / "project")
+    train.main(["--data", "data", "--out", "ck", *TINY, "--epochs1", "1", "--epochs2", "0"])
+    monkeypatch.chdir(tmp_path)
+    predict.main(["--ckpt", "project/ck/best.pt", "--out", "p.csv"])
+    assert len(read_csv((tmp_path / "p.csv").read_text())) == 6

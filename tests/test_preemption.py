@@ -4,7 +4,6 @@ two runs in one folder, two cache builds at once."""
 
 import csv
 import errno
-import os
 import random
 import signal
 import subprocess
@@ -14,27 +13,13 @@ import time
 import pytest
 import torch
 
-import augment
-import checkpoint
-import inference
 import train
 import utils
-from conftest import REPO, make_dataset
+from conftest import REPO, Killed, make_dataset, stop_at
 
 # Every lever that draws random numbers or keeps state, so that resuming must restore them all.
 LEVERS = "--epochs1 2 --epochs2 3 --ema 0.9 --mixup 0.4 --cutmix 1.0 --lr-decay 0.8".split()
 LEVERS += ["--accum-steps", "2"]  # stops fall between optimizer steps, never inside one
-
-
-def preempted(moment, args, **env):
-    return subprocess.run(
-        [sys.executable, "tests/preempt.py", moment, "train.py", *map(str, args)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, **env},
-    )
 
 
 def same_run(a, b):
@@ -54,35 +39,6 @@ def history_csv(folder):
     with open(folder / "history.csv") as f:
         rows = list(csv.DictReader(f))
     return [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in rows]
-
-
-class Killed(BaseException):
-    """kill -9, in this process: nothing runs after it, but for the folder lock's release."""
-
-
-def stop_at(monkeypatch, moment):
-    """SIGTERM to this process as the n-th training batch is augmented (step=n), the n-th
-    validation pass starts (validation=n) or the n-th checkpoint write runs (save=n); or death
-    right after the n-th checkpoint write (kill=n)."""
-    what, n = moment.split("=")
-    owner, name = {
-        "step": (augment.DeviceAugment, "forward"),
-        "validation": (inference, "predict_log_probs"),
-        "save": (checkpoint, "save_checkpoints"),
-        "kill": (checkpoint, "save_checkpoints"),
-    }[what]
-    real, calls = getattr(owner, name), [0]
-
-    def wrapper(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == int(n) and what != "kill":
-            os.kill(os.getpid(), signal.SIGTERM)
-        result = real(*args, **kwargs)
-        if calls[0] == int(n) and what == "kill":
-            raise Killed
-        return result
-
-    monkeypatch.setattr(owner, name, wrapper)
 
 
 # Drawn once, from a fixed seed: option combinations that change the schedule or keep state, and
@@ -143,14 +99,21 @@ def test_a_run_stopped_at_any_moment_resumes_to_the_uninterrupted_runs_end(
     assert kept == sorted(p.name for p in out.glob("*.pt"))
 
 
-def test_a_signalled_process_saves_its_position_and_exits_75(tiny_args, tmp_path):
+def test_a_signalled_run_saves_its_position_and_exits_75_and_a_second_signal_spoils_nothing(
+    tiny_args, tmp_path, monkeypatch, capsys
+):
     levers = "--epochs1 2 --epochs2 3 --ema 0.9 --mixup 0.4 --cutmix 1.0 --accum-steps 2".split()
     train.main(tiny_args + levers + ["--out", str(tmp_path / "straight")])
     out = tmp_path / "ck"
-    result = preempted("step=9", tiny_args + levers + ["--out", out])  # mid-epoch, Phase II
-    assert result.returncode == utils.EXIT_PREEMPTED, result.stderr[-2000:]
-    assert "stopped by SIGTERM 2 batches into phase 2 epoch 1" in result.stderr
-    assert f"--resume {out / 'last.pt'}" in result.stderr
+    with monkeypatch.context() as patch:
+        stop_at(patch, "step=9")  # mid-epoch, Phase II
+        stop_at(patch, "save=3", times=2)  # during its save of the position, twice more
+        with pytest.raises(SystemExit) as stopped:
+            train.main(tiny_args + levers + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == utils.EXIT_PREEMPTED
+    assert "stopped by SIGTERM 2 batches into phase 2 epoch 1" in err
+    assert f"--resume {out / 'last.pt'}" in err
     assert "2 batches into phase 2 epoch 1" in (out / "preempted").read_text()  # jobs/slurm.sh's
     torch.load(out / "last.pt", weights_only=True)  # loads: the second signal spoilt nothing
     train.main(["--resume", str(out / "last.pt")])
@@ -277,3 +240,33 @@ def test_a_recipe_best_run_stopped_mid_phase_two_resumes_to_the_same_result(
         for key, value in a["model"].items():
             assert torch.equal(value, b["model"][key]), (name, key)
         assert a.get("tta") == b.get("tta") and a.get("val_acc") == b.get("val_acc")
+
+
+def test_a_first_ctrl_c_stops_at_the_step_and_saves_and_a_second_ends_at_once(
+    tiny_args, tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C as SIGTERM stops a run (its position saved, a line saying how to resume, exit
+    130), but leaves no <out>/preempted: nobody preempted it. A second Ctrl-C ends the process at
+    once, with a line, not a traceback."""
+    options = tiny_args + ["--epochs1", "1", "--epochs2", "2"]
+    train.main(options + ["--out", str(tmp_path / "straight")])
+    out = tmp_path / "ck"
+    with monkeypatch.context() as patch:
+        stop_at(patch, "step=6", signal.SIGINT)  # Phase II's second batch
+        with pytest.raises(SystemExit) as stopped:
+            train.main(options + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert stopped.value.code == utils.EXIT_INTERRUPTED
+    assert "stopped by Ctrl-C 2 batches into phase 2 epoch 1" in err
+    assert f"Resume with: python train.py --resume {out / 'last.pt'}" in err
+    assert not (out / "preempted").exists()
+    train.main(["--resume", str(out / "last.pt")])
+    same_run(tmp_path / "straight" / "last.pt", out / "last.pt")
+
+    with monkeypatch.context() as patch:
+        stop_at(patch, "step=2", signal.SIGINT, times=2)
+        with pytest.raises(SystemExit) as ended:
+            train.main(options + ["--out", str(tmp_path / "twice")])
+    assert ended.value.code == utils.EXIT_INTERRUPTED
+    assert "interrupted at once: nothing of this run was saved" in capsys.readouterr().err
+    assert not (tmp_path / "twice").exists()  # a run that wrote nothing leaves no folder

@@ -33,15 +33,23 @@ class HeadOnTop(nn.Module):
         self.fc = nn.Linear(2, 3)
 
 
+def setup(number, args, model):
+    """recipe.phase_setup on the CPU in float32, as train.py calls it."""
+    return recipe.phase_setup(number, args, model, CPU, recipe.loss_of(args), None)
+
+
+def rates_at(phase, epochs):
+    """Each parameter group's learning rate at each epoch, as the optimizer holds them."""
+    rates = []
+    for epoch in range(epochs):
+        phase.set_epoch(epoch)
+        rates.append([group["lr"] for group in phase.optimizer.param_groups])
+    return rates
+
+
 def phase2_lrs(argv, epochs):
     args, _ = resolve_options(argv)
-    phase = recipe.phase_setup(2, args, HeadOnTop(), CPU)
-    lrs = []
-    for _ in range(epochs):
-        lrs.append(phase.optimizer.param_groups[0]["lr"])
-        phase.optimizer.step()
-        phase.scheduler.step()
-    return lrs
+    return [lrs[0] for lrs in rates_at(setup(2, args, HeadOnTop()), epochs)]
 
 
 def test_phase_two_learning_rate_follows_the_method_at_every_epoch():
@@ -76,21 +84,20 @@ def test_defaults_are_the_methods_table():
 def test_each_phase_is_set_up_as_the_methods_table_says():
     args, _ = resolve_options([])
     net = HeadOnTop()
-    one = recipe.phase_setup(1, args, net, CPU)
-    assert isinstance(one.optimizer, torch.optim.AdamW) and one.scheduler is None
+    one = setup(1, args, net)
+    assert isinstance(one.optimizer, torch.optim.AdamW) and rates_at(one, 10) == [[5e-4]] * 10
     assert (one.epochs, one.clip, one.freeze_bn) == (10, 0.0, False)
     assert [p.requires_grad for p in net.parameters()] == [False, False, True, True]  # fc only
     assert one.optimizer.param_groups[0]["params"] == list(net.fc.parameters())
     group = one.optimizer.param_groups[0]
     assert (group["lr"], group["weight_decay"]) == (5e-4, 1e-4)
 
-    two = recipe.phase_setup(2, args, net, CPU)
+    two = setup(2, args, net)
     assert isinstance(two.optimizer, torch.optim.NAdam) and (two.epochs, two.clip) == (125, 0.8)
     assert all(p.requires_grad for p in net.parameters())
     assert len(two.optimizer.param_groups[0]["params"]) == 4
-    group = two.optimizer.param_groups[0]
-    assert (group["initial_lr"], group["weight_decay"]) == (5e-4, 1e-4)
-    assert recipe.phase_setup(1, resolve_options(["--freeze-bn"])[0], net, CPU).freeze_bn
+    assert (two.peak_lrs, two.optimizer.param_groups[0]["weight_decay"]) == ([5e-4], 1e-4)
+    assert setup(1, resolve_options(["--freeze-bn"])[0], net).freeze_bn
 
 
 def test_demo_preset_yields_to_options_given():
@@ -106,10 +113,11 @@ def test_demo_preset_yields_to_options_given():
 @pytest.mark.parametrize("name", sorted(recipe.OPTIMIZERS))
 def test_every_phase_two_optimizer_is_built_with_the_arguments(name):
     args, _ = resolve_options(["--optimizer2", name, "--lr2", "3e-3", "--wd2", "2e-5"])
-    optimizer = recipe.phase_setup(2, args, HeadOnTop(), CPU).optimizer
-    assert type(optimizer) is recipe.OPTIMIZERS[name][0]
-    group = optimizer.param_groups[0]
-    assert (group["initial_lr"], group["weight_decay"]) == (3e-3, 2e-5)
+    phase = setup(2, args, HeadOnTop())
+    phase.set_epoch(5)  # the warmup's end: the peak rate
+    assert type(phase.optimizer) is recipe.OPTIMIZERS[name][0]
+    group = phase.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (3e-3, 2e-5)
     for option, value in recipe.OPTIMIZERS[name][1].items():
         assert group[option] == value
 
@@ -141,18 +149,35 @@ def test_each_levers_bad_value_is_a_clear_error(option, message, capsys):
 
 def test_layer_wise_decay_keeps_the_stages_ratios_through_the_schedule():
     args, _ = resolve_options(["--lr-decay", "0.5", "--lr2", "1e-3", "--min-lr", "1e-5"])
-    model = M.build_model("resnet18", 3, weights="none")
-    phase = recipe.phase_setup(2, args, model, CPU)
-    for epoch in range(125):
-        lrs = [group["lr"] for group in phase.optimizer.param_groups]
-        factor = 1e-3 * recipe.schedule_factor(epoch, args)
-        assert lrs == pytest.approx([factor * 0.5**depth for depth in range(6)], rel=1e-9)
-        phase.optimizer.step()
-        phase.scheduler.step()
+    phase = setup(2, args, M.build_model("resnet18", 3, weights="none"))
+    for epoch, lrs in enumerate(rates_at(phase, 125)):
+        share = recipe.WarmupCosine.of(args)(epoch)
+        assert lrs == pytest.approx([1e-3 * share * 0.5**depth for depth in range(6)], rel=1e-9)
     # The method's own schedule, one group: the closed form is the released code's.
     default, _ = resolve_options([])
     for epoch, lr in enumerate(phase2_lrs([], 125)):
-        assert lr == pytest.approx(5e-4 * recipe.schedule_factor(epoch, default), rel=1e-9)
+        assert lr == pytest.approx(5e-4 * recipe.WarmupCosine.of(default)(epoch), rel=1e-9)
+
+
+def test_the_closed_form_is_the_released_codes_sequential_lr_at_every_epoch():
+    """SequentialLR(LinearLR, CosineAnnealingLR) as the released code builds it, stepped per
+    epoch, against the closed form train.py sets: the same rate before every epoch."""
+    for argv in ([], ["--cosine-epochs", "120"], ["--warmup-epochs", "2", "--warmup-start", "0.2"]):
+        args, _ = resolve_options(argv)
+        optimizer = torch.optim.NAdam([nn.Parameter(torch.zeros(1))], lr=args.lr2)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=args.cosine_epochs, eta_min=args.min_lr
+        )
+        warmup = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=args.warmup_start, total_iters=args.warmup_epochs
+        )
+        released = torch.optim.lr_scheduler.SequentialLR(
+            optimizer, [warmup, cosine], milestones=[args.warmup_epochs]
+        )
+        for lr in phase2_lrs(argv, 125):
+            assert lr == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-9)
+            optimizer.step()
+            released.step()
 
 
 def test_a_budget_of_epochs_is_split_as_the_report_splits_its_135():
@@ -170,7 +195,7 @@ def test_a_budget_of_epochs_is_split_as_the_report_splits_its_135():
     assert split("--epochs", "16", "--epochs1", "0") == (0, 16, 1, 15)
     assert split() == (10, 125, 5, 45)  # without --epochs: the released code's schedule
     args, _ = resolve_options(["--epochs", "8"])
-    lrs = [recipe.schedule_factor(epoch, args) for epoch in range(7)]
+    lrs = [recipe.WarmupCosine.of(args)(epoch) for epoch in range(7)]
     assert lrs[0] == 1 and all(a > b for a, b in zip(lrs, lrs[1:]))  # no warmup, then decay
     with pytest.raises(SystemExit):
         resolve_options(["--epochs", "1"])
@@ -241,13 +266,7 @@ def test_a_resumed_run_keeps_every_option_that_shapes_it(argv, tmp_path):
 
 
 def phase2_lrs_of(args, epochs):
-    phase = recipe.phase_setup(2, args, M.build_model("resnet18", 3, "none"), CPU)
-    lrs = []
-    for _ in range(epochs):
-        lrs.append([group["lr"] for group in phase.optimizer.param_groups])
-        phase.optimizer.step()
-        phase.scheduler.step()
-    return lrs
+    return rates_at(setup(2, args, M.build_model("resnet18", 3, "none")), epochs)
 
 
 def test_on_resume_options_given_win_and_the_split_is_redone_only_if_given_again(tmp_path):
@@ -262,9 +281,10 @@ def test_on_resume_options_given_win_and_the_split_is_redone_only_if_given_again
     assert phases("--epochs", "16") == (1, 15, 1, 14, 0.9)  # a new budget, split again
     assert phases("--ema", "0.99") == (1, 7, 0, 7, 0.99)
     state = torch.load(path, weights_only=True)
-    torch.save({**state, "optimizer": {"state": {}}}, path)  # Phase II's, with its groups
-    with pytest.raises(SystemExit):
-        resolve_options(["--resume", path, "--lr-decay", "0.7"])
+    torch.save({**state, "optimizer": {"state": {}}}, path)  # Phase II's
+    assert resolve_options(["--resume", path, "--lr-decay", "0.7"])[0].lr_decay == 0.7
+    with pytest.raises(SystemExit, match="--optimizer2 sgd .* start it again from phase1.pt"):
+        resolve_options(["--resume", path, "--optimizer2", "sgd"])
 
 
 def test_a_resumed_run_goes_on_in_its_checkpoints_folder_unless_told_otherwise(tmp_path):
@@ -308,17 +328,22 @@ def test_a_fresh_run_resolves_defaults_then_demo_then_recipe_then_split_then_giv
         resolve_options(["--epochs", "8", "--epochs1", "2", "--epochs2", "3"])
 
 
-def test_phase_two_from_phase_one_may_take_its_own_levers(tmp_path):
-    """phase1.pt holds Phase I's optimizer only: Phase II's layer-wise rates are still open,
-    --recipe best's too. Once Phase II's optimizer is saved, they are not."""
+def test_phase_two_from_phase_one_may_take_its_own_optimizer_and_levers(tmp_path):
+    """phase1.pt holds Phase I's optimizer only: Phase II's optimizer and levers are still open,
+    --recipe best's too. Once Phase II's optimizer is saved, its kind is not; Phase I's options
+    are closed from the start, since --phase 2 trains no Phase I."""
     out = tmp_path / "ck"
-    saved_run(out, ["--phase", "1"], name=PHASE1)
+    saved = saved_run(out, ["--phase", "1"], name=PHASE1)
+    torch.save({**torch.load(saved, weights_only=True), "phase": 1, "epoch": 10}, saved)
     args, _ = resolve_options(["--phase", "2", "--out", str(out), "--recipe", "best"])
     assert (args.lr_decay, args.ema, args.p_vflip) == (0.7, 0.99, 0.0)
+    assert resolve_options(["--phase", "2", "--out", str(out), "--optimizer2", "sgd"])[0]
+    with pytest.raises(SystemExit, match="--lr1 0.001 .* Phase I of this run does not train"):
+        resolve_options(["--phase", "2", "--out", str(out), "--lr1", "1e-3"])
     state = torch.load(out / PHASE1, weights_only=True)
-    torch.save({**state, "optimizer": {"state": {}}}, out / "last.pt")  # in Phase II
-    with pytest.raises(SystemExit):
-        resolve_options(["--resume", str(out / "last.pt"), "--lr-decay", "0.7"])
+    torch.save({**state, "phase": 2, "optimizer": {"state": {}}}, out / "last.pt")  # in Phase II
+    with pytest.raises(SystemExit, match="--optimizer2 sgd"):
+        resolve_options(["--resume", str(out / "last.pt"), "--optimizer2", "sgd"])
 
 
 def test_recipe_report_given_again_on_resume_turns_the_levers_off(tmp_path):

@@ -1,7 +1,5 @@
 import csv
 import math
-import subprocess
-import sys
 from contextlib import closing
 
 import pytest
@@ -16,7 +14,7 @@ import inference
 import model as M
 import predict
 import train
-from conftest import REPO, TINY, make_dataset
+from conftest import TINY, make_dataset
 from prefetch import on_device
 from recipe import Phase, parameter_count, resolve_options
 
@@ -24,13 +22,25 @@ CPU = torch.device("cpu")
 
 
 def one_epoch(model, loader, preprocess, criterion, optimizer):
-    """train_one_epoch over a whole loader, on the CPU in float32, as a phase without clipping;
+    """optimizer_steps over a whole loader, on the CPU in float32, as a phase without clipping;
     returns the epoch's training metrics."""
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    phase = Phase(1, 1, optimizer, None, 0.0, False, None, criterion, None, scaler)
+    phase = Phase(
+        number=1,
+        epochs=1,
+        optimizer=optimizer,
+        peak_lrs=[group["lr"] for group in optimizer.param_groups],
+        schedule=lambda epoch: 1.0,
+        weight_decay=0.0,
+        clip=0.0,
+        freeze_bn=False,
+        mix=None,
+        criterion=criterion,
+        dtype=None,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+    )
     tally = train.EpochTally()
     with closing(on_device(loader, preprocess, CPU)) as batches:
-        steps = list(train.train_one_epoch(model, batches, len(loader), phase, None, tally))
+        steps = list(train.optimizer_steps(model, batches, len(loader), phase, None, tally))
     assert steps == list(range(1, len(loader) + 1))  # it yields after each optimizer step
     return tally.summary(CPU)
 
@@ -80,7 +90,7 @@ def test_epoch_totals_are_exact_past_float32s_range():
 
 
 def test_a_training_step_queues_few_ops_besides_the_model():
-    """On a fast GPU the host's launches bound a step. Count, exactly, what train_one_epoch adds to
+    """On a fast GPU the host's launches bound a step. Count, exactly, what optimizer_steps adds to
     a bare step (forward, loss, backward, optimizer step) of a tiny model: the epoch's
     bookkeeping."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -295,21 +305,16 @@ def test_missing_data_folder_says_what_to_do(tmp_path):
 
 
 def test_demo_command_runs_end_to_end(tmp_path, narrow_models, monkeypatch, capsys):
-    """The README's first command, shortened: a fresh process, data written, both phases; then
-    the commands it prints: the figures, the report, the submission file and its score."""
+    """The README's first command, shortened: data written, both phases; then the commands it
+    prints: the figures, the report, the submission file and its score. (Fresh processes run
+    the demo in test_distributed.py.)"""
     demo = f"--demo --data {tmp_path / 'demo'} --out {tmp_path / 'ck'} --epochs1 1 --epochs2 1"
-    result = subprocess.run(
-        [sys.executable, "tests/narrow.py", "train.py", *demo.split(), "--img-size", "16"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == ""  # everything but results goes to stderr
-    assert "phase 2 epoch   1/1" in result.stderr and "best val acc" in result.stderr
+    train.main([*demo.split(), "--img-size", "16"])
+    out, err = capsys.readouterr()
+    assert out == ""  # everything but results goes to stderr
+    assert "phase 2 epoch   1/1" in err and "best val acc" in err
     assert (tmp_path / "demo" / "answers.csv").exists() and (tmp_path / "ck" / "best.pt").exists()
-    commands = result.stderr.split("the rest of the pipeline, a few seconds each:\n")[1]
+    commands = err.split("the rest of the pipeline, a few seconds each:\n")[1]
     evaluate_line, predict_line, check_line = commands.strip().splitlines()
     monkeypatch.chdir(tmp_path)  # figures/, prediction.csv
     evaluate.main(evaluate_line.split()[2:])

@@ -1,0 +1,330 @@
+"""A continued run does what it is told, or refuses: every option of train.py given on --resume
+(and with --phase 2 from phase1.pt) is applied, so that the remaining epochs train as a fresh run
+given it would, or refused before anything is read or written, naming the option."""
+
+import math
+import os
+
+import pytest
+import torch
+import torchvision
+
+import model as M
+import recipe
+import train
+from conftest import REPO, TINY, make_dataset, stop_at
+from narrow import narrow_get_model
+from recipe import get_args_parser, resolve_options
+
+CPU = torch.device("cpu")
+BASE = TINY + ["--epochs1", "2", "--epochs2", "3"]
+
+# Another value for every option of train.py, to give on --resume. An option added to the
+# parser without one here (and without a rule in recipe.CONTINUING) fails the walk.
+OTHER = {
+    "data": None,  # the same dataset, named another way (filled in by the fixture)
+    "img_size": ["24"],
+    "val_fraction": ["0.2"],
+    "cache_dir": None,  # another folder (the fixture)
+    "batch_size": ["3"],
+    "cache_workers": ["2"],
+    "arch": ["resnet34"],
+    "mean": ["0.5", "0.5", "0.5"],
+    "std": ["0.2", "0.2", "0.2"],
+    "weights": ["imagenet"],
+    "epochs": ["9"],
+    "epochs1": ["3"],
+    "lr1": ["1e-3"],
+    "wd1": ["2e-4"],
+    "freeze_bn": [],
+    "epochs2": ["5"],
+    "optimizer2": ["adamw"],
+    "lr2": ["2e-3"],
+    "wd2": ["3e-4"],
+    "warmup_epochs": ["2"],
+    "warmup_start": ["0.3"],
+    "cosine_epochs": ["5"],
+    "min_lr": ["1e-5"],
+    "clip": ["0.5"],
+    "save_every": ["0"],
+    "save_min_acc": ["0.5"],
+    "label_smoothing": ["0.2"],
+    "amp": ["bf16"],
+    "accum_steps": ["2"],
+    "sync_bn": [],
+    "compile": ["default"],
+    "recipe": ["best"],
+    "ema": ["0.5"],
+    "mixup": ["0.3"],
+    "cutmix": ["0.5"],
+    "lr_decay": ["0.7"],
+    "keep_last": ["2"],
+    "average_last": ["2"],
+    "tta": ["auto"],
+    "max_params": ["1M"],
+    "degrees": ["5"],
+    "translate": ["0.05"],
+    "scale": ["0.8", "1.2"],
+    "shear": ["5"],
+    "jitter": ["0.3"],
+    "hue": ["0.05"],
+    "p_jitter": ["0.2"],
+    "blur_sigma": ["0.2", "1.0"],
+    "p_blur": ["0.1"],
+    "p_hflip": ["0.5"],
+    "p_vflip": ["0.1"],
+    "phase": ["2"],
+    "out": None,  # another folder (the fixture)
+    "save_every_steps": ["3"],
+    "seed": ["5"],
+    "device": ["auto"],
+    "demo": [],
+    "overwrite": [],
+}
+ALWAYS_REFUSED = {"arch", "mean", "std", "weights", "demo"}
+# Mid-epoch in Phase II: Phase I is over, Phase II's NAdam state is saved, the epoch's batches
+# are fixed.
+REFUSED_IN_PHASE2 = ALWAYS_REFUSED | {"epochs1", "lr1", "wd1", "freeze_bn", "optimizer2"}
+REFUSED_IN_PHASE2 |= {"batch_size", "accum_steps", "seed"}
+
+
+def options():
+    """Every option of train.py but --help and --resume, the one each test resumes with."""
+    actions = get_args_parser()._actions
+    return [a for a in actions if a.dest not in ("help", "resume")]
+
+
+class Captured(Exception):
+    """Raised where a continued run begins its first epoch, with what it is about to train."""
+
+
+@pytest.fixture(scope="module")
+def stopped_runs(tmp_path_factory):
+    """Two stops of one run of BASE: after Phase I's first epoch (a SIGTERM during its
+    validation) and two batches into Phase II's second epoch."""
+    root = tmp_path_factory.mktemp("continue")
+    data = make_dataset(root / "data")
+    points = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
+        )
+        for name, moment in (("phase1", "validation=1"), ("phase2", "step=14")):
+            out = root / name
+            with pytest.MonkeyPatch.context() as stop:
+                stop_at(stop, moment)
+                with pytest.raises(SystemExit):
+                    train.main(["--data", str(data), "--out", str(out), *BASE])
+            points[name] = out / "last.pt"
+    state = torch.load(points["phase2"], weights_only=True)
+    assert (state["phase"], state["epoch"], state["step"]) == (2, 1, 2)
+    assert torch.load(points["phase1"], weights_only=True)["phase"] == 1
+    return root, data, points
+
+
+def value_of(action, root, data):
+    other = OTHER[action.dest]
+    if action.dest == "data":
+        return [str(data) + "/."]
+    if action.dest in ("cache_dir", "out"):
+        return [str(root / f"another-{action.dest}")]
+    return other
+
+
+def fresh_equivalent(option, state):
+    """The command line of a fresh run that trains the remaining epochs as the continued run
+    given `option` should. --epochs N and --recipe NAME resolve on a continued run as in a fresh
+    one: a new budget is split again (its Phase I kept once Phase I is over), a recipe's levers
+    set again; so the fresh run leaves out what they replace."""
+    base, flag = list(BASE), option[0]
+    if flag == "--epochs":
+        base = drop(base, ["--epochs1", "--epochs2", "--warmup-epochs", "--cosine-epochs"])
+        if state["phase"] == 2:
+            base += ["--epochs1", str(state["args"]["epochs1"])]
+    return base + option
+
+
+def drop(argv, flags):
+    out, skip = [], False
+    for word in argv:
+        if word in flags:
+            skip = True
+            continue
+        if skip and not word.startswith("--"):
+            continue
+        skip = False
+        out.append(word)
+    return out
+
+
+def settings(args, phase, epoch):
+    """What a continued run trains with from `epoch` of `phase` on: its options, the optimizer's
+    hyper-parameters in every group, the phase's steps, the rates of the epochs that follow."""
+    phase.set_epoch(epoch)
+    options = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "overwrite")}
+    options.pop("mean"), options.pop("std")  # fixed: set from the weights when a run starts
+    options["data"] = os.path.realpath(options["data"])
+    return {
+        "options": options,
+        "optimizer": type(phase.optimizer).__name__,
+        "groups": [
+            {k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+            for group in phase.optimizer.param_groups
+        ],
+        "phase": (phase.number, phase.epochs, phase.clip, phase.freeze_bn, phase.accum_steps),
+        "mix": None if phase.mix is None else (phase.mix.mixup, phase.mix.cutmix),
+        "smoothing": phase.criterion.label_smoothing,
+        "rates": phase.lrs()[epoch:],
+    }
+
+
+def continued(monkeypatch, argv):
+    """train.main(argv) up to the first epoch it trains: (run, phase, epoch), or None if it
+    trains nothing."""
+    seen = {}
+
+    def first_epoch(run, phase, epoch, first_batch=0, progress=None):
+        seen.update(run=run, phase=phase, epoch=epoch)
+        raise Captured
+
+    monkeypatch.setattr(train, "train_epoch", first_epoch)
+    with pytest.raises(Captured):
+        train.main(argv)
+    return seen["run"], seen["phase"], seen["epoch"]
+
+
+@pytest.mark.parametrize("at", ["phase1", "phase2"])
+def test_every_option_given_to_a_continued_run_is_applied_or_refused(
+    at, stopped_runs, narrow_models, monkeypatch
+):
+    root, data, points = stopped_runs
+    path = points[at]
+    state = torch.load(path, weights_only=True)
+    refused_here = REFUSED_IN_PHASE2 if at == "phase2" else ALWAYS_REFUSED
+    for action in options():
+        assert action.dest in recipe.CONTINUING, f"{action.dest}: no rule for a continued run"
+        assert action.dest in OTHER, f"{action.dest}: give it another value in OTHER"
+        option = [action.option_strings[0], *value_of(action, root, data)]
+        argv = ["--resume", str(path), *option]
+        before = {p.name: p.stat().st_mtime_ns for p in path.parent.iterdir()}
+        if action.dest in refused_here:
+            with pytest.raises(SystemExit) as refusal:
+                train.main(argv)
+            message = str(refusal.value.code)
+            assert action.option_strings[0] in message and "cannot change" in message, message
+            assert {p.name: p.stat().st_mtime_ns for p in path.parent.iterdir()} == before
+            continue
+        run, phase, epoch = continued(monkeypatch, argv)
+        fresh, _ = resolve_options(["--data", str(data), *fresh_equivalent(option, state)])
+        fresh.mean, fresh.std = run.args.mean, run.args.std
+        model = M.build_model(fresh.arch, len(run.splits.classes), "none")
+        criterion = recipe.loss_of(fresh)
+        expected = recipe.phase_setup(phase.number, fresh, model, CPU, criterion, None)
+        assert settings(run.args, phase, epoch) == settings(fresh, expected, epoch), option
+        if phase.number == state["phase"]:  # the saved state, each parameter's, in its place
+            assert_optimizer_state_is_the_checkpoints(run.model, phase, state)
+
+
+def assert_optimizer_state_is_the_checkpoints(model, phase, state):
+    saved_order = M.optimizer_order(model, phase.number, state["args"]["lr_decay"])
+    saved = state["optimizer"]["state"]
+    names = M.parameter_names(model, phase.optimizer)
+    params = [p for group in phase.optimizer.param_groups for p in group["params"]]
+    for name, param in zip(names, params):
+        mine = phase.optimizer.state[param]
+        theirs = saved[saved_order.index(name)]
+        for key, value in theirs.items():
+            assert torch.equal(torch.as_tensor(mine[key]), torch.as_tensor(value)), (name, key)
+
+
+def test_a_refusal_names_the_option_and_the_way_on_and_is_a_message_not_a_traceback(
+    stopped_runs,
+):
+    _, _, points = stopped_runs
+    with pytest.raises(SystemExit) as refusal:
+        train.main(["--resume", str(points["phase2"]), "--optimizer2", "sgd", "--arch", "resnet50"])
+    message = refusal.value.code  # a string: Python prints it alone and exits with status 1
+    assert isinstance(message, str)
+    assert "--optimizer2 sgd (the run has nadam)" in message
+    assert "python train.py --phase 2 --out" in message  # the way on
+    assert "--arch resnet50 (the run has resnet18)" in message  # every refusal at once
+
+
+def test_the_seed_and_the_held_out_fraction_are_refused_where_they_draw_validation(
+    tmp_path, narrow_models
+):
+    data = make_dataset(tmp_path / "data", val_per_class=0)  # no val/: held out of train/
+    train.main(["--data", str(data), "--out", str(tmp_path / "ck"), *TINY, "--epochs2", "0"])
+    for option in (["--seed", "3"], ["--val-fraction", "0.3"]):
+        for continuing in (["--resume", str(tmp_path / "ck" / "last.pt")], ["--phase", "2"]):
+            argv = continuing + ["--out", str(tmp_path / "ck"), *option]
+            with pytest.raises(SystemExit, match=f"{option[0]} .*move images the run trained on"):
+                resolve_options(argv)
+
+
+def test_a_new_budget_keeps_the_phase_one_a_run_has_done(tmp_path):
+    """--epochs 50 on a run in Phase II: its Phase I epochs stay, the rest goes to Phase II."""
+    args, _ = resolve_options(["--epochs", "8"])
+    path = tmp_path / "last.pt"
+    torch.save({"args": vars(args), "phase": 2, "epoch": 3, "history": []}, path)
+    resumed, _ = resolve_options(["--resume", str(path), "--epochs", "50"])
+    assert (resumed.epochs1, resumed.epochs2) == (1, 49)
+    with pytest.raises(SystemExit, match="--epochs1 4 .* Phase I of this run is over"):
+        resolve_options(["--resume", str(path), "--epochs", "50", "--epochs1", "4"])
+
+
+def test_lr_decay_changed_in_phase_two_moves_each_parameters_state_to_its_group(
+    stopped_runs, narrow_models, monkeypatch
+):
+    """One group (no --lr-decay) saved, six (by stage) resumed: each parameter keeps its own
+    moments and step count, and each group trains at its stage's rate."""
+    _, _, points = stopped_runs
+    state = torch.load(points["phase2"], weights_only=True)
+    run, phase, epoch = continued(
+        monkeypatch, ["--resume", str(points["phase2"]), "--lr-decay", "0.5"]
+    )
+    assert len(phase.optimizer.param_groups) == 6 and len(state["optimizer"]["param_groups"]) == 1
+    assert_optimizer_state_is_the_checkpoints(run.model, phase, state)
+    rates = [group["lr"] for group in phase.optimizer.param_groups]
+    assert rates == pytest.approx([rates[0] * 0.5**depth for depth in range(6)])
+    assert math.isclose(rates[0], phase.peak_lrs[0] * phase.schedule(epoch))
+
+
+def test_the_schedule_changed_mid_phase_two_follows_the_new_options_at_every_epoch(
+    stopped_runs, narrow_models, monkeypatch
+):
+    """The faults this replaces: --warmup-epochs 0 on a run stopped inside its warmup trained
+    neither schedule; --epochs on a run without warmup crashed (KeyError: '_schedulers')."""
+    _, data, points = stopped_runs
+    state = torch.load(points["phase2"], weights_only=True)
+    for option in (["--warmup-epochs", "0"], ["--epochs", "20"], ["--lr2", "1e-4"]):
+        run, phase, epoch = continued(monkeypatch, ["--resume", str(points["phase2"]), *option])
+        fresh, _ = resolve_options(["--data", str(data), *fresh_equivalent(option, state)])
+        expected = recipe.WarmupCosine.of(fresh)
+        assert phase.lrs() == pytest.approx([fresh.lr2 * expected(e) for e in range(fresh.epochs2)])
+        assert phase.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.lr2 * expected(epoch))
+        assert max(phase.lrs()) <= fresh.lr2
+
+
+def test_options_given_with_phase_two_from_phase_one_obey_the_same_rules(
+    tmp_path, narrow_models, monkeypatch
+):
+    out = tmp_path / "ck"
+    common = ["--data", str(make_dataset(tmp_path / "data")), "--out", str(out), *TINY]
+    train.main(common + ["--epochs1", "1", "--phase", "1"])
+    with pytest.raises(SystemExit, match="--lr1 0.01 .* does not train again"):
+        train.main(["--phase", "2", "--out", str(out), "--lr1", "1e-2"])
+    run, phase, epoch = continued(
+        monkeypatch, ["--phase", "2", "--out", str(out), "--optimizer2", "sgd", "--lr2", "1e-2"]
+    )
+    assert isinstance(phase.optimizer, torch.optim.SGD) and epoch == 0
+    assert phase.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # warmup from 0.1 x
+
+
+def test_every_rule_is_one_of_the_documented_ones():
+    """docs/checkpoints.md's table: each option, applied or refused, as recipe.CONTINUING says."""
+    page = (REPO / "docs" / "checkpoints.md").read_text()
+    for action in options():
+        rule = recipe.CONTINUING[action.dest]
+        word = "applied" if rule in (recipe.applied, recipe.COMMAND) else "refused"
+        assert f"| `{action.option_strings[0]}` | {word}" in page, action.dest
