@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torchvision
 from PIL import Image
 
@@ -17,6 +18,12 @@ import inference
 from narrow import narrow_get_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+# One thread for each test process and each process a test starts: the suite runs in as many
+# processes as the machine has cores (pytest-xdist, pytest.ini), and threads on top of them would
+# only contend (on two cores, twice the time).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 # Class i is a square of its own colour on a noisy background: learnable in a step or two.
 COLOURS = [
