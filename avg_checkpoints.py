@@ -18,7 +18,7 @@ from pathlib import Path
 
 from augment import BatchPreprocess
 from checkpoint import averaged_checkpoint, load_checkpoint, save_checkpoint
-from data import cache_splits, find_dataset, trained_data_root
+from data import cache_splits, dataset_of, trained_data_root
 from inference import averaged_model, bn_loader
 from model import count_parameters
 from utils import log, pick_device
@@ -51,8 +51,9 @@ def main(argv=None):
     if not args.no_bn_update:
         root = trained_data_root(args.data, last)
         splits = cache_splits(
-            find_dataset(root, classes=last["classes"]),
+            dataset_of(saved, root, classes=last["classes"]),
             last["img_size"],
+            resize=saved.get("resize", "crop"),
             cache_dir=saved.get("cache_dir"),
             val_fraction=saved.get("val_fraction", 0.1),
             seed=saved.get("seed", 0),

@@ -8,11 +8,10 @@ dicts only. Its keys: `model` (the state dict), `arch`, `classes`, `img_size`, `
 `args` (the run's resolved options), `phase` and `epoch` (the epochs of that phase done),
 `history` (one record per epoch), `optimizer`, `scheduler` (None: the learning rate is a
 function of the options and the epoch), `scaler`, `rng` (one per process), `world_size`,
-`device` (what resuming needs),
-`ema` (the weights' moving average, or None) and `eval_weights` (`model` or `ema`: the one that
-validated better); `step` and `progress` when saved mid-epoch; `averaged` and `val_acc` for an
-average of checkpoints; `tta` (whether test-time flips validated better) once --tta auto has
-chosen.
+`device` (what resuming needs), `class_counts` (the training images of each class), `ema` (the
+weights' moving average, or None) and `eval_weights` (`model` or `ema`: the one that validated
+better); `step` and `progress` when saved mid-epoch; `averaged` and `val_acc` for an average of
+checkpoints; `tta` (whether test-time flips validated better) once --tta auto has chosen.
 """
 
 import csv
@@ -37,6 +36,7 @@ RUN_FILES = (LAST, BEST, PHASE1, AVERAGED, HISTORY, PREEMPTED, "epoch[0-9][0-9][
 RUN_FILES += ("phase2_epoch*.pt",)
 ABOUT = ("arch", "classes", "img_size", "mean", "std", "data")  # what the weights are
 EXTRA = {"step", "progress", "averaged", "val_acc", "tta", "command", "wall_seconds"}
+EXTRA |= {"class_counts"}  # the training images of each class, for the report's per-class table
 
 
 def epoch_file(n):
@@ -94,6 +94,7 @@ def averaged_checkpoint(last, weights, sources, val_acc=None):
         training={"device": last.get("device", "cpu")},
         averaged=[str(p) for p in sources],
         val_acc=val_acc,
+        **({"class_counts": last["class_counts"]} if "class_counts" in last else {}),
     )
 
 

@@ -14,10 +14,12 @@ import csv
 import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import sys
 import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,16 +50,21 @@ def is_image_file(path):
     return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def find_classes(train_dir):
-    """Class names are train/'s sub-folders: numeric order if every name is an integer."""
+def find_classes(train_dir, skip=()):
+    """Class names are train/'s sub-folders (but those in `skip`)."""
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
         raise SystemExit(f"no folder {train_dir}")
-    names = [d.name for d in train_dir.iterdir() if d.is_dir() and not is_hidden(d.name)]
+    names = [d.name for d in class_folders(train_dir, skip)]
     if not names:
         raise SystemExit(
             f"{train_dir} holds no class folders (expected {train_dir}/<class>/<image>)"
         )
+    return ordered_classes(names)
+
+
+def ordered_classes(names):
+    """Numeric order if every name is an integer ("2" before "10"), else by name."""
     if all(_is_int(n) for n in names):
         return sorted(names, key=lambda n: (int(n), n))
     return sorted(names)
@@ -71,10 +78,10 @@ def _is_int(name):
         return False
 
 
-def list_labelled_images(split_dir, classes):
+def list_labelled_images(split_dir, classes, skip=()):
     """Relative paths 'class/file' of every image under split_dir/<class>/, sorted."""
     split_dir = Path(split_dir)
-    class_dirs = [d for d in split_dir.iterdir() if d.is_dir() and not is_hidden(d.name)]
+    class_dirs = class_folders(split_dir, skip)
     unknown = sorted(d.name for d in class_dirs if d.name not in set(classes))
     if unknown:
         raise SystemExit(f"{split_dir} has classes that train/ lacks: {', '.join(unknown)}")
@@ -116,19 +123,41 @@ def stratified_split(labels, fraction, seed):
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def load_image(path, size):
-    """The deterministic preprocessing: EXIF orientation, RGB, centre square crop, bilinear
-    antialiased resize to size x size. Returns a uint8 array of shape (size, size, 3)."""
+RESIZE_MODES = ("crop", "squish", "pad")
+
+
+def load_image(path, size, resize="crop"):
+    """The deterministic preprocessing: EXIF orientation, RGB, then to size x size (bilinear,
+    antialiased) by `resize`: "crop" the centre square first (the method's), "squish" the whole
+    photo to a square, or "pad" it, whole and in its proportions, onto black. Returns a uint8
+    array of shape (size, size, 3)."""
     with Image.open(path) as img:
         bits = png_significant_bits(path) if img.mode.startswith("I;16") else None
-        img = to_rgb(ImageOps.exif_transpose(img), bits)
-        w, h = img.size
+        return square(to_rgb(ImageOps.exif_transpose(img), bits), size, resize)
+
+
+def square(img, size, resize="crop"):
+    """An RGB PIL image as load_image's uint8 size x size array."""
+    w, h = img.size
+    if resize == "crop":
         s = min(w, h)
         left, top = (w - s) // 2, (h - s) // 2
         # Crop first: resize(box=...) would blend in pixels from outside the square. PIL's
         # bilinear filter widens when it shrinks, i.e. the resize is antialiased.
         img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.BILINEAR)
-        return np.asarray(img, dtype=np.uint8)
+    elif resize == "squish":
+        img = img.resize((size, size), Image.BILINEAR)
+    elif resize == "pad":
+        scale = size / max(w, h)
+        inner = (max(1, round(w * scale)), max(1, round(h * scale)))
+        canvas = Image.new("RGB", (size, size))  # black: the affine augmentation's fill too
+        canvas.paste(
+            img.resize(inner, Image.BILINEAR), ((size - inner[0]) // 2, (size - inner[1]) // 2)
+        )
+        img = canvas
+    else:
+        raise ValueError(f"resize mode {resize!r} is not one of {RESIZE_MODES}")
+    return np.asarray(img, dtype=np.uint8)
 
 
 def to_rgb(img, significant_bits=None):
@@ -161,9 +190,9 @@ def png_significant_bits(path):
     return None
 
 
-def _load_or_reason(path, size):
+def _load_or_reason(path, size, resize="crop"):
     try:
-        return load_image(path, size), None
+        return load_image(path, size, resize), None
     except Exception as e:  # any decoder failure: the caller names the file and goes on
         return None, f"{type(e).__name__}: {e}"
 
@@ -199,17 +228,18 @@ class ImageCache:
         )
 
 
-def cache_key(folder, files, size):
+def cache_key(folder, files, size, resize="crop"):
     """Changes whenever a file is added, removed or changed, or the preprocessing changes."""
-    h = hashlib.sha256(f"v{PREPROCESS_VERSION} size={size}\n".encode())
+    h = hashlib.sha256(f"v{PREPROCESS_VERSION} size={size} resize={resize}\n".encode())
     for f in files:
         st = os.stat(os.path.join(folder, f))
         h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
-def build_cache(folder, files, size, cache_dir, threads=0):
-    """Preprocess `files` (paths relative to `folder`) once and keep them in cache_dir.
+def build_cache(folder, files, size, cache_dir, threads=0, resize="crop"):
+    """Preprocess `files` (paths relative to `folder`) once, to `size` by `resize` (load_image),
+    and keep them in cache_dir: each size and resize mode a cache of its own.
 
     Reuses the cache when nothing changed. Unreadable images are skipped with a warning naming
     them. The pixels and then the index are written under temporary names and moved into place,
@@ -217,18 +247,20 @@ def build_cache(folder, files, size, cache_dir, threads=0):
     cache at once (two runs on one dataset) take turns: one builds it, the other waits and reads
     it."""
     folder, cache_dir = Path(folder), Path(cache_dir)
-    key = cache_key(folder, files, size)
+    key = cache_key(folder, files, size, resize)
     # The folder's full path in the name: datasets sharing a --cache-dir keep apart.
     where = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
-    stem = f"{folder.name}-{where}-{size}px-{key}"
+    kind = f"{folder.name}-{where}-{size}px-{resize}"
+    stem = f"{kind}-{key}"
     index_path, pixels_path = cache_dir / f"{stem}.json", cache_dir / f"{stem}.u8"
     cache = _read_cache_index(index_path, pixels_path, size)
     if cache is None:
-        lock = cache_dir / f"{folder.name}-{where}-{size}px.lock"  # one for every version
-        with exclusive(lock, f"the cache {stem}", wait=True):
+        with exclusive(cache_dir / f"{kind}.lock", f"the cache {stem}", wait=True):  # any version
             cache = _read_cache_index(index_path, pixels_path, size)  # built while we waited?
             if cache is None:
-                cache = _write_cache(folder, files, size, index_path, pixels_path, threads)
+                cache = _write_cache(
+                    folder, files, (size, resize), index_path, pixels_path, threads
+                )
     for f, why in cache.skipped.items():
         warnings.warn(f"skipped unreadable image {folder / f}: {why}", stacklevel=2)
     return cache
@@ -245,7 +277,8 @@ def _read_cache_index(index_path, pixels_path, size):
         return None
 
 
-def _write_cache(folder, files, size, index_path, pixels_path, threads):
+def _write_cache(folder, files, preprocessing, index_path, pixels_path, threads):
+    size, resize = preprocessing
     kept, skipped = [], {}
     bar = tqdm(
         total=len(files),
@@ -261,7 +294,13 @@ def _write_cache(folder, files, size, index_path, pixels_path, threads):
         for start in range(0, len(files), 256):
             chunk = files[start : start + 256]
             for f, (pixels, why) in zip(
-                chunk, pool.map(_load_or_reason, [folder / f for f in chunk], [size] * len(chunk))
+                chunk,
+                pool.map(
+                    _load_or_reason,
+                    [folder / f for f in chunk],
+                    [size] * len(chunk),
+                    [resize] * len(chunk),
+                ),
             ):
                 if pixels is None:
                     skipped[f] = why
@@ -315,6 +354,10 @@ class CachedImages(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
+    def class_counts(self, num_classes):
+        """How many of these images each class has."""
+        return np.bincount(self.labels[self.indices], minlength=num_classes)
+
     def subset(self, rows):
         """The images at `rows` of this one."""
         return CachedImages(self.cache, self.labels, self.indices[np.asarray(rows, dtype=np.int64)])
@@ -327,14 +370,25 @@ class CachedImages(torch.utils.data.Dataset):
 
 
 def make_loader(
-    dataset, batch_size, shuffle, seed=0, pin_memory=False, drop_last=False, num_replicas=1, rank=0
+    dataset,
+    batch_size,
+    shuffle,
+    seed=0,
+    pin_memory=False,
+    drop_last=False,
+    num_replicas=1,
+    rank=0,
+    balanced=False,
 ):
     """A loader of whole batches, each one read of the cache, in the thread that iterates it (no
     loader processes: handing a batch over from one costs more than the read).
     With shuffle, the order depends only on (seed, epoch): call set_epoch(loader, e) before each
     epoch and a resumed run sees the same batches (set_epoch(loader, e, start) skips the first
-    `start` of them unread). Under DDP each process gets its own shard."""
-    if shuffle:
+    `start` of them unread). Under DDP each process gets its own shard. `balanced`: each epoch
+    draws as many images with replacement, every class equally likely (BalancedSampler)."""
+    if balanced:
+        sampler = BalancedSampler(dataset.labels[dataset.indices], num_replicas, rank, seed)
+    elif shuffle:
         sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
         )
@@ -351,6 +405,34 @@ def make_loader(
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+class BalancedSampler(torch.utils.data.Sampler):
+    """An epoch of class-balanced draws: as many images as there are, drawn with replacement,
+    each image with weight 1 / (its class's images), so that each class is drawn equally often
+    (torch's WeightedRandomSampler's draws). The draws are a function of (seed, epoch) alone and
+    the same on every process, which takes every num_replicas-th of them from its rank on: the
+    processes together see the one-process epoch, and a resumed run the same batches (the API of
+    DistributedSampler: set_epoch, and padded to a multiple of num_replicas)."""
+
+    def __init__(self, labels, num_replicas=1, rank=0, seed=0):
+        labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        counts = torch.bincount(labels).double()
+        self.weights = 1 / counts[labels]
+        self.num_replicas, self.rank, self.seed, self.epoch = num_replicas, rank, seed, 0
+        self.num_samples = math.ceil(len(labels) / num_replicas)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        total = self.num_samples * self.num_replicas
+        draws = torch.multinomial(self.weights, total, replacement=True, generator=generator)
+        return iter(draws[self.rank : total : self.num_replicas].tolist())
+
+    def __len__(self):
+        return self.num_samples
 
 
 class EpochBatches(torch.utils.data.BatchSampler):
@@ -395,17 +477,38 @@ class DatasetFiles:
     layout: str  # how the root was read, in words
 
 
-def find_dataset(root, classes=None):
-    """The training and validation images of a dataset root, listed and checked:
-    <root>/train/<class>/<image>, and <root>/val/<class>/<image> if there is a val/. `classes`:
-    the class list to label with (a checkpoint's), instead of train/'s folders."""
+def find_dataset(root, classes=None, labels=None, image_col=None, label_col=None, val_labels=None):
+    """The training and validation images of a dataset root, listed and checked, in one of three
+    layouts:
+    - <root>/train/<class>/<image>, with <root>/val/<class>/<image> if there is a val/;
+    - images in a flat <root>/train/ with their labels in the CSV `labels` (columns `image_col`
+      and `label_col`, by default its first two), validation from `val_labels` (the images it
+      names in <root>/val/, or in train/ if there is no val/) if given;
+    - no train/: <root>/<class>/<image>, a folder of class folders (torchvision's ImageFolder).
+    Without val/ or `val_labels`, validation is held out of the training images (cache_splits).
+    `classes`: the class list to label with (a checkpoint's), instead of the data's own."""
     root = Path(root)
     train_dir = root / "train"
+    if labels:
+        return dataset_from_csv(root, classes, labels, image_col, label_col, val_labels)
     if not train_dir.is_dir():
+        if root.is_dir() and class_folders(root):
+            classes = list(classes) if classes is not None else find_classes(root, skip=("test",))
+            train = listed_folders(root, classes, skip=("test",))
+            return DatasetFiles(
+                root, classes, train, None, "class folders at the root, val held out"
+            )
         raise SystemExit(
             f"no training data at {train_dir}.\n"
             f"Point --data at a dataset root laid out as <root>/train/<class>/<image> (val/ and "
-            f"test/ beside it are optional), or try the whole pipeline with: python train.py --demo"
+            f"test/ beside it are optional), or as <root>/<class>/<image>; give the labels of a "
+            f"flat train/ with --labels CSV; or try the whole pipeline with: python train.py --demo"
+        )
+    if not class_folders(train_dir) and list_images(train_dir):
+        hint = next((f" ({c} is there)" for c in sorted(root.glob("*.csv"))), "")
+        raise SystemExit(
+            f"{train_dir} holds images but no class folders: give their labels with --labels "
+            f"CSV{hint}, or put each class's images in a folder of its own"
         )
     classes = list(classes) if classes is not None else find_classes(train_dir)
     train = listed_folders(train_dir, classes)
@@ -426,10 +529,17 @@ def find_dataset(root, classes=None):
     return DatasetFiles(root, classes, train, val, "train/ and val/ class folders")
 
 
-def validation_is_drawn(options):
-    """Whether the run's validation images are held out of its training images (by --seed and
-    --val-fraction), as find_dataset would find them: no val/."""
-    return not (Path(options["data"]) / "val").is_dir()
+def dataset_of(options, root=None, classes=None):
+    """find_dataset as a run's options (a checkpoint's `args`) describe the data; `root`: where
+    the data is now, if not at --data."""
+    return find_dataset(
+        root or options["data"],
+        classes=classes,
+        labels=options.get("labels"),
+        image_col=options.get("image_col"),
+        label_col=options.get("label_col"),
+        val_labels=options.get("val_labels"),
+    )
 
 
 def trained_data_root(given, state):
@@ -448,13 +558,13 @@ def trained_data_root(given, state):
 
 
 def validation_of(state, root, size, threads=4):
-    """A checkpoint's validation images, exactly as its run held them out: its classes, its
-    --val-fraction and --seed, its cache folder."""
+    """A checkpoint's validation images, exactly as its run held them out: its classes, its data
+    layout, --resize, --val-fraction and --seed, its cache folder."""
     saved = state["args"]
-    dataset = find_dataset(root, classes=state["classes"])
     return cache_splits(
-        dataset,
+        dataset_of(saved, root, classes=state["classes"]),
         size,
+        resize=saved.get("resize", "crop"),
         cache_dir=saved.get("cache_dir"),
         threads=threads,
         val_fraction=saved.get("val_fraction", 0.1),  # not in a checkpoint made elsewhere
@@ -463,9 +573,154 @@ def validation_of(state, root, size, threads=4):
     ).val
 
 
-def listed_folders(split_dir, classes):
-    files = list_labelled_images(split_dir, classes)
+def validation_is_drawn(options):
+    """Whether the run's validation images are held out of its training images (by --seed and
+    --val-fraction), as find_dataset would find them: neither --val-labels nor, without
+    --labels, a val/ beside train/."""
+    if options.get("labels"):
+        return not options.get("val_labels")
+    root = Path(options["data"])
+    return not ((root / "train").is_dir() and (root / "val").is_dir())
+
+
+def class_folders(folder, skip=()):
+    folder = Path(folder)
+    return [
+        d for d in folder.iterdir() if d.is_dir() and not is_hidden(d.name) and d.name not in skip
+    ]
+
+
+def listed_folders(split_dir, classes, skip=()):
+    files = list_labelled_images(split_dir, classes, skip)
     return Listed(Path(split_dir), files, labels_of(files, classes))
+
+
+# ----------------------------------------------------------------------------- labels in a CSV
+
+
+def dataset_from_csv(root, classes, labels, image_col, label_col, val_labels):
+    """find_dataset's second layout: a flat train/ and the CSV of its labels (Kaggle's)."""
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise SystemExit(f"--labels {labels}: no folder {train_dir} of the images it names")
+    rows = read_label_csv(labels_path(labels, root), image_col, label_col)
+    val_rows, val_dir = None, None
+    if val_labels:
+        val_dir = root / "val" if (root / "val").is_dir() else train_dir
+        val_rows = read_label_csv(labels_path(val_labels, root), image_col, label_col)
+    if classes is None:
+        found = {label for _, label, _ in rows} | {label for _, label, _ in val_rows or []}
+        classes = ordered_classes(found)
+    train = listed_from_rows(rows, train_dir, classes, labels)
+    where = f"train/ images labelled by {Path(labels).name}"
+    if val_rows is None:
+        return DatasetFiles(root, classes, train, None, f"{where}, val held out")
+    val = listed_from_rows(val_rows, val_dir, classes, val_labels)
+    both = sorted(set(train.files) & set(val.files)) if val_dir == train_dir else []
+    if both:
+        raise SystemExit(
+            f"{val_labels} names images that {labels} names too, so they would train and "
+            f"validate: {', '.join(both[:10])}"
+        )
+    return DatasetFiles(root, classes, train, val, f"{where}, val by {Path(val_labels).name}")
+
+
+def labels_path(labels, root):
+    """A --labels file as given, or inside the data root."""
+    path = Path(labels)
+    if not path.is_file() and (Path(root) / path).is_file():
+        path = Path(root) / path
+    if not path.is_file():
+        raise SystemExit(f"no labels file {labels} (nor {Path(root) / labels})")
+    return path
+
+
+def read_label_csv(path, image_col=None, label_col=None):
+    """(image name, label, line number) of each row of a labels CSV with a header, by the column
+    names given (by default its first two columns), extra columns ignored. Every problem found
+    is named, with its line, in one SystemExit."""
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
+        table = [row for row in csv.reader(f)]
+    if not table:
+        raise SystemExit(f"{path} is empty")
+    header = [name.strip() for name in table[0]]
+    columns = []
+    for given, default, what in ((image_col, 0, "--image-col"), (label_col, 1, "--label-col")):
+        if given is None:
+            if len(header) < 2:
+                raise SystemExit(f"{path}: two columns expected (image, label), found {header}")
+            columns.append(default)
+        elif given in header:
+            columns.append(header.index(given))
+        else:
+            raise SystemExit(f"{path} has no column {given!r} ({what}); its columns: {header}")
+    rows, problems = [], []
+    for n, row in enumerate(table[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue  # a blank line
+        name, label = (row[c].strip() if c < len(row) else "" for c in columns)
+        if not name:
+            problems.append(f"line {n}: no image name")
+        elif not label:
+            problems.append(f"line {n}: {name} has an empty label")
+        else:
+            rows.append((name, label, n))
+    if problems:
+        raise SystemExit(f"{path}: " + "; ".join(problems[:20]) + more(problems, 20))
+    return rows
+
+
+def listed_from_rows(rows, folder, classes, source):
+    """The images of `folder` the rows name (with their extension or without), labelled, checked:
+    a name with no image, an image named twice with two labels, a label not among `classes` are
+    errors naming their lines; a class with one image is a warning."""
+    by_name = {name: name for name in list_images(folder)}
+    by_stem = {}
+    for name in by_name:
+        by_stem.setdefault(Path(name).stem, []).append(name)
+    index = {c: i for i, c in enumerate(classes)}
+    chosen, problems = {}, []
+    for name, label, line in rows:
+        file = by_name.get(name) or (by_stem[name][0] if len(by_stem.get(name, [])) == 1 else None)
+        if file is None:
+            twins = by_stem.get(name, [])
+            why = (
+                f"{len(twins)} files are named so: {', '.join(twins)}" if twins else "no such image"
+            )
+            problems.append(f"line {line}: {name} ({why} in {folder})")
+        elif label not in index:
+            problems.append(f"line {line}: {label!r} is not one of the {len(classes)} classes")
+        elif file in chosen and chosen[file][0] != label:
+            problems.append(
+                f"line {line}: {name} is labelled {label!r}, and {chosen[file][0]!r} on line "
+                f"{chosen[file][1]}"
+            )
+        else:
+            chosen.setdefault(file, (label, line))
+    if problems:
+        raise SystemExit(f"{source}: " + "; ".join(problems[:20]) + more(problems, 20))
+    files = sorted(chosen)
+    counts = Counter(chosen[f][0] for f in files)
+    lonely = sorted(c for c, n in counts.items() if n == 1)
+    if lonely:
+        warnings.warn(
+            f"{source}: {len(lonely)} class(es) with a single image, which cannot be both "
+            f"trained and validated on: {', '.join(lonely[:10])}",
+            stacklevel=2,
+        )
+    unlisted = len(by_name) - len(files)
+    if unlisted and source:
+        warnings.warn(
+            f"{source} names {len(files)} of the {len(by_name)} images in {folder}; "
+            f"the other {unlisted} are left out",
+            stacklevel=2,
+        )
+    labels = np.array([index[chosen[f][0]] for f in files], dtype=np.int64)
+    return Listed(Path(folder), files, labels)
+
+
+def more(problems, shown):
+    return f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
 
 
 @dataclass
@@ -478,16 +733,25 @@ class Splits:
 
 
 def cache_splits(
-    dataset, size, cache_dir=None, threads=0, val_fraction=0.1, seed=0, val_only=False
+    dataset,
+    size,
+    *,
+    resize="crop",
+    cache_dir=None,
+    threads=0,
+    val_fraction=0.1,
+    seed=0,
+    val_only=False,
 ):
-    """The training and validation images of `dataset` (find_dataset's), cached: the one rule for
-    which images validate. val/ if the dataset has one, else a stratified split of train/ fixed
-    by (val_fraction, seed), over the images that could be read. With val_only the training
-    images are cached only where validation is drawn from them."""
+    """The training and validation images of `dataset` (find_dataset's), cached at `size` by
+    `resize`: the one rule for which images validate. The dataset's own validation images if it
+    has them, else a stratified split of the training images fixed by (val_fraction, seed), over
+    the images that could be read. With val_only the training images are cached only where
+    validation is drawn from them."""
     cache_dir = cache_dir or default_cache_dir(dataset.root)
 
     def cached(listed):
-        cache = build_cache(listed.folder, listed.files, size, cache_dir, threads)
+        cache = build_cache(listed.folder, listed.files, size, cache_dir, threads, resize)
         if listed.files and not cache.files:
             raise SystemExit(
                 f"none of the {len(listed.files)} images of {listed.folder} could be read"
@@ -514,7 +778,14 @@ def cache_splits(
 
 def load_splits(root, size, cache_dir=None, threads=0, val_fraction=0.1, seed=0):
     """train/ and val/ of a dataset root, cached (without val/: a stratified split of train/)."""
-    return cache_splits(find_dataset(root), size, cache_dir, threads, val_fraction, seed)
+    return cache_splits(
+        find_dataset(root),
+        size,
+        cache_dir=cache_dir,
+        threads=threads,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
 
 
 def display_names(data_dir, classes):

@@ -7,6 +7,7 @@ the benchmarks read it from here.
 """
 
 import argparse
+import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from torch import nn
 
 from augment import DeviceAugment, MixUpCutMix
 from checkpoint import PHASE1, Resume, load_checkpoint, resolve_checkpoint
+from data import RESIZE_MODES, labels_path, validation_is_drawn
 from model import count_parameters, set_trainable, stage_groups
 from utils import log
 
@@ -92,10 +94,45 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=USAGE, formatter_class=HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument(
-        "--data", default="data", help="dataset root: train/<class>/<image>, val/, test/"
+        "--data",
+        default="data",
+        help="dataset root: train/<class>/<image> (val/, test/ beside it), <class>/<image>, or "
+        "a flat train/ with --labels",
     )
-    g.add_argument("--img-size", type=int, default=224, help="side after centre crop and resize")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="of train/, if there is no val/")
+    g.add_argument(
+        "--labels",
+        default=None,
+        metavar="CSV",
+        help="the labels of a flat <data>/train/: a CSV with a header, image names (with or "
+        "without their extension) and labels, as Kaggle's train.csv",
+    )
+    g.add_argument(
+        "--image-col", default=None, metavar="NAME", help="--labels' image column; unset: its first"
+    )
+    g.add_argument(
+        "--label-col",
+        default=None,
+        metavar="NAME",
+        help="--labels' label column; unset: its second",
+    )
+    g.add_argument(
+        "--val-labels",
+        default=None,
+        metavar="CSV",
+        help="with --labels: the validation images (in <data>/val/, or train/ if there is none) "
+        "and their labels; unset: --val-fraction of --labels' images held out",
+    )
+    g.add_argument("--img-size", type=int, default=224, help="the square side images become")
+    g.add_argument(
+        "--resize",
+        default="crop",
+        choices=RESIZE_MODES,
+        help="how a photo becomes a square: crop its centre (the report's), squish it whole, or "
+        "pad it whole onto black; evaluate.py and predict.py follow the run's",
+    )
+    g.add_argument(
+        "--val-fraction", type=float, default=0.1, help="held out for validation, if no val/"
+    )
     g.add_argument(
         "--cache-dir", default=None, help="preprocessed-image cache; unset: <data>/.cache"
     )
@@ -167,6 +204,20 @@ def get_args_parser():
 
     g = p.add_argument_group("both phases")
     g.add_argument("--label-smoothing", type=float, default=0.1, help="of the cross-entropy")
+    g.add_argument(
+        "--class-weights",
+        default="none",
+        metavar="auto|FILE",
+        help="weigh each class's loss: auto by inverse frequency in the training images (mean "
+        "1), FILE a CSV of class,weight (unlisted classes 1); none",
+    )
+    g.add_argument(
+        "--sampler",
+        default="shuffle",
+        choices=["shuffle", "balanced"],
+        help="each epoch's images: every training image once, shuffled; or balanced, as many "
+        "drawn with replacement, each class equally likely",
+    )
     g.add_argument("--amp", default="fp16", choices=["fp16", "bf16", "off"], help="on CUDA")
     g.add_argument(
         "--accum-steps",
@@ -378,6 +429,7 @@ def resolve_options(argv=None):
         options = {**vars(args), **(DEMO if args.demo else {}), **preset(parser, args.recipe)}
         if args.epochs:
             options |= split_budget(args.epochs, {k: given[k] for k in PHASE_EPOCHS if k in given})
+        options |= resolved_paths(options)
     else:
         saved = {**vars(parser.parse_args([])), **saved_options(resume.state)}
         options = continued_options(parser, saved, given, resume)
@@ -388,6 +440,21 @@ def resolve_options(argv=None):
     if options["compile"] == "off":
         options["compile"] = None
     return argparse.Namespace(**options), resume
+
+
+def resolved_paths(options):
+    """The files a fresh run reads its labels and class weights from, as absolute paths (they
+    are saved; evaluate.py and predict.py read them again from anywhere), checked to exist."""
+    found = {}
+    for key in ("labels", "val_labels"):
+        if options[key]:
+            found[key] = str(labels_path(options[key], options["data"]).resolve())
+    weights = options["class_weights"]
+    if weights not in ("auto", "none"):
+        if not Path(weights).is_file():
+            raise SystemExit(f"--class-weights {weights}: not auto, none, nor a file")
+        found["class_weights"] = str(Path(weights).resolve())
+    return found
 
 
 def continued_options(parser, saved, given, resume):
@@ -496,13 +563,14 @@ def whole_epochs(run, value):
 
 
 def held_out_split(run, value):
-    from data import validation_is_drawn  # the data's layout decides
-
-    if validation_is_drawn(run.options):
+    saved = run.state["args"]
+    before = {**run.options, "labels": saved.get("labels"), "val_labels": saved.get("val_labels")}
+    if validation_is_drawn(before) or validation_is_drawn(run.options):
         return (
             "the validation images are drawn from the training images by --seed and "
             "--val-fraction, so another value would move images the run trained on into "
-            "validation; keep the run's value, or give the data a val/ folder of its own"
+            "validation; keep the run's value, or give the data a validation set of its own "
+            "(a val/ folder, or --val-labels)"
         )
     return None
 
@@ -516,7 +584,12 @@ COMMAND = None  # an order for this command alone, never a saved option
 CONTINUING = {
     # the data
     "data": applied,
+    "labels": held_out_split,  # the images validation is drawn from, where it is drawn
+    "image_col": held_out_split,
+    "label_col": held_out_split,
+    "val_labels": held_out_split,
     "img_size": applied,
+    "resize": applied,  # its own cache; the checkpoints say which
     "val_fraction": held_out_split,
     "cache_dir": applied,
     "batch_size": whole_epochs,
@@ -545,6 +618,8 @@ CONTINUING = {
     "save_min_acc": applied,
     # both phases
     "label_smoothing": applied,
+    "class_weights": applied,
+    "sampler": whole_epochs,
     "amp": applied,
     "accum_steps": whole_epochs,
     "sync_bn": applied,
@@ -732,9 +807,35 @@ def constant(epoch):
     return 1.0
 
 
-def loss_of(args):
-    """Both phases' loss, validation's too: cross-entropy with label smoothing."""
-    return nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+def loss_of(args, classes=None, counts=None):
+    """Both phases' loss, validation's too: cross-entropy with label smoothing, each class
+    weighed by --class-weights (`counts`: each class's training images, for auto)."""
+    weight = class_weights(args.class_weights, classes, counts)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+
+
+def class_weights(spec, classes, counts):
+    """--class-weights as a tensor of one weight a class, or None: "auto", each class's inverse
+    frequency among the training images, scaled so that the weights' mean is 1 (a class with no
+    training image gets 0); a CSV of class,weight (a header, then a row a class; unlisted
+    classes 1)."""
+    if spec in (None, "none"):
+        return None
+    if spec == "auto":
+        counts = torch.as_tensor(counts, dtype=torch.float64)
+        inverse = torch.where(counts > 0, 1 / counts.clamp(min=1), 0.0)
+        return (inverse / inverse[counts > 0].mean()).float()
+    with open(spec, newline="", encoding="utf-8-sig") as f:
+        rows = [row for row in csv.reader(f) if row][1:]
+    index, weight = {c: i for i, c in enumerate(classes)}, torch.ones(len(classes))
+    for n, row in enumerate(rows, start=2):
+        if len(row) < 2 or row[0].strip() not in index:
+            raise SystemExit(f"--class-weights {spec}: line {n}: not a class,weight of the data")
+        try:
+            weight[index[row[0].strip()]] = float(row[1])
+        except ValueError:
+            raise SystemExit(f"--class-weights {spec}: line {n}: {row[1]!r} is no number") from None
+    return weight
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from data import (
     DatasetFiles,
     Splits,
     cache_splits,
-    find_dataset,
+    dataset_of,
     make_loader,
     set_epoch,
     write_demo_dataset,
@@ -86,7 +86,7 @@ def main(argv=None):
     with local_main_first(procs.local_rank):
         if args.demo:
             write_demo_dataset(args.data)
-        dataset = find_dataset(args.data)
+        dataset = dataset_of(vars(args))
     seed_everything(args.seed + procs.rank)  # initialisation, and anything random a model adds
     weights = resume.weights(args.arch, args.weights)
     model = build_model(args.arch, len(dataset.classes), weights)
@@ -168,6 +168,7 @@ def load_data(args, dataset: DatasetFiles) -> Splits:
     return cache_splits(
         dataset,
         args.img_size,
+        resize=args.resize,
         cache_dir=args.cache_dir,
         threads=args.cache_workers,
         val_fraction=args.val_fraction,
@@ -401,7 +402,8 @@ class Run:
         self.history = self.resume.history()  # an epoch's record each
         self.net = self.model  # what runs the steps: the same module, wrapped for DDP, --compile
         self.dtype = amp_dtype(args.amp, device)
-        self.criterion = loss_of(args)
+        self.class_counts = self.splits.train.class_counts(len(self.splits.classes))
+        self.criterion = loss_of(args, self.splits.classes, self.class_counts).to(device)
         self.saved_at = None  # where last.pt was last written by this run, in words
         augment = DeviceAugment.from_args(args)
         self.train_preprocess = BatchPreprocess(args.mean, args.std, augment).to(device)
@@ -415,6 +417,7 @@ class Run:
             pin_memory=cuda,
             # Dropping the last partial batch keeps batch norm from ever seeing a batch of one.
             drop_last=len(self.splits.train) > args.batch_size * self.world_size,
+            balanced=args.sampler == "balanced",
             **shard,
         )
         self.val_loader = make_loader(
@@ -536,8 +539,18 @@ class Run:
         }
         weights = {strip_prefixes(k): v for k, v in self.model.state_dict().items()}
         ema = self.ema.state_dict() if self.ema else None
+        counts = self.class_counts.tolist()
         return make_checkpoint(
-            weights, about, vars(args), self.history, phase.number, epoch, ema, training, **extra
+            weights,
+            about,
+            vars(args),
+            self.history,
+            phase.number,
+            epoch,
+            ema,
+            training,
+            class_counts=counts,
+            **extra,
         )
 
     def save_epoch(self, phase, epoch, is_best):

@@ -23,7 +23,12 @@ BASE = TINY + ["--epochs1", "2", "--epochs2", "3"]
 # parser without one here (and without a rule in recipe.CONTINUING) fails the walk.
 OTHER = {
     "data": None,  # the same dataset, named another way (filled in by the fixture)
+    "labels": None,  # a CSV of the same images (the fixture)
+    "image_col": ["image"],
+    "label_col": ["label"],
+    "val_labels": None,  # a CSV of the validation images (the fixture)
     "img_size": ["24"],
+    "resize": ["squish"],
     "val_fraction": ["0.2"],
     "cache_dir": None,  # another folder (the fixture)
     "batch_size": ["3"],
@@ -49,6 +54,8 @@ OTHER = {
     "save_every": ["0"],
     "save_min_acc": ["0.5"],
     "label_smoothing": ["0.2"],
+    "class_weights": ["auto"],
+    "sampler": ["balanced"],
     "amp": ["bf16"],
     "accum_steps": ["2"],
     "sync_bn": [],
@@ -81,11 +88,13 @@ OTHER = {
     "demo": [],
     "overwrite": [],
 }
-ALWAYS_REFUSED = {"arch", "mean", "std", "weights", "demo"}
+# --labels: the run validates on its val/ folder; with a CSV of labels it would hold out a share
+# of the training images.
+ALWAYS_REFUSED = {"arch", "mean", "std", "weights", "demo", "labels"}
 # Mid-epoch in Phase II: Phase I is over, Phase II's NAdam state is saved, the epoch's batches
 # are fixed.
 REFUSED_IN_PHASE2 = ALWAYS_REFUSED | {"epochs1", "lr1", "wd1", "freeze_bn", "optimizer2"}
-REFUSED_IN_PHASE2 |= {"batch_size", "accum_steps", "seed"}
+REFUSED_IN_PHASE2 |= {"batch_size", "accum_steps", "seed", "sampler"}
 
 
 def options():
@@ -128,6 +137,9 @@ def value_of(action, root, data):
         return [str(data) + "/."]
     if action.dest in ("cache_dir", "out"):
         return [str(root / f"another-{action.dest}")]
+    if action.dest in ("labels", "val_labels"):
+        return [str(labels_csv(root / f"{action.dest}.csv", data / "train"))]
+
     return other
 
 
@@ -173,7 +185,7 @@ def settings(args, phase, epoch):
         ],
         "phase": (phase.number, phase.epochs, phase.clip, phase.freeze_bn, phase.accum_steps),
         "mix": None if phase.mix is None else (phase.mix.mixup, phase.mix.cutmix),
-        "smoothing": phase.criterion.label_smoothing,
+        "loss": (phase.criterion.label_smoothing, weights_of(phase.criterion)),
         "rates": phase.lrs()[epoch:],
     }
 
@@ -218,7 +230,7 @@ def test_every_option_given_to_a_continued_run_is_applied_or_refused(
         fresh, _ = resolve_options(["--data", str(data), *fresh_equivalent(option, state)])
         fresh.mean, fresh.std = run.args.mean, run.args.std
         model = M.build_model(fresh.arch, len(run.splits.classes), "none")
-        criterion = recipe.loss_of(fresh)
+        criterion = recipe.loss_of(fresh, run.splits.classes, run.class_counts)
         expected = recipe.phase_setup(phase.number, fresh, model, CPU, criterion, None)
         assert settings(run.args, phase, epoch) == settings(fresh, expected, epoch), option
         if phase.number == state["phase"]:  # the saved state, each parameter's, in its place
@@ -328,3 +340,16 @@ def test_every_rule_is_one_of_the_documented_ones():
         rule = recipe.CONTINUING[action.dest]
         word = "applied" if rule in (recipe.applied, recipe.COMMAND) else "refused"
         assert f"| `{action.option_strings[0]}` | {word}" in page, action.dest
+
+
+def labels_csv(path, folder):
+    """A CSV of image,label for the class folders of `folder` (names relative to it)."""
+    rows = ["image,label"] + [
+        f"{p.parent.name}/{p.name},{p.parent.name}" for p in sorted(folder.rglob("*.png"))
+    ]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def weights_of(criterion):
+    return None if criterion.weight is None else criterion.weight.tolist()

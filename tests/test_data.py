@@ -83,7 +83,7 @@ def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
     root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=3)
     decoded = []
     original = data.load_image
-    monkeypatch.setattr(data, "load_image", lambda p, s: decoded.append(p) or original(p, s))
+    monkeypatch.setattr(data, "load_image", lambda p, *a: decoded.append(p) or original(p, *a))
 
     def build():
         files = data.list_labelled_images(root / "train", ["a", "b"])

@@ -190,10 +190,11 @@ sys.path.insert(0, {repo!r})
 import data
 decoded = []
 load = data.load_image
-def slow(path, size):
+def slow(path, *preprocessing):
     decoded.append(path)
     time.sleep(0.02)  # long enough for the two builds to overlap
-    return load(path, size)
+    return load(path, *preprocessing)
+
 data.load_image = slow
 files = data.list_labelled_images({folder!r}, ["a", "b"])
 cache = data.build_cache({folder!r}, files, 12, {cache!r}, 2)

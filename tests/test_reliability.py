@@ -94,18 +94,21 @@ def nan_at_training_batch(monkeypatch, n):
     diverging run's does: its gradients, and after the step the weights, are NaN too."""
     real, calls = train.loss_of, [0]
 
-    def loss_of(args):
-        criterion = real(args)
+    class Spoilt(torch.nn.Module):
+        def __init__(self, criterion):
+            super().__init__()
+            self.criterion = criterion
 
-        def spoilt(logits, targets):
-            loss = criterion(logits, targets)
+        def forward(self, logits, targets):
+            loss = self.criterion(logits, targets)
             if logits.requires_grad:  # training's, not validation's
                 calls[0] += 1
                 if calls[0] == n:
                     return loss * float("nan")
             return loss
 
-        return spoilt
+    def loss_of(*args):
+        return Spoilt(real(*args))
 
     monkeypatch.setattr(train, "loss_of", loss_of)
 
