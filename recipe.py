@@ -429,14 +429,16 @@ def resolve_options(argv=None):
         options = {**vars(args), **(DEMO if args.demo else {}), **preset(parser, args.recipe)}
         if args.epochs:
             options |= split_budget(args.epochs, {k: given[k] for k in PHASE_EPOCHS if k in given})
-        options |= resolved_paths(options)
     else:
         saved = {**vars(parser.parse_args([])), **saved_options(resume.state)}
         options = continued_options(parser, saved, given, resume)
     options |= given
     options["overwrite"] = args.overwrite  # an order for this command, never a saved option
+    options |= resolved_paths(options)
     if resume.state is not None:
         refuse_changes(options, saved, resume)
+
+
     if options["compile"] == "off":
         options["compile"] = None
     return argparse.Namespace(**options), resume

@@ -1,5 +1,6 @@
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -305,3 +306,126 @@ def test_16_bit_images_are_scaled_alike_and_12_bit_ones_keep_their_levels(tmp_pa
     twelve = write_grey16(tmp_path / "twelve.png", ramp, significant_bits=12)
     pixels = data.load_image(twelve, 256)[0, :, 0]
     assert pixels.max() >= 250 and len(np.unique(pixels)) > 200  # not 17 grey levels
+
+
+def kaggle_layout(root, classes=("10", "2", "1"), per_class=4, with_ext=False):
+    """A flat root/train/ of images and root/train.csv of id,label, Kaggle's layout: the columns
+    in another order, an extra one, names without their extension unless `with_ext`."""
+    lines = ["label,notes,id"]
+    for i, c in enumerate(classes):
+        for j in range(per_class):
+            name = f"img{i}{j:02d}"
+            write_image(root / "train" / f"{name}.png", (40 * i, 200, 90), seed=i * 10 + j)
+            lines.append(f"{c},x,{name}.png" if with_ext else f"{c},x,{name}")
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_labels_from_a_csv_name_images_with_or_without_extension_in_numeric_class_order(tmp_path):
+    root = kaggle_layout(tmp_path / "k")
+    for csv_name in ("train.csv", str(root / "train.csv")):  # inside the root, or a path
+        dataset = data.find_dataset(root, labels=csv_name, image_col="id", label_col="label")
+        assert dataset.classes == ["1", "2", "10"] and dataset.val is None
+        assert dataset.train.files[:2] == ["img000.png", "img001.png"]
+        assert dataset.train.labels.tolist()[:4] == [2, 2, 2, 2]  # "10" is the third class
+    kaggle_layout(tmp_path / "e", with_ext=True)
+    again = data.find_dataset(tmp_path / "e", labels="train.csv", image_col="id", label_col="label")
+    assert again.train.files == dataset.train.files
+    splits = data.cache_splits(dataset, 8, cache_dir=tmp_path / "c", val_fraction=0.25)
+    assert (len(splits.train), len(splits.val)) == (
+        9,
+        3,
+    ) and "labelled by train.csv" in splits.layout
+
+
+def test_a_labels_csv_with_problems_is_refused_naming_each_line(tmp_path):
+    root = kaggle_layout(tmp_path / "k")
+    lines = (root / "train.csv").read_text().splitlines()
+    lines[2] = "2,x,img000"  # img000 again, with another label than line 2's
+    lines += ["1,x,nowhere", ",x,img101", "1,x,img102"]
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as refused:
+        data.find_dataset(root, labels="train.csv", image_col="id", label_col="label")
+    message = str(refused.value)
+    assert "line 15: img101 has an empty label" in message  # read first: nothing else is checked
+    lines.pop(-2)
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as refused:
+        data.find_dataset(root, labels="train.csv", image_col="id", label_col="label")
+    message = str(refused.value)
+    assert "line 3: img000 is labelled '2', and '10' on line 2" in message
+    assert "line 14: nowhere (no such image in" in message
+    with pytest.raises(SystemExit, match="no column 'image'"):
+        data.find_dataset(root, labels="train.csv", image_col="image")
+
+
+def test_a_class_with_one_image_is_warned_of_and_val_labels_must_not_repeat_train(tmp_path):
+    root = kaggle_layout(tmp_path / "k", per_class=3)
+    val = ["id,label", "img000,10", "img100,2"]
+    (root / "val.csv").write_text("\n".join(val) + "\n")
+    with pytest.raises(SystemExit, match="names images that train.csv names too.*img000.png"):
+        data.find_dataset(
+            root, labels="train.csv", val_labels="val.csv", image_col="id", label_col="label"
+        )
+    (root / "val").mkdir()
+    for name in ("img000", "img100"):
+        (root / "val" / f"{name}.png").write_bytes((root / "train" / f"{name}.png").read_bytes())
+    rows = (root / "train.csv").read_text().splitlines()
+    (root / "train.csv").write_text("\n".join(rows[:2] + rows[4:]) + "\n")  # class 10: one image
+    with pytest.warns(UserWarning, match="1 class\\(es\\) with a single image.*10"):
+        dataset = data.find_dataset(
+            root, labels="train.csv", val_labels="val.csv", image_col="id", label_col="label"
+        )
+    assert dataset.val.folder == root / "val" and dataset.val.files == ["img000.png", "img100.png"]
+    assert not data.validation_is_drawn({"data": str(root), "labels": "x", "val_labels": "y"})
+
+
+def test_a_folder_of_class_folders_is_the_training_set_and_validation_is_held_out(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=5, val_per_class=0)
+    for folder in (root / "train").iterdir():
+        folder.rename(root / folder.name)
+    (root / "train").rmdir()
+    dataset = data.find_dataset(root)  # test/ beside the classes is no class
+    assert dataset.classes == ["a", "b"] and dataset.layout.startswith("class folders at the root")
+    assert data.validation_is_drawn({"data": str(root)})
+    with pytest.raises(SystemExit, match="holds images but no class folders: .* --labels CSV"):
+        (tmp_path / "flat" / "train").mkdir(parents=True)
+        write_image(tmp_path / "flat" / "train" / "x.png", (1, 2, 3))
+        data.find_dataset(tmp_path / "flat")
+
+
+def test_each_resize_mode_keeps_what_it_says_of_a_wide_photo_and_has_its_own_cache(tmp_path):
+    """A 3:1 photo, red at its left end, blue at its right: crop keeps neither end, squish both,
+    pad both and black bars above and below."""
+    pixels = np.full((20, 60, 3), 128, np.uint8)
+    pixels[:, :10] = (255, 0, 0)
+    pixels[:, -10:] = (0, 0, 255)
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    crop, squish, pad = (data.load_image(tmp_path / "wide.png", 12, m) for m in data.RESIZE_MODES)
+    assert crop[6, 0].tolist() == [128, 128, 128] and crop[6, -1].tolist() == [128, 128, 128]
+    assert squish[6, 0, 0] > 200 and squish[6, -1, 2] > 200
+    assert pad[0].max() == 0 and pad[-1].max() == 0 and pad[6, 0, 0] > 200
+    files = ["wide.png"]
+    caches = {
+        m: data.build_cache(tmp_path, files, 12, tmp_path / "c", resize=m).pixels_path
+        for m in ("crop", "squish")
+    }
+    assert caches["crop"] != caches["squish"]
+    assert all(Path(p).exists() for p in caches.values())  # neither removed the other
+
+
+def test_the_balanced_sampler_draws_classes_evenly_the_same_on_every_process(tmp_path):
+    labels = np.array([0] * 90 + [1] * 9 + [2] * 1)  # 90:9:1
+    sampler = data.BalancedSampler(labels, seed=3)
+    draws = []
+    for epoch in (0, 0, 1):
+        sampler.set_epoch(epoch)
+        draws.append(list(sampler))
+    assert draws[0] == draws[1] != draws[2] and len(draws[0]) == 100  # by (seed, epoch) alone
+    per_class = np.bincount(labels[draws[0] + draws[2]], minlength=3)
+    assert per_class.min() > 40  # each about a third of 200, where shuffling gives 2 of class 2
+    shards = [data.BalancedSampler(labels, 3, rank, seed=3) for rank in range(3)]
+    merged = [i for triple in zip(*(list(s) for s in shards)) for i in triple]
+    # Three processes take every third draw of one sequence, padded to 102: the one-process
+    # epoch's 100 draws, then two more.
+    assert len(merged) == 102 and merged[:100] == list(data.BalancedSampler(labels, seed=3))

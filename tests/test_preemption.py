@@ -59,6 +59,8 @@ LEVER_CHOICES = [
     ["--lr-decay", "0.7"],
 ]
 LEVER_CHOICES += [["--accum-steps", "2"], ["--keep-last", "2"]]
+LEVER_CHOICES += [["--sampler", "balanced", "--class-weights", "auto"]]
+
 
 
 def draw_cases(n, seed=21):

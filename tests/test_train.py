@@ -13,8 +13,9 @@ import evaluate
 import inference
 import model as M
 import predict
+import recipe
 import train
-from conftest import TINY, make_dataset
+from conftest import COLOURS, TINY, make_dataset, write_image
 from prefetch import on_device
 from recipe import Phase, parameter_count, resolve_options
 
@@ -436,3 +437,63 @@ def test_recipe_best_returns_the_better_of_the_best_epoch_and_the_average(
     assert again["tta"] == best["tta"]
     for key, value in best["model"].items():
         assert torch.equal(value, again["model"][key]), key
+
+
+def test_class_weights_are_inverse_frequencies_of_mean_one_or_a_files():
+    args, _ = resolve_options(["--class-weights", "auto"])
+    weights = recipe.class_weights("auto", ["a", "b", "c"], [10, 40, 0])
+    assert weights.tolist() == pytest.approx([1.6, 0.4, 0.0])  # 1/10 : 1/40, mean 1 over a, b
+    assert recipe.loss_of(args, ["a", "b", "c"], [10, 40, 0]).weight.tolist() == weights.tolist()
+    assert recipe.class_weights("none", ["a"], [3]) is None
+
+
+def test_a_kaggle_style_run_trains_evaluates_and_predicts_without_being_told_again(
+    tmp_path, narrow_models, monkeypatch, capsys
+):
+    """A flat train/ and a train.csv of id,breed with the ids' extensions left out, weighted
+    classes and balanced batches: evaluate.py and predict.py read the run's labels, resize mode
+    and classes from its checkpoint; --check scores the submission."""
+    root = tmp_path / "kaggle"
+    lines = ["id,breed"]
+    for i, c in enumerate(("husky", "pug", "corgi")):
+        for j in range(6 if i else 12):  # uneven: 12, 6, 6
+            name = f"{c[0]}{j:02d}"
+            write_image(root / "train" / f"{name}.jpg", COLOURS[i], seed=10 * i + j)
+            lines.append(f"{name},{c}")
+        write_image(root / "test" / f"t{i}.jpg", COLOURS[i], seed=100 + i)
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    (root / "answers.csv").write_text("image_name,pred_label\nt0,husky\nt1,pug\nt2,corgi\n")
+    monkeypatch.chdir(root)
+    options = ["--data", ".", "--labels", "train.csv", "--out", "ck", *TINY, "--resize", "pad"]
+    options += [
+        "--class-weights",
+        "auto",
+        "--sampler",
+        "balanced",
+        "--epochs1",
+        "1",
+        "--epochs2",
+        "1",
+    ]
+    train.main(options)
+    assert "train/ images labelled by train.csv, val held out" in capsys.readouterr().err
+    state = torch.load(root / "ck" / "best.pt", weights_only=True)
+    assert state["classes"] == ["corgi", "husky", "pug"] and state["args"]["resize"] == "pad"
+    assert state["args"]["labels"] == str(root / "train.csv")  # resolved: read from anywhere
+    assert sorted(state["class_counts"]) == [5, 5, 11]  # a class's sixth image validates
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(["--ckpt", str(root / "ck" / "best.pt"), "--figures", "figs"])
+    predict.main(["--ckpt", str(root / "ck" / "best.pt"), "--out", "p.csv"])
+    capsys.readouterr()
+    predict.main(
+        [
+            "--ckpt",
+            str(root / "ck" / "best.pt"),
+            "--check",
+            "p.csv",
+            "--answers",
+            str(root / "answers.csv"),
+        ]
+    )
+    assert "p.csv: accuracy" in capsys.readouterr().out
+    assert any("-pad-" in p.name for p in (root / ".cache").iterdir())  # predict used the pad cache
