@@ -21,7 +21,7 @@ import sys
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +226,26 @@ class ImageCache:
             mode="r",
             shape=(len(self.files), self.size, self.size, 3),
         )
+
+
+@dataclass
+class MemoryCache:
+    """Preprocessed images kept in memory, for a few images predicted once: an ImageCache
+    without its file."""
+
+    pixels: np.ndarray  # (n, size, size, 3) uint8
+    skipped: dict = field(default_factory=dict)
+
+    def __len__(self):
+        return len(self.pixels)
+
+    def open(self):
+        return self.pixels
+
+
+def in_memory_images(pixels, labels):
+    """CachedImages over preprocessed images held in memory."""
+    return CachedImages(MemoryCache(pixels), labels)
 
 
 def cache_key(folder, files, size, resize="crop"):
@@ -558,8 +578,8 @@ def trained_data_root(given, state):
 
 
 def validation_of(state, root, size, threads=4):
-    """A checkpoint's validation images, exactly as its run held them out: its classes, its data
-    layout, --resize, --val-fraction and --seed, its cache folder."""
+    """A checkpoint's validation images (Splits, with `val` alone), exactly as its run held them
+    out: its classes, its data layout, --resize, --val-fraction and --seed, its cache folder."""
     saved = state["args"]
     return cache_splits(
         dataset_of(saved, root, classes=state["classes"]),
@@ -570,7 +590,7 @@ def validation_of(state, root, size, threads=4):
         val_fraction=saved.get("val_fraction", 0.1),  # not in a checkpoint made elsewhere
         seed=saved.get("seed", 0),
         val_only=True,
-    ).val
+    )
 
 
 def validation_is_drawn(options):

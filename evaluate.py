@@ -26,21 +26,18 @@ from checkpoint import best_acc, full_history, load_checkpoint, resolve_checkpoi
 from data import display_names, make_loader, trained_data_root, validation_of
 from inference import (
     add_inference_args,
-    check_predictions,
     confusion_matrix,
+    grad_cam,
     load_trained,
     most_confused,
-    predicted_rows,
     print_confused,
-    read_answers,
-    score,
-    test_images,
     topk_hits,
 )
 from model import count_parameters, warn_if_too_large
 from recipe import get_args_parser as training_options
 from recipe import parameter_count
 from report import write_report
+from submission import test_score
 from utils import log
 
 
@@ -87,7 +84,10 @@ def get_args_parser():
 # ----------------------------------------------------------------------------- metrics
 
 
-def compute_metrics(log_p, labels, classes, label_smoothing=0.0, top=10):
+def compute_metrics(log_p, labels, classes, label_smoothing=0.0, top=10, train_counts=None):
+    """Loss, top-1, top-5 and balanced accuracy (the mean of the per-class recalls, over the
+    classes present), per-class precision, recall, F1, support (and training images, where
+    `train_counts` has them), the confusion counts and their most confused pairs."""
     preds = log_p.argmax(1)
     loss = torch.nn.functional.cross_entropy(log_p, labels, label_smoothing=label_smoothing).item()
     counts = confusion_matrix(labels.numpy(), preds.numpy(), len(classes), normalize=False)
@@ -95,6 +95,7 @@ def compute_metrics(log_p, labels, classes, label_smoothing=0.0, top=10):
         labels.numpy(), preds.numpy(), labels=list(range(len(classes))), zero_division=0
     )
     top1, top5 = (int(hits) for hits in topk_hits(log_p, labels))
+    trained_on = train_counts if train_counts is not None else [None] * len(classes)
     return {
         "images": len(labels),
         "loss": loss,
@@ -102,6 +103,7 @@ def compute_metrics(log_p, labels, classes, label_smoothing=0.0, top=10):
         "top1_correct": top1,
         "top5": top5 / len(labels),
         "top5_correct": top5,
+        "balanced": float(recall[support > 0].mean()),
         "most_confused": most_confused(counts, classes, top),
         "per_class": [
             {
@@ -110,8 +112,9 @@ def compute_metrics(log_p, labels, classes, label_smoothing=0.0, top=10):
                 "recall": float(r),
                 "f1": float(f),
                 "support": int(s),
+                "train_images": n,
             }
-            for c, p, r, f, s in zip(classes, precision, recall, f1, support)
+            for c, p, r, f, s, n in zip(classes, precision, recall, f1, support, trained_on)
         ],
         "confusion": counts,
     }
@@ -120,13 +123,12 @@ def compute_metrics(log_p, labels, classes, label_smoothing=0.0, top=10):
 def write_metrics(metrics, folder):
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "per_class_metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["class", "precision", "recall", "f1", "support"])
+        columns = ["class", "precision", "recall", "f1", "support", "train_images"]
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(metrics["per_class"])
-    summary = {
-        k: metrics[k]
-        for k in ("images", "loss", "top1", "top1_correct", "top5", "top5_correct", "most_confused")
-    }
+    keys = ("images", "loss", "top1", "top1_correct", "top5", "top5_correct", "balanced")
+    summary = {k: metrics[k] for k in (*keys, "most_confused", "data_layout") if k in metrics}
     (folder / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -135,7 +137,8 @@ def print_metrics(metrics, ckpt):
     print(
         f"{ckpt}: {n} validation images | loss {metrics['loss']:.4f} | "
         f"top-1 {metrics['top1']:.4f} ({metrics['top1_correct']}/{n}) | "
-        f"top-5 {metrics['top5']:.4f} ({metrics['top5_correct']}/{n})"
+        f"top-5 {metrics['top5']:.4f} ({metrics['top5_correct']}/{n}) | "
+        f"balanced {metrics['balanced']:.4f}"
     )
     print_confused(metrics["most_confused"])
 
@@ -261,6 +264,28 @@ def plot_mistakes(images, true, pred, confidence, classes, path, columns=6):
     save(fig, path)
 
 
+def plot_gradcam(images, cams, true, pred, confidence, classes, path, columns=6):
+    """Grad-CAM maps over their images, one row of the most confident mistakes and one of as many
+    correct predictions (the predicted class's map, its probability)."""
+    rows = max(1, -(-len(images) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, cam, t, p, c in zip(axes.flat, images, cams, true, pred, confidence):
+        ax.imshow(image)
+        ax.imshow(cam, cmap="jet", alpha=0.45, extent=(0, image.shape[1], image.shape[0], 0))
+        mark = "" if t == p else f"\ntrue: {classes[t]}"
+        ax.set_title(
+            f"pred: {classes[p]} ({c:.2f}){mark}",
+            fontsize=8,
+            color="black" if t == p else "tab:red",
+        )
+    if not len(images):
+        axes.flat[0].text(0.5, 0.5, "no images", ha="center", va="center")
+    fig.suptitle("where the model looks (Grad-CAM on layer4): mistakes in red, then correct")
+    save(fig, path)
+
+
 def save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=150)
@@ -298,7 +323,7 @@ def describe_run(path, args, scores=None):
     }
     if args.answers:
         known = (scores or {}).get(resolve_checkpoint(path).resolve())
-        run["test"] = known or test_score(load_trained(args, state), args)
+        run["test"] = known or test_score_of(load_trained(args, state), args)
     return run
 
 
@@ -386,28 +411,23 @@ def write_comparison(runs, folder):
 # ----------------------------------------------------------------------------- main
 
 
-def test_score(trained, args):
-    """(correct, images, most confused pairs) of a checkpoint on the test folder against
-    --answers, through predict.py's path."""
-    data_dir = trained_data_root(args.data, trained.state)
-    test_dir = Path(args.test_dir) if args.test_dir else data_dir / "test"
-    files = test_images(test_dir)
-    rows, _ = predicted_rows(trained, test_dir, files, None, args.cache_workers, args.batch_size)
-    rows = list(rows)
-    answers = read_answers(args.answers, trained.classes)
-    problems = check_predictions(rows, {r[0] for r in answers}, trained.classes, "answers")
-    if problems:
-        raise SystemExit(f"{args.answers} does not match {test_dir}: " + "; ".join(problems[:10]))
-    return score(rows, answers, trained.classes, args.top_pairs)
+def test_score_of(trained, args):
+    """The Score of a checkpoint on the test folder against --answers, through predict.py's
+    path."""
+    test_dir = Path(args.test_dir or trained_data_root(args.data, trained.state) / "test")
+    return test_score(
+        trained, test_dir, args.answers, args.cache_workers, args.batch_size, args.top_pairs
+    )
 
 
 def evaluate_checkpoint(trained, args, figures, names):
     """Validation metrics of a checkpoint, printed and written to `figures` with Figures 1, 2, 5
     and the mistakes gallery; returns (metrics, history)."""
     state, classes, saved = trained.state, trained.classes, trained.state["args"]
-    val = validation_of(
+    splits = validation_of(
         state, trained_data_root(args.data, state), trained.img_size, args.cache_workers
     )
+    val = splits.val
     loader = make_loader(
         val, args.batch_size, shuffle=False, pin_memory=trained.device.type == "cuda"
     )
@@ -415,8 +435,14 @@ def evaluate_checkpoint(trained, args, figures, names):
     log_p = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
     metrics = compute_metrics(
-        log_p, labels, classes, saved.get("label_smoothing", 0.0), args.top_pairs
+        log_p,
+        labels,
+        classes,
+        saved.get("label_smoothing", 0.0),
+        args.top_pairs,
+        state.get("class_counts"),
     )
+    metrics["data_layout"] = splits.layout
     write_metrics(metrics, figures)
     print_metrics(metrics, args.ckpt)
     params = count_parameters(trained.model.parameters())
@@ -449,8 +475,29 @@ def evaluate_checkpoint(trained, args, figures, names):
         shown,
         figures / "mistakes.png",
     )
+    right = torch.nonzero(preds == labels).flatten()
+    best = right[confidence[right].argsort(descending=True)].tolist()
+    picked = worst[:6] + best[: max(len(worst[:6]), 6 if not worst else 0)]
+    draw_gradcam(trained, val, picked, preds, labels, confidence, shown, figures / "gradcam.png")
     log(f"wrote figures and metrics to {figures}/")
     return metrics, history
+
+
+def draw_gradcam(trained, val, picked, preds, labels, confidence, shown, path):
+    """gradcam.png: the maps of the `picked` validation images (by index) for their predicted
+    class, as the model sees the images (its preprocessing, without augmentation)."""
+    images = val[picked][0] if picked else torch.zeros(0, 1, 1, 3, dtype=torch.uint8)
+    x = trained.preprocess(images.to(trained.device))
+    cams = grad_cam(trained.model, trained.model.layer4, x, preds[picked].to(trained.device))
+    plot_gradcam(
+        images.numpy(),
+        cams.cpu().numpy(),
+        labels[picked].tolist(),
+        preds[picked].tolist(),
+        confidence[picked].tolist(),
+        shown,
+        path,
+    )
 
 
 def main(argv=None):
@@ -468,9 +515,13 @@ def main(argv=None):
     metrics, history = evaluate_checkpoint(trained, args, figures, names)
     if not args.report:
         return
-    test = test_score(trained, args) if args.answers else None
+    test = test_score_of(trained, args) if args.answers else None
     if test:
-        print(f"{args.ckpt}: test accuracy {test[0] / test[1]:.4f} ({test[0]}/{test[1]})")
+        print(
+            f"{args.ckpt}: test accuracy {test.accuracy:.4f} ({test.correct}/{test.total}), "
+            f"balanced {test.balanced:.4f}"
+        )
+
     comparisons = []
     for paths in groups:
         runs = compare_runs(paths, args, {resolve_checkpoint(args.ckpt).resolve(): test})

@@ -5,7 +5,6 @@ average of checkpoints with its batch norm measured again, and test folders with
 format (image_name,pred_label)."""
 
 import argparse
-import csv
 import math
 from collections import Counter
 from contextlib import closing
@@ -17,7 +16,15 @@ import torch
 
 from augment import BatchPreprocess
 from checkpoint import load_checkpoint
-from data import CachedImages, build_cache, default_cache_dir, list_images, make_loader
+from data import (
+    CachedImages,
+    build_cache,
+    default_cache_dir,
+    in_memory_images,
+    list_images,
+    load_image,
+    make_loader,
+)
 from model import average_weights, build_model, model_from_checkpoint
 from prefetch import on_device
 from utils import amp_dtype, log, pick_device, sum_over_processes
@@ -88,10 +95,25 @@ class Trained:
     def classes(self):
         return self.state["classes"]
 
+    @property
+    def resize(self):
+        return self.state["args"].get("resize", "crop")
+
     def log_probs(self, loader):
         return predict_log_probs(
             self.model, loader, self.preprocess, self.device, self.dtype, self.tta
         )
+
+    def probabilities(self, images, files, batch_size):
+        """(file, its class probabilities as a numpy row) for each of `images` (a dataset of
+        whole batches, in the order of `files`), batch by batch."""
+        loader = make_loader(
+            images, batch_size, shuffle=False, pin_memory=self.device.type == "cuda"
+        )
+        names = iter(files)
+        for log_p, _ in self.log_probs(loader):
+            for row in log_p.exp().cpu().numpy():
+                yield next(names), row
 
 
 def load_trained(args, state=None):
@@ -124,6 +146,30 @@ def predict_log_probs(model, loader, preprocess, device, dtype, tta=False):
                     flipped = model(x.flip(3)).float().log_softmax(dim=1)
                     log_p = torch.logsumexp(torch.stack([log_p, flipped]), dim=0) - math.log(2)
             yield log_p, labels
+
+
+def grad_cam(model, layer, images, classes):
+    """Grad-CAM (Selvaraju et al., 2017) of each image for its class in `classes`: the
+    activations of `layer` (a ResNet's last residual stage) weighted by the spatial mean of the
+    class score's gradient with respect to them, summed over channels, kept where positive,
+    resized to the image bilinearly and scaled to [0, 1]: where the model looks for that class.
+    Hand-written with a forward hook (a few lines, no package to install); in float32 and eval
+    mode, whatever the model's training."""
+    seen = {}
+    hook = layer.register_forward_hook(lambda module, inputs, output: seen.update(a=output))
+    try:
+        with torch.enable_grad():
+            logits = model.eval()(images)
+            scores = logits.gather(1, classes.view(-1, 1)).sum()
+            (gradients,) = torch.autograd.grad(scores, seen["a"])
+    finally:
+        hook.remove()
+    weights = gradients.mean(dim=(2, 3), keepdim=True)
+    cam = (weights * seen["a"]).sum(dim=1, keepdim=True).relu()
+    cam = torch.nn.functional.interpolate(
+        cam, size=images.shape[-2:], mode="bilinear", align_corners=False
+    )[:, 0]
+    return (cam / cam.amax(dim=(1, 2), keepdim=True).clamp(min=1e-12)).detach()
 
 
 def averaged_model(states, device, loader=None, preprocess=None):
@@ -268,80 +314,33 @@ def test_images(test_dir):
     return files
 
 
-def read_rows(path):
-    """The rows of a CSV in the submission format, header checked; SystemExit if unreadable."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.reader(f))
-    except OSError as e:
-        raise SystemExit(f"cannot read {path}: {e}") from None
-    if not rows or rows[0] != ["image_name", "pred_label"]:
-        found = ",".join(rows[0]) if rows else "nothing"
-        raise SystemExit(f"{path}: the header must be image_name,pred_label (found {found})")
-    return [row for row in rows[1:] if row]  # a blank line is no row
-
-
-def read_answers(path, classes):
-    """The true labels of a held-out set (the submission format), checked: one row per image,
-    labels among `classes`; SystemExit naming every problem."""
-    answers = read_rows(path)
-    names = {row[0] for row in answers}
-    problems = check_predictions(answers, names, classes, "answers")
-    if problems:
-        raise SystemExit(f"{path}: " + "; ".join(problems[:20]))
-    return answers
-
-
-def check_predictions(rows, expected, classes, missing_is="missing"):
-    """Problems of a prediction CSV's rows, as sentences: each name of `expected` once, no other
-    name, two fields a row, labels among `classes`. None means it is complete and well-formed."""
-    problems = []
-    known = set(classes)
-    for n, row in enumerate(rows, start=2):
-        if len(row) != 2:
-            problems.append(f"line {n}: expected 2 fields, found {len(row)}")
-        elif row[1] not in known:
-            problems.append(f"line {n}: {row[1]!r} is not one of the checkpoint's classes")
-    seen = Counter(row[0] for row in rows if row)
-    problems += [f"{name}: {count} rows" for name, count in sorted(seen.items()) if count > 1]
-    problems += [f"{name}: not among the {missing_is}" for name in sorted(set(seen) - expected)]
-    problems += [f"{name}: missing" for name in sorted(expected - set(seen))]
-    return problems
-
-
-def score(rows, answers, classes, top=10):
-    """Accuracy of well-formed prediction rows against the true labels: (correct, images, the
-    `top` most confused class pairs)."""
-    truth = dict(answers)
-    index = {c: i for i, c in enumerate(classes)}
-    labels = [index[truth[name]] for name, _ in rows]
-    predicted = [index[label] for _, label in rows]
-    correct = sum(t == p for t, p in zip(labels, predicted))
-    counts = confusion_matrix(labels, predicted, len(classes), normalize=False)
-    return correct, len(rows), most_confused(counts, classes, top)
-
-
-def predicted_rows(trained, test_dir, files, cache_dir, threads, batch_size, skip_bad=False):
-    """(image name, predicted class) of each readable image of the test folder, as a generator
-    that predicts batch by batch, and how many images were unreadable (an error unless
-    skip_bad). The images go through the checkpoint's preprocessing, cached."""
+def predict_folder(trained, test_dir, files, cache_dir, threads, batch_size, skip_bad=False):
+    """(file, class probabilities) of each readable image of a test folder, as a generator that
+    predicts batch by batch, and how many images were unreadable (an error unless skip_bad).
+    The images go through the checkpoint's preprocessing (its size and resize mode), cached."""
     cache_dir = cache_dir or default_cache_dir(test_dir.parent)
-    cache = build_cache(test_dir, files, trained.img_size, cache_dir, threads)
+    cache = build_cache(test_dir, files, trained.img_size, cache_dir, threads, trained.resize)
     if cache.skipped and not skip_bad:
         raise SystemExit(
             f"{len(cache.skipped)} unreadable test image(s), nothing written: "
             + "; ".join(f"{test_dir / f} ({why})" for f, why in list(cache.skipped.items())[:10])
             + "\n(--skip-bad leaves them out of the CSV)"
         )
-    dataset = CachedImages(cache, np.zeros(len(cache), dtype=np.int64))  # unlabelled
-    loader = make_loader(
-        dataset, batch_size, shuffle=False, pin_memory=trained.device.type == "cuda"
-    )
-    names = iter(Path(f).stem for f in cache.files)
+    return trained.probabilities(
+        CachedImages(cache, np.zeros(len(cache), np.int64)), cache.files, batch_size
+    ), len(cache.skipped)
 
-    def rows():
-        for log_p, _ in trained.log_probs(loader):
-            for label in log_p.argmax(1).tolist():
-                yield next(names), trained.classes[label]
 
-    return rows(), len(cache.skipped)
+def predict_images(trained, paths, batch_size):
+    """(path, class probabilities) of each of a few image files, preprocessed in memory (no
+    cache is written beside them). An unreadable one is an error naming it."""
+    pixels, problems = [], []
+    for path in paths:
+        try:
+            pixels.append(load_image(path, trained.img_size, trained.resize))
+        except Exception as e:  # any decoder failure
+            problems.append(f"{path} ({type(e).__name__}: {e})")
+    if problems:
+        raise SystemExit("unreadable image(s), nothing written: " + "; ".join(problems))
+    images = in_memory_images(np.stack(pixels), np.zeros(len(paths), np.int64))
+    return trained.probabilities(images, [str(p) for p in paths], batch_size)

@@ -1,41 +1,51 @@
-"""Predict the class of every test image: a CSV `image_name,pred_label` on standard output.
+"""Predict the class of every test image: a CSV on standard output, in the layout a grader asks.
 
     python predict.py > prediction.csv            # <data>/test with checkpoints/best.pt
     python predict.py --test-dir photos/ --out prediction.csv
+    python predict.py cat.jpg dog.png              # a few images, none cached
+    python predict.py --columns id,breed --keep-ext --topk 3 --probs probs.csv > submission.csv
     python predict.py --check prediction.csv      # is a CSV complete and well-formed?
     python predict.py --check prediction.csv --answers answers.csv   # ... and how accurate?
 
-image_name is the file name without its extension and pred_label the class folder name; one row
-per image, sorted by name. Progress and messages go to standard error.
+By default the header is image_name,pred_label, image_name the file name without its extension
+and pred_label the class name; one row per image, sorted by name. Progress and messages go to
+standard error.
 """
 
 import argparse
-import csv
 import os
 import sys
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from checkpoint import load_checkpoint
 from data import trained_data_root, why_unreadable
 from inference import (
     add_inference_args,
-    check_predictions,
     load_trained,
-    predicted_rows,
+    predict_folder,
+    predict_images,
     print_confused,
-    read_answers,
-    read_rows,
-    score,
     test_images,
 )
-from utils import atomic_file, log
+from submission import (
+    Layout,
+    Names,
+    describe,
+    missing,
+    read_answers,
+    read_predictions,
+    score,
+    write,
+)
+from utils import log
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "images", nargs="*", metavar="IMAGE", help="image files to predict instead of a folder"
     )
     add_inference_args(p)
     p.add_argument(
@@ -43,6 +53,30 @@ def get_args_parser():
     )
     p.add_argument(
         "--out", default=None, help="write the CSV to this file instead of standard output"
+    )
+    p.add_argument(
+        "--columns",
+        type=Layout.parse_columns,
+        default=Layout.columns,
+        metavar="IMAGE,LABEL",
+        help="the CSV's two column names (default: image_name,pred_label)",
+    )
+    p.add_argument(
+        "--keep-ext", action="store_true", help="name each image with its extension (x.jpg, not x)"
+    )
+    p.add_argument(
+        "--topk",
+        type=int,
+        default=1,
+        metavar="K",
+        help="the label column holds the K likeliest classes, best first, space-separated",
+    )
+    p.add_argument(
+        "--probs",
+        metavar="FILE",
+        default=None,
+        help="also write FILE: a row per image, a column per class (named by the class), the "
+        "probabilities, which sum to 1 (Kaggle's layout for a log-loss)",
     )
     p.add_argument("--cache-dir", default=None, help="default: .cache beside the test folder")
     p.add_argument(
@@ -54,15 +88,16 @@ def get_args_parser():
         "--check",
         metavar="CSV",
         default=None,
-        help="validate a prediction CSV against the test folder and the checkpoint's classes "
-        "(one row per readable image)",
+        help="validate a prediction CSV (any of the layouts above) against the test folder and "
+        "the checkpoint's classes: one row per readable image",
     )
     p.add_argument(
         "--answers",
         metavar="CSV",
         default=None,
-        help="with --check: the true labels, in the same format; prints the exact accuracy and "
-        "the most confused pairs",
+        help="with --check: the true labels (image and label columns; names with or without "
+        "their extension); prints the exact accuracy, the balanced accuracy and the most "
+        "confused pairs",
     )
     return p
 
@@ -70,75 +105,72 @@ def get_args_parser():
 def check(args, test_dir, files, classes):
     """--check: the CSV against the test folder and the classes, and with --answers its score.
     An image the CSV leaves out is a problem unless it is unreadable (as --skip-bad leaves it)."""
-    rows = read_rows(args.check)
-    stems = {Path(f).stem: f for f in files}
-    left_out = set(stems) - {row[0] for row in rows if row}
-    unreadable = {stem for stem in left_out if why_unreadable(test_dir / stems[stem])}
-    expected = set(stems) - unreadable
-    problems = check_predictions(rows, expected, classes, "test images")
-    if args.answers and not problems:
-        answers = read_answers(args.answers, classes)
-        scored = {r[0] for r in answers} - unreadable
-        problems = check_predictions(rows, scored, classes, "answers")
+    names = Names(files)
+    predictions = read_predictions(args.check, names, classes)
+    unreadable = {f for f in set(files) - set(predictions.labels) if why_unreadable(test_dir / f)}
+    expected = set(files) - unreadable
+    answers = read_answers(args.answers, names, classes) if args.answers else None
+    problems = predictions.problems + missing(predictions.labels, expected)
+    if answers is not None:
+        problems += missing(predictions.labels, set(answers) - unreadable)
     for problem in problems:
         log(f"{args.check}: {problem}")
     if problems:
         raise SystemExit(1)
     skipped = f", {len(unreadable)} unreadable left out" if unreadable else ""
-    log(f"{args.check}: {len(rows)} rows, one per readable test image{skipped}, all labels known")
-    if args.answers:
-        correct, total, confused = score(rows, answers, classes)
+    kind = "probabilities" if predictions.probabilities else "labels"
+    log(f"{args.check}: {len(predictions.labels)} rows of {kind}, one per readable image{skipped}")
+    if answers is not None:
+        scored = {f: answers[f] for f in answers if f not in unreadable}
+        result = score(predictions.labels, scored, classes)
+        partial = len(scored) < len(expected)
         print(
-            f"{args.check}: accuracy {correct / total:.4f} ({correct}/{total}) against "
-            f"{args.answers}"
+            f"{args.check}: {describe(result)} against {args.answers}"
             + (f" (the {len(unreadable)} unreadable images not counted)" if unreadable else "")
+            + (f" ({len(scored)} of the {len(expected)} images have answers)" if partial else "")
         )
-        print_confused(confused)
+
+        print_confused(result.confused)
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    if args.topk < 1:
+        raise SystemExit("--topk must be 1 or more")
     state = load_checkpoint(args.ckpt)
+    layout = Layout(args.columns, args.keep_ext, min(args.topk, len(state["classes"])))
+    if args.images:
+        if args.check or args.test_dir:
+            raise SystemExit("give image files, or --test-dir / --check, not both")
+        trained = load_trained(args, state)
+        return predict_to(
+            args, layout, trained, predict_images(trained, args.images, args.batch_size)
+        )
     test_dir = Path(args.test_dir or trained_data_root(args.data, state) / "test")
     files = test_images(test_dir)
     if args.check:
         return check(args, test_dir, files, state["classes"])
     trained = load_trained(args, state)
-    rows, skipped = predicted_rows(
-        trained,
-        test_dir,
-        files,
-        args.cache_dir,
-        args.cache_workers,
-        args.batch_size,
-        args.skip_bad,
+    rows, skipped = predict_folder(
+        trained, test_dir, files, args.cache_dir, args.cache_workers, args.batch_size, args.skip_bad
     )
+    predict_to(args, layout, trained, rows, skipped)
+
+
+def predict_to(args, layout, trained, rows, skipped=0):
+    """The predictions written as --out, --probs and the layout say, and a line on how fast."""
     try:
-        count, seconds = write_predictions(args.out, rows)
+        count, seconds = write(rows, trained.classes, layout, args.out, args.probs)
     except BrokenPipeError:  # `predict.py | head`: the reader has gone, which is no error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(1) from None
     log(
-        f"predicted {count} images in {seconds:.1f} s ({count / seconds:.0f} images/s) "
+        f"predicted {count} images in {seconds:.1f} s ({count / max(seconds, 1e-9):.0f} images/s) "
         f"with {args.ckpt}"
         + (f"; {skipped} unreadable images left out" if skipped else "")
         + (f" -> {args.out}" if args.out else "")
+        + (f", probabilities -> {args.probs}" if args.probs else "")
     )
-
-
-def write_predictions(path, rows):
-    """Rows streamed as they come: memory stays flat in the number of images. A file appears
-    under `path` only once complete. Returns (rows, seconds)."""
-    with atomic_file(path, "w", newline="") if path else nullcontext(sys.stdout) as out:
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["image_name", "pred_label"])
-        start, count = time.perf_counter(), 0
-        for row in rows:
-            writer.writerow(row)
-            count += 1
-        seconds = time.perf_counter() - start
-        out.flush()
-    return count, seconds
 
 
 if __name__ == "__main__":

@@ -438,7 +438,6 @@ def resolve_options(argv=None):
     if resume.state is not None:
         refuse_changes(options, saved, resume)
 
-
     if options["compile"] == "off":
         options["compile"] = None
     return argparse.Namespace(**options), resume

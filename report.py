@@ -88,10 +88,11 @@ def table1(state):
             f"horizontal p {a['p_hflip']:g}, vertical p {a['p_vflip']:g}",
             "train",
         ),
+        ("Data", "classes", f"{len(state['classes'])}, {counts_of(state)}", "both"),
+        ("Data", "square images by", a.get("resize", "crop"), "all"),
         ("Model", "architecture", state["arch"], "both"),
         ("Model", "input resolution", f"{state['img_size']}x{state['img_size']}", "both"),
         ("Model", "pretrained weights", a["weights"], "both"),
-        ("Model", "classes", len(state["classes"]), "both"),
     ]
     rows += levers(a)
     lines = ["| category | parameter | value | phase |", "| --- | --- | --- | --- |"]
@@ -105,6 +106,8 @@ def levers(a):
     on = [
         ("moving average of the weights (EMA)", a.get("ema"), f"decay {a.get('ema')}", "both"),
         ("layer-wise lr decay", a.get("lr_decay", 1) != 1, f"x{a.get('lr_decay')} a stage", "II"),
+        ("class weights", a.get("class_weights", "none") != "none", a.get("class_weights"), "both"),
+        ("batches", a.get("sampler") == "balanced", "balanced: each class equally often", "both"),
         ("MixUp", a.get("mixup"), f"alpha {a.get('mixup')}", "II"),
         ("CutMix", a.get("cutmix"), f"alpha {a.get('cutmix')}", "II"),
         (
@@ -149,16 +152,29 @@ def command_of(state, defaults):
     return " ".join(parts)
 
 
+def counts_of(state):
+    """The training images per class, in words: how uneven the classes are."""
+    counts = state.get("class_counts")
+    if not counts:
+        return "training images per class not recorded"
+    low, high = min(counts), max(counts)
+    return f"{low} to {high} training images each" if low != high else f"{low} training images each"
+
+
 def per_class_summary(metrics, names, top=5):
+    """The classes by F1, the best and the worst (each one, for few classes), with their
+    validation and training images: a small class that fails shows here."""
     rows = sorted(metrics["per_class"], key=lambda r: r["f1"])
     macro = {k: sum(r[k] for r in rows) / len(rows) for k in ("precision", "recall", "f1")}
     median = rows[len(rows) // 2]["f1"]
+    trained = rows[0].get("train_images") is not None
     lines = [
-        f"Macro-averaged precision {macro['precision']:.4f}, recall {macro['recall']:.4f}, "
-        f"F1 {macro['f1']:.4f}; median F1 {median:.4f}.",
+        f"Macro-averaged precision {macro['precision']:.4f}, recall {macro['recall']:.4f} (the "
+        f"balanced accuracy), F1 {macro['f1']:.4f}; median F1 {median:.4f}.",
         "",
-        "| | class | precision | recall | F1 | images |",
-        "| --- | --- | ---: | ---: | ---: | ---: |",
+        "| | class | precision | recall | F1 | images |"
+        + (" training images |" if trained else ""),
+        "| --- | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if trained else ""),
     ]
     groups = [("best", rows[::-1][:top]), ("worst", rows[:top][::-1])]
     if len(rows) <= 2 * top:  # few classes: each once
@@ -168,6 +184,7 @@ def per_class_summary(metrics, names, top=5):
             lines.append(
                 f"| {label} | {names.get(r['class'], r['class'])} | {r['precision']:.3f} | "
                 f"{r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
+                + (f" {r['train_images']} |" if trained else "")
             )
     return lines
 
@@ -249,13 +266,17 @@ def write_report(path, figures, state, history, metrics, test, comparisons, name
         "",
         "## Result",
         "",
-        "| split | images | top-1 | top-5 |",
-        "| --- | ---: | ---: | ---: |",
-        f"| validation | {n} | {count(metrics['top1_correct'], n)} | "
+        f"Data: {metrics.get('data_layout') or state['data']}.",
+        "",
+        "| split | images | top-1 | balanced accuracy | top-5 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        f"| validation | {n} | {count(metrics['top1_correct'], n)} | {metrics['balanced']:.4f} | "
         f"{count(metrics['top5_correct'], n)} |",
     ]
     if test:
-        lines.append(f"| test | {test[1]} | {count(*test[:2])} | |")
+        lines.append(
+            f"| test | {test.total} | {count(test.correct, test.total)} | {test.balanced:.4f} | |"
+        )
     lines += ["", *where_from(state, history), "", notes("result", kept), ""]
     if history:
         lines += [
@@ -274,6 +295,11 @@ def write_report(path, figures, state, history, metrics, test, comparisons, name
         f"![Figure 5: confusion matrix]({link(figures / 'fig5_confusion_matrix.png', path)})",
         "",
         f"![The most confident mistakes]({link(figures / 'mistakes.png', path)})",
+        "",
+        "Where the model looks (Grad-CAM on its last residual stage, for the predicted class): the "
+        "most confident mistakes, then as many of the most confident correct predictions.",
+        "",
+        f"![Grad-CAM]({link(figures / 'gradcam.png', path)})",
         "",
         "The most confused pairs on the validation split:",
         "",

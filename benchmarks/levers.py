@@ -21,17 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from checkpoint import load_checkpoint  # noqa: E402
-from inference import (  # noqa: E402
-    check_predictions,
-    load_trained,
-    predicted_rows,
-    read_answers,
-    score,
-    test_images,
-)
+from inference import load_trained  # noqa: E402
 from model import count_parameters  # noqa: E402
 from recipe import get_args_parser  # noqa: E402
 from report import command_of, write_section  # noqa: E402
+from submission import test_score  # noqa: E402
 from utils import atomic_file, log  # noqa: E402
 
 # (row, run folder, how its last.pt is scored): test-time options for the base run.
@@ -64,15 +58,10 @@ def test_accuracy(path, answers, use="weights", tta=False, img_size=None):
             ckpt=str(path), device="auto", amp=None, use=use, img_size=img_size, tta=tta
         )
         trained = load_trained(args)
-        test_dir = Path(trained.state["data"]) / "test"
-        files = test_images(test_dir)
-        rows, _ = predicted_rows(trained, test_dir, files, None, 2, 256)
-        rows, truth = list(rows), read_answers(answers, trained.classes)
-        problems = check_predictions(rows, {r[0] for r in truth}, trained.classes, "answers")
-        if problems:
-            raise SystemExit(f"{answers}: " + "; ".join(problems[:5]))
-        correct, total, _ = score(rows, truth, trained.classes)
-        known[key] = [correct, total, count_parameters(trained.model.parameters())]
+        result = test_score(trained, Path(trained.state["data"]) / "test", answers, 2, 256)
+        params = count_parameters(trained.model.parameters())
+        known[key] = [result.correct, result.total, params]
+
         with atomic_file(memo, "w") as f:
             json.dump(known, f, indent=1)
     return tuple(known[key])

@@ -67,7 +67,7 @@ def test_evaluate_writes_metrics_and_figures(trained, tmp_path, capsys):
     summary = json.loads((fig / "metrics.json").read_text())
     assert summary["images"] == 6 and 0 <= summary["top1"] <= 1
     lines = (fig / "per_class_metrics.csv").read_text().splitlines()
-    assert lines[0] == "class,precision,recall,f1,support" and len(lines) == 4
+    assert lines[0] == "class,precision,recall,f1,support,train_images" and len(lines) == 4
 
 
 def test_evaluate_matches_training_validation(trained, tmp_path, capsys):

@@ -137,8 +137,8 @@ def test_check_accepts_a_good_csv_and_names_each_problem(trained, tmp_path, caps
         predict.main(["--ckpt", ckpt, "--check", str(bad)])
     assert failed.value.code != 0
     err = capsys.readouterr().err
-    assert "img_00: missing" in err and "img_02: not among" not in err
-    assert "img_01: 2 rows" in err
+    assert "img_00.png: missing" in err and "img_02: not among" not in err
+    assert "img_01.png: 2 rows" in err
     assert "'zebra' is not one of the checkpoint's classes" in err
 
 
@@ -158,20 +158,22 @@ def test_check_with_answers_prints_the_exact_accuracy_and_the_confused_pairs(
     check = ["--ckpt", ckpt, "--check", str(guesses), "--answers", str(answers)]
     predict.main(check)
     out = capsys.readouterr().out
-    assert f"{guesses}: accuracy 0.7143 (5/7) against {answers}" in out
+    # Class "10" 3 of 3, "2" 0 of 2, "1" 2 of 2: the balanced accuracy is the mean, 2/3.
+    assert f"{guesses}: accuracy 0.7143 (5/7), balanced accuracy 0.6667 against {answers}" in out
     assert "  2 -> 1: 2 (100.0%)" in out  # both images of class "2"
 
-    # Answers the predictions do not match, row for row: each difference named.
-    answers.write_text(answers.read_text().replace("img_03,10\n", "") + "img_99,2\nimg_99,2\n")
+    # Answers may name their images with the extension, and leave some out: said so.
+    answers.write_text(
+        answers.read_text().replace("img_03,10\n", "").replace("img_05,", "img_05.png,")
+    )
+    predict.main(check)
+    assert "(6 of the 7 images have answers)" in capsys.readouterr().out
+    # Answers of images that are not there, or of one twice: each named.
+    answers.write_text(answers.read_text() + "img_99,2\nimg_00,10\n")
     with pytest.raises(SystemExit) as stop:
         predict.main(check)
-    out = capsys.readouterr().out
-    assert "accuracy" not in out and f"{answers}: img_99: 2 rows" in str(stop.value)
-    answers.write_text(answers.read_text().replace("img_99,2\nimg_99,2\n", "img_99,2\n"))
-    with pytest.raises(SystemExit):
-        predict.main(check)
-    err = capsys.readouterr().err
-    assert "img_03: not among the answers" in err and "img_99: missing" in err
+    assert "line 8: img_99 is not among the images; line 9: img_00 again" in str(stop.value)
+    assert "accuracy" not in capsys.readouterr().out
 
 
 def test_rows_sort_by_image_name_and_names_may_start_with_underscores(trained, tmp_path, capsys):
