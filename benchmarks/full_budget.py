@@ -57,7 +57,7 @@ def describe(folder, answers, defaults):
     validation curve against epochs and minutes, and its command."""
     state = load_checkpoint(folder / "best.pt")
     history = full_history(folder / "best.pt", state)
-    correct, total, _ = test_accuracy(folder / "best.pt", answers, use="auto", tta=None)
+    correct, total, *_ = test_accuracy(folder / "best.pt", answers, use="auto", tta=None)
     seconds = [r["seconds"] + r.get("val_seconds", 0) for r in history]
     minutes = sum(seconds) / 60
     if state.get("wall_seconds"):  # timm's: its process, from start to end

@@ -45,22 +45,23 @@ ROWS = [
 
 
 def test_accuracy(path, answers, use="weights", tta=False, img_size=None):
-    """(correct, images, parameters) of a checkpoint's weights on the test images. Remembered
-    in the run's folder (scores.json), keyed by the checkpoint's size and time and the options,
-    so that writing the table again scores only the runs that are new or changed."""
+    """(correct, images, parameters, balanced accuracy) of a checkpoint's weights on the test
+    images. Remembered in the run's folder (scores.json), keyed by the checkpoint's size and time
+    and the options, so that writing the table again scores only the runs that are new or
+    changed."""
     path, answers = Path(path), Path(answers)
     stat = path.stat()
     key = json.dumps([path.name, stat.st_size, stat.st_mtime_ns, use, tta, img_size, str(answers)])
     memo = path.parent / "scores.json"
     known = json.loads(memo.read_text()) if memo.is_file() else {}
-    if key not in known:
+    if len(known.get(key, [])) < 4:  # unknown, or remembered before the balanced accuracy was
         args = argparse.Namespace(
             ckpt=str(path), device="auto", amp=None, use=use, img_size=img_size, tta=tta
         )
         trained = load_trained(args)
         result = test_score(trained, Path(trained.state["data"]) / "test", answers, 2, 256)
         params = count_parameters(trained.model.parameters())
-        known[key] = [result.correct, result.total, params]
+        known[key] = [result.correct, result.total, params, result.balanced]
 
         with atomic_file(memo, "w") as f:
             json.dump(known, f, indent=1)
@@ -84,11 +85,11 @@ def table(folder, answers):
             continue
         options = {"use": "weights", **options}  # a run trained with --ema: its weights unless said
         results = [test_accuracy(p, answers, **options) for p in paths]
-        rates = [c / t for c, t, _ in results]
+        rates = [c / t for c, t, *_ in results]
         mean = statistics.mean(rates)
         base = mean if base is None else base
         params = results[0][2]
-        counts = " | ".join(f"{c / t:.4f} ({c}/{t})" for c, t, _ in results)
+        counts = " | ".join(f"{c / t:.4f} ({c}/{t})" for c, t, *_ in results)
         gain = f"{100 * (mean - base):+.2f} points" if label != "the method" else ""
         lines.append(f"| {label} | {counts} | {mean:.4f} | {gain} | {params / 1e6:.1f}M |")
         state = load_checkpoint(paths[0])
@@ -118,7 +119,7 @@ def averaging_table(runs, answers):
         "| --- | ---: | ---: | ---: |",
     ]
     for run in runs:
-        (c1, t1, _), (c2, t2, _) = (
+        (c1, t1, *_), (c2, t2, *_) = (
             test_accuracy(run / name, answers) for name in ("last.pt", "averaged.pt")
         )
         lines.append(

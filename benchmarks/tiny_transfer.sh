@@ -17,7 +17,7 @@ py=${PYTHON:-python}
 src=${SOURCE:-data/tiny-transfer/source}
 tgt=${TARGET:-data/tiny-transfer/target}
 ck=${CHECKPOINTS:-checkpoints/tiny-transfer}
-steps=${STEPS:-pretrain method phase2-only probe scratch method-1+7 timm optimizers levers recipe-8 timm-recipe budget-16 report}
+steps=${STEPS:-pretrain method phase2-only probe scratch method-1+7 timm optimizers levers recipe-8 timm-recipe budget-16 long-tail aspect report}
 timm_train=${TIMM_TRAIN:-benchmarks/.work/timm/train.py}
 
 # The budget: 8 epochs a run, the method's 10 + 125 scaled down to 2 + 6, its warmup to one
@@ -176,6 +176,30 @@ if wanted budget-16; then
     run "$ck/cutmix-16" "${common[@]}" "${pretrained[@]}" --epochs 16 --cutmix 1.0
 fi
 
+# Uneven classes and photos that are not square: two variants of target/ (benchmarks/variants.py
+# make: a long-tailed cut of train/, 200 down to 20 images a class; every photo on a 3:2 canvas,
+# off centre), the method on each at the full budget: none, --class-weights auto and --sampler
+# balanced (two seeds); --resize crop, squish and pad (SEEDS of its own, default 0).
+if (wanted long-tail || wanted aspect) && ! [ -d "$tgt-lt" -a -d "$tgt-wide" ]; then
+    $py benchmarks/variants.py make "$tgt"
+fi
+if wanted long-tail; then
+    for seed in ${SEEDS:-0 1}; do
+        lt=(--data "$tgt-lt" --arch resnet18 --img-size 64 "${pretrained[@]}" --epochs 8 --seed "$seed")
+        run "$ck/lt-none-s$seed" "${lt[@]}"
+        run "$ck/lt-weights-s$seed" "${lt[@]}" --class-weights auto
+        run "$ck/lt-balanced-s$seed" "${lt[@]}" --sampler balanced
+    done
+fi
+if wanted aspect; then
+    for seed in ${ASPECT_SEEDS:-0}; do
+        for mode in crop squish pad; do
+            run "$ck/wide-$mode-s$seed" --data "$tgt-wide" --arch resnet18 --img-size 64 \
+                "${pretrained[@]}" --epochs 8 --resize "$mode" --seed "$seed"
+        done
+    done
+fi
+
 if wanted report; then  # of the runs that have finished
     finished() { for f in "$@"; do [ -f "$(dirname "$f")/done" ] && echo "$f"; done; }
     mapfile -t runs < <(finished "$ck"/{scratch,probe,phase2-only,method,method-1+7-s{0,1}}/best.pt)
@@ -191,6 +215,7 @@ if wanted report; then  # of the runs that have finished
     fi
     $py benchmarks/full_budget.py "$ck" --answers "$tgt/answers.csv" --results RESULTS.md \
         --figures results/recipe  # the runs of recipe-8, timm-recipe and budget-16 that finished
+    $py benchmarks/variants.py results "$ck" --data "$(dirname "$tgt")" --results RESULTS.md
     if [ -d "$ck/levers" ]; then
         $py benchmarks/levers.py "$ck/levers" --answers "$tgt/answers.csv" --results RESULTS.md \
             --averaging "$ck"/method-1+7-s*

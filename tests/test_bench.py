@@ -2,8 +2,10 @@ import argparse
 import math
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import evaluate
 import model as M
@@ -277,3 +279,20 @@ def test_the_full_budget_section_scores_each_runs_result_and_says_how_soon_it_re
     assert "reaches timm's 8-epoch validation accuracy" in text
     assert (tmp_path / "fig" / "fig_time_to_accuracy_8_epochs.png").is_file()
     assert "## The recipe at the full budget" in text and "<!-- notes:full_budget -->" in text
+
+
+def test_the_variants_are_a_tenfold_long_tail_and_off_centre_wide_photos(tmp_path):
+    import variants
+
+    counts = variants.long_tail_counts([str(c) for c in range(100)], seed=0)
+    assert max(counts.values()) == 200 and min(counts.values()) == 20
+    assert counts != variants.long_tail_counts([str(c) for c in range(100)], seed=1)
+    photo = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    offsets = []
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        wide = np.asarray(variants.widened(Image.fromarray(photo), name))
+        assert wide.shape == (64, 96, 3)
+        left = next(x for x in range(33) if np.array_equal(wide[:, x : x + 64], photo))
+        assert (wide[:, :left] == photo[:, :1]).all()  # its edge, stretched
+        offsets.append(left)
+    assert len(set(offsets)) > 1  # each photo its own offset

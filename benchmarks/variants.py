@@ -1,0 +1,200 @@
+"""Two variants of tiny-transfer's target half, made for RESULTS.md, and the section they give:
+
+    python benchmarks/variants.py make data/tiny-transfer/target     # target-lt, target-wide
+    python benchmarks/variants.py results checkpoints/tiny-transfer \\
+        --data data/tiny-transfer --results RESULTS.md
+
+- target-lt: a long-tailed cut of train/: the classes, in an order drawn once, keep 200 down to
+  20 of their images (an exponential decay: 10 times between the largest and the smallest),
+  with val/ and test/ as they are, balanced, so that a model that neglects the small classes
+  shows it. The images are links to the originals.
+- target-wide: every photo on a 3:2 canvas (96 x 64), at an offset drawn for it and its edge
+  pixels stretched over the rest, in train/, val/ and test/: photos that are not square, their
+  subject off centre. A centre crop loses up to a quarter of the photo; squish keeps all of it,
+  narrowed.
+
+The runs are benchmarks/tiny_transfer.sh's `long-tail` and `aspect` steps; each is scored as its
+user would submit it (best.pt through predict.py's path): test accuracy and balanced accuracy.
+"""
+
+import argparse
+import hashlib
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from checkpoint import load_checkpoint  # noqa: E402
+from data import list_images, list_labelled_images, ordered_classes  # noqa: E402
+from levers import test_accuracy  # noqa: E402
+from recipe import get_args_parser  # noqa: E402
+from report import command_of, write_section  # noqa: E402
+
+LARGEST, SMALLEST = 200, 20
+LONG_TAIL = [  # (row, run folder)
+    ("the method", "lt-none-s{seed}"),
+    ("--class-weights auto", "lt-weights-s{seed}"),
+    ("--sampler balanced", "lt-balanced-s{seed}"),
+]
+ASPECT = [
+    ("--resize crop (the report's)", "wide-crop-s{seed}"),
+    ("--resize squish", "wide-squish-s{seed}"),
+    ("--resize pad", "wide-pad-s{seed}"),
+]
+
+
+def long_tail_counts(classes, seed=0):
+    """Each class's share of the cut: LARGEST down to SMALLEST, exponentially, in an order of the
+    classes drawn from `seed`."""
+    order = np.random.default_rng(seed).permutation(len(classes))
+    ratio = SMALLEST / LARGEST
+    steps = [ratio ** (rank / (len(classes) - 1)) for rank in range(len(classes))]
+    return {classes[i]: round(LARGEST * steps[rank]) for rank, i in enumerate(order)}
+
+
+def make_long_tail(target, out, seed=0):
+    """target-lt: train/ cut to long_tail_counts (links), the rest linked as it is."""
+    classes = ordered_classes([d.name for d in (target / "train").iterdir() if d.is_dir()])
+    counts = long_tail_counts(classes, seed)
+    files = list_labelled_images(target / "train", classes)
+    kept = {c: 0 for c in classes}
+    for f in files:  # sorted: a class keeps its first images
+        c = f.split("/", 1)[0]
+        if kept[c] < counts[c]:
+            link(target / "train" / f, out / "train" / f)
+            kept[c] += 1
+    for name in ("val", "test", "answers.csv", "class_names.csv"):
+        if (target / name).exists() and not (out / name).exists():
+            os.symlink((target / name).resolve(), out / name)
+    return sum(kept.values())
+
+
+def link(source, destination):
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if not destination.exists():
+        os.symlink(source.resolve(), destination)
+
+
+def widened(image, name):
+    """The photo on a 3:2 canvas, at an offset drawn from its name, its edges stretched."""
+    pixels = np.asarray(image.convert("RGB"))
+    h, w, _ = pixels.shape
+    spare = w // 2
+    left = int(hashlib.sha256(name.encode()).hexdigest(), 16) % (spare + 1)
+    return Image.fromarray(np.pad(pixels, ((0, 0), (left, spare - left), (0, 0)), mode="edge"))
+
+
+def make_wide(target, out):
+    """target-wide: every image of train/, val/ and test/ widened (PNG, the names kept)."""
+    made = 0
+    for split in ("train", "val"):
+        for f in list_labelled_images(target / split, sorted(os.listdir(target / split))):
+            made += save_widened(target / split / f, out / split / f)
+    for f in list_images(target / "test"):
+        made += save_widened(target / "test" / f, out / "test" / f)
+    for name in ("answers.csv", "class_names.csv"):
+        if (target / name).exists() and not (out / name).exists():
+            os.symlink((target / name).resolve(), out / name)
+    return made
+
+
+def save_widened(source, destination):
+    destination = destination.with_suffix(".png")
+    if destination.exists():
+        return 0
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(source) as image:
+        widened(image, source.name).save(destination)
+    return 1
+
+
+# ----------------------------------------------------------------------------- the section
+
+
+def section(runs_dir, rows, answers_of, seeds=(0, 1)):
+    """A table of test and balanced accuracy by seed for the finished runs of `rows`, with each
+    row's mean and its gain over the first row; and the commands."""
+    defaults = vars(get_args_parser().parse_args([]))
+    head = " | ".join(f"seed {s}: test | balanced" for s in seeds)
+    lines = [
+        f"| run | {head} | mean test | mean balanced | gain (test, balanced) |",
+        "| --- |" + " ---: | ---: |" * len(seeds) + " ---: | ---: | ---: |",
+    ]
+    base, commands = None, []
+    for label, pattern in rows:
+        folders = [runs_dir / pattern.format(seed=s) for s in seeds]
+        done = [f for f in folders if (f / "done").is_file()]
+        if not done:
+            continue
+        scores = [test_accuracy(f / "best.pt", answers_of(f), use="auto", tta=None) for f in done]
+        cells = []
+        for f in folders:
+            if f in done:
+                correct, total, _, balanced = scores[done.index(f)]
+                cells.append(f"{correct / total:.4f} ({correct}/{total}) | {balanced:.4f}")
+            else:
+                cells.append("not run | ")
+        plain = statistics.mean(c / t for c, t, *_ in scores)
+        balanced = statistics.mean(s[3] for s in scores)
+        base = base or (plain, balanced)
+        gain = (
+            f"{100 * (plain - base[0]):+.2f}, {100 * (balanced - base[1]):+.2f} points"
+            if (plain, balanced) != base
+            else ""
+        )
+        lines.append(f"| {label} | {' | '.join(cells)} | {plain:.4f} | {balanced:.4f} | {gain} |")
+        state = load_checkpoint(done[0] / "best.pt")
+        commands.append(f"- {label}: `{command_of(state, defaults)}`")
+    return lines, commands
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="what", required=True)
+    make = sub.add_parser("make", help="write target-lt and target-wide beside TARGET")
+    make.add_argument("target", type=Path)
+    results = sub.add_parser("results", help="the section of the finished runs")
+    results.add_argument("runs", type=Path, help="the runs' folder (tiny_transfer.sh's)")
+    results.add_argument("--data", type=Path, required=True, help="holds target-lt, target-wide")
+    results.add_argument("--results", default=None, help="write the section into this report")
+    args = p.parse_args(argv)
+    if args.what == "make":
+        lt = make_long_tail(args.target, args.target.with_name("target-lt"))
+        wide = make_wide(args.target, args.target.with_name("target-wide"))
+        print(f"target-lt: {lt} training images; target-wide: {wide} images written")
+        return
+    parts = []
+    for title, rows, variant in (
+        ("A long-tailed cut (200 to 20 training images a class)", LONG_TAIL, "target-lt"),
+        ("Photos that are not square (3:2, subject off centre)", ASPECT, "target-wide"),
+    ):
+        answers = args.data / variant / "answers.csv"
+        lines, commands = section(args.runs, rows, lambda folder, a=answers: a)
+        if len(lines) > 2:
+            parts += [
+                f"**{title}**",
+                "",
+                *lines,
+                "",
+                "Commands (seed 0; seed 1 adds `--seed 1`):",
+                "",
+                *commands,
+                "",
+            ]
+    text = "\n".join(parts)
+    if args.results and parts:
+        write_section(
+            args.results, "variants", "Uneven classes and photos that are not square", text
+        )
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
