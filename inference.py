@@ -1,8 +1,8 @@
 """A trained checkpoint at work: the options and the load chain evaluate.py and predict.py share,
-the one loop that turns batches into log-probabilities (training's validation uses it too), the
-counts every score is made of (top-k hits, the confusion matrix, its most confused pairs), an
-average of checkpoints with its batch norm measured again, and test folders with the submission
-format (image_name,pred_label)."""
+a checkpoint as a classifier for your own code (load_classifier), the one loop that turns
+batches into log-probabilities (training's validation uses it too), predictions of a test folder
+or of a few files, the counts every score is made of (top-k hits, the confusion matrix, its most
+confused pairs), Grad-CAM, and an average of checkpoints with its batch norm measured again."""
 
 import argparse
 import math
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import ImageOps
 
 from augment import BatchPreprocess
 from checkpoint import load_checkpoint
@@ -24,6 +25,8 @@ from data import (
     list_images,
     load_image,
     make_loader,
+    square,
+    to_rgb,
 )
 from model import average_weights, build_model, model_from_checkpoint
 from prefetch import on_device
@@ -131,6 +134,41 @@ def load_trained(args, state=None):
         img_size=args.img_size or state["img_size"],
         tta=state.get("tta", False) if getattr(args, "tta", None) is None else args.tta,
     )
+
+
+class Classifier:
+    """A checkpoint as a classifier for your own code: the network in eval mode on its device,
+    the preprocessing it was trained with (its size, resize mode and normalisation), its class
+    names and its test-time flip mark. docs/in-your-code.md shows it at work."""
+
+    def __init__(self, trained):
+        self.trained = trained
+        self.model, self.device, self.classes = trained.model, trained.device, trained.classes
+
+    def pixels(self, image):
+        """A file's path or a PIL image as the uint8 square the model reads."""
+        if isinstance(image, (str, Path)):
+            return load_image(image, self.trained.img_size, self.trained.resize)
+        return square(
+            to_rgb(ImageOps.exif_transpose(image)), self.trained.img_size, self.trained.resize
+        )
+
+    def predict(self, images, batch_size=64):
+        """(the likeliest class's name of each image, every class's probability: an N x classes
+        numpy array), for image paths or PIL images."""
+        batch = in_memory_images(
+            np.stack([self.pixels(i) for i in images]), np.zeros(len(images), np.int64)
+        )
+        rows = [p for _, p in self.trained.probabilities(batch, range(len(images)), batch_size)]
+        probs = np.stack(rows)
+        return [self.classes[i] for i in probs.argmax(1)], probs
+
+
+def load_classifier(path, device="auto", use="auto", tta=None, amp=None):
+    """The checkpoint at `path` (a bare name such as best.pt is looked up in checkpoints/) as a
+    Classifier on `device`; `use`, `tta` and `amp` as predict.py's options."""
+    args = argparse.Namespace(ckpt=path, device=device, use=use, tta=tta, amp=amp, img_size=None)
+    return Classifier(load_trained(args))
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import evaluate
+import inference
 import model as M
 import recipe
 import report
@@ -205,3 +206,36 @@ def test_the_reports_command_reproduces_the_runs_options(argv):
     command = report.command_of({"args": args}, defaults)
     again = vars(resolve_options(shlex.split(command)[2:])[0])
     assert again == args
+
+
+class Brightness(torch.nn.Module):
+    """A model whose last stage sees brightness: layer4 a 1x1 convolution averaging the colours,
+    then global pooling and a head for which class 0 is "bright" and class 1 "dark". Its Grad-CAM
+    for class 0 is known: the brightness map, scaled to [0, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer4 = torch.nn.Conv2d(3, 1, 1, bias=False)
+        self.fc = torch.nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.layer4.weight.fill_(1 / 3)
+            self.fc.weight.copy_(torch.tensor([[1.0], [-1.0]]))
+
+    def forward(self, x):
+        return self.fc(self.layer4(x).mean(dim=(2, 3)))
+
+
+def test_grad_cam_peaks_where_the_object_is_and_is_a_non_negative_map_per_image():
+    images = torch.zeros(2, 3, 16, 16)
+    images[0, :, 2:6, 3:7] = 1.0  # a bright object at the top left
+    images[1, :, 10:14, 9:13] = 1.0  # ... at the bottom right
+    model = Brightness()
+    cams = inference.grad_cam(model, model.layer4, images, torch.tensor([0, 0]))
+    assert (
+        cams.shape == (2, 16, 16) and (cams >= 0).all() and cams.amax(dim=(1, 2)).tolist() == [1, 1]
+    )
+    for cam, (top, left) in zip(cams, [(2, 3), (10, 9)]):
+        assert cam[top : top + 4, left : left + 4].mean() > 0.9
+        assert cam.sum() - cam[top : top + 4, left : left + 4].sum() < 0.1 * cam.sum()
+    dark = inference.grad_cam(model, model.layer4, images, torch.tensor([1, 1]))
+    assert (dark == 0).all()  # nothing bright speaks for "dark"

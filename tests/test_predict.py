@@ -1,14 +1,17 @@
 import csv
+import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
 import inference
 import predict
 import train
-from conftest import TINY, make_dataset
+from conftest import REPO, TINY, make_dataset
 from narrow import narrow_get_model
 
 # Folders listed "1", "10", "2" but labelled in numeric order 1, 2, 10; test image j shows the
@@ -222,3 +225,73 @@ def test_a_run_trained_from_a_relative_data_path_is_read_from_any_folder(
     monkeypatch.chdir(tmp_path)
     predict.main(["--ckpt", "project/ck/best.pt", "--out", "p.csv"])
     assert len(read_csv((tmp_path / "p.csv").read_text())) == 6
+
+
+def test_predictions_in_a_graders_layout_and_probabilities_are_read_back_by_check(
+    trained, tmp_path, capsys
+):
+    ckpt = str(trained / "ck" / "best.pt")
+    out, probs = tmp_path / "submission.csv", tmp_path / "probs.csv"
+    layout = ["--columns", "id,breed", "--keep-ext", "--topk", "2", "--probs", str(probs)]
+    predict.main(["--ckpt", ckpt, "--out", str(out), *layout])
+    rows = read_csv(out.read_text())
+    assert rows[0] == ["id", "breed"] and rows[1][0] == "img_00.png"
+    assert all(len(r[1].split()) == 2 for r in rows[1:])  # the 2 likeliest, best first
+    table = read_csv(probs.read_text())
+    assert table[0] == ["id", "1", "2", "10"]  # a column per class, in the classes' order
+    for row in table[1:]:
+        p = [float(v) for v in row[1:]]
+        assert sum(p) == pytest.approx(1, abs=1e-4)
+        best = table[0][1 + p.index(max(p))]
+        assert best == next(r[1].split()[0] for r in rows if r[0] == row[0])
+    answers = tmp_path / "answers.csv"  # names with their extension, as true labels often are
+    answers.write_text(
+        "file,label\n" + "".join(f"img_{j:02d}.png,{CLASSES[j % 3]}\n" for j in range(7))
+    )
+    capsys.readouterr()
+    for written in (out, probs):
+        predict.main(["--ckpt", ckpt, "--check", str(written), "--answers", str(answers)])
+    printed = capsys.readouterr().out
+    assert "top-2" in printed.splitlines()[0] and "balanced accuracy" in printed
+
+
+def test_a_few_image_files_are_predicted_without_a_cache(trained, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for j in (0, 1):
+        (photos / f"shot{j}.png").write_bytes(
+            (trained / "data" / "test" / f"img_0{j}.png").read_bytes()
+        )
+    predict.main(
+        [
+            "--ckpt",
+            str(trained / "ck" / "best.pt"),
+            str(photos / "shot1.png"),
+            str(photos / "shot0.png"),
+        ]
+    )
+    rows = read_csv(capsys.readouterr().out)
+    assert [r[0] for r in rows[1:]] == ["shot1", "shot0"]  # in the order given
+    assert [r[1] for r in rows[1:]] == [CLASSES[1], CLASSES[0]]
+    assert sorted(p.name for p in photos.iterdir()) == ["shot0.png", "shot1.png"]  # nothing else
+    with pytest.raises(SystemExit, match="unreadable image"):
+        (photos / "bad.png").write_bytes(b"no")
+        predict.main(["--ckpt", str(trained / "ck" / "best.pt"), str(photos / "bad.png")])
+
+
+def test_the_snippet_in_docs_in_your_code_runs_as_written(trained, tmp_path, monkeypatch, capsys):
+    page = (REPO / "docs" / "in-your-code.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.pt").write_bytes((trained / "ck" / "best.pt").read_bytes())
+    test = trained / "data" / "test"
+    (tmp_path / "cat.jpg").write_bytes((test / "img_01.png").read_bytes())  # a PNG named .jpg
+    Image.open(test / "img_02.png").save(tmp_path / "dog.png")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(snippet, scope)
+    names, probs = scope["names"], scope["probs"]
+    assert names == [CLASSES[1], CLASSES[2]] and probs.shape == (2, 3)
+    assert np.allclose(probs.sum(1), 1) and CLASSES[1] in capsys.readouterr().out
+    pil = scope["classifier"].predict([Image.open(test / "img_01.png")])[0]
+    assert pil == [CLASSES[1]]  # a PIL image, as its file
