@@ -1,10 +1,14 @@
-"""DDP on the CPU: two gloo processes launched by torchrun, as a user would launch them."""
+"""DDP on the CPU: two gloo processes launched by torchrun, as a user would launch them; and, where
+torchrun itself is not what is tested, forked from this process (the same DDP, without two more
+interpreters importing torch)."""
 
 import csv
+import multiprocessing
 import os
 import socket
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
@@ -33,6 +37,49 @@ def torchrun(*args, script="train.py", runner="tests/narrow.py", env=None, check
     )
     assert result.returncode == 0 or not check, result.stderr[-3000:]
     return result
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def forked_ddp(argv, tmp_path, nproc=2):
+    """train.main(argv) in `nproc` processes forked from this one, joined into one gloo process
+    group as torchrun's workers are (RANK, WORLD_SIZE, MASTER_ADDR, ...). Returns their exit
+    statuses; each process's standard error is in tmp_path/rank<N>.log."""
+    port, context = free_port(), multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=ddp_worker, args=(rank, nproc, port, argv, tmp_path))
+        for rank in range(nproc)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=240)
+    return [worker.exitcode for worker in workers]
+
+
+def ddp_worker(rank, world, port, argv, folder):
+    env = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=world, LOCAL_WORLD_SIZE=world)
+    os.environ.update({k: str(v) for k, v in env.items()}, MASTER_ADDR="127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    with open(folder / f"rank{rank}.log", "w") as log:
+        os.dup2(log.fileno(), 2)
+        sys.stderr = log
+        try:
+            train.main([str(a) for a in argv])
+        except SystemExit as stop:
+            log.write(f"{stop.code}\n")
+            log.flush()
+            os._exit(stop.code if isinstance(stop.code, int) else 1)
+        except BaseException:
+            traceback.print_exc(file=log)
+            log.flush()
+            os._exit(1)
+        log.flush()
+    os._exit(0)
 
 
 def rows(path):
@@ -65,7 +112,9 @@ def test_torchrun_demo_writes_one_set_of_outputs(demo_run):
     assert state["world_size"] == 2 and len(state["rng"]) == 2
 
 
-def test_two_machines_stopped_by_a_signal_to_one_resume_to_the_one_machine_run(demo_run, tmp_path):
+def test_two_machines_stopped_by_a_signal_to_one_resume_to_the_one_machine_run(
+    demo_run, tmp_path, narrow_models
+):
     """Two torchrun agents on 127.0.0.1, one process each (--nnodes 2 --node_rank 0/1), as two
     machines sharing the data folder and --out: the first process of each writes the demo data
     and builds its cache at once, and they take turns. Rank 1 alone gets SIGTERM mid-epoch: both
@@ -73,9 +122,7 @@ def test_two_machines_stopped_by_a_signal_to_one_resume_to_the_one_machine_run(d
     machine with two processes ends as the demo_run fixture's did, which never stopped."""
     root, _ = demo_run
     out = tmp_path / "ck"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     args = [*DEMO, "--data", tmp_path / "demo", "--out", out, "--epochs2", "2"]
     # 1,259 training images, 64 a process: 9 batches an epoch; the 12th is Phase II's 3rd.
     agents = [
@@ -97,7 +144,7 @@ def test_two_machines_stopped_by_a_signal_to_one_resume_to_the_one_machine_run(d
     # torchrun reports the workers' exit status 75 as a failure of its own; the file tells.
     assert [agent.returncode for agent in agents] == [1, 1] and (out / "preempted").is_file()
     assert torch.load(out / "last.pt", weights_only=True)["step"] == 3
-    torchrun("--resume", out / "last.pt")
+    assert forked_ddp(["--resume", out / "last.pt"], tmp_path) == [0, 0]
     a = torch.load(root / "ck" / "last.pt", weights_only=True)
     b = torch.load(out / "last.pt", weights_only=True)
     assert (b["phase"], b["epoch"], b.get("step")) == (2, 2, None)
@@ -136,7 +183,7 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, narrow_mod
     common = ["--data", data, *TINY, "--epochs1", "2", "--epochs2", "0", "--freeze-bn", *NO_AUGMENT]
     common += ["--ema", "0.9"]
     common = [str(a) for a in common]
-    torchrun(*common, "--batch-size", "4", "--out", tmp_path / "two")
+    assert forked_ddp([*common, "--batch-size", "4", "--out", tmp_path / "two"], tmp_path) == [0, 0]
     i = common.index("--batch-size")
     train.main(common[:i] + common[i + 2 :] + ["--batch-size", "8", "--out", str(tmp_path / "one")])
     two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
