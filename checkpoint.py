@@ -181,12 +181,17 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def peek(path):
-    """A checkpoint's dict with its tensors mapped, not read (cheap for any size), or None if
-    there is none that loads."""
+    """A checkpoint's position and options ({phase, epoch, args}), read with its tensors mapped,
+    not loaded (cheap for any size), or None if there is none that loads. Nothing of it stays
+    mapped: Windows would not let the run replace the file later."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
+    summary = {key: state.get(key) for key in ("phase", "epoch", "args")}
+    del state
+    return summary
+
 
 
 def resolve_checkpoint(path):

@@ -340,7 +340,11 @@ def _remove_stale(index_path, pixels_path):
     prefix = index_path.name.rsplit("-", 1)[0] + "-"
     for old in index_path.parent.glob(prefix + "*"):
         if old not in (index_path, pixels_path) and old.suffix in (".json", ".u8"):
-            old.unlink(missing_ok=True)
+            try:
+                old.unlink(missing_ok=True)
+            except PermissionError:  # Windows: open in a run that still reads it; next time
+                pass
+
 
 
 def default_cache_dir(data_dir):

@@ -762,12 +762,16 @@ def phase_setup(number, args, model, device, criterion, dtype):
     """Table 1 from the options: the only place a phase's recipe is put together (train.py and
     the benchmarks use it). It also sets which of `model`'s parameters learn. `criterion` and
     `dtype` are the run's loss and autocast dtype, which validation shares."""
+    # fp16 losses are scaled on CUDA, against gradients too small for float16; Apple's GPUs
+    # train fp16 autocast without a scaler (torch's GradScaler is CUDA's).
+    scaled = dtype == torch.float16 and device.type == "cuda"
     step = dict(
         criterion=criterion,
         dtype=dtype,
-        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        scaler=torch.amp.GradScaler("cuda" if scaled else device.type, enabled=scaled),
         accum_steps=args.accum_steps,
     )
+
     if number == 1:
         # The new head alone, at a constant learning rate, the backbone frozen.
         optimizer = make_optimizer("adamw", set_trainable(model, 1), args.lr1, args.wd1, device)

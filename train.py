@@ -64,6 +64,8 @@ from utils import (
     amp_dtype,
     broadcast_buffers,
     broadcast_module,
+    compile_support,
+
     gather_from_processes,
     init_distributed,
     is_main_process,
@@ -81,6 +83,8 @@ def main(argv=None):
     args, resume = resolve_options(argv)
     procs = init_distributed(args.device)
     device = pick_device(args.device, procs.local_rank)
+    if args.compile and (why := compile_support(device)):
+        raise SystemExit(f"--compile: {why}; train without it")
     # What can be checked is, before a folder is claimed or an image decoded: the data's layout,
     # the architecture and the weights (a download too). A typo costs seconds, not a cache build.
     with local_main_first(procs.local_rank):

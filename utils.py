@@ -1,4 +1,4 @@
-"""What the scripts share: logging, distributed helpers, stop requests (SIGTERM, SIGUSR1) and
+"""What the scripts share: logging, distributed helpers, stop requests (SIGTERM, SIGUSR1, Ctrl-C) and
 locks, atomic files, seeding and random state, devices. It imports nothing of this project's:
 every other module may use it.
 
@@ -10,13 +10,14 @@ several that share a filesystem):
   a lock beside them, so that machines sharing a filesystem take turns and the second finds the
   work done (data.build_cache, data.write_demo_dataset); every file atomically (atomic_file)."""
 
-import fcntl
 import os
 import random
 import signal
 import socket
 import sys
 import threading
+import time
+
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.distributed as dist
+from filelock import FileLock, Timeout
 
 
 def log(*parts):
@@ -134,7 +136,13 @@ class StopRequest:
     is agreed by every process, through an all-reduce of one number on a gloo group of its own
     (the GPU never waits for it)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    # Those the platform has: SIGUSR1 is POSIX's; Windows has SIGBREAK (Ctrl-Break) instead, and
+    # SIGTERM only by name (nothing outside the process sends it there).
+    SIGNALS = tuple(
+        getattr(signal, name)
+        for name in ("SIGTERM", "SIGUSR1", "SIGBREAK", "SIGINT")
+        if hasattr(signal, name)
+    )
 
     def __init__(self):
         self.signal, self.previous = None, {}
@@ -192,27 +200,28 @@ class StopRequest:
 
 @contextmanager
 def exclusive(path, what, wait=False):
-    """Hold an exclusive lock on the file `path` (made if missing) for the block. Another process
-    holding it makes this raise SystemExit naming it, or with wait, wait for it. The kernel drops
-    the lock with the process however it ends, kill -9 included, so none is ever left stale."""
+    """Hold an exclusive lock on the file `path` for the block. Another process holding it makes
+    this raise SystemExit naming it (the process and host, kept in `path`.owner while the lock is
+    held), or with wait, wait for it. The lock is filelock's, the platform's own: flock on Linux
+    and macOS, LockFileEx on Windows, which the system drops with the process however it ends
+    (kill -9 included), so none is ever left stale."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise SystemExit(f"{what} is in use by {holder} (lock {path})") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.truncate(0)
-            fcntl.flock(f, fcntl.LOCK_UN)
+    owner = path.with_name(path.name + ".owner")
+    lock = FileLock(path)
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except Timeout:
+        holder = owner.read_text().strip() if owner.is_file() else ""
+        raise SystemExit(
+            f"{what} is in use by {holder or 'another process'} (lock {path})"
+        ) from None
+    try:
+        owner.write_text(f"process {os.getpid()} on {socket.gethostname()}\n")
+        yield
+    finally:
+        owner.unlink(missing_ok=True)
+        lock.release()
 
 
 # ------------------------------------------------------------------------- files and checkpoints
@@ -231,9 +240,21 @@ def atomic_file(path, mode="wb", **open_kwargs):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace(source, destination, tries=20):
+    """os.replace, tried again for a while where the destination is open (Windows refuses to
+    replace a file another process is reading, a checkpoint that evaluate.py has open, say)."""
+    for attempt in range(tries):
+        try:
+            return os.replace(source, destination)
+        except PermissionError:
+            if os.name != "nt" or attempt == tries - 1:
+                raise
+            time.sleep(0.25)
 
 
 # ----------------------------------------------------------------------------- randomness
@@ -262,18 +283,42 @@ def set_rng_state(state):
 # ----------------------------------------------------------------------------- devices
 
 
+def mps_available():
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
+
+
 def pick_device(name="auto", local_rank=0):
+    """--device: auto takes CUDA where there is a GPU, then Apple's (MPS), then the CPU."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible (use --device cpu)")
+    if name == "mps" and not mps_available():
+        raise SystemExit("--device mps: no Apple GPU here, or this torch lacks MPS (--device cpu)")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
 def amp_dtype(amp, device):
-    """The autocast dtype, or None. Mixed precision runs on CUDA; the CPU computes in float32."""
-    if device.type != "cuda" or amp == "off":
+    """The autocast dtype, or None. Mixed precision runs on CUDA and on Apple's GPUs (there
+    without a grad scaler, which is CUDA's: recipe.phase_setup); the CPU computes in float32."""
+    if device.type not in ("cuda", "mps") or amp == "off":
         return None
-    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+    if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit("--amp bf16: this GPU has no bfloat16 support (use --amp fp16)")
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
+
+
+def compile_support(device):
+    """Why torch.compile cannot run here, or None."""
+    if device.type == "mps":
+        return "torch.compile does not support Apple's GPUs (MPS) well enough to train on"
+    try:
+        import torch._dynamo  # noqa: PLC0415 (only when asked)
+
+        if not torch._dynamo.is_dynamo_supported():
+            return "torch.compile is not supported by this Python or platform"
+    except ImportError:
+        return "this torch has no torch.compile"
+    return None
+

@@ -178,7 +178,7 @@ def test_a_second_run_into_one_folder_is_refused_and_a_killed_runs_lock_is_not(t
     try:
         deadline = time.time() + 60
         while f"process {first.pid}" not in (
-            (out / ".lock").read_text() if (out / ".lock").exists() else ""
+            (out / ".lock.owner").read_text() if (out / ".lock.owner").exists() else ""
         ):
             assert time.time() < deadline and first.poll() is None
             time.sleep(0.1)
