@@ -115,6 +115,7 @@ def epoch_record(phase, epoch, lr, train, val, seconds, val_seconds):
         "images_per_s": train["images"] / seconds,
         "seconds": seconds,
         "val_seconds": val_seconds,
+        "steps": train["steps"],  # its optimizer steps: TensorBoard's clock
     }
 
 
@@ -191,7 +192,6 @@ def peek(path):
     summary = {key: state.get(key) for key in ("phase", "epoch", "args")}
     del state
     return summary
-
 
 
 def resolve_checkpoint(path):

@@ -346,7 +346,6 @@ def _remove_stale(index_path, pixels_path):
                 pass
 
 
-
 def default_cache_dir(data_dir):
     """<data>/.cache, or a folder in the user's cache when the data folder is read-only."""
     candidate = Path(data_dir) / ".cache"

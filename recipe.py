@@ -9,6 +9,7 @@ the benchmarks read it from here.
 import argparse
 import csv
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +172,15 @@ def get_args_parser():
         "--epochs2, --warmup-epochs and --cosine-epochs, dividing what is left of N around "
         "those given (--epochs 8: 1 + 7, no warmup; --epochs 8 --epochs1 2: 2 + 6)",
     )
+    g.add_argument(
+        "--time-budget",
+        type=duration,
+        default=None,
+        metavar="DURATION",
+        help="a budget of time (90m, 2h, 1h30m, 600s): the run times a few steps of each phase "
+        "on this machine and takes the largest --epochs N whose epochs, validations, saves "
+        "and end fit in it, counting from its start",
+    )
 
     g = p.add_argument_group("Phase I: the new head alone, backbone frozen")
     g.add_argument("--epochs1", type=int, default=10, help="0 skips Phase I")
@@ -326,6 +336,19 @@ def get_args_parser():
         metavar="N",
         help="also save last.pt every N optimizer steps, mid-epoch (0: at epoch ends)",
     )
+    g.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="write TensorBoard curves (losses, accuracies, lr, images/s each epoch; the "
+        "training loss every --tensorboard-every steps) into DIR, or the run's folder; needs "
+        "pip install tensorboard",
+    )
+    g.add_argument(
+        "--tensorboard-every", type=int, default=50, metavar="N", help="steps between losses"
+    )
     g.add_argument("--seed", type=int, default=0, help="init, data order, augmentation, val split")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     g.add_argument(
@@ -352,6 +375,15 @@ def get_args_parser():
     return p
 
 
+def duration(text):
+    """Seconds of 90m, 2h, 1h30m, 600s, 1.5h."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90m, 2h, 1h30m, 600s)")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
 def parameter_count(text):
     """100M, 25.6M, 1.5B or a plain number."""
     scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(text[-1:].upper(), 1)
@@ -362,6 +394,27 @@ def parameter_count(text):
 
 
 PHASE_EPOCHS = ("epochs1", "epochs2", "warmup_epochs", "cosine_epochs")
+
+
+def epochs_within(seconds, epoch_seconds, end_seconds, fixed=None, most=100_000):
+    """The largest budget of epochs N, with its split (split_budget(N, fixed)) and its expected
+    seconds, that trains within `seconds`: each epoch of phase p taking epoch_seconds[p] (its
+    steps, validation and checkpoints), and `end_seconds` after the last (--average-last,
+    --tta auto). None if not even the smallest budget fits. An extra epoch never costs less
+    than nothing, so the first N that does not fit ends the search."""
+    best = None
+    for total in range(2, most):
+        try:
+            split = split_budget(total, fixed)
+        except SystemExit:  # the epochs given make up more than `total`
+            continue
+        cost = sum(split[f"epochs{p}"] * epoch_seconds[p] for p in (1, 2)) + end_seconds
+        if cost > seconds:
+            break
+        best = (total, split, cost)
+        if fixed and "epochs1" in fixed and "epochs2" in fixed:
+            break  # nothing left to choose
+    return best
 
 
 def split_budget(total, fixed=None):
@@ -390,6 +443,10 @@ def bad_values(args):
     """What is wrong with the options, as sentences for the parser's error."""
     if args.epochs is not None and args.epochs < 2:
         yield f"--epochs {args.epochs}: the budget needs at least 2 epochs, one for each phase"
+    if args.time_budget is not None and args.epochs is not None:
+        yield "--time-budget chooses --epochs from the time: give one or the other"
+    if args.time_budget is not None and args.phase == "1":
+        yield "--time-budget plans both phases: with --phase 1, give --epochs1"
     if args.accum_steps < 1:
         yield "--accum-steps must be at least 1"
     if args.ema is not None and not 0 < args.ema < 1:
@@ -406,6 +463,8 @@ def bad_values(args):
     for name in ("save_every_steps", "save_every"):
         if getattr(args, name) < 0:
             yield f"--{name.replace('_', '-')} must be 0 or more (0: none)"
+    if args.tensorboard_every < 1:
+        yield "--tensorboard-every must be 1 or more"
 
 
 def resolve_options(argv=None):
@@ -576,7 +635,17 @@ def held_out_split(run, value):
     return None
 
 
+def budget_rule(run, value):
+    if run.phase2_begun or run.path.name != PHASE1:
+        return (
+            "a time budget chooses a run's epochs when it starts, and the run saved them; to "
+            "train longer or shorter, give --epochs2 (or --epochs N)"
+        )
+    return None
+
+
 def seed_rule(run, value):
+
     return held_out_split(run, value) or whole_epochs(run, value)
 
 
@@ -602,6 +671,7 @@ CONTINUING = {
     "weights": starting_weights,
     # the budget, Phase I, Phase II
     "epochs": applied,  # through the split, each of whose parts has its rule
+    "time_budget": budget_rule,
     "epochs1": phase1_only,
     "lr1": phase1_only,
     "wd1": phase1_only,
@@ -641,6 +711,8 @@ CONTINUING = {
     "phase": applied,
     "out": applied,
     "save_every_steps": applied,
+    "tensorboard": applied,  # a resumed run's curves go on from its step, not twice
+    "tensorboard_every": applied,
     "seed": seed_rule,
     "device": applied,
     "demo": fixed,

@@ -10,7 +10,10 @@ folder are checkpoint.py's. This file is the loop.
     python train.py --resume checkpoints/last.pt
 """
 
+import copy
+import itertools
 import math
+import statistics
 import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
@@ -56,7 +59,15 @@ from model import (
     warn_if_too_large,
 )
 from prefetch import on_device
-from recipe import describe_phase, loss_of, phase_setup, resolve_options
+from recipe import (
+    PHASE_EPOCHS,
+    describe_phase,
+    epochs_within,
+    given_options,
+    loss_of,
+    phase_setup,
+    resolve_options,
+)
 from utils import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
@@ -65,7 +76,6 @@ from utils import (
     broadcast_buffers,
     broadcast_module,
     compile_support,
-
     gather_from_processes,
     init_distributed,
     is_main_process,
@@ -74,17 +84,21 @@ from utils import (
     pick_device,
     rng_state,
     seed_everything,
+    set_rng_state,
     sum_over_processes,
     totals_dtype,
 )
 
 
 def main(argv=None):
+    started = time.monotonic()  # a --time-budget counts from here
     args, resume = resolve_options(argv)
     procs = init_distributed(args.device)
     device = pick_device(args.device, procs.local_rank)
     if args.compile and (why := compile_support(device)):
         raise SystemExit(f"--compile: {why}; train without it")
+    if args.tensorboard is not None and procs.rank == 0:
+        require_tensorboard()
     # What can be checked is, before a folder is claimed or an image decoded: the data's layout,
     # the architecture and the weights (a download too). A typo costs seconds, not a cache build.
     with local_main_first(procs.local_rank):
@@ -106,14 +120,19 @@ def main(argv=None):
                 splits = load_data(args, dataset)
             with StopRequest() as stop:
                 run = set_up(args, resume, splits, model, folder, device, procs, stop)
-                # Algorithm 1. Phase I: fit the new head on the frozen backbone.
-                if args.phase in ("1", "all"):
-                    train_phase(run, phase_setup(1, args, model, device, run.criterion, run.dtype))
-                # Phase II: fine-tune every layer, warmup then cosine, gradients clipped.
-                if args.phase in ("2", "all"):
-                    train_phase(run, phase_setup(2, args, model, device, run.criterion, run.dtype))
-                    # Return the best checkpoint: of the epochs, or of their average.
-                    select_result(run)
+                with closing(run):
+                    if "time_budget" in given_options(argv):  # chosen once, as the run starts
+                        plan_time_budget(run, budget_fixed(argv, resume), started)
+                    net, loss, dtype = run.model, run.criterion, run.dtype
+                    # Algorithm 1. Phase I: fit the new head on the frozen backbone.
+                    if args.phase in ("1", "all"):
+                        train_phase(run, phase_setup(1, args, net, device, loss, dtype))
+                    # Phase II: fine-tune every layer, warmup then cosine, gradients clipped.
+                    if args.phase in ("2", "all"):
+                        train_phase(run, phase_setup(2, args, net, device, loss, dtype))
+                        # Return the best checkpoint: of the epochs, or of their average.
+                        select_result(run)
+
     except torch.OutOfMemoryError:
         raise SystemExit(out_of_memory_advice(args)) from None
     except Preempted as stop:
@@ -122,7 +141,7 @@ def main(argv=None):
         saved = f"{folder.path / LAST} holds the last position saved" if folder.written else ""
         log(f"interrupted at once: {saved or 'nothing of this run was saved'}")
         raise SystemExit(EXIT_INTERRUPTED) from None
-    summarize(run)
+    summarize(run, started)
     if args.demo:
         log(demo_next_steps(args))
     if procs.world_size > 1:
@@ -226,7 +245,11 @@ def train_phase(run, phase):
         )
         is_best = best_acc(record) > max(map(best_acc, run.history), default=-1.0)
         run.history.append(record)
-        log(epoch_line(record, phase.epochs, is_best))
+        left = run.forecast.words(phase.number, epoch + 1)
+        log(f"{epoch_line(record, phase.epochs, is_best)} | {left}")
+        if run.board is not None:
+            run.board.epoch(record, run.step)
+
         run.save_epoch(phase, epoch + 1, is_best)
         # A stop asked for during the validation or the save: here, unless all is done.
         phase2_follows = phase.number == 1 and run.args.phase == "all" and run.args.epochs2 > 0
@@ -259,7 +282,12 @@ def train_epoch(run, phase, epoch, first_batch=0, progress=None):
             disable=None if is_main_process() else True,
             unit="batch",
         )
+        shown = Progress(run, phase, epoch, bar, first_batch, total)
         for done in optimizer_steps(run.net, bar, total, phase, run.ema, tally):
+            run.step += 1
+            shown.step(done)
+            if run.board is not None and run.step % args.tensorboard_every == 0:
+                run.board.step_loss(run.step, tally.losses[-1])
             if done == total:
                 continue
             stop = run.stop.requested()  # agreed by every process
@@ -272,7 +300,39 @@ def train_epoch(run, phase, epoch, first_batch=0, progress=None):
                 raise Preempted(
                     f"{done} batches into phase {phase.number} epoch {epoch + 1}", run.stop
                 )
-    return tally.summary(run.device), time.perf_counter() - t0
+    summary = tally.summary(run.device) | {"steps": math.ceil(total / args.accum_steps)}
+    return summary, time.perf_counter() - t0
+
+
+# Seconds between the progress lines of an epoch where standard error is not a terminal (a
+# notebook, a cluster's log), and between updates of the bar's time left where it is.
+PROGRESS_EVERY, BAR_EVERY = 60.0, 2.0
+
+
+class Progress:
+    """What an epoch shows as it trains: on a terminal, the bar with the whole run's time left
+    and its end; elsewhere, where the bar is hidden, a line every PROGRESS_EVERY seconds."""
+
+    def __init__(self, run, phase, epoch, bar, first_batch, total):
+        self.run, self.phase, self.epoch, self.bar = run, phase, epoch, bar
+        self.first, self.total = first_batch, total
+        self.start = self.last = time.monotonic()
+
+    def step(self, done):
+        now = time.monotonic()
+        if now - self.last < (PROGRESS_EVERY if self.bar.disable else BAR_EVERY):
+            return
+        self.last = now
+        share = done / self.total
+        words = self.run.forecast.words(self.phase.number, self.epoch, share, now - self.start)
+        if not self.bar.disable:
+            self.bar.set_postfix_str(words, refresh=False)
+            return
+        images = (done - self.first) * self.run.args.batch_size * self.run.world_size
+        log(
+            f"phase {self.phase.number} epoch {self.epoch + 1}/{self.phase.epochs}: "
+            f"{done}/{self.total} batches, {images / (now - self.start):.0f} img/s; {words}"
+        )
 
 
 def optimizer_steps(net, batches, total, phase, ema, tally):
@@ -381,6 +441,245 @@ def all_finite(module):
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
+# ----------------------------------------------------------------------------- time
+
+
+def budget_fixed(argv, resume):
+    """The parts of the --epochs split a --time-budget leaves as they are: those given, and the
+    Phase I epochs of a run Phase II continues."""
+    given = given_options(argv)
+    fixed = {key: given[key] for key in PHASE_EPOCHS if key in given}
+    if resume.state is not None:
+        fixed["epochs1"] = resume.state["args"]["epochs1"]
+    return fixed
+
+
+def plan_time_budget(run, fixed, started):
+    """--time-budget: the largest --epochs N whose epochs fit in what is left of the budget at
+    the speed measured here (time_steps), set as the run's split (saved: a resume keeps it)."""
+    args = run.args
+    speed = time_steps(run)
+    epoch = {p: run.forecast.epoch_seconds(p, speed) for p in (1, 2)}
+    end = run.forecast.end_seconds(speed)
+    spent = time.monotonic() - started
+    left = (args.time_budget - spent) * 0.97  # a margin for an epoch slower than its steps
+    chosen = epochs_within(left, epoch, end, fixed)
+    timing = (
+        f"here a Phase I step takes {speed['step1']:.3g} s, a Phase II step {speed['step2']:.3g} "
+        f"s, a validation {clock(speed['validation'])}: an epoch {clock(epoch[1])} in Phase I, "
+        f"{clock(epoch[2])} in Phase II; {clock(spent)} spent before training"
+    )
+    if chosen is None:
+        raise SystemExit(
+            f"--time-budget {clock(args.time_budget)}: {timing}. Not even --epochs 2 fits in "
+            "it: give more time, or a smaller --arch, --img-size or training set"
+        )
+    total, split, cost = chosen
+    vars(args).update(epochs=total, **split)
+    run.forecast.speed = speed
+    ends = wall_clock(started + spent + cost)
+    log(
+        f"--time-budget {clock(args.time_budget)}: {timing}. So --epochs {total} "
+        f"({split['epochs1']} + {split['epochs2']}, {split['warmup_epochs']} warmup), about "
+        f"{clock(cost)} from now: the run should end near {ends}"
+    )
+
+
+def time_steps(run, steps=3):
+    """Seconds an optimizer step of each phase takes here (step1, step2), a validation pass
+    (validation) and an epoch's checkpoints (save): `steps` steps of a copy of the model in each
+    phase after one to warm up, the copy thrown away and the global random state put back, so
+    that the run trains as it would have. Under torchrun every process times its share, through
+    DDP, and the slowest counts."""
+    args, device = run.args, run.device
+    state = rng_state()
+    batches = first_batches(run, (steps + 1) * args.accum_steps)
+    timed = {}
+    for number in (1, 2):
+        model = copy.deepcopy(run.model)
+        phase = phase_setup(number, args, model, device, run.criterion, run.dtype)
+        phase.set_epoch(0)
+        net = model
+        if run.world_size > 1:
+            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        done = optimizer_steps(net, iter(batches), len(batches), phase, None, EpochTally())
+        times = [synchronized(device) for _ in done]  # after each step
+        timed[f"step{number}"] = (times[-1] - times[0]) / max(len(times) - 1, 1)
+        del net, model, phase
+    model = run.model.eval()
+    with torch.no_grad(), torch.autocast(device.type, run.dtype, enabled=run.dtype is not None):
+        t0 = synchronized(device)
+        for images, _ in batches:
+            model(images)
+        per_image = (synchronized(device) - t0) / sum(len(labels) for _, labels in batches)
+    timed["validation"] = per_image * len(run.splits.val)
+    timed["save"] = save_seconds(run)
+    set_rng_state(state)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    every = gather_from_processes(timed)
+    return {key: max(t[key] for t in every) for key in timed}
+
+
+def save_seconds(run):
+    """An epoch's checkpoints, written here: the weights written once into the run's folder and
+    timed, for a checkpoint of about three times their size (the optimizer's two moments; four
+    with --ema) written once and copied once (best.pt, now and then)."""
+    if run.rank != 0:
+        return 0.0
+    probe = run.folder.path / ".time-budget.tmp"
+    start = time.perf_counter()
+    torch.save(run.model.state_dict(), probe)
+    seconds = time.perf_counter() - start
+    probe.unlink(missing_ok=True)
+    return seconds * (4 if run.ema is not None else 3) * 2
+
+
+def first_batches(run, n):
+    """The first n batches of an epoch as training prepares them (read, on the device,
+    augmented), for timing; the loader is set back to its epoch by the training loop."""
+    set_epoch(run.train_loader, 0)
+    with closing(on_device(run.train_loader, run.train_preprocess, run.device)) as batches:
+        return list(itertools.islice(batches, n))
+
+
+def synchronized(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def clock(seconds):
+    """Seconds as 1:02:03, 2:03 or 4.5 s."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def wall_clock(monotonic_time):
+    """A time.monotonic() moment as the wall clock's HH:MM (and the date, if not today)."""
+    moment = time.time() + (monotonic_time - time.monotonic())
+    when, today = time.localtime(moment), time.localtime()
+    day = "" if when[:3] == today[:3] else time.strftime(" on %a %d %b", when)
+    return time.strftime("%H:%M", when) + day
+
+
+class Forecast:
+    """The run's time left and its end, from the speed of each phase: the epochs this run has
+    timed (their training and validation), else the steps --time-budget timed; a phase neither
+    has timed is said to be so."""
+
+    def __init__(self, run):
+        self.run = run
+        self.speed = None  # time_steps', with --time-budget
+
+    def epoch_seconds(self, phase, speed=None):
+        """An epoch of `phase`: its steps, its validation and checkpoints; None if untimed."""
+        timed = [
+            r["seconds"] + r.get("val_seconds", 0) for r in self.run.history if r["phase"] == phase
+        ]
+        if timed and speed is None:
+            return statistics.median(timed[-3:])
+        speed = speed or self.speed
+        if speed is None:
+            return None
+        steps = len(self.run.train_loader) / self.run.args.accum_steps
+        validations = 2 if self.run.ema is not None else 1
+        return (
+            steps * speed[f"step{phase}"] + validations * speed["validation"] + speed.get("save", 0)
+        )
+
+    def end_seconds(self, speed=None):
+        """After the last epoch: the average's batch norm pass and validation (--average-last),
+        the flipped and plain validations of --tta auto."""
+        speed = speed or self.speed
+        validation = speed["validation"] if speed else 0.0
+        args = self.run.args
+        per_image = validation / max(len(self.run.splits.val), 1)
+        average = (len(self.run.splits.train) * per_image + validation) if args.average_last else 0
+        return average + (3 * validation if args.tta == "auto" else 0)
+
+    def left(self, phase, epoch, share_done=0.0, elapsed=None):
+        """Seconds left of the run from `share_done` of `phase`'s epoch `epoch` (0-based), or
+        None where a phase to come is not timed yet. `elapsed`: the seconds the epoch in flight
+        has taken, which time its phase where nothing else has."""
+        args, total = self.run.args, 0.0
+        for p, epochs in ((1, args.epochs1), (2, args.epochs2)):
+            if p < phase or (p == 1 and args.phase == "2") or (p == 2 and args.phase == "1"):
+                continue
+            remaining = epochs - epoch - share_done if p == phase else epochs
+            if remaining <= 0:
+                continue
+            seconds = self.epoch_seconds(p)
+            if seconds is None and p == phase and elapsed and share_done > 0.02:
+                seconds = elapsed / share_done
+            if seconds is None:
+                return None
+            total += remaining * seconds
+        return total + (self.end_seconds() if args.phase != "1" else 0)
+
+    def words(self, phase, epoch, share_done=0.0, elapsed=None):
+        """'run left 1:02:03, ends 14:52', or what is not timed yet."""
+        seconds = self.left(phase, epoch, share_done, elapsed)
+        if seconds is None:
+            return "Phase II not timed yet"
+        return f"run left {clock(seconds)}, ends {wall_clock(time.monotonic() + seconds)}"
+
+
+class Board:
+    """--tensorboard: the run's curves in TensorBoard's event files (torch.utils.tensorboard), by
+    the first process alone, every scalar at the run's optimizer step: each epoch's losses,
+    accuracies (top-5, the moving average's), learning rate and images/s, and the training loss
+    every --tensorboard-every steps. A resumed run's writer purges what a run stopped after its
+    last checkpoint had written beyond it, so curves go on and are never drawn twice."""
+
+    def __init__(self, folder, first_step):
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (only with --tensorboard)
+
+        self.writer = SummaryWriter(str(folder), purge_step=first_step, flush_secs=20)
+
+    @classmethod
+    def of(cls, args, run_folder, first_step):
+        if args.tensorboard is None:
+            return None
+        return cls(args.tensorboard or run_folder, first_step)
+
+    def step_loss(self, step, loss):
+        self.writer.add_scalar("train/loss_per_step", float(loss), step)
+
+    def epoch(self, record, step):
+        scalars = {
+            "train/loss": record["train_loss"],
+            "train/accuracy": record["train_acc"],
+            "val/loss": record["val_loss"],
+            "val/accuracy": record["val_acc"],
+            "val/top5": record["val_top5"],
+            "val/ema_accuracy": record.get("ema_val_acc"),
+            "lr": record["lr"],
+            "images_per_s": record["images_per_s"],
+            "phase": record["phase"],
+        }
+        for tag, value in scalars.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, step)
+
+    def close(self):
+        self.writer.close()
+
+
+def require_tensorboard():
+    """SystemExit with the way on where --tensorboard is asked for without the package."""
+    try:
+        import tensorboard  # noqa: F401, PLC0415
+    except ImportError:
+        raise SystemExit(
+            "--tensorboard needs the tensorboard package, which this project does not require: "
+            "pip install tensorboard (then: tensorboard --logdir checkpoints)"
+        ) from None
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -409,6 +708,7 @@ class Run:
         self.class_counts = self.splits.train.class_counts(len(self.splits.classes))
         self.criterion = loss_of(args, self.splits.classes, self.class_counts).to(device)
         self.saved_at = None  # where last.pt was last written by this run, in words
+        self.forecast = Forecast(self)
         augment = DeviceAugment.from_args(args)
         self.train_preprocess = BatchPreprocess(args.mean, args.std, augment).to(device)
         self.eval_preprocess = BatchPreprocess(args.mean, args.std).to(device)
@@ -427,6 +727,17 @@ class Run:
         self.val_loader = make_loader(
             self.splits.val, 2 * args.batch_size, shuffle=False, pin_memory=cuda, **shard
         )
+        # The run's optimizer steps so far: TensorBoard's clock, which a resumed run goes on.
+        per_epoch = math.ceil(len(self.train_loader) / args.accum_steps)
+        self.step = sum(r.get("steps", per_epoch) for r in self.history)
+        if self.resume.state and self.resume.state.get("step"):  # stopped mid-epoch
+            self.step += math.ceil(self.resume.state["step"] / args.accum_steps)
+        self.board = Board.of(args, self.folder.path, self.step) if self.rank == 0 else None
+
+    def close(self):
+        """What the run keeps open beyond its files: its TensorBoard writer."""
+        if self.board is not None:
+            self.board.close()
 
     @property
     def epochs_trained(self):
@@ -678,7 +989,7 @@ def out_of_memory_advice(args):
     )
 
 
-def summarize(run):
+def summarize(run, started):
     if not run.history:
         log("nothing to train: every requested epoch is done")
         return
@@ -689,6 +1000,12 @@ def summarize(run):
         f"{run.folder.path / BEST}; {len(run.history)} epochs in {total / 60:.1f} min of training"
         + (f"; {run.splits.skipped} unreadable images were skipped" if run.splits.skipped else "")
     )
+    if run.args.time_budget:
+        took, budget = time.monotonic() - started, run.args.time_budget
+        log(
+            f"--time-budget {clock(budget)}: this command took {clock(took)}, "
+            f"{clock(abs(budget - took))} {'within' if took <= budget else 'over'} its budget"
+        )
 
 
 if __name__ == "__main__":

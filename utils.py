@@ -1,5 +1,5 @@
-"""What the scripts share: logging, distributed helpers, stop requests (SIGTERM, SIGUSR1, Ctrl-C) and
-locks, atomic files, seeding and random state, devices. It imports nothing of this project's:
+"""What the scripts share: logging, distributed helpers, stop requests (SIGTERM, SIGUSR1, Ctrl-C)
+and locks, atomic files, seeding and random state, devices. It imports nothing of this project's:
 every other module may use it.
 
 Who writes a file that several processes could write (under torchrun, on one machine or on
@@ -17,7 +17,6 @@ import socket
 import sys
 import threading
 import time
-
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -321,4 +320,3 @@ def compile_support(device):
     except ImportError:
         return "this torch has no torch.compile"
     return None
-

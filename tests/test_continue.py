@@ -38,6 +38,7 @@ OTHER = {
     "std": ["0.2", "0.2", "0.2"],
     "weights": ["imagenet"],
     "epochs": ["9"],
+    "time_budget": ["10m"],
     "epochs1": ["3"],
     "lr1": ["1e-3"],
     "wd1": ["2e-4"],
@@ -83,6 +84,8 @@ OTHER = {
     "phase": ["2"],
     "out": None,  # another folder (the fixture)
     "save_every_steps": ["3"],
+    "tensorboard": None,  # another folder (the fixture)
+    "tensorboard_every": ["10"],
     "seed": ["5"],
     "device": ["auto"],
     "demo": [],
@@ -90,7 +93,7 @@ OTHER = {
 }
 # --labels: the run validates on its val/ folder; with a CSV of labels it would hold out a share
 # of the training images.
-ALWAYS_REFUSED = {"arch", "mean", "std", "weights", "demo", "labels"}
+ALWAYS_REFUSED = {"arch", "mean", "std", "weights", "demo", "labels", "time_budget"}
 # Mid-epoch in Phase II: Phase I is over, Phase II's NAdam state is saved, the epoch's batches
 # are fixed.
 REFUSED_IN_PHASE2 = ALWAYS_REFUSED | {"epochs1", "lr1", "wd1", "freeze_bn", "optimizer2"}
@@ -135,7 +138,7 @@ def value_of(action, root, data):
     other = OTHER[action.dest]
     if action.dest == "data":
         return [str(data) + "/."]
-    if action.dest in ("cache_dir", "out"):
+    if action.dest in ("cache_dir", "out", "tensorboard"):
         return [str(root / f"another-{action.dest}")]
     if action.dest in ("labels", "val_labels"):
         return [str(labels_csv(root / f"{action.dest}.csv", data / "train"))]
@@ -205,10 +208,24 @@ def continued(monkeypatch, argv):
     return seen["run"], seen["phase"], seen["epoch"]
 
 
+class NoBoard:
+    """TensorBoard's writer, stood in for: the walk runs where tensorboard is not installed."""
+
+    def __init__(self, *args):
+        pass
+
+    def close(self):
+        pass
+
+
 @pytest.mark.parametrize("at", ["phase1", "phase2"])
 def test_every_option_given_to_a_continued_run_is_applied_or_refused(
     at, stopped_runs, narrow_models, monkeypatch
 ):
+    monkeypatch.setattr(train, "require_tensorboard", lambda: None)
+    of = classmethod(train.Board.of.__func__)
+    monkeypatch.setattr(train, "Board", type("Board", (NoBoard,), {"of": of}))
+
     root, data, points = stopped_runs
     path = points[at]
     state = torch.load(path, weights_only=True)

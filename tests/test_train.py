@@ -1,5 +1,8 @@
 import csv
 import math
+import re
+import sys
+import types
 from contextlib import closing
 
 import pytest
@@ -15,7 +18,7 @@ import model as M
 import predict
 import recipe
 import train
-from conftest import COLOURS, TINY, make_dataset, write_image
+from conftest import COLOURS, TINY, make_dataset, stop_at, write_image
 from prefetch import on_device
 from recipe import Phase, parameter_count, resolve_options
 
@@ -172,7 +175,7 @@ def test_two_phase_run_writes_checkpoints_and_history(tiny_args, tmp_path):
     rows = read_history(out / "history.csv")
     assert [(r["phase"], r["epoch"]) for r in rows] == [("1", "1"), ("2", "1"), ("2", "2")]
     columns = "phase epoch lr train_loss train_acc val_loss val_acc val_top5 images_per_s seconds"
-    assert list(rows[0]) == columns.split() + ["val_seconds"]
+    assert list(rows[0]) == columns.split() + ["val_seconds", "steps"]
 
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["classes"] == ["cat", "dog", "eel"] and last["arch"] == "resnet18"
@@ -497,3 +500,137 @@ def test_a_kaggle_style_run_trains_evaluates_and_predicts_without_being_told_aga
     )
     assert "p.csv: accuracy" in capsys.readouterr().out
     assert any("-pad-" in p.name for p in (root / ".cache").iterdir())  # predict used the pad cache
+
+
+def test_durations_read_as_a_user_writes_them():
+    assert [recipe.duration(t) for t in ("90m", "2h", "1h30m", "600s", "1.5h")] == [
+        5400,
+        7200,
+        5400,
+        600,
+        5400,
+    ]
+    with pytest.raises(Exception, match="not a duration"):
+        recipe.duration("90")  # minutes? seconds? said, not guessed
+
+
+def test_the_largest_budget_of_epochs_that_fits_is_chosen_around_the_epochs_given():
+    epoch = {1: 9.0, 2: 17.0}  # seconds an epoch of each phase takes
+    assert recipe.epochs_within(57, epoch, 0)[:2] == (3, recipe.split_budget(3))  # 1 + 2: 43 s
+    assert recipe.epochs_within(57, epoch, 20)[0] == 2  # the end's 20 s leave room for 1 + 1
+    assert recipe.epochs_within(25, epoch, 0) is None  # not even 1 + 1 (26 s)
+    total, split, cost = recipe.epochs_within(100, epoch, 0, fixed={"epochs1": 0})
+    assert (split["epochs1"], split["epochs2"], cost) == (0, 5, 85)  # Phase II alone
+
+
+def test_a_time_budget_picks_the_epochs_from_the_speed_measured_and_a_resume_keeps_them(
+    tiny_args, tmp_path, monkeypatch, capsys
+):
+    speed = {"step1": 2.0, "step2": 4.0, "validation": 1.0, "save": 0.0}
+    monkeypatch.setattr(train, "time_steps", lambda run: speed)  # 4 batches: 9 s and 17 s
+    train.main(tiny_args + ["--time-budget", "60s"])
+    err = capsys.readouterr().err
+    assert "an epoch 9.0 s in Phase I, 17.0 s in Phase II" in err
+    assert "So --epochs 3 (1 + 2, 1 warmup)" in err and "within its budget" in err  # TINY's 1
+    last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    assert [last["args"][k] for k in ("epochs", "epochs1", "epochs2", "time_budget")] == [
+        3,
+        1,
+        2,
+        60,
+    ]
+    assert len(last["history"]) == 3
+    train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--epochs2", "3"])  # no new plan
+    assert "--time-budget" not in capsys.readouterr().err.split("\n")[0]
+    with pytest.raises(SystemExit, match="--time-budget 120.0 .* a time budget chooses"):
+        train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--time-budget", "2m"])
+
+
+def test_timing_the_steps_leaves_the_run_as_it_was(tiny_args, tmp_path, monkeypatch):
+    """time_steps trains copies: the run's weights, batch norm statistics and random state are
+    those it had, so a budgeted run trains as an unbudgeted one of its epochs would."""
+    seen = {}
+
+    def spy(run):
+        before = {k: v.clone() for k, v in run.model.state_dict().items()}
+        rng = torch.get_rng_state()
+        seen["speed"] = speed = real(run)
+        assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
+        assert torch.equal(rng, torch.get_rng_state())
+        return speed
+
+    real = train.time_steps
+    monkeypatch.setattr(train, "time_steps", spy)
+    with pytest.raises(SystemExit, match="Not even --epochs 2 fits"):
+        train.main(tiny_args + ["--time-budget", "0.1s"])
+    assert set(seen["speed"]) == {"step1", "step2", "validation", "save"}
+    assert all(v > 0 for v in seen["speed"].values())
+    assert not (tmp_path / "ck").exists()  # nothing written, no folder left
+
+
+def test_where_standard_error_is_no_terminal_an_epoch_says_how_it_goes(
+    tiny_args, monkeypatch, capsys
+):
+    monkeypatch.setattr(train, "PROGRESS_EVERY", 0.0)
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
+    err = capsys.readouterr().err
+    # Phase II is not timed until it trains (with --time-budget it is, from the start).
+    assert re.search(r"phase 1 epoch 1/1: 2/4 batches, \d+ img/s; Phase II not timed yet", err)
+    assert re.search(r"phase 1 epoch   1/1 .* \| Phase II not timed yet", err)
+    assert re.search(r"phase 2 epoch 1/1: 2/4 batches, \d+ img/s; run left .*, ends \d\d:\d\d", err)
+    assert re.search(r"phase 2 epoch   1/1 .* \| run left \d", err)
+
+
+class Scalars:
+    """torch.utils.tensorboard's SummaryWriter, stood in for (tensorboard is not required)."""
+
+    runs = []
+
+    def __init__(self, folder, purge_step=None, flush_secs=None):
+        self.folder, self.purge_step, self.scalars = folder, purge_step, []
+        Scalars.runs.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, step, value))
+
+    def close(self):
+        pass
+
+
+def test_tensorboard_curves_go_on_from_a_resumed_runs_step_and_need_their_package(
+    tiny_args, tmp_path, monkeypatch
+):
+    board = types.ModuleType("torch.utils.tensorboard")
+    board.SummaryWriter = Scalars
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
+    require = train.require_tensorboard
+    monkeypatch.setattr(train, "require_tensorboard", lambda: None)
+    options = tiny_args + [
+        "--epochs1",
+        "1",
+        "--epochs2",
+        "2",
+        "--tensorboard",
+        "--tensorboard-every",
+        "3",
+    ]
+    with monkeypatch.context() as patch:
+        stop_at(patch, "step=10")  # two batches into Phase II's second epoch, step 10 of 12
+        with pytest.raises(SystemExit):
+            train.main(options)
+    train.main(["--resume", str(tmp_path / "ck" / "last.pt")])
+    first, resumed = Scalars.runs[-2:]
+    assert first.folder == str(tmp_path / "ck") and (first.purge_step, resumed.purge_step) == (
+        0,
+        10,
+    )
+    steps = [
+        step for tag, step, _ in first.scalars + resumed.scalars if tag == "train/loss_per_step"
+    ]
+    assert steps == [3, 6, 9, 12]  # every 3 steps, none twice
+    epochs = [step for tag, step, _ in first.scalars + resumed.scalars if tag == "val/accuracy"]
+    assert epochs == [4, 8, 12]
+    monkeypatch.setattr(train, "require_tensorboard", require)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as where it is not installed
+    with pytest.raises(SystemExit, match="needs the tensorboard package.*pip install tensorboard"):
+        train.main(tiny_args + ["--tensorboard", "--out", str(tmp_path / "other")])
