@@ -28,6 +28,7 @@ PARSERS = {
 # Options of other programs that the pages name: torchrun's, SLURM's, pip's.
 FOREIGN = {"--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_id", "--rdzv_backend"}
 FOREIGN |= {"--rdzv_endpoint", "--standalone", "--signal", "--gres", "--requeue", "--open-mode"}
+FOREIGN |= {"--logdir"}  # tensorboard's
 # Stand-ins for the shell's variables and patterns in the commands.
 SHELL = {"$arch": "resnet34", "$opt": "adamw", "$out": "checkpoints/run1", "$NPROC": "4"}
 
