@@ -200,7 +200,16 @@ if wanted aspect; then
     done
 fi
 
+# --time-budget on this machine: the method given 10 and 30 minutes (BENCHMARKS.md: how close
+# each ended to its budget, and the accuracy each reached).
+if wanted time-budget; then
+    for minutes in ${BUDGETS:-10 30}; do
+        run "$ck/budget-${minutes}m" "${common[@]}" "${pretrained[@]}" --time-budget "${minutes}m"
+    done
+fi
+
 if wanted report; then  # of the runs that have finished
+
     finished() { for f in "$@"; do [ -f "$(dirname "$f")/done" ] && echo "$f"; done; }
     mapfile -t runs < <(finished "$ck"/{scratch,probe,phase2-only,method,method-1+7-s{0,1}}/best.pt)
     [ -f "$ck/timm/best.pt" ] && runs+=("$ck/timm/best.pt")
