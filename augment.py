@@ -264,10 +264,17 @@ class BatchPreprocess(torch.nn.Module):
         self.register_buffer("scale", 1 / std, persistent=False)
         self.register_buffer("shift", -torch.tensor(mean).view(1, 3, 1, 1) / std, persistent=False)
         self.augment = augment
+        self.size = None  # a side to resample the batch to (--progressive), else the cache's
 
     @torch.no_grad()
     def forward(self, images):
         x = images.permute(0, 3, 1, 2).float().div_(255)
+        if self.size and self.size != x.shape[-1]:
+            # Antialiased, as the cache's own resize: a smaller side is the photo, not aliases.
+            x = torch.nn.functional.interpolate(
+                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+            )
+
         if self.augment is not None:
             x = self.augment(x)
         out = torch.empty(x.shape, device=x.device, memory_format=torch.channels_last)

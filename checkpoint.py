@@ -11,7 +11,8 @@ function of the options and the epoch), `scaler`, `rng` (one per process), `worl
 `device` (what resuming needs), `class_counts` (the training images of each class), `ema` (the
 weights' moving average, or None) and `eval_weights` (`model` or `ema`: the one that validated
 better); `step` and `progress` when saved mid-epoch; `averaged` and `val_acc` for an average of
-checkpoints; `tta` (whether test-time flips validated better) once --tta auto has chosen.
+checkpoints; `tta` (whether test-time flips validated better) once --tta auto has chosen,
+`test_size` (the side to test at) once --test-size auto has.
 """
 
 import csv
@@ -37,6 +38,7 @@ RUN_FILES += ("phase2_epoch*.pt",)
 ABOUT = ("arch", "classes", "img_size", "mean", "std", "data")  # what the weights are
 EXTRA = {"step", "progress", "averaged", "val_acc", "tta", "command", "wall_seconds"}
 EXTRA |= {"class_counts"}  # the training images of each class, for the report's per-class table
+EXTRA |= {"test_size"}  # the side --test-size auto chose
 
 
 def epoch_file(n):
@@ -116,6 +118,7 @@ def epoch_record(phase, epoch, lr, train, val, seconds, val_seconds):
         "seconds": seconds,
         "val_seconds": val_seconds,
         "steps": train["steps"],  # its optimizer steps: TensorBoard's clock
+        "img_size": train["img_size"],  # the side it trained at (--progressive)
     }
 
 

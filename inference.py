@@ -61,8 +61,8 @@ def add_inference_args(parser):
         "--img-size",
         type=int,
         default=None,
-        help="side the images are resized to (default: the training run's); larger can be better "
-        "(FixRes)",
+        help="side the images are resized to (default: the size the run chose to test at with "
+        "--test-size auto, else its training size)",
     )
     parser.add_argument(
         "--use",
@@ -131,7 +131,7 @@ def load_trained(args, state=None):
         preprocess=BatchPreprocess(state["mean"], state["std"]).to(device),
         device=device,
         dtype=amp_dtype(args.amp or state["args"].get("amp", "fp16"), device),
-        img_size=args.img_size or state["img_size"],
+        img_size=test_side(args.img_size, state),
         tta=state.get("tta", False) if getattr(args, "tta", None) is None else args.tta,
     )
 
@@ -169,6 +169,19 @@ def load_classifier(path, device="auto", use="auto", tta=None, amp=None):
     Classifier on `device`; `use`, `tta` and `amp` as predict.py's options."""
     args = argparse.Namespace(ckpt=path, device=device, use=use, tta=tta, amp=amp, img_size=None)
     return Classifier(load_trained(args))
+
+
+def test_side(asked, state):
+    """The side a checkpoint's images are tested at: --img-size if given (said, where it is not
+    the run's), else the size --test-size auto chose, else the training size."""
+    chosen = state.get("test_size", state["img_size"])
+    if asked and asked != chosen:
+        log(
+            f"--img-size {asked}: testing at {asked} px, where the run trained at "
+            f"{state['img_size']} px"
+            + (f" and chose {chosen} to test at" if chosen != state["img_size"] else "")
+        )
+    return asked or chosen
 
 
 @torch.no_grad()

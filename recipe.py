@@ -301,6 +301,30 @@ def get_args_parser():
         "augmentation and mark it with the better (evaluate.py and predict.py follow the mark)",
     )
     g.add_argument(
+        "--progressive",
+        type=float,
+        default=1.0,
+        metavar="FRACTION",
+        help="Phase II starts at FRACTION of --img-size and rises to it by --progressive-until "
+        "of its epochs, in steps of --img-size / 7 (32 px at 224, 8 at 64); 1: off",
+    )
+    g.add_argument(
+        "--progressive-until",
+        type=float,
+        default=0.75,
+        metavar="SHARE",
+        help="the share of Phase II's epochs after which it trains at --img-size",
+    )
+    g.add_argument(
+        "--test-size",
+        default="train",
+        choices=["train", "auto"],
+        help="auto: at the end, validate best.pt at --img-size and two steps larger, its batch "
+        "norm as trained and measured again at each size, and mark it with the best (FixRes; "
+        "evaluate.py and predict.py follow the mark)",
+    )
+
+    g.add_argument(
         "--max-params",
         type=parameter_count,
         default=None,
@@ -396,19 +420,20 @@ def parameter_count(text):
 PHASE_EPOCHS = ("epochs1", "epochs2", "warmup_epochs", "cosine_epochs")
 
 
-def epochs_within(seconds, epoch_seconds, end_seconds, fixed=None, most=100_000):
+def epochs_within(seconds, phase_seconds, end_seconds, fixed=None, most=100_000):
     """The largest budget of epochs N, with its split (split_budget(N, fixed)) and its expected
-    seconds, that trains within `seconds`: each epoch of phase p taking epoch_seconds[p] (its
-    steps, validation and checkpoints), and `end_seconds` after the last (--average-last,
-    --tta auto). None if not even the smallest budget fits. An extra epoch never costs less
-    than nothing, so the first N that does not fit ends the search."""
+    seconds, that trains within `seconds`: phase_seconds(p, split) the seconds of phase p's
+    epochs in that split (their steps, validations and checkpoints), and `end_seconds` after
+    the last (--average-last, --tta auto). None if not even the smallest budget fits. An extra
+    epoch never costs less than nothing, so the first N that does not fit ends the search."""
     best = None
     for total in range(2, most):
         try:
             split = split_budget(total, fixed)
         except SystemExit:  # the epochs given make up more than `total`
             continue
-        cost = sum(split[f"epochs{p}"] * epoch_seconds[p] for p in (1, 2)) + end_seconds
+        cost = sum(phase_seconds(p, split) for p in (1, 2)) + end_seconds
+
         if cost > seconds:
             break
         best = (total, split, cost)
@@ -465,6 +490,9 @@ def bad_values(args):
             yield f"--{name.replace('_', '-')} must be 0 or more (0: none)"
     if args.tensorboard_every < 1:
         yield "--tensorboard-every must be 1 or more"
+    for name in ("progressive", "progressive_until"):
+        if not 0 < getattr(args, name) <= 1:
+            yield f"--{name.replace('_', '-')} {getattr(args, name)}: a share in (0, 1]"
 
 
 def resolve_options(argv=None):
@@ -704,6 +732,9 @@ CONTINUING = {
     "keep_last": applied,
     "average_last": applied,
     "tta": applied,
+    "progressive": applied,  # the schedule of sizes is a function of the options and the epoch
+    "progressive_until": applied,
+    "test_size": applied,
     "max_params": applied,
     # the augmentation: drawn anew each epoch from the options
     **dict.fromkeys(AUGMENTATION, applied),
@@ -807,6 +838,7 @@ class Phase:
     optimizer: torch.optim.Optimizer
     peak_lrs: list
     schedule: object  # epoch (0-based) -> the share of peak_lrs it trains at
+    image_size: object  # epoch (0-based) -> the side its training images have
     weight_decay: float
     clip: float
     freeze_bn: bool
@@ -853,6 +885,7 @@ def phase_setup(number, args, model, device, criterion, dtype):
             optimizer=optimizer,
             peak_lrs=[args.lr1],
             schedule=constant,
+            image_size=ProgressiveSize(args.img_size, args.img_size, 1, size_step(args.img_size)),
             weight_decay=args.wd1,
             clip=0.0,
             freeze_bn=args.freeze_bn,
@@ -872,6 +905,7 @@ def phase_setup(number, args, model, device, criterion, dtype):
         optimizer=optimizer,
         peak_lrs=[group["lr"] for group in optimizer.param_groups],
         schedule=WarmupCosine.of(args),
+        image_size=ProgressiveSize.of(args, args.epochs2),
         weight_decay=args.wd2,
         clip=args.clip,
         freeze_bn=False,
@@ -882,6 +916,38 @@ def phase_setup(number, args, model, device, criterion, dtype):
 
 def constant(epoch):
     return 1.0
+
+
+def size_step(img_size):
+    """The steps of a progressive schedule, and of the test sizes tried: a seventh of the side,
+    in multiples of 8 (32 px at 224, 8 at 64): few shapes for cuDNN and torch.compile."""
+    return max(8, round(img_size / 7 / 8) * 8)
+
+
+@dataclass(frozen=True)
+class ProgressiveSize:
+    """The side a phase's epoch trains at (--progressive): from `start` px rising linearly to
+    `full` over its first `ramp` epochs, rounded to multiples of `step`, then `full`. Fewer
+    pixels early cost less time when the weights change most (fast.ai's and FFCV's records
+    train so); the batches are resampled from the full-size cache on the device. A function of
+    the epoch alone: a resumed run, and every process, trains each epoch at its size."""
+
+    start: int
+    full: int
+    ramp: int
+    step: int
+
+    @classmethod
+    def of(cls, args, epochs):
+        start = round(args.progressive * args.img_size)
+        ramp = max(1, round(args.progressive_until * epochs))
+        return cls(start, args.img_size, ramp, size_step(args.img_size))
+
+    def __call__(self, epoch):
+        if epoch >= self.ramp or self.start >= self.full:
+            return self.full
+        side = self.start + (self.full - self.start) * epoch / self.ramp
+        return min(self.full, max(self.step, round(side / self.step) * self.step))
 
 
 def loss_of(args, classes=None, counts=None):

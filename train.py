@@ -48,11 +48,12 @@ from data import (
     set_epoch,
     write_demo_dataset,
 )
-from inference import averaged_model, bn_loader, count_correct, evaluate
+from inference import averaged_model, bn_loader, count_correct, evaluate, update_bn
 from model import (
     EMA,
     build_model,
     count_parameters,
+    inference_weights,
     model_from_checkpoint,
     strip_prefixes,
     train_mode,
@@ -61,12 +62,14 @@ from model import (
 from prefetch import on_device
 from recipe import (
     PHASE_EPOCHS,
+    ProgressiveSize,
     describe_phase,
     epochs_within,
     given_options,
     loss_of,
     phase_setup,
     resolve_options,
+    size_step,
 )
 from utils import (
     EXIT_INTERRUPTED,
@@ -264,7 +267,7 @@ def train_epoch(run, phase, epoch, first_batch=0, progress=None):
     --save-every-steps steps; at the epoch's last batch a stop waits for its validation and
     checkpoint. Returns (its training metrics, seconds)."""
     args = run.args
-    run.draw_for_epoch(phase, first_batch)
+    run.draw_for_epoch(phase, epoch, first_batch)
     tally = EpochTally()
     if progress:
         tally = EpochTally.restored(progress, run.device)
@@ -301,6 +304,8 @@ def train_epoch(run, phase, epoch, first_batch=0, progress=None):
                     f"{done} batches into phase {phase.number} epoch {epoch + 1}", run.stop
                 )
     summary = tally.summary(run.device) | {"steps": math.ceil(total / args.accum_steps)}
+    summary["img_size"] = run.train_preprocess.size
+
     return summary, time.perf_counter() - t0
 
 
@@ -463,7 +468,15 @@ def plan_time_budget(run, fixed, started):
     end = run.forecast.end_seconds(speed)
     spent = time.monotonic() - started
     left = (args.time_budget - spent) * 0.97  # a margin for an epoch slower than its steps
-    chosen = epochs_within(left, epoch, end, fixed)
+
+    def phase_seconds(phase, split):  # a smaller side costs less (--progressive): by pixels
+        epochs = split[f"epochs{phase}"]
+        if phase == 1 or args.progressive >= 1:
+            return epochs * epoch[phase]
+        side = ProgressiveSize.of(args, epochs)
+        return sum(run.forecast.epoch_seconds(2, speed, side(e)) for e in range(epochs))
+
+    chosen = epochs_within(left, phase_seconds, end, fixed)
     timing = (
         f"here a Phase I step takes {speed['step1']:.3g} s, a Phase II step {speed['step2']:.3g} "
         f"s, a validation {clock(speed['validation'])}: an epoch {clock(epoch[1])} in Phase I, "
@@ -575,8 +588,9 @@ class Forecast:
         self.run = run
         self.speed = None  # time_steps', with --time-budget
 
-    def epoch_seconds(self, phase, speed=None):
-        """An epoch of `phase`: its steps, its validation and checkpoints; None if untimed."""
+    def epoch_seconds(self, phase, speed=None, side=None):
+        """An epoch of `phase`: its steps, its validation and checkpoints; None if untimed. Its
+        steps at `side` px (--progressive) cost by their pixels."""
         timed = [
             r["seconds"] + r.get("val_seconds", 0) for r in self.run.history if r["phase"] == phase
         ]
@@ -585,11 +599,12 @@ class Forecast:
         speed = speed or self.speed
         if speed is None:
             return None
-        steps = len(self.run.train_loader) / self.run.args.accum_steps
+        args = self.run.args
+        pixels = ((side or args.img_size) / args.img_size) ** 2
+        steps = len(self.run.train_loader) / args.accum_steps * pixels
         validations = 2 if self.run.ema is not None else 1
-        return (
-            steps * speed[f"step{phase}"] + validations * speed["validation"] + speed.get("save", 0)
-        )
+        step = speed[f"step{phase}"]
+        return steps * step + validations * speed["validation"] + speed.get("save", 0)
 
     def end_seconds(self, speed=None):
         """After the last epoch: the average's batch norm pass and validation (--average-last),
@@ -745,23 +760,24 @@ class Run:
         augmentation, so that a resumed run draws what an uninterrupted one would."""
         return len(self.history)
 
-    def draw_for_epoch(self, phase, first_batch):
-        """The epoch's data order (from its batch `first_batch` on) and augmentation, seeded by
-        (seed, epoch, process)."""
+    def draw_for_epoch(self, phase, epoch, first_batch):
+        """The epoch's data order (from its batch `first_batch` on), augmentation and image
+        size, seeded by (seed, epoch, process)."""
         seed = (self.args.seed, self.epochs_trained, self.rank)
         set_epoch(self.train_loader, self.epochs_trained, first_batch)
         self.train_preprocess.augment.reseed(*seed)
+        self.train_preprocess.size = phase.image_size(epoch)
         if phase.mix is not None:
             phase.mix.reseed(*seed, 1)
 
     def replay_draws(self, phase, sizes):
         """The random draws the augmentation made for the batches an epoch stopped after, drawn
         again, so that the rest of the epoch draws what it would have."""
-        size = self.args.img_size
+        side = self.train_preprocess.size
         for n in sizes:
             self.train_preprocess.augment.sample(n)
             if phase.mix is not None:
-                phase.mix.sample(n, size, size)
+                phase.mix.sample(n, side, side)
 
     def wrap(self):
         """The model as the phase's steps run it: under DDP with several processes, compiled with
@@ -895,18 +911,85 @@ class Run:
 def select_result(run):
     """Which model best.pt holds, once the last epoch is done: with --average-last, the average
     of the last K Phase II epochs (written as averaged.pt) replaces the best epoch if it validates
-    better; with --tta auto, best.pt is marked with whether horizontal-flip test-time augmentation
+    better; with --test-size auto, best.pt is marked with the test size (and batch norm) that
+    validates best; with --tta auto, with whether horizontal-flip test-time augmentation
     validates better. The first process alone (the epoch files are its), on the whole validation
     split; the others wait. A run stopped here does it again when resumed, with the same result."""
     args = run.args
     if run.rank == 0 and run.history and len(run.splits.val):
-        cuda = run.device.type == "cuda"
-        val = make_loader(run.splits.val, 2 * args.batch_size, shuffle=False, pin_memory=cuda)
         if args.average_last:
-            average_last_epochs(run, val)
+            average_last_epochs(run, validation_loader(run, args.img_size))
+        if args.test_size == "auto":
+            choose_test_size(run)
         if args.tta == "auto":
-            mark_tta(run, val)
+            mark_tta(run)
     run.stop.barrier()
+
+
+def validation_loader(run, side):
+    """The validation images at `side` px: the run's own, or, at another size, from a cache of
+    their own made from the files (as predict.py would see the test images at that size)."""
+    args, cuda = run.args, run.device.type == "cuda"
+    images = run.splits.val
+    if side != args.img_size:
+        dataset = dataset_of(vars(args), classes=run.splits.classes)
+        images = cache_splits(
+            dataset,
+            side,
+            resize=args.resize,
+            cache_dir=args.cache_dir,
+            threads=args.cache_workers,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            val_only=True,
+        ).val
+    return make_loader(images, 2 * args.batch_size, shuffle=False, pin_memory=cuda)
+
+
+def choose_test_size(run):
+    """--test-size auto (FixRes, Touvron et al. 2019): best.pt validated at --img-size and two
+    steps larger, with its batch norm statistics as trained and, at the larger sizes, measured
+    again there (on the training images, upsampled, not augmented); best.pt is marked with the
+    size that validates best (`test_size`, its statistics replaced where measured again wins)
+    and evaluate.py and predict.py follow the mark. Ties keep the training size."""
+    args, device, best_path = run.args, run.device, run.folder.path / BEST
+    if not best_path.is_file():
+        log(f"--test-size auto: no {best_path} to mark")
+        return
+    state = load_checkpoint(best_path)
+    step = size_step(args.img_size)
+    results, chosen = [], None
+    for side in (args.img_size, args.img_size + step, args.img_size + 2 * step):
+        val = validation_loader(run, side)
+        options = [("as trained", None)]
+        if side != args.img_size:
+            options.append(("measured again", side))
+        for how, measured in options:
+            net = model_from_checkpoint(state, device)
+            if measured:
+                resample = BatchPreprocess(args.mean, args.std).to(device)
+                resample.size = side
+                train = bn_loader(run.splits.train, args.batch_size, args.seed, device)
+                update_bn(net, train, resample, device)
+                net.eval()
+            correct, seen = count_correct(net, val, run.eval_preprocess, device, run.dtype)
+            results.append(f"{side} px, batch norm {how}: {correct / seen:.4f}")
+            if chosen is None or correct > chosen[0]:
+                chosen = (correct, side, how, net if measured else None)
+    correct, side, how, measured_net = chosen
+    state["test_size"] = side
+    if measured_net is not None:
+        statistics_at = {
+            k: v.cpu()
+            for k, v in measured_net.state_dict().items()
+            if "running" in k or "num_batches" in k
+        }
+        inference_weights(state).update(statistics_at)
+    run.folder.save(state, [BEST], run.history, must=True)
+    log(
+        f"--test-size auto: best.pt validated at {'; '.join(results)} -> {side} px, batch norm "
+        f"{how}: evaluate.py and predict.py use it"
+    )
 
 
 def average_last_epochs(run, val):
@@ -930,12 +1013,13 @@ def average_last_epochs(run, val):
     )
 
 
-def mark_tta(run, val):
+def mark_tta(run):
     if not (run.folder.path / BEST).is_file():  # resumed into another folder, no epoch better
         log(f"--tta auto: no {run.folder.path / BEST} to mark")
         return
     state = load_checkpoint(run.folder.path / BEST)
     net = model_from_checkpoint(state, run.device)
+    val = validation_loader(run, state.get("test_size", run.args.img_size))
     plain, seen = count_correct(net, val, run.eval_preprocess, run.device, run.dtype)
     flipped, _ = count_correct(net, val, run.eval_preprocess, run.device, run.dtype, tta=True)
     state["tta"] = flipped > plain

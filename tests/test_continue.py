@@ -69,6 +69,9 @@ OTHER = {
     "keep_last": ["2"],
     "average_last": ["2"],
     "tta": ["auto"],
+    "progressive": ["0.5"],
+    "progressive_until": ["0.5"],
+    "test_size": ["auto"],
     "max_params": ["1M"],
     "degrees": ["5"],
     "translate": ["0.05"],
@@ -190,6 +193,7 @@ def settings(args, phase, epoch):
         "mix": None if phase.mix is None else (phase.mix.mixup, phase.mix.cutmix),
         "loss": (phase.criterion.label_smoothing, weights_of(phase.criterion)),
         "rates": phase.lrs()[epoch:],
+        "sizes": [phase.image_size(e) for e in range(epoch, phase.epochs)],
     }
 
 

@@ -81,11 +81,15 @@ def draw_cases(n, seed=21):
 # The balanced sampler and class weights, stopped mid-epoch: its draws, like the shuffle's, are a
 # function of (seed, epoch), so the resumed epoch takes the batches it would have.
 BALANCED = ["--epochs", "4", "--sampler", "balanced", "--class-weights", "auto", "--ema", "0.9"]
+# Progressive sizes with MixUp, stopped inside Phase II's second epoch (at its smaller size).
+PROGRESSIVE = ["--epochs", "5", "--progressive", "0.5", "--mixup", "0.4", "--img-size", "24"]
 
 
 @pytest.mark.parametrize(
     "options, moment",
-    draw_cases(8) + [pytest.param(BALANCED, "step=6", id="step=6 " + " ".join(BALANCED))],
+    draw_cases(8)
+    + [pytest.param(BALANCED, "step=6", id="step=6 " + " ".join(BALANCED))]
+    + [pytest.param(PROGRESSIVE, "step=10", id="step=10 " + " ".join(PROGRESSIVE))],
 )
 def test_a_run_stopped_at_any_moment_resumes_to_the_uninterrupted_runs_end(
     options, moment, tiny_args, tmp_path, monkeypatch

@@ -351,3 +351,15 @@ def test_recipe_report_given_again_on_resume_turns_the_levers_off(tmp_path):
     args, _ = resolve_options(["--resume", path, "--recipe", "report", "--lr-decay", "0.7"])
     assert (args.ema, args.p_vflip, args.average_last, args.tta) == (None, 0.3, 0, "off")
     assert args.recipe == "report" and args.lr_decay == 0.7  # given wins over the preset
+
+
+def test_progressive_sizes_rise_in_steps_to_the_full_size_by_their_share_of_the_epochs():
+    args, _ = resolve_options(["--img-size", "64", "--progressive", "0.5", "--epochs2", "7"])
+    sizes = recipe.phase_setup(2, args, HeadOnTop(), CPU, recipe.loss_of(args), None).image_size
+    assert [sizes(e) for e in range(7)] == [32, 40, 48, 48, 56, 64, 64]  # steps of 8; 5 of 7
+    args, _ = resolve_options(["--progressive", "0.5", "--progressive-until", "0.5"])
+    big = recipe.ProgressiveSize.of(args, 125)
+    assert (big.step, big(0), big(62), big(63)) == (32, 128, 224, 224)  # 112 rounds to 128
+    assert all(big(e) % 32 == 0 and big(e) <= big(e + 1) for e in range(124))
+    phase1 = recipe.phase_setup(1, args, HeadOnTop(), CPU, recipe.loss_of(args), None)
+    assert {phase1.image_size(e) for e in range(10)} == {224}  # Phase II's lever only

@@ -34,6 +34,7 @@ def one_epoch(model, loader, preprocess, criterion, optimizer):
         optimizer=optimizer,
         peak_lrs=[group["lr"] for group in optimizer.param_groups],
         schedule=lambda epoch: 1.0,
+        image_size=lambda epoch: None,
         weight_decay=0.0,
         clip=0.0,
         freeze_bn=False,
@@ -175,7 +176,7 @@ def test_two_phase_run_writes_checkpoints_and_history(tiny_args, tmp_path):
     rows = read_history(out / "history.csv")
     assert [(r["phase"], r["epoch"]) for r in rows] == [("1", "1"), ("2", "1"), ("2", "2")]
     columns = "phase epoch lr train_loss train_acc val_loss val_acc val_top5 images_per_s seconds"
-    assert list(rows[0]) == columns.split() + ["val_seconds", "steps"]
+    assert list(rows[0]) == columns.split() + ["val_seconds", "steps", "img_size"]
 
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["classes"] == ["cat", "dog", "eel"] and last["arch"] == "resnet18"
@@ -516,10 +517,15 @@ def test_durations_read_as_a_user_writes_them():
 
 def test_the_largest_budget_of_epochs_that_fits_is_chosen_around_the_epochs_given():
     epoch = {1: 9.0, 2: 17.0}  # seconds an epoch of each phase takes
-    assert recipe.epochs_within(57, epoch, 0)[:2] == (3, recipe.split_budget(3))  # 1 + 2: 43 s
-    assert recipe.epochs_within(57, epoch, 20)[0] == 2  # the end's 20 s leave room for 1 + 1
-    assert recipe.epochs_within(25, epoch, 0) is None  # not even 1 + 1 (26 s)
-    total, split, cost = recipe.epochs_within(100, epoch, 0, fixed={"epochs1": 0})
+
+    def epochs(phase, split):
+        return split[f"epochs{phase}"] * epoch[phase]
+
+    assert recipe.epochs_within(57, epochs, 0)[:2] == (3, recipe.split_budget(3))  # 1 + 2: 43 s
+    assert recipe.epochs_within(57, epochs, 20)[0] == 2  # the end's 20 s leave room for 1 + 1
+    assert recipe.epochs_within(25, epochs, 0) is None  # not even 1 + 1 (26 s)
+    total, split, cost = recipe.epochs_within(100, epochs, 0, fixed={"epochs1": 0})
+
     assert (split["epochs1"], split["epochs2"], cost) == (0, 5, 85)  # Phase II alone
 
 
@@ -634,3 +640,42 @@ def test_tensorboard_curves_go_on_from_a_resumed_runs_step_and_need_their_packag
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as where it is not installed
     with pytest.raises(SystemExit, match="needs the tensorboard package.*pip install tensorboard"):
         train.main(tiny_args + ["--tensorboard", "--out", str(tmp_path / "other")])
+
+
+def test_a_progressive_run_trains_each_epoch_at_its_size_and_validates_at_the_full_one(
+    tiny_args, tmp_path, monkeypatch, capsys
+):
+    seen = []
+    real = M.build_model
+
+    def spying(*args, **kwargs):
+        model = real(*args, **kwargs)
+        model.register_forward_pre_hook(lambda m, x: seen.append((m.training, x[0].shape[-1])))
+        return model
+
+    monkeypatch.setattr(train, "build_model", spying)
+    options = ["--epochs1", "1", "--epochs2", "3", "--img-size", "32", "--progressive", "0.5"]
+    train.main(tiny_args + options + ["--test-size", "auto"])
+    history = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["history"]
+    assert [r["img_size"] for r in history] == [32, 16, 24, 32]  # Phase I at the full size
+    assert {side for training, side in seen if training} == {16, 24, 32}
+    assert {side for training, side in seen if not training} == {32}  # validation: the full size
+    best = torch.load(tmp_path / "ck" / "best.pt", weights_only=True)
+    err = capsys.readouterr().err
+    assert (
+        best["test_size"] in (32, 40, 48) and "--test-size auto: best.pt validated at 32 px" in err
+    )
+    assert "40 px, batch norm measured again" in err
+    predict.main(
+        [
+            "--ckpt",
+            str(tmp_path / "ck" / "best.pt"),
+            "--img-size",
+            "56",
+            "--out",
+            str(tmp_path / "p.csv"),
+        ]
+    )
+    assert (
+        "--img-size 56: testing at 56 px, where the run trained at 32 px" in capsys.readouterr().err
+    )
