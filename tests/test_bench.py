@@ -1,6 +1,7 @@
 import argparse
 import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,3 +297,17 @@ def test_the_variants_are_a_tenfold_long_tail_and_off_centre_wide_photos(tmp_pat
         assert (wide[:, :left] == photo[:, :1]).all()  # its edge, stretched
         offsets.append(left)
     assert len(set(offsets)) > 1  # each photo its own offset
+
+
+def test_the_timm_comparison_reads_one_subset_of_the_photos_for_both(tmp_path):
+    import vs_timm
+
+    source = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=30, val_per_class=5, test=9)
+    folder = vs_timm.subset(source, tmp_path / "s", per_class=20, tests=4)
+    assert len(list((folder / "train" / "a").iterdir())) == 20
+    assert len(list((folder / "val" / "b").iterdir())) == 2  # a tenth
+    assert len(list((folder / "test").iterdir())) == 4
+    assert all(p.is_symlink() for p in (folder / "train" / "a").iterdir())  # linked, not copied
+    steps = vs_timm.commands(argparse.Namespace(weights="w.pt", timm=Path("t")), tmp_path, 0)
+    assert [(what, who) for what, who, _ in steps][:2] == [("train", "ours"), ("train", "timm")]
+    assert "--epochs" in steps[0][2] and steps[1][2][steps[1][2].index("--epochs") + 1] == "2"
