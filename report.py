@@ -122,7 +122,21 @@ def levers(a):
             "horizontal flip, if it validates better",
             "result",
         ),
+        (
+            "progressive resizing",
+            a.get("progressive", 1) < 1,
+            f"from {a.get('progressive')} of the size, full after "
+            f"{a.get('progressive_until')} of the epochs",
+            "II",
+        ),
+        (
+            "test size",
+            a.get("test_size") == "auto",
+            "the size (and batch norm) that validates best, of three",
+            "result",
+        ),
     ]
+
     return rows + [("Levers", name, value, phase) for name, used, value, phase in on if used]
 
 
