@@ -38,7 +38,8 @@ RUN_FILES += ("phase2_epoch*.pt",)
 ABOUT = ("arch", "classes", "img_size", "mean", "std", "data")  # what the weights are
 EXTRA = {"step", "progress", "averaged", "val_acc", "tta", "command", "wall_seconds"}
 EXTRA |= {"class_counts"}  # the training images of each class, for the report's per-class table
-EXTRA |= {"test_size"}  # the side --test-size auto chose
+EXTRA |= {"test_size", "test_bn", "test_bn_of"}  # --test-size auto's size, batch norm there
+EXTRA |= {"val_digest"}  # which images were held out for validation
 
 
 def epoch_file(n):
@@ -269,17 +270,31 @@ class RunFolder:
         made = not self.path.exists()
         try:
             with exclusive(self.path / LOCK, f"--out {self.path}"):
-                self.guard(resume, args.overwrite, resume.state is None, args.weights)
-                self.remove(PREEMPTED)
-                yield self
+                try:
+                    self.guard(resume, args.overwrite, resume.state is None, args.weights)
+                    self.remove(PREEMPTED)
+                    yield self
+                finally:
+                    # Removed while still held: a run waiting for it then holds a lock that is
+                    # gone, and the next makes a new one, which it holds alone.
+                    if not self.written and not self.held():
+                        try:
+                            (self.path / LOCK).unlink(missing_ok=True)
+                        except PermissionError:  # Windows: an open file stays; filelock removes it
+                            pass
         finally:
-            if not self.written and not self.held():
-                (self.path / LOCK).unlink(missing_ok=True)
-                if made and not any(self.path.iterdir()):
-                    self.path.rmdir()
+            if made and self.path.is_dir() and not self.written and not any(self.path.iterdir()):
+                self.path.rmdir()
+
+    def holds_last_of(self, resume):
+        """Whether the folder's last.pt is this run's: written by it, or the one it continues
+        (not that of a run --overwrite is replacing)."""
+        last = self.path / LAST
+        return last.is_file() and (self.written or resume.continues_in(self.path))
 
     def held(self):
         """The run files in the folder, by name."""
+
         return sorted({p.name for pattern in RUN_FILES for p in self.path.glob(pattern)})
 
     def guard(self, resume, overwrite, fresh, weights):

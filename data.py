@@ -377,6 +377,13 @@ class CachedImages(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
+    def digest(self):
+        """A short hash of which files these images are: a run's held-out split, recognised."""
+        names = getattr(self.cache, "files", [])
+        files = sorted(names[i] for i in self.indices) if names else []
+
+        return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+
     def class_counts(self, num_classes):
         """How many of these images each class has."""
         return np.bincount(self.labels[self.indices], minlength=num_classes)
@@ -649,13 +656,13 @@ def dataset_from_csv(root, classes, labels, image_col, label_col, val_labels):
 
 
 def labels_path(labels, root):
-    """A --labels file as given, or inside the data root."""
+    """A --labels file as given, or inside the data root; one a run saved (an absolute path) is
+    also found by its name in the root, where the dataset has moved since."""
     path = Path(labels)
-    if not path.is_file() and (Path(root) / path).is_file():
-        path = Path(root) / path
-    if not path.is_file():
-        raise SystemExit(f"no labels file {labels} (nor {Path(root) / labels})")
-    return path
+    for candidate in (path, Path(root) / path, Path(root) / path.name):
+        if candidate.is_file():
+            return candidate
+    raise SystemExit(f"no labels file {labels} (nor {Path(root) / path.name})")
 
 
 def read_label_csv(path, image_col=None, label_col=None):

@@ -125,13 +125,14 @@ def load_trained(args, state=None):
     checkpoint is marked)."""
     state = state or load_checkpoint(args.ckpt)
     device = pick_device(args.device)
+    side = test_side(args.img_size, state)
     return Trained(
         state=state,
-        model=model_from_checkpoint(state, device, args.use),
+        model=model_from_checkpoint(state, device, args.use, side),
         preprocess=BatchPreprocess(state["mean"], state["std"]).to(device),
         device=device,
         dtype=amp_dtype(args.amp or state["args"].get("amp", "fp16"), device),
-        img_size=test_side(args.img_size, state),
+        img_size=side,
         tta=state.get("tta", False) if getattr(args, "tta", None) is None else args.tta,
     )
 

@@ -239,6 +239,13 @@ class EMA:
         self.updates = state["updates"]
 
 
+def weights_kind(state, use="auto"):
+    """Which weights of a checkpoint `use` picks: "ema" or "model"."""
+    if use == "auto":
+        return "ema" if state.get("eval_weights") == "ema" else "model"
+    return "ema" if use == "ema" else "model"
+
+
 def inference_weights(state, use="auto"):
     """The weights a checkpoint is evaluated with: with use="auto" its moving average where that
     validated better, else the trained weights; "weights" or "ema" pick one."""
@@ -270,9 +277,17 @@ def average_weights(states):
     return mean
 
 
-def model_from_checkpoint(state, device, use="auto"):
+def model_from_checkpoint(state, device, use="auto", side=None):
     """The trained network of a checkpoint (the weights inference_weights picks), on `device`,
-    in eval mode."""
+    in eval mode; tested at `side` px, with the batch norm statistics --test-size auto measured
+    there, where the checkpoint has them for those weights."""
     model = build_model(state["arch"], len(state["classes"]), weights="none")
     model.load_state_dict(inference_weights(state, use))
+    measured = state.get("test_bn")
+    if (
+        measured
+        and side == state.get("test_size")
+        and state.get("test_bn_of") == weights_kind(state, use)
+    ):
+        model.load_state_dict(measured, strict=False)  # its buffers alone
     return model.to(device, memory_format=torch.channels_last).eval()

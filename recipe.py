@@ -539,9 +539,11 @@ def resolved_paths(options):
             found[key] = str(labels_path(options[key], options["data"]).resolve())
     weights = options["class_weights"]
     if weights not in ("auto", "none"):
-        if not Path(weights).is_file():
-            raise SystemExit(f"--class-weights {weights}: not auto, none, nor a file")
-        found["class_weights"] = str(Path(weights).resolve())
+        try:
+            found["class_weights"] = str(labels_path(weights, options["data"]).resolve())
+        except SystemExit:
+            raise SystemExit(f"--class-weights {weights}: not auto, none, nor a file") from None
+
     return found
 
 
@@ -625,8 +627,23 @@ def phase1_only(run, value):
             f"Phase I of this run {over}, so it would change nothing; to train Phase I with it, "
             "start the run over (--overwrite, or --out ANOTHER_FOLDER)"
         )
-    if run.options["epochs1"] < run.state["epoch"]:
-        return f"Phase I has already trained {run.state['epoch']} epochs"
+    return epoch_in_flight(run, 1, run.options["epochs1"])
+
+
+def phase_length(run, value):
+    """--epochs2: applied, but not below what the run has trained of Phase II."""
+    return epoch_in_flight(run, 2, run.options["epochs2"])
+
+
+def epoch_in_flight(run, phase, epochs):
+    """Why `epochs` epochs of `phase` cannot be: the run has trained more, or has one in flight
+    (stopped mid-epoch) that it would drop."""
+    if run.state["phase"] != phase:
+        return None
+    done = run.state["epoch"] + (1 if run.mid_epoch else 0)
+    if epochs < done:
+        what = "epochs, the last in flight" if run.mid_epoch else "epochs"
+        return f"Phase {'I' * phase} has {done} {what}; give {done} or more"
     return None
 
 
@@ -704,7 +721,7 @@ CONTINUING = {
     "lr1": phase1_only,
     "wd1": phase1_only,
     "freeze_bn": phase1_only,
-    "epochs2": applied,
+    "epochs2": phase_length,
     "optimizer2": phase2_optimizer,
     "lr2": applied,
     "wd2": applied,
@@ -760,6 +777,8 @@ def refuse_changes(options, saved, resume):
     for key, rule in CONTINUING.items():
         if rule is COMMAND or options[key] == saved.get(key):
             continue
+        if key in FILE_OPTIONS and same_file(options[key], saved.get(key)):
+            continue  # the same file, moved with the dataset
         why = rule(run, options[key])
         if why:
             was = shown(saved.get(key))
@@ -769,6 +788,20 @@ def refuse_changes(options, saved, resume):
             f"these options cannot change in the run {resume.path} continues:\n  "
             + "\n  ".join(refused)
         )
+
+
+FILE_OPTIONS = ("labels", "val_labels", "class_weights")
+
+
+def same_file(path, saved):
+    """Whether a file option names the run's file: the same bytes, or, the run's being gone
+    (its dataset moved), a file of the same name."""
+    if not (path and saved) or path in ("auto", "none") or saved in ("auto", "none"):
+        return False
+    path, saved = Path(path), Path(saved)
+    if not saved.is_file():
+        return path.name == saved.name
+    return path.is_file() and path.read_bytes() == saved.read_bytes()
 
 
 def shown(value):

@@ -29,6 +29,7 @@ from checkpoint import (
     AVERAGED,
     BEST,
     LAST,
+    PHASE1,
     Resume,
     RunFolder,
     averaged_checkpoint,
@@ -46,6 +47,7 @@ from data import (
     dataset_of,
     make_loader,
     set_epoch,
+    validation_is_drawn,
     write_demo_dataset,
 )
 from inference import averaged_model, bn_loader, count_correct, evaluate, update_bn
@@ -53,11 +55,11 @@ from model import (
     EMA,
     build_model,
     count_parameters,
-    inference_weights,
     model_from_checkpoint,
     strip_prefixes,
     train_mode,
     warn_if_too_large,
+    weights_kind,
 )
 from prefetch import on_device
 from recipe import (
@@ -124,7 +126,7 @@ def main(argv=None):
             with StopRequest() as stop:
                 run = set_up(args, resume, splits, model, folder, device, procs, stop)
                 with closing(run):
-                    if "time_budget" in given_options(argv):  # chosen once, as the run starts
+                    if budget_to_plan(argv, resume):  # chosen once, as the run starts
                         plan_time_budget(run, budget_fixed(argv, resume), started)
                     net, loss, dtype = run.model, run.criterion, run.dtype
                     # Algorithm 1. Phase I: fit the new head on the frozen backbone.
@@ -137,7 +139,7 @@ def main(argv=None):
                         select_result(run)
 
     except torch.OutOfMemoryError:
-        raise SystemExit(out_of_memory_advice(args)) from None
+        raise SystemExit(out_of_memory_advice(args, folder, resume)) from None
     except Preempted as stop:
         raise SystemExit(stopped(folder, stop)) from None
     except KeyboardInterrupt:
@@ -173,6 +175,14 @@ def set_up(args, resume, splits, model, folder, device, procs, stop):
     broadcast_module(model)  # one new head for every process, before the average copies it
     ema = EMA(model, args.ema) if args.ema else None
     resume.restore(model, ema, splits.classes, procs.rank, procs.world_size)
+    held_out = resume.state.get("val_digest") if resume.state else None
+    if held_out and held_out != splits.val.digest() and validation_is_drawn(vars(args)):
+        raise SystemExit(
+            f"the validation images held out of the training images are not those the run held "
+            f"out ({resume.path}): the training images have changed since, and going on would "
+            "validate on images it trained on. Put the data back as it was, or start a fresh "
+            "run (a val/ folder of its own keeps validation fixed)"
+        )
     run = Run(args, splits, model, ema, device, resume, folder, stop, procs.rank, procs.world_size)
     params = count_parameters(model.parameters())
     per_process = (
@@ -329,7 +339,10 @@ class Progress:
             return
         self.last = now
         share = done / self.total
-        words = self.run.forecast.words(self.phase.number, self.epoch, share, now - self.start)
+        # The epoch at the rate of the batches this process has trained (a resumed epoch's
+        # batches before its stop are not in its clock).
+        estimate = (now - self.start) / max(done - self.first, 1) * self.total
+        words = self.run.forecast.words(self.phase.number, self.epoch, share, estimate)
         if not self.bar.disable:
             self.bar.set_postfix_str(words, refresh=False)
             return
@@ -449,6 +462,14 @@ def all_finite(module):
 # ----------------------------------------------------------------------------- time
 
 
+def budget_to_plan(argv, resume):
+    """Whether this command plans a --time-budget: one given to a fresh run, or to Phase II of a
+    run continued from its phase1.pt; never to a run that resumes (it keeps the epochs its
+    budget chose, even when the same budget is given again)."""
+    fresh = resume.state is None or (resume.path.name == PHASE1 and resume.state["phase"] == 1)
+    return fresh and "time_budget" in given_options(argv)
+
+
 def budget_fixed(argv, resume):
     """The parts of the --epochs split a --time-budget leaves as they are: those given, and the
     Phase I epochs of a run Phase II continues."""
@@ -466,13 +487,17 @@ def plan_time_budget(run, fixed, started):
     speed = time_steps(run)
     epoch = {p: run.forecast.epoch_seconds(p, speed) for p in (1, 2)}
     end = run.forecast.end_seconds(speed)
-    spent = time.monotonic() - started
+    # Every process plans alike: the slowest's speed (time_steps), the longest time spent.
+    spent = max(gather_from_processes(time.monotonic() - started))
     left = (args.time_budget - spent) * 0.97  # a margin for an epoch slower than its steps
 
     def phase_seconds(phase, split):  # a smaller side costs less (--progressive): by pixels
         epochs = split[f"epochs{phase}"]
+        if phase == 1 and args.phase == "2":  # Phase I does not train in this command
+            return 0.0
         if phase == 1 or args.progressive >= 1:
             return epochs * epoch[phase]
+
         side = ProgressiveSize.of(args, epochs)
         return sum(run.forecast.epoch_seconds(2, speed, side(e)) for e in range(epochs))
 
@@ -516,8 +541,10 @@ def time_steps(run, steps=3):
         if run.world_size > 1:
             net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         done = optimizer_steps(net, iter(batches), len(batches), phase, None, EpochTally())
-        times = [synchronized(device) for _ in done]  # after each step
-        timed[f"step{number}"] = (times[-1] - times[0]) / max(len(times) - 1, 1)
+        times = [synchronized(device)] + [synchronized(device) for _ in done]  # before, after each
+        timed_steps = times[1:] if len(times) > 2 else times  # the first step warms up
+        timed[f"step{number}"] = (timed_steps[-1] - timed_steps[0]) / (len(timed_steps) - 1)
+
         del net, model, phase
     model = run.model.eval()
     with torch.no_grad(), torch.autocast(device.type, run.dtype, enabled=run.dtype is not None):
@@ -525,7 +552,8 @@ def time_steps(run, steps=3):
         for images, _ in batches:
             model(images)
         per_image = (synchronized(device) - t0) / sum(len(labels) for _, labels in batches)
-    timed["validation"] = per_image * len(run.splits.val)
+    timed["validation"] = per_image * len(run.splits.val) / run.world_size  # each its share
+    timed["per_image"] = per_image
     timed["save"] = save_seconds(run)
     set_rng_state(state)
     if device.type == "cuda":
@@ -557,8 +585,11 @@ def first_batches(run, n):
 
 
 def synchronized(device):
+    """The clock once the device has done what it was given (CUDA and Apple's queue work)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
     return time.perf_counter()
 
 
@@ -607,19 +638,30 @@ class Forecast:
         return steps * step + validations * speed["validation"] + speed.get("save", 0)
 
     def end_seconds(self, speed=None):
-        """After the last epoch: the average's batch norm pass and validation (--average-last),
+        """After the last epoch: the average's batch norm pass and validation (--average-last);
+        --test-size auto's validations at two larger sizes, with and without its batch norm
+        measured there on the training images (by pixels; the new sizes' caches not counted);
         the flipped and plain validations of --tta auto."""
         speed = speed or self.speed
-        validation = speed["validation"] if speed else 0.0
-        args = self.run.args
-        per_image = validation / max(len(self.run.splits.val), 1)
-        average = (len(self.run.splits.train) * per_image + validation) if args.average_last else 0
-        return average + (3 * validation if args.tta == "auto" else 0)
+        if speed is None:
+            return 0.0
+        args, validation = self.run.args, speed["validation"]
+        per_image = speed.get("per_image", validation / max(len(self.run.splits.val), 1))
+        train = len(self.run.splits.train) * per_image / self.run.world_size
 
-    def left(self, phase, epoch, share_done=0.0, elapsed=None):
+        seconds = (train + validation) if args.average_last else 0.0
+        if args.test_size == "auto":
+            step = size_step(args.img_size)
+            for k in (1, 2):
+                pixels = ((args.img_size + k * step) / args.img_size) ** 2
+                seconds += pixels * (2 * validation + train)
+            seconds += validation
+        return seconds + (3 * validation if args.tta == "auto" else 0)
+
+    def left(self, phase, epoch, share_done=0.0, estimate=None):
         """Seconds left of the run from `share_done` of `phase`'s epoch `epoch` (0-based), or
-        None where a phase to come is not timed yet. `elapsed`: the seconds the epoch in flight
-        has taken, which time its phase where nothing else has."""
+        None where a phase to come is not timed yet. `estimate`: the seconds the epoch in
+        flight takes at its rate so far, which times its phase where nothing else has."""
         args, total = self.run.args, 0.0
         for p, epochs in ((1, args.epochs1), (2, args.epochs2)):
             if p < phase or (p == 1 and args.phase == "2") or (p == 2 and args.phase == "1"):
@@ -628,16 +670,17 @@ class Forecast:
             if remaining <= 0:
                 continue
             seconds = self.epoch_seconds(p)
-            if seconds is None and p == phase and elapsed and share_done > 0.02:
-                seconds = elapsed / share_done
+            if seconds is None and p == phase and estimate:
+                seconds = estimate
             if seconds is None:
                 return None
             total += remaining * seconds
         return total + (self.end_seconds() if args.phase != "1" else 0)
 
-    def words(self, phase, epoch, share_done=0.0, elapsed=None):
+    def words(self, phase, epoch, share_done=0.0, estimate=None):
         """'run left 1:02:03, ends 14:52', or what is not timed yet."""
-        seconds = self.left(phase, epoch, share_done, elapsed)
+        seconds = self.left(phase, epoch, share_done, estimate)
+
         if seconds is None:
             return "Phase II not timed yet"
         return f"run left {clock(seconds)}, ends {wall_clock(time.monotonic() + seconds)}"
@@ -648,18 +691,31 @@ class Board:
     the first process alone, every scalar at the run's optimizer step: each epoch's losses,
     accuracies (top-5, the moving average's), learning rate and images/s, and the training loss
     every --tensorboard-every steps. A resumed run's writer purges what a run stopped after its
-    last checkpoint had written beyond it, so curves go on and are never drawn twice."""
+    last checkpoint had written beyond it, so curves go on and are never drawn twice. The run's
+    folder holds its event files; a DIR given holds a folder per run, named as the run's. The
+    writer opens at the first scalar: a run that fails before it trains writes nothing."""
 
     def __init__(self, folder, first_step):
-        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (only with --tensorboard)
-
-        self.writer = SummaryWriter(str(folder), purge_step=first_step, flush_secs=20)
+        self.folder, self.first_step, self.opened = folder, first_step, None
 
     @classmethod
     def of(cls, args, run_folder, first_step):
         if args.tensorboard is None:
             return None
-        return cls(args.tensorboard or run_folder, first_step)
+        folder = (
+            Path(args.tensorboard) / Path(run_folder).resolve().name
+            if args.tensorboard
+            else run_folder
+        )
+        return cls(folder, first_step)
+
+    @property
+    def writer(self):
+        if self.opened is None:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (--tensorboard only)
+
+            self.opened = SummaryWriter(str(self.folder), purge_step=self.first_step, flush_secs=20)
+        return self.opened
 
     def step_loss(self, step, loss):
         self.writer.add_scalar("train/loss_per_step", float(loss), step)
@@ -681,7 +737,8 @@ class Board:
                 self.writer.add_scalar(tag, value, step)
 
     def close(self):
-        self.writer.close()
+        if self.opened is not None:
+            self.opened.close()
 
 
 def require_tensorboard():
@@ -724,6 +781,8 @@ class Run:
         self.criterion = loss_of(args, self.splits.classes, self.class_counts).to(device)
         self.saved_at = None  # where last.pt was last written by this run, in words
         self.forecast = Forecast(self)
+        self.val_digest = self.splits.val.digest()
+
         augment = DeviceAugment.from_args(args)
         self.train_preprocess = BatchPreprocess(args.mean, args.std, augment).to(device)
         self.eval_preprocess = BatchPreprocess(args.mean, args.std).to(device)
@@ -839,7 +898,7 @@ class Run:
         option = "--lr1" if phase == 1 else "--lr2"
         lower = (self.args.lr1 if phase == 1 else self.args.lr2) / 4
         last = self.folder.path / LAST
-        if self.saved_at is None and not last.is_file():
+        if self.saved_at is None and not self.folder.holds_last_of(self.resume):
             way = f"start again with a lower learning rate ({option} {lower:.1e}) or --amp bf16"
         else:
             where = f" ({self.saved_at})" if self.saved_at else ""
@@ -881,6 +940,7 @@ class Run:
             ema,
             training,
             class_counts=counts,
+            val_digest=self.val_digest,
             **extra,
         )
 
@@ -978,13 +1038,11 @@ def choose_test_size(run):
                 chosen = (correct, side, how, net if measured else None)
     correct, side, how, measured_net = chosen
     state["test_size"] = side
-    if measured_net is not None:
-        statistics_at = {
-            k: v.cpu()
-            for k, v in measured_net.state_dict().items()
-            if "running" in k or "num_batches" in k
-        }
-        inference_weights(state).update(statistics_at)
+    state.pop("test_bn", None)
+    if measured_net is not None:  # beside the weights' own: kept for testing at that size
+        measured = measured_net.state_dict()
+        state["test_bn"] = {k: measured[k].cpu() for k, _ in measured_net.named_buffers()}
+        state["test_bn_of"] = weights_kind(state)
     run.folder.save(state, [BEST], run.history, must=True)
     log(
         f"--test-size auto: best.pt validated at {'; '.join(results)} -> {side} px, batch norm "
@@ -1018,8 +1076,9 @@ def mark_tta(run):
         log(f"--tta auto: no {run.folder.path / BEST} to mark")
         return
     state = load_checkpoint(run.folder.path / BEST)
-    net = model_from_checkpoint(state, run.device)
-    val = validation_loader(run, state.get("test_size", run.args.img_size))
+    side = state.get("test_size", run.args.img_size)
+    net = model_from_checkpoint(state, run.device, side=side)
+    val = validation_loader(run, side)
     plain, seen = count_correct(net, val, run.eval_preprocess, run.device, run.dtype)
     flipped, _ = count_correct(net, val, run.eval_preprocess, run.device, run.dtype, tta=True)
     state["tta"] = flipped > plain
@@ -1055,19 +1114,19 @@ def demo_next_steps(args):
     )
 
 
-def out_of_memory_advice(args):
+def out_of_memory_advice(args, folder, resume):
     b = args.batch_size
     smaller = max((d for d in range(1, b // 2 + 1) if b % d == 0), default=None)
     if smaller is None:
         return "the GPU ran out of memory at --batch-size 1; try a smaller --img-size or --arch."
-    last = Path(args.out) / LAST
+    last = folder.path / LAST
     return (
         f"the GPU ran out of memory at --batch-size {b}. The same effective batch in smaller "
         "pieces: "
         f"--batch-size {smaller} --accum-steps {args.accum_steps * b // smaller}."
         + (
             f" The last good checkpoint is {last} (--resume it with those options)."
-            if last.is_file()
+            if folder.holds_last_of(resume)
             else ""
         )
     )

@@ -374,3 +374,63 @@ def labels_csv(path, folder):
 
 def weights_of(criterion):
     return None if criterion.weight is None else criterion.weight.tolist()
+
+
+def test_an_epoch_in_flight_is_not_dropped_by_a_shorter_phase(stopped_runs):
+    _, _, points = stopped_runs  # phase2: two batches into Phase II's second epoch
+    with pytest.raises(
+        SystemExit, match="--epochs2 1 .* Phase II has 2 epochs, the last in flight"
+    ):
+        resolve_options(["--resume", str(points["phase2"]), "--epochs2", "1"])
+    assert resolve_options(["--resume", str(points["phase2"]), "--epochs2", "2"])[0].epochs2 == 2
+
+
+def test_a_held_out_split_that_has_changed_is_refused_on_resume(tmp_path, narrow_models):
+    data = make_dataset(tmp_path / "data", val_per_class=0)  # no val/: held out of train/
+    out = tmp_path / "ck"
+    train.main(["--data", str(data), "--out", str(out), *TINY, "--epochs1", "1", "--epochs2", "1"])
+    for j in range(6, 12):  # new photos in train/: the held-out share drawn anew
+        (data / "train" / "cat" / f"{j:03d}.png").write_bytes(
+            (data / "train" / "cat" / "000.png").read_bytes()
+        )
+    with pytest.raises(
+        SystemExit, match="validation images held out .* are not those the run held"
+    ):
+        train.main(["--resume", str(out / "last.pt"), "--epochs2", "2"])
+
+
+def test_a_labels_csv_moved_with_its_dataset_is_found_by_name(tmp_path, narrow_models, capsys):
+    lines = ["image,label"]
+    for i, c in enumerate(("a", "b")):
+        for j in range(5):
+            name = f"{c}{j}.png"
+            (tmp_path / "k" / "train").mkdir(parents=True, exist_ok=True)
+            import conftest
+
+            conftest.write_image(
+                tmp_path / "k" / "train" / name, conftest.COLOURS[i], seed=j + 5 * i
+            )
+            lines.append(f"{name},{c}")
+    (tmp_path / "k" / "train.csv").write_text("\n".join(lines) + "\n")
+    options = [
+        "--data",
+        str(tmp_path / "k"),
+        "--labels",
+        "train.csv",
+        "--out",
+        str(tmp_path / "ck"),
+    ]
+    train.main(options + [*TINY, "--epochs1", "1", "--epochs2", "1"])
+    (tmp_path / "k").rename(tmp_path / "moved")
+    train.main(
+        [
+            "--resume",
+            str(tmp_path / "ck" / "last.pt"),
+            "--data",
+            str(tmp_path / "moved"),
+            "--epochs2",
+            "2",
+        ]
+    )
+    state = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    assert state["args"]["labels"] == str(tmp_path / "moved" / "train.csv")

@@ -159,3 +159,17 @@ def test_a_checkpoint_is_evaluated_with_the_weights_it_says_or_those_asked_for()
     assert M.inference_weights({**state, "eval_weights": "model"}) is weights
     with pytest.raises(SystemExit, match="no moving average"):
         M.inference_weights({"model": weights, "ema": None}, "ema")
+
+
+def test_batch_norm_measured_at_the_test_size_serves_that_size_alone():
+    state = {"arch": "resnet18", "classes": ["a", "b"], "eval_weights": "model"}
+    state["model"] = M.build_model("resnet18", 2, weights="none").state_dict()
+    measured = {"bn1.running_mean": torch.full((64,), 7.0)}
+    state |= {"test_size": 80, "test_bn": measured, "test_bn_of": "model"}
+    at_80 = M.model_from_checkpoint(state, torch.device("cpu"), side=80)
+    at_64 = M.model_from_checkpoint(state, torch.device("cpu"), side=64)
+    assert torch.equal(at_80.bn1.running_mean, measured["bn1.running_mean"])
+    assert torch.equal(at_64.bn1.running_mean, state["model"]["bn1.running_mean"])
+    state["test_bn_of"] = "ema"  # measured for the other weights: not these
+    plain = M.model_from_checkpoint(state, torch.device("cpu"), side=80)
+    assert torch.equal(plain.bn1.running_mean, state["model"]["bn1.running_mean"])

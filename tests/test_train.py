@@ -546,8 +546,16 @@ def test_a_time_budget_picks_the_epochs_from_the_speed_measured_and_a_resume_kee
         60,
     ]
     assert len(last["history"]) == 3
-    train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--epochs2", "3"])  # no new plan
-    assert "--time-budget" not in capsys.readouterr().err.split("\n")[0]
+    # Resumed, with the same budget given again, as a job script does: the run keeps its plan.
+    train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--time-budget", "60s"])
+    assert "So --epochs" not in capsys.readouterr().err
+    train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--epochs2", "3"])
+    assert torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["epoch"] == 3
+    # Phase II alone: Phase I's epochs of the split cost nothing, for they do not train.
+    phase2 = tiny_args + ["--time-budget", "60s", "--phase", "2", "--out", str(tmp_path / "p2")]
+    train.main(phase2)
+    assert torch.load(tmp_path / "p2" / "last.pt", weights_only=True)["args"]["epochs2"] == 3
+
     with pytest.raises(SystemExit, match="--time-budget 120.0 .* a time budget chooses"):
         train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--time-budget", "2m"])
 
@@ -569,7 +577,7 @@ def test_timing_the_steps_leaves_the_run_as_it_was(tiny_args, tmp_path, monkeypa
     monkeypatch.setattr(train, "time_steps", spy)
     with pytest.raises(SystemExit, match="Not even --epochs 2 fits"):
         train.main(tiny_args + ["--time-budget", "0.1s"])
-    assert set(seen["speed"]) == {"step1", "step2", "validation", "save"}
+    assert set(seen["speed"]) == {"step1", "step2", "validation", "save", "per_image"}
     assert all(v > 0 for v in seen["speed"].values())
     assert not (tmp_path / "ck").exists()  # nothing written, no folder left
 
