@@ -311,3 +311,26 @@ def test_the_timm_comparison_reads_one_subset_of_the_photos_for_both(tmp_path):
     steps = vs_timm.commands(argparse.Namespace(weights="w.pt", timm=Path("t")), tmp_path, 0)
     assert [(what, who) for what, who, _ in steps][:2] == [("train", "ours"), ("train", "timm")]
     assert "--epochs" in steps[0][2] and steps[1][2][steps[1][2].index("--epochs") + 1] == "2"
+
+
+def test_time_to_accuracy_counts_each_epoch_at_its_phase_and_sizes_speed():
+    import time_to_accuracy as tta
+
+    speeds = {
+        str(s): {"phase1": 400.0, "phase2": 100.0 * 64 / s, "predict": 500.0}
+        for s in (32, 48, 64, 72, 80)
+    }
+    history = [
+        {"phase": 1, "img_size": 64},
+        {"phase": 2, "img_size": 32},
+        {"phase": 2, "img_size": 64},
+    ]
+    state = {
+        "args": {"img_size": 64, "ema": 0.99, "average_last": 0, "test_size": "train", "tta": "off"}
+    }
+    curve, end = tta.counted_minutes(history, state, speeds, 2000, 500)
+    validations = 2 * 500 / 500  # two a epoch with --ema, at 500 images/s
+    expected = [2000 / 400 + validations, 2000 / 200 + validations, 2000 / 100 + validations]
+    assert curve == pytest.approx([sum(expected[: i + 1]) / 60 for i in range(3)]) and end == 0
+    run = {"curve": [0.2, 0.35, 0.41], "counted": curve}
+    assert tta.reach(run, 0.35) == curve[1] and tta.reach(run, 0.5) is None
