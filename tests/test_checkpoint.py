@@ -56,12 +56,18 @@ def test_a_checkpoint_of_the_earlier_format_resumes_to_the_uninterrupted_run(
     torch.save(old, resumed)
     train.main(["--resume", str(resumed), "--data", str(data)])  # in its own folder
     a, b = (torch.load(p, weights_only=True) for p in (tmp_path / "straight" / "last.pt", resumed))
+    # The fixture's first two batches were trained on another CPU, whose kernels round float sums
+    # in other last bits: the same run to a few ulps here (bit-for-bit equality on one machine is
+    # what the resume tests of test_preemption.py and test_continue.py hold to).
+    close = dict(rtol=1e-4, atol=1e-5)
     for key, value in a["model"].items():
-        assert torch.equal(value, b["model"][key]), key
+        torch.testing.assert_close(value, b["model"][key], **close, msg=key)
     for key, value in a["ema"]["model"].items():
-        assert torch.equal(value, b["ema"]["model"][key]), key
+        torch.testing.assert_close(value, b["ema"]["model"][key], **close, msg=key)
     assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]
-    assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+    assert [r["train_loss"] for r in a["history"]] == pytest.approx(
+        [r["train_loss"] for r in b["history"]], rel=1e-5
+    )
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path):
