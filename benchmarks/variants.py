@@ -153,6 +153,34 @@ def section(runs_dir, rows, answers_of, seeds=(0, 1)):
     return lines, commands
 
 
+def backbone_of(runs_dir, rows, seeds=(0, 1)):
+    """What the finished runs of `rows` were fine-tuned from: a sentence naming the checkpoint,
+    with its epochs and best validation accuracy where it is a train.py run (None if no run)."""
+    for _, pattern in rows:
+        for s in seeds:
+            folder = runs_dir / pattern.format(seed=s)
+            if (folder / "done").is_file():
+                weights = load_checkpoint(folder / "best.pt")["args"].get("weights")
+                break
+        else:
+            continue
+        break
+    else:
+        return None
+    history = None
+    if weights and Path(weights).is_file():  # a train.py run, or a plain state dict
+        history = load_checkpoint(weights).get("history")
+    if not history:
+        return f"Fine-tuned from `{weights}`."
+    best = max(r["val_acc"] for r in history)
+
+    return (
+        f"Fine-tuned from `{weights}`: {len(history)} epochs of pretraining, best validation "
+        f"accuracy {best:.4f} on its own classes."
+    )
+
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -181,6 +209,9 @@ def main(argv=None):
             parts += [
                 f"**{title}**",
                 "",
+                backbone_of(args.runs, rows),
+                "",
+
                 *lines,
                 "",
                 "Commands (seed 0; seed 1 adds `--seed 1`):",

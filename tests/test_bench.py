@@ -334,3 +334,22 @@ def test_time_to_accuracy_counts_each_epoch_at_its_phase_and_sizes_speed():
     assert curve == pytest.approx([sum(expected[: i + 1]) / 60 for i in range(3)]) and end == 0
     run = {"curve": [0.2, 0.35, 0.41], "counted": curve}
     assert tta.reach(run, 0.35) == curve[1] and tta.reach(run, 0.5) is None
+
+
+def test_the_variants_section_names_the_backbone_its_runs_were_fine_tuned_from(tmp_path):
+    import variants
+
+    backbone = tmp_path / "source" / "best.pt"
+    backbone.parent.mkdir()
+    torch.save({"history": [{"val_acc": 0.21}, {"val_acc": 0.3125}]}, backbone)
+    run = tmp_path / "lt-none-s1"  # seed 0 not run
+    run.mkdir()
+    torch.save({"args": {"weights": str(backbone)}}, run / "best.pt")
+    assert variants.backbone_of(tmp_path, variants.LONG_TAIL) is None  # not finished
+    (run / "done").touch()
+    assert variants.backbone_of(tmp_path, variants.LONG_TAIL) == (
+        f"Fine-tuned from `{backbone}`: 2 epochs of pretraining, best validation accuracy "
+        "0.3125 on its own classes."
+    )
+    torch.save({"conv1.weight": torch.zeros(1)}, backbone)  # a plain state dict
+    assert variants.backbone_of(tmp_path, variants.LONG_TAIL) == f"Fine-tuned from `{backbone}`."
