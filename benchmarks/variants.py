@@ -180,7 +180,6 @@ def backbone_of(runs_dir, rows, seeds=(0, 1)):
     )
 
 
-
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -211,7 +210,6 @@ def main(argv=None):
                 "",
                 backbone_of(args.runs, rows),
                 "",
-
                 *lines,
                 "",
                 "Commands (seed 0; seed 1 adds `--seed 1`):",
