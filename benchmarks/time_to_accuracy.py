@@ -1,5 +1,6 @@
 """Time to accuracy on real photos: validation accuracy against minutes for the method, --recipe
-best, --recipe fast and timm's train.py given the recipe's levers (8 epochs each, two seeds), the
+best, --recipe best with the time levers (--progressive 0.75 --test-size auto: tiny_transfer.sh's
+fast-8 step) and timm's train.py given the recipe's levers (8 epochs each, two seeds), the
 minutes each takes to reach timm's 8-epoch validation accuracy, and RESULTS.md's section "Time
 to accuracy" (its `time_to_accuracy` notes block).
 
@@ -14,7 +15,7 @@ this project's training images/s in each phase at each size a run trained at, an
 validation's, from benchmarks/bench.py on the same photos; timm's seconds an epoch, as the
 difference between its train.py run for 2 epochs and for 1 (its start and its loaders' set-up
 cancel out). An epoch of ours costs its training images at its phase's and size's speed, its
-validations (two with --ema) at the validation speed; the end of --recipe best's and fast's runs
+validations (two with --ema) at the validation speed; the end of the --recipe best runs
 (the average's batch norm pass, the test sizes, the flips) is counted the same way. Both the
 counted and the runs' own minutes are in the table.
 """
@@ -44,7 +45,7 @@ SEEDS = (0, 1)
 RUNS = [  # (row, run folder, colour)
     ("the method (1 + 7)", "method-1+7-s{seed}", "tab:blue"),
     ("--recipe best", "recipe-8-s{seed}", "tab:green"),
-    ("--recipe fast", "fast-8-s{seed}", "tab:orange"),
+    ("--recipe best, progressive, test size", "fast-8-s{seed}", "tab:orange"),
     ("timm, the recipe's levers", "timm-recipe-s{seed}", "tab:red"),
 ]
 SPEEDS = "speeds.json"  # in the runs' folder

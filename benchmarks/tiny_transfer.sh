@@ -17,7 +17,7 @@ py=${PYTHON:-python}
 src=${SOURCE:-data/tiny-transfer/source}
 tgt=${TARGET:-data/tiny-transfer/target}
 ck=${CHECKPOINTS:-checkpoints/tiny-transfer}
-steps=${STEPS:-pretrain method phase2-only probe scratch method-1+7 timm optimizers levers recipe-8 timm-recipe budget-16 long-tail aspect report}
+steps=${STEPS:-pretrain method phase2-only probe scratch method-1+7 timm optimizers levers recipe-8 fast-8 timm-recipe budget-16 long-tail aspect report}
 timm_train=${TIMM_TRAIN:-benchmarks/.work/timm/train.py}
 
 # The budget: 8 epochs a run, the method's 10 + 125 scaled down to 2 + 6, its warmup to one
@@ -159,7 +159,17 @@ if wanted recipe-8; then
             --seed "$seed"
     done
 fi
+# The time levers on top of the recipe (benchmarks/time_to_accuracy.py's third row): Phase II's
+# first epochs at 48 of 64 px rising to 64 by three quarters of it, and the test size chosen on
+# validation (FixRes).
+if wanted fast-8; then
+    for seed in ${SEEDS:-0 1}; do
+        run "$ck/fast-8-s$seed" "${common[@]}" "${pretrained[@]}" --recipe best --epochs 8 \
+            --progressive 0.75 --test-size auto --seed "$seed"
+    done
+fi
 if wanted timm-recipe; then
+
     for seed in ${SEEDS:-0 1}; do
         timm_run "timm-recipe-s$seed" --opt nadam --lr 5e-4 --weight-decay 1e-4 --warmup-epochs 0 \
             --model-ema --model-ema-decay 0.99 --layer-decay 0.7 --vflip 0 --seed "$seed"
