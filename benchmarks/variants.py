@@ -156,17 +156,12 @@ def section(runs_dir, rows, answers_of, seeds=(0, 1)):
 def backbone_of(runs_dir, rows, seeds=(0, 1)):
     """What the finished runs of `rows` were fine-tuned from: a sentence naming the checkpoint,
     with its epochs and best validation accuracy where it is a train.py run (None if no run)."""
-    for _, pattern in rows:
-        for s in seeds:
-            folder = runs_dir / pattern.format(seed=s)
-            if (folder / "done").is_file():
-                weights = load_checkpoint(folder / "best.pt")["args"].get("weights")
-                break
-        else:
-            continue
-        break
-    else:
+    folders = (runs_dir / pattern.format(seed=s) for _, pattern in rows for s in seeds)
+    finished = next((f for f in folders if (f / "done").is_file()), None)
+    if finished is None:
         return None
+    weights = load_checkpoint(finished / "best.pt")["args"].get("weights")
+
     history = None
     if weights and Path(weights).is_file():  # a train.py run, or a plain state dict
         history = load_checkpoint(weights).get("history")
