@@ -20,7 +20,6 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from sklearn.metrics import precision_recall_fscore_support
 
 from checkpoint import best_acc, full_history, load_checkpoint, resolve_checkpoint
 from data import display_names, make_loader, trained_data_root, validation_of
@@ -88,7 +87,10 @@ def compute_metrics(log_p, labels, classes, label_smoothing=0.0, top=10, train_c
     """Loss, top-1, top-5 and balanced accuracy (the mean of the per-class recalls, over the
     classes present), per-class precision, recall, F1, support (and training images, where
     `train_counts` has them), the confusion counts and their most confused pairs."""
+    from sklearn.metrics import precision_recall_fscore_support  # 1 to 3 s to import: used here
+
     preds = log_p.argmax(1)
+
     loss = torch.nn.functional.cross_entropy(log_p, labels, label_smoothing=label_smoothing).item()
     counts = confusion_matrix(labels.numpy(), preds.numpy(), len(classes), normalize=False)
     precision, recall, f1, support = precision_recall_fscore_support(

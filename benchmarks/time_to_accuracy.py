@@ -17,10 +17,13 @@ difference between its train.py run for 2 epochs and for 1 (its start and its lo
 cancel out). An epoch of ours costs its training images at its phase's and size's speed, its
 validations (two with --ema) at the validation speed; the end of the --recipe best runs
 (the average's batch norm pass, the test sizes, the flips) is counted the same way. Both the
-counted and the runs' own minutes are in the table.
+counted and the runs' own minutes are in the table. Without `measure`'s speeds.json the counted
+minutes are the runs' own: fair where every run had the same share of the machine (one thread
+each, two runs at a time, as tiny_transfer.sh's steps run with OMP_NUM_THREADS=1 in two lanes).
 """
 
 import argparse
+import itertools
 import json
 import statistics
 import subprocess
@@ -137,20 +140,38 @@ def counted_minutes(history, state, speeds, train_images, val_images):
     return curve, end / 60
 
 
+def own_minutes(folder, state, history):
+    """The minutes after each epoch as the run itself took them (timm's: its wall time, spread
+    evenly over its epochs), and those its end took: the command's wall time that
+    tiny_transfer.sh writes into the run's `done`, less its epochs' (0 where it is not there)."""
+    if folder.name.startswith("timm"):
+        epoch = state["wall_seconds"] / 60 / len(history)
+        return [epoch * (i + 1) for i in range(len(history))], 0.0
+    seconds = itertools.accumulate(r["seconds"] + r.get("val_seconds", 0) for r in history)
+    curve = [s / 60 for s in seconds]
+    done = folder / "done"
+    whole = done.read_text().strip() if done.is_file() else ""
+    if not whole.isdigit():
+        return curve, 0.0
+    return curve, max(0.0, int(whole) / 60 - curve[-1])
+
+
 def describe(folder, answers, speeds, defaults):
     state = load_checkpoint(folder / "best.pt")
     history = full_history(folder / "best.pt", state)
     correct, total, *_ = test_accuracy(folder / "best.pt", answers, use="auto", tta=None)
     curve = [best_acc(r) for r in history]
-    if folder.name.startswith("timm"):
+    own_curve, own_end = own_minutes(folder, state, history)
+    own = own_curve[-1] + own_end
+    if speeds is None:  # no speeds measured alone: the runs' own minutes
+        counted, end = own_curve, own_end
+    elif folder.name.startswith("timm"):
         epoch = speeds["timm_epoch_seconds"] / 60
         counted, end = [epoch * (i + 1) for i in range(len(history))], 0.0
-        own = state["wall_seconds"] / 60
     else:
         train_images = round(history[-1]["images_per_s"] * history[-1]["seconds"])
         val_images = len(dataset_of(state["args"], state["data"]).val.files)
         counted, end = counted_minutes(history, state, speeds, train_images, val_images)
-        own = sum(r["seconds"] + r.get("val_seconds", 0) for r in history) / 60
     return {
         "correct": correct,
         "total": total,
@@ -169,7 +190,8 @@ def reach(run, level):
 
 
 def section(args):
-    speeds = json.loads((args.runs / SPEEDS).read_text())
+    measured = args.runs / SPEEDS
+    speeds = json.loads(measured.read_text()) if measured.is_file() else None
     defaults = vars(get_args_parser().parse_args([]))
     runs = {}
     for label, pattern, _ in RUNS:
@@ -182,25 +204,29 @@ def section(args):
     timm = runs.get(RUNS[-1][0], {})
     level = statistics.mean(r["curve"][-1] for r in timm.values()) if timm else None
     timm_minutes = statistics.mean(r["counted"][-1] for r in timm.values()) if timm else None
+    minutes = "minutes, counted | minutes, its own" if speeds else "minutes"
     lines = [
-        "| run | seed | test accuracy | best val acc | minutes, counted | minutes, its own | "
+        f"| run | seed | test accuracy | best val acc | {minutes} | "
         "minutes to timm's 8-epoch val acc | command |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        f"| --- | ---: | ---: | ---: | {'---: | ' * (2 if speeds else 1)}---: | --- |",
     ]
     for label, _, _ in RUNS:
         for seed, run in sorted(runs.get(label, {}).items()):
             reached = reach(run, level) if level is not None else None
+            took = f"{run['counted'][-1] + run['end']:.1f}"
+            if speeds:
+                took += f" | {run['own']:.1f}"
             lines.append(
                 f"| {label} | {seed} | {run['correct'] / run['total']:.4f} "
-                f"({run['correct']}/{run['total']}) | {max(run['curve']):.4f} | "
-                f"{run['counted'][-1] + run['end']:.1f} | {run['own']:.1f} | "
+                f"({run['correct']}/{run['total']}) | {max(run['curve']):.4f} | {took} | "
                 f"{'not reached' if reached is None else f'{reached:.1f}'} | `{run['command']}` |"
             )
+
     findings = []
     if level is not None:
         findings.append(
             f"- timm's 8-epoch validation accuracy, the mean of its seeds: {level:.4f}, in "
-            f"{timm_minutes:.1f} counted minutes."
+            f"{timm_minutes:.1f} {'counted' if speeds else 'of its own'} minutes."
         )
         for label, _, _ in RUNS[:-1]:
             times = [reach(r, level) for r in runs.get(label, {}).values()]
@@ -210,7 +236,7 @@ def section(args):
                     f"- {label} reaches it in {mean:.1f} minutes on average "
                     f"({mean / timm_minutes:.2f} of timm's)."
                 )
-    figure(runs, args.figures / "fig_time_to_accuracy.png", level)
+    figure(runs, args.figures / "fig_time_to_accuracy.png", level, counted=speeds is not None)
     text = "\n".join(
         lines
         + [""]
@@ -222,7 +248,7 @@ def section(args):
     print(text)
 
 
-def figure(runs, path, level):
+def figure(runs, path, level, counted):
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colours = {label: colour for label, _, colour in RUNS}
@@ -239,7 +265,9 @@ def figure(runs, path, level):
             )
     if level is not None:
         ax.axhline(level, color="grey", linewidth=0.8, linestyle=":")
-    ax.set(xlabel="minutes (counted at the speeds measured alone)", ylabel="validation accuracy")
+    minutes = "counted at the speeds measured alone" if counted else "each run's own"
+    ax.set(xlabel=f"minutes ({minutes})", ylabel="validation accuracy")
+
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

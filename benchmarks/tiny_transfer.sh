@@ -28,16 +28,18 @@ pretrained=(--weights "$ck/source/best.pt")
 schedule=(--warmup-epochs 1 --cosine-epochs 5)
 
 wanted() { [[ " $steps " == *" $1 "* ]]; }
-run() {  # run OUT ARGS...: train.py into OUT, unless an earlier call finished it (OUT/done);
-          # a call that was stopped goes on from its last.pt
+run() {  # run OUT ARGS...: train.py into OUT, unless an earlier call finished it (OUT/done, which
+          # holds the call's wall seconds); a call that was stopped goes on from its last.pt
     local out=$1; shift
     if [ -f "$out/done" ]; then echo "== $out: done"; return; fi
-    local resume=()
+    local resume=() start
     [ -f "$out/last.pt" ] && resume=(--resume "$out/last.pt")
     echo "== $out: python train.py $* --out $out ${resume[*]}"
+    start=$(date +%s)
     $py train.py "$@" --out "$out" "${resume[@]}" 2>&1 | tee -a "$out.log"
-    touch "$out/done"
+    echo $(( $(date +%s) - start )) > "$out/done"
 }
+
 mkdir -p "$ck"
 
 # The stand-in for ImageNet weights: resnet18 from scratch on source/ (30,000 photos, 100

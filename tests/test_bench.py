@@ -336,7 +336,21 @@ def test_time_to_accuracy_counts_each_epoch_at_its_phase_and_sizes_speed():
     assert tta.reach(run, 0.35) == curve[1] and tta.reach(run, 0.5) is None
 
 
+def test_without_speeds_measured_alone_a_runs_minutes_are_its_own(tmp_path):
+    import time_to_accuracy as tta
+
+    history = [{"seconds": 100, "val_seconds": 20}, {"seconds": 200, "val_seconds": 40}]
+    ours = tmp_path / "fast-8-s0"
+    ours.mkdir()
+    assert tta.own_minutes(ours, {}, history) == ([2.0, 6.0], 0.0)  # no wall time: no end
+    (ours / "done").write_text("450\n")  # tiny_transfer.sh: the command's wall seconds
+    assert tta.own_minutes(ours, {}, history) == ([2.0, 6.0], 1.5)
+    timm = tmp_path / "timm-recipe-s0"
+    assert tta.own_minutes(timm, {"wall_seconds": 480}, history) == ([4.0, 8.0], 0.0)
+
+
 def test_the_variants_section_names_the_backbone_its_runs_were_fine_tuned_from(tmp_path):
+
     import variants
 
     backbone = tmp_path / "source" / "best.pt"

@@ -25,7 +25,7 @@ def test_before_the_process_group_exists_only_the_first_process_logs(monkeypatch
     assert capsys.readouterr().err == "once\n"
 
 
-# What Windows lacks, taken away: fcntl cannot be imported and there is no SIGUSR1. The demo, a
+# What Windows lacks, taken away: fcntl cannot be imported and there is no SIGUSR1. A run, a
 # resume, evaluate.py and predict.py run; the folder's lock and the overwrite guard still hold.
 WITHOUT_FCNTL = """
 import signal, sys, warnings
@@ -38,12 +38,13 @@ from narrow import narrow_get_model
 torchvision.models.get_model = narrow_get_model(torchvision.models.get_model)
 import filelock, utils, train, evaluate, predict
 from pathlib import Path
+from conftest import TINY, make_dataset
 root = Path({root!r})
 assert filelock.FileLock.__name__ != "UnixFileLock", filelock.FileLock
 assert not hasattr(signal, "SIGUSR1") and signal.SIGTERM in utils.StopRequest.SIGNALS
 ck = root / "ck"
-tiny = "--img-size 8 --batch-size 64 --epochs1 1 --epochs2 1 --warmup-epochs 0".split()
-train.main(["--demo", "--data", str(root / "demo"), "--out", str(ck), *tiny])
+run = ["--data", str(make_dataset(root / "data")), *TINY, "--epochs1", "1", "--epochs2", "1"]
+train.main([*run, "--out", str(ck)])
 train.main(["--resume", str(ck / "last.pt"), "--epochs2", "2"])
 evaluate.main(["--ckpt", str(ck / "best.pt"), "--figures", str(root / "figures")])
 predict.main(["--ckpt", str(ck / "best.pt"), "--out", str(root / "prediction.csv")])
@@ -53,8 +54,7 @@ with utils.exclusive(ck / ".lock", "held by this test"):
         raise AssertionError("a run took a folder another holds")
     except SystemExit as refused:
         assert "is in use by process" in str(refused), refused
-real = ["--data", str(root / "demo"), "--out", str(root / "real"), "--arch", "resnet18"]
-real += ["--weights", "none", *tiny]
+real = [*run, "--out", str(root / "real")]
 train.main(real)
 try:
     train.main(real)
@@ -71,4 +71,4 @@ def test_without_fcntl_and_sigusr1_as_on_windows_the_pipeline_runs_and_the_guard
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=240, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "all held 270" in result.stdout  # a header and the demo's 269 test images
+    assert "all held 6" in result.stdout  # a header and the dataset's 5 test images
