@@ -300,7 +300,6 @@ class RunFolder:
     def guard(self, resume, overwrite, fresh, weights):
         held = self.held()
         keep = [PHASE1] if resume.from_phase1_in(self.path) else []
-        last = peek(self.path / LAST) if LAST in held else None
         checkpoints = [name for name in held if name.endswith(".pt") and name not in keep]
         # Phase II from phase1.pt: refused once any other checkpoint is past Phase I.
         phase2_begun = keep and any(
@@ -308,7 +307,9 @@ class RunFolder:
         )
         if not checkpoints or (resume.continues_in(self.path) and not phase2_begun):
             return  # nothing to lose (a history.csv alone, at most), or the run goes on
+        last = peek(self.path / LAST) if LAST in held else None
         demo_run = fresh and last is not None and last["args"].get("demo")
+
         if not (overwrite or demo_run):
             raise SystemExit(self.refusal(held, last, phase2_begun))
         if Path(weights).is_file() and Path(weights).resolve().parent == self.path.resolve():
