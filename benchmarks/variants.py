@@ -1,6 +1,7 @@
-"""Two variants of tiny-transfer's target half, made for RESULTS.md, and the section they give:
+"""Variants of tiny-transfer's target half, made for RESULTS.md, and the section they give:
 
-    python benchmarks/variants.py make data/tiny-transfer/target     # target-lt, target-wide
+    python benchmarks/variants.py make data/tiny-transfer/target  # target-lt, -wide, -small
+
     python benchmarks/variants.py results checkpoints/tiny-transfer \\
         --data data/tiny-transfer --results RESULTS.md
 
@@ -12,6 +13,9 @@
   pixels stretched over the rest, in train/, val/ and test/: photos that are not square, their
   subject off centre. A centre crop loses up to a quarter of the photo; squish keeps all of it,
   narrowed.
+- target-small: the first 60 training and 20 validation images of each class, test/ as it is:
+  the time-to-accuracy runs (benchmarks/time_to_accuracy.py), at a CPU's pace.
+
 
 The runs are benchmarks/tiny_transfer.sh's `long-tail` and `aspect` steps; each is scored as its
 user would submit it (best.pt through predict.py's path): test accuracy and balanced accuracy.
@@ -74,7 +78,22 @@ def make_long_tail(target, out, seed=0):
     return sum(kept.values())
 
 
+def make_small(target, out, per_class=60, val_per_class=20):
+    """target-small: the first `per_class` training and `val_per_class` validation images of each
+    class (by name; links), test/ as it is: the runs that compare recipes against the clock on
+    a CPU, a quarter of an epoch's minutes, a fifth of a validation's."""
+    for split, keep in (("train", per_class), ("val", val_per_class)):
+        for c in sorted(d.name for d in (target / split).iterdir() if d.is_dir()):
+            for f in sorted(p.name for p in (target / split / c).iterdir())[:keep]:
+                link(target / split / c / f, out / split / c / f)
+    for name in ("test", "answers.csv", "class_names.csv"):
+        if (target / name).exists() and not (out / name).exists():
+            os.symlink((target / name).resolve(), out / name)
+    return per_class, val_per_class
+
+
 def link(source, destination):
+
     destination.parent.mkdir(parents=True, exist_ok=True)
     if not destination.exists():
         os.symlink(source.resolve(), destination)
@@ -180,7 +199,7 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="what", required=True)
-    make = sub.add_parser("make", help="write target-lt and target-wide beside TARGET")
+    make = sub.add_parser("make", help="write target-lt, target-wide, target-small beside TARGET")
     make.add_argument("target", type=Path)
     results = sub.add_parser("results", help="the section of the finished runs")
     results.add_argument("runs", type=Path, help="the runs' folder (tiny_transfer.sh's)")
@@ -190,7 +209,11 @@ def main(argv=None):
     if args.what == "make":
         lt = make_long_tail(args.target, args.target.with_name("target-lt"))
         wide = make_wide(args.target, args.target.with_name("target-wide"))
-        print(f"target-lt: {lt} training images; target-wide: {wide} images written")
+        small = make_small(args.target, args.target.with_name("target-small"))
+        print(
+            f"target-lt: {lt} training images; target-wide: {wide} images written; "
+            "target-small: {} training and {} validation images a class".format(*small)
+        )
         return
     parts = []
     for title, rows, variant in (
