@@ -9,6 +9,15 @@ to accuracy" (its `time_to_accuracy` notes block).
     python benchmarks/time_to_accuracy.py section checkpoints/tiny-transfer \\
         --answers data/tiny-transfer/target/answers.csv --results RESULTS.md
 
+RESULTS.md's runs are of variants.py's target-small, in two lanes of one thread each, its
+backbone at checkpoints/tiny-transfer-small/source/best.pt:
+
+    export OMP_NUM_THREADS=1 SEEDS=0 TARGET=data/tiny-transfer/target-small \\
+        CHECKPOINTS=checkpoints/tiny-transfer-small
+    STEPS="method-1+7 fast-8 fast-4" bash benchmarks/tiny_transfer.sh &
+    STEPS="recipe-8 timm-recipe" bash benchmarks/tiny_transfer.sh
+
+
 The runs shared the machine with other work, so their own minutes say little about speed. Each
 run's minutes are therefore counted at speeds measured alone (`measure`, on an idle machine):
 this project's training images/s in each phase at each size a run trained at, and its
