@@ -56,10 +56,8 @@ DEMO = dict(
 # the accuracy later, so fast adds and drops nothing yet; it is the name to give with
 # --time-budget, and the one that changes where a lever measures faster.
 # (--recipe report, the default, sets the options of all of them to their defaults: Table 1.)
-RECIPES = {
-    "best": dict(ema=0.99, lr_decay=0.7, p_vflip=0.0, average_last=3, tta="auto"),
-    "fast": dict(ema=0.99, lr_decay=0.7, p_vflip=0.0, average_last=3, tta="auto"),
-}
+BEST = dict(ema=0.99, lr_decay=0.7, p_vflip=0.0, average_last=3, tta="auto")
+RECIPES = {"best": BEST, "fast": dict(BEST)}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -821,7 +819,8 @@ def shown(value):
 def preset(parser, recipe):
     """--recipe's values: "report" sets what the others set to its defaults, Table 1's."""
     if recipe == "report":
-        return {key: parser.get_default(key) for preset in RECIPES.values() for key in preset}
+        return {key: parser.get_default(key) for levers in RECIPES.values() for key in levers}
+
     return {key: parser.get_default(key) for key in preset(parser, "report")} | RECIPES[recipe]
 
 
