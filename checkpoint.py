@@ -309,7 +309,6 @@ class RunFolder:
             return  # nothing to lose (a history.csv alone, at most), or the run goes on
         last = peek(self.path / LAST) if LAST in held else None
         demo_run = fresh and last is not None and last["args"].get("demo")
-
         if not (overwrite or demo_run):
             raise SystemExit(self.refusal(held, last, phase2_begun))
         if Path(weights).is_file() and Path(weights).resolve().parent == self.path.resolve():

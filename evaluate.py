@@ -90,7 +90,6 @@ def compute_metrics(log_p, labels, classes, label_smoothing=0.0, top=10, train_c
     from sklearn.metrics import precision_recall_fscore_support  # 1 to 3 s to import: used here
 
     preds = log_p.argmax(1)
-
     loss = torch.nn.functional.cross_entropy(log_p, labels, label_smoothing=label_smoothing).item()
     counts = confusion_matrix(labels.numpy(), preds.numpy(), len(classes), normalize=False)
     precision, recall, f1, support = precision_recall_fscore_support(

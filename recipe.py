@@ -820,7 +820,6 @@ def preset(parser, recipe):
     """--recipe's values: "report" sets what the others set to its defaults, Table 1's."""
     if recipe == "report":
         return {key: parser.get_default(key) for levers in RECIPES.values() for key in levers}
-
     return {key: parser.get_default(key) for key in preset(parser, "report")} | RECIPES[recipe]
 
 

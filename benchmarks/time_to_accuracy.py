@@ -17,7 +17,6 @@ backbone at checkpoints/tiny-transfer-small/source/best.pt:
     STEPS="method-1+7 fast-8 fast-4" bash benchmarks/tiny_transfer.sh &
     STEPS="recipe-8 timm-recipe" bash benchmarks/tiny_transfer.sh
 
-
 The runs shared the machine with other work, so their own minutes say little about speed. Each
 run's minutes are therefore counted at speeds measured alone (`measure`, on an idle machine):
 this project's training images/s in each phase at each size a run trained at, and its
@@ -150,13 +149,17 @@ def counted_minutes(history, state, speeds, train_images, val_images):
     return curve, end / 60
 
 
+def evenly(minutes, epochs):
+    """The minutes after each of `epochs` epochs that take `minutes` each (timm's runs)."""
+    return [minutes * (i + 1) for i in range(epochs)]
+
+
 def own_minutes(folder, state, history):
     """The minutes after each epoch as the run itself took them (timm's: its wall time, spread
     evenly over its epochs), and those its end took: the command's wall time that
     tiny_transfer.sh writes into the run's `done`, less its epochs' (0 where it is not there)."""
     if folder.name.startswith("timm"):
-        epoch = state["wall_seconds"] / 60 / len(history)
-        return [epoch * (i + 1) for i in range(len(history))], 0.0
+        return evenly(state["wall_seconds"] / 60 / len(history), len(history)), 0.0
     seconds = itertools.accumulate(r["seconds"] + r.get("val_seconds", 0) for r in history)
     curve = [s / 60 for s in seconds]
     done = folder / "done"
@@ -176,8 +179,7 @@ def describe(folder, answers, speeds, defaults):
     if speeds is None:  # no speeds measured alone: the runs' own minutes
         counted, end = own_curve, own_end
     elif folder.name.startswith("timm"):
-        epoch = speeds["timm_epoch_seconds"] / 60
-        counted, end = [epoch * (i + 1) for i in range(len(history))], 0.0
+        counted, end = evenly(speeds["timm_epoch_seconds"] / 60, len(history)), 0.0
     else:
         train_images = round(history[-1]["images_per_s"] * history[-1]["seconds"])
         val_images = len(dataset_of(state["args"], state["data"]).val.files)
@@ -231,7 +233,6 @@ def section(args):
                 f"({run['correct']}/{run['total']}) | {max(run['curve']):.4f} | {took} | "
                 f"{'not reached' if reached is None else f'{reached:.1f}'} | `{run['command']}` |"
             )
-
     findings = []
     if level is not None:
         findings.append(
@@ -277,7 +278,6 @@ def figure(runs, path, level, counted):
         ax.axhline(level, color="grey", linewidth=0.8, linestyle=":")
     minutes = "counted at the speeds measured alone" if counted else "each run's own"
     ax.set(xlabel=f"minutes ({minutes})", ylabel="validation accuracy")
-
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

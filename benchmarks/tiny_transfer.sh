@@ -39,7 +39,6 @@ run() {  # run OUT ARGS...: train.py into OUT, unless an earlier call finished i
     $py train.py "$@" --out "$out" "${resume[@]}" 2>&1 | tee -a "$out.log"
     echo $(( $(date +%s) - start )) > "$out/done"
 }
-
 mkdir -p "$ck"
 
 # The stand-in for ImageNet weights: resnet18 from scratch on source/ (30,000 photos, 100
@@ -178,9 +177,6 @@ if wanted fast-4; then
             --p-vflip 0 --average-last 3 --tta auto --seed "$seed"
     done
 fi
-
-
-
 if wanted timm-recipe; then
 
     for seed in ${SEEDS:-0 1}; do

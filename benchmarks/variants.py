@@ -16,7 +16,6 @@
 - target-small: the first 60 training and 20 validation images of each class, test/ as it is:
   the time-to-accuracy runs (benchmarks/time_to_accuracy.py), at a CPU's pace.
 
-
 The runs are benchmarks/tiny_transfer.sh's `long-tail` and `aspect` steps; each is scored as its
 user would submit it (best.pt through predict.py's path): test accuracy and balanced accuracy.
 """
@@ -81,19 +80,21 @@ def make_long_tail(target, out, seed=0):
 def make_small(target, out, per_class=60, val_per_class=20):
     """target-small: the first `per_class` training and `val_per_class` validation images of each
     class (by name; links), test/ as it is: the runs that compare recipes against the clock on
-    a CPU, a quarter of an epoch's minutes, a fifth of a validation's."""
+    a CPU, a quarter of an epoch's minutes, a fifth of a validation's. Returns the training
+    images."""
+    kept = 0
     for split, keep in (("train", per_class), ("val", val_per_class)):
         for c in sorted(d.name for d in (target / split).iterdir() if d.is_dir()):
             for f in sorted(p.name for p in (target / split / c).iterdir())[:keep]:
                 link(target / split / c / f, out / split / c / f)
+                kept += split == "train"
     for name in ("test", "answers.csv", "class_names.csv"):
         if (target / name).exists() and not (out / name).exists():
             os.symlink((target / name).resolve(), out / name)
-    return per_class, val_per_class
+    return kept
 
 
 def link(source, destination):
-
     destination.parent.mkdir(parents=True, exist_ok=True)
     if not destination.exists():
         os.symlink(source.resolve(), destination)
@@ -212,7 +213,7 @@ def main(argv=None):
         small = make_small(args.target, args.target.with_name("target-small"))
         print(
             f"target-lt: {lt} training images; target-wide: {wide} images written; "
-            "target-small: {} training and {} validation images a class".format(*small)
+            f"target-small: {small} training images"
         )
         return
     parts = []

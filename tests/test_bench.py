@@ -350,7 +350,6 @@ def test_without_speeds_measured_alone_a_runs_minutes_are_its_own(tmp_path):
 
 
 def test_the_variants_section_names_the_backbone_its_runs_were_fine_tuned_from(tmp_path):
-
     import variants
 
     backbone = tmp_path / "source" / "best.pt"
