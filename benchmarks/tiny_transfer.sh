@@ -178,7 +178,6 @@ if wanted fast-4; then
     done
 fi
 if wanted timm-recipe; then
-
     for seed in ${SEEDS:-0 1}; do
         timm_run "timm-recipe-s$seed" --opt nadam --lr 5e-4 --weight-decay 1e-4 --warmup-epochs 0 \
             --model-ema --model-ema-decay 0.99 --layer-decay 0.7 --vflip 0 --seed "$seed"

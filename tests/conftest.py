@@ -3,7 +3,10 @@ downloads), narrow models, the options of a run that takes a second or two on a 
 signal sent at a chosen moment of a run."""
 
 import os
+import shutil
 import signal
+import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ from PIL import Image
 
 import augment
 import checkpoint
+import data
 import inference
 from narrow import narrow_get_model
 
@@ -76,6 +80,17 @@ def dataset(tmp_path):
     return make_dataset(tmp_path / "data")
 
 
+@pytest.fixture(scope="session")
+def demo_images(tmp_path_factory):
+    """The demo dataset (python train.py --demo's), written once a test process: seconds each."""
+    return data.write_demo_dataset(tmp_path_factory.mktemp("demo") / "demo")
+
+
+def copy_of(demo_images, root):
+    """root/demo, a copy of the demo dataset for a run to build its cache in."""
+    return shutil.copytree(demo_images, Path(root) / "demo")
+
+
 # Options for a run that takes a second or two on a CPU (with narrow_models: well under).
 TINY = (
     "--arch resnet18 --weights none --img-size 16 --batch-size 4 --cache-workers 0 --device cpu "
@@ -131,3 +146,41 @@ def stop_at(monkeypatch, moment, number=signal.SIGTERM, times=1):
         return result
 
     monkeypatch.setattr(owner, name, wrapper)
+
+
+class Forked:
+    """fn(*args) in a process forked from this one: a second run beside the test's, as another
+    `python train.py` would be, without a fresh interpreter importing torch (seconds each). With
+    stderr=True its standard error can be read line by line from `.stderr`; else it is dropped.
+    wait() returns its exit status as subprocess's returncode does (-9 when SIGKILLed)."""
+
+    def __init__(self, fn, *args, stderr=False):
+        read, write = os.pipe() if stderr else (None, os.open(os.devnull, os.O_WRONLY))
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.dup2(write, 2)
+            sys.stderr = os.fdopen(2, "w", buffering=1)
+            code = 1
+            try:
+                fn(*args)
+                code = 0
+            except SystemExit as stop:  # as Python ends on it: a message is printed, status 1
+                code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+                if code and not isinstance(stop.code, int):
+                    print(stop.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)  # never back into pytest
+        os.close(write)
+        self.stderr = os.fdopen(read) if stderr else None
+
+    def kill(self):
+        os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self):
+        code = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        if self.stderr is not None:
+            self.stderr.close()
+        return code

@@ -165,8 +165,8 @@ def test_loader_yields_uint8_batches_in_a_seeded_order(tmp_path):
     assert order(0) == order(0) and order(0) != order(1)
 
 
-def test_demo_dataset_layout(tmp_path):
-    root = data.write_demo_dataset(tmp_path / "demo", size=16)
+def test_demo_dataset_layout(demo_images):
+    root = demo_images
     assert data.find_classes(root / "train") == [str(i) for i in range(10)]
     tests = data.list_images(root / "test")
     answers = (root / "answers.csv").read_text().splitlines()
@@ -176,7 +176,7 @@ def test_demo_dataset_layout(tmp_path):
         name[0].isdigit() and name[1] == "_" for name in tests
     )  # names do not leak labels
     with Image.open(root / "val" / "3" / os.listdir(root / "val" / "3")[0]) as img:
-        assert img.mode == "RGB" and img.size == (16, 16)
+        assert img.mode == "RGB" and img.size == (32, 32)
 
 
 def test_making_a_loader_iterator_leaves_the_global_random_state_alone(tmp_path):

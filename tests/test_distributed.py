@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train
-from conftest import NO_AUGMENT, REPO, TINY, make_dataset
+from conftest import NO_AUGMENT, REPO, TINY, copy_of, make_dataset
 
 
 def torchrun(*args, script="train.py", runner="tests/narrow.py", env=None, check=True):
@@ -88,11 +88,12 @@ def rows(path):
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def demo_run(tmp_path_factory, demo_images):
     """The demo on one machine with two processes, each saving its parameters and its
     augmentation's random state at the end (tests/ddp_worker.py)."""
     root = tmp_path_factory.mktemp("ddp")
-    args = [root, *DEMO, "--data", root / "demo", "--out", root / "ck", "--epochs2", "2"]
+    demo = copy_of(demo_images, root)
+    args = [root, *DEMO, "--data", demo, "--out", root / "ck", "--epochs2", "2"]
     return root, torchrun(*args, script="tests/ddp_worker.py")
 
 

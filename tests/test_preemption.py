@@ -6,16 +6,15 @@ import csv
 import errno
 import random
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
+import data
 import train
 import utils
-from conftest import REPO, Killed, make_dataset, stop_at
+from conftest import Forked, Killed, make_dataset, stop_at
 
 # Every lever that draws random numbers or keeps state, so that resuming must restore them all.
 LEVERS = "--epochs1 2 --epochs2 3 --ema 0.9 --mixup 0.4 --cutmix 1.0 --lr-decay 0.8".split()
@@ -173,55 +172,45 @@ def test_a_disk_that_stays_full_ends_the_run_with_the_old_checkpoints_intact(
 def test_a_second_run_into_one_folder_is_refused_and_a_killed_runs_lock_is_not(tiny_args, tmp_path):
     out = tmp_path / "ck"
     long = tiny_args + ["--epochs1", "0", "--epochs2", "500", "--out", str(out)]
-    first = subprocess.Popen(
-        [sys.executable, "tests/narrow.py", "train.py", *long],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    first = Forked(train.main, long)
     try:
         deadline = time.time() + 60
         while f"process {first.pid}" not in (
             (out / ".lock.owner").read_text() if (out / ".lock.owner").exists() else ""
         ):
-            assert time.time() < deadline and first.poll() is None
-            time.sleep(0.1)
+            assert time.time() < deadline
+            time.sleep(0.05)
         with pytest.raises(SystemExit, match=f"--out {out} is in use by process {first.pid} on"):
             train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])
     finally:
-        first.send_signal(signal.SIGKILL)
-        first.wait()
+        first.kill()
+        assert first.wait() == -signal.SIGKILL
     # kill -9 left no lock behind (--overwrite: the first run may have saved an epoch by then)
     train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0", "--overwrite"])
     assert torch.load(out / "last.pt", weights_only=True)["phase"] == 1
 
 
-BUILD = """
-import sys, time
-sys.path.insert(0, {repo!r})
-import data
-decoded = []
-load = data.load_image
-def slow(path, *preprocessing):
-    decoded.append(path)
-    time.sleep(0.02)  # long enough for the two builds to overlap
-    return load(path, *preprocessing)
+def build_slowly(folder, cache, report):
+    """A cache build that decodes each image slowly enough for two builds to overlap; writes how
+    many images it decoded itself, the cache's length and its last image's first bytes."""
+    decoded, load = [], data.load_image
 
-data.load_image = slow
-files = data.list_labelled_images({folder!r}, ["a", "b"])
-cache = data.build_cache({folder!r}, files, 12, {cache!r}, 2)
-print(len(decoded), len(cache), bytes(cache.open()[-1]).hex()[:64])
-"""
+    def slow(path, *preprocessing):
+        decoded.append(path)
+        time.sleep(0.02)
+        return load(path, *preprocessing)
+
+    data.load_image = slow  # in this forked process alone
+    built = data.build_cache(folder, data.list_labelled_images(folder, ["a", "b"]), 12, cache, 2)
+    report.write_text(f"{len(decoded)} {len(built)} {bytes(built.open()[-1]).hex()[:64]}")
 
 
 def test_two_runs_building_one_cache_at_once_take_turns(tmp_path):
     folder = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=20) / "train"
-    code = BUILD.format(repo=str(REPO), folder=str(folder), cache=str(tmp_path / "cache"))
-    runs = [
-        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outputs = sorted(run.communicate(timeout=120)[0].split() for run in runs)
+    reports = [tmp_path / f"build{i}.txt" for i in range(2)]
+    builds = [Forked(build_slowly, folder, tmp_path / "cache", report) for report in reports]
+    assert [build.wait() for build in builds] == [0, 0]
+    outputs = sorted(report.read_text().split() for report in reports)
     assert [o[0] for o in outputs] == ["0", "40"]  # one decoded every image, the other none
     assert outputs[0][1:] == outputs[1][1:] == [outputs[0][1], outputs[0][2]]
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".u8"]

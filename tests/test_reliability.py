@@ -2,14 +2,12 @@
 
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train
-from conftest import NO_AUGMENT, REPO, TINY, make_dataset
+from conftest import NO_AUGMENT, TINY, Forked, make_dataset
 
 
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tiny_args, tmp_path):
@@ -53,19 +51,12 @@ def test_out_of_memory_names_the_options_that_help(tiny_args, monkeypatch):
 def run_until_killed(args, line_seen):
     """Start a training process and SIGKILL it as soon as it logs line_seen: the checkpoints of
     that epoch are being written right then."""
-    proc = subprocess.Popen(
-        [sys.executable, "tests/narrow.py", "train.py", *args],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    for line in proc.stderr:
+    run = Forked(train.main, args, stderr=True)
+    for line in run.stderr:
         if line_seen in line:
-            proc.send_signal(signal.SIGKILL)
+            run.kill()
             break
-    proc.wait(timeout=120)
-    return proc.returncode
+    return run.wait()
 
 
 def test_a_run_killed_at_any_moment_resumes_to_the_same_weights(tiny_args, tmp_path):

@@ -18,7 +18,7 @@ import model as M
 import predict
 import recipe
 import train
-from conftest import COLOURS, TINY, make_dataset, stop_at, write_image
+from conftest import COLOURS, TINY, copy_of, make_dataset, stop_at, write_image
 from prefetch import on_device
 from recipe import Phase, parameter_count, resolve_options
 
@@ -309,11 +309,12 @@ def test_missing_data_folder_says_what_to_do(tmp_path):
         train.main(["--data", str(tmp_path / "nowhere")] + TINY)
 
 
-def test_demo_command_runs_end_to_end(tmp_path, narrow_models, monkeypatch, capsys):
-    """The README's first command, shortened: data written, both phases; then the commands it
-    prints: the figures, the report, the submission file and its score. (Fresh processes run
-    the demo in test_distributed.py.)"""
-    demo = f"--demo --data {tmp_path / 'demo'} --out {tmp_path / 'ck'} --epochs1 1 --epochs2 1"
+def test_demo_command_runs_end_to_end(tmp_path, demo_images, narrow_models, monkeypatch, capsys):
+    """The README's first command, shortened: both phases (on the demo data test_data.py sees
+    written); then the commands it prints: the figures, the report, the submission file and its
+    score. (Fresh processes run the demo in test_distributed.py.)"""
+    demo = copy_of(demo_images, tmp_path)
+    demo = f"--demo --data {demo} --out {tmp_path / 'ck'} --epochs1 1 --epochs2 1"
     train.main([*demo.split(), "--img-size", "16"])
     out, err = capsys.readouterr()
     assert out == ""  # everything but results goes to stderr

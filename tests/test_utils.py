@@ -54,10 +54,8 @@ with utils.exclusive(ck / ".lock", "held by this test"):
         raise AssertionError("a run took a folder another holds")
     except SystemExit as refused:
         assert "is in use by process" in str(refused), refused
-real = [*run, "--out", str(root / "real")]
-train.main(real)
 try:
-    train.main(real)
+    train.main([*run, "--out", str(ck)])
     raise AssertionError("a fresh run overwrote a run")
 except SystemExit as refused:
     assert "holds a run" in str(refused), refused
