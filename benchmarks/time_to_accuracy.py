@@ -56,7 +56,8 @@ SEEDS = (0, 1)
 RUNS = [  # (row, run folder, colour)
     ("the method (1 + 7)", "method-1+7-s{seed}", "tab:blue"),
     ("--recipe best", "recipe-8-s{seed}", "tab:green"),
-    ("--recipe best, progressive, test size", "fast-8-s{seed}", "tab:orange"),
+    ("--recipe fast", "fast-8-s{seed}", "tab:orange"),
+    ("--recipe best, progressive, test size", "pixels-8-s{seed}", "tab:brown"),
     ("--recipe best but the moving average, 4 epochs", "fast-4-s{seed}", "tab:purple"),
     ("timm, the recipe's levers", "timm-recipe-s{seed}", "tab:red"),
 ]
@@ -113,8 +114,25 @@ def timm_epoch(args):
     return seconds[2] - seconds[1]
 
 
+def sizes_of(runs):
+    """The sizes our runs in `runs` trained, validated and chose a test size at."""
+    sizes = set()
+    for checkpoint in runs.glob("*/best.pt"):
+        if checkpoint.parent.name.startswith("timm"):
+            continue
+        state = load_checkpoint(checkpoint)
+        size = state["args"]["img_size"]
+        sizes.add(size)
+        sizes.update(r["img_size"] for r in full_history(checkpoint, state) if r.get("img_size"))
+        if state["args"].get("test_size") == "auto":
+            sizes.update(size + k * size_step(size) for k in (1, 2))
+    return sorted(sizes)
+
+
 def measure(args):
-    sizes = sorted({64, 56, 48, 40, 32, 72, 80})
+    sizes = sizes_of(args.runs)
+    if not sizes:
+        sys.exit(f"no runs of this project (*/best.pt) in {args.runs}")
     speeds = {str(s): bench(str(args.images / "train"), s, args.n, args.steps) for s in sizes}
     speeds["timm_epoch_seconds"] = timm_epoch(args)
     out = args.runs / SPEEDS

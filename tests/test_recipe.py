@@ -225,19 +225,19 @@ def test_recipe_best_sets_its_levers_under_the_options_given():
     )
     (shown,) = [a.help for a in recipe.get_args_parser()._actions if a.dest == "recipe"]
     assert "best: --ema 0.99 --lr-decay 0.7 --p-vflip 0.0 --average-last 3 --tta auto" in shown
-    assert "fast: --ema 0.99 --lr-decay 0.7 --p-vflip 0.0 --average-last 3 --tta auto" in shown
+    assert (
+        "fast: --ema 0.99 --lr-decay 0.7 --p-vflip 0.0 --average-last 3 --tta auto --lr2 0.001"
+        in shown
+    )
 
 
 def test_recipe_fast_keeps_only_what_reached_an_accuracy_sooner_and_no_time_lever():
-    """What measured worse against the clock (RESULTS.md, "Time to accuracy") stays off."""
+    """What measured worse against the clock (RESULTS.md, "Time to accuracy") stays off; Phase
+    II's peak rate is twice the report's, Phase I's the report's."""
     args, _ = resolve_options(["--recipe", "fast", "--epochs", "4"])
-    assert (args.ema, args.lr_decay, args.p_vflip, args.average_last, args.tta) == (
-        0.99,
-        0.7,
-        0.0,
-        3,
-        "auto",
-    )
+    levers = (args.ema, args.lr_decay, args.p_vflip, args.average_last, args.tta)
+    assert levers == (0.99, 0.7, 0.0, 3, "auto")
+    assert (args.lr1, args.lr2) == (5e-4, 1e-3)
     assert (args.progressive, args.test_size, args.epochs1, args.epochs2) == (1.0, "train", 1, 3)
     timed, _ = resolve_options(["--recipe", "fast", "--time-budget", "30m"])
     assert (timed.recipe, timed.time_budget, timed.ema) == ("fast", 1800, 0.99)
@@ -247,9 +247,17 @@ def test_a_recipe_given_on_resume_sets_its_levers_as_a_fresh_run_would(tmp_path)
     path = str(saved_run(tmp_path, ["--recipe", "best", "--epochs", "8", "--progressive", "0.5"]))
     args, _ = resolve_options(["--resume", path, "--recipe", "fast"])
     assert (args.ema, args.lr_decay, args.average_last, args.progressive) == (0.99, 0.7, 3, 0.5)
+    assert args.lr2 == 1e-3
     back, _ = resolve_options(["--resume", path, "--recipe", "report"])
-
     assert (back.ema, back.lr_decay, back.p_vflip, back.average_last) == (None, 1.0, 0.3, 0)
+    assert back.lr2 == 5e-4
+    # The demo's own values stay under a recipe, on a fresh run and a continued one alike.
+    demo = str(saved_run(tmp_path, ["--demo", "--recipe", "fast"], name="demo.pt"))
+    for name in ("best", "report"):
+        fresh, _ = resolve_options(["--demo", "--recipe", name])
+        continued, _ = resolve_options(["--resume", demo, "--recipe", name])
+        assert fresh.lr2 == continued.lr2 == recipe.DEMO["lr2"]
+        assert fresh.ema == continued.ema
 
 
 def saved_run(folder, argv, name="last.pt"):
