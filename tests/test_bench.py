@@ -336,6 +336,21 @@ def test_time_to_accuracy_counts_each_epoch_at_its_phase_and_sizes_speed():
     assert tta.reach(run, 0.35) == curve[1] and tta.reach(run, 0.5) is None
 
 
+def test_time_to_accuracy_measures_the_sizes_its_runs_trained_and_tested_at(tmp_path):
+    import time_to_accuracy as tta
+
+    def run(name, args, sizes):
+        (tmp_path / name).mkdir()
+        history = [{"phase": 2, "epoch": i, "val_acc": 0.1, "img_size": s} for i, s in sizes]
+        torch.save({"args": args, "history": history}, tmp_path / name / "best.pt")
+
+    run("method-s0", {"img_size": 64, "test_size": "train"}, [(1, 64)])
+    run("pixels-s0", {"img_size": 64, "test_size": "auto"}, [(1, 48), (2, 56)])
+    run("timm-recipe-s0", {"img_size": 96}, [])  # timm's own run: measured its own way
+    assert tta.sizes_of(tmp_path) == [48, 56, 64, 72, 80]
+    assert tta.sizes_of(tmp_path / "nowhere") == []
+
+
 def test_without_speeds_measured_alone_a_runs_minutes_are_its_own(tmp_path):
     import time_to_accuracy as tta
 
