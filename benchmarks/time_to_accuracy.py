@@ -1,6 +1,7 @@
 """Time to accuracy on real photos: validation accuracy against minutes for the method, --recipe
-best, --recipe best with the time levers (--progressive 0.75 --test-size auto: tiny_transfer.sh's
-fast-8 step) and timm's train.py given the recipe's levers (8 epochs each, two seeds), the
+best, --recipe fast and timm's train.py given the recipe's levers (8 epochs each, two seeds; the
+time levers --progressive 0.75 --test-size auto, tiny_transfer.sh's pixels-8 step, and
+--recipe fast at 4 epochs, its fast-4 step, are rows too where their runs are there), the
 minutes each takes to reach timm's 8-epoch validation accuracy, and RESULTS.md's section "Time
 to accuracy" (its `time_to_accuracy` notes block).
 
@@ -9,15 +10,21 @@ to accuracy" (its `time_to_accuracy` notes block).
     python benchmarks/time_to_accuracy.py section checkpoints/tiny-transfer \\
         --answers data/tiny-transfer/target/answers.csv --results RESULTS.md
 
-RESULTS.md's runs are of variants.py's target-small, in two lanes of one thread each, its
-backbone at checkpoints/tiny-transfer-small/source/best.pt:
+RESULTS.md's runs are of variants.py's target-small, from the 2-epoch backbone of its variants
+section trained into checkpoints/tt-small/source, then measured alone, then in two lanes of one
+thread each, a seed a lane:
 
-    export OMP_NUM_THREADS=1 SEEDS=0 TARGET=data/tiny-transfer/target-small \\
-        CHECKPOINTS=checkpoints/tiny-transfer-small
-    STEPS="method-1+7 fast-8 fast-4" bash benchmarks/tiny_transfer.sh &
-    STEPS="recipe-8 timm-recipe" bash benchmarks/tiny_transfer.sh
+    python benchmarks/time_to_accuracy.py measure --images data/tiny-transfer/target-small \\
+        --timm benchmarks/.work/timm --weights checkpoints/tt-small/source/best.pt \\
+        --runs checkpoints/tt-small
+    export OMP_NUM_THREADS=1 TARGET=data/tiny-transfer/target-small CHECKPOINTS=checkpoints/tt-small
+    for seed in 0 1; do
+        for step in fast-8 timm-recipe recipe-8 method-1+7 fast-4; do
+            SEEDS=$seed STEPS=$step bash benchmarks/tiny_transfer.sh
+        done &
+    done; wait
 
-The runs shared the machine with other work, so their own minutes say little about speed. Each
+Two runs shared the machine at a time, so their own minutes say little about speed. Each
 run's minutes are therefore counted at speeds measured alone (`measure`, on an idle machine):
 this project's training images/s in each phase at each size a run trained at, and its
 validation's, from benchmarks/bench.py on the same photos; timm's seconds an epoch, as the
@@ -58,7 +65,7 @@ RUNS = [  # (row, run folder, colour)
     ("--recipe best", "recipe-8-s{seed}", "tab:green"),
     ("--recipe fast", "fast-8-s{seed}", "tab:orange"),
     ("--recipe best, progressive, test size", "pixels-8-s{seed}", "tab:brown"),
-    ("--recipe best but the moving average, 4 epochs", "fast-4-s{seed}", "tab:purple"),
+    ("--recipe fast, 4 epochs", "fast-4-s{seed}", "tab:purple"),
     ("timm, the recipe's levers", "timm-recipe-s{seed}", "tab:red"),
 ]
 SPEEDS = "speeds.json"  # in the runs' folder

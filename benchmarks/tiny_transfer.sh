@@ -176,12 +176,12 @@ if wanted fast-8; then
             --seed "$seed"
     done
 fi
-# Half the budget, --recipe best's levers without the moving average (its second validation an
-# epoch): does a schedule that ends sooner, each epoch cheaper, reach a given accuracy sooner?
+# Half the budget, --recipe fast: does a schedule that ends sooner (its cosine done by its
+# fourth epoch) reach a given accuracy sooner than the 8-epoch one does on its way?
 if wanted fast-4; then
     for seed in ${SEEDS:-0 1}; do
-        run "$ck/fast-4-s$seed" "${common[@]}" "${pretrained[@]}" --epochs 4 --lr-decay 0.7 \
-            --p-vflip 0 --average-last 3 --tta auto --seed "$seed"
+        run "$ck/fast-4-s$seed" "${common[@]}" "${pretrained[@]}" --recipe fast --epochs 4 \
+            --seed "$seed"
     done
 fi
 if wanted timm-recipe; then
