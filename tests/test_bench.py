@@ -336,6 +336,18 @@ def test_time_to_accuracy_counts_each_epoch_at_its_phase_and_sizes_speed():
     assert tta.reach(run, 0.35) == curve[1] and tta.reach(run, 0.5) is None
 
 
+def test_time_to_accuracy_says_how_many_seeds_reach_timms_accuracy():
+    import time_to_accuracy as tta
+
+    assert tta.reach_finding("fast", [5.0, 7.0], 16.0) == (
+        "- fast reaches it in 6.0 minutes (0.38 of timm's) on average."
+    )
+    assert tta.reach_finding("fast", [None, 5.0], 16.0) == (
+        "- fast reaches it at 1 of its 2 seeds, in 5.0 minutes (0.31 of timm's)."
+    )
+    assert tta.reach_finding("fast", [None, None], 16.0) == "- fast does not reach it."
+
+
 def test_time_to_accuracy_measures_the_sizes_its_runs_trained_and_tested_at(tmp_path):
     import time_to_accuracy as tta
 
