@@ -566,11 +566,8 @@ def bench_cache(args, folder, n):
 def machine(device):
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in open("/proc/cpuinfo")
-            if line.startswith("model name")
-        )
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     gpu = f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""

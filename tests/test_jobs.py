@@ -97,7 +97,8 @@ def test_under_torchrun_the_workers_get_the_time_the_job_leaves_before_its_limit
     _, calls = run("preempted under torchrun", nproc=2)
     seconds = int(calls[1].removeprefix("shutdown "))
     assert 120 <= seconds < 180
-    lead = next(line for line in (REPO / "jobs" / "slurm.sh").open() if "--signal=TERM@" in line)
+    script = (REPO / "jobs" / "slurm.sh").read_text().splitlines()
+    lead = next(line for line in script if "--signal=TERM@" in line)
     assert seconds < int(lead.rsplit("@", 1)[1])
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(seconds))

@@ -208,9 +208,11 @@ def test_a_closed_pipe_ends_quietly(trained, tmp_path, monkeypatch):
         def flush(self):
             pass
 
-    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    pipe = ClosedPipe()
+    monkeypatch.setattr(sys, "stdout", pipe)
     with pytest.raises(SystemExit) as exit_:
         predict.main(["--ckpt", str(trained / "ck" / "best.pt"), "--device", "cpu"])
+    pipe.file.close()
     assert exit_.value.code == 1
 
 
