@@ -334,6 +334,8 @@ def test_time_to_accuracy_counts_each_epoch_at_its_phase_and_sizes_speed():
     assert curve == pytest.approx([sum(expected[: i + 1]) / 60 for i in range(3)]) and end == 0
     run = {"curve": [0.2, 0.35, 0.41], "counted": curve}
     assert tta.reach(run, 0.35) == curve[1] and tta.reach(run, 0.5) is None
+    assert tta.reach(run, 0.35 - 1e-9) == tta.reach(run, 0.35 + 1e-9) == curve[1]  # to 4 digits
+    assert tta.reach(run, 0.3505) == curve[2]
 
 
 def test_time_to_accuracy_says_how_many_seeds_reach_timms_accuracy():
@@ -343,7 +345,7 @@ def test_time_to_accuracy_says_how_many_seeds_reach_timms_accuracy():
         "- fast reaches it in 6.0 minutes (0.38 of timm's) on average."
     )
     assert tta.reach_finding("fast", [None, 5.0], 16.0) == (
-        "- fast reaches it at 1 of its 2 seeds, in 5.0 minutes (0.31 of timm's)."
+        "- fast reaches it at 1 of its 2 seeds only, in 5.0 minutes (0.31 of timm's) there."
     )
     assert tta.reach_finding("fast", [None, None], 16.0) == "- fast does not reach it."
 
