@@ -222,8 +222,9 @@ def describe(folder, answers, speeds, defaults):
 
 def reach(run, level):
     """Counted minutes at the first epoch whose validation accuracy reaches `level`, or None.
-    Equal to the fourth digit is reached: an accuracy on 2,000 photos steps by 0.0005, and the
-    mean of timm's seeds is a float that may fall a hair below the step it stands for."""
+    Equal to the fourth digit is reached: an accuracy is a count over the validation photos
+    (steps of 0.0005 on 2,000), and the mean of timm's seeds is a float that may fall a hair
+    below the count it stands for."""
     level = round(level, 4)
     epoch = next((i for i, acc in enumerate(run["curve"]) if round(acc, 4) >= level), None)
     return None if epoch is None else run["counted"][epoch]
