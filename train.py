@@ -3,7 +3,8 @@
 Phase I trains only a new head on the frozen backbone; Phase II fine-tunes every layer with
 NAdam, a linear warmup then cosine learning rate, fp16 autocast and gradient clipping. The
 recipe (Table 1: every option's default) is recipe.py's; the checkpoint format and the run's
-folder are checkpoint.py's. This file is the loop.
+folder are checkpoint.py's; --time-budget's plan and the time-left forecast are budget.py's,
+--tensorboard's curves board.py's. This file is the loop.
 
     python train.py --demo              # the whole pipeline on a small bundled dataset, CPU
     python train.py                     # both phases on data/
@@ -13,7 +14,6 @@ folder are checkpoint.py's. This file is the loop.
 import copy
 import itertools
 import math
-import statistics
 import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
@@ -25,11 +25,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from augment import BatchPreprocess, DeviceAugment
+from board import Board, require_tensorboard
+from budget import Forecast, budget_fixed, budget_to_plan, clock, plan_time_budget
 from checkpoint import (
     AVERAGED,
     BEST,
     LAST,
-    PHASE1,
     Resume,
     RunFolder,
     averaged_checkpoint,
@@ -63,11 +64,7 @@ from model import (
 )
 from prefetch import on_device
 from recipe import (
-    PHASE_EPOCHS,
-    ProgressiveSize,
     describe_phase,
-    epochs_within,
-    given_options,
     loss_of,
     phase_setup,
     resolve_options,
@@ -127,7 +124,7 @@ def main(argv=None):
                 run = set_up(args, resume, splits, model, folder, device, procs, stop)
                 with closing(run):
                     if budget_to_plan(argv, resume):  # chosen once, as the run starts
-                        plan_time_budget(run, budget_fixed(argv, resume), started)
+                        plan_time_budget(run, budget_fixed(argv, resume), started, time_steps(run))
                     net, loss, dtype = run.model, run.criterion, run.dtype
                     # Algorithm 1. Phase I: fit the new head on the frozen backbone.
                     if args.phase in ("1", "all"):
@@ -459,68 +456,7 @@ def all_finite(module):
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
 
 
-# ----------------------------------------------------------------------------- time
-
-
-def budget_to_plan(argv, resume):
-    """Whether this command plans a --time-budget: one given to a fresh run, or to Phase II of a
-    run continued from its phase1.pt; never to a run that resumes (it keeps the epochs its
-    budget chose, even when the same budget is given again)."""
-    fresh = resume.state is None or (resume.path.name == PHASE1 and resume.state["phase"] == 1)
-    return fresh and "time_budget" in given_options(argv)
-
-
-def budget_fixed(argv, resume):
-    """The parts of the --epochs split a --time-budget leaves as they are: those given, and the
-    Phase I epochs of a run Phase II continues."""
-    given = given_options(argv)
-    fixed = {key: given[key] for key in PHASE_EPOCHS if key in given}
-    if resume.state is not None:
-        fixed["epochs1"] = resume.state["args"]["epochs1"]
-    return fixed
-
-
-def plan_time_budget(run, fixed, started):
-    """--time-budget: the largest --epochs N whose epochs fit in what is left of the budget at
-    the speed measured here (time_steps), set as the run's split (saved: a resume keeps it)."""
-    args = run.args
-    speed = time_steps(run)
-    epoch = {p: run.forecast.epoch_seconds(p, speed) for p in (1, 2)}
-    end = run.forecast.end_seconds(speed)
-    # Every process plans alike: the slowest's speed (time_steps), the longest time spent.
-    spent = max(gather_from_processes(time.monotonic() - started))
-    left = (args.time_budget - spent) * 0.97  # a margin for an epoch slower than its steps
-
-    def phase_seconds(phase, split):  # a smaller side costs less (--progressive): by pixels
-        epochs = split[f"epochs{phase}"]
-        if phase == 1 and args.phase == "2":  # Phase I does not train in this command
-            return 0.0
-        if phase == 1 or args.progressive >= 1:
-            return epochs * epoch[phase]
-
-        side = ProgressiveSize.of(args, epochs)
-        return sum(run.forecast.epoch_seconds(2, speed, side(e)) for e in range(epochs))
-
-    chosen = epochs_within(left, phase_seconds, end, fixed)
-    timing = (
-        f"here a Phase I step takes {speed['step1']:.3g} s, a Phase II step {speed['step2']:.3g} "
-        f"s, a validation {clock(speed['validation'])}: an epoch {clock(epoch[1])} in Phase I, "
-        f"{clock(epoch[2])} in Phase II; {clock(spent)} spent before training"
-    )
-    if chosen is None:
-        raise SystemExit(
-            f"--time-budget {clock(args.time_budget)}: {timing}. Not even --epochs 2 fits in "
-            "it: give more time, or a smaller --arch, --img-size or training set"
-        )
-    total, split, cost = chosen
-    vars(args).update(epochs=total, **split)
-    run.forecast.speed = speed
-    ends = wall_clock(started + spent + cost)
-    log(
-        f"--time-budget {clock(args.time_budget)}: {timing}. So --epochs {total} "
-        f"({split['epochs1']} + {split['epochs2']}, {split['warmup_epochs']} warmup), about "
-        f"{clock(cost)} from now: the run should end near {ends}"
-    )
+# ----------------------------------------------------------------------------- timing
 
 
 def time_steps(run, steps=3):
@@ -591,165 +527,6 @@ def synchronized(device):
     elif device.type == "mps":
         torch.mps.synchronize()
     return time.perf_counter()
-
-
-def clock(seconds):
-    """Seconds as 1:02:03, 2:03 or 4.5 s."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def wall_clock(monotonic_time):
-    """A time.monotonic() moment as the wall clock's HH:MM (and the date, if not today)."""
-    moment = time.time() + (monotonic_time - time.monotonic())
-    when, today = time.localtime(moment), time.localtime()
-    day = "" if when[:3] == today[:3] else time.strftime(" on %a %d %b", when)
-    return time.strftime("%H:%M", when) + day
-
-
-class Forecast:
-    """The run's time left and its end, from the speed of each phase: the epochs this run has
-    timed (their training and validation), else the steps --time-budget timed; a phase neither
-    has timed is said to be so."""
-
-    def __init__(self, run):
-        self.run = run
-        self.speed = None  # time_steps', with --time-budget
-
-    def epoch_seconds(self, phase, speed=None, side=None):
-        """An epoch of `phase`: its steps, its validation and checkpoints; None if untimed. Its
-        steps at `side` px (--progressive) cost by their pixels."""
-        timed = [
-            r["seconds"] + r.get("val_seconds", 0) for r in self.run.history if r["phase"] == phase
-        ]
-        if timed and speed is None:
-            return statistics.median(timed[-3:])
-        speed = speed or self.speed
-        if speed is None:
-            return None
-        args = self.run.args
-        pixels = ((side or args.img_size) / args.img_size) ** 2
-        steps = len(self.run.train_loader) / args.accum_steps * pixels
-        validations = 2 if self.run.ema is not None else 1
-        step = speed[f"step{phase}"]
-        return steps * step + validations * speed["validation"] + speed.get("save", 0)
-
-    def end_seconds(self, speed=None):
-        """After the last epoch: the average's batch norm pass and validation (--average-last);
-        --test-size auto's validations at two larger sizes, with and without its batch norm
-        measured there on the training images (by pixels; the new sizes' caches not counted);
-        the flipped and plain validations of --tta auto."""
-        speed = speed or self.speed
-        if speed is None:
-            return 0.0
-        args, validation = self.run.args, speed["validation"]
-        per_image = speed.get("per_image", validation / max(len(self.run.splits.val), 1))
-        train = len(self.run.splits.train) * per_image / self.run.world_size
-
-        seconds = (train + validation) if args.average_last else 0.0
-        if args.test_size == "auto":
-            step = size_step(args.img_size)
-            for k in (1, 2):
-                pixels = ((args.img_size + k * step) / args.img_size) ** 2
-                seconds += pixels * (2 * validation + train)
-            seconds += validation
-        return seconds + (3 * validation if args.tta == "auto" else 0)
-
-    def left(self, phase, epoch, share_done=0.0, estimate=None):
-        """Seconds left of the run from `share_done` of `phase`'s epoch `epoch` (0-based), or
-        None where a phase to come is not timed yet. `estimate`: the seconds the epoch in
-        flight takes at its rate so far, which times its phase where nothing else has."""
-        args, total = self.run.args, 0.0
-        for p, epochs in ((1, args.epochs1), (2, args.epochs2)):
-            if p < phase or (p == 1 and args.phase == "2") or (p == 2 and args.phase == "1"):
-                continue
-            remaining = epochs - epoch - share_done if p == phase else epochs
-            if remaining <= 0:
-                continue
-            seconds = self.epoch_seconds(p)
-            if seconds is None and p == phase and estimate:
-                seconds = estimate
-            if seconds is None:
-                return None
-            total += remaining * seconds
-        return total + (self.end_seconds() if args.phase != "1" else 0)
-
-    def words(self, phase, epoch, share_done=0.0, estimate=None):
-        """'run left 1:02:03, ends 14:52', or what is not timed yet."""
-        seconds = self.left(phase, epoch, share_done, estimate)
-
-        if seconds is None:
-            return "Phase II not timed yet"
-        return f"run left {clock(seconds)}, ends {wall_clock(time.monotonic() + seconds)}"
-
-
-class Board:
-    """--tensorboard: the run's curves in TensorBoard's event files (torch.utils.tensorboard), by
-    the first process alone, every scalar at the run's optimizer step: each epoch's losses,
-    accuracies (top-5, the moving average's), learning rate and images/s, and the training loss
-    every --tensorboard-every steps. A resumed run's writer purges what a run stopped after its
-    last checkpoint had written beyond it, so curves go on and are never drawn twice. The run's
-    folder holds its event files; a DIR given holds a folder per run, named as the run's. The
-    writer opens at the first scalar: a run that fails before it trains writes nothing."""
-
-    def __init__(self, folder, first_step):
-        self.folder, self.first_step, self.opened = folder, first_step, None
-
-    @classmethod
-    def of(cls, args, run_folder, first_step):
-        if args.tensorboard is None:
-            return None
-        folder = (
-            Path(args.tensorboard) / Path(run_folder).resolve().name
-            if args.tensorboard
-            else run_folder
-        )
-        return cls(folder, first_step)
-
-    @property
-    def writer(self):
-        if self.opened is None:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (--tensorboard only)
-
-            self.opened = SummaryWriter(str(self.folder), purge_step=self.first_step, flush_secs=20)
-        return self.opened
-
-    def step_loss(self, step, loss):
-        self.writer.add_scalar("train/loss_per_step", float(loss), step)
-
-    def epoch(self, record, step):
-        scalars = {
-            "train/loss": record["train_loss"],
-            "train/accuracy": record["train_acc"],
-            "val/loss": record["val_loss"],
-            "val/accuracy": record["val_acc"],
-            "val/top5": record["val_top5"],
-            "val/ema_accuracy": record.get("ema_val_acc"),
-            "lr": record["lr"],
-            "images_per_s": record["images_per_s"],
-            "phase": record["phase"],
-        }
-        for tag, value in scalars.items():
-            if value is not None:
-                self.writer.add_scalar(tag, value, step)
-
-    def close(self):
-        if self.opened is not None:
-            self.opened.close()
-
-
-def require_tensorboard():
-    """SystemExit with the way on where --tensorboard is asked for without the package."""
-    try:
-        import tensorboard  # noqa: F401, PLC0415
-    except ImportError:
-        raise SystemExit(
-            "--tensorboard needs the tensorboard package, which this project does not require: "
-            "pip install tensorboard (then: tensorboard --logdir checkpoints)"
-        ) from None
 
 
 # ----------------------------------------------------------------------------- the run

@@ -1,0 +1,165 @@
+"""The time a run takes: --time-budget's plan (the largest --epochs that fits, from a few timed
+steps) and the forecast every progress line ends with (the run's time left and its end).
+train.py times the steps (time_steps: they run its loop); this file turns seconds into epochs
+and words."""
+
+import statistics
+import time
+
+from checkpoint import PHASE1
+from recipe import PHASE_EPOCHS, ProgressiveSize, epochs_within, given_options, size_step
+from utils import gather_from_processes, log
+
+
+def budget_to_plan(argv, resume):
+    """Whether this command plans a --time-budget: one given to a fresh run, or to Phase II of a
+    run continued from its phase1.pt; never to a run that resumes (it keeps the epochs its
+    budget chose, even when the same budget is given again)."""
+    fresh = resume.state is None or (resume.path.name == PHASE1 and resume.state["phase"] == 1)
+    return fresh and "time_budget" in given_options(argv)
+
+
+def budget_fixed(argv, resume):
+    """The parts of the --epochs split a --time-budget leaves as they are: those given, and the
+    Phase I epochs of a run Phase II continues."""
+    given = given_options(argv)
+    fixed = {key: given[key] for key in PHASE_EPOCHS if key in given}
+    if resume.state is not None:
+        fixed["epochs1"] = resume.state["args"]["epochs1"]
+    return fixed
+
+
+def plan_time_budget(run, fixed, started, speed):
+    """--time-budget: the largest --epochs N whose epochs fit in what is left of the budget at
+    `speed`, the steps timed here (train.time_steps), set as the run's split (saved: a resume
+    keeps it)."""
+    args = run.args
+    epoch = {p: run.forecast.epoch_seconds(p, speed) for p in (1, 2)}
+    end = run.forecast.end_seconds(speed)
+    # Every process plans alike: the slowest's speed (time_steps), the longest time spent.
+    spent = max(gather_from_processes(time.monotonic() - started))
+    left = (args.time_budget - spent) * 0.97  # a margin for an epoch slower than its steps
+
+    def phase_seconds(phase, split):  # a smaller side costs less (--progressive): by pixels
+        epochs = split[f"epochs{phase}"]
+        if phase == 1 and args.phase == "2":  # Phase I does not train in this command
+            return 0.0
+        if phase == 1 or args.progressive >= 1:
+            return epochs * epoch[phase]
+
+        side = ProgressiveSize.of(args, epochs)
+        return sum(run.forecast.epoch_seconds(2, speed, side(e)) for e in range(epochs))
+
+    chosen = epochs_within(left, phase_seconds, end, fixed)
+    timing = (
+        f"here a Phase I step takes {speed['step1']:.3g} s, a Phase II step {speed['step2']:.3g} "
+        f"s, a validation {clock(speed['validation'])}: an epoch {clock(epoch[1])} in Phase I, "
+        f"{clock(epoch[2])} in Phase II; {clock(spent)} spent before training"
+    )
+    if chosen is None:
+        raise SystemExit(
+            f"--time-budget {clock(args.time_budget)}: {timing}. Not even --epochs 2 fits in "
+            "it: give more time, or a smaller --arch, --img-size or training set"
+        )
+    total, split, cost = chosen
+    vars(args).update(epochs=total, **split)
+    run.forecast.speed = speed
+    ends = wall_clock(started + spent + cost)
+    log(
+        f"--time-budget {clock(args.time_budget)}: {timing}. So --epochs {total} "
+        f"({split['epochs1']} + {split['epochs2']}, {split['warmup_epochs']} warmup), about "
+        f"{clock(cost)} from now: the run should end near {ends}"
+    )
+
+
+def clock(seconds):
+    """Seconds as 1:02:03, 2:03 or 4.5 s."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def wall_clock(monotonic_time):
+    """A time.monotonic() moment as the wall clock's HH:MM (and the date, if not today)."""
+    moment = time.time() + (monotonic_time - time.monotonic())
+    when, today = time.localtime(moment), time.localtime()
+    day = "" if when[:3] == today[:3] else time.strftime(" on %a %d %b", when)
+    return time.strftime("%H:%M", when) + day
+
+
+class Forecast:
+    """The run's time left and its end, from the speed of each phase: the epochs this run has
+    timed (their training and validation), else the steps --time-budget timed; a phase neither
+    has timed is said to be so."""
+
+    def __init__(self, run):
+        self.run = run
+        self.speed = None  # time_steps', with --time-budget
+
+    def epoch_seconds(self, phase, speed=None, side=None):
+        """An epoch of `phase`: its steps, its validation and checkpoints; None if untimed. Its
+        steps at `side` px (--progressive) cost by their pixels."""
+        timed = [
+            r["seconds"] + r.get("val_seconds", 0) for r in self.run.history if r["phase"] == phase
+        ]
+        if timed and speed is None:
+            return statistics.median(timed[-3:])
+        speed = speed or self.speed
+        if speed is None:
+            return None
+        args = self.run.args
+        pixels = ((side or args.img_size) / args.img_size) ** 2
+        steps = len(self.run.train_loader) / args.accum_steps * pixels
+        validations = 2 if self.run.ema is not None else 1
+        step = speed[f"step{phase}"]
+        return steps * step + validations * speed["validation"] + speed.get("save", 0)
+
+    def end_seconds(self, speed=None):
+        """After the last epoch: the average's batch norm pass and validation (--average-last);
+        --test-size auto's validations at two larger sizes, with and without its batch norm
+        measured there on the training images (by pixels; the new sizes' caches not counted);
+        the flipped and plain validations of --tta auto."""
+        speed = speed or self.speed
+        if speed is None:
+            return 0.0
+        args, validation = self.run.args, speed["validation"]
+        per_image = speed.get("per_image", validation / max(len(self.run.splits.val), 1))
+        train = len(self.run.splits.train) * per_image / self.run.world_size
+
+        seconds = (train + validation) if args.average_last else 0.0
+        if args.test_size == "auto":
+            step = size_step(args.img_size)
+            for k in (1, 2):
+                pixels = ((args.img_size + k * step) / args.img_size) ** 2
+                seconds += pixels * (2 * validation + train)
+            seconds += validation
+        return seconds + (3 * validation if args.tta == "auto" else 0)
+
+    def left(self, phase, epoch, share_done=0.0, estimate=None):
+        """Seconds left of the run from `share_done` of `phase`'s epoch `epoch` (0-based), or
+        None where a phase to come is not timed yet. `estimate`: the seconds the epoch in
+        flight takes at its rate so far, which times its phase where nothing else has."""
+        args, total = self.run.args, 0.0
+        for p, epochs in ((1, args.epochs1), (2, args.epochs2)):
+            if p < phase or (p == 1 and args.phase == "2") or (p == 2 and args.phase == "1"):
+                continue
+            remaining = epochs - epoch - share_done if p == phase else epochs
+            if remaining <= 0:
+                continue
+            seconds = self.epoch_seconds(p)
+            if seconds is None and p == phase and estimate:
+                seconds = estimate
+            if seconds is None:
+                return None
+            total += remaining * seconds
+        return total + (self.end_seconds() if args.phase != "1" else 0)
+
+    def words(self, phase, epoch, share_done=0.0, estimate=None):
+        """'run left 1:02:03, ends 14:52', or what is not timed yet."""
+        seconds = self.left(phase, epoch, share_done, estimate)
+
+        if seconds is None:
+            return "Phase II not timed yet"
+        return f"run left {clock(seconds)}, ends {wall_clock(time.monotonic() + seconds)}"
