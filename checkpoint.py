@@ -442,7 +442,7 @@ class Resume:
         """Where `phase` goes on: (its epochs done, batches done of the next one, their record).
         All of a phase the run has passed is done; a run stopped mid-epoch (a signal, or
         --save-every-steps) goes on at its next batch, with as many processes (and the same
-        --batch-size and --accum-steps: recipe.CONTINUING)."""
+        --batch-size and --accum-steps: continuing.CONTINUING)."""
         if self.state is None or phase > self.state["phase"]:
             return 0, 0, None
         if phase < self.state["phase"]:

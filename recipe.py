@@ -1,7 +1,7 @@
 """The method's recipe, the report's Table 1: the options (their defaults are its values), the
-presets (--demo, --recipe), the --epochs budget split, the order in which all of these resolve,
-and each phase's optimizer, schedule and settings. train.py runs it; evaluate.py, report.py and
-the benchmarks read it from here.
+presets (--demo, --recipe), the --epochs budget split, the order in which all of these resolve
+(with continuing.py's rules where a run continues), and each phase's optimizer, schedule and
+settings. train.py runs it; evaluate.py, report.py and the benchmarks read it from here.
 
     python train.py --help              # every option with its default: Table 1
 """
@@ -17,10 +17,9 @@ import torch
 from torch import nn
 
 from augment import DeviceAugment, MixUpCutMix
-from checkpoint import PHASE1, Resume, load_checkpoint, resolve_checkpoint
-from data import RESIZE_MODES, labels_path, validation_is_drawn
+from continuing import continued_run, phase1_closed, refuse_changes, saved_options
+from data import RESIZE_MODES, labels_path
 from model import count_parameters, set_trainable, stage_groups
-from utils import log
 
 USAGE = """Fine-tune an ImageNet-pretrained ResNet in two phases (the report's Algorithm 1).
 
@@ -510,8 +509,8 @@ def resolve_options(argv=None):
     - --phase 2 with <out>/phase1.pt: phase1.pt's saved options < given: Phase II of that run.
 
     On a run that continues, --recipe and the --epochs split apply again only if given again,
-    and each option that differs from the run's obeys its rule in CONTINUING: applied, or refused
-    here, before anything is read or written."""
+    and each option that differs from the run's obeys its rule in continuing.CONTINUING: applied,
+    or refused here, before anything is read or written."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     for problem in bad_values(args):
@@ -530,7 +529,7 @@ def resolve_options(argv=None):
     options["overwrite"] = args.overwrite  # an order for this command, never a saved option
     options |= resolved_paths(options)
     if resume.state is not None:
-        refuse_changes(options, saved, resume)
+        refuse_changes(options, saved, resume, parser)
 
     if options["compile"] == "off":
         options["compile"] = None
@@ -576,250 +575,6 @@ def continued_options(parser, saved, given, resume):
     return options
 
 
-# ------------------------------------------------------------------------ continuing a run
-#
-# When a run continues (--resume, or --phase 2 from <out>/phase1.pt), each option that differs
-# from the run's own value obeys one rule. Applied: the remaining epochs train exactly as a fresh
-# run given that option would train them (a phase's learning rates and weight decay are a
-# function of the options and the epoch alone, set after the optimizer's state is loaded). The
-# other rules refuse the option where they say, with a sentence naming it and the way on.
-# tests/test_continue.py walks the parser: an option without a rule here fails it.
-
-
-@dataclass(frozen=True)
-class Continuing:
-    """What the rules look at: the checkpoint the run continues from, and its options now."""
-
-    state: dict
-    path: Path
-    options: dict
-
-    @property
-    def phase1_closed(self):
-        return phase1_closed(self.state, self.options["phase"])
-
-    @property
-    def phase2_begun(self):
-        return self.state["phase"] == 2 and bool(self.state.get("optimizer"))
-
-    @property
-    def mid_epoch(self):
-        return bool(self.state.get("step"))
-
-
-def phase1_closed(state, phase):
-    """Whether Phase I trains no more in a run continuing from `state` with --phase `phase`."""
-    return state["phase"] == 2 or phase == "2"
-
-
-def applied(run, value):
-    return None
-
-
-def fixed(run, value):
-    return (
-        "the run's weights were made with the value it has; another needs a fresh run "
-        "(--out ANOTHER_FOLDER, or --overwrite there)"
-    )
-
-
-def starting_weights(run, value):
-    return (
-        "a run that continues starts from its checkpoint's weights, not from --weights; to start "
-        "from these, train a fresh run (--out ANOTHER_FOLDER)"
-    )
-
-
-def phase1_only(run, value):
-    if run.phase1_closed:
-        over = "is over" if run.state["phase"] == 2 else "does not train again (--phase 2)"
-        return (
-            f"Phase I of this run {over}, so it would change nothing; to train Phase I with it, "
-            "start the run over (--overwrite, or --out ANOTHER_FOLDER)"
-        )
-    return epoch_in_flight(run, 1, run.options["epochs1"])
-
-
-def phase_length(run, value):
-    """--epochs2: applied, but not below what the run has trained of Phase II."""
-    return epoch_in_flight(run, 2, run.options["epochs2"])
-
-
-def epoch_in_flight(run, phase, epochs):
-    """Why `epochs` epochs of `phase` cannot be: the run has trained more, or has one in flight
-    (stopped mid-epoch) that it would drop."""
-    if run.state["phase"] != phase:
-        return None
-    done = run.state["epoch"] + (1 if run.mid_epoch else 0)
-    if epochs < done:
-        what = "epochs, the last in flight" if run.mid_epoch else "epochs"
-        return f"Phase {'I' * phase} has {done} {what}; give {done} or more"
-    return None
-
-
-def phase2_optimizer(run, value):
-    if run.phase2_begun:
-        saved = run.state["args"]["optimizer2"]
-        return (
-            f"Phase II's {saved} state is saved in {run.path} and would not fit another "
-            f"optimizer; to train Phase II with {value}, start it again from phase1.pt: "
-            f"python train.py --phase 2 --out {run.path.parent} --optimizer2 {value} --overwrite"
-        )
-    return None
-
-
-def whole_epochs(run, value):
-    if run.mid_epoch:
-        return (
-            f"{run.path} stopped {run.state['step']} batches into an epoch, whose remaining "
-            "batches are those it began with; resume without it to finish that epoch first"
-        )
-    return None
-
-
-def held_out_split(run, value):
-    saved = run.state["args"]
-    before = {**run.options, "labels": saved.get("labels"), "val_labels": saved.get("val_labels")}
-    if validation_is_drawn(before) or validation_is_drawn(run.options):
-        return (
-            "the validation images are drawn from the training images by --seed and "
-            "--val-fraction, so another value would move images the run trained on into "
-            "validation; keep the run's value, or give the data a validation set of its own "
-            "(a val/ folder, or --val-labels)"
-        )
-    return None
-
-
-def budget_rule(run, value):
-    if run.phase2_begun or run.path.name != PHASE1:
-        return (
-            "a time budget chooses a run's epochs when it starts, and the run saved them; to "
-            "train longer or shorter, give --epochs2 (or --epochs N)"
-        )
-    return None
-
-
-def seed_rule(run, value):
-
-    return held_out_split(run, value) or whole_epochs(run, value)
-
-
-COMMAND = None  # an order for this command alone, never a saved option
-
-CONTINUING = {
-    # the data
-    "data": applied,
-    "labels": held_out_split,  # the images validation is drawn from, where it is drawn
-    "image_col": held_out_split,
-    "label_col": held_out_split,
-    "val_labels": held_out_split,
-    "img_size": applied,
-    "resize": applied,  # its own cache; the checkpoints say which
-    "val_fraction": held_out_split,
-    "cache_dir": applied,
-    "batch_size": whole_epochs,
-    "cache_workers": applied,
-    # the model
-    "arch": fixed,
-    "mean": fixed,
-    "std": fixed,
-    "weights": starting_weights,
-    # the budget, Phase I, Phase II
-    "epochs": applied,  # through the split, each of whose parts has its rule
-    "time_budget": budget_rule,
-    "epochs1": phase1_only,
-    "lr1": phase1_only,
-    "wd1": phase1_only,
-    "freeze_bn": phase1_only,
-    "epochs2": phase_length,
-    "optimizer2": phase2_optimizer,
-    "lr2": applied,
-    "wd2": applied,
-    "warmup_epochs": applied,
-    "warmup_start": applied,
-    "cosine_epochs": applied,
-    "min_lr": applied,
-    "clip": applied,
-    "save_every": applied,
-    "save_min_acc": applied,
-    # both phases
-    "label_smoothing": applied,
-    "class_weights": applied,
-    "sampler": whole_epochs,
-    "amp": applied,
-    "accum_steps": whole_epochs,
-    "sync_bn": applied,
-    "compile": applied,
-    # the levers (--lr-decay regroups Phase II's saved optimizer state by parameter)
-    "recipe": applied,  # through its levers, each of which has its rule
-    "ema": applied,
-    "mixup": applied,
-    "cutmix": applied,
-    "lr_decay": applied,
-    "keep_last": applied,
-    "average_last": applied,
-    "tta": applied,
-    "progressive": applied,  # the schedule of sizes is a function of the options and the epoch
-    "progressive_until": applied,
-    "test_size": applied,
-    "max_params": applied,
-    # the augmentation: drawn anew each epoch from the options
-    **dict.fromkeys(AUGMENTATION, applied),
-    # the run
-    "phase": applied,
-    "out": applied,
-    "save_every_steps": applied,
-    "tensorboard": applied,  # a resumed run's curves go on from its step, not twice
-    "tensorboard_every": applied,
-    "seed": seed_rule,
-    "device": applied,
-    "demo": fixed,
-    "resume": COMMAND,
-    "overwrite": COMMAND,
-}
-
-
-def refuse_changes(options, saved, resume):
-    """SystemExit naming every option that differs from the run's and that its rule refuses."""
-    run = Continuing(resume.state, resume.path, options)
-    flags = {a.dest: a.option_strings[0] for a in get_args_parser()._actions}
-    refused = []
-    for key, rule in CONTINUING.items():
-        if rule is COMMAND or options[key] == saved.get(key):
-            continue
-        if key in FILE_OPTIONS and same_file(options[key], saved.get(key)):
-            continue  # the same file, moved with the dataset
-        why = rule(run, options[key])
-        if why:
-            was = shown(saved.get(key))
-            refused.append(f"{flags[key]} {shown(options[key])} (the run has {was}): {why}")
-    if refused:
-        raise SystemExit(
-            f"these options cannot change in the run {resume.path} continues:\n  "
-            + "\n  ".join(refused)
-        )
-
-
-FILE_OPTIONS = ("labels", "val_labels", "class_weights")
-
-
-def same_file(path, saved):
-    """Whether a file option names the run's file: the same bytes, or, the run's being gone
-    (its dataset moved), a file of the same name."""
-    if not (path and saved) or path in ("auto", "none") or saved in ("auto", "none"):
-        return False
-    path, saved = Path(path), Path(saved)
-    if not saved.is_file():
-        return path.name == saved.name
-    return path.is_file() and path.read_bytes() == saved.read_bytes()
-
-
-def shown(value):
-    if isinstance(value, list):
-        return " ".join(map(str, value))
-    return "unset" if value is None else str(value)
-
-
 def preset(parser, recipe):
     """--recipe's values: "report" sets what the others set to its defaults, Table 1's."""
     if recipe == "report":
@@ -832,40 +587,6 @@ def given_options(argv):
     parser, unset = get_args_parser(), object()
     parser.set_defaults(**{action.dest: unset for action in parser._actions})
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
-
-
-def continued_run(args):
-    """Where the run starts: --resume's checkpoint, <out>/phase1.pt for --phase 2 alone, or
-    nothing (a fresh run)."""
-    if args.resume:
-        path = resolve_checkpoint(args.resume)
-        state = load_checkpoint(path)
-        if state.get("averaged"):
-            raise SystemExit(
-                f"{path} is an average of checkpoints, not a position in a run: resume from the "
-                "run's last.pt, or start a run from it with --weights"
-            )
-        return Resume(state, path)
-    path = Path(args.out) / PHASE1
-    if args.phase != "2":
-        return Resume()
-    if path.is_file():
-        return Resume(load_checkpoint(path), path)
-    log(
-        f"warning: no {path}, so Phase II starts from --weights {args.weights} "
-        f"(train Phase I first with --phase 1, or use --phase all)"
-    )
-    return Resume()
-
-
-def saved_options(state):
-    """A checkpoint's resolved options, in today's names and forms."""
-    saved = dict(state["args"])
-    if "workers" in saved:  # the name --cache-workers had before
-        saved.setdefault("cache_workers", saved.pop("workers"))
-    if isinstance(saved.get("compile"), bool):  # saved when --compile took no mode
-        saved["compile"] = "default" if saved["compile"] else None
-    return saved
 
 
 @dataclass

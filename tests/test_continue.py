@@ -9,6 +9,7 @@ import pytest
 import torch
 import torchvision
 
+import continuing
 import model as M
 import recipe
 import train
@@ -20,7 +21,7 @@ CPU = torch.device("cpu")
 BASE = TINY + ["--epochs1", "2", "--epochs2", "3"]
 
 # Another value for every option of train.py, to give on --resume. An option added to the
-# parser without one here (and without a rule in recipe.CONTINUING) fails the walk.
+# parser without one here (and without a rule in continuing.CONTINUING) fails the walk.
 OTHER = {
     "data": None,  # the same dataset, named another way (filled in by the fixture)
     "labels": None,  # a CSV of the same images (the fixture)
@@ -235,7 +236,7 @@ def test_every_option_given_to_a_continued_run_is_applied_or_refused(
     state = torch.load(path, weights_only=True)
     refused_here = REFUSED_IN_PHASE2 if at == "phase2" else ALWAYS_REFUSED
     for action in options():
-        assert action.dest in recipe.CONTINUING, f"{action.dest}: no rule for a continued run"
+        assert action.dest in continuing.CONTINUING, f"{action.dest}: no rule for a continued run"
         assert action.dest in OTHER, f"{action.dest}: give it another value in OTHER"
         option = [action.option_strings[0], *value_of(action, root, data)]
         argv = ["--resume", str(path), *option]
@@ -289,8 +290,8 @@ def test_the_seed_and_the_held_out_fraction_are_refused_where_they_draw_validati
     data = make_dataset(tmp_path / "data", val_per_class=0)  # no val/: held out of train/
     train.main(["--data", str(data), "--out", str(tmp_path / "ck"), *TINY, "--epochs2", "0"])
     for option in (["--seed", "3"], ["--val-fraction", "0.3"]):
-        for continuing in (["--resume", str(tmp_path / "ck" / "last.pt")], ["--phase", "2"]):
-            argv = continuing + ["--out", str(tmp_path / "ck"), *option]
+        for how in (["--resume", str(tmp_path / "ck" / "last.pt")], ["--phase", "2"]):
+            argv = how + ["--out", str(tmp_path / "ck"), *option]
             with pytest.raises(SystemExit, match=f"{option[0]} .*move images the run trained on"):
                 resolve_options(argv)
 
@@ -355,11 +356,11 @@ def test_options_given_with_phase_two_from_phase_one_obey_the_same_rules(
 
 
 def test_every_rule_is_one_of_the_documented_ones():
-    """docs/checkpoints.md's table: each option, applied or refused, as recipe.CONTINUING says."""
+    """docs/checkpoints.md's table: each option, applied or refused, as CONTINUING says."""
     page = (REPO / "docs" / "checkpoints.md").read_text()
     for action in options():
-        rule = recipe.CONTINUING[action.dest]
-        word = "applied" if rule in (recipe.applied, recipe.COMMAND) else "refused"
+        rule = continuing.CONTINUING[action.dest]
+        word = "applied" if rule in (continuing.applied, continuing.COMMAND) else "refused"
         assert f"| `{action.option_strings[0]}` | {word}" in page, action.dest
 
 
