@@ -215,6 +215,9 @@ CONTINUING = {
 }
 
 
+PHASE1_ONLY = tuple(key for key, rule in CONTINUING.items() if rule is phase1_only)
+
+
 def refuse_changes(options, saved, resume, parser):
     """SystemExit naming every option that differs from the run's and that its rule refuses."""
     run = Continuing(resume.state, resume.path, options)

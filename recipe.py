@@ -17,9 +17,16 @@ import torch
 from torch import nn
 
 from augment import DeviceAugment, MixUpCutMix
-from continuing import continued_run, phase1_closed, refuse_changes, saved_options
+from continuing import (
+    PHASE1_ONLY,
+    continued_run,
+    phase1_closed,
+    refuse_changes,
+    saved_options,
+)
 from data import RESIZE_MODES, labels_path
 from model import count_parameters, set_trainable, stage_groups
+from utils import log
 
 USAGE = """Fine-tune an ImageNet-pretrained ResNet in two phases (the report's Algorithm 1).
 
@@ -56,7 +63,7 @@ DEMO = dict(
 # second validation an epoch) 4 epochs did not reach the accuracy.
 # (--recipe report, the default, sets the options of all of them to their defaults: Table 1.)
 BEST = dict(ema=0.99, lr_decay=0.7, p_vflip=0.0, average_last=3, tta="auto")
-RECIPES = {"best": BEST, "fast": BEST | dict(lr2=1e-3)}
+RECIPES = {"best": BEST, "fast": BEST | dict(lr1=1e-2, lr2=1e-3)}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -566,6 +573,8 @@ def continued_options(parser, saved, given, resume):
         reset, levers = preset(parser, given["recipe"]), RECIPES.get(given["recipe"], {})
         if saved.get("demo"):  # as on a fresh --demo run: the demo's values under the levers
             reset |= {k: DEMO[k] for k in reset if k in DEMO and k not in levers}
+        if phase1_closed(resume.state, given.get("phase", saved["phase"])):
+            reset = keep_phase1(reset, saved, given["recipe"])
         options |= reset
     if "epochs" in given:
         fixed = {k: given[k] for k in PHASE_EPOCHS if k in given}
@@ -573,6 +582,18 @@ def continued_options(parser, saved, given, resume):
             fixed.setdefault("epochs1", saved["epochs1"])
         options |= split_budget(given["epochs"], fixed)
     return options
+
+
+def keep_phase1(reset, saved, recipe):
+    """A recipe's values less its Phase I levers (fast's --lr1), which keep the run's once its
+    Phase I is over: they would change nothing, and given alone they are refused there."""
+    kept = {k: v for k, v in reset.items() if k in PHASE1_ONLY and v != saved.get(k)}
+    for key, value in kept.items():
+        log(
+            f"--recipe {recipe}: its --{key.replace('_', '-')} {value} is for Phase I, which this "
+            f"run has done; it keeps {saved.get(key)}"
+        )
+    return {k: v for k, v in reset.items() if k not in kept}
 
 
 def preset(parser, recipe):

@@ -226,18 +226,18 @@ def test_recipe_best_sets_its_levers_under_the_options_given():
     (shown,) = [a.help for a in recipe.get_args_parser()._actions if a.dest == "recipe"]
     assert "best: --ema 0.99 --lr-decay 0.7 --p-vflip 0.0 --average-last 3 --tta auto" in shown
     assert (
-        "fast: --ema 0.99 --lr-decay 0.7 --p-vflip 0.0 --average-last 3 --tta auto --lr2 0.001"
-        in shown
+        "fast: --ema 0.99 --lr-decay 0.7 --p-vflip 0.0 --average-last 3 --tta auto --lr1 0.01 "
+        "--lr2 0.001" in shown
     )
 
 
 def test_recipe_fast_keeps_only_what_reached_an_accuracy_sooner_and_no_time_lever():
     """What measured worse against the clock (RESULTS.md, "Time to accuracy") stays off; Phase
-    II's peak rate is twice the report's, Phase I's the report's."""
+    II's peak rate is twice the report's, Phase I's twenty times."""
     args, _ = resolve_options(["--recipe", "fast", "--epochs", "4"])
     levers = (args.ema, args.lr_decay, args.p_vflip, args.average_last, args.tta)
     assert levers == (0.99, 0.7, 0.0, 3, "auto")
-    assert (args.lr1, args.lr2) == (5e-4, 1e-3)
+    assert (args.lr1, args.lr2) == (1e-2, 1e-3)
     assert (args.progressive, args.test_size, args.epochs1, args.epochs2) == (1.0, "train", 1, 3)
     timed, _ = resolve_options(["--recipe", "fast", "--time-budget", "30m"])
     assert (timed.recipe, timed.time_budget, timed.ema) == ("fast", 1800, 0.99)
@@ -248,6 +248,7 @@ def test_a_recipe_given_on_resume_sets_its_levers_as_a_fresh_run_would(tmp_path)
     args, _ = resolve_options(["--resume", path, "--recipe", "fast"])
     assert (args.ema, args.lr_decay, args.average_last, args.progressive) == (0.99, 0.7, 3, 0.5)
     assert args.lr2 == 1e-3
+    assert args.lr1 == 5e-4  # Phase I is over: fast's --lr1 would change nothing there
     back, _ = resolve_options(["--resume", path, "--recipe", "report"])
     assert (back.ema, back.lr_decay, back.p_vflip, back.average_last) == (None, 1.0, 0.3, 0)
     assert back.lr2 == 5e-4
@@ -260,13 +261,35 @@ def test_a_recipe_given_on_resume_sets_its_levers_as_a_fresh_run_would(tmp_path)
         assert fresh.ema == continued.ema
 
 
-def saved_run(folder, argv, name="last.pt"):
+def test_a_recipe_given_again_sets_its_phase_i_levers_only_where_phase_i_trains_on(
+    tmp_path, capsys
+):
+    """--recipe fast on a run still in Phase I sets its --lr1 as on a fresh run; past Phase I, or
+    with --phase 2, the run keeps its own and says so, where --lr1 alone is refused."""
+    in_phase1 = str(saved_run(tmp_path, ["--epochs", "8"], name="p1/last.pt", phase=1))
+    args, _ = resolve_options(["--resume", in_phase1, "--recipe", "fast"])
+    assert (args.lr1, args.lr2) == (1e-2, 1e-3)
+    for argv in (
+        ["--resume", in_phase1, "--phase", "2"],
+        ["--resume", str(saved_run(tmp_path, ["--epochs", "8"]))],
+    ):
+        args, _ = resolve_options(argv + ["--recipe", "fast"])
+        assert (args.lr1, args.lr2) == (5e-4, 1e-3)
+        assert (
+            "--recipe fast: its --lr1 0.01 is for Phase I, which this run has done; it keeps 0.0005"
+            in capsys.readouterr().err
+        )
+        with pytest.raises(SystemExit, match="--lr1 0.01 .*Phase I of this run"):
+            resolve_options(argv + ["--lr1", "1e-2"])
+
+
+def saved_run(folder, argv, name="last.pt", phase=2):
     """A checkpoint of a run started with `argv`, as far as options are concerned: its resolved
     options (what resolving a continued run reads of it)."""
     args, _ = resolve_options(argv)
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"args": vars(args), "phase": 2, "epoch": 1, "history": []}, path)
+    torch.save({"args": vars(args), "phase": phase, "epoch": 1, "history": []}, path)
     return path
 
 
