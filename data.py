@@ -1,8 +1,8 @@
-"""Files -> uint8 batches: class discovery, the preprocessing cache, datasets, loaders, demo data.
+"""Files -> uint8 batches: class discovery, label CSVs, splits, datasets, loaders, demo data.
 
 Data flows one way:
 
-    files --(decode, EXIF, RGB, square crop, resize: deterministic)--> uint8 NxSxSx3 cache on disk
+    files --(image_cache.py: decode, EXIF, RGB, square, resize)--> uint8 NxSxSx3 cache on disk
           --(loader: memmap rows -> uint8 batch, pinned)--> prefetch.py (onto the device)
           --> augment.py (per-sample random augmentation, normalisation) --> the model
 
@@ -13,26 +13,21 @@ decodes an image.
 import csv
 import hashlib
 import itertools
-import json
 import math
 import os
 import shutil
-import sys
 import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-from tqdm import tqdm
+from PIL import Image
 
-from utils import atomic_file, exclusive
+from image_cache import MemoryCache, build_cache, default_cache_dir
+from utils import exclusive
 
-# Bump when load_image changes what it writes: every cache built before is then rebuilt.
-PREPROCESS_VERSION = 1
 # Only formats Pillow can open: it registers some (.pdf, .eps) that it can only write.
 IMAGE_EXTENSIONS = frozenset(
     ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
@@ -120,247 +115,6 @@ def stratified_split(labels, fraction, seed):
     return np.sort(train), np.sort(val)
 
 
-# ----------------------------------------------------------------------------- preprocessing
-
-
-RESIZE_MODES = ("crop", "squish", "pad")
-
-
-def load_image(path, size, resize="crop"):
-    """The deterministic preprocessing: EXIF orientation, RGB, then to size x size (bilinear,
-    antialiased) by `resize`: "crop" the centre square first (the method's), "squish" the whole
-    photo to a square, or "pad" it, whole and in its proportions, onto black. Returns a uint8
-    array of shape (size, size, 3)."""
-    with Image.open(path) as img:
-        bits = png_significant_bits(path) if img.mode.startswith("I;16") else None
-        return square(to_rgb(ImageOps.exif_transpose(img), bits), size, resize)
-
-
-def square(img, size, resize="crop"):
-    """An RGB PIL image as load_image's uint8 size x size array."""
-    w, h = img.size
-    if resize == "crop":
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        # Crop first: resize(box=...) would blend in pixels from outside the square. PIL's
-        # bilinear filter widens when it shrinks, i.e. the resize is antialiased.
-        img = img.crop((left, top, left + s, top + s)).resize((size, size), Image.BILINEAR)
-    elif resize == "squish":
-        img = img.resize((size, size), Image.BILINEAR)
-    elif resize == "pad":
-        scale = size / max(w, h)
-        inner = (max(1, round(w * scale)), max(1, round(h * scale)))
-        canvas = Image.new("RGB", (size, size))  # black: the affine augmentation's fill too
-        canvas.paste(
-            img.resize(inner, Image.BILINEAR), ((size - inner[0]) // 2, (size - inner[1]) // 2)
-        )
-        img = canvas
-    else:
-        raise ValueError(f"resize mode {resize!r} is not one of {RESIZE_MODES}")
-    return np.asarray(img, dtype=np.uint8)
-
-
-def to_rgb(img, significant_bits=None):
-    """RGB of any mode Pillow opens. 16-bit greyscale is scaled to 8 bits by its container's range
-    (or the significant bits its PNG declares, 12 for a 12-bit image), the same for every image:
-    a dim image stays dim beside a bright one. (convert would clip it to white.) Transparent modes
-    keep their colours, as torchvision's loader does."""
-    if img.mode.startswith("I"):
-        bits = significant_bits or (16 if img.mode.startswith("I;16") else 32)
-        pixels = np.asarray(img).astype(np.float64) * (255 / (2**bits - 1))
-        img = Image.fromarray(pixels.round().clip(0, 255).astype(np.uint8))
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # direct P -> RGB warns about the transparency it drops
-    return img.convert("RGB")
-
-
-def png_significant_bits(path):
-    """The bits a PNG's sBIT chunk says its grey samples carry (a 12-bit image in a 16-bit PNG
-    says 12), or None. Pillow reads the chunk but does not expose it."""
-    with open(path, "rb") as f:
-        if f.read(8) != b"\x89PNG\r\n\x1a\n":
-            return None
-        while header := f.read(8):
-            length, kind = int.from_bytes(header[:4], "big"), header[4:]
-            if kind == b"sBIT":
-                return f.read(length)[0] or None
-            if kind in (b"IDAT", b"IEND") or len(header) < 8:
-                return None
-            f.seek(length + 4, 1)  # the chunk and its CRC
-    return None
-
-
-def _load_or_reason(path, size, resize="crop"):
-    try:
-        return load_image(path, size, resize), None
-    except Exception as e:  # any decoder failure: the caller names the file and goes on
-        return None, f"{type(e).__name__}: {e}"
-
-
-def why_unreadable(path):
-    """Why the preprocessing cannot read the image at `path`, or None if it can."""
-    return _load_or_reason(path, 8)[1]
-
-
-# ----------------------------------------------------------------------------- the cache
-
-
-@dataclass
-class ImageCache:
-    """A folder's preprocessed images: rows of a uint8 (n, size, size, 3) file on disk."""
-
-    pixels_path: str
-    files: list  # row i holds files[i] (relative to the folder)
-    size: int
-    skipped: dict  # file -> why it could not be read
-
-    def __len__(self):
-        return len(self.files)
-
-    def open(self):
-        if not self.files:
-            return np.zeros((0, self.size, self.size, 3), np.uint8)
-        return np.memmap(
-            self.pixels_path,
-            dtype=np.uint8,
-            mode="r",
-            shape=(len(self.files), self.size, self.size, 3),
-        )
-
-
-@dataclass
-class MemoryCache:
-    """Preprocessed images kept in memory, for a few images predicted once: an ImageCache
-    without its file."""
-
-    pixels: np.ndarray  # (n, size, size, 3) uint8
-    skipped: dict = field(default_factory=dict)
-
-    def __len__(self):
-        return len(self.pixels)
-
-    def open(self):
-        return self.pixels
-
-
-def in_memory_images(pixels, labels):
-    """CachedImages over preprocessed images held in memory."""
-    return CachedImages(MemoryCache(pixels), labels)
-
-
-def cache_key(folder, files, size, resize="crop"):
-    """Changes whenever a file is added, removed or changed, or the preprocessing changes."""
-    h = hashlib.sha256(f"v{PREPROCESS_VERSION} size={size} resize={resize}\n".encode())
-    for f in files:
-        st = os.stat(os.path.join(folder, f))
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def build_cache(folder, files, size, cache_dir, threads=0, resize="crop"):
-    """Preprocess `files` (paths relative to `folder`) once, to `size` by `resize` (load_image),
-    and keep them in cache_dir: each size and resize mode a cache of its own.
-
-    Reuses the cache when nothing changed. Unreadable images are skipped with a warning naming
-    them. The pixels and then the index are written under temporary names and moved into place,
-    so an interrupted build leaves no cache that looks complete. Two processes needing the same
-    cache at once (two runs on one dataset) take turns: one builds it, the other waits and reads
-    it."""
-    folder, cache_dir = Path(folder), Path(cache_dir)
-    key = cache_key(folder, files, size, resize)
-    # The folder's full path in the name: datasets sharing a --cache-dir keep apart.
-    where = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
-    kind = f"{folder.name}-{where}-{size}px-{resize}"
-    stem = f"{kind}-{key}"
-    index_path, pixels_path = cache_dir / f"{stem}.json", cache_dir / f"{stem}.u8"
-    cache = _read_cache_index(index_path, pixels_path, size)
-    if cache is None:
-        with exclusive(cache_dir / f"{kind}.lock", f"the cache {stem}", wait=True):  # any version
-            cache = _read_cache_index(index_path, pixels_path, size)  # built while we waited?
-            if cache is None:
-                cache = _write_cache(
-                    folder, files, (size, resize), index_path, pixels_path, threads
-                )
-    for f, why in cache.skipped.items():
-        warnings.warn(f"skipped unreadable image {folder / f}: {why}", stacklevel=2)
-    return cache
-
-
-def _read_cache_index(index_path, pixels_path, size):
-    try:
-        index = json.loads(index_path.read_text())
-        row = size * size * 3
-        if os.path.getsize(pixels_path) != len(index["files"]) * row:
-            return None  # truncated or foreign: rebuild
-        return ImageCache(str(pixels_path), index["files"], size, index["skipped"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _write_cache(folder, files, preprocessing, index_path, pixels_path, threads):
-    size, resize = preprocessing
-    kept, skipped = [], {}
-    bar = tqdm(
-        total=len(files),
-        desc=f"caching {folder}",
-        unit="img",
-        file=sys.stderr,
-        disable=None,
-        leave=False,
-    )
-    # Threads suffice: Pillow releases the GIL while it decodes and resizes. Chunks keep at most
-    # one chunk of decoded images in memory, whatever the number of files.
-    with bar, atomic_file(pixels_path) as out, ThreadPoolExecutor(max(threads, 1)) as pool:
-        for start in range(0, len(files), 256):
-            chunk = files[start : start + 256]
-            for f, (pixels, why) in zip(
-                chunk,
-                pool.map(
-                    _load_or_reason,
-                    [folder / f for f in chunk],
-                    [size] * len(chunk),
-                    [resize] * len(chunk),
-                ),
-            ):
-                if pixels is None:
-                    skipped[f] = why
-                else:
-                    out.write(pixels.tobytes())
-                    kept.append(f)
-            bar.update(len(chunk))
-    with atomic_file(index_path, "w") as f:  # last: an index names only complete pixels
-        json.dump({"files": kept, "skipped": skipped, "size": size}, f)
-    _remove_stale(index_path, pixels_path)
-    return ImageCache(str(pixels_path), kept, size, skipped)
-
-
-def _remove_stale(index_path, pixels_path):
-    """Earlier caches of the same folder and size: a changed dataset would otherwise leave
-    a full copy of its pixels behind each time."""
-    prefix = index_path.name.rsplit("-", 1)[0] + "-"
-    for old in index_path.parent.glob(prefix + "*"):
-        if old not in (index_path, pixels_path) and old.suffix in (".json", ".u8"):
-            try:
-                old.unlink(missing_ok=True)
-            except PermissionError:  # Windows: open in a run that still reads it; next time
-                pass
-
-
-def default_cache_dir(data_dir):
-    """<data>/.cache, or a folder in the user's cache when the data folder is read-only."""
-    candidate = Path(data_dir) / ".cache"
-    try:
-        candidate.mkdir(parents=True, exist_ok=True)
-        if os.access(candidate, os.W_OK):
-            return candidate
-    except OSError:
-        pass
-    digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
-    fallback = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imgcls" / digest
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
-
-
 # ----------------------------------------------------------------------------- datasets and loaders
 
 
@@ -397,6 +151,11 @@ class CachedImages(torch.utils.data.Dataset):
             self._pixels = self.cache.open()
         rows = self.indices[np.asarray(batch)]
         return torch.from_numpy(self._pixels[rows]), torch.from_numpy(self.labels[rows])
+
+
+def in_memory_images(pixels, labels):
+    """CachedImages over preprocessed images held in memory."""
+    return CachedImages(MemoryCache(pixels), labels)
 
 
 def make_loader(

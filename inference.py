@@ -17,17 +17,8 @@ from PIL import ImageOps
 
 from augment import BatchPreprocess
 from checkpoint import load_checkpoint
-from data import (
-    CachedImages,
-    build_cache,
-    default_cache_dir,
-    in_memory_images,
-    list_images,
-    load_image,
-    make_loader,
-    square,
-    to_rgb,
-)
+from data import CachedImages, in_memory_images, list_images, make_loader
+from image_cache import build_cache, default_cache_dir, load_image, square, to_rgb
 from model import average_weights, build_model, model_from_checkpoint
 from prefetch import on_device
 from utils import amp_dtype, log, pick_device, sum_over_processes

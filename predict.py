@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 from checkpoint import load_checkpoint
-from data import trained_data_root, why_unreadable
+from data import trained_data_root
+from image_cache import why_unreadable
 from inference import (
     add_inference_args,
     load_trained,

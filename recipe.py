@@ -24,7 +24,8 @@ from continuing import (
     refuse_changes,
     saved_options,
 )
-from data import RESIZE_MODES, labels_path
+from data import labels_path
+from image_cache import RESIZE_MODES
 from model import count_parameters, set_trainable, stage_groups
 from utils import log
 

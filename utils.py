@@ -8,7 +8,8 @@ several that share a filesystem):
   holding the folder's lock;
 - a dataset's preprocessing cache and the demo dataset: the first process of each machine, under
   a lock beside them, so that machines sharing a filesystem take turns and the second finds the
-  work done (data.build_cache, data.write_demo_dataset); every file atomically (atomic_file)."""
+  work done (image_cache.build_cache, data.write_demo_dataset); every file atomically
+  (atomic_file)."""
 
 import os
 import random

@@ -47,6 +47,7 @@ from PIL import Image  # noqa: E402
 
 import augment  # noqa: E402
 import data  # noqa: E402
+import image_cache  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
 from checkpoint import load_optimizer_state  # noqa: E402
@@ -155,7 +156,9 @@ def images_and_cache(args, total):
         classes,
         files,
         labels,
-        data.build_cache(folder, files, args.img_size, Path(args.workdir) / "cache", args.workers),
+        image_cache.build_cache(
+            folder, files, args.img_size, Path(args.workdir) / "cache", args.workers
+        ),
     )
 
 
@@ -513,6 +516,7 @@ CACHE_PROBE = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
 import data
+import image_cache
 
 def memory_mb(field):  # VmHWM (peak) starts anew at exec, unlike ru_maxrss, which a child inherits
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) / 1024
@@ -520,7 +524,7 @@ def memory_mb(field):  # VmHWM (peak) starts anew at exec, unlike ru_maxrss, whi
 files = data.list_labelled_images({folder!r}, data.find_classes({folder!r}))[:{n}]
 before = memory_mb("VmRSS:")
 start = time.perf_counter()
-data.build_cache({folder!r}, files, {size}, {cache_dir!r}, {workers})
+image_cache.build_cache({folder!r}, files, {size}, {cache_dir!r}, {workers})
 print(json.dumps({{"seconds": time.perf_counter() - start, "peak_mb": memory_mb("VmHWM:"),
                   "growth_mb": memory_mb("VmHWM:") - before}}))
 """

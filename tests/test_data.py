@@ -8,6 +8,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import data
+import image_cache
 from conftest import make_dataset, write_image
 
 
@@ -55,14 +56,14 @@ def test_preprocessing_crops_the_centre_square_then_resizes(tmp_path):
     pixels[:, 30:60] = (0, 255, 0)
     pixels[:, 60:] = (0, 0, 255)
     Image.fromarray(pixels).save(tmp_path / "wide.png")
-    out = data.load_image(tmp_path / "wide.png", 16)
+    out = image_cache.load_image(tmp_path / "wide.png", 16)
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
     assert (out == (0, 255, 0)).all()
 
     # A tall grey image, RGB output, with a vertical gradient kept top to bottom.
     tall = np.tile(np.linspace(0, 255, 60).astype(np.uint8)[:, None], (1, 20))
     Image.fromarray(tall, mode="L").save(tmp_path / "tall.png")
-    out = data.load_image(tmp_path / "tall.png", 10)
+    out = image_cache.load_image(tmp_path / "tall.png", 10)
     assert out.shape == (10, 10, 3)
     column = out[:, 5, 0].astype(int)
     assert (np.diff(column) > 0).all() and 85 < column.mean() < 170  # the middle rows only
@@ -76,19 +77,21 @@ def test_preprocessing_applies_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(pixels).save(tmp_path / "rot.jpg", exif=exif, quality=95)
-    out = data.load_image(tmp_path / "rot.jpg", 8).astype(int)
+    out = image_cache.load_image(tmp_path / "rot.jpg", 8).astype(int)
     assert out[:3].mean() < 40 and out[5:].mean() > 215
 
 
 def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
     root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=3)
     decoded = []
-    original = data.load_image
-    monkeypatch.setattr(data, "load_image", lambda p, *a: decoded.append(p) or original(p, *a))
+    original = image_cache.load_image
+    monkeypatch.setattr(
+        image_cache, "load_image", lambda p, *a: decoded.append(p) or original(p, *a)
+    )
 
     def build():
         files = data.list_labelled_images(root / "train", ["a", "b"])
-        return data.build_cache(root / "train", files, 12, tmp_path / "cache")
+        return image_cache.build_cache(root / "train", files, 12, tmp_path / "cache")
 
     first = build()
     assert len(decoded) == 6 and len(first) == 6
@@ -110,7 +113,7 @@ def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
     cache = build()
     assert len(decoded) == 6
     row = cache.files.index("a/001.png")
-    assert np.array_equal(cache.open()[row], data.load_image(target, 12))
+    assert np.array_equal(cache.open()[row], image_cache.load_image(target, 12))
     # Only the current cache is left on disk.
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".u8"]
 
@@ -118,11 +121,11 @@ def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
 def test_truncated_cache_is_rebuilt(tmp_path):
     root = make_dataset(tmp_path / "d", classes=("a",), per_class=3)
     files = data.list_labelled_images(root / "train", ["a"])
-    cache = data.build_cache(root / "train", files, 8, tmp_path / "c")
+    cache = image_cache.build_cache(root / "train", files, 8, tmp_path / "c")
     good = np.array(cache.open())
     with open(cache.pixels_path, "r+b") as f:
         f.truncate(100)
-    again = data.build_cache(root / "train", files, 8, tmp_path / "c")
+    again = image_cache.build_cache(root / "train", files, 8, tmp_path / "c")
     assert np.array_equal(np.array(again.open()), good)
 
 
@@ -199,7 +202,7 @@ def test_caches_of_two_datasets_in_one_cache_dir_are_kept_apart(tmp_path):
     assert os.path.exists(first.train.cache.pixels_path) and len(second.train) == 3
     assert np.array_equal(
         first.train[[0, 1]][0].numpy(),
-        np.stack([data.load_image(one / "train" / f, 8) for f in first.train.cache.files]),
+        np.stack([image_cache.load_image(one / "train" / f, 8) for f in first.train.cache.files]),
     )
 
 
@@ -257,7 +260,7 @@ def test_an_image_over_the_decompression_bomb_limit_is_skipped(tmp_path, monkeyp
     Image.new("RGB", (200, 200)).save(tmp_path / "huge.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 200 x 200 is over twice the limit
     with pytest.warns(UserWarning, match="huge.png"):
-        cache = data.build_cache(tmp_path, ["huge.png"], 8, tmp_path / "c")
+        cache = image_cache.build_cache(tmp_path, ["huge.png"], 8, tmp_path / "c")
     assert cache.files == [] and "DecompressionBomb" in cache.skipped["huge.png"]
 
 
@@ -300,11 +303,13 @@ def test_16_bit_images_are_scaled_alike_and_12_bit_ones_keep_their_levels(tmp_pa
     """One scale for every 16-bit image, not one per image: a dim photo stays dim beside a
     bright one. A 12-bit image in a 16-bit PNG (its sBIT chunk says so) spans the 8-bit range."""
     ramp = np.tile(np.arange(0, 4096, 16), (256, 1))  # 256 levels of 12 bits, square
-    dim = data.load_image(write_grey16(tmp_path / "dim.png", ramp // 16), 256)  # all below 256
-    bright = data.load_image(write_grey16(tmp_path / "bright.png", ramp * 16), 256)
+    dim = image_cache.load_image(
+        write_grey16(tmp_path / "dim.png", ramp // 16), 256
+    )  # all below 256
+    bright = image_cache.load_image(write_grey16(tmp_path / "bright.png", ramp * 16), 256)
     assert dim.max() <= 1 and bright.max() >= 250  # the same light, a 257th of the range
     twelve = write_grey16(tmp_path / "twelve.png", ramp, significant_bits=12)
-    pixels = data.load_image(twelve, 256)[0, :, 0]
+    pixels = image_cache.load_image(twelve, 256)[0, :, 0]
     assert pixels.max() >= 250 and len(np.unique(pixels)) > 200  # not 17 grey levels
 
 
@@ -401,13 +406,15 @@ def test_each_resize_mode_keeps_what_it_says_of_a_wide_photo_and_has_its_own_cac
     pixels[:, :10] = (255, 0, 0)
     pixels[:, -10:] = (0, 0, 255)
     Image.fromarray(pixels).save(tmp_path / "wide.png")
-    crop, squish, pad = (data.load_image(tmp_path / "wide.png", 12, m) for m in data.RESIZE_MODES)
+    crop, squish, pad = (
+        image_cache.load_image(tmp_path / "wide.png", 12, m) for m in image_cache.RESIZE_MODES
+    )
     assert crop[6, 0].tolist() == [128, 128, 128] and crop[6, -1].tolist() == [128, 128, 128]
     assert squish[6, 0, 0] > 200 and squish[6, -1, 2] > 200
     assert pad[0].max() == 0 and pad[-1].max() == 0 and pad[6, 0, 0] > 200
     files = ["wide.png"]
     caches = {
-        m: data.build_cache(tmp_path, files, 12, tmp_path / "c", resize=m).pixels_path
+        m: image_cache.build_cache(tmp_path, files, 12, tmp_path / "c", resize=m).pixels_path
         for m in ("crop", "squish")
     }
     assert caches["crop"] != caches["squish"]

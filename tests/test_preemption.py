@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import image_cache
 import train
 import utils
 from conftest import Forked, Killed, make_dataset, stop_at
@@ -193,15 +194,17 @@ def test_a_second_run_into_one_folder_is_refused_and_a_killed_runs_lock_is_not(t
 def build_slowly(folder, cache, report):
     """A cache build that decodes each image slowly enough for two builds to overlap; writes how
     many images it decoded itself, the cache's length and its last image's first bytes."""
-    decoded, load = [], data.load_image
+    decoded, load = [], image_cache.load_image
 
     def slow(path, *preprocessing):
         decoded.append(path)
         time.sleep(0.02)
         return load(path, *preprocessing)
 
-    data.load_image = slow  # in this forked process alone
-    built = data.build_cache(folder, data.list_labelled_images(folder, ["a", "b"]), 12, cache, 2)
+    image_cache.load_image = slow  # in this forked process alone
+    built = image_cache.build_cache(
+        folder, data.list_labelled_images(folder, ["a", "b"]), 12, cache, 2
+    )
     report.write_text(f"{len(decoded)} {len(built)} {bytes(built.open()[-1]).hex()[:64]}")
 
 
