@@ -6,7 +6,7 @@ and words."""
 import statistics
 import time
 
-from checkpoint import PHASE1
+from continuing import from_phase1
 from recipe import PHASE_EPOCHS, ProgressiveSize, epochs_within, given_options, size_step
 from utils import gather_from_processes, log
 
@@ -15,7 +15,7 @@ def budget_to_plan(argv, resume):
     """Whether this command plans a --time-budget: one given to a fresh run, or to Phase II of a
     run continued from its phase1.pt; never to a run that resumes (it keeps the epochs its
     budget chose, even when the same budget is given again)."""
-    fresh = resume.state is None or (resume.path.name == PHASE1 and resume.state["phase"] == 1)
+    fresh = resume.state is None or from_phase1(resume.path, resume.state)
     return fresh and "time_budget" in given_options(argv)
 
 

@@ -31,8 +31,8 @@ class Continuing:
     options: dict
 
     @property
-    def phase1_closed(self):
-        return phase1_closed(self.state, self.options["phase"])
+    def phase1_end(self):
+        return phase1_end(self.state, self.options["phase"], self.options["epochs1"])
 
     @property
     def phase2_begun(self):
@@ -43,9 +43,22 @@ class Continuing:
         return bool(self.state.get("step"))
 
 
-def phase1_closed(state, phase):
-    """Whether Phase I trains no more in a run continuing from `state` with --phase `phase`."""
-    return state["phase"] == 2 or phase == "2"
+def phase1_end(state, phase, epochs1):
+    """Why Phase I trains no more in a run continuing from `state` with --phase `phase` and
+    --epochs1 `epochs1`, as the end of a sentence on Phase I, or None where it trains on."""
+    if state["phase"] == 2:
+        return "is over"
+    if phase == "2":
+        return "does not train again (--phase 2)"
+    if not state.get("step") and state["epoch"] >= epochs1:
+        return "is over"  # its last epoch saved: phase1.pt, or last.pt at Phase I's end
+    return None
+
+
+def from_phase1(path, state):
+    """Whether a run continues from its phase1.pt, where Phase II has not begun: its budget is
+    still to plan, as a fresh run's."""
+    return path.name == PHASE1 and state["phase"] == 1
 
 
 def applied(run, value):
@@ -67,13 +80,22 @@ def starting_weights(run, value):
 
 
 def phase1_only(run, value):
-    if run.phase1_closed:
-        over = "is over" if run.state["phase"] == 2 else "does not train again (--phase 2)"
-        return (
-            f"Phase I of this run {over}, so it would change nothing; to train Phase I with it, "
-            "start the run over (--overwrite, or --out ANOTHER_FOLDER)"
-        )
-    return epoch_in_flight(run, 1, run.options["epochs1"])
+    """--lr1, --wd1, --freeze-bn: applied where Phase I trains on (--epochs1 may open it again)."""
+    return run.phase1_end and trains_no_more(run.phase1_end)
+
+
+def phase1_length(run, value):
+    """--epochs1: applied in Phase I, not below what it has trained; refused past it."""
+    if run.state["phase"] == 2 or run.options["phase"] == "2":
+        return trains_no_more(run.phase1_end)
+    return epoch_in_flight(run, 1, value)
+
+
+def trains_no_more(end):
+    return (
+        f"Phase I of this run {end}, so it would change nothing; to train Phase I with it, start "
+        "the run over (--overwrite, or --out ANOTHER_FOLDER)"
+    )
 
 
 def phase_length(run, value):
@@ -127,7 +149,7 @@ def held_out_split(run, value):
 
 
 def budget_rule(run, value):
-    if run.phase2_begun or run.path.name != PHASE1:
+    if not from_phase1(run.path, run.state):
         return (
             "a time budget chooses a run's epochs when it starts, and the run saved them; to "
             "train longer or shorter, give --epochs2 (or --epochs N)"
@@ -136,7 +158,6 @@ def budget_rule(run, value):
 
 
 def seed_rule(run, value):
-
     return held_out_split(run, value) or whole_epochs(run, value)
 
 
@@ -163,7 +184,7 @@ CONTINUING = {
     # the budget, Phase I, Phase II
     "epochs": applied,  # through the split, each of whose parts has its rule
     "time_budget": budget_rule,
-    "epochs1": phase1_only,
+    "epochs1": phase1_length,
     "lr1": phase1_only,
     "wd1": phase1_only,
     "freeze_bn": phase1_only,

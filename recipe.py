@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from augment import DeviceAugment, MixUpCutMix
+from augment import MixUpCutMix
 from continuing import (
     PHASE1_ONLY,
     continued_run,
-    phase1_closed,
+    phase1_end,
     refuse_changes,
     saved_options,
 )
@@ -60,9 +60,9 @@ DEMO = dict(
 # that reached a given accuracy soonest against the clock (RESULTS.md, "Time to accuracy"),
 # each kept only where it did: best's, with the head at twenty times the report's Phase I rate
 # and Phase II at twice its peak (its moving average passed timm's 8-epoch accuracy two and three
-# epochs sooner at two seeds: 0.27 of timm's time). Progressive
-# resizing and a larger test size measured worse there, and without the moving average (its
-# second validation an epoch) 4 epochs did not reach the accuracy.
+# epochs sooner at two seeds: 0.27 of timm's time). Progressive resizing and a larger test size
+# measured worse there, and without the moving average (its second validation an epoch) 4 epochs
+# did not reach the accuracy.
 # (--recipe report, the default, sets the options of all of them to their defaults: Table 1.)
 BEST = dict(ema=0.99, lr_decay=0.7, p_vflip=0.0, average_last=3, tta="auto")
 RECIPES = {"best": BEST, "fast": BEST | dict(lr1=1e-2, lr2=1e-3)}
@@ -84,7 +84,6 @@ OPTIMIZERS = {  # name: (class, options beyond lr and weight decay)
     "sgd": (torch.optim.SGD, {"momentum": 0.9}),
     "rmsprop": (torch.optim.RMSprop, {}),
 }
-AUGMENTATION = DeviceAugment.option_names()
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's
 FUSED = (
     torch.optim.Adam,
@@ -571,29 +570,32 @@ def continued_options(parser, saved, given, resume):
     where = resume.state.get("data")
     if where and not Path(saved["data"]).is_dir() and Path(where).is_dir():
         options["data"] = where
+    phase = given.get("phase", saved["phase"])
+    if "epochs" in given:
+        fixed = {k: given[k] for k in PHASE_EPOCHS if k in given}
+        if phase1_end(resume.state, phase, given.get("epochs1", saved["epochs1"])):
+            fixed.setdefault("epochs1", saved["epochs1"])
+        options |= split_budget(given["epochs"], fixed)
     if "recipe" in given:
         reset, levers = preset(parser, given["recipe"]), RECIPES.get(given["recipe"], {})
         if saved.get("demo"):  # as on a fresh --demo run: the demo's values under the levers
             reset |= {k: DEMO[k] for k in reset if k in DEMO and k not in levers}
-        if phase1_closed(resume.state, given.get("phase", saved["phase"])):
-            reset = keep_phase1(reset, saved, given["recipe"])
+        ended = phase1_end(resume.state, phase, given.get("epochs1", options["epochs1"]))
+        if ended:
+            reset = keep_phase1(reset, saved, given["recipe"], ended)
         options |= reset
-    if "epochs" in given:
-        fixed = {k: given[k] for k in PHASE_EPOCHS if k in given}
-        if phase1_closed(resume.state, given.get("phase", saved["phase"])):
-            fixed.setdefault("epochs1", saved["epochs1"])
-        options |= split_budget(given["epochs"], fixed)
     return options
 
 
-def keep_phase1(reset, saved, recipe):
+def keep_phase1(reset, saved, recipe, ended):
     """A recipe's values less its Phase I levers (fast's --lr1), which keep the run's once its
-    Phase I is over: they would change nothing, and given alone they are refused there."""
+    Phase I is over (`ended`, phase1_end's words): they would change nothing, and given alone
+    they are refused there."""
     kept = {k: v for k, v in reset.items() if k in PHASE1_ONLY and v != saved.get(k)}
     for key, value in kept.items():
         log(
-            f"--recipe {recipe}: its --{key.replace('_', '-')} {value} is for Phase I, which this "
-            f"run has done; it keeps {saved.get(key)}"
+            f"--recipe {recipe}: its --{key.replace('_', '-')} {value} is for Phase I, and Phase I "
+            f"of this run {ended}; it keeps {saved.get(key)}"
         )
     return {k: v for k, v in reset.items() if k not in kept}
 

@@ -24,6 +24,13 @@ thread each, a seed a lane:
         done &
     done; wait
 
+The screens in the findings are the fast-8 step's command (tiny_transfer.sh) with the options
+they name added, --out checkpoints/tt-small/<screen>-s$seed, stopped after the Phase II epoch they
+name: --lr1 5e-3 and --lr1 2e-2 (Phase I's rate); --lr1 5e-4 (the report's), alone, with --lr2
+2e-3 and with --epochs 4 in place of 8; --epochs1 0 --epochs2 7 --cosine-epochs 7
+--warmup-epochs 0 (no Phase I). Their numbers are each run's history.csv; `section` draws the
+rows above alone.
+
 Two runs shared the machine at a time, so their own minutes say little about speed. Each
 run's minutes are therefore counted at speeds measured alone (`measure`, on an idle machine):
 this project's training images/s in each phase at each size a run trained at, and its

@@ -264,32 +264,39 @@ def test_a_recipe_given_on_resume_sets_its_levers_as_a_fresh_run_would(tmp_path)
 def test_a_recipe_given_again_sets_its_phase_i_levers_only_where_phase_i_trains_on(
     tmp_path, capsys
 ):
-    """--recipe fast on a run still in Phase I sets its --lr1 as on a fresh run; past Phase I, or
-    with --phase 2, the run keeps its own and says so, where --lr1 alone is refused."""
-    in_phase1 = str(saved_run(tmp_path, ["--epochs", "8"], name="p1/last.pt", phase=1))
-    args, _ = resolve_options(["--resume", in_phase1, "--recipe", "fast"])
-    assert (args.lr1, args.lr2) == (1e-2, 1e-3)
-    for argv in (
-        ["--resume", in_phase1, "--phase", "2"],
-        ["--resume", str(saved_run(tmp_path, ["--epochs", "8"]))],
+    """--recipe fast on a run still in Phase I sets its --lr1 as on a fresh run; past Phase I (in
+    Phase II, or with its last epoch saved), or with --phase 2, the run keeps its own and says
+    so, where --lr1 alone is refused. A longer --epochs1 opens Phase I again, a budget whose
+    split ends it closes it."""
+    two_epochs = ["--epochs", "16", "--epochs1", "2"]
+    in_phase1 = str(saved_run(tmp_path, two_epochs, name="p1/last.pt", phase=1, epoch=1))
+    phase1_done = str(saved_run(tmp_path, two_epochs, name="p1/phase1.pt", phase=1, epoch=2))
+    for argv in (["--resume", in_phase1], ["--resume", phase1_done, "--epochs1", "3"]):
+        args, _ = resolve_options(argv + ["--recipe", "fast"])
+        assert (args.lr1, args.lr2) == (1e-2, 1e-3)
+    for argv, why in (
+        (["--resume", in_phase1, "--phase", "2"], "does not train again (--phase 2)"),
+        (["--resume", phase1_done], "is over"),
+        (["--resume", in_phase1, "--epochs", "9"], "is over"),  # the split's 1 + 8: Phase I done
+        (["--resume", str(saved_run(tmp_path, two_epochs))], "is over"),
     ):
         args, _ = resolve_options(argv + ["--recipe", "fast"])
         assert (args.lr1, args.lr2) == (5e-4, 1e-3)
         assert (
-            "--recipe fast: its --lr1 0.01 is for Phase I, which this run has done; it keeps 0.0005"
-            in capsys.readouterr().err
+            f"--recipe fast: its --lr1 0.01 is for Phase I, and Phase I of this run {why}; it "
+            "keeps 0.0005" in capsys.readouterr().err
         )
-        with pytest.raises(SystemExit, match="--lr1 0.01 .*Phase I of this run"):
+        with pytest.raises(SystemExit, match=r"--lr1 0.01 .*Phase I of this run"):
             resolve_options(argv + ["--lr1", "1e-2"])
 
 
-def saved_run(folder, argv, name="last.pt", phase=2):
+def saved_run(folder, argv, name="last.pt", phase=2, epoch=1):
     """A checkpoint of a run started with `argv`, as far as options are concerned: its resolved
-    options (what resolving a continued run reads of it)."""
+    options (what resolving a continued run reads of it), saved after `phase`'s `epoch`."""
     args, _ = resolve_options(argv)
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"args": vars(args), "phase": phase, "epoch": 1, "history": []}, path)
+    torch.save({"args": vars(args), "phase": phase, "epoch": epoch, "history": []}, path)
     return path
 
 
