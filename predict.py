@@ -31,6 +31,7 @@ from inference import (
 from submission import (
     Layout,
     Names,
+    classes_hint,
     describe,
     missing,
     read_answers,
@@ -114,7 +115,7 @@ def check(args, test_dir, files, classes):
     problems = predictions.problems + missing(predictions.labels, expected)
     if answers is not None:
         problems += missing(predictions.labels, set(answers) - unreadable)
-    for problem in problems:
+    for problem in problems + classes_hint(problems, classes):
         log(f"{args.check}: {problem}")
     if problems:
         raise SystemExit(1)

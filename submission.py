@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from inference import confusion_matrix, most_confused, predict_folder, test_images
-from utils import atomic_file
+from utils import atomic_file, log
 
 DEFAULT_COLUMNS = ("image_name", "pred_label")
 
@@ -135,6 +135,11 @@ def read_predictions(path, names, classes):
     probabilities, a column for every class and rows that sum to 1."""
     table = read_table(path)
     known, problems, labels = set(classes), [], {}
+    if table.header and names.file(table.header[0]):  # its first row is an answer
+        problems.append(
+            f"line 1 names an image ({table.header[0]}), not the columns: a grader reads the "
+            "first line as the header, so write one (e.g. id,label) above the rows"
+        )
     probabilities = len(table.header) > 2 and set(table.header[1:]) == known
     if len(table.header) != 2 and not probabilities:
         problems.append(
@@ -158,7 +163,7 @@ def read_predictions(path, names, classes):
             ranked = row[1].split()
             unknown = [label for label in ranked if label not in known]
             why = (
-                f"{', '.join(map(repr, unknown))} is not one of the checkpoint's classes"
+                f"{', '.join(map(repr, unknown))} {UNKNOWN}"
                 if unknown
                 else "no label"
                 if not ranked
@@ -190,21 +195,40 @@ def read_answers(path, names, classes):
     answers, problems, known = {}, [], set(classes)
     if len(table.header) != 2:
         raise SystemExit(f"{path}: expected two columns, an image's and its label's")
-    for line, row in table.rows:
+    rows = table.rows
+    if names.file(table.header[0]):
+        log(f"{path}: line 1 names an image ({table.header[0]}): read as an answer, not a header")
+        rows = [(1, table.header), *rows]
+    for line, row in rows:
         file = names.file(row[0].strip()) if len(row) == 2 else None
         if len(row) != 2:
             problems.append(f"line {line}: expected 2 fields, found {len(row)}")
         elif file is None:
             problems.append(f"line {line}: {row[0]} is not among the images")
         elif row[1].strip() not in known:
-            problems.append(f"line {line}: {row[1]!r} is not one of the checkpoint's classes")
+            problems.append(f"line {line}: {row[1]!r} {UNKNOWN}")
         elif file in answers:
             problems.append(f"line {line}: {row[0]} again")
         else:
             answers[file] = row[1].strip()
     if problems:
-        raise SystemExit(f"{path}: " + "; ".join(problems[:20]))
+        shown = problems[:20] + ([f"and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        raise SystemExit(
+            f"{path}: {len(problems)} of its {len(rows)} rows cannot be scored:\n  "
+            + "\n  ".join(shown + classes_hint(problems, classes))
+        )
     return answers
+
+
+UNKNOWN = "is not one of the checkpoint's classes"
+
+
+def classes_hint(problems, classes):
+    """The checkpoint's classes, as a line to add where a problem is a label outside them."""
+    if not any(UNKNOWN in problem for problem in problems):
+        return []
+    rest = f", ... ({len(classes)} in all)" if len(classes) > 30 else ""
+    return [f"the checkpoint's classes: {', '.join(classes[:30])}{rest}"]
 
 
 def missing(labels, expected):

@@ -175,8 +175,34 @@ def test_check_with_answers_prints_the_exact_accuracy_and_the_confused_pairs(
     answers.write_text(answers.read_text() + "img_99,2\nimg_00,10\n")
     with pytest.raises(SystemExit) as stop:
         predict.main(check)
-    assert "line 8: img_99 is not among the images; line 9: img_00 again" in str(stop.value)
+    assert "2 of its 8 rows cannot be scored" in str(stop.value)
+    assert "line 8: img_99 is not among the images\n  line 9: img_00 again" in str(stop.value)
     assert "accuracy" not in capsys.readouterr().out
+
+    # Labels outside the checkpoint's classes: counted, and its classes listed.
+    answers.write_text("image,label\n" + "".join(f"img_{j:02d},{j % 3}\n" for j in range(7)))
+    with pytest.raises(SystemExit, match="3 of its 7 rows cannot be scored") as stop:
+        predict.main(check)
+    assert "'0' is not one of the checkpoint's classes" in str(stop.value)
+    assert "the checkpoint's classes: 1, 2, 10" in str(stop.value)  # in label order
+
+
+def test_an_answers_csv_without_a_header_keeps_its_first_row_and_a_submission_needs_one(
+    trained, tmp_path, capsys
+):
+    ckpt = str(trained / "ck" / "best.pt")
+    rows = "".join(f"img_{j:02d},{CLASSES[j % 3]}\n" for j in range(7))
+    answers, guesses = tmp_path / "answers.csv", tmp_path / "guesses.csv"
+    answers.write_text(rows)  # no header: its first line is img_00's answer
+    guesses.write_text("image_name,pred_label\n" + rows)
+    predict.main(["--ckpt", ckpt, "--check", str(guesses), "--answers", str(answers)])
+    out, err = capsys.readouterr()
+    assert "accuracy 1.0000 (7/7)" in out and "(6 of the 7" not in out
+    assert "line 1 names an image (img_00): read as an answer, not a header" in err
+    guesses.write_text(rows)  # a grader would read img_00's row as the header
+    with pytest.raises(SystemExit):
+        predict.main(["--ckpt", ckpt, "--check", str(guesses)])
+    assert "line 1 names an image (img_00), not the columns" in capsys.readouterr().err
 
 
 def test_rows_sort_by_image_name_and_names_may_start_with_underscores(trained, tmp_path, capsys):
