@@ -4,6 +4,7 @@ recipe.py's resolve_options applies these; tests/test_continue.py walks every op
 them.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,10 +86,10 @@ def phase1_only(run, value):
 
 
 def phase1_length(run, value):
-    """--epochs1: applied in Phase I, not below what it has trained; refused past it."""
-    if run.state["phase"] == 2 or run.options["phase"] == "2":
-        return trains_no_more(run.phase1_end)
-    return epoch_in_flight(run, 1, value)
+    """--epochs1: applied in Phase I, not below what it has trained; refused where Phase I is
+    over whatever its length."""
+    end = phase1_end(run.state, run.options["phase"], epochs1=math.inf)
+    return trains_no_more(end) if end else epoch_in_flight(run, 1, value)
 
 
 def trains_no_more(end):

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from data import more
 from inference import confusion_matrix, most_confused, predict_folder, test_images
 from utils import atomic_file, log
 
@@ -212,10 +213,11 @@ def read_answers(path, names, classes):
         else:
             answers[file] = row[1].strip()
     if problems:
-        shown = problems[:20] + ([f"and {len(problems) - 20} more"] if len(problems) > 20 else [])
         raise SystemExit(
             f"{path}: {len(problems)} of its {len(rows)} rows cannot be scored:\n  "
-            + "\n  ".join(shown + classes_hint(problems, classes))
+            + "\n  ".join(problems[:20])
+            + more(problems, 20)
+            + "".join(f"\n  {hint}" for hint in classes_hint(problems, classes))
         )
     return answers
 
