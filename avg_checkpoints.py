@@ -21,7 +21,7 @@ from checkpoint import averaged_checkpoint, load_checkpoint, save_checkpoint
 from data import cache_splits, dataset_of, trained_data_root
 from inference import averaged_model, bn_loader
 from model import count_parameters
-from utils import log, pick_device
+from utils import exits_on_problems, log, pick_device
 
 
 def get_args_parser():
@@ -39,6 +39,7 @@ def get_args_parser():
     return p
 
 
+@exits_on_problems
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     paths = sorted(set(args.checkpoints))

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+from utils import Problem
+
 
 class Board:
     """--tensorboard: the run's curves in TensorBoard's event files (torch.utils.tensorboard), by
@@ -59,11 +61,11 @@ class Board:
 
 
 def require_tensorboard():
-    """SystemExit with the way on where --tensorboard is asked for without the package."""
+    """A Problem with the way on where --tensorboard is asked for without the package."""
     try:
         import tensorboard  # noqa: F401, PLC0415
     except ImportError:
-        raise SystemExit(
+        raise Problem(
             "--tensorboard needs the tensorboard package, which this project does not require: "
             "pip install tensorboard (then: tensorboard --logdir checkpoints)"
         ) from None

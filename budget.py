@@ -8,7 +8,7 @@ import time
 
 from continuing import from_phase1
 from recipe import PHASE_EPOCHS, ProgressiveSize, epochs_within, given_options, size_step
-from utils import gather_from_processes, log
+from utils import Problem, gather_from_processes, log
 
 
 def budget_to_plan(argv, resume):
@@ -57,7 +57,7 @@ def plan_time_budget(run, fixed, started, speed):
         f"{clock(epoch[2])} in Phase II; {clock(spent)} spent before training"
     )
     if chosen is None:
-        raise SystemExit(
+        raise Problem(
             f"--time-budget {clock(args.time_budget)}: {timing}. Not even --epochs 2 fits in "
             "it: give more time, or a smaller --arch, --img-size or training set"
         )

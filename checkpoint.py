@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from model import Weights, load_weights, optimizer_order, parameter_names
-from utils import atomic_file, exclusive, log, set_rng_state
+from utils import MissingFile, Problem, atomic_file, exclusive, log, set_rng_state
 
 CHECKPOINT_DIR = "checkpoints"  # where a bare name such as best.pt is looked up
 LAST, BEST, PHASE1, AVERAGED = "last.pt", "best.pt", "phase1.pt", "averaged.pt"
@@ -182,7 +182,7 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise SystemExit(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise Problem(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
 
 
 def peek(path):
@@ -204,7 +204,8 @@ def resolve_checkpoint(path):
     if not path.exists() and len(path.parts) == 1 and (Path(CHECKPOINT_DIR) / path).exists():
         return Path(CHECKPOINT_DIR) / path
     if not path.exists():
-        raise SystemExit(f"no checkpoint {path}")
+        tried = f" (nor {Path(CHECKPOINT_DIR) / path})" if len(path.parts) == 1 else ""
+        raise MissingFile(f"no checkpoint {path.resolve()}{tried}")
     return path
 
 
@@ -310,7 +311,7 @@ class RunFolder:
         last = peek(self.path / LAST) if LAST in held else None
         demo_run = fresh and last is not None and last["args"].get("demo")
         if not (overwrite or demo_run):
-            raise SystemExit(self.refusal(held, last, phase2_begun))
+            raise Problem(self.refusal(held, last, phase2_begun))
         if Path(weights).is_file() and Path(weights).resolve().parent == self.path.resolve():
             keep.append(Path(weights).name)  # the weights the run starts from: read first
         self.replaced = [name for name in held if name not in keep]
@@ -359,7 +360,7 @@ class RunFolder:
         for path, error in failed.items():
             message = f"could not write {path}: {error.strerror or error}; the file is as it was"
             if must:
-                raise SystemExit(message)
+                raise Problem(message)
             log(f"warning: {message}. Training goes on and tries again at its next save.")
         return not failed
 
@@ -418,7 +419,7 @@ class Resume:
         if self.state is None:
             return
         if list(self.state["classes"]) != list(classes):
-            raise SystemExit(
+            raise Problem(
                 f"the checkpoint was trained on other classes than the {len(classes)} found in the "
                 f"data (checkpoint: {self.state['classes'][:5]}..., data: {classes[:5]}...)"
             )
@@ -449,7 +450,7 @@ class Resume:
             return math.inf, 0, None
         step, progress = self.state.get("step", 0), self.state.get("progress")
         if step and len(progress) != world_size:
-            raise SystemExit(
+            raise Problem(
                 f"{self.path} stopped mid-epoch with {len(progress)} process(es): resume it with "
                 f"as many (this run has {world_size})"
             )
@@ -507,7 +508,7 @@ def regrouped(optimizer, state, names, saved_names):
     """`state` (saved with its parameters in the order `saved_names`) as this optimizer's state
     dict, whose parameters are `names` in its own groups."""
     if sorted(names) != sorted(saved_names):
-        raise SystemExit("the checkpoint's optimizer holds other parameters than this phase trains")
+        raise Problem("the checkpoint's optimizer holds other parameters than this phase trains")
     saved_index = {name: i for i, name in enumerate(saved_names)}
     template = optimizer.state_dict()
     indices = [i for group in template["param_groups"] for i in group["params"]]

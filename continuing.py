@@ -11,7 +11,7 @@ from pathlib import Path
 from augment import DeviceAugment
 from checkpoint import PHASE1, Resume, load_checkpoint, resolve_checkpoint
 from data import validation_is_drawn
-from utils import log
+from utils import Problem, log
 
 # ------------------------------------------------------------------------ continuing a run
 #
@@ -241,7 +241,7 @@ PHASE1_ONLY = tuple(key for key, rule in CONTINUING.items() if rule is phase1_on
 
 
 def refuse_changes(options, saved, resume, parser):
-    """SystemExit naming every option that differs from the run's and that its rule refuses."""
+    """A Problem naming every option that differs from the run's and that its rule refuses."""
     run = Continuing(resume.state, resume.path, options)
     flags = {a.dest: a.option_strings[0] for a in parser._actions}
     refused = []
@@ -255,7 +255,7 @@ def refuse_changes(options, saved, resume, parser):
             was = shown(saved.get(key))
             refused.append(f"{flags[key]} {shown(options[key])} (the run has {was}): {why}")
     if refused:
-        raise SystemExit(
+        raise Problem(
             f"these options cannot change in the run {resume.path} continues:\n  "
             + "\n  ".join(refused)
         )
@@ -288,7 +288,7 @@ def continued_run(args):
         path = resolve_checkpoint(args.resume)
         state = load_checkpoint(path)
         if state.get("averaged"):
-            raise SystemExit(
+            raise Problem(
                 f"{path} is an average of checkpoints, not a position in a run: resume from the "
                 "run's last.pt, or start a run from it with --weights"
             )

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from image_cache import MemoryCache, build_cache, default_cache_dir
-from utils import exclusive
+from utils import Problem, exclusive
 
 # Only formats Pillow can open: it registers some (.pdf, .eps) that it can only write.
 IMAGE_EXTENSIONS = frozenset(
@@ -49,12 +49,10 @@ def find_classes(train_dir, skip=()):
     """Class names are train/'s sub-folders (but those in `skip`)."""
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
-        raise SystemExit(f"no folder {train_dir}")
+        raise Problem(f"no folder {train_dir}")
     names = [d.name for d in class_folders(train_dir, skip)]
     if not names:
-        raise SystemExit(
-            f"{train_dir} holds no class folders (expected {train_dir}/<class>/<image>)"
-        )
+        raise Problem(f"{train_dir} holds no class folders (expected {train_dir}/<class>/<image>)")
     return ordered_classes(names)
 
 
@@ -79,7 +77,7 @@ def list_labelled_images(split_dir, classes, skip=()):
     class_dirs = class_folders(split_dir, skip)
     unknown = sorted(d.name for d in class_dirs if d.name not in set(classes))
     if unknown:
-        raise SystemExit(f"{split_dir} has classes that train/ lacks: {', '.join(unknown)}")
+        raise Problem(f"{split_dir} has classes that train/ lacks: {', '.join(unknown)}")
     files = []
     for d in sorted(class_dirs):
         images = sorted(
@@ -287,7 +285,7 @@ def find_dataset(root, classes=None, labels=None, image_col=None, label_col=None
             return DatasetFiles(
                 root, classes, train, None, "class folders at the root, val held out"
             )
-        raise SystemExit(
+        raise Problem(
             f"no training data at {train_dir}.\n"
             f"Point --data at a dataset root laid out as <root>/train/<class>/<image> (val/ and "
             f"test/ beside it are optional), or as <root>/<class>/<image>; give the labels of a "
@@ -295,21 +293,21 @@ def find_dataset(root, classes=None, labels=None, image_col=None, label_col=None
         )
     if not class_folders(train_dir) and list_images(train_dir):
         hint = next((f" ({c} is there)" for c in sorted(root.glob("*.csv"))), "")
-        raise SystemExit(
+        raise Problem(
             f"{train_dir} holds images but no class folders: give their labels with --labels "
             f"CSV{hint}, or put each class's images in a folder of its own"
         )
     classes = list(classes) if classes is not None else find_classes(train_dir)
     train = listed_folders(train_dir, classes)
     if not train.files:
-        raise SystemExit(f"{train_dir} holds no images in its class folders")
+        raise Problem(f"{train_dir} holds no images in its class folders")
     val_dir = root / "val"
     if not val_dir.is_dir():
         return DatasetFiles(root, classes, train, None, "train/ class folders, val held out")
     val = listed_folders(val_dir, classes)
     if not val.files:
         flat = list_images(val_dir)
-        raise SystemExit(
+        raise Problem(
             f"{val_dir} holds no images in class folders (expected {val_dir}/<class>/<image>)"
             + (f"; it holds {len(flat)} images directly" if flat else "")
             + f". Put them in class folders, or remove {val_dir} to hold out --val-fraction of "
@@ -340,7 +338,7 @@ def trained_data_root(given, state):
     for candidate in (state.get("data"), state.get("args", {}).get("data")):
         if candidate and Path(candidate).is_dir():
             return Path(candidate)
-    raise SystemExit(
+    raise Problem(
         f"the dataset this checkpoint was trained on, {state.get('data')}, is not there: "
         "name it with --data"
     )
@@ -391,7 +389,7 @@ def dataset_from_csv(root, classes, labels, image_col, label_col, val_labels):
     """find_dataset's second layout: a flat train/ and the CSV of its labels (Kaggle's)."""
     train_dir = root / "train"
     if not train_dir.is_dir():
-        raise SystemExit(f"--labels {labels}: no folder {train_dir} of the images it names")
+        raise Problem(f"--labels {labels}: no folder {train_dir} of the images it names")
     rows = read_label_csv(labels_path(labels, root), image_col, label_col)
     val_rows, val_dir = None, None
     if val_labels:
@@ -407,7 +405,7 @@ def dataset_from_csv(root, classes, labels, image_col, label_col, val_labels):
     val = listed_from_rows(val_rows, val_dir, classes, val_labels)
     both = sorted(set(train.files) & set(val.files)) if val_dir == train_dir else []
     if both:
-        raise SystemExit(
+        raise Problem(
             f"{val_labels} names images that {labels} names too, so they would train and "
             f"validate: {', '.join(both[:10])}"
         )
@@ -421,28 +419,28 @@ def labels_path(labels, root):
     for candidate in (path, Path(root) / path, Path(root) / path.name):
         if candidate.is_file():
             return candidate
-    raise SystemExit(f"no labels file {labels} (nor {Path(root) / path.name})")
+    raise Problem(f"no labels file {labels} (nor {Path(root) / path.name})")
 
 
 def read_label_csv(path, image_col=None, label_col=None):
     """(image name, label, line number) of each row of a labels CSV with a header, by the column
     names given (by default its first two columns), extra columns ignored. Every problem found
-    is named, with its line, in one SystemExit."""
+    is named, with its line, in one Problem."""
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
         table = [row for row in csv.reader(f)]
     if not table:
-        raise SystemExit(f"{path} is empty")
+        raise Problem(f"{path} is empty")
     header = [name.strip() for name in table[0]]
     columns = []
     for given, default, what in ((image_col, 0, "--image-col"), (label_col, 1, "--label-col")):
         if given is None:
             if len(header) < 2:
-                raise SystemExit(f"{path}: two columns expected (image, label), found {header}")
+                raise Problem(f"{path}: two columns expected (image, label), found {header}")
             columns.append(default)
         elif given in header:
             columns.append(header.index(given))
         else:
-            raise SystemExit(f"{path} has no column {given!r} ({what}); its columns: {header}")
+            raise Problem(f"{path} has no column {given!r} ({what}); its columns: {header}")
     rows, problems = [], []
     for n, row in enumerate(table[1:], start=2):
         if not any(cell.strip() for cell in row):
@@ -455,7 +453,7 @@ def read_label_csv(path, image_col=None, label_col=None):
         else:
             rows.append((name, label, n))
     if problems:
-        raise SystemExit(f"{path}: " + "; ".join(problems[:20]) + more(problems, 20))
+        raise Problem(f"{path}: " + "; ".join(problems[:20]) + more(problems, 20))
     return rows
 
 
@@ -487,7 +485,7 @@ def listed_from_rows(rows, folder, classes, source):
         else:
             chosen.setdefault(file, (label, line))
     if problems:
-        raise SystemExit(f"{source}: " + "; ".join(problems[:20]) + more(problems, 20))
+        raise Problem(f"{source}: " + "; ".join(problems[:20]) + more(problems, 20))
     files = sorted(chosen)
     counts = Counter(chosen[f][0] for f in files)
     lonely = sorted(c for c, n in counts.items() if n == 1)
@@ -542,7 +540,7 @@ def cache_splits(
     def cached(listed):
         cache = build_cache(listed.folder, listed.files, size, cache_dir, threads, resize)
         if listed.files and not cache.files:
-            raise SystemExit(
+            raise Problem(
                 f"none of the {len(listed.files)} images of {listed.folder} could be read"
             )
         label = dict(zip(listed.files, listed.labels.tolist()))
@@ -558,7 +556,7 @@ def cache_splits(
         train, val = whole.subset(train_rows), whole.subset(val_rows)
         skipped = len(whole.cache.skipped)
         if not len(val):
-            raise SystemExit(
+            raise Problem(
                 f"no validation images: no class of {dataset.train.folder} has two readable "
                 "images to hold one out of; give the data a val/ folder"
             )

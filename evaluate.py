@@ -37,7 +37,7 @@ from recipe import get_args_parser as training_options
 from recipe import parameter_count
 from report import write_report
 from submission import test_score
-from utils import log
+from utils import exits_on_problems, log
 
 
 def get_args_parser():
@@ -501,6 +501,7 @@ def draw_gradcam(trained, val, picked, preds, labels, confidence, shown, path):
     )
 
 
+@exits_on_problems
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     figures = Path(args.figures)

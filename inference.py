@@ -21,7 +21,7 @@ from data import CachedImages, in_memory_images, list_images, make_loader
 from image_cache import build_cache, default_cache_dir, load_image, square, to_rgb
 from model import average_weights, build_model, model_from_checkpoint
 from prefetch import on_device
-from utils import amp_dtype, log, pick_device, sum_over_processes
+from utils import Problem, amp_dtype, log, pick_device, sum_over_processes
 
 
 def add_inference_args(parser):
@@ -334,10 +334,10 @@ def print_confused(pairs):
 def test_images(test_dir):
     """The images of a flat test folder, refusing names that would give two rows the same id."""
     if not test_dir.is_dir():
-        raise SystemExit(f"no test folder {test_dir} (use --test-dir or --data)")
+        raise Problem(f"no test folder {test_dir} (use --test-dir or --data)")
     files = list_images(test_dir)
     if not files:
-        raise SystemExit(f"{test_dir} holds no images")
+        raise Problem(f"{test_dir} holds no images")
     subfolders = sorted(
         p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
     )
@@ -350,7 +350,7 @@ def test_images(test_dir):
     stems = Counter(Path(f).stem for f in files)
     clashes = sorted(f for f in files if stems[Path(f).stem] > 1)
     if clashes:
-        raise SystemExit(
+        raise Problem(
             f"{test_dir}: these files share a name once the extension is dropped, so their rows "
             f"would clash: {', '.join(clashes[:10])}"
         )
@@ -364,7 +364,7 @@ def predict_folder(trained, test_dir, files, cache_dir, threads, batch_size, ski
     cache_dir = cache_dir or default_cache_dir(test_dir.parent)
     cache = build_cache(test_dir, files, trained.img_size, cache_dir, threads, trained.resize)
     if cache.skipped and not skip_bad:
-        raise SystemExit(
+        raise Problem(
             f"{len(cache.skipped)} unreadable test image(s), nothing written: "
             + "; ".join(f"{test_dir / f} ({why})" for f, why in list(cache.skipped.items())[:10])
             + "\n(--skip-bad leaves them out of the CSV)"
@@ -384,6 +384,6 @@ def predict_images(trained, paths, batch_size):
         except Exception as e:  # any decoder failure
             problems.append(f"{path} ({type(e).__name__}: {e})")
     if problems:
-        raise SystemExit("unreadable image(s), nothing written: " + "; ".join(problems))
+        raise Problem("unreadable image(s), nothing written: " + "; ".join(problems))
     images = in_memory_images(np.stack(pixels), np.zeros(len(paths), np.int64))
     return trained.probabilities(images, [str(p) for p in paths], batch_size)

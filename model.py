@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 from augment import IMAGENET_MEAN, IMAGENET_STD
-from utils import log
+from utils import Problem, log
 
 RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")
 
@@ -49,7 +49,7 @@ def load_weights(arch, weights):
     if weights in choices.__members__:
         about = f"torchvision's {arch} {weights}, every layer but the head"
         return Weights(hub=choices[weights], about=about)
-    raise SystemExit(
+    raise Problem(
         f"--weights {weights}: no such file, nor {arch} weights of that name; use "
         f"imagenet, none, a local file or one of: {', '.join(choices.__members__)}"
     )
@@ -59,13 +59,13 @@ def local_weights(arch, path):
     try:  # weights_only: a file that would run code is refused
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"cannot load --weights {path}: {type(e).__name__}: {e}") from None
+        raise Problem(f"cannot load --weights {path}: {type(e).__name__}: {e}") from None
     if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict)):
         state = backbone_of(saved)
         return Weights(state=state, about=f"{len(state)} tensors of the state dict {path}")
     # A checkpoint of this project: it says what it is, and how its inputs were normalised.
     if saved.get("arch", arch) != arch:
-        raise SystemExit(f"--weights {path} holds a {saved['arch']}, not a {arch} (--arch)")
+        raise Problem(f"--weights {path} holds a {saved['arch']}, not a {arch} (--arch)")
     best = max((r["val_acc"] for r in saved.get("history", [])), default=None)
     state = backbone_of(inference_weights(saved))  # its moving average, if that validated better
     classes = len(saved.get("classes", []))
@@ -88,7 +88,7 @@ def build_model(arch, num_classes, weights="imagenet"):
     """`arch` from torchvision with a new He-normal head of `num_classes` outputs, starting from
     `weights` (a --weights value or a Weights): local weights load into everything but the head."""
     if arch not in resnet_family_names():
-        raise SystemExit(
+        raise Problem(
             f"unknown --arch {arch!r}; choose a torchvision ResNet-family model: "
             + ", ".join(resnet_family_names())
         )
@@ -100,7 +100,7 @@ def build_model(arch, num_classes, weights="imagenet"):
         if weights.hub is None:
             raise
         file = weights.hub.url.rsplit("/", 1)[-1]
-        raise SystemExit(
+        raise Problem(
             f"could not download the {arch} ImageNet weights ({type(e).__name__}: {e}).\n"
             f"To work offline, use one of:\n"
             f"  --weights PATH   a local state dict, e.g. {file} fetched on another machine\n"
@@ -114,7 +114,7 @@ def build_model(arch, num_classes, weights="imagenet"):
             if (mine := model.state_dict().get(key)) is not None and mine.shape != value.shape
         ]
         if misfits:
-            raise SystemExit(
+            raise Problem(
                 f"the weights of {weights.about} do not fit {arch} (weights of another "
                 f"architecture or width?): {'; '.join(misfits[:3])}"
                 + (f"; and {len(misfits) - 3} more" if len(misfits) > 3 else "")
@@ -122,7 +122,7 @@ def build_model(arch, num_classes, weights="imagenet"):
         missing, unexpected = model.load_state_dict(weights.state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
-            raise SystemExit(
+            raise Problem(
                 f"the weights of {weights.about} do not fit {arch}: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
@@ -252,9 +252,7 @@ def inference_weights(state, use="auto"):
     if use == "auto":
         use = "ema" if state.get("eval_weights") == "ema" else "weights"
     if use == "ema" and not state.get("ema"):
-        raise SystemExit(
-            "this checkpoint holds no moving average of its weights (train with --ema)"
-        )
+        raise Problem("this checkpoint holds no moving average of its weights (train with --ema)")
     return state["ema"]["model"] if use == "ema" else state["model"]
 
 
@@ -266,7 +264,7 @@ def average_weights(states):
     weights = [inference_weights(s) for s in states]
     keys = weights[0].keys()
     if any(w.keys() != keys for w in weights):
-        raise SystemExit("the checkpoints hold different models: average checkpoints of one run")
+        raise Problem("the checkpoints hold different models: average checkpoints of one run")
     mean = {}
     for key in keys:
         values = [w[key] for w in weights]

@@ -39,7 +39,7 @@ from submission import (
     score,
     write,
 )
-from utils import log
+from utils import exits_on_problems, log
 
 
 def get_args_parser():
@@ -135,6 +135,7 @@ def check(args, test_dir, files, classes):
         print_confused(result.confused)
 
 
+@exits_on_problems
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     if args.topk < 1:

@@ -27,7 +27,7 @@ from continuing import (
 from data import labels_path
 from image_cache import RESIZE_MODES
 from model import count_parameters, set_trainable, stage_groups
-from utils import log
+from utils import Problem, log
 
 USAGE = """Fine-tune an ImageNet-pretrained ResNet in two phases (the report's Algorithm 1).
 
@@ -443,7 +443,7 @@ def epochs_within(seconds, phase_seconds, end_seconds, fixed=None, most=100_000)
     for total in range(2, most):
         try:
             split = split_budget(total, fixed)
-        except SystemExit:  # the epochs given make up more than `total`
+        except Problem:  # the epochs given make up more than `total`
             continue
         cost = sum(phase_seconds(p, split) for p in (1, 2)) + end_seconds
 
@@ -469,7 +469,7 @@ def split_budget(total, fixed=None):
         epochs1 = total - given2 if given2 is not None else max(1, round(total * 10 / 135))
     epochs2 = fixed.get("epochs2", total - epochs1)
     if epochs1 + epochs2 != total or min(epochs1, epochs2) < 0:
-        raise SystemExit(
+        raise Problem(
             f"--epochs {total}: --epochs1 {epochs1} and --epochs2 {epochs2} do not make it up"
         )
     warmup = fixed.get("warmup_epochs", round(epochs2 * 5 / 125))
@@ -555,8 +555,8 @@ def resolved_paths(options):
     if weights not in ("auto", "none"):
         try:
             found["class_weights"] = str(labels_path(weights, options["data"]).resolve())
-        except SystemExit:
-            raise SystemExit(f"--class-weights {weights}: not auto, none, nor a file") from None
+        except Problem:
+            raise Problem(f"--class-weights {weights}: not auto, none, nor a file") from None
 
     return found
 
@@ -762,11 +762,11 @@ def class_weights(spec, classes, counts):
     index, weight = {c: i for i, c in enumerate(classes)}, torch.ones(len(classes))
     for n, row in enumerate(rows, start=2):
         if len(row) < 2 or row[0].strip() not in index:
-            raise SystemExit(f"--class-weights {spec}: line {n}: not a class,weight of the data")
+            raise Problem(f"--class-weights {spec}: line {n}: not a class,weight of the data")
         try:
             weight[index[row[0].strip()]] = float(row[1])
         except ValueError:
-            raise SystemExit(f"--class-weights {spec}: line {n}: {row[1]!r} is no number") from None
+            raise Problem(f"--class-weights {spec}: line {n}: {row[1]!r} is no number") from None
     return weight
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from data import more
 from inference import confusion_matrix, most_confused, predict_folder, test_images
-from utils import atomic_file, log
+from utils import Problem, atomic_file, log
 
 DEFAULT_COLUMNS = ("image_name", "pred_label")
 
@@ -44,7 +44,7 @@ class Layout:
     def parse_columns(cls, text):
         names = tuple(name.strip() for name in text.split(","))
         if len(names) != 2 or not all(names):
-            raise SystemExit(
+            raise Problem(
                 f"--columns {text}: two column names, image first (image_name,pred_label)"
             )
         return names
@@ -99,9 +99,9 @@ def read_table(path):
         with open(path, newline="", encoding="utf-8-sig") as f:
             lines = list(csv.reader(f))
     except OSError as e:
-        raise SystemExit(f"cannot read {path}: {e}") from None
+        raise Problem(f"cannot read {path}: {e}") from None
     if not lines:
-        raise SystemExit(f"{path} is empty: expected a header, then a row per image")
+        raise Problem(f"{path} is empty: expected a header, then a row per image")
     rows = [(n, row) for n, row in enumerate(lines[1:], start=2) if any(c.strip() for c in row)]
     return Table(Path(path), [c.strip() for c in lines[0]], rows)
 
@@ -191,11 +191,11 @@ def ranked_classes(cells, classes):
 
 def read_answers(path, names, classes):
     """True labels (any two columns, image first; names with or without their extension):
-    file -> label, checked; SystemExit naming every problem."""
+    file -> label, checked; A Problem naming every problem."""
     table = read_table(path)
     answers, problems, known = {}, [], set(classes)
     if len(table.header) != 2:
-        raise SystemExit(f"{path}: expected two columns, an image's and its label's")
+        raise Problem(f"{path}: expected two columns, an image's and its label's")
     rows = table.rows
     if names.file(table.header[0]):
         log(f"{path}: line 1 names an image ({table.header[0]}): read as an answer, not a header")
@@ -213,7 +213,7 @@ def read_answers(path, names, classes):
         else:
             answers[file] = row[1].strip()
     if problems:
-        raise SystemExit(
+        raise Problem(
             f"{path}: {len(problems)} of its {len(rows)} rows cannot be scored:\n  "
             + "\n  ".join(problems[:20])
             + more(problems, 20)
@@ -296,5 +296,5 @@ def test_score(trained, test_dir, answers, threads=4, batch_size=128, top=10):
     labels = {file: [trained.classes[int(p.argmax())]] for file, p in rows}
     gaps = missing(labels, truth)
     if gaps:
-        raise SystemExit(f"{answers} does not match {test_dir}: " + "; ".join(gaps[:10]))
+        raise Problem(f"{answers} does not match {test_dir}: " + "; ".join(gaps[:10]))
     return score(labels, truth, trained.classes, top)

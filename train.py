@@ -78,6 +78,7 @@ from utils import (
     broadcast_buffers,
     broadcast_module,
     compile_support,
+    exits_on_problems,
     gather_from_processes,
     init_distributed,
     is_main_process,
@@ -92,6 +93,7 @@ from utils import (
 )
 
 
+@exits_on_problems
 def main(argv=None):
     started = time.monotonic()  # a --time-budget counts from here
     args, resume = resolve_options(argv)

@@ -11,6 +11,7 @@ several that share a filesystem):
   work done (image_cache.build_cache, data.write_demo_dataset); every file atomically
   (atomic_file)."""
 
+import functools
 import os
 import random
 import signal
@@ -27,6 +28,29 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from filelock import FileLock, Timeout
+
+
+class Problem(Exception):
+    """What stops the work because of the user's data, files or options, said in a sentence with
+    the way on. The library raises it (code of your own catches it as any exception); the scripts
+    print it and exit with status 1 (exits_on_problems)."""
+
+
+class MissingFile(Problem, FileNotFoundError):
+    """A file the user named that is not there: a Problem, and a FileNotFoundError."""
+
+
+def exits_on_problems(main):
+    """A script's main, which turns a Problem into its message and exit status 1."""
+
+    @functools.wraps(main)
+    def script(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Problem as problem:
+            raise SystemExit(str(problem)) from None
+
+    return script
 
 
 def log(*parts):
@@ -201,7 +225,7 @@ class StopRequest:
 @contextmanager
 def exclusive(path, what, wait=False):
     """Hold an exclusive lock on the file `path` for the block. Another process holding it makes
-    this raise SystemExit naming it (the process and host, kept in `path`.owner while the lock is
+    this raise Problem naming it (the process and host, kept in `path`.owner while the lock is
     held), or with wait, wait for it. The lock is filelock's, the platform's own: flock on Linux
     and macOS, LockFileEx on Windows, which the system drops with the process however it ends
     (kill -9 included), so none is ever left stale."""
@@ -213,9 +237,7 @@ def exclusive(path, what, wait=False):
         lock.acquire(timeout=-1 if wait else 0)
     except Timeout:
         holder = owner.read_text().strip() if owner.is_file() else ""
-        raise SystemExit(
-            f"{what} is in use by {holder or 'another process'} (lock {path})"
-        ) from None
+        raise Problem(f"{what} is in use by {holder or 'another process'} (lock {path})") from None
     try:
         owner.write_text(f"process {os.getpid()} on {socket.gethostname()}\n")
         yield
@@ -293,9 +315,9 @@ def pick_device(name="auto", local_rank=0):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible (use --device cpu)")
+        raise Problem("--device cuda: no CUDA device is visible (use --device cpu)")
     if name == "mps" and not mps_available():
-        raise SystemExit("--device mps: no Apple GPU here, or this torch lacks MPS (--device cpu)")
+        raise Problem("--device mps: no Apple GPU here, or this torch lacks MPS (--device cpu)")
     return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
@@ -305,7 +327,7 @@ def amp_dtype(amp, device):
     if device.type not in ("cuda", "mps") or amp == "off":
         return None
     if amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise SystemExit("--amp bf16: this GPU has no bfloat16 support (use --amp fp16)")
+        raise Problem("--amp bf16: this GPU has no bfloat16 support (use --amp fp16)")
     return {"fp16": torch.float16, "bf16": torch.bfloat16}[amp]
 
 

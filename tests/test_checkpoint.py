@@ -18,6 +18,7 @@ from checkpoint import load_optimizer_state
 from conftest import TINY, make_dataset
 from narrow import narrow_get_model
 from recipe import resolve_options
+from utils import Problem
 
 # Written by the code as it was before its run state was redesigned (tests/fixtures/README.md):
 # a run with every lever that keeps state, stopped by SIGTERM two batches into Phase II.
@@ -145,7 +146,7 @@ def test_bare_checkpoint_name_resolves_in_checkpoints(tmp_path, monkeypatch):
     (tmp_path / "checkpoints").mkdir()
     checkpoint.save_checkpoint({"x": 1}, tmp_path / "checkpoints" / "best.pt")
     assert checkpoint.resolve_checkpoint("best.pt") == Path("checkpoints/best.pt")
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    with pytest.raises(Problem, match="no checkpoint"):
         checkpoint.resolve_checkpoint("missing.pt")
 
 

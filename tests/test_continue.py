@@ -16,6 +16,7 @@ import train
 from conftest import REPO, TINY, make_dataset, stop_at
 from narrow import narrow_get_model
 from recipe import get_args_parser, resolve_options
+from utils import Problem
 
 CPU = torch.device("cpu")
 BASE = TINY + ["--epochs1", "2", "--epochs2", "3"]
@@ -292,7 +293,7 @@ def test_the_seed_and_the_held_out_fraction_are_refused_where_they_draw_validati
     for option in (["--seed", "3"], ["--val-fraction", "0.3"]):
         for how in (["--resume", str(tmp_path / "ck" / "last.pt")], ["--phase", "2"]):
             argv = how + ["--out", str(tmp_path / "ck"), *option]
-            with pytest.raises(SystemExit, match=f"{option[0]} .*move images the run trained on"):
+            with pytest.raises(Problem, match=f"{option[0]} .*move images the run trained on"):
                 resolve_options(argv)
 
 
@@ -303,7 +304,7 @@ def test_a_new_budget_keeps_the_phase_one_a_run_has_done(tmp_path):
     torch.save({"args": vars(args), "phase": 2, "epoch": 3, "history": []}, path)
     resumed, _ = resolve_options(["--resume", str(path), "--epochs", "50"])
     assert (resumed.epochs1, resumed.epochs2) == (1, 49)
-    with pytest.raises(SystemExit, match="--epochs1 4 .* Phase I of this run is over"):
+    with pytest.raises(Problem, match="--epochs1 4 .* Phase I of this run is over"):
         resolve_options(["--resume", str(path), "--epochs", "50", "--epochs1", "4"])
 
 
@@ -380,7 +381,7 @@ def weights_of(criterion):
 def test_an_epoch_in_flight_is_not_dropped_by_a_shorter_phase(stopped_runs):
     _, _, points = stopped_runs  # phase2: two batches into Phase II's second epoch
     with pytest.raises(
-        SystemExit, match="--epochs2 1 .* Phase II has 2 epochs, the last in flight"
+        Problem, match="--epochs2 1 .* Phase II has 2 epochs, the last in flight"
     ):
         resolve_options(["--resume", str(points["phase2"]), "--epochs2", "1"])
     assert resolve_options(["--resume", str(points["phase2"]), "--epochs2", "2"])[0].epochs2 == 2

@@ -10,6 +10,7 @@ from PIL import Image, PngImagePlugin
 import data
 import image_cache
 from conftest import make_dataset, write_image
+from utils import Problem
 
 
 def test_classes_in_numeric_order_hidden_folders_ignored(tmp_path):
@@ -45,7 +46,7 @@ def test_non_image_files_and_hidden_files_are_ignored(tmp_path):
 def test_val_class_missing_from_train_is_an_error_naming_it(tmp_path):
     root = make_dataset(tmp_path, classes=("a", "b"))
     write_image(root / "val" / "zebra" / "1.png", (9, 9, 9))
-    with pytest.raises(SystemExit, match="zebra"):
+    with pytest.raises(Problem, match="zebra"):
         data.load_splits(root, 8)
 
 
@@ -286,7 +287,7 @@ def test_a_val_folder_that_yields_no_images_is_an_error_saying_why(how, tmp_path
         "empty": "holds no images in class folders",
         "unreadable": "none of the 2 images of .*val could be read",
     }[how]
-    with pytest.raises(SystemExit, match=expected), warnings.catch_warnings():
+    with pytest.raises(Problem, match=expected), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # each unreadable image's own warning
         data.load_splits(root, 8, tmp_path / "c")
 
@@ -349,18 +350,18 @@ def test_a_labels_csv_with_problems_is_refused_naming_each_line(tmp_path):
     lines[2] = "2,x,img000"  # img000 again, with another label than line 2's
     lines += ["1,x,nowhere", ",x,img101", "1,x,img102"]
     (root / "train.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(SystemExit) as refused:
+    with pytest.raises(Problem) as refused:
         data.find_dataset(root, labels="train.csv", image_col="id", label_col="label")
     message = str(refused.value)
     assert "line 15: img101 has an empty label" in message  # read first: nothing else is checked
     lines.pop(-2)
     (root / "train.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(SystemExit) as refused:
+    with pytest.raises(Problem) as refused:
         data.find_dataset(root, labels="train.csv", image_col="id", label_col="label")
     message = str(refused.value)
     assert "line 3: img000 is labelled '2', and '10' on line 2" in message
     assert "line 14: nowhere (no such image in" in message
-    with pytest.raises(SystemExit, match="no column 'image'"):
+    with pytest.raises(Problem, match="no column 'image'"):
         data.find_dataset(root, labels="train.csv", image_col="image")
 
 
@@ -368,7 +369,7 @@ def test_a_class_with_one_image_is_warned_of_and_val_labels_must_not_repeat_trai
     root = kaggle_layout(tmp_path / "k", per_class=3)
     val = ["id,label", "img000,10", "img100,2"]
     (root / "val.csv").write_text("\n".join(val) + "\n")
-    with pytest.raises(SystemExit, match="names images that train.csv names too.*img000.png"):
+    with pytest.raises(Problem, match="names images that train.csv names too.*img000.png"):
         data.find_dataset(
             root, labels="train.csv", val_labels="val.csv", image_col="id", label_col="label"
         )
@@ -393,7 +394,7 @@ def test_a_folder_of_class_folders_is_the_training_set_and_validation_is_held_ou
     dataset = data.find_dataset(root)  # test/ beside the classes is no class
     assert dataset.classes == ["a", "b"] and dataset.layout.startswith("class folders at the root")
     assert data.validation_is_drawn({"data": str(root)})
-    with pytest.raises(SystemExit, match="holds images but no class folders: .* --labels CSV"):
+    with pytest.raises(Problem, match="holds images but no class folders: .* --labels CSV"):
         (tmp_path / "flat" / "train").mkdir(parents=True)
         write_image(tmp_path / "flat" / "train" / "x.png", (1, 2, 3))
         data.find_dataset(tmp_path / "flat")

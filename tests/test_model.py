@@ -6,6 +6,7 @@ import torchvision
 
 import model as M
 from narrow import NarrowResNet
+from utils import Problem
 
 
 def test_head_is_he_normal_with_zero_bias():
@@ -24,7 +25,7 @@ def test_any_resnet_family_name_builds_and_others_are_refused():
         M.resnet_family_names()
     )
     assert M.build_model("resnext50_32x4d", 3, weights="none").fc.out_features == 3
-    with pytest.raises(SystemExit, match="resnet34"):
+    with pytest.raises(Problem, match="resnet34"):
         M.build_model("vit_b_16", 3, weights="none")
 
 
@@ -42,7 +43,7 @@ def test_local_state_dict_loads_everything_but_the_head(tmp_path):
     net = M.build_model("resnet18", 2, weights=str(tmp_path / "ck.pt"))
     assert torch.equal(net.conv1.weight, source.conv1.weight)
 
-    with pytest.raises(SystemExit, match="do not fit resnet34"):
+    with pytest.raises(Problem, match="do not fit resnet34"):
         M.build_model("resnet34", 7, weights=str(tmp_path / "r18.pth"))
 
 
@@ -55,7 +56,7 @@ def test_weights_of_another_width_are_a_message_naming_the_shapes(tmp_path):
         patch.setattr(torchvision.models, "get_model", lambda name, weights=None: wide)
         patch.setattr(M, "resnet_family_names", lambda: ["wide"])
         with pytest.raises(
-            SystemExit, match=r"do not fit wide .* layer1.0.conv1.weight is \(8, 64, 3, 3\) there"
+            Problem, match=r"do not fit wide .* layer1.0.conv1.weight is \(8, 64, 3, 3\) there"
         ):
             M.build_model("wide", 3, weights=str(tmp_path / "narrow.pth"))
 
@@ -82,7 +83,7 @@ def test_a_checkpoint_as_weights_brings_its_normalisation_and_says_what_it_is(tm
         "resnet18 trained on 5 classes at 64 px, phase 2 epoch 2, val acc 0.5000" in weights.about
     )
     assert "120 tensors (all but the head)" in weights.about
-    with pytest.raises(SystemExit, match="holds a resnet18, not a resnet34"):
+    with pytest.raises(Problem, match="holds a resnet18, not a resnet34"):
         M.load_weights("resnet34", str(tmp_path / "best.pt"))
     net = M.build_model("resnet18", 3, weights)
     assert torch.equal(net.layer1[0].conv1.weight, source.layer1[0].conv1.weight)
@@ -90,7 +91,7 @@ def test_a_checkpoint_as_weights_brings_its_normalisation_and_says_what_it_is(tm
 
 
 def test_unknown_weights_name_is_a_clear_error():
-    with pytest.raises(SystemExit, match="IMAGENET1K_V1"):
+    with pytest.raises(Problem, match="IMAGENET1K_V1"):
         M.build_model("resnet18", 3, weights="imagenet22k")
 
 
@@ -99,7 +100,7 @@ def test_failed_download_says_how_to_work_offline(monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(Problem) as exc:
         M.build_model("resnet18", 3, weights="imagenet")
     message = str(exc.value)
     assert "--weights PATH" in message and "TORCH_HOME" in message and "--weights none" in message
@@ -157,7 +158,7 @@ def test_a_checkpoint_is_evaluated_with_the_weights_it_says_or_those_asked_for()
     assert M.inference_weights(state) is average
     assert M.inference_weights(state, "weights") is weights
     assert M.inference_weights({**state, "eval_weights": "model"}) is weights
-    with pytest.raises(SystemExit, match="no moving average"):
+    with pytest.raises(Problem, match="no moving average"):
         M.inference_weights({"model": weights, "ema": None}, "ema")
 
 

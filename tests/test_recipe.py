@@ -11,6 +11,7 @@ import model as M
 import recipe
 from checkpoint import PHASE1
 from recipe import resolve_options
+from utils import Problem
 
 CPU = torch.device("cpu")
 
@@ -286,7 +287,7 @@ def test_a_recipe_given_again_sets_its_phase_i_levers_only_where_phase_i_trains_
             f"--recipe fast: its --lr1 0.01 is for Phase I, and Phase I of this run {why}; it "
             "keeps 0.0005" in capsys.readouterr().err
         )
-        with pytest.raises(SystemExit, match=r"--lr1 0.01 .*Phase I of this run"):
+        with pytest.raises(Problem, match=r"--lr1 0.01 .*Phase I of this run"):
             resolve_options(argv + ["--lr1", "1e-2"])
 
 
@@ -346,7 +347,7 @@ def test_on_resume_options_given_win_and_the_split_is_redone_only_if_given_again
     state = torch.load(path, weights_only=True)
     torch.save({**state, "optimizer": {"state": {}}}, path)  # Phase II's
     assert resolve_options(["--resume", path, "--lr-decay", "0.7"])[0].lr_decay == 0.7
-    with pytest.raises(SystemExit, match="--optimizer2 sgd .* start it again from phase1.pt"):
+    with pytest.raises(Problem, match="--optimizer2 sgd .* start it again from phase1.pt"):
         resolve_options(["--resume", path, "--optimizer2", "sgd"])
 
 
@@ -387,7 +388,7 @@ def test_a_fresh_run_resolves_defaults_then_demo_then_recipe_then_split_then_giv
     assert (args.lr_decay, args.average_last, args.ema) == (0.7, 3, 0.5)  # recipe, then given
     # The split over the demo's 2 + 10, around the --epochs1 given.
     assert (args.epochs1, args.epochs2, args.warmup_epochs, args.cosine_epochs) == (2, 6, 0, 6)
-    with pytest.raises(SystemExit, match="do not make it up"):
+    with pytest.raises(Problem, match="do not make it up"):
         resolve_options(["--epochs", "8", "--epochs1", "2", "--epochs2", "3"])
 
 
@@ -401,11 +402,11 @@ def test_phase_two_from_phase_one_may_take_its_own_optimizer_and_levers(tmp_path
     args, _ = resolve_options(["--phase", "2", "--out", str(out), "--recipe", "best"])
     assert (args.lr_decay, args.ema, args.p_vflip) == (0.7, 0.99, 0.0)
     assert resolve_options(["--phase", "2", "--out", str(out), "--optimizer2", "sgd"])[0]
-    with pytest.raises(SystemExit, match="--lr1 0.001 .* Phase I of this run does not train"):
+    with pytest.raises(Problem, match="--lr1 0.001 .* Phase I of this run does not train"):
         resolve_options(["--phase", "2", "--out", str(out), "--lr1", "1e-3"])
     state = torch.load(out / PHASE1, weights_only=True)
     torch.save({**state, "phase": 2, "optimizer": {"state": {}}}, out / "last.pt")  # in Phase II
-    with pytest.raises(SystemExit, match="--optimizer2 sgd"):
+    with pytest.raises(Problem, match="--optimizer2 sgd"):
         resolve_options(["--resume", str(out / "last.pt"), "--optimizer2", "sgd"])
 
 
