@@ -10,7 +10,6 @@ The deterministic half runs once per folder and is kept on disk, so no epoch aft
 decodes an image.
 """
 
-import csv
 import hashlib
 import itertools
 import math
@@ -26,7 +25,8 @@ import torch
 from PIL import Image
 
 from image_cache import MemoryCache, build_cache, default_cache_dir
-from utils import Problem, exclusive
+from tables import Names, cell, read_csv, read_labels
+from utils import MissingFile, Problem, exclusive
 
 # Only formats Pillow can open: it registers some (.pdf, .eps) that it can only write.
 IMAGE_EXTENSIONS = frozenset(
@@ -386,29 +386,38 @@ def listed_folders(split_dir, classes, skip=()):
 
 
 def dataset_from_csv(root, classes, labels, image_col, label_col, val_labels):
-    """find_dataset's second layout: a flat train/ and the CSV of its labels (Kaggle's)."""
+    """find_dataset's second layout: a flat train/ and the CSV of its labels (Kaggle's). The
+    classes are the training labels' (a label only the validation CSV names is an error, as a
+    val/ class folder that train/ lacks is)."""
     train_dir = root / "train"
     if not train_dir.is_dir():
         raise Problem(f"--labels {labels}: no folder {train_dir} of the images it names")
-    rows = read_label_csv(labels_path(labels, root), image_col, label_col)
-    val_rows, val_dir = None, None
-    if val_labels:
-        val_dir = root / "val" if (root / "val").is_dir() else train_dir
-        val_rows = read_label_csv(labels_path(val_labels, root), image_col, label_col)
+    train_names = Names(list_images(train_dir), train_dir)
+    labels_file = labels_path(labels, root)
+    rows = read_labels(labels_file, train_names, image_col, label_col, classes)
     if classes is None:
-        found = {label for _, label, _ in rows} | {label for _, label, _ in val_rows or []}
-        classes = ordered_classes(found)
-    train = listed_from_rows(rows, train_dir, classes, labels)
+        classes = ordered_classes({label for label, _ in rows.values()})
+    train = listed_from_rows(rows, train_dir, classes, labels_file)
     where = f"train/ images labelled by {Path(labels).name}"
-    if val_rows is None:
+    if not val_labels:
+        warn_unlisted(train_names, [rows], [labels_file])
         return DatasetFiles(root, classes, train, None, f"{where}, val held out")
-    val = listed_from_rows(val_rows, val_dir, classes, val_labels)
-    both = sorted(set(train.files) & set(val.files)) if val_dir == train_dir else []
+    val_dir = root / "val" if (root / "val").is_dir() else train_dir
+    val_names = train_names if val_dir == train_dir else Names(list_images(val_dir), val_dir)
+    val_file = labels_path(val_labels, root)
+    val_rows = read_labels(val_file, val_names, image_col, label_col, classes)
+    both = sorted(set(rows) & set(val_rows)) if val_dir == train_dir else []
     if both:
         raise Problem(
-            f"{val_labels} names images that {labels} names too, so they would train and "
+            f"{val_file} names images that {labels_file} names too, so they would train and "
             f"validate: {', '.join(both[:10])}"
         )
+    if val_dir == train_dir:
+        warn_unlisted(train_names, [rows, val_rows], [labels_file, val_file])
+    else:
+        warn_unlisted(train_names, [rows], [labels_file])
+        warn_unlisted(val_names, [val_rows], [val_file])
+    val = listed_from_rows(val_rows, val_dir, classes, val_file)
     return DatasetFiles(root, classes, train, val, f"{where}, val by {Path(val_labels).name}")
 
 
@@ -419,75 +428,14 @@ def labels_path(labels, root):
     for candidate in (path, Path(root) / path, Path(root) / path.name):
         if candidate.is_file():
             return candidate
-    raise Problem(f"no labels file {labels} (nor {Path(root) / path.name})")
-
-
-def read_label_csv(path, image_col=None, label_col=None):
-    """(image name, label, line number) of each row of a labels CSV with a header, by the column
-    names given (by default its first two columns), extra columns ignored. Every problem found
-    is named, with its line, in one Problem."""
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a spreadsheet's BOM
-        table = [row for row in csv.reader(f)]
-    if not table:
-        raise Problem(f"{path} is empty")
-    header = [name.strip() for name in table[0]]
-    columns = []
-    for given, default, what in ((image_col, 0, "--image-col"), (label_col, 1, "--label-col")):
-        if given is None:
-            if len(header) < 2:
-                raise Problem(f"{path}: two columns expected (image, label), found {header}")
-            columns.append(default)
-        elif given in header:
-            columns.append(header.index(given))
-        else:
-            raise Problem(f"{path} has no column {given!r} ({what}); its columns: {header}")
-    rows, problems = [], []
-    for n, row in enumerate(table[1:], start=2):
-        if not any(cell.strip() for cell in row):
-            continue  # a blank line
-        name, label = (row[c].strip() if c < len(row) else "" for c in columns)
-        if not name:
-            problems.append(f"line {n}: no image name")
-        elif not label:
-            problems.append(f"line {n}: {name} has an empty label")
-        else:
-            rows.append((name, label, n))
-    if problems:
-        raise Problem(f"{path}: " + "; ".join(problems[:20]) + more(problems, 20))
-    return rows
+    raise MissingFile(f"no labels file {labels} (nor {Path(root) / path.name})")
 
 
 def listed_from_rows(rows, folder, classes, source):
-    """The images of `folder` the rows name (with their extension or without), labelled, checked:
-    a name with no image, an image named twice with two labels, a label not among `classes` are
-    errors naming their lines; a class with one image is a warning."""
-    by_name = {name: name for name in list_images(folder)}
-    by_stem = {}
-    for name in by_name:
-        by_stem.setdefault(Path(name).stem, []).append(name)
-    index = {c: i for i, c in enumerate(classes)}
-    chosen, problems = {}, []
-    for name, label, line in rows:
-        file = by_name.get(name) or (by_stem[name][0] if len(by_stem.get(name, [])) == 1 else None)
-        if file is None:
-            twins = by_stem.get(name, [])
-            why = (
-                f"{len(twins)} files are named so: {', '.join(twins)}" if twins else "no such image"
-            )
-            problems.append(f"line {line}: {name} ({why} in {folder})")
-        elif label not in index:
-            problems.append(f"line {line}: {label!r} is not one of the {len(classes)} classes")
-        elif file in chosen and chosen[file][0] != label:
-            problems.append(
-                f"line {line}: {name} is labelled {label!r}, and {chosen[file][0]!r} on line "
-                f"{chosen[file][1]}"
-            )
-        else:
-            chosen.setdefault(file, (label, line))
-    if problems:
-        raise Problem(f"{source}: " + "; ".join(problems[:20]) + more(problems, 20))
-    files = sorted(chosen)
-    counts = Counter(chosen[f][0] for f in files)
+    """The images `rows` (read_labels') label, in file order; a class with one image is a
+    warning (it cannot both train and validate)."""
+    files = sorted(rows)
+    counts = Counter(rows[f][0] for f in files)
     lonely = sorted(c for c, n in counts.items() if n == 1)
     if lonely:
         warnings.warn(
@@ -495,19 +443,22 @@ def listed_from_rows(rows, folder, classes, source):
             f"trained and validated on: {', '.join(lonely[:10])}",
             stacklevel=2,
         )
-    unlisted = len(by_name) - len(files)
-    if unlisted and source:
-        warnings.warn(
-            f"{source} names {len(files)} of the {len(by_name)} images in {folder}; "
-            f"the other {unlisted} are left out",
-            stacklevel=2,
-        )
-    labels = np.array([index[chosen[f][0]] for f in files], dtype=np.int64)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[rows[f][0]] for f in files], dtype=np.int64)
     return Listed(Path(folder), files, labels)
 
 
-def more(problems, shown):
-    return f" (and {len(problems) - shown} more)" if len(problems) > shown else ""
+def warn_unlisted(names, row_sets, sources):
+    """A warning where the labels CSVs of a folder leave some of its images out."""
+    named = set().union(*row_sets)
+    unlisted = len(names.files) - len(named)
+    if unlisted:
+        which = " and ".join(str(Path(s).name) for s in sources)
+        warnings.warn(
+            f"{which} name {len(named)} of the {len(names.files)} images in {names.folder}; "
+            f"the other {unlisted} are left out",
+            stacklevel=3,
+        )
 
 
 @dataclass
@@ -581,9 +532,10 @@ def display_names(data_dir, classes):
     path = Path(data_dir) / "class_names.csv"
     if not path.is_file():
         return {c: c for c in classes}
-    with open(path, newline="") as f:
-        words = {row["folder"]: row["words"] for row in csv.DictReader(f) if "folder" in row}
-    return {c: f"{c} ({words[c].split(',')[0][:24]})" if words.get(c) else c for c in classes}
+    table = read_csv(path, header_needed=True)
+    folder, words = (table.column(name, "class_names.csv") for name in ("folder", "words"))
+    named = {cell(row, folder): cell(row, words) for _, row in table.rows}
+    return {c: f"{c} ({named[c].split(',')[0][:24]})" if named.get(c) else c for c in classes}
 
 
 # ----------------------------------------------------------------------------- the demo dataset

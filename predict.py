@@ -107,7 +107,7 @@ def get_args_parser():
 def check(args, test_dir, files, classes):
     """--check: the CSV against the test folder and the classes, and with --answers its score.
     An image the CSV leaves out is a problem unless it is unreadable (as --skip-bad leaves it)."""
-    names = Names(files)
+    names = Names(files, test_dir)
     predictions = read_predictions(args.check, names, classes)
     unreadable = {f for f in set(files) - set(predictions.labels) if why_unreadable(test_dir / f)}
     expected = set(files) - unreadable

@@ -7,7 +7,6 @@ settings. train.py runs it; evaluate.py, report.py and the benchmarks read it fr
 """
 
 import argparse
-import csv
 import math
 import re
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from continuing import (
 from data import labels_path
 from image_cache import RESIZE_MODES
 from model import count_parameters, set_trainable, stage_groups
+from tables import read_class_weights
 from utils import Problem, log
 
 USAGE = """Fine-tune an ImageNet-pretrained ResNet in two phases (the report's Algorithm 1).
@@ -746,28 +746,24 @@ def loss_of(args, classes=None, counts=None):
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
 
 
+def check_class_weights(spec, classes):
+    """A --class-weights FILE read and checked against the classes (a Problem naming each bad
+    row), as a run starts: before it writes anything."""
+    if spec not in (None, "none", "auto"):
+        read_class_weights(spec, classes)
+
+
 def class_weights(spec, classes, counts):
     """--class-weights as a tensor of one weight a class, or None: "auto", each class's inverse
     frequency among the training images, scaled so that the weights' mean is 1 (a class with no
-    training image gets 0); a CSV of class,weight (a header, then a row a class; unlisted
-    classes 1)."""
+    training image gets 0); a CSV of class,weight rows (tables.read_class_weights)."""
     if spec in (None, "none"):
         return None
     if spec == "auto":
         counts = torch.as_tensor(counts, dtype=torch.float64)
         inverse = torch.where(counts > 0, 1 / counts.clamp(min=1), 0.0)
         return (inverse / inverse[counts > 0].mean()).float()
-    with open(spec, newline="", encoding="utf-8-sig") as f:
-        rows = [row for row in csv.reader(f) if row][1:]
-    index, weight = {c: i for i, c in enumerate(classes)}, torch.ones(len(classes))
-    for n, row in enumerate(rows, start=2):
-        if len(row) < 2 or row[0].strip() not in index:
-            raise Problem(f"--class-weights {spec}: line {n}: not a class,weight of the data")
-        try:
-            weight[index[row[0].strip()]] = float(row[1])
-        except ValueError:
-            raise Problem(f"--class-weights {spec}: line {n}: {row[1]!r} is no number") from None
-    return weight
+    return torch.tensor(read_class_weights(spec, classes), dtype=torch.float32)
 
 
 @dataclass(frozen=True)

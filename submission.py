@@ -14,9 +14,9 @@ two column names are taken (image first), and a file of probabilities is told by
 
 import csv
 import math
+import shlex
 import sys
 import time
-from collections import Counter
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +24,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data import more
 from inference import confusion_matrix, most_confused, predict_folder, test_images
-from utils import Problem, atomic_file, log
+from tables import Names, Problems, class_list, find_class, read_csv, read_labels
+from utils import Problem, atomic_file
 
 DEFAULT_COLUMNS = ("image_name", "pred_label")
 
@@ -69,11 +69,11 @@ def write(rows, classes, layout, out=None, probs=None):
             table = files.enter_context(atomic_file(probs, "w", newline=""))
             spread = csv.writer(table, lineterminator="\n")
             spread.writerow([layout.columns[0], *classes])
-        start, count = time.perf_counter(), 0
+        start, count, known = time.perf_counter(), 0, set(classes)
         for file, p in rows:
             name = layout.name(file)
             best = np.argsort(-p, kind="stable")[: layout.topk]
-            writer.writerow([name, " ".join(classes[i] for i in best)])
+            writer.writerow([name, join_labels([classes[i] for i in best], known)])
             if spread is not None:
                 spread.writerow([name, *(f"{v:.6g}" for v in p)])
             count += 1
@@ -85,45 +85,46 @@ def write(rows, classes, layout, out=None, probs=None):
 # ----------------------------------------------------------------------------- reading back
 
 
-@dataclass
-class Table:
-    """A CSV read back: its header and rows (blank lines dropped), where it came from."""
+def join_labels(labels, classes):
+    """A row's labels as its label cell: one class name as it is; several, best first, separated
+    by spaces (Kaggle's layout), a name that holds a space, a quote or a backslash in quotes as a
+    shell word (`'golden retriever' beagle`). Where that cell would read as another class's name,
+    every name is quoted; split_labels reads back exactly what was meant, or this says why not."""
+    if len(labels) == 1:
+        return labels[0]
+    cell = " ".join(map(quoted, labels))
+    if cell in classes:
+        cell = " ".join(shlex.quote(label) if label else "''" for label in labels)
+    if split_labels(cell, classes) != list(labels):
+        raise Problem(
+            f"the classes {', '.join(map(repr, labels))} cannot be written as one label cell that "
+            "reads back as them: write --probs FILE instead of --topk"
+        )
+    return cell
 
-    path: Path
-    header: list
-    rows: list  # (line number, cells)
+
+def quoted(label):
+    if any(c.isspace() or c in "'\"\\" for c in label):
+        return shlex.quote(label)
+    return label
 
 
-def read_table(path):
+def split_labels(cell, classes):
+    """A label cell as its labels, best first (join_labels' inverse): a cell that names a class is
+    that class; any other is read as shell words. A list of names, each still to check."""
+    found = find_class(cell, classes)
+    if found is not None:
+        return [found]
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            lines = list(csv.reader(f))
-    except OSError as e:
-        raise Problem(f"cannot read {path}: {e}") from None
-    if not lines:
-        raise Problem(f"{path} is empty: expected a header, then a row per image")
-    rows = [(n, row) for n, row in enumerate(lines[1:], start=2) if any(c.strip() for c in row)]
-    return Table(Path(path), [c.strip() for c in lines[0]], rows)
-
-
-class Names:
-    """The images of a folder by every name a CSV may give them: the file's name or its stem."""
-
-    def __init__(self, files):
-        self.files = list(files)
-        self.of = {}
-        for file in self.files:
-            self.of[Path(file).name] = file
-            self.of.setdefault(Path(file).stem, file)
-
-    def file(self, name):
-        return self.of.get(name)
+        return shlex.split(cell)
+    except ValueError:  # an unclosed quote: one label, which will not be a class
+        return [cell.strip()]
 
 
 @dataclass
 class Predictions:
     """A prediction CSV read and checked: each image's labels, best first (or the likeliest
-    class of a file of probabilities), and every problem as a sentence."""
+    class of a file of probabilities), and every problem as a line."""
 
     labels: dict  # file -> [labels]
     problems: list
@@ -132,50 +133,52 @@ class Predictions:
 
 def read_predictions(path, names, classes):
     """A prediction CSV (any of write's layouts) checked against the images `names` (a Names)
-    and the classes: each image at most once, every label a class, and for a file of
+    and the classes: a header, each image at most once, every label a class, and for a file of
     probabilities, a column for every class and rows that sum to 1."""
-    table = read_table(path)
-    known, problems, labels = set(classes), [], {}
-    if table.header and names.file(table.header[0]):  # its first row is an answer
-        problems.append(
-            f"line 1 names an image ({table.header[0]}), not the columns: a grader reads the "
-            "first line as the header, so write one (e.g. id,label) above the rows"
+    table = read_csv(path, header_needed=True)
+    index, problems, labels = set(classes), Problems(path), {}
+    if names.file(table.header[0]) is not None:
+        problems.add(
+            1,
+            table.header[0],
+            "names an image, not a column: a grader reads the first line as the header, so "
+            "write one (e.g. id,label) above the rows",
         )
-    probabilities = len(table.header) > 2 and set(table.header[1:]) == known
+    probabilities = len(table.header) > 2 and set(table.header[1:]) == index
     if len(table.header) != 2 and not probabilities:
-        problems.append(
-            f"the header has {len(table.header)} columns: expected an image's and a label's, or "
-            "an image's and one for each class"
+        problems.add(
+            1,
+            ",".join(table.header),
+            f"is a header of {len(table.header)} columns: expected an image's and a label's, or "
+            "an image's and one for each class",
         )
-        return Predictions({}, problems)
-    seen = Counter()
+        return Predictions({}, problems.lines())
+    first = {}  # file -> the line of its first row
     for line, row in table.rows:
         if len(row) != len(table.header):
-            problems.append(f"line {line}: expected {len(table.header)} fields, found {len(row)}")
+            problems.add(line, ",".join(row), f"has {len(row)} fields, not {len(table.header)}")
             continue
-        file = names.file(row[0].strip())
+        file, why = names.find(row[0])
         if file is None:
-            problems.append(f"line {line}: {row[0]} is not among the images")
+            problems.add(line, row[0], why)
             continue
-        seen[file] += 1
+        if file in first:
+            problems.add(line, row[0], f"is a second row of {file} (the first: line {first[file]})")
+            continue
+        first[file] = line
         if probabilities:
             ranked, why = ranked_classes(row[1:], table.header[1:])
+            if why:
+                problems.add(line, row[0], why)
+                continue
         else:
-            ranked = row[1].split()
-            unknown = [label for label in ranked if label not in known]
-            why = (
-                f"{', '.join(map(repr, unknown))} {UNKNOWN}"
-                if unknown
-                else "no label"
-                if not ranked
-                else None
-            )
-        if why:
-            problems.append(f"line {line}: {why}")
-        else:
-            labels[file] = ranked
-    problems += [f"{Path(file).name}: {n} rows" for file, n in sorted(seen.items()) if n > 1]
-    return Predictions(labels, problems, probabilities)
+            ranked = split_labels(row[1], index)
+            unknown = [label for label in ranked if label not in index]
+            if unknown or not ranked:
+                problems.add(line, unknown[0] if unknown else row[1], UNKNOWN)
+                continue
+        labels[file] = ranked
+    return Predictions(labels, problems.lines(), probabilities)
 
 
 def ranked_classes(cells, classes):
@@ -183,43 +186,16 @@ def ranked_classes(cells, classes):
     try:
         p = np.array([float(c) for c in cells])
     except ValueError:
-        return None, "a probability that is not a number"
+        return None, "has a probability that is not a number"
     if not (np.all(p >= 0) and math.isclose(p.sum(), 1.0, abs_tol=1e-3)):
-        return None, f"probabilities that sum to {p.sum():.4f}, not 1"
+        return None, f"has probabilities that sum to {p.sum():.4f}, not 1"
     return [classes[i] for i in np.argsort(-p, kind="stable")], None
 
 
 def read_answers(path, names, classes):
-    """True labels (any two columns, image first; names with or without their extension):
-    file -> label, checked; A Problem naming every problem."""
-    table = read_table(path)
-    answers, problems, known = {}, [], set(classes)
-    if len(table.header) != 2:
-        raise Problem(f"{path}: expected two columns, an image's and its label's")
-    rows = table.rows
-    if names.file(table.header[0]):
-        log(f"{path}: line 1 names an image ({table.header[0]}): read as an answer, not a header")
-        rows = [(1, table.header), *rows]
-    for line, row in rows:
-        file = names.file(row[0].strip()) if len(row) == 2 else None
-        if len(row) != 2:
-            problems.append(f"line {line}: expected 2 fields, found {len(row)}")
-        elif file is None:
-            problems.append(f"line {line}: {row[0]} is not among the images")
-        elif row[1].strip() not in known:
-            problems.append(f"line {line}: {row[1]!r} {UNKNOWN}")
-        elif file in answers:
-            problems.append(f"line {line}: {row[0]} again")
-        else:
-            answers[file] = row[1].strip()
-    if problems:
-        raise Problem(
-            f"{path}: {len(problems)} of its {len(rows)} rows cannot be scored:\n  "
-            + "\n  ".join(problems[:20])
-            + more(problems, 20)
-            + "".join(f"\n  {hint}" for hint in classes_hint(problems, classes))
-        )
-    return answers
+    """True labels (two columns, image first, under a header or none; names with or without
+    their extension): file -> label, checked; a Problem naming every problem."""
+    return {file: label for file, (label, _) in read_labels(path, names, classes=classes).items()}
 
 
 UNKNOWN = "is not one of the checkpoint's classes"
@@ -229,8 +205,7 @@ def classes_hint(problems, classes):
     """The checkpoint's classes, as a line to add where a problem is a label outside them."""
     if not any(UNKNOWN in problem for problem in problems):
         return []
-    rest = f", ... ({len(classes)} in all)" if len(classes) > 30 else ""
-    return [f"the checkpoint's classes: {', '.join(classes[:30])}{rest}"]
+    return [f"the checkpoint's classes: {class_list(classes)}"]
 
 
 def missing(labels, expected):
@@ -291,7 +266,7 @@ def test_score(trained, test_dir, answers, threads=4, batch_size=128, top=10):
     """A checkpoint's Score on a test folder against its true labels (`answers`, a CSV),
     predicted as predict.py predicts it."""
     files = test_images(test_dir)
-    truth = read_answers(answers, Names(files), trained.classes)
+    truth = read_answers(answers, Names(files, test_dir), trained.classes)
     rows, _ = predict_folder(trained, test_dir, files, None, threads, batch_size)
     labels = {file: [trained.classes[int(p.argmax())]] for file, p in rows}
     gaps = missing(labels, truth)

@@ -64,6 +64,7 @@ from model import (
 )
 from prefetch import on_device
 from recipe import (
+    check_class_weights,
     describe_phase,
     loss_of,
     phase_setup,
@@ -109,6 +110,7 @@ def main(argv=None):
         if args.demo:
             write_demo_dataset(args.data)
         dataset = dataset_of(vars(args))
+        check_class_weights(args.class_weights, dataset.classes)  # a file's, before any write
     seed_everything(args.seed + procs.rank)  # initialisation, and anything random a model adds
     weights = resume.weights(args.arch, args.weights)
     model = build_model(args.arch, len(dataset.classes), weights)

@@ -380,9 +380,7 @@ def weights_of(criterion):
 
 def test_an_epoch_in_flight_is_not_dropped_by_a_shorter_phase(stopped_runs):
     _, _, points = stopped_runs  # phase2: two batches into Phase II's second epoch
-    with pytest.raises(
-        Problem, match="--epochs2 1 .* Phase II has 2 epochs, the last in flight"
-    ):
+    with pytest.raises(Problem, match="--epochs2 1 .* Phase II has 2 epochs, the last in flight"):
         resolve_options(["--resume", str(points["phase2"]), "--epochs2", "1"])
     assert resolve_options(["--resume", str(points["phase2"]), "--epochs2", "2"])[0].epochs2 == 2
 

@@ -141,8 +141,8 @@ def test_check_accepts_a_good_csv_and_names_each_problem(trained, tmp_path, caps
     assert failed.value.code != 0
     err = capsys.readouterr().err
     assert "img_00.png: missing" in err and "img_02: not among" not in err
-    assert "img_01.png: 2 rows" in err
-    assert "'zebra' is not one of the checkpoint's classes" in err
+    assert "line 3: 'img_01' is a second row of img_01.png (the first: line 2)" in err
+    assert "line 4: 'zebra' is not one of the checkpoint's classes" in err
 
 
 def test_check_with_answers_prints_the_exact_accuracy_and_the_confused_pairs(
@@ -171,20 +171,21 @@ def test_check_with_answers_prints_the_exact_accuracy_and_the_confused_pairs(
     )
     predict.main(check)
     assert "(6 of the 7 images have answers)" in capsys.readouterr().out
-    # Answers of images that are not there, or of one twice: each named.
-    answers.write_text(answers.read_text() + "img_99,2\nimg_00,10\n")
+    # Answers of images that are not there, or of one twice with two labels: each named.
+    answers.write_text(answers.read_text() + "img_99,2\nimg_00,2\n")
     with pytest.raises(SystemExit) as stop:
         predict.main(check)
-    assert "2 of its 8 rows cannot be scored" in str(stop.value)
-    assert "line 8: img_99 is not among the images\n  line 9: img_00 again" in str(stop.value)
+    assert "2 of its 8 rows cannot be read" in str(stop.value)
+    assert "line 8: 'img_99' names no image in" in str(stop.value)
+    assert "line 9: 'img_00' is labelled '2' here and '10' on line 2" in str(stop.value)
     assert "accuracy" not in capsys.readouterr().out
 
     # Labels outside the checkpoint's classes: counted, and its classes listed.
     answers.write_text("image,label\n" + "".join(f"img_{j:02d},{j % 3}\n" for j in range(7)))
-    with pytest.raises(SystemExit, match="3 of its 7 rows cannot be scored") as stop:
+    with pytest.raises(SystemExit, match="3 of its 7 rows cannot be read") as stop:
         predict.main(check)
-    assert "'0' is not one of the checkpoint's classes" in str(stop.value)
-    assert "the checkpoint's classes: 1, 2, 10" in str(stop.value)  # in label order
+    assert "line 2: '0' is not one of the 3 classes" in str(stop.value)
+    assert "the classes: 1, 2, 10" in str(stop.value)  # in label order
 
 
 def test_an_answers_csv_without_a_header_keeps_its_first_row_and_a_submission_needs_one(
@@ -198,11 +199,11 @@ def test_an_answers_csv_without_a_header_keeps_its_first_row_and_a_submission_ne
     predict.main(["--ckpt", ckpt, "--check", str(guesses), "--answers", str(answers)])
     out, err = capsys.readouterr()
     assert "accuracy 1.0000 (7/7)" in out and "(6 of the 7" not in out
-    assert "line 1 names an image (img_00): read as an answer, not a header" in err
+    assert f"{answers} has no header: its line 1 (img_00,10) is read as a row" in err
     guesses.write_text(rows)  # a grader would read img_00's row as the header
     with pytest.raises(SystemExit):
         predict.main(["--ckpt", ckpt, "--check", str(guesses)])
-    assert "line 1 names an image (img_00), not the columns" in capsys.readouterr().err
+    assert "line 1: 'img_00' names an image, not a column" in capsys.readouterr().err
 
 
 def test_rows_sort_by_image_name_and_names_may_start_with_underscores(trained, tmp_path, capsys):
