@@ -1,9 +1,15 @@
 """Files -> the preprocessing cache: each image decoded once (EXIF orientation, RGB, to a square of
 the run's size) into a uint8 (n, size, size, 3) file on disk that every later epoch and run reads.
 
-A cache is keyed by its files' names, sizes and modification times and by the preprocessing, so
-any change to the folder or to load_image builds a new one and removes the one it replaces."""
+A cache is named by what it holds: its folder, its size and resize mode, and a key of its file
+list (each file's name, size and modification time) and of the preprocessing's version. So two
+splits of one folder (a flat train/ whose --val-labels name some of its images), two label files
+over one folder, or two runs at two sizes each have a cache of their own, and none reads
+another's. A cache is removed only when nothing can want it again: when one of the files it holds
+has changed or gone since it was built (its key can never come up again), or it was made by
+another version of the preprocessing. Each new cache sweeps its folder's others by that rule."""
 
+import glob
 import hashlib
 import json
 import os
@@ -166,9 +172,7 @@ def build_cache(folder, files, size, cache_dir, threads=0, resize="crop"):
     it."""
     folder, cache_dir = Path(folder), Path(cache_dir)
     key = cache_key(folder, files, size, resize)
-    # The folder's full path in the name: datasets sharing a --cache-dir keep apart.
-    where = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]
-    kind = f"{folder.name}-{where}-{size}px-{resize}"
+    kind = f"{cache_prefix(folder)}{size}px-{resize}"
     stem = f"{kind}-{key}"
     index_path, pixels_path = cache_dir / f"{stem}.json", cache_dir / f"{stem}.u8"
     cache = _read_cache_index(index_path, pixels_path, size)
@@ -226,22 +230,58 @@ def _write_cache(folder, files, preprocessing, index_path, pixels_path, threads)
                     out.write(pixels.tobytes())
                     kept.append(f)
             bar.update(len(chunk))
+    index = {"files": kept, "skipped": skipped, "size": size, "version": PREPROCESS_VERSION}
+    index["stats"] = {f: file_stat(folder / f) for f in files}
     with atomic_file(index_path, "w") as f:  # last: an index names only complete pixels
-        json.dump({"files": kept, "skipped": skipped, "size": size}, f)
-    _remove_stale(index_path, pixels_path)
+        json.dump(index, f)
+    _remove_stale(folder, index_path)
     return ImageCache(str(pixels_path), kept, size, skipped)
 
 
-def _remove_stale(index_path, pixels_path):
-    """Earlier caches of the same folder and size: a changed dataset would otherwise leave
-    a full copy of its pixels behind each time."""
-    prefix = index_path.name.rsplit("-", 1)[0] + "-"
-    for old in index_path.parent.glob(prefix + "*"):
-        if old not in (index_path, pixels_path) and old.suffix in (".json", ".u8"):
-            try:
-                old.unlink(missing_ok=True)
-            except PermissionError:  # Windows: open in a run that still reads it; next time
-                pass
+def file_stat(path):
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def cache_prefix(folder):
+    """What the names of a folder's caches begin with: its name and a hash of its full path, so
+    that datasets sharing a --cache-dir keep apart."""
+    where = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:8]
+    return f"{Path(folder).name}-{where}-"
+
+
+def _remove_stale(folder, index_path):
+    """The caches of `folder` (at any size, of any file list) that nothing can want again: one of
+    their files has changed or gone, or another preprocessing version made them. A changed
+    dataset would otherwise leave a full copy of its pixels behind each time."""
+    for old in index_path.parent.glob(glob.escape(cache_prefix(folder)) + "*.json"):
+        if old != index_path and _is_stale(folder, old):
+            for path in (old, old.with_suffix(".u8")):
+                try:
+                    path.unlink(missing_ok=True)
+                except PermissionError:  # Windows: open in a run that still reads it; next time
+                    pass
+
+
+def _is_stale(folder, index_path):
+    try:
+        index = json.loads(index_path.read_text())
+        built = index_path.stat().st_mtime_ns
+    except (OSError, ValueError):
+        return False  # being written, or not ours: left alone
+    if index.get("version", 1) != PREPROCESS_VERSION:
+        return True
+    stats = index.get("stats")
+    files = stats or [*index.get("files", []), *index.get("skipped", {})]
+    for f in files:
+        try:
+            now = file_stat(folder / f)
+        except OSError:
+            return True  # gone
+        # An index written before files' stats were kept: a file changed after it was built.
+        if (stats[f] != now) if stats else now[1] > built:
+            return True
+    return False
 
 
 def default_cache_dir(data_dir):

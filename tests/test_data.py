@@ -104,6 +104,8 @@ def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
 
     write_image(root / "train" / "a" / "new.png", (5, 5, 5))  # added
     assert len(build()) == 7 and len(decoded) == 7
+    # The first cache's files are all there as they were: a run may still want it.
+    assert Path(first.pixels_path).is_file()
     decoded.clear()
     os.remove(root / "train" / "b" / "000.png")  # removed
     assert len(build()) == 6 and len(decoded) == 6
@@ -115,7 +117,7 @@ def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
     assert len(decoded) == 6
     row = cache.files.index("a/001.png")
     assert np.array_equal(cache.open()[row], image_cache.load_image(target, 12))
-    # Only the current cache is left on disk.
+    # A changed or removed file ends every cache that held it: only the current one is left.
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".u8"]
 
 
@@ -438,3 +440,41 @@ def test_the_balanced_sampler_draws_classes_evenly_the_same_on_every_process(tmp
     # Three processes take every third draw of one sequence, padded to 102: the one-process
     # epoch's 100 draws, then two more.
     assert len(merged) == 102 and merged[:100] == list(data.BalancedSampler(labels, seed=3))
+
+
+def flat_with_two_csvs(root, train_rows=4, val_rows=2):
+    """A flat root/train/ of every image, train.csv naming some and val.csv the others, no val/:
+    the layout --val-labels' help describes."""
+    train, val = ["id,label"], ["id,label"]
+    for i, c in enumerate(("cat", "dog")):
+        for j in range(train_rows + val_rows):
+            name = f"{c}{j}"
+            write_image(root / "train" / f"{name}.png", (40 + 90 * i, 200, 90), seed=10 * i + j)
+            (train if j < train_rows else val).append(f"{name},{c}")
+    (root / "train.csv").write_text("\n".join(train) + "\n")
+    (root / "val.csv").write_text("\n".join(val) + "\n")
+    return root
+
+
+def test_two_label_files_over_one_flat_folder_each_keep_their_own_cache(tmp_path, recwarn):
+    root = flat_with_two_csvs(tmp_path / "k")
+    dataset = data.find_dataset(root, labels="train.csv", val_labels="val.csv")
+    assert not [w for w in recwarn if "left out" in str(w.message)]  # the two name every image
+    splits = data.cache_splits(dataset, 8, cache_dir=tmp_path / "c")
+    assert (len(splits.train), len(splits.val)) == (8, 4)
+    # Both caches are there to read, however the second was built after the first.
+    for images in (splits.train, splits.val):
+        assert images[list(range(len(images)))][0].shape[0] == len(images)
+    # A second run labelling the folder another way keeps both of the first run's caches too.
+    (root / "other.csv").write_text("id,label\ncat0,cat\ncat1,cat\ndog0,dog\ndog1,dog\n")
+    data.cache_splits(data.find_dataset(root, labels="other.csv"), 8, cache_dir=tmp_path / "c")
+    assert all(Path(i.cache.pixels_path).is_file() for i in (splits.train, splits.val))
+
+
+def test_a_label_only_the_validation_csv_names_is_refused_as_a_class_without_training_images(
+    tmp_path,
+):
+    root = flat_with_two_csvs(tmp_path / "k")
+    (root / "val.csv").write_text((root / "val.csv").read_text() + "dog5,eel\n")
+    with pytest.raises(Problem, match=r"val.csv: 1 of its 5 rows .*\n  line 6: 'eel' is not one"):
+        data.find_dataset(root, labels="train.csv", val_labels="val.csv")

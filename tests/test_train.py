@@ -688,3 +688,15 @@ def test_a_progressive_run_trains_each_epoch_at_its_size_and_validates_at_the_fu
     assert (
         "--img-size 56: testing at 56 px, where the run trained at 32 px" in capsys.readouterr().err
     )
+
+
+def test_the_layout_of_two_label_files_over_one_flat_train_folder_trains(
+    tmp_path, narrow_models, capsys
+):
+    from test_data import flat_with_two_csvs
+
+    root = flat_with_two_csvs(tmp_path / "k")
+    labels = ["--labels", "train.csv", "--val-labels", "val.csv"]
+    train.main(["--data", str(root), *labels, "--out", str(tmp_path / "ck"), *TINY])
+    assert "8 train / 4 val images" in capsys.readouterr().err
+    assert (tmp_path / "ck" / "best.pt").is_file()
