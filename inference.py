@@ -21,7 +21,7 @@ from data import CachedImages, in_memory_images, list_images, make_loader
 from image_cache import build_cache, default_cache_dir, load_image, square, to_rgb
 from model import average_weights, build_model, model_from_checkpoint
 from prefetch import on_device
-from utils import Problem, amp_dtype, log, pick_device, sum_over_processes
+from utils import MissingFile, Problem, amp_dtype, log, pick_device, sum_over_processes
 
 
 def add_inference_args(parser):
@@ -331,10 +331,12 @@ def print_confused(pairs):
 # the submission format (image_name,pred_label), shared by predict.py and evaluate.py
 
 
-def test_images(test_dir):
-    """The images of a flat test folder, refusing names that would give two rows the same id."""
+def test_images(test_dir, keep_ext=False):
+    """The images of a flat test folder, sorted as a submission's rows are. Without `keep_ext`
+    (rows named without the extension), names that two files share once it is dropped are
+    refused: their rows would clash."""
     if not test_dir.is_dir():
-        raise Problem(f"no test folder {test_dir} (use --test-dir or --data)")
+        raise MissingFile(f"no test folder {test_dir} (use --test-dir or --data)")
     files = list_images(test_dir)
     if not files:
         raise Problem(f"{test_dir} holds no images")
@@ -346,15 +348,36 @@ def test_images(test_dir):
             f"warning: {test_dir} is read flat; its sub-folders are ignored: "
             f"{', '.join(subfolders[:5])}"
         )
-    files.sort(key=lambda f: Path(f).stem)  # the order of the CSV's image_name column
-    stems = Counter(Path(f).stem for f in files)
-    clashes = sorted(f for f in files if stems[Path(f).stem] > 1)
-    if clashes:
-        raise Problem(
-            f"{test_dir}: these files share a name once the extension is dropped, so their rows "
-            f"would clash: {', '.join(clashes[:10])}"
-        )
+    files.sort(key=lambda f: (Path(f).stem, f))  # the order of the CSV's image_name column
+    refuse_clashing_rows(files, f"{test_dir}: these files", keep_ext)
     return files
+
+
+def unique_files(paths):
+    """The paths, each file once (in the order first given); one given again is said."""
+    seen, kept = set(), []
+    for path in paths:
+        key = Path(path).resolve()
+        if key in seen:
+            log(f"{path} is given more than once: predicted once")
+            continue
+        seen.add(key)
+        kept.append(path)
+    return kept
+
+
+def refuse_clashing_rows(files, what, keep_ext=False):
+    """A Problem where two files would name one row of a submission (their names, or without
+    `keep_ext` their names less the extension), naming them and the way on."""
+    row = (lambda f: Path(f).name) if keep_ext else (lambda f: Path(f).stem)
+    rows = Counter(map(row, files))
+    clashes = sorted(str(f) for f in files if rows[row(f)] > 1)
+    if clashes:
+        shared = "a file name" if keep_ext else "a name once the extension is dropped"
+        way = "" if keep_ext else " (--keep-ext names the rows with it)"
+        raise Problem(
+            f"{what} share {shared}, so their rows would clash: {', '.join(clashes[:10])}{way}"
+        )
 
 
 def predict_folder(trained, test_dir, files, cache_dir, threads, batch_size, skip_bad=False):
@@ -374,9 +397,12 @@ def predict_folder(trained, test_dir, files, cache_dir, threads, batch_size, ski
     ), len(cache.skipped)
 
 
-def predict_images(trained, paths, batch_size):
+def predict_images(trained, paths, batch_size, keep_ext=False):
     """(path, class probabilities) of each of a few image files, preprocessed in memory (no
-    cache is written beside them). An unreadable one is an error naming it."""
+    cache is written beside them), each once however often it is given. An unreadable one is an
+    error naming it; so are two files whose rows would clash."""
+    paths = unique_files(paths)
+    refuse_clashing_rows(paths, "these images", keep_ext)
     pixels, problems = [], []
     for path in paths:
         try:

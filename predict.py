@@ -147,10 +147,13 @@ def main(argv=None):
             raise SystemExit("give image files, or --test-dir / --check, not both")
         trained = load_trained(args, state)
         return predict_to(
-            args, layout, trained, predict_images(trained, args.images, args.batch_size)
+            args,
+            layout,
+            trained,
+            predict_images(trained, args.images, args.batch_size, args.keep_ext),
         )
     test_dir = Path(args.test_dir or trained_data_root(args.data, state) / "test")
-    files = test_images(test_dir)
+    files = test_images(test_dir, keep_ext=args.keep_ext or bool(args.check))
     if args.check:
         return check(args, test_dir, files, state["classes"])
     trained = load_trained(args, state)

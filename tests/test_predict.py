@@ -10,6 +10,7 @@ from PIL import Image
 
 import inference
 import predict
+import submission
 import train
 from conftest import REPO, TINY, make_dataset
 from narrow import narrow_get_model
@@ -324,3 +325,61 @@ def test_the_snippet_in_docs_in_your_code_runs_as_written(trained, tmp_path, mon
     assert np.allclose(probs.sum(1), 1) and CLASSES[1] in capsys.readouterr().out
     pil = scope["classifier"].predict([Image.open(test / "img_01.png")])[0]
     assert pil == [CLASSES[1]]  # a PIL image, as its file
+
+
+ODD = ("golden retriever", "a,b", 'say "cheese"')  # a space, a comma, quotes
+
+
+@pytest.fixture(scope="module")
+def odd_names(tmp_path_factory):
+    """A run whose class folders hold a space, a comma and quotes, and the true labels of its
+    test images in a CSV."""
+    root = tmp_path_factory.mktemp("odd")
+    data = make_dataset(root / "data", classes=ODD, per_class=4, val_per_class=1, test=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
+        )
+        train.main(["--data", str(data), "--out", str(root / "ck"), *TINY, "--epochs", "2"])
+    with open(root / "answers.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("image", "label")] + [(f"img_{j:02d}", ODD[j]) for j in range(3)])
+    return root / "ck" / "best.pt", root / "answers.csv"
+
+
+@pytest.mark.parametrize("layout", [[], ["--topk", "1"], ["--topk", "2"], ["--topk", "3"]])
+def test_class_names_with_spaces_commas_and_quotes_are_written_and_checked_unchanged(
+    odd_names, layout, tmp_path, capsys
+):
+    ckpt, answers = odd_names
+    out = tmp_path / "p.csv"
+    predict.main(["--ckpt", str(ckpt), "--out", str(out), *layout])
+    rows = read_csv(out.read_text())[1:]
+    k = int(layout[1]) if layout else 1
+    cells = [submission.split_labels(r[1], set(ODD)) for r in rows]
+    assert all(len(c) == k and set(c) <= set(ODD) for c in cells)
+    if k == 1:
+        assert all(r[1] in ODD for r in rows)  # the class name itself
+    capsys.readouterr()
+    predict.main(["--ckpt", str(ckpt), "--check", str(out), "--answers", str(answers)])
+    assert f"{out}: accuracy" in capsys.readouterr().out
+
+
+def test_keep_ext_predicts_two_images_that_share_a_name_but_not_an_extension(trained, tmp_path):
+    test = tmp_path / "test"
+    test.mkdir()
+    for ext in ("png", "jpg"):
+        Image.open(trained / "data" / "test" / "img_00.png").save(test / f"a.{ext}")
+    ckpt = str(trained / "ck" / "best.pt")
+    with pytest.raises(SystemExit, match=r"a.jpg, a.png \(--keep-ext"):
+        predict.main(["--ckpt", ckpt, "--test-dir", str(test)])
+    out = tmp_path / "p.csv"
+    predict.main(["--ckpt", ckpt, "--test-dir", str(test), "--keep-ext", "--out", str(out)])
+    assert [r[0] for r in read_csv(out.read_text())[1:]] == ["a.jpg", "a.png"]
+    predict.main(["--ckpt", ckpt, "--test-dir", str(test), "--check", str(out)])
+
+
+def test_an_image_given_twice_is_one_row(trained, capsys):
+    image = str(trained / "data" / "test" / "img_00.png")
+    predict.main(["--ckpt", str(trained / "ck" / "best.pt"), image, image])
+    out, err = capsys.readouterr()
+    assert [r[0] for r in read_csv(out)[1:]] == ["img_00"] and "given more than once" in err
