@@ -577,14 +577,26 @@ def continued_options(parser, saved, given, resume):
             fixed.setdefault("epochs1", saved["epochs1"])
         options |= split_budget(given["epochs"], fixed)
     if "recipe" in given:
-        reset, levers = preset(parser, given["recipe"]), RECIPES.get(given["recipe"], {})
-        if saved.get("demo"):  # as on a fresh --demo run: the demo's values under the levers
-            reset |= {k: DEMO[k] for k in reset if k in DEMO and k not in levers}
+        levers = switched_recipe(parser, saved, given["recipe"])
         ended = phase1_end(resume.state, phase, given.get("epochs1", options["epochs1"]))
         if ended:
-            reset = keep_phase1(reset, saved, given["recipe"], ended)
-        options |= reset
+            levers = keep_phase1(levers, saved, given["recipe"], ended)
+        options |= levers
     return options
+
+
+def switched_recipe(parser, saved, recipe):
+    """--recipe given to a continued run: its levers, and the levers of the run's own recipe that
+    it does not set, back at what a fresh run has without them (the demo's values, or the
+    defaults). An option whose value is not its recipe's was the run's own choice, and stays."""
+    levers, before = RECIPES.get(recipe, {}), RECIPES.get(saved.get("recipe", "report"), {})
+    values = dict(levers)
+    for key in before.keys() - levers.keys():
+        if saved.get(key) == before[key]:
+            values[key] = (
+                DEMO[key] if saved.get("demo") and key in DEMO else parser.get_default(key)
+            )
+    return values
 
 
 def keep_phase1(reset, saved, recipe, ended):
@@ -598,13 +610,6 @@ def keep_phase1(reset, saved, recipe, ended):
             f"of this run {ended}; it keeps {saved.get(key)}"
         )
     return {k: v for k, v in reset.items() if k not in kept}
-
-
-def preset(parser, recipe):
-    """--recipe's values: "report" sets what the others set to its defaults, Table 1's."""
-    if recipe == "report":
-        return {key: parser.get_default(key) for levers in RECIPES.values() for key in levers}
-    return {key: parser.get_default(key) for key in preset(parser, "report")} | RECIPES[recipe]
 
 
 def given_options(argv):

@@ -427,3 +427,16 @@ def test_progressive_sizes_rise_in_steps_to_the_full_size_by_their_share_of_the_
     assert all(big(e) % 32 == 0 and big(e) <= big(e + 1) for e in range(124))
     phase1 = recipe.phase_setup(1, args, HeadOnTop(), CPU, recipe.loss_of(args), None)
     assert {phase1.image_size(e) for e in range(10)} == {224}  # Phase II's lever only
+
+
+def test_a_recipe_given_on_resume_keeps_the_runs_own_rates(tmp_path):
+    """A run started with --lr2 2e-3, continued with --recipe best: best does not set --lr2, so
+    the run's own stays, as on a fresh `--recipe best --lr2 2e-3`; a value a recipe set goes back
+    with it."""
+    own = str(saved_run(tmp_path, ["--lr2", "2e-3", "--lr1", "1e-3"], name="own.pt"))
+    args, _ = resolve_options(["--resume", own, "--recipe", "best"])
+    fresh, _ = resolve_options(["--recipe", "best", "--lr2", "2e-3", "--lr1", "1e-3"])
+    assert (args.lr2, args.lr1, args.ema) == (fresh.lr2, fresh.lr1, fresh.ema) == (2e-3, 1e-3, 0.99)
+    fast = str(saved_run(tmp_path, ["--recipe", "fast"], name="fast.pt", phase=1, epoch=0))
+    args, _ = resolve_options(["--resume", fast, "--recipe", "best"])
+    assert (args.lr2, args.lr1) == (5e-4, 5e-4)  # fast's rates, gone with it
