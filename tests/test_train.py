@@ -452,6 +452,31 @@ def test_class_weights_are_inverse_frequencies_of_mean_one_or_a_files():
     assert recipe.class_weights("none", ["a"], [3]) is None
 
 
+def test_a_class_weights_file_with_or_without_a_header_weighs_every_row(tmp_path, capsys):
+    weights = tmp_path / "w.csv"
+    for text in ("class,weight\ncat,5\neel,0.5\n", "cat,5\neel,0.5\n"):
+        weights.write_text(text)
+        assert recipe.class_weights(str(weights), ["cat", "dog", "eel"], None).tolist() == [
+            5,
+            1,
+            0.5,
+        ]
+    assert (
+        f"{weights} has no header: its line 1 (cat,5) is read as a row" in capsys.readouterr().err
+    )
+
+
+def test_a_bad_class_weights_file_is_refused_before_anything_is_written(tiny_args, tmp_path):
+    weights = tmp_path / "w.csv"
+    weights.write_text("class,weight\ncat,5\nzebra,2\ndog,heavy\n")
+    with pytest.raises(SystemExit) as refused:
+        train.main(tiny_args + ["--class-weights", str(weights)])
+    message = str(refused.value)
+    assert "line 3: 'zebra' is not one of the 3 classes" in message
+    assert "line 4: 'heavy' is no number" in message
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "data" / ".cache").exists()
+
+
 def test_a_kaggle_style_run_trains_evaluates_and_predicts_without_being_told_again(
     tmp_path, narrow_models, monkeypatch, capsys
 ):
