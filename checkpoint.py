@@ -186,14 +186,14 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def peek(path):
-    """A checkpoint's position and options ({phase, epoch, args}), read with its tensors mapped,
-    not loaded (cheap for any size), or None if there is none that loads. Nothing of it stays
-    mapped: Windows would not let the run replace the file later."""
+    """A checkpoint's position and options ({phase, epoch, step, args}), read with its tensors
+    mapped, not loaded (cheap for any size), or None if there is none that loads. Nothing of it
+    stays mapped: Windows would not let the run replace the file later."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
-    summary = {key: state.get(key) for key in ("phase", "epoch", "args")}
+    summary = {key: state.get(key) for key in ("phase", "epoch", "args", "step")}
     del state
     return summary
 
@@ -306,9 +306,12 @@ class RunFolder:
         phase2_begun = keep and any(
             (peek(self.path / name) or {"phase": 2})["phase"] != 1 for name in checkpoints
         )
+        last = peek(self.path / LAST) if LAST in held else None
+        behind = resume.continues_in(self.path) and behind_last(resume, last)
+        if behind and not overwrite:
+            raise Problem(self.behind_refusal(resume, last))
         if not checkpoints or (resume.continues_in(self.path) and not phase2_begun):
             return  # nothing to lose (a history.csv alone, at most), or the run goes on
-        last = peek(self.path / LAST) if LAST in held else None
         demo_run = fresh and last is not None and last["args"].get("demo")
         if not (overwrite or demo_run):
             raise Problem(self.refusal(held, last, phase2_begun))
@@ -319,6 +322,16 @@ class RunFolder:
         log(
             f"{self.why_replaced}: {', '.join(self.replaced)} in {self.path} will be deleted "
             "when this run saves its first file"
+        )
+
+    def behind_refusal(self, resume, last):
+        return (
+            f"{resume.path} is {position(resume.state)} of the run in {self.path}, whose last.pt "
+            f"is {position(last)}: going on from it there would overwrite last.pt and "
+            f"history.csv's later epochs. Either\n"
+            f"  continue the run:       python train.py --resume {self.path / LAST}\n"
+            f"  go on from it apart:    --out ANOTHER_FOLDER\n"
+            f"  replace the later ones: --overwrite"
         )
 
     def refusal(self, held, last, phase2_begun):
@@ -380,6 +393,23 @@ class RunFolder:
         if self.writer:
             with atomic_file(self.path / PREEMPTED, "w") as f:
                 f.write(why + "\n")
+
+
+def behind_last(resume, last):
+    """Whether the checkpoint a run continues from (best.pt, a periodic or kept epoch's) is
+    behind its folder's last.pt: its run has trained on past it."""
+    if last is None or resume.path.name in (LAST, PHASE1):
+        return False
+    return place(resume.state) < place(last)
+
+
+def place(state):
+    return (state["phase"], state["epoch"], state.get("step") or 0)
+
+
+def position(state):
+    where = f"phase {state['phase']} epoch {state['epoch']}"
+    return where + (f" and {state['step']} batches" if state.get("step") else "")
 
 
 # ------------------------------------------------------------------------ where a run continues

@@ -290,6 +290,24 @@ def test_a_demo_continued_elsewhere_never_replaces_a_demo_run(tiny_args, dataset
         train.main(["--resume", str(tmp_path / "other" / "last.pt"), "--out", str(tmp_path / "ck")])
 
 
+def test_going_on_from_an_earlier_checkpoint_of_a_run_never_overwrites_its_later_epochs(
+    tiny_args, tmp_path
+):
+    out = tmp_path / "ck"
+    periodic = ["--save-every", "1", "--save-min-acc", "0"]
+    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "3", *periodic])
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".csv")}
+    for earlier in ("phase2_epoch001.pt", "phase2_epoch002.pt"):
+        with pytest.raises(SystemExit, match=f"{earlier} is phase 2 epoch .* whose last.pt is"):
+            train.main(["--resume", str(out / earlier)])
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".csv")}
+    assert after == before
+    train.main(["--resume", str(out / "phase2_epoch001.pt"), "--out", str(tmp_path / "apart")])
+    train.main(["--resume", str(out / "phase2_epoch002.pt"), "--overwrite"])
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert (last["phase"], last["epoch"], len(last["history"])) == (2, 3, 3)
+
+
 def test_an_average_is_not_a_position_to_resume_from(tiny_args, tmp_path):
     train.main(tiny_args + ["--epochs1", "0", "--epochs2", "2", "--average-last", "2"])
     with pytest.raises(SystemExit, match="an average of checkpoints, not a position"):
