@@ -6,7 +6,7 @@ and words."""
 import statistics
 import time
 
-from continuing import from_phase1
+from continuing import from_phase1, phase1_end
 from recipe import PHASE_EPOCHS, ProgressiveSize, epochs_within, given_options, size_step
 from utils import Problem, gather_from_processes, log
 
@@ -40,9 +40,14 @@ def plan_time_budget(run, fixed, started, speed):
     spent = max(gather_from_processes(time.monotonic() - started))
     left = (args.time_budget - spent) * 0.97  # a margin for an epoch slower than its steps
 
+    # Phase I trains no more with --phase 2, or where the run continues from its phase1.pt.
+    phase1_over = args.phase == "2" or (
+        run.resume.state is not None and phase1_end(run.resume.state, args.phase, fixed["epochs1"])
+    )
+
     def phase_seconds(phase, split):  # a smaller side costs less (--progressive): by pixels
         epochs = split[f"epochs{phase}"]
-        if phase == 1 and args.phase == "2":  # Phase I does not train in this command
+        if phase == 1 and phase1_over:
             return 0.0
         if phase == 1 or args.progressive >= 1:
             return epochs * epoch[phase]

@@ -581,6 +581,14 @@ def test_a_time_budget_picks_the_epochs_from_the_speed_measured_and_a_resume_kee
     phase2 = tiny_args + ["--time-budget", "60s", "--phase", "2", "--out", str(tmp_path / "p2")]
     train.main(phase2)
     assert torch.load(tmp_path / "p2" / "last.pt", weights_only=True)["args"]["epochs2"] == 3
+    # Going on from phase1.pt, Phase I is done: it costs nothing either, as with --phase 2.
+    phase1 = tmp_path / "p1"
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0", "--out", str(phase1)])
+    budget = ["--time-budget", "60s"]
+    train.main(["--resume", str(phase1 / "phase1.pt"), *budget, "--out", str(tmp_path / "r")])
+    train.main(["--phase", "2", "--out", str(phase1), *budget])
+    planned = [torch.load(tmp_path / f / "last.pt", weights_only=True)["args"] for f in ("r", "p1")]
+    assert [(a["epochs1"], a["epochs2"]) for a in planned] == [(1, 3), (1, 3)]
 
     with pytest.raises(SystemExit, match="--time-budget 120.0 .* a time budget chooses"):
         train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--time-budget", "2m"])
