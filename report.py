@@ -179,12 +179,16 @@ def per_class_summary(metrics, names, top=5):
     """The classes by F1, the best and the worst (each one, for few classes), with their
     validation and training images: a small class that fails shows here."""
     rows = sorted(metrics["per_class"], key=lambda r: r["f1"])
-    macro = {k: sum(r[k] for r in rows) / len(rows) for k in ("precision", "recall", "f1")}
-    median = rows[len(rows) // 2]["f1"]
+    present = [r for r in rows if r["support"]]  # as the balanced accuracy averages
+    macro = {k: sum(r[k] for r in present) / len(present) for k in ("precision", "recall", "f1")}
+    median = present[len(present) // 2]["f1"]
     trained = rows[0].get("train_images") is not None
+    absent = len(rows) - len(present)
     lines = [
-        f"Macro-averaged precision {macro['precision']:.4f}, recall {macro['recall']:.4f} (the "
-        f"balanced accuracy), F1 {macro['f1']:.4f}; median F1 {median:.4f}.",
+        f"Over the {len(present)} classes with validation images"
+        + (f" ({absent} have none)" if absent else "")
+        + f": macro-averaged precision {macro['precision']:.4f}, recall {macro['recall']:.4f} "
+        f"(the balanced accuracy), F1 {macro['f1']:.4f}; median F1 {median:.4f}.",
         "",
         "| | class | precision | recall | F1 | images |"
         + (" training images |" if trained else ""),

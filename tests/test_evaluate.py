@@ -39,6 +39,14 @@ def test_metrics_from_log_probabilities():
     assert (b["precision"], b["recall"], b["support"]) == (1.0, 0.5, 2)
 
 
+def test_the_report_gives_one_balanced_accuracy_where_a_class_has_no_validation_images():
+    log_p = torch.tensor([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.7, 0.2, 0.1]]).log()
+    metrics = evaluate.compute_metrics(log_p, torch.tensor([0, 1, 1]), ["a", "b", "c"])
+    assert metrics["balanced"] == 0.75  # a: 1 of 1, b: 1 of 2; c has no images
+    summary = report.per_class_summary(metrics, {})[0]
+    assert "recall 0.7500 (the balanced accuracy)" in summary and "(1 have none)" in summary
+
+
 def non_trivial_png(path, min_side=300):
     with Image.open(path) as img:
         pixels = np.asarray(img.convert("L"), dtype=float)
