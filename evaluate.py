@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from checkpoint import best_acc, full_history, load_checkpoint, resolve_checkpoint
-from data import display_names, make_loader, trained_data_root, validation_of
+from data import display_names, labels_path, make_loader, trained_data_root, validation_of
 from inference import (
     add_inference_args,
     confusion_matrix,
@@ -34,7 +34,7 @@ from inference import (
 )
 from model import count_parameters, warn_if_too_large
 from recipe import get_args_parser as training_options
-from recipe import parameter_count
+from recipe import loss_of, parameter_count
 from report import write_report
 from submission import test_score
 from utils import exits_on_problems, log
@@ -83,19 +83,20 @@ def get_args_parser():
 # ----------------------------------------------------------------------------- metrics
 
 
-def compute_metrics(log_p, labels, classes, label_smoothing=0.0, top=10, train_counts=None):
-    """Loss, top-1, top-5 and balanced accuracy (the mean of the per-class recalls, over the
-    classes present), per-class precision, recall, F1, support (and training images, where
-    `train_counts` has them), the confusion counts and their most confused pairs."""
+def compute_metrics(logits, labels, classes, criterion=None, top=10, train_counts=None):
+    """Loss (`criterion`, the run's: by default plain cross-entropy), top-1, top-5 and balanced
+    accuracy (the mean of the per-class recalls, over the classes present), per-class precision,
+    recall, F1, support (and training images, where `train_counts` has them), the confusion
+    counts and their most confused pairs."""
     from sklearn.metrics import precision_recall_fscore_support  # 1 to 3 s to import: used here
 
-    preds = log_p.argmax(1)
-    loss = torch.nn.functional.cross_entropy(log_p, labels, label_smoothing=label_smoothing).item()
+    preds = logits.argmax(1)
+    loss = (criterion or torch.nn.CrossEntropyLoss())(logits, labels).item()
     counts = confusion_matrix(labels.numpy(), preds.numpy(), len(classes), normalize=False)
     precision, recall, f1, support = precision_recall_fscore_support(
         labels.numpy(), preds.numpy(), labels=list(range(len(classes))), zero_division=0
     )
-    top1, top5 = (int(hits) for hits in topk_hits(log_p, labels))
+    top1, top5 = (int(hits) for hits in topk_hits(logits, labels))
     trained_on = train_counts if train_counts is not None else [None] * len(classes)
     return {
         "images": len(labels),
@@ -421,27 +422,32 @@ def test_score_of(trained, args):
     )
 
 
+def run_loss(saved, classes, counts, root):
+    """The loss the run trained and validated with (its label smoothing, its class weights: a
+    file found where the run had it, or by its name in the dataset's root)."""
+    options = {"label_smoothing": 0.0, "class_weights": "none", **saved}
+    weights = options["class_weights"]
+    if weights not in ("auto", "none") and not Path(weights).is_file():
+        options["class_weights"] = str(labels_path(weights, root))
+    return loss_of(argparse.Namespace(**options), classes, counts)
+
+
 def evaluate_checkpoint(trained, args, figures, names):
     """Validation metrics of a checkpoint, printed and written to `figures` with Figures 1, 2, 5
     and the mistakes gallery; returns (metrics, history)."""
     state, classes, saved = trained.state, trained.classes, trained.state["args"]
-    splits = validation_of(
-        state, trained_data_root(args.data, state), trained.img_size, args.cache_workers
-    )
+    root = trained_data_root(args.data, state)
+    splits = validation_of(state, root, trained.img_size, args.cache_workers)
     val = splits.val
     loader = make_loader(
         val, args.batch_size, shuffle=False, pin_memory=trained.device.type == "cuda"
     )
-    batches = [(log_p.cpu(), labels.cpu()) for log_p, labels in trained.log_probs(loader)]
-    log_p = torch.cat([b[0] for b in batches])
+    batches = [(logits.cpu(), labels.cpu()) for logits, labels in trained.logits(loader)]
+    logits = torch.cat([b[0] for b in batches])
     labels = torch.cat([b[1] for b in batches])
+    criterion = run_loss(saved, classes, state.get("class_counts"), root)
     metrics = compute_metrics(
-        log_p,
-        labels,
-        classes,
-        saved.get("label_smoothing", 0.0),
-        args.top_pairs,
-        state.get("class_counts"),
+        logits, labels, classes, criterion, args.top_pairs, state.get("class_counts")
     )
     metrics["data_layout"] = splits.layout
     write_metrics(metrics, figures)
@@ -460,11 +466,11 @@ def evaluate_checkpoint(trained, args, figures, names):
         log(f"{args.ckpt} has no finished epoch: no Figures 1 and 2")
     shown = [names.get(c, c) for c in classes]
     plot_confusion(
-        confusion_matrix(labels.numpy(), log_p.argmax(1).numpy(), len(classes)),
+        confusion_matrix(labels.numpy(), logits.argmax(1).numpy(), len(classes)),
         shown,
         figures / "fig5_confusion_matrix.png",
     )
-    confidence, preds = log_p.exp().max(1)
+    confidence, preds = logits.softmax(dim=1).max(1)
     wrong = torch.nonzero(preds != labels).flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][:18].tolist()
     images = val[worst][0].numpy() if worst else []

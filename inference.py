@@ -1,6 +1,6 @@
 """A trained checkpoint at work: the options and the load chain evaluate.py and predict.py share,
 a checkpoint as a classifier for your own code (load_classifier), the one loop that turns
-batches into log-probabilities (training's validation uses it too), predictions of a test folder
+batches into logits (training's validation uses it too), predictions of a test folder
 or of a few files, the counts every score is made of (top-k hits, the confusion matrix, its most
 confused pairs), Grad-CAM, and an average of checkpoints with its batch norm measured again."""
 
@@ -93,8 +93,8 @@ class Trained:
     def resize(self):
         return self.state["args"].get("resize", "crop")
 
-    def log_probs(self, loader):
-        return predict_log_probs(
+    def logits(self, loader):
+        return predict_logits(
             self.model, loader, self.preprocess, self.device, self.dtype, self.tta
         )
 
@@ -105,8 +105,8 @@ class Trained:
             images, batch_size, shuffle=False, pin_memory=self.device.type == "cuda"
         )
         names = iter(files)
-        for log_p, _ in self.log_probs(loader):
-            for row in log_p.exp().cpu().numpy():
+        for logits, _ in self.logits(loader):
+            for row in logits.softmax(dim=1).cpu().numpy():
                 yield next(names), row
 
 
@@ -177,18 +177,19 @@ def test_side(asked, state):
 
 
 @torch.no_grad()
-def predict_log_probs(model, loader, preprocess, device, dtype, tta=False):
-    """Yields (log-probabilities, labels) per batch, on the device. With tta the probabilities are
-    the mean over each image and its horizontal flip."""
+def predict_logits(model, loader, preprocess, device, dtype, tta=False):
+    """Yields (logits in float32, labels) per batch, on the device. With tta the logits are the
+    log of the mean of the probabilities of each image and of its horizontal flip (their softmax
+    is that mean)."""
     model.eval()
     with closing(on_device(loader, preprocess, device)) as batches:
         for x, labels in batches:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                log_p = model(x).float().log_softmax(dim=1)
+                logits = model(x).float()
                 if tta:
-                    flipped = model(x.flip(3)).float().log_softmax(dim=1)
-                    log_p = torch.logsumexp(torch.stack([log_p, flipped]), dim=0) - math.log(2)
-            yield log_p, labels
+                    both = torch.stack([logits, model(x.flip(3)).float()]).log_softmax(dim=2)
+                    logits = torch.logsumexp(both, dim=0) - math.log(2)
+            yield logits, labels
 
 
 def grad_cam(model, layer, images, classes):
@@ -250,16 +251,16 @@ def update_bn(model, loader, preprocess, device):
         torch.optim.swa_utils.update_bn(batches, model, device)
 
 
-def evaluate(model, loader, preprocess, criterion, device, dtype):
-    """Loss, top-1 and top-5 accuracy over the whole split (every process's share), from exact
-    counts."""
+def validation_metrics(model, loader, preprocess, criterion, device, dtype):
+    """Loss (`criterion` on the logits, as training computes it), top-1 and top-5 accuracy over
+    the whole split (every process's share), from exact counts."""
     loss_sum = torch.zeros((), device=device)
     top1 = torch.zeros((), device=device, dtype=torch.long)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    for log_p, labels in predict_log_probs(model, loader, preprocess, device, dtype):
-        loss_sum += criterion(log_p, labels) * len(labels)
-        hits1, hits5 = topk_hits(log_p, labels)
+    for logits, labels in predict_logits(model, loader, preprocess, device, dtype):
+        loss_sum += criterion(logits, labels) * len(labels)
+        hits1, hits5 = topk_hits(logits, labels)
         top1 += hits1
         top5 += hits5
         seen += len(labels)
@@ -272,8 +273,8 @@ def evaluate(model, loader, preprocess, criterion, device, dtype):
 def count_correct(model, loader, preprocess, device, dtype, tta=False):
     """(images whose top class is their label, images) over a loader, in this process alone."""
     correct, seen = 0, 0
-    for log_p, labels in predict_log_probs(model, loader, preprocess, device, dtype, tta):
-        correct += topk_hits(log_p, labels)[0]
+    for logits, labels in predict_logits(model, loader, preprocess, device, dtype, tta):
+        correct += topk_hits(logits, labels)[0]
         seen += len(labels)
     return int(correct), seen
 

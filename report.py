@@ -186,7 +186,7 @@ def per_class_summary(metrics, names, top=5):
     absent = len(rows) - len(present)
     lines = [
         f"Over the {len(present)} classes with validation images"
-        + (f" ({absent} have none)" if absent else "")
+        + (f" ({absent} {'has' if absent == 1 else 'have'} none)" if absent else "")
         + f": macro-averaged precision {macro['precision']:.4f}, recall {macro['recall']:.4f} "
         f"(the balanced accuracy), F1 {macro['f1']:.4f}; median F1 {median:.4f}.",
         "",

@@ -51,7 +51,7 @@ from data import (
     validation_is_drawn,
     write_demo_dataset,
 )
-from inference import averaged_model, bn_loader, count_correct, evaluate, update_bn
+from inference import averaged_model, bn_loader, count_correct, update_bn, validation_metrics
 from model import (
     EMA,
     build_model,
@@ -639,9 +639,9 @@ class Run:
             broadcast_buffers(self.ema.module)  # copied from each process's own statistics
         net = self.net if self.world_size == 1 else self.model
         run = (self.val_loader, self.eval_preprocess, self.criterion, self.device, self.dtype)
-        val = evaluate(net, *run)
+        val = validation_metrics(net, *run)
         if self.ema is not None:
-            val |= {f"ema_{k}": v for k, v in evaluate(self.ema.module, *run).items()}
+            val |= {f"ema_{k}": v for k, v in validation_metrics(self.ema.module, *run).items()}
         return val
 
     def check_finite(self, phase, epoch, train, val):

@@ -51,7 +51,7 @@ import image_cache  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
 from checkpoint import load_optimizer_state  # noqa: E402
-from inference import predict_log_probs  # noqa: E402
+from inference import predict_logits  # noqa: E402
 from prefetch import on_device  # noqa: E402
 from recipe import COMPILE_MODES, loss_of, phase_setup, resolve_options  # noqa: E402
 from utils import amp_dtype, log, pick_device  # noqa: E402
@@ -504,7 +504,7 @@ def bench_predict(args, cache, labels, num_classes, device):
     dtype = amp_dtype(args.amp, device)
 
     def run():
-        for _ in predict_log_probs(net, loader, preprocess, device, dtype):
+        for _ in predict_logits(net, loader, preprocess, device, dtype):
             pass
 
     median, runs = timed(run, args.repeats)

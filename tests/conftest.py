@@ -129,7 +129,7 @@ def stop_at(monkeypatch, moment, number=signal.SIGTERM, times=1):
     what, n = moment.split("=")
     owner, name = {
         "step": (augment.DeviceAugment, "forward"),
-        "validation": (inference, "predict_log_probs"),
+        "validation": (inference, "predict_logits"),
         "save": (checkpoint, "save_checkpoints"),
         "kill": (checkpoint, "save_checkpoints"),
     }[what]

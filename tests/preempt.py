@@ -49,7 +49,7 @@ if __name__ == "__main__":
         # Patched where they are defined, before the script imports them.
         target = {
             "step": (augment.DeviceAugment, "forward", 1),  # once per training batch
-            "validation": (inference, "predict_log_probs", 1),  # once per validation
+            "validation": (inference, "predict_logits", 1),  # once per validation
             "save": (checkpoint, "save_checkpoints", 2),  # once per epoch (and mid-epoch save)
         }[what]
         signal_on_call(*target[:2], int(call), target[2])

@@ -478,3 +478,14 @@ def test_a_label_only_the_validation_csv_names_is_refused_as_a_class_without_tra
     (root / "val.csv").write_text((root / "val.csv").read_text() + "dog5,eel\n")
     with pytest.raises(Problem, match=r"val.csv: 1 of its 5 rows .*\n  line 6: 'eel' is not one"):
         data.find_dataset(root, labels="train.csv", val_labels="val.csv")
+
+
+def test_one_column_named_takes_the_other_from_the_first_column_it_is_not(tmp_path):
+    root = kaggle_layout(tmp_path / "k")
+    rows = [line.split(",") for line in (root / "train.csv").read_text().splitlines()]
+    (root / "two.csv").write_text("".join(f"{r[0]},{r[2]}\n" for r in rows))  # label,id
+    for named in (dict(image_col="id"), dict(label_col="label")):
+        dataset = data.find_dataset(root, labels="two.csv", **named)
+        assert dataset.classes == ["1", "2", "10"] and len(dataset.train.files) == 12, named
+    with pytest.raises(Problem, match="--image-col and --label-col name one column"):
+        data.find_dataset(root, labels="two.csv", image_col="id", label_col="id")

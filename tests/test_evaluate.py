@@ -44,7 +44,7 @@ def test_the_report_gives_one_balanced_accuracy_where_a_class_has_no_validation_
     metrics = evaluate.compute_metrics(log_p, torch.tensor([0, 1, 1]), ["a", "b", "c"])
     assert metrics["balanced"] == 0.75  # a: 1 of 1, b: 1 of 2; c has no images
     summary = report.per_class_summary(metrics, {})[0]
-    assert "recall 0.7500 (the balanced accuracy)" in summary and "(1 have none)" in summary
+    assert "recall 0.7500 (the balanced accuracy)" in summary and "(1 has none)" in summary
 
 
 def non_trivial_png(path, min_side=300):
@@ -87,6 +87,18 @@ def test_evaluate_matches_training_validation(trained, tmp_path, capsys):
     summary = json.loads((tmp_path / "fig" / "metrics.json").read_text())
     state = torch.load(trained / "last.pt", weights_only=True)
     assert summary["top1"] == pytest.approx(state["history"][-1]["val_acc"])
+    assert summary["loss"] == pytest.approx(state["history"][-1]["val_loss"], rel=1e-4)
+
+
+def test_evaluate_computes_the_loss_the_run_validated_with(tiny_args, tmp_path):
+    """The run's class weights (a file's) and label smoothing: evaluate.py's loss is training's."""
+    weights = tmp_path / "w.csv"
+    weights.write_text("cat,5\ndog,0.2\n")
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0", "--class-weights", str(weights)])
+    ckpt = tmp_path / "ck" / "last.pt"
+    evaluate.main(["--ckpt", str(ckpt), "--figures", str(tmp_path / "fig"), "--device", "cpu"])
+    summary = json.loads((tmp_path / "fig" / "metrics.json").read_text())
+    state = torch.load(ckpt, weights_only=True)
     assert summary["loss"] == pytest.approx(state["history"][-1]["val_loss"], rel=1e-4)
 
 

@@ -70,13 +70,13 @@ def test_a_checkpoint_marked_for_tta_is_predicted_with_it_unless_told_otherwise(
     state = torch.load(trained / "ck" / "best.pt", weights_only=True)
     torch.save({**state, "tta": True}, tmp_path / "marked.pt")  # as train.py --tta auto marks it
     used = []
-    real = inference.predict_log_probs
+    real = inference.predict_logits
 
     def spy(*args):
         used.append(args[-1])  # its tta
         return real(*args)
 
-    monkeypatch.setattr(inference, "predict_log_probs", spy)
+    monkeypatch.setattr(inference, "predict_logits", spy)
     for option, expected in (([], True), (["--no-tta"], False)):
         used.clear()
         out = tmp_path / "p.csv"

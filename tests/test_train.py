@@ -154,7 +154,7 @@ def test_validation_accuracy_is_an_exact_count(dataset, tmp_path, narrow_models)
     net = M.build_model("resnet18", len(splits.classes), weights="none")
     loader = data.make_loader(splits.val, 4, shuffle=False)  # 6 images: batches of 4 and 2
     normalise = augment.BatchPreprocess()
-    result = inference.evaluate(net, loader, normalise, nn.CrossEntropyLoss(), CPU, None)
+    result = inference.validation_metrics(net, loader, normalise, nn.CrossEntropyLoss(), CPU, None)
     with torch.no_grad():
         images, labels = splits.val[list(range(len(splits.val)))]
         logits = net.eval()(normalise(images))
