@@ -42,7 +42,37 @@ def is_hidden(name):
 
 
 def is_image_file(path):
-    return not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS
+    """An image by its extension, or, without one Pillow reads, by its first bytes (a JPEG named
+    `tmp`, as a well-known photo set ships one). Hidden files are never images."""
+    if path.name.startswith("."):
+        return False
+    return path.suffix.lower() in IMAGE_EXTENSIONS or opens_as_image(path)
+
+
+def opens_as_image(path):
+    """Whether Pillow recognises the file (its header alone is read)."""
+    try:
+        with Image.open(path) as img:
+            return img.format is not None
+    except Exception:  # any file Pillow cannot identify
+        return False
+
+
+def images_in(folder, prefix=""):
+    """The images directly inside `folder` (prefixed), sorted; the other files it holds, but for
+    hidden ones, are named in a warning."""
+    images, others = [], []
+    for path in Path(folder).iterdir():
+        if path.is_file() and not path.name.startswith("."):
+            (images if is_image_file(path) else others).append(prefix + path.name)
+    if others:
+        warnings.warn(
+            f"{folder}: {len(others)} file(s) that are not images left out: "
+            + ", ".join(sorted(others)[:5])
+            + (", ..." if len(others) > 5 else ""),
+            stacklevel=3,
+        )
+    return sorted(images)
 
 
 def find_classes(train_dir, skip=()):
@@ -80,9 +110,7 @@ def list_labelled_images(split_dir, classes, skip=()):
         raise Problem(f"{split_dir} has classes that train/ lacks: {', '.join(unknown)}")
     files = []
     for d in sorted(class_dirs):
-        images = sorted(
-            f"{d.name}/{p.name}" for p in d.iterdir() if p.is_file() and is_image_file(p)
-        )
+        images = images_in(d, prefix=f"{d.name}/")
         if not images:
             warnings.warn(f"class folder {d} holds no images", stacklevel=2)
         files += images
@@ -91,7 +119,7 @@ def list_labelled_images(split_dir, classes, skip=()):
 
 def list_images(folder):
     """Names of the images directly inside folder (a flat test/ folder), sorted."""
-    return sorted(p.name for p in Path(folder).iterdir() if p.is_file() and is_image_file(p))
+    return images_in(folder)
 
 
 def labels_of(files, classes):

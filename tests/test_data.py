@@ -40,7 +40,10 @@ def test_non_image_files_and_hidden_files_are_ignored(tmp_path):
         b"%PDF-1.4"
     )  # Pillow writes PDFs, never reads them
     write_image(tmp_path / "train" / "a" / "._x.png", (1, 2, 3))
-    assert data.list_labelled_images(tmp_path / "train", ["a"]) == ["a/x.png"]
+    write_image(tmp_path / "y.jpg", (1, 2, 3)).rename(tmp_path / "train" / "a" / "tmp")
+    with pytest.warns(UserWarning, match=r"2 file\(s\) that are not images left out: a/paper.pdf"):
+        listed = data.list_labelled_images(tmp_path / "train", ["a"])
+    assert listed == ["a/tmp", "a/x.png"]  # a JPEG without an extension is read
 
 
 def test_val_class_missing_from_train_is_an_error_naming_it(tmp_path):
