@@ -193,7 +193,8 @@ def peek(path):
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
-    summary = {key: state.get(key) for key in ("phase", "epoch", "args", "step")}
+    summary = {key: state.get(key) for key in ("phase", "epoch", "args", "step", "averaged")}
+    summary["val_acc"] = state.get("val_acc")
     del state
     return summary
 
@@ -292,6 +293,14 @@ class RunFolder:
         (not that of a run --overwrite is replacing)."""
         last = self.path / LAST
         return last.is_file() and (self.written or resume.continues_in(self.path))
+
+    def averaged_acc(self, resume):
+        """The validation accuracy of the folder's best.pt where it is an average of the epochs of
+        the run continued here (--average-last), which a later epoch must beat; else -1."""
+        best = peek(self.path / BEST) if resume.continues_in(self.path) else None
+        if best and best.get("averaged") and best.get("val_acc") is not None:
+            return best["val_acc"]
+        return -1.0
 
     def held(self):
         """The run files in the folder, by name."""

@@ -257,7 +257,7 @@ def train_phase(run, phase):
         record = epoch_record(
             phase.number, epoch, lr, train, val, seconds, time.perf_counter() - t0
         )
-        is_best = best_acc(record) > max(map(best_acc, run.history), default=-1.0)
+        is_best = best_acc(record) > run.best_so_far()
         run.history.append(record)
         left = run.forecast.words(phase.number, epoch + 1)
         log(f"{epoch_line(record, phase.epochs, is_best)} | {left}")
@@ -563,6 +563,7 @@ class Run:
         self.saved_at = None  # where last.pt was last written by this run, in words
         self.forecast = Forecast(self)
         self.val_digest = self.splits.val.digest()
+        self.averaged_acc = self.folder.averaged_acc(self.resume)
 
         augment = DeviceAugment.from_args(args)
         self.train_preprocess = BatchPreprocess(args.mean, args.std, augment).to(device)
@@ -588,6 +589,11 @@ class Run:
         if self.resume.state and self.resume.state.get("step"):  # stopped mid-epoch
             self.step += math.ceil(self.resume.state["step"] / args.accum_steps)
         self.board = Board.of(args, self.folder.path, self.step) if self.rank == 0 else None
+
+    def best_so_far(self):
+        """The validation accuracy best.pt holds: the best epoch's, or, where the run it continues
+        ended with an average of its last epochs that validated better, the average's."""
+        return max([*map(best_acc, self.history), self.averaged_acc], default=-1.0)
 
     def close(self):
         """What the run keeps open beyond its files: its TensorBoard writer."""
@@ -842,7 +848,7 @@ def average_last_epochs(run, val):
     train = bn_loader(run.splits.train, args.batch_size, args.seed, device)
     net = averaged_model(states, device, train, run.eval_preprocess)
     correct, seen = count_correct(net, val, run.eval_preprocess, device, run.dtype)
-    acc, best = correct / seen, max(map(best_acc, run.history))
+    acc, best = correct / seen, run.best_so_far()
     names = [AVERAGED] + ([BEST] if acc > best else [])
     state = averaged_checkpoint(states[-1], net.state_dict(), paths, acc)
     folder.save(state, names, run.history, must=True)

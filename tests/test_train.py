@@ -444,6 +444,22 @@ def test_recipe_best_returns_the_better_of_the_best_epoch_and_the_average(
         assert torch.equal(value, again["model"][key]), key
 
 
+def test_a_run_continued_after_its_average_won_keeps_the_average_unless_an_epoch_beats_it(
+    tiny_args, tmp_path
+):
+    out = tmp_path / "ck"
+    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "2"])
+    last = torch.load(out / "last.pt", weights_only=True)
+    for record in last["history"]:  # epochs any later epoch beats
+        record["val_acc"] = 0.0
+    torch.save(last, out / "last.pt")
+    best = torch.load(out / "best.pt", weights_only=True)  # as --average-last leaves a winner
+    torch.save({**best, "averaged": ["e1.pt", "e2.pt"], "val_acc": 0.99}, out / "best.pt")
+    train.main(["--resume", str(out / "last.pt"), "--epochs2", "4"])
+    kept = torch.load(out / "best.pt", weights_only=True)
+    assert kept.get("averaged") == ["e1.pt", "e2.pt"] and kept["val_acc"] == 0.99
+
+
 def test_class_weights_are_inverse_frequencies_of_mean_one_or_a_files():
     args, _ = resolve_options(["--class-weights", "auto"])
     weights = recipe.class_weights("auto", ["a", "b", "c"], [10, 40, 0])
