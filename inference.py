@@ -255,19 +255,25 @@ def validation_metrics(model, loader, preprocess, criterion, device, dtype):
     """Loss (`criterion` on the logits, as training computes it), top-1 and top-5 accuracy over
     the whole split (every process's share), from exact counts."""
     loss_sum = torch.zeros((), device=device)
+    weight_sum = torch.zeros((), device=device)  # what the mean loss divides by
     top1 = torch.zeros((), device=device, dtype=torch.long)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for logits, labels in predict_logits(model, loader, preprocess, device, dtype):
-        loss_sum += criterion(logits, labels) * len(labels)
+        if hasattr(criterion, "sums"):  # class weights: their sum, over the whole split
+            total, weights = criterion.sums(logits, labels)
+            loss_sum, weight_sum = loss_sum + total, weight_sum + weights
+        else:
+            loss_sum, weight_sum = loss_sum + criterion(logits, labels) * len(labels), None
         hits1, hits5 = topk_hits(logits, labels)
         top1 += hits1
         top5 += hits5
         seen += len(labels)
-    loss_sum, top1, top5, seen = sum_over_processes(loss_sum, top1, top5, seen)
+    divisor = seen if weight_sum is None else weight_sum
+    loss_sum, divisor, top1, top5, seen = sum_over_processes(loss_sum, divisor, top1, top5, seen)
     if seen == 0:
         return {"val_loss": float("nan"), "val_acc": 0.0, "val_top5": 0.0}
-    return {"val_loss": loss_sum / seen, "val_acc": top1 / seen, "val_top5": top5 / seen}
+    return {"val_loss": loss_sum / divisor, "val_acc": top1 / seen, "val_top5": top5 / seen}
 
 
 def count_correct(model, loader, preprocess, device, dtype, tta=False):

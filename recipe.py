@@ -748,7 +748,27 @@ def loss_of(args, classes=None, counts=None):
     """Both phases' loss, validation's too: cross-entropy with label smoothing, each class
     weighed by --class-weights (`counts`: each class's training images, for auto)."""
     weight = class_weights(args.class_weights, classes, counts)
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+    return Loss(weight=weight, label_smoothing=args.label_smoothing)
+
+
+class Loss(nn.CrossEntropyLoss):
+    """PyTorch's cross-entropy, whose mean over a batch with class weights divides by the sum of
+    the weights of the images' classes, not by their number. A batch split over processes or
+    accumulated steps would divide each part by its own sum; `sums` gives the two sums, which the
+    training step and validation add up over the whole batch and split before dividing."""
+
+    def sums(self, logits, targets):
+        """(the loss summed over the images, what its mean divides that by)."""
+        total = nn.functional.cross_entropy(
+            logits,
+            targets,
+            weight=self.weight,
+            label_smoothing=self.label_smoothing,
+            reduction="sum",
+        )
+        if self.weight is None or targets.is_floating_point():  # mixed targets: by the images
+            return total, torch.tensor(float(len(targets)), device=logits.device)
+        return total, self.weight[targets].sum()
 
 
 def check_class_weights(spec, classes):

@@ -363,6 +363,8 @@ def optimizer_steps(net, batches, total, phase, ema, tally):
     train_mode(net, phase.freeze_bn)
     optimizer, scaler, accum = phase.optimizer, phase.scaler, phase.accum_steps
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    weighted = getattr(phase.criterion, "weight", None) is not None
+    weights, images_seen = 0.0, 0  # a weighted step's sums, for its mean
     optimizer.zero_grad(set_to_none=True)
     for i, (images, labels) in enumerate(batches, start=tally.batches):
         step_now = (i + 1) % accum == 0 or i + 1 == total
@@ -376,9 +378,17 @@ def optimizer_steps(net, batches, total, phase, ema, tally):
             dtype = phase.dtype
             with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
                 logits = net(images)
-                loss = phase.criterion(logits, targets)
-            scaler.scale(loss / group if group > 1 else loss).backward()
+                if weighted:  # by the images here; by the weights once the step's are summed
+                    loss_sum, weight_sum = phase.criterion.sums(logits, targets)
+                    loss, to_step = loss_sum / weight_sum, loss_sum / len(labels)
+                    weights, images_seen = weights + weight_sum, images_seen + len(labels)
+                else:
+                    loss = to_step = phase.criterion(logits, targets)
+            scaler.scale(to_step / group if group > 1 else to_step).backward()
         if step_now:
+            if weighted:
+                divide_by_weights(params, images_seen, weights)
+                weights, images_seen = 0.0, 0
             if phase.clip:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
                 nn.utils.clip_grad_norm_(params, phase.clip)
@@ -390,6 +400,18 @@ def optimizer_steps(net, batches, total, phase, ema, tally):
         tally.add(loss, logits, labels)
         if step_now:
             yield i + 1
+
+
+def divide_by_weights(params, images, weights):
+    """A step with class weights, as one batch of all its images would take it: each batch's
+    backward divided its weighted loss by its images, where PyTorch's weighted mean divides by
+    the sum of their classes' weights; here the gradients take images / weights, summed over
+    every batch of the step (--accum-steps) and every process (DDP). No host sync."""
+    totals = torch.stack([torch.as_tensor(float(images), device=weights.device), weights])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    grads = [p.grad for p in params if p.grad is not None]
+    torch._foreach_mul_(grads, totals[0] / totals[1])
 
 
 @dataclass

@@ -198,3 +198,23 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, narrow_mod
         assert (r1["val_acc"], r1["ema_val_acc"]) == (r2["val_acc"], r2["ema_val_acc"])
         assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-5)
         assert r1["train_loss"] == pytest.approx(r2["train_loss"], abs=1e-5)
+
+
+def test_class_weights_and_balanced_batches_train_two_processes_as_one(tmp_path, narrow_models):
+    """A weighted loss's mean divides by the batch's weights: by the whole batch's, however it is
+    split over processes, and the balanced sampler's draws are one epoch's, shared out."""
+    data = make_dataset(tmp_path / "data", per_class=6, val_per_class=1)
+    weights = tmp_path / "w.csv"
+    weights.write_text("cat,3\ndog,0.5\n")
+    common = ["--data", data, *TINY, "--epochs1", "2", "--epochs2", "0", "--freeze-bn", *NO_AUGMENT]
+    common += ["--class-weights", weights, "--sampler", "balanced"]
+    common = [str(a) for a in common]
+    assert forked_ddp([*common, "--batch-size", "4", "--out", tmp_path / "two"], tmp_path) == [0, 0]
+    i = common.index("--batch-size")
+    train.main(common[:i] + common[i + 2 :] + ["--batch-size", "8", "--out", str(tmp_path / "one")])
+    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
+    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    for k in one["model"]:
+        assert torch.allclose(one["model"][k].float(), two["model"][k].float(), atol=1e-5), k
+    for r1, r2 in zip(one["history"], two["history"]):
+        assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-5)

@@ -18,7 +18,7 @@ import model as M
 import predict
 import recipe
 import train
-from conftest import COLOURS, TINY, copy_of, make_dataset, stop_at, write_image
+from conftest import COLOURS, NO_AUGMENT, TINY, copy_of, make_dataset, stop_at, write_image
 from prefetch import on_device
 from recipe import Phase, parameter_count, resolve_options
 
@@ -458,6 +458,20 @@ def test_a_run_continued_after_its_average_won_keeps_the_average_unless_an_epoch
     train.main(["--resume", str(out / "last.pt"), "--epochs2", "4"])
     kept = torch.load(out / "best.pt", weights_only=True)
     assert kept.get("averaged") == ["e1.pt", "e2.pt"] and kept["val_acc"] == 0.99
+
+
+def test_a_weighted_loss_accumulated_over_two_batches_steps_as_one_batch_would(
+    dataset, tmp_path, narrow_models
+):
+    weights = tmp_path / "w.csv"
+    weights.write_text("cat,3\ndog,0.5\n")
+    common = ["--data", str(dataset), *TINY, "--epochs1", "2", "--epochs2", "0", "--freeze-bn"]
+    common += [*NO_AUGMENT, "--class-weights", str(weights)]
+    train.main(common + ["--batch-size", "4", "--accum-steps", "2", "--out", str(tmp_path / "a")])
+    train.main(common + ["--batch-size", "8", "--out", str(tmp_path / "b")])
+    a, b = (torch.load(tmp_path / f / "last.pt", weights_only=True) for f in "ab")
+    for key, value in a["model"].items():
+        torch.testing.assert_close(value, b["model"][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_class_weights_are_inverse_frequencies_of_mean_one_or_a_files():
