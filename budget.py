@@ -123,9 +123,9 @@ class Forecast:
 
     def end_seconds(self, speed=None):
         """After the last epoch: the average's batch norm pass and validation (--average-last);
-        --test-size auto's validations at two larger sizes, with and without its batch norm
-        measured there on the training images (by pixels; the new sizes' caches not counted);
-        the flipped and plain validations of --tta auto."""
+        --test-size auto's validation images cached at two larger sizes and validated there,
+        with and without its batch norm measured there on the training images (by pixels); the
+        flipped and plain validations of --tta auto."""
         speed = speed or self.speed
         if speed is None:
             return 0.0
@@ -136,9 +136,11 @@ class Forecast:
         seconds = (train + validation) if args.average_last else 0.0
         if args.test_size == "auto":
             step = size_step(args.img_size)
+            decode = speed.get("decode", 0.0) / max(args.cache_workers, 1)
             for k in (1, 2):
                 pixels = ((args.img_size + k * step) / args.img_size) ** 2
                 seconds += pixels * (2 * validation + train)
+                seconds += len(self.run.splits.val) * decode  # their images cached at that size
             seconds += validation
         return seconds + (3 * validation if args.tta == "auto" else 0)
 

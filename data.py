@@ -374,18 +374,36 @@ def trained_data_root(given, state):
 
 def validation_of(state, root, size, threads=4):
     """A checkpoint's validation images (Splits, with `val` alone), exactly as its run held them
-    out: its classes, its data layout, --resize, --val-fraction and --seed, its cache folder."""
+    out: its classes, its data layout, --resize, --val-fraction and --seed, its cache folder. At
+    a size other than the run's, images held out of the training ones are drawn at the run's
+    size (whose cache is there) and only they are cached at the other."""
     saved = state["args"]
-    return cache_splits(
-        dataset_of(saved, root, classes=state["classes"]),
-        size,
-        resize=saved.get("resize", "crop"),
-        cache_dir=saved.get("cache_dir"),
+    resize, cache_dir = saved.get("resize", "crop"), saved.get("cache_dir")
+    dataset = dataset_of(saved, root, classes=state["classes"])
+    drawn_at = state["img_size"] if dataset.val is None else size
+    splits = cache_splits(
+        dataset,
+        drawn_at,
+        resize=resize,
+        cache_dir=cache_dir,
         threads=threads,
         val_fraction=saved.get("val_fraction", 0.1),  # not in a checkpoint made elsewhere
         seed=saved.get("seed", 0),
         val_only=True,
     )
+    if drawn_at != size:
+        splits.val = resized(splits.val, size, resize, cache_dir, threads)
+    return splits
+
+
+def resized(images, size, resize, cache_dir=None, threads=0):
+    """The same images (their files and labels) from a cache at another size, of them alone."""
+    folder = images.cache.folder
+    files = [images.cache.files[i] for i in images.indices]
+    label = dict(zip(files, images.labels[images.indices].tolist()))
+    cache_dir = cache_dir or Path(images.cache.pixels_path).parent  # where theirs is
+    cache = build_cache(folder, files, size, cache_dir, threads, resize)
+    return CachedImages(cache, [label[f] for f in cache.files])
 
 
 def validation_is_drawn(options):

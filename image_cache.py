@@ -122,6 +122,7 @@ class ImageCache:
     files: list  # row i holds files[i] (relative to the folder)
     size: int
     skipped: dict  # file -> why it could not be read
+    folder: Path | None = None  # where the files are
 
     def __len__(self):
         return len(self.files)
@@ -175,10 +176,10 @@ def build_cache(folder, files, size, cache_dir, threads=0, resize="crop"):
     kind = f"{cache_prefix(folder)}{size}px-{resize}"
     stem = f"{kind}-{key}"
     index_path, pixels_path = cache_dir / f"{stem}.json", cache_dir / f"{stem}.u8"
-    cache = _read_cache_index(index_path, pixels_path, size)
+    cache = _read_cache_index(index_path, pixels_path, size, folder)
     if cache is None:
         with exclusive(cache_dir / f"{kind}.lock", f"the cache {stem}", wait=True):  # any version
-            cache = _read_cache_index(index_path, pixels_path, size)  # built while we waited?
+            cache = _read_cache_index(index_path, pixels_path, size, folder)  # built meanwhile?
             if cache is None:
                 cache = _write_cache(
                     folder, files, (size, resize), index_path, pixels_path, threads
@@ -188,13 +189,13 @@ def build_cache(folder, files, size, cache_dir, threads=0, resize="crop"):
     return cache
 
 
-def _read_cache_index(index_path, pixels_path, size):
+def _read_cache_index(index_path, pixels_path, size, folder):
     try:
         index = json.loads(index_path.read_text())
         row = size * size * 3
         if os.path.getsize(pixels_path) != len(index["files"]) * row:
             return None  # truncated or foreign: rebuild
-        return ImageCache(str(pixels_path), index["files"], size, index["skipped"])
+        return ImageCache(str(pixels_path), index["files"], size, index["skipped"], folder)
     except (OSError, ValueError, KeyError):
         return None
 
@@ -235,7 +236,7 @@ def _write_cache(folder, files, preprocessing, index_path, pixels_path, threads)
     with atomic_file(index_path, "w") as f:  # last: an index names only complete pixels
         json.dump(index, f)
     _remove_stale(folder, index_path)
-    return ImageCache(str(pixels_path), kept, size, skipped)
+    return ImageCache(str(pixels_path), kept, size, skipped, folder)
 
 
 def file_stat(path):

@@ -47,10 +47,12 @@ from data import (
     cache_splits,
     dataset_of,
     make_loader,
+    resized,
     set_epoch,
     validation_is_drawn,
     write_demo_dataset,
 )
+from image_cache import load_image
 from inference import averaged_model, bn_loader, count_correct, update_bn, validation_metrics
 from model import (
     EMA,
@@ -517,6 +519,7 @@ def time_steps(run, steps=3):
     timed["validation"] = per_image * len(run.splits.val) / run.world_size  # each its share
     timed["per_image"] = per_image
     timed["save"] = save_seconds(run)
+    timed["decode"] = decode_seconds(run)
     set_rng_state(state)
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -536,6 +539,17 @@ def save_seconds(run):
     seconds = time.perf_counter() - start
     probe.unlink(missing_ok=True)
     return seconds * (4 if run.ema is not None else 3) * 2
+
+
+def decode_seconds(run, n=4):
+    """An image decoded into a cache (--test-size auto's at larger sizes), timed on a few of the
+    training files at twice the size, in one thread."""
+    cache = run.splits.train.cache
+    files = [cache.folder / f for f in cache.files[:n]] if cache.folder else []
+    start = time.perf_counter()
+    for path in files:
+        load_image(path, 2 * run.args.img_size, run.args.resize)
+    return (time.perf_counter() - start) / max(len(files), 1)
 
 
 def first_batches(run, n):
@@ -797,21 +811,11 @@ def select_result(run):
 
 def validation_loader(run, side):
     """The validation images at `side` px: the run's own, or, at another size, from a cache of
-    their own made from the files (as predict.py would see the test images at that size)."""
+    their own made from their files (as predict.py would see the test images at that size)."""
     args, cuda = run.args, run.device.type == "cuda"
     images = run.splits.val
     if side != args.img_size:
-        dataset = dataset_of(vars(args), classes=run.splits.classes)
-        images = cache_splits(
-            dataset,
-            side,
-            resize=args.resize,
-            cache_dir=args.cache_dir,
-            threads=args.cache_workers,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            val_only=True,
-        ).val
+        images = resized(images, side, args.resize, args.cache_dir, args.cache_workers)
     return make_loader(images, 2 * args.batch_size, shuffle=False, pin_memory=cuda)
 
 

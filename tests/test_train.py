@@ -1,4 +1,5 @@
 import csv
+import json
 import math
 import re
 import sys
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 import augment
+import budget
 import checkpoint
 import data
 import evaluate
@@ -641,7 +643,7 @@ def test_timing_the_steps_leaves_the_run_as_it_was(tiny_args, tmp_path, monkeypa
     monkeypatch.setattr(train, "time_steps", spy)
     with pytest.raises(SystemExit, match="Not even --epochs 2 fits"):
         train.main(tiny_args + ["--time-budget", "0.1s"])
-    assert set(seen["speed"]) == {"step1", "step2", "validation", "save", "per_image"}
+    assert set(seen["speed"]) == {"step1", "step2", "validation", "save", "per_image", "decode"}
     assert all(v > 0 for v in seen["speed"].values())
     assert not (tmp_path / "ck").exists()  # nothing written, no folder left
 
@@ -763,3 +765,35 @@ def test_the_layout_of_two_label_files_over_one_flat_train_folder_trains(
     train.main(["--data", str(root), *labels, "--out", str(tmp_path / "ck"), *TINY])
     assert "8 train / 4 val images" in capsys.readouterr().err
     assert (tmp_path / "ck" / "best.pt").is_file()
+
+
+def test_test_size_auto_caches_only_the_held_out_images_at_the_larger_sizes(
+    tmp_path, narrow_models, capsys
+):
+    """Validation held out of the training images: at each larger size tried, the validation
+    images alone are cached (not the training set, twice), and evaluate.py reads them so too."""
+    root = make_dataset(tmp_path / "data", per_class=6, val_per_class=0)  # no val/
+    options = [*TINY, "--epochs1", "1", "--epochs2", "1", "--test-size", "auto"]
+    train.main(["--data", str(root), "--out", str(tmp_path / "ck"), *options])
+    held_out = torch.load(tmp_path / "ck" / "best.pt", weights_only=True)
+    indexes = {p: json.loads(p.read_text()) for p in (root / ".cache").glob("*.json")}
+    by_size = {}
+    for index in indexes.values():
+        by_size.setdefault(index["size"], []).append(len(index["files"]))
+    assert by_size == {16: [18], 24: [3], 32: [3]}  # 3 of the 18 validate
+    evaluate.main(["--ckpt", str(tmp_path / "ck" / "best.pt"), "--img-size", "40"])
+    assert "3 validation images" in capsys.readouterr().out
+    assert len(list((root / ".cache").glob("*-40px-*.json"))) == 1
+    assert held_out["args"]["test_size"] == "auto"
+
+
+def test_the_time_budget_counts_the_caches_test_size_auto_builds(tiny_args, tmp_path):
+    run = types.SimpleNamespace(
+        args=resolve_options(tiny_args + ["--test-size", "auto"])[0],
+        splits=types.SimpleNamespace(val=[0] * 100, train=[0] * 400),
+        world_size=1,
+    )
+    speed = {"validation": 1.0, "per_image": 0.01, "decode": 0.0}
+    without = budget.Forecast(run).end_seconds(speed)
+    with_decoding = budget.Forecast(run).end_seconds({**speed, "decode": 0.05})
+    assert with_decoding - without == pytest.approx(2 * 100 * 0.05)  # two sizes, 100 images each
