@@ -478,22 +478,26 @@ class Resume:
                 f"this run has {world_size}: its global random generators start from --seed"
             )
 
-    def position(self, phase, rank, world_size):
-        """Where `phase` goes on: (its epochs done, batches done of the next one, their record).
-        All of a phase the run has passed is done; a run stopped mid-epoch (a signal, or
-        --save-every-steps) goes on at its next batch, with as many processes (and the same
-        --batch-size and --accum-steps: continuing.CONTINUING)."""
+    def position(self, phase, rank, world_size, batch_size):
+        """Where `phase` goes on: (its epochs done, batches of `batch_size` done of the next one,
+        their record). All of a phase the run has passed is done; a run stopped mid-epoch (a
+        signal, or --save-every-steps) goes on at its next batch, with as many processes. Its
+        batches are counted in `batch_size`, which divides the run's (continuing.CONTINUING: the
+        same effective batch in smaller pieces, as the out-of-memory advice gives it)."""
         if self.state is None or phase > self.state["phase"]:
             return 0, 0, None
         if phase < self.state["phase"]:
             return math.inf, 0, None
         step, progress = self.state.get("step", 0), self.state.get("progress")
-        if step and len(progress) != world_size:
+        if not step:
+            return self.state["epoch"], 0, None
+        if len(progress) != world_size:
             raise Problem(
                 f"{self.path} stopped mid-epoch with {len(progress)} process(es): resume it with "
                 f"as many (this run has {world_size})"
             )
-        return self.state["epoch"], step, progress[rank] if step else None
+        pieces = self.state["args"]["batch_size"] // batch_size
+        return self.state["epoch"], step * pieces, in_pieces(progress[rank], pieces)
 
     def restore_phase(self, phase, model):
         """The optimizer and grad scaler of a run stopped inside `phase`. The optimizer's state
@@ -514,6 +518,22 @@ class Resume:
         )
         if state["scaler"] and phase.scaler.is_enabled():  # empty when saved without fp16
             phase.scaler.load_state_dict(state["scaler"])
+
+
+def in_pieces(progress, pieces):
+    """A mid-epoch record of batches as the record of batches `pieces` times smaller: the same
+    sums (of losses by images, of correct predictions, of images)."""
+    if pieces == 1:
+        return progress
+    n = len(progress["sizes"])
+    hits = torch.zeros(n * pieces, dtype=progress["hits"].dtype)
+    hits[::pieces] = progress["hits"]
+    return {
+        "losses": progress["losses"].repeat_interleave(pieces),
+        "hits": hits,
+        "sizes": [size // pieces for size in progress["sizes"] for _ in range(pieces)],
+        "seconds": progress["seconds"],
+    }
 
 
 def load_optimizer_state(optimizer, state, names=None, saved_names=None):

@@ -127,6 +127,25 @@ def phase2_optimizer(run, value):
     return None
 
 
+def smaller_pieces(run, value):
+    """--batch-size, --accum-steps: applied at an epoch's end; in the middle of one, as the same
+    effective batch in smaller pieces (what the out-of-memory advice gives): a batch that divides
+    the run's, with as many times the accumulated steps."""
+    if not run.mid_epoch:
+        return None
+    saved = run.state["args"]
+    batch, accum = saved["batch_size"], saved.get("accum_steps", 1)
+    new_batch, new_accum = run.options["batch_size"], run.options["accum_steps"]
+    if batch % new_batch == 0 and new_batch * new_accum == batch * accum:
+        return None
+    return (
+        f"{run.path} stopped {run.state['step']} batches into an epoch at --batch-size {batch} "
+        f"--accum-steps {accum}; in the middle of an epoch only the same effective batch in "
+        f"smaller pieces goes on (a --batch-size that divides {batch}, with --accum-steps as "
+        "many times more), or resume without them to finish that epoch first"
+    )
+
+
 def whole_epochs(run, value):
     if run.mid_epoch:
         return (
@@ -175,7 +194,7 @@ CONTINUING = {
     "resize": applied,  # its own cache; the checkpoints say which
     "val_fraction": held_out_split,
     "cache_dir": applied,
-    "batch_size": whole_epochs,
+    "batch_size": smaller_pieces,
     "cache_workers": applied,
     # the model
     "arch": fixed,
@@ -205,7 +224,7 @@ CONTINUING = {
     "class_weights": applied,
     "sampler": whole_epochs,
     "amp": applied,
-    "accum_steps": whole_epochs,
+    "accum_steps": smaller_pieces,
     "sync_bn": applied,
     "compile": applied,
     # the levers (--lr-decay regroups Phase II's saved optimizer state by parameter)

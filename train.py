@@ -242,7 +242,9 @@ def stopped(folder, stop):
 
 def train_phase(run, phase):
     """The phase's remaining epochs, each followed by validation, its record and checkpoints."""
-    first_epoch, first_batch, progress = run.resume.position(phase.number, run.rank, run.world_size)
+    first_epoch, first_batch, progress = run.resume.position(
+        phase.number, run.rank, run.world_size, run.args.batch_size
+    )
     if first_epoch >= phase.epochs:
         return
     run.resume.restore_phase(phase, run.model)
@@ -623,7 +625,8 @@ class Run:
         per_epoch = math.ceil(len(self.train_loader) / args.accum_steps)
         self.step = sum(r.get("steps", per_epoch) for r in self.history)
         if self.resume.state and self.resume.state.get("step"):  # stopped mid-epoch
-            self.step += math.ceil(self.resume.state["step"] / args.accum_steps)
+            saved = self.resume.state["args"]
+            self.step += math.ceil(self.resume.state["step"] / saved.get("accum_steps", 1))
         self.board = Board.of(args, self.folder.path, self.step) if self.rank == 0 else None
 
     def best_so_far(self):

@@ -4,6 +4,7 @@ given it would, or refused before anything is read or written, naming the option
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -376,6 +377,26 @@ def labels_csv(path, folder):
 
 def weights_of(criterion):
     return None if criterion.weight is None else criterion.weight.tolist()
+
+
+def test_the_out_of_memory_advice_resumes_an_epoch_stopped_in_its_middle(
+    stopped_runs, tmp_path, narrow_models
+):
+    """The advice's smaller batch, with as many more accumulated steps, goes on mid-epoch with
+    the epoch's images in their order; another batch is refused there, saying which go on."""
+    _, data, points = stopped_runs  # phase2: two batches of 4 into Phase II's second epoch
+    last = tmp_path / "ck" / "last.pt"
+    last.parent.mkdir()
+    last.write_bytes(points["phase2"].read_bytes())
+    args, resume = resolve_options(["--resume", str(last), "--data", str(data)])
+    advice = train.out_of_memory_advice(args, train.RunFolder(last.parent), resume)
+    smaller = re.search(r"(--batch-size \d+ --accum-steps \d+)", advice).group(1).split()
+    assert smaller == ["--batch-size", "2", "--accum-steps", "2"]
+    train.main(["--resume", str(last), "--data", str(data), *smaller])
+    state = torch.load(last, weights_only=True)
+    assert (state["phase"], state["epoch"], state["args"]["batch_size"]) == (2, 3, 2)
+    with pytest.raises(Problem, match=r"--batch-size 3 .* \(a --batch-size that divides 4"):
+        resolve_options(["--resume", str(points["phase2"]), "--batch-size", "3"])
 
 
 def test_an_epoch_in_flight_is_not_dropped_by_a_shorter_phase(stopped_runs):
