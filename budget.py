@@ -7,7 +7,15 @@ import statistics
 import time
 
 from continuing import from_phase1, phase1_end
-from recipe import PHASE_EPOCHS, ProgressiveSize, epochs_within, given_options, size_step
+from recipe import (
+    PHASE_EPOCHS,
+    ProgressiveSize,
+    WarmupCosine,
+    epochs_within,
+    given_options,
+    size_step,
+    split_budget,
+)
 from utils import Problem, gather_from_processes, log
 
 
@@ -69,11 +77,41 @@ def plan_time_budget(run, fixed, started, speed):
     total, split, cost = chosen
     vars(args).update(epochs=total, **split)
     run.forecast.speed = speed
+    run.forecast.deadline = started + args.time_budget
     ends = wall_clock(started + spent + cost)
     log(
         f"--time-budget {clock(args.time_budget)}: {timing}. So --epochs {total} "
         f"({split['epochs1']} + {split['epochs2']}, {split['warmup_epochs']} warmup), about "
         f"{clock(cost)} from now: the run should end near {ends}"
+    )
+
+
+def replan_time_budget(run, phase, done):
+    """--time-budget, after each Phase II epoch of the command that planned it: where the epochs
+    as they ran (slower than the steps timed at the start: a busy machine, a slow disk) would
+    end the run past its budget, Phase II is shortened to the most epochs that end within it,
+    its cosine fitted to them as the --epochs split does; said in a line, and saved with the
+    run's options. Every process takes the first's decision."""
+    forecast = run.forecast
+    if forecast.deadline is None or phase.number != 2 or done >= phase.epochs:
+        return
+    now, epoch = time.monotonic(), forecast.epoch_seconds(2)
+    fits = (forecast.deadline - now - forecast.end_seconds()) // epoch
+    epochs2 = done + int(min(max(fits, 0), phase.epochs - done))
+    epochs2 = gather_from_processes(epochs2)[0]
+    if epochs2 >= phase.epochs:
+        return
+    args, planned = run.args, phase.epochs
+    fixed = dict(epochs1=args.epochs1, epochs2=epochs2)
+    fixed["warmup_epochs"] = min(args.warmup_epochs, epochs2)
+    split = split_budget(args.epochs1 + epochs2, fixed)
+    vars(args).update(epochs=args.epochs1 + epochs2, **split)
+    phase.epochs, phase.schedule = epochs2, WarmupCosine.of(args)
+    log(
+        f"--time-budget {clock(args.time_budget)}: Phase II epochs take {clock(epoch)} here, more "
+        f"than the steps timed at the start foretold; so {epochs2} Phase II epochs, not "
+        f"{planned}, the cosine over the last {split['cosine_epochs']}, to end near "
+        f"{wall_clock(now + (epochs2 - done) * epoch + forecast.end_seconds())}"
     )
 
 
@@ -102,6 +140,7 @@ class Forecast:
     def __init__(self, run):
         self.run = run
         self.speed = None  # time_steps', with --time-budget
+        self.deadline = None  # time.monotonic()'s when the budget ends, in the planning command
 
     def epoch_seconds(self, phase, speed=None, side=None):
         """An epoch of `phase`: its steps, its validation and checkpoints; None if untimed. Its

@@ -26,7 +26,14 @@ from tqdm import tqdm
 
 from augment import BatchPreprocess, DeviceAugment
 from board import Board, require_tensorboard
-from budget import Forecast, budget_fixed, budget_to_plan, clock, plan_time_budget
+from budget import (
+    Forecast,
+    budget_fixed,
+    budget_to_plan,
+    clock,
+    plan_time_budget,
+    replan_time_budget,
+)
 from checkpoint import (
     AVERAGED,
     BEST,
@@ -250,7 +257,8 @@ def train_phase(run, phase):
     run.resume.restore_phase(phase, run.model)
     run.net = run.wrap()
     log(describe_phase(phase, run.args, run.model))
-    for epoch in range(first_epoch, phase.epochs):
+    epoch = first_epoch - 1
+    while (epoch := epoch + 1) < phase.epochs:  # --time-budget may shorten the phase (replan)
         phase.set_epoch(epoch)  # per epoch, as the method specifies
         lr = phase.optimizer.param_groups[0]["lr"]
         train, seconds = train_epoch(run, phase, epoch, first_batch, progress)
@@ -263,6 +271,7 @@ def train_phase(run, phase):
         )
         is_best = best_acc(record) > run.best_so_far()
         run.history.append(record)
+        replan_time_budget(run, phase, epoch + 1)
         left = run.forecast.words(phase.number, epoch + 1)
         log(f"{epoch_line(record, phase.epochs, is_best)} | {left}")
         if run.board is not None:

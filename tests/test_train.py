@@ -797,3 +797,28 @@ def test_the_time_budget_counts_the_caches_test_size_auto_builds(tiny_args, tmp_
     without = budget.Forecast(run).end_seconds(speed)
     with_decoding = budget.Forecast(run).end_seconds({**speed, "decode": 0.05})
     assert with_decoding - without == pytest.approx(2 * 100 * 0.05)  # two sizes, 100 images each
+
+
+def test_a_time_budget_shortens_phase_two_when_its_epochs_run_slower_than_timed(
+    tiny_args, tmp_path, monkeypatch, capsys
+):
+    speed = {"step1": 2.0, "step2": 4.0, "validation": 1.0, "save": 0.0}  # epochs of 9 s, 17 s
+    monkeypatch.setattr(train, "time_steps", lambda run: speed)
+    real = train.epoch_record
+
+    def slow(*args):  # each epoch as it ran: 30 s, where the steps timed foretold 17
+        return real(*args) | {"seconds": 29.0, "val_seconds": 1.0}
+
+    monkeypatch.setattr(train, "epoch_record", slow)
+    train.main(tiny_args + ["--time-budget", "120s"])
+    err = capsys.readouterr().err
+    assert "So --epochs 7 (1 + 6, 1 warmup)" in err  # as planned from the steps timed
+    assert (
+        "Phase II epochs take 30.0 s here, more than the steps timed at the start foretold; "
+        "so 4 Phase II epochs, not 6, the cosine over the last 3" in err
+    )
+    last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    assert (last["args"]["epochs2"], last["args"]["cosine_epochs"], last["epoch"]) == (4, 3, 4)
+    rates = [r["lr"] for r in last["history"] if r["phase"] == 2]
+    shares = [recipe.WarmupCosine(1, 0.1, 3, 5e-6 / 5e-4)(e) for e in range(4)]
+    assert rates == pytest.approx([5e-4 * share for share in shares])
