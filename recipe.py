@@ -586,16 +586,16 @@ def continued_options(parser, saved, given, resume):
 
 
 def switched_recipe(parser, saved, recipe):
-    """--recipe given to a continued run: its levers, and the levers of the run's own recipe that
-    it does not set, back at what a fresh run has without them (the demo's values, or the
-    defaults). An option whose value is not its recipe's was the run's own choice, and stays."""
+    """--recipe given to a continued run, as on a fresh run given the run's options and it: its
+    levers, and the levers of the run's own recipe that it does not set back at what a fresh run
+    has without them (the demo's values, or the defaults). An option whose value is not what the
+    run's recipe made it was given when the run started, and stays, as given options win."""
     levers, before = RECIPES.get(recipe, {}), RECIPES.get(saved.get("recipe", "report"), {})
-    values = dict(levers)
-    for key in before.keys() - levers.keys():
-        if saved.get(key) == before[key]:
-            values[key] = (
-                DEMO[key] if saved.get("demo") and key in DEMO else parser.get_default(key)
-            )
+    base = {**vars(parser.parse_args([])), **(DEMO if saved.get("demo") else {})}
+    values = {}
+    for key in before.keys() | levers.keys():
+        if saved.get(key) == before.get(key, base[key]):  # the recipe's (or no one's) value
+            values[key] = levers.get(key, base[key])
     return values
 
 

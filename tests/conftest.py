@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image
 
 import augment
@@ -28,6 +31,20 @@ REPO = Path(__file__).resolve().parents[1]
 # only contend (on two cores, twice the time).
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+
+# Property tests (test_properties.py) draw a few examples each, the same ones every run, and keep
+# no database in the repository; HYPOTHESIS_PROFILE=long draws twenty times as many, anew each run.
+LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="hypothesis-"))  # its own files: not the repo's
+settings.register_profile("suite", derandomize=True, database=None, deadline=None)
+settings.register_profile("long", database=None, deadline=None)
+settings.load_profile("long" if LONG else "suite")
+
+
+def examples(n):
+    """A property test's examples: n in the suite, twenty times n in the long profile."""
+    return n * 20 if LONG else n
+
 
 # Class i is a square of its own colour on a noisy background: learnable in a step or two.
 COLOURS = [

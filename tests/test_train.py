@@ -761,7 +761,7 @@ def test_the_layout_of_two_label_files_over_one_flat_train_folder_trains(
     from test_data import flat_with_two_csvs
 
     root = flat_with_two_csvs(tmp_path / "k")
-    labels = ["--labels", "train.csv", "--val-labels", "val.csv"]
+    labels = ["--labels", "train.csv", "--val-labels", "val.csv", "--epochs", "2"]
     train.main(["--data", str(root), *labels, "--out", str(tmp_path / "ck"), *TINY])
     assert "8 train / 4 val images" in capsys.readouterr().err
     assert (tmp_path / "ck" / "best.pt").is_file()
