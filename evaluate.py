@@ -39,6 +39,8 @@ from report import write_report
 from submission import test_score
 from utils import exits_on_problems, log
 
+matplotlib.rcParams["text.parse_math"] = False  # class names are data: "$5 bill" is no formula
+
 
 def get_args_parser():
     p = argparse.ArgumentParser(

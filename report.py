@@ -44,6 +44,11 @@ def write_section(report_path, name, title, text):
         f.write(report)
 
 
+def cell(text):
+    """A name as a Markdown table's cell holds it: a | in it would end the cell."""
+    return str(text).replace("|", "\\|")
+
+
 def link(path, report):
     return os.path.relpath(path, Path(report).parent)
 
@@ -200,7 +205,7 @@ def per_class_summary(metrics, names, top=5):
     for label, group in groups:
         for r in group:
             lines.append(
-                f"| {label} | {names.get(r['class'], r['class'])} | {r['precision']:.3f} | "
+                f"| {label} | {cell(names.get(r['class'], r['class']))} | {r['precision']:.3f} | "
                 f"{r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |"
                 + (f" {r['train_images']} |" if trained else "")
             )
@@ -211,7 +216,7 @@ def confused_table(pairs, names):
     lines = ["| true class | predicted as | images | share of the true class |"]
     lines.append("| --- | --- | ---: | ---: |")
     for p in pairs:
-        true, predicted = (names.get(c, c) for c in (p["true"], p["predicted"]))
+        true, predicted = (cell(names.get(c, c)) for c in (p["true"], p["predicted"]))
         lines.append(f"| {true} | {predicted} | {p['count']} | {p['share']:.1%} |")
     return lines
 

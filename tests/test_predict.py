@@ -8,6 +8,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import evaluate
 import inference
 import predict
 import submission
@@ -327,7 +328,7 @@ def test_the_snippet_in_docs_in_your_code_runs_as_written(trained, tmp_path, mon
     assert pil == [CLASSES[1]]  # a PIL image, as its file
 
 
-ODD = ("golden retriever", "a,b", 'say "cheese"')  # a space, a comma, quotes
+ODD = ("golden retriever", "a,b", 'say "cheese" | $5')  # spaces, a comma, quotes, | and $
 
 
 @pytest.fixture(scope="module")
@@ -383,3 +384,13 @@ def test_an_image_given_twice_is_one_row(trained, capsys):
     predict.main(["--ckpt", str(trained / "ck" / "best.pt"), image, image])
     out, err = capsys.readouterr()
     assert [r[0] for r in read_csv(out)[1:]] == ["img_00"] and "given more than once" in err
+
+
+def test_odd_class_names_go_through_evaluate_and_its_report_unchanged(odd_names, tmp_path):
+    ckpt, _ = odd_names
+    report, figures = tmp_path / "report.md", tmp_path / "fig"
+    evaluate.main(["--ckpt", str(ckpt), "--figures", str(figures), "--report", str(report)])
+    assert '| say "cheese" \\| $5 |' in report.read_text()  # one table cell
+    with open(figures / "per_class_metrics.csv", newline="") as f:
+        assert sorted(row["class"] for row in csv.DictReader(f)) == sorted(ODD)
+    assert (figures / "fig5_confusion_matrix.png").stat().st_size > 1000
