@@ -36,7 +36,7 @@ from model import count_parameters, warn_if_too_large
 from recipe import get_args_parser as training_options
 from recipe import loss_of, parameter_count
 from report import write_report
-from submission import test_score
+from submission import test_answers, test_score
 from utils import exits_on_problems, log
 
 matplotlib.rcParams["text.parse_math"] = False  # class names are data: "$5 bill" is no formula
@@ -415,13 +415,23 @@ def write_comparison(runs, folder):
 # ----------------------------------------------------------------------------- main
 
 
-def test_score_of(trained, args):
-    """The Score of a checkpoint on the test folder against --answers, through predict.py's
-    path."""
-    test_dir = Path(args.test_dir or trained_data_root(args.data, trained.state) / "test")
+def test_score_of(trained, args, checked=None):
+    """The Score of a checkpoint on the test folder against --answers (or their test_answers
+    already `checked`), through predict.py's path."""
+    test_dir = test_folder(args, trained.state)
     return test_score(
-        trained, test_dir, args.answers, args.cache_workers, args.batch_size, args.top_pairs
+        trained,
+        test_dir,
+        args.answers,
+        args.cache_workers,
+        args.batch_size,
+        args.top_pairs,
+        checked,
     )
+
+
+def test_folder(args, state):
+    return Path(args.test_dir or trained_data_root(args.data, state) / "test")
 
 
 def run_loss(saved, classes, counts, root):
@@ -521,16 +531,19 @@ def main(argv=None):
         return
     trained = load_trained(args)
     state = trained.state
+    checked = None
+    if args.answers:  # read and checked before anything is written
+        checked = test_answers(test_folder(args, state), args.answers, trained.classes)
     names = display_names(trained_data_root(args.data, state), trained.classes)
     metrics, history = evaluate_checkpoint(trained, args, figures, names)
-    if not args.report:
-        return
-    test = test_score_of(trained, args) if args.answers else None
+    test = test_score_of(trained, args, checked) if args.answers else None
     if test:
         print(
             f"{args.ckpt}: test accuracy {test.accuracy:.4f} ({test.correct}/{test.total}), "
             f"balanced {test.balanced:.4f}"
         )
+    if not args.report:
+        return
 
     comparisons = []
     for paths in groups:

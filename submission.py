@@ -262,11 +262,16 @@ def describe(score):
     return line
 
 
-def test_score(trained, test_dir, answers, threads=4, batch_size=128, top=10):
-    """A checkpoint's Score on a test folder against its true labels (`answers`, a CSV),
-    predicted as predict.py predicts it."""
-    files = test_images(test_dir)
-    truth = read_answers(answers, Names(files, test_dir), trained.classes)
+def test_answers(test_dir, answers, classes):
+    """(the images of a test folder, their true labels from the CSV `answers`), checked."""
+    files = test_images(test_dir, keep_ext=True)
+    return files, read_answers(answers, Names(files, test_dir), classes)
+
+
+def test_score(trained, test_dir, answers, threads=4, batch_size=128, top=10, checked=None):
+    """A checkpoint's Score on a test folder against its true labels (`answers`, a CSV, or the
+    test_answers already `checked`), predicted as predict.py predicts it."""
+    files, truth = checked or test_answers(test_dir, answers, trained.classes)
     rows, _ = predict_folder(trained, test_dir, files, None, threads, batch_size)
     labels = {file: [trained.classes[int(p.argmax())]] for file, p in rows}
     gaps = missing(labels, truth)

@@ -259,3 +259,22 @@ def test_grad_cam_peaks_where_the_object_is_and_is_a_non_negative_map_per_image(
         assert cam.sum() - cam[top : top + 4, left : left + 4].sum() < 0.1 * cam.sum()
     dark = inference.grad_cam(model, model.layer4, images, torch.tensor([1, 1]))
     assert (dark == 0).all()  # nothing bright speaks for "dark"
+
+
+def test_bad_answers_are_refused_before_any_figure_is_written(trained, tmp_path):
+    answers = tmp_path / "answers.csv"
+    answers.write_text("image,label\nimg_00,cat\nimg_99,dog\n")
+    figures = tmp_path / "fig"
+    argv = ["--ckpt", str(trained / "best.pt"), "--figures", str(figures), "--answers", answers]
+    with pytest.raises(SystemExit, match="line 3: 'img_99' names no image"):
+        evaluate.main([str(a) for a in argv])
+    assert not figures.exists()
+
+
+def test_load_classifier_raises_what_code_of_ones_own_catches(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere.pt")):
+        inference.load_classifier(tmp_path / "nowhere.pt")
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(Exception, match="cannot load checkpoint") as caught:
+        inference.load_classifier(tmp_path / "broken.pt")
+    assert not isinstance(caught.value, SystemExit)
