@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from image_cache import MemoryCache, build_cache, default_cache_dir
-from tables import Names, cell, read_csv, read_labels
+from twophase.image_cache import MemoryCache, build_cache, default_cache_dir
+from twophase.tables import Names, cell, read_csv, read_labels
 from utils import MissingFile, Problem, exclusive
 
 # Only formats Pillow can open: it registers some (.pdf, .eps) that it can only write.

@@ -21,9 +21,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from checkpoint import best_acc, full_history, load_checkpoint, resolve_checkpoint
 from data import display_names, labels_path, make_loader, trained_data_root, validation_of
-from inference import (
+from model import count_parameters, warn_if_too_large
+from twophase.checkpoint import best_acc, full_history, load_checkpoint, resolve_checkpoint
+from twophase.inference import (
     add_inference_args,
     confusion_matrix,
     grad_cam,
@@ -32,11 +33,10 @@ from inference import (
     print_confused,
     topk_hits,
 )
-from model import count_parameters, warn_if_too_large
-from recipe import get_args_parser as training_options
-from recipe import loss_of, parameter_count
-from report import write_report
-from submission import test_answers, test_score
+from twophase.recipe import get_args_parser as training_options
+from twophase.recipe import loss_of, parameter_count
+from twophase.report import write_report
+from twophase.submission import test_answers, test_score
 from utils import exits_on_problems, log
 
 matplotlib.rcParams["text.parse_math"] = False  # class names are data: "$5 bill" is no formula

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from augment import IMAGENET_MEAN, IMAGENET_STD
+from twophase.augment import IMAGENET_MEAN, IMAGENET_STD
 from utils import Problem, log
 
 RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")

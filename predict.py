@@ -17,10 +17,10 @@ import os
 import sys
 from pathlib import Path
 
-from checkpoint import load_checkpoint
 from data import trained_data_root
-from image_cache import why_unreadable
-from inference import (
+from twophase.checkpoint import load_checkpoint
+from twophase.image_cache import why_unreadable
+from twophase.inference import (
     add_inference_args,
     load_trained,
     predict_folder,
@@ -28,7 +28,7 @@ from inference import (
     print_confused,
     test_images,
 )
-from submission import (
+from twophase.submission import (
     Layout,
     Names,
     classes_hint,

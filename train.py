@@ -24,9 +24,30 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from augment import BatchPreprocess, DeviceAugment
-from board import Board, require_tensorboard
-from budget import (
+from data import (
+    DatasetFiles,
+    Splits,
+    cache_splits,
+    dataset_of,
+    make_loader,
+    resized,
+    set_epoch,
+    validation_is_drawn,
+    write_demo_dataset,
+)
+from model import (
+    EMA,
+    build_model,
+    count_parameters,
+    model_from_checkpoint,
+    strip_prefixes,
+    train_mode,
+    warn_if_too_large,
+    weights_kind,
+)
+from twophase.augment import BatchPreprocess, DeviceAugment
+from twophase.board import Board, require_tensorboard
+from twophase.budget import (
     Forecast,
     budget_fixed,
     budget_to_plan,
@@ -34,7 +55,7 @@ from budget import (
     plan_time_budget,
     replan_time_budget,
 )
-from checkpoint import (
+from twophase.checkpoint import (
     AVERAGED,
     BEST,
     LAST,
@@ -48,31 +69,16 @@ from checkpoint import (
     load_checkpoint,
     make_checkpoint,
 )
-from data import (
-    DatasetFiles,
-    Splits,
-    cache_splits,
-    dataset_of,
-    make_loader,
-    resized,
-    set_epoch,
-    validation_is_drawn,
-    write_demo_dataset,
+from twophase.image_cache import load_image
+from twophase.inference import (
+    averaged_model,
+    bn_loader,
+    count_correct,
+    update_bn,
+    validation_metrics,
 )
-from image_cache import load_image
-from inference import averaged_model, bn_loader, count_correct, update_bn, validation_metrics
-from model import (
-    EMA,
-    build_model,
-    count_parameters,
-    model_from_checkpoint,
-    strip_prefixes,
-    train_mode,
-    warn_if_too_large,
-    weights_kind,
-)
-from prefetch import on_device
-from recipe import (
+from twophase.prefetch import on_device
+from twophase.recipe import (
     check_class_weights,
     describe_phase,
     loss_of,

@@ -45,15 +45,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import augment  # noqa: E402
 import data  # noqa: E402
-import image_cache  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
-from checkpoint import load_optimizer_state  # noqa: E402
-from inference import predict_logits  # noqa: E402
-from prefetch import on_device  # noqa: E402
-from recipe import COMPILE_MODES, loss_of, phase_setup, resolve_options  # noqa: E402
+from twophase import augment, image_cache  # noqa: E402
+from twophase.checkpoint import load_optimizer_state  # noqa: E402
+from twophase.inference import predict_logits  # noqa: E402
+from twophase.prefetch import on_device  # noqa: E402
+from twophase.recipe import COMPILE_MODES, loss_of, phase_setup, resolve_options  # noqa: E402
 from utils import amp_dtype, log, pick_device  # noqa: E402
 
 
@@ -516,7 +515,7 @@ CACHE_PROBE = """
 import json, sys, time
 sys.path.insert(0, {repo!r})
 import data
-import image_cache
+from twophase import image_cache
 
 def memory_mb(field):  # VmHWM (peak) starts anew at exec, unlike ru_maxrss, which a child inherits
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field)) / 1024

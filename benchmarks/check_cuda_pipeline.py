@@ -18,8 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import augment  # noqa: E402
-import prefetch  # noqa: E402
+from twophase import (
+    augment,  # noqa: E402
+    prefetch,  # noqa: E402
+)
 
 
 def batches(sizes=(24, 24, 1, 24, 2, 1, 24, 1), side=64):

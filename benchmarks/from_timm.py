@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from checkpoint import make_checkpoint, save_checkpoint, write_history_csv  # noqa: E402
 from data import find_classes  # noqa: E402
+from twophase.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from twophase.checkpoint import make_checkpoint, save_checkpoint, write_history_csv  # noqa: E402
 
 
 def natural_key(name):

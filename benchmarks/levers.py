@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from checkpoint import load_checkpoint  # noqa: E402
-from inference import load_trained  # noqa: E402
 from model import count_parameters  # noqa: E402
-from recipe import get_args_parser  # noqa: E402
-from report import command_of, write_section  # noqa: E402
-from submission import test_score  # noqa: E402
+from twophase.checkpoint import load_checkpoint  # noqa: E402
+from twophase.inference import load_trained  # noqa: E402
+from twophase.recipe import get_args_parser  # noqa: E402
+from twophase.report import command_of, write_section  # noqa: E402
+from twophase.submission import test_score  # noqa: E402
 from utils import atomic_file, log  # noqa: E402
 
 # (row, run folder, how its last.pt is scored): test-time options for the base run.
@@ -110,7 +110,7 @@ def table(folder, answers):
 
 def averaging_table(runs, answers):
     """Weight averaging needs epochs to average, so it is measured on longer runs: each run's last
-    epoch against the average of its kept epochs (avg_checkpoints.py's averaged.pt)."""
+    epoch against the average of its kept epochs (python -m twophase.average's averaged.pt)."""
     runs = [Path(r) for r in runs if (Path(r) / "averaged.pt").is_file()]
     if not runs:
         return ""
@@ -129,7 +129,7 @@ def averaging_table(runs, answers):
     kept = [Path(p).name for p in load_checkpoint(runs[-1] / "averaged.pt")["averaged"]]
     how = (
         f"Weight averaging of each run's last {len(kept)} epochs, batch norm statistics measured "
-        "again on the training images: `python avg_checkpoints.py "
+        "again on the training images: `python -m twophase.average "
         + " ".join(f"RUN/{name}" for name in kept)
         + " --out RUN/averaged.pt`."
     )

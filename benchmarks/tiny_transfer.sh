@@ -57,14 +57,14 @@ wanted scratch && run "$ck/scratch" "${common[@]}" --weights none --epochs1 0 --
 # The method with its budget split as the report's (Phase I 10 of 135 epochs, warmup 5 of 125):
 # at 8 epochs that is 1 + 7 and no warmup, where the rows above round both up (the split
 # `--epochs 8` makes, written out so that RESULTS.md's command shows it). Two seeds, to show the
-# noise between runs; each keeps its last 3 epochs, which avg_checkpoints.py averages for the
+# noise between runs; each keeps its last 3 epochs, which python -m twophase.average averages for the
 # weight-averaging lever.
 if wanted method-1+7; then
     for seed in ${SEEDS:-0 1}; do
         out="$ck/method-1+7-s$seed"
         run "$out" "${common[@]}" "${pretrained[@]}" --epochs1 1 --epochs2 7 --warmup-epochs 0 \
             --cosine-epochs 7 --keep-last 3 --seed "$seed"
-        [ -f "$out/averaged.pt" ] || $py avg_checkpoints.py "$out"/epoch*.pt \
+        [ -f "$out/averaged.pt" ] || $py -m twophase.average "$out"/epoch*.pt \
             --out "$out/averaged.pt"  # the 3 that --keep-last left
     done
 fi

@@ -18,11 +18,9 @@ from hypothesis import settings
 from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image
 
-import augment
-import checkpoint
 import data
-import inference
 from narrow import narrow_get_model
+from twophase import augment, checkpoint, inference
 
 REPO = Path(__file__).resolve().parents[1]
 

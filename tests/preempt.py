@@ -18,10 +18,12 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import augment  # noqa: E402
-import checkpoint  # noqa: E402
-import inference  # noqa: E402
 from narrow import narrow_get_model  # noqa: E402
+from twophase import (
+    augment,  # noqa: E402
+    checkpoint,  # noqa: E402
+    inference,  # noqa: E402
+)
 
 
 def signal_on_call(module, name, call, times=1):

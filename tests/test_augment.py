@@ -1,7 +1,7 @@
 import torch
 
-import augment
-from augment import DeviceAugment
+from twophase import augment
+from twophase.augment import DeviceAugment
 
 
 def test_preprocess_normalises_into_channels_last():

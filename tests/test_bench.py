@@ -12,7 +12,7 @@ import evaluate
 import model as M
 import train
 from conftest import REPO, make_dataset
-from recipe import resolve_options
+from twophase.recipe import resolve_options
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -174,8 +174,8 @@ def test_a_timm_run_becomes_a_checkpoint_with_the_head_in_this_projects_class_or
 def test_the_levers_table_scores_finished_runs_and_writes_its_notes_block(
     dataset, tmp_path, capsys, narrow_models, monkeypatch
 ):
-    import avg_checkpoints
     import levers
+    from twophase import average
 
     answers = tmp_path / "answers.csv"  # test image j shows class j % 3 (conftest)
     classes = ("cat", "dog", "eel")
@@ -204,7 +204,7 @@ def test_the_levers_table_scores_finished_runs_and_writes_its_notes_block(
         ]
     )
     kept = sorted(str(p) for p in longer.glob("epoch*.pt"))
-    avg_checkpoints.main([*kept, "--out", str(longer / "averaged.pt"), "--batch-size", "4"])
+    average.main([*kept, "--out", str(longer / "averaged.pt"), "--batch-size", "4"])
 
     report = tmp_path / "RESULTS.md"
     report.write_text("# results\n\nprose kept\n")
@@ -219,7 +219,7 @@ def test_the_levers_table_scores_finished_runs_and_writes_its_notes_block(
     assert "--mixup 0.2" in rows and "--cutmix 1.0" not in rows  # an unfinished run is left out
     assert rows["the method"].split("|")[-3].strip() == ""  # the reference has no gain
     assert "points" in rows["--mixup 0.2"] and "method-s0" in rows
-    assert "avg_checkpoints.py RUN/epoch002.pt RUN/epoch003.pt --out" in text
+    assert "python -m twophase.average RUN/epoch002.pt RUN/epoch003.pt --out" in text
     findings = "<!-- notes:levers_findings -->\n"
     report.write_text(report.read_text().replace(findings, findings + "EMA helps.\n"))
     monkeypatch.setattr(levers, "load_trained", None)  # every score is remembered now

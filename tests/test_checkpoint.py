@@ -10,14 +10,13 @@ import pytest
 import torch
 import torchvision
 
-import checkpoint
-import recipe
 import train
 import utils
-from checkpoint import load_optimizer_state
 from conftest import TINY, make_dataset
 from narrow import narrow_get_model
-from recipe import resolve_options
+from twophase import checkpoint, recipe
+from twophase.checkpoint import load_optimizer_state
+from twophase.recipe import resolve_options
 from utils import Problem
 
 # Written by the code as it was before its run state was redesigned (tests/fixtures/README.md):

@@ -10,13 +10,12 @@ import pytest
 import torch
 import torchvision
 
-import continuing
 import model as M
-import recipe
 import train
 from conftest import REPO, TINY, make_dataset, stop_at
 from narrow import narrow_get_model
-from recipe import get_args_parser, resolve_options
+from twophase import continuing, recipe
+from twophase.recipe import get_args_parser, resolve_options
 from utils import Problem
 
 CPU = torch.device("cpu")

@@ -8,8 +8,8 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import data
-import image_cache
 from conftest import make_dataset, write_image
+from twophase import image_cache
 from utils import Problem
 
 

@@ -7,11 +7,10 @@ import sys
 
 import pytest
 
-import avg_checkpoints
 import evaluate
 import predict
-import recipe
 from conftest import REPO
+from twophase import average, recipe
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench  # noqa: E402
@@ -21,7 +20,7 @@ PARSERS = {
     "train.py": recipe.get_args_parser,
     "evaluate.py": evaluate.get_args_parser,
     "predict.py": predict.get_args_parser,
-    "avg_checkpoints.py": avg_checkpoints.get_args_parser,
+    "twophase.average": average.get_args_parser,  # python -m twophase.average
     "benchmarks/bench.py": bench.get_args_parser,
     "jobs/slurm.sh": recipe.get_args_parser,  # its arguments go to train.py
 }

@@ -8,12 +8,10 @@ import torch
 from PIL import Image
 
 import evaluate
-import inference
 import model as M
-import recipe
-import report
 import train
-from recipe import resolve_options
+from twophase import inference, recipe, report
+from twophase.recipe import resolve_options
 
 
 def test_confusion_matrix_matches_a_hand_computed_case():

@@ -9,12 +9,11 @@ import torchvision
 from PIL import Image
 
 import evaluate
-import inference
 import predict
-import submission
 import train
 from conftest import REPO, TINY, make_dataset
 from narrow import narrow_get_model
+from twophase import inference, submission
 
 # Folders listed "1", "10", "2" but labelled in numeric order 1, 2, 10; test image j shows the
 # colour of the j % 3-th class named here.

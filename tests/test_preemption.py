@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import data
-import image_cache
 import train
 import utils
 from conftest import Forked, Killed, make_dataset, stop_at
+from twophase import image_cache
 
 # Every lever that draws random numbers or keeps state, so that resuming must restore them all.
 LEVERS = "--epochs1 2 --epochs2 3 --ema 0.9 --mixup 0.4 --cutmix 1.0 --lr-decay 0.8".split()

@@ -4,8 +4,8 @@ from contextlib import closing
 import pytest
 import torch
 
-from augment import BatchPreprocess
-from prefetch import on_device
+from twophase.augment import BatchPreprocess
+from twophase.prefetch import on_device
 
 
 def loader_of_batches(n_batches, fail_at=None):

@@ -18,12 +18,11 @@ from hypothesis import strategies as st
 
 import data
 import predict
-import submission
-import tables
 import train
 from conftest import COLOURS, TINY, examples, write_image
 from narrow import narrow_get_model
-from recipe import phase_setup, resolve_options
+from twophase import submission, tables
+from twophase.recipe import phase_setup, resolve_options
 
 # What a class name may hold: letters of several scripts, digits (a leading zero, a name that
 # reads as a number), spaces, commas, quotes, a backslash, $ and | (matplotlib's and Markdown's

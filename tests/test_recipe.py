@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 import model as M
-import recipe
-from checkpoint import PHASE1
-from recipe import resolve_options
+from twophase import recipe
+from twophase.checkpoint import PHASE1
+from twophase.recipe import resolve_options
 from utils import Problem
 
 CPU = torch.device("cpu")

@@ -10,19 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-import augment
-import budget
-import checkpoint
 import data
 import evaluate
-import inference
 import model as M
 import predict
-import recipe
 import train
 from conftest import COLOURS, NO_AUGMENT, TINY, copy_of, make_dataset, stop_at, write_image
-from prefetch import on_device
-from recipe import Phase, parameter_count, resolve_options
+from twophase import augment, budget, checkpoint, inference, recipe
+from twophase.prefetch import on_device
+from twophase.recipe import Phase, parameter_count, resolve_options
 
 CPU = torch.device("cpu")
 

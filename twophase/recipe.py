@@ -15,18 +15,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from augment import MixUpCutMix
-from continuing import (
+from data import labels_path
+from model import count_parameters, set_trainable, stage_groups
+from twophase.augment import MixUpCutMix
+from twophase.continuing import (
     PHASE1_ONLY,
     continued_run,
     phase1_end,
     refuse_changes,
     saved_options,
 )
-from data import labels_path
-from image_cache import RESIZE_MODES
-from model import count_parameters, set_trainable, stage_groups
-from tables import read_class_weights
+from twophase.image_cache import RESIZE_MODES
+from twophase.tables import read_class_weights
 from utils import Problem, log
 
 USAGE = """Fine-tune an ImageNet-pretrained ResNet in two phases (the report's Algorithm 1).
@@ -296,7 +296,7 @@ def get_args_parser():
         type=int,
         default=0,
         metavar="K",
-        help="keep the last K epochs' checkpoints (for avg_checkpoints.py)",
+        help="keep the last K epochs' checkpoints (for python -m twophase.average)",
     )
     g.add_argument(
         "--average-last",

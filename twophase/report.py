@@ -12,8 +12,8 @@ import re
 import shlex
 from pathlib import Path
 
-from checkpoint import best_acc
-from recipe import DEMO, RECIPES, split_budget
+from twophase.checkpoint import best_acc
+from twophase.recipe import DEMO, RECIPES, split_budget
 from utils import atomic_file
 
 NOTES = re.compile(r"<!-- notes:(\w+) -->\n(.*?)<!-- /notes -->", re.S)

@@ -8,9 +8,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from augment import DeviceAugment
-from checkpoint import PHASE1, Resume, load_checkpoint, resolve_checkpoint
 from data import validation_is_drawn
+from twophase.augment import DeviceAugment
+from twophase.checkpoint import PHASE1, Resume, load_checkpoint, resolve_checkpoint
 from utils import Problem, log
 
 # ------------------------------------------------------------------------ continuing a run

@@ -1,11 +1,11 @@
 import torch
 
-import avg_checkpoints
 import data
 import model as M
 import train
-from augment import BatchPreprocess
 from evaluate import main as evaluate_main
+from twophase import average
+from twophase.augment import BatchPreprocess
 
 
 def test_the_average_is_the_mean_of_the_weights_with_batch_norm_measured_anew(tiny_args, tmp_path):
@@ -14,9 +14,7 @@ def test_the_average_is_the_mean_of_the_weights_with_batch_norm_measured_anew(ti
     kept = sorted(p.name for p in out.glob("epoch*.pt"))
     assert kept == ["epoch002.pt", "epoch003.pt"]  # the last two epochs
     sources = [torch.load(out / name, weights_only=True) for name in kept]
-    avg_checkpoints.main(
-        [str(out / n) for n in kept] + ["--out", str(out / "avg.pt"), "--device", "cpu"]
-    )
+    average.main([str(out / n) for n in kept] + ["--out", str(out / "avg.pt"), "--device", "cpu"])
     averaged = torch.load(out / "avg.pt", weights_only=True)
     for key, value in averaged["model"].items():
         if key.endswith(("running_mean", "running_var", "num_batches_tracked")):

@@ -2,8 +2,8 @@
 avg_checkpoints.py), then recompute its batch norm statistics on the training images.
 
     python train.py ... --keep-last 5                 # keeps checkpoints/epoch*.pt, the last 5
-    python avg_checkpoints.py checkpoints/epoch*.pt --out checkpoints/averaged.pt
-    python avg_checkpoints.py checkpoints/phase2_epoch*.pt --out checkpoints/averaged.pt
+    python -m twophase.average checkpoints/epoch*.pt --out checkpoints/averaged.pt
+    python -m twophase.average checkpoints/phase2_epoch*.pt --out checkpoints/averaged.pt
     python evaluate.py --ckpt averaged.pt             # like any checkpoint; predict.py too
 
 Each checkpoint contributes the weights it is evaluated with (its moving average where --ema made
@@ -16,11 +16,11 @@ result has no parameters the model did not have; it keeps the last checkpoint's 
 import argparse
 from pathlib import Path
 
-from augment import BatchPreprocess
-from checkpoint import averaged_checkpoint, load_checkpoint, save_checkpoint
 from data import cache_splits, dataset_of, trained_data_root
-from inference import averaged_model, bn_loader
 from model import count_parameters
+from twophase.augment import BatchPreprocess
+from twophase.checkpoint import averaged_checkpoint, load_checkpoint, save_checkpoint
+from twophase.inference import averaged_model, bn_loader
 from utils import exits_on_problems, log, pick_device
 
 

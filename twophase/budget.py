@@ -6,8 +6,8 @@ and words."""
 import statistics
 import time
 
-from continuing import from_phase1, phase1_end
-from recipe import (
+from twophase.continuing import from_phase1, phase1_end
+from twophase.recipe import (
     PHASE_EPOCHS,
     ProgressiveSize,
     WarmupCosine,

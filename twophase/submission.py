@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from inference import confusion_matrix, most_confused, predict_folder, test_images
-from tables import Names, Problems, class_list, find_class, read_csv, read_labels
+from twophase.inference import confusion_matrix, most_confused, predict_folder, test_images
+from twophase.tables import Names, Problems, class_list, find_class, read_csv, read_labels
 from utils import Problem, atomic_file
 
 DEFAULT_COLUMNS = ("image_name", "pred_label")
