@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from twophase.image_cache import MemoryCache, build_cache, default_cache_dir
+from twophase.prefetch import on_device
 from twophase.tables import Names, cell, read_csv, read_labels
 from utils import MissingFile, Problem, exclusive
 
@@ -197,9 +198,9 @@ def make_loader(
 ):
     """A loader of whole batches, each one read of the cache, in the thread that iterates it (no
     loader processes: handing a batch over from one costs more than the read).
-    With shuffle, the order depends only on (seed, epoch): call set_epoch(loader, e) before each
-    epoch and a resumed run sees the same batches (set_epoch(loader, e, start) skips the first
-    `start` of them unread). Under DDP each process gets its own shard. `balanced`: each epoch
+    With shuffle, the order depends only on (seed, epoch): call start_epoch(loader, e) before
+    each epoch and a resumed run sees the same batches (start_epoch(loader, e, n) skips the first
+    n of them unread). Under DDP each process gets its own shard. `balanced`: each epoch
     draws as many images with replacement, every class equally likely (BalancedSampler)."""
     if balanced:
         sampler = BalancedSampler(dataset.labels[dataset.indices], num_replicas, rank, seed)
@@ -262,11 +263,60 @@ class EpochBatches(torch.utils.data.BatchSampler):
         return super().__len__() - self.start
 
 
-def set_epoch(loader, epoch, start=0):
+def start_epoch(loader, epoch, first_batch=0):
     """Shuffle for `epoch` (the order is a function of (seed, epoch) alone), and begin at its
-    `start`-th batch: a run stopped mid-epoch goes on where it stopped."""
+    `first_batch`-th batch: a run stopped mid-epoch goes on where it stopped."""
     loader.sampler.sampler.set_epoch(epoch)
-    loader.sampler.start = start
+    loader.sampler.start = first_batch
+
+
+class TrainingStream:
+    """The training images as the steps take them: a loader of this process's share (shuffled,
+    or class-balanced), its preprocessing and augmentation on the device, and each epoch's draws
+    (its order, its augmentation, its image size, MixUp's) seeded by (seed, epoch, process), so
+    that a resumed run, and every process, draws what an uninterrupted one would. A run stopped
+    mid-epoch draws again what its trained batches drew, then goes on."""
+
+    def __init__(self, images, batch_size, preprocess, seed, balanced, procs, cuda):
+        self.preprocess, self.seed, self.rank = preprocess, seed, procs.rank
+        self.loader = make_loader(
+            images,
+            batch_size,
+            shuffle=True,
+            seed=seed,
+            pin_memory=cuda,
+            # Dropping the last partial batch keeps batch norm from ever seeing a batch of one.
+            drop_last=len(images) > batch_size * procs.world_size,
+            balanced=balanced,
+            num_replicas=procs.world_size,
+            rank=procs.rank,
+        )
+
+    def draw(self, epochs_trained, side, mix=None, first_batch=0):
+        """An epoch's draws, the run's `epochs_trained`-th: from its batch `first_batch` on, at
+        `side` px, with `mix` (MixUp/CutMix) if any."""
+        seed = (self.seed, epochs_trained, self.rank)
+        start_epoch(self.loader, epochs_trained, first_batch)
+        self.preprocess.augment.reseed(*seed)
+        self.preprocess.size = side
+        if mix is not None:
+            mix.reseed(*seed, 1)
+
+    def replay(self, sizes, mix=None):
+        """The augmentation's (and MixUp's) draws for the batches of `sizes` images an epoch
+        stopped after, drawn again, so that the rest of the epoch draws what it would have."""
+        side = self.preprocess.size
+        for n in sizes:
+            self.preprocess.augment.sample(n)
+            if mix is not None:
+                mix.sample(n, side, side)
+
+    def batches(self, device):
+        """The epoch's batches on `device`, augmented (a generator to close)."""
+        return on_device(self.loader, self.preprocess, device)
+
+    def __len__(self):
+        return len(self.loader)
 
 
 # ----------------------------------------------------------------------------- the dataset

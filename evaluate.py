@@ -33,8 +33,9 @@ from twophase.inference import (
     print_confused,
     topk_hits,
 )
-from twophase.recipe import get_args_parser as training_options
-from twophase.recipe import loss_of, parameter_count
+from twophase.loss import loss_of
+from twophase.options import get_args_parser as training_options
+from twophase.options import parameter_count
 from twophase.report import write_report
 from twophase.submission import test_answers, test_score
 from utils import exits_on_problems, log

@@ -55,6 +55,20 @@ def load_weights(arch, weights):
     )
 
 
+def normalisation_of(weights):
+    """The (mean, std) the inputs of `weights` (a --weights value) were normalised with when they
+    were trained: a checkpoint of this project says its own; torchvision's weights, a plain state
+    dict and none are ImageNet's. Its tensors are mapped, not read."""
+    if weights and os.path.isfile(weights):
+        try:
+            saved = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # load_weights says what is wrong with the file
+            return IMAGENET_MEAN, IMAGENET_STD
+        if isinstance(saved, dict) and isinstance(saved.get("model"), dict):
+            return tuple(saved.get("mean", IMAGENET_MEAN)), tuple(saved.get("std", IMAGENET_STD))
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
 def local_weights(arch, path):
     try:  # weights_only: a file that would run code is refused
         saved = torch.load(path, map_location="cpu", weights_only=True)

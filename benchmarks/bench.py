@@ -5,7 +5,7 @@
 
 Without --images it writes N synthetic JPEGs of varied sizes (once, into --workdir). Each number
 is the median of --repeats runs; the table goes to standard output, progress to standard error.
-Each phase is set up by recipe.phase_setup from the defaults (the method's Table 1) and trained
+Each phase is set up by train.phase_setup from the defaults (the method's Table 1) and trained
 by train.optimizer_steps, as train.py trains it.
 
   pipeline   images/s from files to augmented, normalised batches on the device: this project's
@@ -48,11 +48,13 @@ from PIL import Image  # noqa: E402
 import data  # noqa: E402
 import model as M  # noqa: E402
 import train  # noqa: E402
+from train import phase_setup  # noqa: E402
 from twophase import augment, image_cache  # noqa: E402
-from twophase.checkpoint import load_optimizer_state  # noqa: E402
 from twophase.inference import predict_logits  # noqa: E402
+from twophase.loss import loss_of  # noqa: E402
+from twophase.options import COMPILE_MODES, resolve  # noqa: E402
 from twophase.prefetch import on_device  # noqa: E402
-from twophase.recipe import COMPILE_MODES, loss_of, phase_setup, resolve_options  # noqa: E402
+from twophase.start import load_optimizer_state  # noqa: E402
 from utils import amp_dtype, log, pick_device  # noqa: E402
 
 
@@ -172,7 +174,7 @@ def train_loader(args, cache, labels, device):
     )
 
 
-RECIPE = resolve_options([])[0]  # the method's defaults: Table 1
+RECIPE = resolve([]).options  # the method's defaults: Table 1
 
 
 def phase_of(number, args, net, device):
@@ -181,7 +183,7 @@ def phase_of(number, args, net, device):
     options = argparse.Namespace(**{**vars(RECIPE), "amp": args.amp})
     dtype = amp_dtype(options.amp, device)
     phase = phase_setup(number, options, net, device, loss_of(options), dtype)
-    phase.set_epoch(0)
+    phase.set_rates(0)
     return phase
 
 
@@ -198,7 +200,7 @@ def one_epoch(net, loader, preprocess, phase):
 
 def training_preprocess(device, augmented=True):
     """Training's preprocessing: normalisation and, unless told otherwise, the augmentation."""
-    chosen = augment.DeviceAugment.from_args(RECIPE) if augmented else None
+    chosen = augment.DeviceAugment(augment.Augmentation.of(RECIPE)) if augmented else None
     return augment.BatchPreprocess(augment=chosen).to(device)
 
 

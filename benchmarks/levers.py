@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import count_parameters  # noqa: E402
 from twophase.checkpoint import load_checkpoint  # noqa: E402
 from twophase.inference import load_trained  # noqa: E402
-from twophase.recipe import get_args_parser  # noqa: E402
+from twophase.options import get_args_parser  # noqa: E402
 from twophase.report import command_of, write_section  # noqa: E402
 from twophase.submission import test_score  # noqa: E402
 from utils import atomic_file, log  # noqa: E402

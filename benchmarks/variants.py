@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import list_images, list_labelled_images, ordered_classes  # noqa: E402
 from levers import test_accuracy  # noqa: E402
 from twophase.checkpoint import load_checkpoint  # noqa: E402
-from twophase.recipe import get_args_parser  # noqa: E402
+from twophase.options import get_args_parser  # noqa: E402
 from twophase.report import command_of, write_section  # noqa: E402
 
 LARGEST, SMALLEST = 200, 20

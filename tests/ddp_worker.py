@@ -18,5 +18,5 @@ if run.ema is not None:
     ema = {n: p.detach() for n, p in run.ema.module.named_parameters()}
     torch.save(ema, out / f"ema_rank{run.rank}.pt")
 torch.save(
-    run.train_preprocess.augment.generator.get_state(), out / f"augment_rng_rank{run.rank}.pt"
+    run.stream.preprocess.augment.generator.get_state(), out / f"augment_rng_rank{run.rank}.pt"
 )

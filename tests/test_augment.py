@@ -1,7 +1,7 @@
 import torch
 
 from twophase import augment
-from twophase.augment import DeviceAugment
+from twophase.augment import Augmentation, DeviceAugment
 
 
 def test_preprocess_normalises_into_channels_last():
@@ -33,7 +33,7 @@ def only(**kwargs):
         p_hflip=0.0,
         p_vflip=0.0,
     )
-    return DeviceAugment(**{**off, **kwargs})
+    return DeviceAugment(Augmentation(**{**off, **kwargs}))
 
 
 def test_flip_rates_match_the_method():
@@ -185,7 +185,7 @@ def test_the_augmentation_leaves_its_input_alone():
     """Its ops work in place on their own intermediates only: the caller's batch is not touched."""
     x = torch.rand(6, 3, 10, 10)
     kept = x.clone()
-    augment = DeviceAugment(p_jitter=1.0, p_blur=1.0)
+    augment = DeviceAugment(Augmentation(p_jitter=1.0, p_blur=1.0))
     augment(x)
     assert torch.equal(x, kept)
 

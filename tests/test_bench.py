@@ -12,7 +12,7 @@ import evaluate
 import model as M
 import train
 from conftest import REPO, make_dataset
-from twophase.recipe import resolve_options
+from twophase.options import resolve
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -51,7 +51,7 @@ def test_the_benchmark_runs_every_cpu_section_on_a_tiny_setup(tmp_path, capsys, 
 
 
 def test_the_benchmark_sets_each_phase_up_as_training_does(tmp_path, monkeypatch, narrow_models):
-    """Table 1 reaches the benchmark through recipe.phase_setup: a changed default shows there."""
+    """Table 1 reaches the benchmark through train.phase_setup: a changed default shows there."""
     built = []
     real = bench.phase_setup
 
@@ -60,9 +60,7 @@ def test_the_benchmark_sets_each_phase_up_as_training_does(tmp_path, monkeypatch
         return real(number, args, model, device, criterion, dtype)
 
     monkeypatch.setattr(bench, "phase_setup", spy)
-    monkeypatch.setattr(
-        bench, "RECIPE", resolve_options(["--lr2", "7e-4", "--optimizer2", "sgd"])[0]
-    )
+    monkeypatch.setattr(bench, "RECIPE", resolve(["--lr2", "7e-4", "--optimizer2", "sgd"]).options)
     bench.main(["--workdir", str(tmp_path), "--n", "10", *TINY_BENCH, "--sections", "train"])
     assert built == [(1, 5e-4, "sgd"), (2, 7e-4, "sgd")]
 

@@ -14,9 +14,9 @@ import train
 import utils
 from conftest import TINY, make_dataset
 from narrow import narrow_get_model
-from twophase import checkpoint, recipe
-from twophase.checkpoint import load_optimizer_state
-from twophase.recipe import resolve_options
+from twophase import checkpoint, schedule
+from twophase.options import resolve
+from twophase.start import load_optimizer_state
 from utils import Problem
 
 # Written by the code as it was before its run state was redesigned (tests/fixtures/README.md):
@@ -165,7 +165,7 @@ def test_full_history_goes_past_the_checkpoint_epoch(tmp_path):
 @pytest.mark.parametrize("name,option", [("adamw", "fused"), ("nadam", "capturable")])
 def test_optimizer_state_saved_on_cuda_resumes_on_the_cpu(name, option):
     def build(value):
-        return recipe.make_optimizer(
+        return schedule.make_optimizer(
             name, [torch.nn.Parameter(value.clone())], 1e-2, 1e-4, torch.device("cpu")
         )
 
@@ -194,18 +194,18 @@ def test_resume_of_a_checkpoint_from_an_earlier_version(tiny_args, tmp_path):
     state["args"]["compile"] = False
     del state["args"]["accum_steps"]
     torch.save(state, tmp_path / "old.pt")
-    args, _ = resolve_options(["--resume", str(tmp_path / "old.pt")])
+    args, _ = resolve(["--resume", str(tmp_path / "old.pt")])[:2]
     assert args.compile is None and args.accum_steps == 1
     state["args"]["compile"] = True
     torch.save(state, tmp_path / "old.pt")
-    assert resolve_options(["--resume", str(tmp_path / "old.pt")])[0].compile == "default"
-    off = resolve_options(["--resume", str(tmp_path / "old.pt"), "--compile", "off"])[0]
+    assert resolve(["--resume", str(tmp_path / "old.pt")]).options.compile == "default"
+    off = resolve(["--resume", str(tmp_path / "old.pt"), "--compile", "off"]).options
     assert off.compile is None
     state["args"]["workers"] = state["args"].pop("cache_workers") + 3  # its name before
     # A demo run resumes with its own arguments, not the demo's preset.
     state["args"]["demo"] = True
     torch.save(state, tmp_path / "old.pt")
-    args, _ = resolve_options(["--resume", str(tmp_path / "old.pt")])
+    args, _ = resolve(["--resume", str(tmp_path / "old.pt")])[:2]
     assert args.img_size == 16 and args.cache_workers == 3
 
 

@@ -14,88 +14,14 @@ import model as M
 import train
 from conftest import REPO, TINY, make_dataset, stop_at
 from narrow import narrow_get_model
-from twophase import continuing, recipe
-from twophase.recipe import get_args_parser, resolve_options
+from twophase import continuing, schedule
+from twophase.loss import loss_of
+from twophase.options import OPTIONS, docs_with_tables, get_args_parser, resolve
 from utils import Problem
 
 CPU = torch.device("cpu")
 BASE = TINY + ["--epochs1", "2", "--epochs2", "3"]
 
-# Another value for every option of train.py, to give on --resume. An option added to the
-# parser without one here (and without a rule in continuing.CONTINUING) fails the walk.
-OTHER = {
-    "data": None,  # the same dataset, named another way (filled in by the fixture)
-    "labels": None,  # a CSV of the same images (the fixture)
-    "image_col": ["image"],
-    "label_col": ["label"],
-    "val_labels": None,  # a CSV of the validation images (the fixture)
-    "img_size": ["24"],
-    "resize": ["squish"],
-    "val_fraction": ["0.2"],
-    "cache_dir": None,  # another folder (the fixture)
-    "batch_size": ["3"],
-    "cache_workers": ["2"],
-    "arch": ["resnet34"],
-    "mean": ["0.5", "0.5", "0.5"],
-    "std": ["0.2", "0.2", "0.2"],
-    "weights": ["imagenet"],
-    "epochs": ["9"],
-    "time_budget": ["10m"],
-    "epochs1": ["3"],
-    "lr1": ["1e-3"],
-    "wd1": ["2e-4"],
-    "freeze_bn": [],
-    "epochs2": ["5"],
-    "optimizer2": ["adamw"],
-    "lr2": ["2e-3"],
-    "wd2": ["3e-4"],
-    "warmup_epochs": ["2"],
-    "warmup_start": ["0.3"],
-    "cosine_epochs": ["5"],
-    "min_lr": ["1e-5"],
-    "clip": ["0.5"],
-    "save_every": ["0"],
-    "save_min_acc": ["0.5"],
-    "label_smoothing": ["0.2"],
-    "class_weights": ["auto"],
-    "sampler": ["balanced"],
-    "amp": ["bf16"],
-    "accum_steps": ["2"],
-    "sync_bn": [],
-    "compile": ["default"],
-    "recipe": ["best"],
-    "ema": ["0.5"],
-    "mixup": ["0.3"],
-    "cutmix": ["0.5"],
-    "lr_decay": ["0.7"],
-    "keep_last": ["2"],
-    "average_last": ["2"],
-    "tta": ["auto"],
-    "progressive": ["0.5"],
-    "progressive_until": ["0.5"],
-    "test_size": ["auto"],
-    "max_params": ["1M"],
-    "degrees": ["5"],
-    "translate": ["0.05"],
-    "scale": ["0.8", "1.2"],
-    "shear": ["5"],
-    "jitter": ["0.3"],
-    "hue": ["0.05"],
-    "p_jitter": ["0.2"],
-    "blur_sigma": ["0.2", "1.0"],
-    "p_blur": ["0.1"],
-    "p_hflip": ["0.5"],
-    "p_vflip": ["0.1"],
-    "phase": ["2"],
-    "out": None,  # another folder (the fixture)
-    "save_every_steps": ["3"],
-    "tensorboard": None,  # another folder (the fixture)
-    "tensorboard_every": ["10"],
-    "seed": ["5"],
-    "device": ["auto"],
-    "demo": [],
-    "overwrite": [],
-}
 # --labels: the run validates on its val/ folder; with a CSV of labels it would hold out a share
 # of the training images.
 ALWAYS_REFUSED = {"arch", "mean", "std", "weights", "demo", "labels", "time_budget"}
@@ -106,9 +32,8 @@ REFUSED_IN_PHASE2 |= {"batch_size", "accum_steps", "seed", "sampler"}
 
 
 def options():
-    """Every option of train.py but --help and --resume, the one each test resumes with."""
-    actions = get_args_parser()._actions
-    return [a for a in actions if a.dest not in ("help", "resume")]
+    """Every option of train.py but --resume, the one each test resumes with."""
+    return [option for option in OPTIONS if option.dest != "resume"]
 
 
 class Captured(Exception):
@@ -139,16 +64,17 @@ def stopped_runs(tmp_path_factory):
     return root, data, points
 
 
-def value_of(action, root, data):
-    other = OTHER[action.dest]
-    if action.dest == "data":
-        return [str(data) + "/."]
-    if action.dest in ("cache_dir", "out", "tensorboard"):
-        return [str(root / f"another-{action.dest}")]
-    if action.dest in ("labels", "val_labels"):
-        return [str(labels_csv(root / f"{action.dest}.csv", data / "train"))]
-
-    return other
+def value_of(option, root, data):
+    """Another value of `option` than the run's: its row's (options.OPTIONS), or, for a path,
+    one made here."""
+    if option.dest == "data":
+        return [str(data) + "/."]  # the same dataset, named another way
+    if option.dest in ("cache_dir", "out", "tensorboard"):
+        return [str(root / f"another-{option.dest}")]
+    if option.dest in ("labels", "val_labels"):  # a CSV of the same images
+        return [str(labels_csv(root / f"{option.dest}.csv", data / "train"))]
+    assert option.other is not None, f"{option.flag}: give its row another value (other=...)"
+    return list(option.other)
 
 
 def fresh_equivalent(option, state):
@@ -180,7 +106,7 @@ def drop(argv, flags):
 def settings(args, phase, epoch):
     """What a continued run trains with from `epoch` of `phase` on: its options, the optimizer's
     hyper-parameters in every group, the phase's steps, the rates of the epochs that follow."""
-    phase.set_epoch(epoch)
+    phase.set_rates(epoch)
     options = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "overwrite")}
     options.pop("mean"), options.pop("std")  # fixed: set from the weights when a run starts
     options["data"] = os.path.realpath(options["data"])
@@ -237,24 +163,22 @@ def test_every_option_given_to_a_continued_run_is_applied_or_refused(
     state = torch.load(path, weights_only=True)
     refused_here = REFUSED_IN_PHASE2 if at == "phase2" else ALWAYS_REFUSED
     for action in options():
-        assert action.dest in continuing.CONTINUING, f"{action.dest}: no rule for a continued run"
-        assert action.dest in OTHER, f"{action.dest}: give it another value in OTHER"
-        option = [action.option_strings[0], *value_of(action, root, data)]
+        option = [action.flag, *value_of(action, root, data)]
         argv = ["--resume", str(path), *option]
         before = {p.name: p.stat().st_mtime_ns for p in path.parent.iterdir()}
         if action.dest in refused_here:
             with pytest.raises(SystemExit) as refusal:
                 train.main(argv)
             message = str(refusal.value.code)
-            assert action.option_strings[0] in message and "cannot change" in message, message
+            assert action.flag in message and "cannot change" in message, message
             assert {p.name: p.stat().st_mtime_ns for p in path.parent.iterdir()} == before
             continue
         run, phase, epoch = continued(monkeypatch, argv)
-        fresh, _ = resolve_options(["--data", str(data), *fresh_equivalent(option, state)])
-        fresh.mean, fresh.std = run.args.mean, run.args.std
+        fresh, _ = resolve(["--data", str(data), *fresh_equivalent(option, state)])[:2]
         model = M.build_model(fresh.arch, len(run.splits.classes), "none")
-        criterion = recipe.loss_of(fresh, run.splits.classes, run.class_counts)
-        expected = recipe.phase_setup(phase.number, fresh, model, CPU, criterion, None)
+        counts = run.splits.train.class_counts(len(run.splits.classes))
+        criterion = loss_of(fresh, run.splits.classes, counts)
+        expected = train.phase_setup(phase.number, fresh, model, CPU, criterion, None)
         assert settings(run.args, phase, epoch) == settings(fresh, expected, epoch), option
         if phase.number == state["phase"]:  # the saved state, each parameter's, in its place
             assert_optimizer_state_is_the_checkpoints(run.model, phase, state)
@@ -294,18 +218,18 @@ def test_the_seed_and_the_held_out_fraction_are_refused_where_they_draw_validati
         for how in (["--resume", str(tmp_path / "ck" / "last.pt")], ["--phase", "2"]):
             argv = how + ["--out", str(tmp_path / "ck"), *option]
             with pytest.raises(Problem, match=f"{option[0]} .*move images the run trained on"):
-                resolve_options(argv)
+                resolve(argv)
 
 
 def test_a_new_budget_keeps_the_phase_one_a_run_has_done(tmp_path):
     """--epochs 50 on a run in Phase II: its Phase I epochs stay, the rest goes to Phase II."""
-    args, _ = resolve_options(["--epochs", "8"])
+    args, _ = resolve(["--epochs", "8"])[:2]
     path = tmp_path / "last.pt"
     torch.save({"args": vars(args), "phase": 2, "epoch": 3, "history": []}, path)
-    resumed, _ = resolve_options(["--resume", str(path), "--epochs", "50"])
+    resumed, _ = resolve(["--resume", str(path), "--epochs", "50"])[:2]
     assert (resumed.epochs1, resumed.epochs2) == (1, 49)
     with pytest.raises(Problem, match="--epochs1 4 .* Phase I of this run is over"):
-        resolve_options(["--resume", str(path), "--epochs", "50", "--epochs1", "4"])
+        resolve(["--resume", str(path), "--epochs", "50", "--epochs1", "4"])
 
 
 def test_lr_decay_changed_in_phase_two_moves_each_parameters_state_to_its_group(
@@ -334,8 +258,8 @@ def test_the_schedule_changed_mid_phase_two_follows_the_new_options_at_every_epo
     state = torch.load(points["phase2"], weights_only=True)
     for option in (["--warmup-epochs", "0"], ["--epochs", "20"], ["--lr2", "1e-4"]):
         run, phase, epoch = continued(monkeypatch, ["--resume", str(points["phase2"]), *option])
-        fresh, _ = resolve_options(["--data", str(data), *fresh_equivalent(option, state)])
-        expected = recipe.WarmupCosine.of(fresh)
+        fresh, _ = resolve(["--data", str(data), *fresh_equivalent(option, state)])[:2]
+        expected = schedule.WarmupCosine.of(fresh)
         assert phase.lrs() == pytest.approx([fresh.lr2 * expected(e) for e in range(fresh.epochs2)])
         assert phase.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.lr2 * expected(epoch))
         assert max(phase.lrs()) <= fresh.lr2
@@ -356,13 +280,17 @@ def test_options_given_with_phase_two_from_phase_one_obey_the_same_rules(
     assert phase.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # warmup from 0.1 x
 
 
-def test_every_rule_is_one_of_the_documented_ones():
-    """docs/checkpoints.md's table: each option, applied or refused, as CONTINUING says."""
-    page = (REPO / "docs" / "checkpoints.md").read_text()
-    for action in options():
-        rule = continuing.CONTINUING[action.dest]
-        word = "applied" if rule in (continuing.applied, continuing.COMMAND) else "refused"
-        assert f"| `{action.option_strings[0]}` | {word}" in page, action.dest
+def test_every_option_has_a_rule_and_the_docs_tables_are_the_tables_made_from_them():
+    """One row an option (options.OPTIONS): its rule is one of continuing.py's, and the tables of
+    docs/options.md and docs/checkpoints.md are those the rows make (python -m twophase.options
+    --docs writes them)."""
+    rules = {f for f in vars(continuing).values() if callable(f) and hasattr(f, "words")}
+    for option in OPTIONS:
+        assert option.rule in rules, option.flag
+    parser_dests = {a.dest for a in get_args_parser()._actions} - {"help"}
+    assert parser_dests == {option.dest for option in OPTIONS}
+    for path, text in docs_with_tables(REPO / "docs").items():
+        assert path.read_text() == text, f"{path.name}: run python -m twophase.options --docs"
 
 
 def labels_csv(path, folder):
@@ -387,7 +315,7 @@ def test_the_out_of_memory_advice_resumes_an_epoch_stopped_in_its_middle(
     last = tmp_path / "ck" / "last.pt"
     last.parent.mkdir()
     last.write_bytes(points["phase2"].read_bytes())
-    args, resume = resolve_options(["--resume", str(last), "--data", str(data)])
+    args, resume = resolve(["--resume", str(last), "--data", str(data)])[:2]
     advice = train.out_of_memory_advice(args, train.RunFolder(last.parent), resume)
     smaller = re.search(r"(--batch-size \d+ --accum-steps \d+)", advice).group(1).split()
     assert smaller == ["--batch-size", "2", "--accum-steps", "2"]
@@ -395,14 +323,14 @@ def test_the_out_of_memory_advice_resumes_an_epoch_stopped_in_its_middle(
     state = torch.load(last, weights_only=True)
     assert (state["phase"], state["epoch"], state["args"]["batch_size"]) == (2, 3, 2)
     with pytest.raises(Problem, match=r"--batch-size 3 .* \(a --batch-size that divides 4"):
-        resolve_options(["--resume", str(points["phase2"]), "--batch-size", "3"])
+        resolve(["--resume", str(points["phase2"]), "--batch-size", "3"])
 
 
 def test_an_epoch_in_flight_is_not_dropped_by_a_shorter_phase(stopped_runs):
     _, _, points = stopped_runs  # phase2: two batches into Phase II's second epoch
     with pytest.raises(Problem, match="--epochs2 1 .* Phase II has 2 epochs, the last in flight"):
-        resolve_options(["--resume", str(points["phase2"]), "--epochs2", "1"])
-    assert resolve_options(["--resume", str(points["phase2"]), "--epochs2", "2"])[0].epochs2 == 2
+        resolve(["--resume", str(points["phase2"]), "--epochs2", "1"])
+    assert resolve(["--resume", str(points["phase2"]), "--epochs2", "2"]).options.epochs2 == 2
 
 
 def test_a_held_out_split_that_has_changed_is_refused_on_resume(tmp_path, narrow_models):

@@ -164,7 +164,7 @@ def test_loader_yields_uint8_batches_in_a_seeded_order(tmp_path):
     loader = data.make_loader(splits.train, 4, shuffle=True, seed=1)
 
     def order(epoch):
-        data.set_epoch(loader, epoch)
+        data.start_epoch(loader, epoch)
         return torch.cat([labels for _, labels in loader]).tolist()
 
     images, labels = next(iter(loader))

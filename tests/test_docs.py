@@ -10,24 +10,25 @@ import pytest
 import evaluate
 import predict
 from conftest import REPO
-from twophase import average, recipe
+from twophase import average, options
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import bench  # noqa: E402
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 PARSERS = {
-    "train.py": recipe.get_args_parser,
+    "train.py": options.get_args_parser,
     "evaluate.py": evaluate.get_args_parser,
     "predict.py": predict.get_args_parser,
     "twophase.average": average.get_args_parser,  # python -m twophase.average
     "benchmarks/bench.py": bench.get_args_parser,
-    "jobs/slurm.sh": recipe.get_args_parser,  # its arguments go to train.py
+    "jobs/slurm.sh": options.get_args_parser,  # its arguments go to train.py
 }
 # Options of other programs that the pages name: torchrun's, SLURM's, pip's.
 FOREIGN = {"--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_id", "--rdzv_backend"}
 FOREIGN |= {"--rdzv_endpoint", "--standalone", "--signal", "--gres", "--requeue", "--open-mode"}
 FOREIGN |= {"--logdir"}  # tensorboard's
+FOREIGN |= {"--docs"}  # python -m twophase.options --docs
 # Stand-ins for the shell's variables and patterns in the commands.
 SHELL = {"$arch": "resnet34", "$opt": "adamw", "$out": "checkpoints/run1", "$NPROC": "4"}
 

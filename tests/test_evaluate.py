@@ -10,8 +10,8 @@ from PIL import Image
 import evaluate
 import model as M
 import train
-from twophase import inference, recipe, report
-from twophase.recipe import resolve_options
+from twophase import inference, options, report
+from twophase.options import resolve
 
 
 def test_confusion_matrix_matches_a_hand_computed_case():
@@ -197,7 +197,7 @@ def test_a_larger_test_size_is_read_through_its_own_cache(trained, tmp_path, cap
 
 
 def test_table_1_of_a_recipe_best_run_shows_its_levers():
-    args = vars(resolve_options(["--recipe", "best", "--mixup", "0.2"])[0])
+    args = vars(resolve(["--recipe", "best", "--mixup", "0.2"]).options)
     state = {"args": args, "arch": "resnet18", "img_size": 64, "classes": ["a"], "device": "cpu"}
     text = "\n".join(report.table1(state))
     assert "| Levers | recipe | best |" in text
@@ -219,10 +219,10 @@ def test_table_1_of_a_recipe_best_run_shows_its_levers():
     ],
 )
 def test_the_reports_command_reproduces_the_runs_options(argv):
-    defaults = vars(recipe.get_args_parser().parse_args([]))
-    args = vars(resolve_options(argv)[0])
+    defaults = vars(options.get_args_parser().parse_args([]))
+    args = vars(resolve(argv).options)
     command = report.command_of({"args": args}, defaults)
-    again = vars(resolve_options(shlex.split(command)[2:])[0])
+    again = vars(resolve(shlex.split(command)[2:]).options)
     assert again == args
 
 

@@ -21,8 +21,11 @@ import predict
 import train
 from conftest import COLOURS, TINY, examples, write_image
 from narrow import narrow_get_model
+from train import phase_setup
 from twophase import submission, tables
-from twophase.recipe import phase_setup, resolve_options
+
+# What a class name may hold: letters of several scripts, digits (a leading zero, a name that
+from twophase.options import resolve
 
 # What a class name may hold: letters of several scripts, digits (a leading zero, a name that
 # reads as a number), spaces, commas, quotes, a backslash, $ and | (matplotlib's and Markdown's
@@ -288,7 +291,7 @@ def fresh_options(changes, saved):
         base = [w for i, w in enumerate(base) if w not in SPLIT and base[i - 1] not in SPLIT]
         if saved["phase"] == 2 or saved["epoch"] >= saved["args"]["epochs1"]:
             base += ["--epochs1", str(saved["args"]["epochs1"])]
-    args, _ = resolve_options([*base, *changes])
+    args, _ = resolve([*base, *changes])[:2]
     model = torchvision.models.get_model(args.arch, num_classes=3)
     rates = {}
     for number in (1, 2):

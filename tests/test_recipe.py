@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 import model as M
-from twophase import recipe
+import train
+from twophase import options, schedule
 from twophase.checkpoint import PHASE1
-from twophase.recipe import resolve_options
+from twophase.loss import loss_of
+from twophase.options import resolve
 from utils import Problem
 
 CPU = torch.device("cpu")
@@ -35,21 +37,21 @@ class HeadOnTop(nn.Module):
 
 
 def setup(number, args, model):
-    """recipe.phase_setup on the CPU in float32, as train.py calls it."""
-    return recipe.phase_setup(number, args, model, CPU, recipe.loss_of(args), None)
+    """train.phase_setup on the CPU in float32, as train.py calls it."""
+    return train.phase_setup(number, args, model, CPU, loss_of(args), None)
 
 
 def rates_at(phase, epochs):
     """Each parameter group's learning rate at each epoch, as the optimizer holds them."""
     rates = []
     for epoch in range(epochs):
-        phase.set_epoch(epoch)
+        phase.set_rates(epoch)
         rates.append([group["lr"] for group in phase.optimizer.param_groups])
     return rates
 
 
 def phase2_lrs(argv, epochs):
-    args, _ = resolve_options(argv)
+    args, _ = resolve(argv)[:2]
     return [lrs[0] for lrs in rates_at(setup(2, args, HeadOnTop()), epochs)]
 
 
@@ -69,7 +71,7 @@ def test_cosine_epochs_120_gives_one_monotone_decay():
 
 
 def test_defaults_are_the_methods_table():
-    args, _ = resolve_options([])
+    args, _ = resolve([])[:2]
     model = (args.arch, args.weights, args.img_size, args.batch_size, args.cache_workers)
     assert model == ("wide_resnet50_2", "imagenet", 224, 72, 4)
     phases = (args.epochs1, args.lr1, args.wd1, args.epochs2, args.optimizer2, args.lr2, args.wd2)
@@ -77,13 +79,13 @@ def test_defaults_are_the_methods_table():
     rest = (args.clip, args.label_smoothing, args.amp, args.save_every, args.save_min_acc)
     assert rest == (0.8, 0.1, "fp16", 15, 0.82)
     assert (args.p_jitter, args.p_blur, args.p_hflip, args.p_vflip) == (0.5, 0.5, 0.3, 0.3)
-    help_text = recipe.get_args_parser().format_help()
+    help_text = options.get_args_parser().format_help()
     assert "(default: 72)" in help_text and "(default: nadam)" in help_text
-    assert resolve_options(["--workers", "2"])[0].cache_workers == 2  # the name it had before
+    assert resolve(["--workers", "2"]).options.cache_workers == 2  # the name it had before
 
 
 def test_each_phase_is_set_up_as_the_methods_table_says():
-    args, _ = resolve_options([])
+    args, _ = resolve([])[:2]
     net = HeadOnTop()
     one = setup(1, args, net)
     assert isinstance(one.optimizer, torch.optim.AdamW) and rates_at(one, 10) == [[5e-4]] * 10
@@ -98,11 +100,11 @@ def test_each_phase_is_set_up_as_the_methods_table_says():
     assert all(p.requires_grad for p in net.parameters())
     assert len(two.optimizer.param_groups[0]["params"]) == 4
     assert (two.peak_lrs, two.optimizer.param_groups[0]["weight_decay"]) == ([5e-4], 1e-4)
-    assert setup(1, resolve_options(["--freeze-bn"])[0], net).freeze_bn
+    assert setup(1, resolve(["--freeze-bn"]).options, net).freeze_bn
 
 
 def test_demo_preset_yields_to_options_given():
-    args, _ = resolve_options(["--demo", "--epochs2", "3"])
+    args, _ = resolve(["--demo", "--epochs2", "3"])[:2]
     assert (args.arch, args.weights, args.epochs2, args.data) == (
         "resnet18",
         "none",
@@ -111,24 +113,24 @@ def test_demo_preset_yields_to_options_given():
     )
 
 
-@pytest.mark.parametrize("name", sorted(recipe.OPTIMIZERS))
+@pytest.mark.parametrize("name", sorted(schedule.OPTIMIZERS))
 def test_every_phase_two_optimizer_is_built_with_the_arguments(name):
-    args, _ = resolve_options(["--optimizer2", name, "--lr2", "3e-3", "--wd2", "2e-5"])
+    args, _ = resolve(["--optimizer2", name, "--lr2", "3e-3", "--wd2", "2e-5"])[:2]
     phase = setup(2, args, HeadOnTop())
-    phase.set_epoch(5)  # the warmup's end: the peak rate
-    assert type(phase.optimizer) is recipe.OPTIMIZERS[name][0]
+    phase.set_rates(5)  # the warmup's end: the peak rate
+    assert type(phase.optimizer) is schedule.OPTIMIZERS[name][0]
     group = phase.optimizer.param_groups[0]
     assert (group["lr"], group["weight_decay"]) == (3e-3, 2e-5)
-    for option, value in recipe.OPTIMIZERS[name][1].items():
+    for option, value in schedule.OPTIMIZERS[name][1].items():
         assert group[option] == value
 
 
 def test_optimizers_step_fused_on_cuda_where_pytorch_has_a_fused_step():
     cuda = torch.device("cuda")
-    assert recipe.step_on_device(torch.optim.AdamW, cuda) == {"fused": True}
-    assert recipe.step_on_device(torch.optim.SGD, cuda) == {"fused": True}
-    assert recipe.step_on_device(torch.optim.NAdam, cuda) == {}  # PyTorch has no fused NAdam
-    assert recipe.step_on_device(torch.optim.AdamW, CPU) == {"fused": False}
+    assert schedule.step_on_device(torch.optim.AdamW, cuda) == {"fused": True}
+    assert schedule.step_on_device(torch.optim.SGD, cuda) == {"fused": True}
+    assert schedule.step_on_device(torch.optim.NAdam, cuda) == {}  # PyTorch has no fused NAdam
+    assert schedule.step_on_device(torch.optim.AdamW, CPU) == {"fused": False}
 
 
 @pytest.mark.parametrize(
@@ -144,27 +146,27 @@ def test_optimizers_step_fused_on_cuda_where_pytorch_has_a_fused_step():
 )
 def test_each_levers_bad_value_is_a_clear_error(option, message, capsys):
     with pytest.raises(SystemExit):
-        resolve_options(option.split())
+        resolve(option.split())
     assert message in capsys.readouterr().err
 
 
 def test_layer_wise_decay_keeps_the_stages_ratios_through_the_schedule():
-    args, _ = resolve_options(["--lr-decay", "0.5", "--lr2", "1e-3", "--min-lr", "1e-5"])
+    args, _ = resolve(["--lr-decay", "0.5", "--lr2", "1e-3", "--min-lr", "1e-5"])[:2]
     phase = setup(2, args, M.build_model("resnet18", 3, weights="none"))
     for epoch, lrs in enumerate(rates_at(phase, 125)):
-        share = recipe.WarmupCosine.of(args)(epoch)
+        share = schedule.WarmupCosine.of(args)(epoch)
         assert lrs == pytest.approx([1e-3 * share * 0.5**depth for depth in range(6)], rel=1e-9)
     # The method's own schedule, one group: the closed form is the released code's.
-    default, _ = resolve_options([])
+    default, _ = resolve([])[:2]
     for epoch, lr in enumerate(phase2_lrs([], 125)):
-        assert lr == pytest.approx(5e-4 * recipe.WarmupCosine.of(default)(epoch), rel=1e-9)
+        assert lr == pytest.approx(5e-4 * schedule.WarmupCosine.of(default)(epoch), rel=1e-9)
 
 
 def test_the_closed_form_is_the_released_codes_sequential_lr_at_every_epoch():
     """SequentialLR(LinearLR, CosineAnnealingLR) as the released code builds it, stepped per
     epoch, against the closed form train.py sets: the same rate before every epoch."""
     for argv in ([], ["--cosine-epochs", "120"], ["--warmup-epochs", "2", "--warmup-start", "0.2"]):
-        args, _ = resolve_options(argv)
+        args, _ = resolve(argv)[:2]
         optimizer = torch.optim.NAdam([nn.Parameter(torch.zeros(1))], lr=args.lr2)
         cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=args.cosine_epochs, eta_min=args.min_lr
@@ -183,7 +185,7 @@ def test_the_closed_form_is_the_released_codes_sequential_lr_at_every_epoch():
 
 def test_a_budget_of_epochs_is_split_as_the_report_splits_its_135():
     def split(*argv):
-        args, _ = resolve_options(list(argv))
+        args, _ = resolve(list(argv))[:2]
         return args.epochs1, args.epochs2, args.warmup_epochs, args.cosine_epochs
 
     assert split("--epochs", "135") == (10, 125, 5, 120)  # the report's, one monotone decay
@@ -195,16 +197,16 @@ def test_a_budget_of_epochs_is_split_as_the_report_splits_its_135():
     assert split("--epochs", "8", "--epochs2", "6") == (2, 6, 0, 6)
     assert split("--epochs", "16", "--epochs1", "0") == (0, 16, 1, 15)
     assert split() == (10, 125, 5, 45)  # without --epochs: the released code's schedule
-    args, _ = resolve_options(["--epochs", "8"])
-    lrs = [recipe.WarmupCosine.of(args)(epoch) for epoch in range(7)]
+    args, _ = resolve(["--epochs", "8"])[:2]
+    lrs = [schedule.WarmupCosine.of(args)(epoch) for epoch in range(7)]
     assert lrs[0] == 1 and all(a > b for a, b in zip(lrs, lrs[1:]))  # no warmup, then decay
     with pytest.raises(SystemExit):
-        resolve_options(["--epochs", "1"])
+        resolve(["--epochs", "1"])
 
 
 def test_recipe_best_sets_its_levers_under_the_options_given():
     def levers(*argv):
-        args, _ = resolve_options(list(argv))
+        args, _ = resolve(list(argv))[:2]
         return args.ema, args.lr_decay, args.p_vflip, args.average_last, args.tta
 
     assert levers() == (None, 1.0, 0.3, 0, "off")  # --recipe report: Table 1
@@ -216,7 +218,7 @@ def test_recipe_best_sets_its_levers_under_the_options_given():
         3,
         "off",
     )
-    demo, _ = resolve_options(["--demo", "--recipe", "best", "--epochs", "8"])
+    demo, _ = resolve(["--demo", "--recipe", "best", "--epochs", "8"])[:2]
     assert (demo.arch, demo.ema, demo.epochs1, demo.epochs2, demo.warmup_epochs) == (
         "resnet18",
         0.99,
@@ -224,41 +226,41 @@ def test_recipe_best_sets_its_levers_under_the_options_given():
         7,
         0,
     )
-    (shown,) = [a.help for a in recipe.get_args_parser()._actions if a.dest == "recipe"]
-    assert "best: --ema 0.99 --lr-decay 0.7 --p-vflip 0.0 --average-last 3 --tta auto" in shown
+    (shown,) = [a.help for a in options.get_args_parser()._actions if a.dest == "recipe"]
+    assert "best: --ema 0.99 --lr-decay 0.7 --average-last 3 --tta auto --p-vflip 0.0" in shown
     assert (
-        "fast: --ema 0.99 --lr-decay 0.7 --p-vflip 0.0 --average-last 3 --tta auto --lr1 0.01 "
-        "--lr2 0.001" in shown
+        "fast: --lr1 0.01 --lr2 0.001 --ema 0.99 --lr-decay 0.7 --average-last 3 --tta auto "
+        "--p-vflip 0.0" in shown
     )
 
 
 def test_recipe_fast_keeps_only_what_reached_an_accuracy_sooner_and_no_time_lever():
     """What measured worse against the clock (RESULTS.md, "Time to accuracy") stays off; Phase
     II's peak rate is twice the report's, Phase I's twenty times."""
-    args, _ = resolve_options(["--recipe", "fast", "--epochs", "4"])
+    args, _ = resolve(["--recipe", "fast", "--epochs", "4"])[:2]
     levers = (args.ema, args.lr_decay, args.p_vflip, args.average_last, args.tta)
     assert levers == (0.99, 0.7, 0.0, 3, "auto")
     assert (args.lr1, args.lr2) == (1e-2, 1e-3)
     assert (args.progressive, args.test_size, args.epochs1, args.epochs2) == (1.0, "train", 1, 3)
-    timed, _ = resolve_options(["--recipe", "fast", "--time-budget", "30m"])
+    timed, _ = resolve(["--recipe", "fast", "--time-budget", "30m"])[:2]
     assert (timed.recipe, timed.time_budget, timed.ema) == ("fast", 1800, 0.99)
 
 
 def test_a_recipe_given_on_resume_sets_its_levers_as_a_fresh_run_would(tmp_path):
     path = str(saved_run(tmp_path, ["--recipe", "best", "--epochs", "8", "--progressive", "0.5"]))
-    args, _ = resolve_options(["--resume", path, "--recipe", "fast"])
+    args, _ = resolve(["--resume", path, "--recipe", "fast"])[:2]
     assert (args.ema, args.lr_decay, args.average_last, args.progressive) == (0.99, 0.7, 3, 0.5)
     assert args.lr2 == 1e-3
     assert args.lr1 == 5e-4  # Phase I is over: fast's --lr1 would change nothing there
-    back, _ = resolve_options(["--resume", path, "--recipe", "report"])
+    back, _ = resolve(["--resume", path, "--recipe", "report"])[:2]
     assert (back.ema, back.lr_decay, back.p_vflip, back.average_last) == (None, 1.0, 0.3, 0)
     assert back.lr2 == 5e-4
     # The demo's own values stay under a recipe, on a fresh run and a continued one alike.
     demo = str(saved_run(tmp_path, ["--demo", "--recipe", "fast"], name="demo.pt"))
     for name in ("best", "report"):
-        fresh, _ = resolve_options(["--demo", "--recipe", name])
-        continued, _ = resolve_options(["--resume", demo, "--recipe", name])
-        assert fresh.lr2 == continued.lr2 == recipe.DEMO["lr2"]
+        fresh, _ = resolve(["--demo", "--recipe", name])[:2]
+        continued, _ = resolve(["--resume", demo, "--recipe", name])[:2]
+        assert fresh.lr2 == continued.lr2 == options.DEMO["lr2"]
         assert fresh.ema == continued.ema
 
 
@@ -273,7 +275,7 @@ def test_a_recipe_given_again_sets_its_phase_i_levers_only_where_phase_i_trains_
     in_phase1 = str(saved_run(tmp_path, two_epochs, name="p1/last.pt", phase=1, epoch=1))
     phase1_done = str(saved_run(tmp_path, two_epochs, name="p1/phase1.pt", phase=1, epoch=2))
     for argv in (["--resume", in_phase1], ["--resume", phase1_done, "--epochs1", "3"]):
-        args, _ = resolve_options(argv + ["--recipe", "fast"])
+        args, _ = resolve(argv + ["--recipe", "fast"])[:2]
         assert (args.lr1, args.lr2) == (1e-2, 1e-3)
     for argv, why in (
         (["--resume", in_phase1, "--phase", "2"], "does not train again (--phase 2)"),
@@ -281,20 +283,20 @@ def test_a_recipe_given_again_sets_its_phase_i_levers_only_where_phase_i_trains_
         (["--resume", in_phase1, "--epochs", "9"], "is over"),  # the split's 1 + 8: Phase I done
         (["--resume", str(saved_run(tmp_path, two_epochs))], "is over"),
     ):
-        args, _ = resolve_options(argv + ["--recipe", "fast"])
+        args, _ = resolve(argv + ["--recipe", "fast"])[:2]
         assert (args.lr1, args.lr2) == (5e-4, 1e-3)
         assert (
             f"--recipe fast: its --lr1 0.01 is for Phase I, and Phase I of this run {why}; it "
             "keeps 0.0005" in capsys.readouterr().err
         )
         with pytest.raises(Problem, match=r"--lr1 0.01 .*Phase I of this run"):
-            resolve_options(argv + ["--lr1", "1e-2"])
+            resolve(argv + ["--lr1", "1e-2"])
 
 
 def saved_run(folder, argv, name="last.pt", phase=2, epoch=1):
     """A checkpoint of a run started with `argv`, as far as options are concerned: its resolved
     options (what resolving a continued run reads of it), saved after `phase`'s `epoch`."""
-    args, _ = resolve_options(argv)
+    args, _ = resolve(argv)[:2]
     path = folder / name
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"args": vars(args), "phase": phase, "epoch": epoch, "history": []}, path)
@@ -319,8 +321,8 @@ SHAPING += "ema mixup cutmix p_vflip average_last tta keep_last accum_steps data
 def test_a_resumed_run_keeps_every_option_that_shapes_it(argv, tmp_path):
     """Resumed with --resume alone: the options it was started with, as they resolved then, and
     so the same learning rate at every epoch."""
-    started, _ = resolve_options(argv)
-    resumed, start = resolve_options(["--resume", str(saved_run(tmp_path, argv))])
+    started, _ = resolve(argv)[:2]
+    resumed, start = resolve(["--resume", str(saved_run(tmp_path, argv))])[:2]
     assert start.path == tmp_path / "last.pt"
     for key in SHAPING:
         assert getattr(resumed, key) == getattr(started, key), key
@@ -337,7 +339,7 @@ def test_on_resume_options_given_win_and_the_split_is_redone_only_if_given_again
     path = str(saved_run(tmp_path, ["--epochs", "8", "--ema", "0.9"]))
 
     def phases(*argv):
-        args, _ = resolve_options(["--resume", path, *argv])
+        args, _ = resolve(["--resume", path, *argv])[:2]
         return args.epochs1, args.epochs2, args.warmup_epochs, args.cosine_epochs, args.ema
 
     assert phases() == (1, 7, 0, 7, 0.9)
@@ -346,24 +348,24 @@ def test_on_resume_options_given_win_and_the_split_is_redone_only_if_given_again
     assert phases("--ema", "0.99") == (1, 7, 0, 7, 0.99)
     state = torch.load(path, weights_only=True)
     torch.save({**state, "optimizer": {"state": {}}}, path)  # Phase II's
-    assert resolve_options(["--resume", path, "--lr-decay", "0.7"])[0].lr_decay == 0.7
+    assert resolve(["--resume", path, "--lr-decay", "0.7"]).options.lr_decay == 0.7
     with pytest.raises(Problem, match="--optimizer2 sgd .* start it again from phase1.pt"):
-        resolve_options(["--resume", path, "--optimizer2", "sgd"])
+        resolve(["--resume", path, "--optimizer2", "sgd"])
 
 
 def test_a_resumed_run_goes_on_in_its_checkpoints_folder_unless_told_otherwise(tmp_path):
     path = saved_run(tmp_path / "copied", ["--out", str(tmp_path / "where-it-ran"), "--overwrite"])
-    args, _ = resolve_options(["--resume", str(path)])
+    args, _ = resolve(["--resume", str(path)])[:2]
     assert args.out == str(tmp_path / "copied")
     assert not args.overwrite  # an order for one command, never inherited
-    assert resolve_options(["--resume", str(path), "--out", "x"])[0].out == "x"
+    assert resolve(["--resume", str(path), "--out", "x"]).options.out == "x"
 
 
 def test_phase_two_alone_continues_with_phase_ones_options(tmp_path, capsys):
     out = tmp_path / "ck"
     phase1 = ["--data", "photos", "--arch", "resnet50", "--img-size", "128", "--lr2", "1e-3"]
     saved_run(out, phase1 + ["--phase", "1", "--batch-size", "32"], name=PHASE1)
-    args, start = resolve_options(["--phase", "2", "--out", str(out)])
+    args, start = resolve(["--phase", "2", "--out", str(out)])[:2]
     assert start.path == out / PHASE1 and args.phase == "2" and args.out == str(out)
     assert (args.data, args.arch, args.img_size, args.batch_size, args.lr2) == (
         "photos",
@@ -372,24 +374,24 @@ def test_phase_two_alone_continues_with_phase_ones_options(tmp_path, capsys):
         32,
         1e-3,
     )
-    args, _ = resolve_options(["--phase", "2", "--out", str(out), "--optimizer2", "adamw"])
+    args, _ = resolve(["--phase", "2", "--out", str(out), "--optimizer2", "adamw"])[:2]
     assert (args.optimizer2, args.arch) == ("adamw", "resnet50")
     # Without phase1.pt: a fresh Phase II from --weights, with a warning.
-    args, start = resolve_options(["--phase", "2", "--out", str(tmp_path / "none")])
+    args, start = resolve(["--phase", "2", "--out", str(tmp_path / "none")])[:2]
     assert start.state is None and args.arch == "wide_resnet50_2"
     assert "so Phase II starts from --weights imagenet" in capsys.readouterr().err
 
 
 def test_a_fresh_run_resolves_defaults_then_demo_then_recipe_then_split_then_given():
     argv = ["--demo", "--recipe", "best", "--epochs", "8", "--epochs1", "2", "--ema", "0.5"]
-    args, start = resolve_options(argv)
+    args, start = resolve(argv)[:2]
     assert start.state is None
     assert (args.arch, args.lr2, args.img_size) == ("resnet18", 1e-3, 32)  # --demo
     assert (args.lr_decay, args.average_last, args.ema) == (0.7, 3, 0.5)  # recipe, then given
     # The split over the demo's 2 + 10, around the --epochs1 given.
     assert (args.epochs1, args.epochs2, args.warmup_epochs, args.cosine_epochs) == (2, 6, 0, 6)
     with pytest.raises(Problem, match="do not make it up"):
-        resolve_options(["--epochs", "8", "--epochs1", "2", "--epochs2", "3"])
+        resolve(["--epochs", "8", "--epochs1", "2", "--epochs2", "3"])
 
 
 def test_phase_two_from_phase_one_may_take_its_own_optimizer_and_levers(tmp_path):
@@ -399,33 +401,33 @@ def test_phase_two_from_phase_one_may_take_its_own_optimizer_and_levers(tmp_path
     out = tmp_path / "ck"
     saved = saved_run(out, ["--phase", "1"], name=PHASE1)
     torch.save({**torch.load(saved, weights_only=True), "phase": 1, "epoch": 10}, saved)
-    args, _ = resolve_options(["--phase", "2", "--out", str(out), "--recipe", "best"])
+    args, _ = resolve(["--phase", "2", "--out", str(out), "--recipe", "best"])[:2]
     assert (args.lr_decay, args.ema, args.p_vflip) == (0.7, 0.99, 0.0)
-    assert resolve_options(["--phase", "2", "--out", str(out), "--optimizer2", "sgd"])[0]
+    assert resolve(["--phase", "2", "--out", str(out), "--optimizer2", "sgd"]).options
     with pytest.raises(Problem, match="--lr1 0.001 .* Phase I of this run does not train"):
-        resolve_options(["--phase", "2", "--out", str(out), "--lr1", "1e-3"])
+        resolve(["--phase", "2", "--out", str(out), "--lr1", "1e-3"])
     state = torch.load(out / PHASE1, weights_only=True)
     torch.save({**state, "phase": 2, "optimizer": {"state": {}}}, out / "last.pt")  # in Phase II
     with pytest.raises(Problem, match="--optimizer2 sgd"):
-        resolve_options(["--resume", str(out / "last.pt"), "--optimizer2", "sgd"])
+        resolve(["--resume", str(out / "last.pt"), "--optimizer2", "sgd"])
 
 
 def test_recipe_report_given_again_on_resume_turns_the_levers_off(tmp_path):
     path = str(saved_run(tmp_path, ["--recipe", "best", "--epochs", "8"]))
-    args, _ = resolve_options(["--resume", path, "--recipe", "report", "--lr-decay", "0.7"])
+    args, _ = resolve(["--resume", path, "--recipe", "report", "--lr-decay", "0.7"])[:2]
     assert (args.ema, args.p_vflip, args.average_last, args.tta) == (None, 0.3, 0, "off")
     assert args.recipe == "report" and args.lr_decay == 0.7  # given wins over the preset
 
 
 def test_progressive_sizes_rise_in_steps_to_the_full_size_by_their_share_of_the_epochs():
-    args, _ = resolve_options(["--img-size", "64", "--progressive", "0.5", "--epochs2", "7"])
-    sizes = recipe.phase_setup(2, args, HeadOnTop(), CPU, recipe.loss_of(args), None).image_size
+    args, _ = resolve(["--img-size", "64", "--progressive", "0.5", "--epochs2", "7"])[:2]
+    sizes = train.phase_setup(2, args, HeadOnTop(), CPU, loss_of(args), None).image_size
     assert [sizes(e) for e in range(7)] == [32, 40, 48, 48, 56, 64, 64]  # steps of 8; 5 of 7
-    args, _ = resolve_options(["--progressive", "0.5", "--progressive-until", "0.5"])
-    big = recipe.ProgressiveSize.of(args, 125)
+    args, _ = resolve(["--progressive", "0.5", "--progressive-until", "0.5"])[:2]
+    big = schedule.ProgressiveSize.of(args, 125)
     assert (big.step, big(0), big(62), big(63)) == (32, 128, 224, 224)  # 112 rounds to 128
     assert all(big(e) % 32 == 0 and big(e) <= big(e + 1) for e in range(124))
-    phase1 = recipe.phase_setup(1, args, HeadOnTop(), CPU, recipe.loss_of(args), None)
+    phase1 = train.phase_setup(1, args, HeadOnTop(), CPU, loss_of(args), None)
     assert {phase1.image_size(e) for e in range(10)} == {224}  # Phase II's lever only
 
 
@@ -434,9 +436,9 @@ def test_a_recipe_given_on_resume_keeps_the_runs_own_rates(tmp_path):
     the run's own stays, as on a fresh `--recipe best --lr2 2e-3`; a value a recipe set goes back
     with it."""
     own = str(saved_run(tmp_path, ["--lr2", "2e-3", "--lr1", "1e-3"], name="own.pt"))
-    args, _ = resolve_options(["--resume", own, "--recipe", "best"])
-    fresh, _ = resolve_options(["--recipe", "best", "--lr2", "2e-3", "--lr1", "1e-3"])
+    args, _ = resolve(["--resume", own, "--recipe", "best"])[:2]
+    fresh, _ = resolve(["--recipe", "best", "--lr2", "2e-3", "--lr1", "1e-3"])[:2]
     assert (args.lr2, args.lr1, args.ema) == (fresh.lr2, fresh.lr1, fresh.ema) == (2e-3, 1e-3, 0.99)
     fast = str(saved_run(tmp_path, ["--recipe", "fast"], name="fast.pt", phase=1, epoch=0))
-    args, _ = resolve_options(["--resume", fast, "--recipe", "best"])
+    args, _ = resolve(["--resume", fast, "--recipe", "best"])[:2]
     assert (args.lr2, args.lr1) == (5e-4, 5e-4)  # fast's rates, gone with it

@@ -39,7 +39,7 @@ def test_out_of_memory_names_the_options_that_help(tiny_args, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "train_phase", out_of_memory)
+    monkeypatch.setattr(train, "train_epoch", out_of_memory)
     with pytest.raises(SystemExit, match="--batch-size 2 --accum-steps 2"):
         train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
     with pytest.raises(
@@ -83,7 +83,7 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_weights(tiny_args, tmp_p
 def nan_at_training_batch(monkeypatch, n):
     """The loss of the n-th training batch (validation's are not counted) comes out NaN, as a
     diverging run's does: its gradients, and after the step the weights, are NaN too."""
-    real, calls = train.loss_of, [0]
+    real, calls = train.Loss, [0]
 
     class Spoilt(torch.nn.Module):
         def __init__(self, criterion):
@@ -98,10 +98,10 @@ def nan_at_training_batch(monkeypatch, n):
                     return loss * float("nan")
             return loss
 
-    def loss_of(*args):
-        return Spoilt(real(*args))
+    def loss(**options):
+        return Spoilt(real(**options))
 
-    monkeypatch.setattr(train, "loss_of", loss_of)
+    monkeypatch.setattr(train, "Loss", loss)
 
 
 def test_a_loss_gone_bad_mid_epoch_is_never_saved_and_the_advice_goes_on_at_a_lower_rate(

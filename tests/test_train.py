@@ -16,9 +16,12 @@ import model as M
 import predict
 import train
 from conftest import COLOURS, NO_AUGMENT, TINY, copy_of, make_dataset, stop_at, write_image
-from twophase import augment, budget, checkpoint, inference, recipe
+from twophase import augment, budget, checkpoint, inference, options, schedule
+from twophase.loss import class_weights, loss_of
+from twophase.options import parameter_count, resolve
 from twophase.prefetch import on_device
-from twophase.recipe import Phase, parameter_count, resolve_options
+from twophase.schedule import Phase
+from twophase.tally import EpochTally, epoch_totals
 
 CPU = torch.device("cpu")
 
@@ -41,11 +44,11 @@ def one_epoch(model, loader, preprocess, criterion, optimizer):
         dtype=None,
         scaler=torch.amp.GradScaler("cpu", enabled=False),
     )
-    tally = train.EpochTally()
+    record = EpochTally()
     with closing(on_device(loader, preprocess, CPU)) as batches:
-        steps = list(train.optimizer_steps(model, batches, len(loader), phase, None, tally))
+        steps = list(train.optimizer_steps(model, batches, len(loader), phase, None, record))
     assert steps == list(range(1, len(loader) + 1))  # it yields after each optimizer step
-    return tally.summary(CPU)
+    return record.summary(CPU)
 
 
 class ConstantLogits(torch.nn.Module):
@@ -83,7 +86,7 @@ def test_epoch_totals_are_exact_past_float32s_range():
         [torch.tensor(7), torch.tensor(1)],
         [2**24, 1],
     )
-    loss_sum, counted, correct, nonfinite = train.epoch_totals(losses, hits, sizes, CPU)
+    loss_sum, counted, correct, nonfinite = epoch_totals(losses, hits, sizes, CPU)
     assert (loss_sum.item(), counted.item(), correct.item(), nonfinite.item()) == (
         2**24 + 3,
         2**24 + 1,
@@ -356,8 +359,8 @@ def test_compile_mode_reaches_torch_compile_and_checkpoints_stay_plain(
     assert saved["ema"]["updates"] > 0 and not [
         k for k in saved["ema"]["model"] if "_orig_mod" in k
     ]
-    assert resolve_options(["--compile"])[0].compile == "default"
-    assert resolve_options([])[0].compile is None
+    assert resolve(["--compile"]).options.compile == "default"
+    assert resolve([]).options.compile is None
 
 
 def test_resume_with_every_lever_on_ends_where_the_uninterrupted_run_does(tiny_args, tmp_path):
@@ -473,18 +476,18 @@ def test_a_weighted_loss_accumulated_over_two_batches_steps_as_one_batch_would(
 
 
 def test_class_weights_are_inverse_frequencies_of_mean_one_or_a_files():
-    args, _ = resolve_options(["--class-weights", "auto"])
-    weights = recipe.class_weights("auto", ["a", "b", "c"], [10, 40, 0])
+    args, _ = resolve(["--class-weights", "auto"])[:2]
+    weights = class_weights("auto", ["a", "b", "c"], [10, 40, 0])
     assert weights.tolist() == pytest.approx([1.6, 0.4, 0.0])  # 1/10 : 1/40, mean 1 over a, b
-    assert recipe.loss_of(args, ["a", "b", "c"], [10, 40, 0]).weight.tolist() == weights.tolist()
-    assert recipe.class_weights("none", ["a"], [3]) is None
+    assert loss_of(args, ["a", "b", "c"], [10, 40, 0]).weight.tolist() == weights.tolist()
+    assert class_weights("none", ["a"], [3]) is None
 
 
 def test_a_class_weights_file_with_or_without_a_header_weighs_every_row(tmp_path, capsys):
     weights = tmp_path / "w.csv"
     for text in ("class,weight\ncat,5\neel,0.5\n", "cat,5\neel,0.5\n"):
         weights.write_text(text)
-        assert recipe.class_weights(str(weights), ["cat", "dog", "eel"], None).tolist() == [
+        assert class_weights(str(weights), ["cat", "dog", "eel"], None).tolist() == [
             5,
             1,
             0.5,
@@ -558,7 +561,7 @@ def test_a_kaggle_style_run_trains_evaluates_and_predicts_without_being_told_aga
 
 
 def test_durations_read_as_a_user_writes_them():
-    assert [recipe.duration(t) for t in ("90m", "2h", "1h30m", "600s", "1.5h")] == [
+    assert [options.duration(t) for t in ("90m", "2h", "1h30m", "600s", "1.5h")] == [
         5400,
         7200,
         5400,
@@ -566,7 +569,7 @@ def test_durations_read_as_a_user_writes_them():
         5400,
     ]
     with pytest.raises(Exception, match="not a duration"):
-        recipe.duration("90")  # minutes? seconds? said, not guessed
+        options.duration("90")  # minutes? seconds? said, not guessed
 
 
 def test_the_largest_budget_of_epochs_that_fits_is_chosen_around_the_epochs_given():
@@ -575,10 +578,10 @@ def test_the_largest_budget_of_epochs_that_fits_is_chosen_around_the_epochs_give
     def epochs(phase, split):
         return split[f"epochs{phase}"] * epoch[phase]
 
-    assert recipe.epochs_within(57, epochs, 0)[:2] == (3, recipe.split_budget(3))  # 1 + 2: 43 s
-    assert recipe.epochs_within(57, epochs, 20)[0] == 2  # the end's 20 s leave room for 1 + 1
-    assert recipe.epochs_within(25, epochs, 0) is None  # not even 1 + 1 (26 s)
-    total, split, cost = recipe.epochs_within(100, epochs, 0, fixed={"epochs1": 0})
+    assert options.epochs_within(57, epochs, 0)[:2] == (3, options.split_budget(3))  # 1 + 2: 43 s
+    assert options.epochs_within(57, epochs, 20)[0] == 2  # the end's 20 s leave room for 1 + 1
+    assert options.epochs_within(25, epochs, 0) is None  # not even 1 + 1 (26 s)
+    total, split, cost = options.epochs_within(100, epochs, 0, fixed={"epochs1": 0})
 
     assert (split["epochs1"], split["epochs2"], cost) == (0, 5, 85)  # Phase II alone
 
@@ -647,7 +650,7 @@ def test_timing_the_steps_leaves_the_run_as_it_was(tiny_args, tmp_path, monkeypa
 def test_where_standard_error_is_no_terminal_an_epoch_says_how_it_goes(
     tiny_args, monkeypatch, capsys
 ):
-    monkeypatch.setattr(train, "PROGRESS_EVERY", 0.0)
+    monkeypatch.setattr(budget, "PROGRESS_EVERY", 0.0)
     train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
     err = capsys.readouterr().err
     # Phase II is not timed until it trains (with --time-budget it is, from the start).
@@ -785,7 +788,7 @@ def test_test_size_auto_caches_only_the_held_out_images_at_the_larger_sizes(
 
 def test_the_time_budget_counts_the_caches_test_size_auto_builds(tiny_args, tmp_path):
     run = types.SimpleNamespace(
-        args=resolve_options(tiny_args + ["--test-size", "auto"])[0],
+        args=resolve(tiny_args + ["--test-size", "auto"]).options,
         splits=types.SimpleNamespace(val=[0] * 100, train=[0] * 400),
         world_size=1,
     )
@@ -816,5 +819,5 @@ def test_a_time_budget_shortens_phase_two_when_its_epochs_run_slower_than_timed(
     last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
     assert (last["args"]["epochs2"], last["args"]["cosine_epochs"], last["epoch"]) == (4, 3, 4)
     rates = [r["lr"] for r in last["history"] if r["phase"] == 2]
-    shares = [recipe.WarmupCosine(1, 0.1, 3, 5e-6 / 5e-4)(e) for e in range(4)]
+    shares = [schedule.WarmupCosine(1, 0.1, 3, 5e-6 / 5e-4)(e) for e in range(4)]
     assert rates == pytest.approx([5e-4 * share for share in shares])

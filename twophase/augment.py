@@ -7,13 +7,38 @@ random parameters, with the semantics of torchvision's transforms (the tests com
 op and image by image).
 """
 
-import inspect
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The training augmentation's values: the report's Table 1 by default. train.py's options of
+    the group "augmentation" (options.OPTIONS) are these fields, one each."""
+
+    degrees: float = 10.0  # RandomAffine: rotation +-
+    translate: float = 0.1  # shift, a share of the side
+    scale: tuple = (0.9, 1.1)
+    shear: float = 10.0  # x-shear +-, degrees
+    jitter: float = 0.25  # ColorJitter: brightness, contrast, saturation
+    hue: float = 0.1
+    p_jitter: float = 0.5
+    blur_sigma: tuple = (0.1, 2.0)  # GaussianBlur 3x3
+    p_blur: float = 0.5
+    p_hflip: float = 0.3
+    p_vflip: float = 0.3
+
+    @classmethod
+    def of(cls, options):
+        """The values the run's options give (any object with these attributes)."""
+        values = {f.name: getattr(options, f.name) for f in fields(cls)}
+        pairs = {key: tuple(values[key]) for key in ("scale", "blur_sigma")}
+        return cls(**values | pairs)
 
 
 class DeviceAugment(torch.nn.Module):
@@ -35,43 +60,11 @@ class DeviceAugment(torch.nn.Module):
     The order of the four colour operations is drawn once per batch, as kornia does; every image
     still draws its own factors and coin."""
 
-    def __init__(
-        self,
-        degrees=10.0,
-        translate=0.1,
-        scale=(0.9, 1.1),
-        shear=10.0,
-        jitter=0.25,
-        hue=0.1,
-        p_jitter=0.5,
-        blur_sigma=(0.1, 2.0),
-        p_blur=0.5,
-        p_hflip=0.3,
-        p_vflip=0.3,
-        seed=0,
-    ):
+    def __init__(self, options=None, seed=0):
         super().__init__()
-        self.degrees, self.translate, self.scale, self.shear = (
-            degrees,
-            translate,
-            tuple(scale),
-            shear,
-        )
-        self.jitter, self.hue, self.p_jitter = jitter, hue, p_jitter
-        self.blur_sigma, self.p_blur = tuple(blur_sigma), p_blur
-        self.p_hflip, self.p_vflip = p_hflip, p_vflip
+        self.options = options or Augmentation()
         self.generator = torch.Generator()
         self.reseed(seed)
-
-    @classmethod
-    def option_names(cls):
-        """train.py's options that describe it: each names a parameter here."""
-        return tuple(n for n in inspect.signature(cls).parameters if n != "seed")
-
-    @classmethod
-    def from_args(cls, args):
-        """The augmentation train.py's options describe."""
-        return cls(**{name: getattr(args, name) for name in cls.option_names()})
 
     def reseed(self, *parts):
         """Start the parameter draws anew from integers: training reseeds each epoch from (seed,
@@ -91,23 +84,24 @@ class DeviceAugment(torch.nn.Module):
         def coin(p):
             return torch.rand(n, dtype=torch.float64, generator=g) < p
 
-        j = self.jitter
+        o = self.options
+        j = o.jitter
         return {
-            "angle": uniform(-self.degrees, self.degrees),
-            "shear": uniform(-self.shear, self.shear),
-            "scale": uniform(*self.scale),
-            "tx": uniform(-self.translate, self.translate),
-            "ty": uniform(-self.translate, self.translate),
-            "jitter": coin(self.p_jitter),
+            "angle": uniform(-o.degrees, o.degrees),
+            "shear": uniform(-o.shear, o.shear),
+            "scale": uniform(*o.scale),
+            "tx": uniform(-o.translate, o.translate),
+            "ty": uniform(-o.translate, o.translate),
+            "jitter": coin(o.p_jitter),
             "brightness": uniform(1 - j, 1 + j),
             "contrast": uniform(1 - j, 1 + j),
             "saturation": uniform(1 - j, 1 + j),
-            "hue": uniform(-self.hue, self.hue),
+            "hue": uniform(-o.hue, o.hue),
             "color_order": torch.randperm(4, generator=g).tolist(),
-            "blur": coin(self.p_blur),
-            "sigma": uniform(*self.blur_sigma),
-            "hflip": coin(self.p_hflip),
-            "vflip": coin(self.p_vflip),
+            "blur": coin(o.p_blur),
+            "sigma": uniform(*o.blur_sigma),
+            "hflip": coin(o.p_hflip),
+            "vflip": coin(o.p_vflip),
         }
 
     @torch.no_grad()

@@ -1,57 +1,48 @@
 """The time a run takes: --time-budget's plan (the largest --epochs that fits, from a few timed
-steps) and the forecast every progress line ends with (the run's time left and its end).
-train.py times the steps (time_steps: they run its loop); this file turns seconds into epochs
-and words."""
+steps) and its re-plan where epochs run slower, the forecast every progress line ends with (the
+run's time left and its end), and what an epoch shows as it trains. train.py times the steps
+(time_steps: they run its loop); this file turns seconds into epochs and words."""
 
 import statistics
 import time
 
-from twophase.continuing import from_phase1, phase1_end
-from twophase.recipe import (
-    PHASE_EPOCHS,
-    ProgressiveSize,
-    WarmupCosine,
-    epochs_within,
-    given_options,
-    size_step,
-    split_budget,
-)
+import torch
+
+from twophase.image_cache import load_image
+from twophase.options import PHASE_EPOCHS, epochs_within, split_budget
+from twophase.schedule import ProgressiveSize, WarmupCosine, size_step
 from utils import Problem, gather_from_processes, log
 
 
-def budget_to_plan(argv, resume):
+def budget_to_plan(resolved):
     """Whether this command plans a --time-budget: one given to a fresh run, or to Phase II of a
     run continued from its phase1.pt; never to a run that resumes (it keeps the epochs its
     budget chose, even when the same budget is given again)."""
-    fresh = resume.state is None or from_phase1(resume.path, resume.state)
-    return fresh and "time_budget" in given_options(argv)
+    start = resolved.start
+    return (start.fresh or start.from_phase1) and "time_budget" in resolved.given
 
 
-def budget_fixed(argv, resume):
+def budget_fixed(resolved):
     """The parts of the --epochs split a --time-budget leaves as they are: those given, and the
     Phase I epochs of a run Phase II continues."""
-    given = given_options(argv)
-    fixed = {key: given[key] for key in PHASE_EPOCHS if key in given}
-    if resume.state is not None:
-        fixed["epochs1"] = resume.state["args"]["epochs1"]
+    fixed = {key: resolved.given[key] for key in PHASE_EPOCHS if key in resolved.given}
+    if not resolved.start.fresh:
+        fixed["epochs1"] = resolved.start.state["args"]["epochs1"]
     return fixed
 
 
 def plan_time_budget(run, fixed, started, speed):
-    """--time-budget: the largest --epochs N whose epochs fit in what is left of the budget at
-    `speed`, the steps timed here (train.time_steps), set as the run's split (saved: a resume
-    keeps it)."""
+    """--time-budget: the run's options with the largest --epochs N whose epochs fit in what is
+    left of the budget at `speed`, the steps timed here (train.time_steps), as their split (saved:
+    a resume keeps it)."""
     args = run.args
     epoch = {p: run.forecast.epoch_seconds(p, speed) for p in (1, 2)}
     end = run.forecast.end_seconds(speed)
     # Every process plans alike: the slowest's speed (time_steps), the longest time spent.
     spent = max(gather_from_processes(time.monotonic() - started))
     left = (args.time_budget - spent) * 0.97  # a margin for an epoch slower than its steps
-
     # Phase I trains no more with --phase 2, or where the run continues from its phase1.pt.
-    phase1_over = args.phase == "2" or (
-        run.resume.state is not None and phase1_end(run.resume.state, args.phase, fixed["epochs1"])
-    )
+    phase1_over = args.phase == "2" or run.start.phase1_end(args.phase, fixed.get("epochs1", 0))
 
     def phase_seconds(phase, split):  # a smaller side costs less (--progressive): by pixels
         epochs = split[f"epochs{phase}"]
@@ -59,7 +50,6 @@ def plan_time_budget(run, fixed, started, speed):
             return 0.0
         if phase == 1 or args.progressive >= 1:
             return epochs * epoch[phase]
-
         side = ProgressiveSize.of(args, epochs)
         return sum(run.forecast.epoch_seconds(2, speed, side(e)) for e in range(epochs))
 
@@ -75,15 +65,14 @@ def plan_time_budget(run, fixed, started, speed):
             "it: give more time, or a smaller --arch, --img-size or training set"
         )
     total, split, cost = chosen
-    vars(args).update(epochs=total, **split)
     run.forecast.speed = speed
     run.forecast.deadline = started + args.time_budget
-    ends = wall_clock(started + spent + cost)
     log(
         f"--time-budget {clock(args.time_budget)}: {timing}. So --epochs {total} "
         f"({split['epochs1']} + {split['epochs2']}, {split['warmup_epochs']} warmup), about "
-        f"{clock(cost)} from now: the run should end near {ends}"
+        f"{clock(cost)} from now: the run should end near {wall_clock(started + spent + cost)}"
     )
+    return args.replaced(epochs=total, **split)
 
 
 def replan_time_budget(run, phase, done):
@@ -91,7 +80,7 @@ def replan_time_budget(run, phase, done):
     as they ran (slower than the steps timed at the start: a busy machine, a slow disk) would
     end the run past its budget, Phase II is shortened to the most epochs that end within it,
     its cosine fitted to them as the --epochs split does; said in a line, and saved with the
-    run's options. Every process takes the first's decision."""
+    run's options (new ones: the run's and the phase's). Every process takes the first's."""
     forecast = run.forecast
     if forecast.deadline is None or phase.number != 2 or done >= phase.epochs:
         return
@@ -105,14 +94,48 @@ def replan_time_budget(run, phase, done):
     fixed = dict(epochs1=args.epochs1, epochs2=epochs2)
     fixed["warmup_epochs"] = min(args.warmup_epochs, epochs2)
     split = split_budget(args.epochs1 + epochs2, fixed)
-    vars(args).update(epochs=args.epochs1 + epochs2, **split)
-    phase.epochs, phase.schedule = epochs2, WarmupCosine.of(args)
+    run.args = args.replaced(epochs=args.epochs1 + epochs2, **split)
+    phase.epochs, phase.schedule = epochs2, WarmupCosine.of(run.args)
     log(
         f"--time-budget {clock(args.time_budget)}: Phase II epochs take {clock(epoch)} here, more "
         f"than the steps timed at the start foretold; so {epochs2} Phase II epochs, not "
         f"{planned}, the cosine over the last {split['cosine_epochs']}, to end near "
         f"{wall_clock(now + (epochs2 - done) * epoch + forecast.end_seconds())}"
     )
+
+
+def save_seconds(run):
+    """An epoch's checkpoints, written here: the weights written once into the run's folder and
+    timed, for a checkpoint of about three times their size (the optimizer's two moments; four
+    with --ema) written once and copied once (best.pt, now and then)."""
+    if run.rank != 0:
+        return 0.0
+    probe = run.saver.folder.path / ".time-budget.tmp"
+    start = time.perf_counter()
+    torch.save(run.model.state_dict(), probe)
+    seconds = time.perf_counter() - start
+    probe.unlink(missing_ok=True)
+    return seconds * (4 if run.ema is not None else 3) * 2
+
+
+def decode_seconds(run, n=4):
+    """An image decoded into a cache (--test-size auto's at larger sizes), timed on a few of the
+    training files at twice the size, in one thread."""
+    cache = run.splits.train.cache
+    files = [cache.folder / f for f in cache.files[:n]] if cache.folder else []
+    start = time.perf_counter()
+    for path in files:
+        load_image(path, 2 * run.args.img_size, run.args.resize)
+    return (time.perf_counter() - start) / max(len(files), 1)
+
+
+def synchronized(device):
+    """The clock once the device has done what it was given (CUDA and Apple's queue work)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+    return time.perf_counter()
 
 
 def clock(seconds):
@@ -155,7 +178,7 @@ class Forecast:
             return None
         args = self.run.args
         pixels = ((side or args.img_size) / args.img_size) ** 2
-        steps = len(self.run.train_loader) / args.accum_steps * pixels
+        steps = len(self.run.stream) / args.accum_steps * pixels
         validations = 2 if self.run.ema is not None else 1
         step = speed[f"step{phase}"]
         return steps * step + validations * speed["validation"] + speed.get("save", 0)
@@ -209,3 +232,37 @@ class Forecast:
         if seconds is None:
             return "Phase II not timed yet"
         return f"run left {clock(seconds)}, ends {wall_clock(time.monotonic() + seconds)}"
+
+
+# Seconds between the progress lines of an epoch where standard error is not a terminal (a
+# notebook, a cluster's log), and between updates of the bar's time left where it is.
+PROGRESS_EVERY, BAR_EVERY = 60.0, 2.0
+
+
+class Progress:
+    """What an epoch shows as it trains: on a terminal, the bar with the whole run's time left
+    and its end; elsewhere, where the bar is hidden, a line every PROGRESS_EVERY seconds."""
+
+    def __init__(self, run, phase, epoch, bar, first_batch, total):
+        self.run, self.phase, self.epoch, self.bar = run, phase, epoch, bar
+        self.first, self.total = first_batch, total
+        self.start = self.last = time.monotonic()
+
+    def step(self, done):
+        now = time.monotonic()
+        if now - self.last < (PROGRESS_EVERY if self.bar.disable else BAR_EVERY):
+            return
+        self.last = now
+        share = done / self.total
+        # The epoch at the rate of the batches this process has trained (a resumed epoch's
+        # batches before its stop are not in its clock).
+        estimate = (now - self.start) / max(done - self.first, 1) * self.total
+        words = self.run.forecast.words(self.phase.number, self.epoch, share, estimate)
+        if not self.bar.disable:
+            self.bar.set_postfix_str(words, refresh=False)
+            return
+        images = (done - self.first) * self.run.args.batch_size * self.run.world_size
+        log(
+            f"phase {self.phase.number} epoch {self.epoch + 1}/{self.phase.epochs}: "
+            f"{done}/{self.total} batches, {images / (now - self.start):.0f} img/s; {words}"
+        )

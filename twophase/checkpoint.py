@@ -23,8 +23,16 @@ from pathlib import Path
 
 import torch
 
-from model import Weights, load_weights, optimizer_order, parameter_names
-from utils import MissingFile, Problem, atomic_file, exclusive, log, set_rng_state
+from model import strip_prefixes
+from utils import (
+    MissingFile,
+    Problem,
+    atomic_file,
+    exclusive,
+    gather_from_processes,
+    log,
+    rng_state,
+)
 
 CHECKPOINT_DIR = "checkpoints"  # where a bare name such as best.pt is looked up
 LAST, BEST, PHASE1, AVERAGED = "last.pt", "best.pt", "phase1.pt", "averaged.pt"
@@ -421,159 +429,68 @@ def position(state):
     return where + (f" and {state['step']} batches" if state.get("step") else "")
 
 
-# ------------------------------------------------------------------------ where a run continues
+class Checkpointer:
+    """A run's checkpoints as it trains: its state after an epoch, or at a step in the middle of
+    one, as the dict make_checkpoint makes from the options and history handed over and the
+    model (and moving average) it holds; the files each goes to (files_for_epoch); and where the
+    run was last saved, which the advice of a run that diverged names. Saving is a collective
+    under torchrun: every process gathers its random state, the first writes."""
 
+    def __init__(self, folder, model, ema, splits, procs, device):
+        self.folder, self.model, self.ema, self.procs = folder, model, ema, procs
+        self.device, self.classes = device, splits.classes
+        self.extra = {
+            "class_counts": splits.train.class_counts(len(splits.classes)).tolist(),
+            "val_digest": splits.val.digest(),  # which images were held out for validation
+        }
+        self.saved_at = None  # where last.pt was last written by this run, in words
 
-class Resume:
-    """Where a run starts: the checkpoint it continues (--resume's, or <out>/phase1.pt for
-    `--phase 2` alone), read once, or none for a fresh run. train.py asks it where each phase
-    begins and never itself whether the run resumed."""
-
-    def __init__(self, state=None, path=None):
-        self.state, self.path = state, Path(path) if path else None
-
-    def continues_in(self, folder):
-        return self.path is not None and self.path.resolve().parent == Path(folder).resolve()
-
-    def from_phase1_in(self, folder):
-        return self.continues_in(folder) and self.path.name == PHASE1
-
-    def weights(self, arch, requested):
-        """The weights to build the model with: the --weights asked for, unless a checkpoint's
-        are about to replace them (then there is nothing to fetch)."""
-        if self.state is None:
-            return load_weights(arch, requested)
-        where = f"phase {self.state['phase']} epoch {self.state['epoch']}"
-        normalisation = {k: tuple(self.state[k]) for k in ("mean", "std") if k in self.state}
-        if self.state.get("step"):
-            where = f"phase {self.state['phase']}, {self.state['step']} batches into epoch "
-            where += f"{self.state['epoch'] + 1}"
-        return Weights(about=f"{self.path} ({where}), to continue from", **normalisation)
-
-    def history(self):
-        return list(self.state["history"]) if self.state else []
-
-    def restore(self, model, ema, classes, rank, world_size):
-        """The saved weights, their moving average and each process's global random state."""
-        if self.state is None:
-            return
-        if list(self.state["classes"]) != list(classes):
-            raise Problem(
-                f"the checkpoint was trained on other classes than the {len(classes)} found in the "
-                f"data (checkpoint: {self.state['classes'][:5]}..., data: {classes[:5]}...)"
-            )
-        model.load_state_dict(self.state["model"])
-        if ema is not None and self.state.get("ema"):
-            ema.load_state_dict(self.state["ema"])
-        elif ema is not None:  # --ema added to a run that had none: it starts from here
-            ema.module.load_state_dict(self.state["model"])
-        # The data order and the augmentation need no saved state: they are seeded from (seed,
-        # epoch, rank). The global generators (initialisation, dropout) go on where they stopped.
-        states = self.state["rng"] if isinstance(self.state["rng"], list) else [self.state["rng"]]
-        if len(states) == world_size:
-            set_rng_state(states[rank])
-        else:
-            log(
-                f"warning: the checkpoint holds the random state of {len(states)} process(es), "
-                f"this run has {world_size}: its global random generators start from --seed"
-            )
-
-    def position(self, phase, rank, world_size, batch_size):
-        """Where `phase` goes on: (its epochs done, batches of `batch_size` done of the next one,
-        their record). All of a phase the run has passed is done; a run stopped mid-epoch (a
-        signal, or --save-every-steps) goes on at its next batch, with as many processes. Its
-        batches are counted in `batch_size`, which divides the run's (continuing.CONTINUING: the
-        same effective batch in smaller pieces, as the out-of-memory advice gives it)."""
-        if self.state is None or phase > self.state["phase"]:
-            return 0, 0, None
-        if phase < self.state["phase"]:
-            return math.inf, 0, None
-        step, progress = self.state.get("step", 0), self.state.get("progress")
-        if not step:
-            return self.state["epoch"], 0, None
-        if len(progress) != world_size:
-            raise Problem(
-                f"{self.path} stopped mid-epoch with {len(progress)} process(es): resume it with "
-                f"as many (this run has {world_size})"
-            )
-        pieces = self.state["args"]["batch_size"] // batch_size
-        return self.state["epoch"], step * pieces, in_pieces(progress[rank], pieces)
-
-    def restore_phase(self, phase, model):
-        """The optimizer and grad scaler of a run stopped inside `phase`. The optimizer's state
-        is each parameter's (its moments, its step count), matched by name, so that another
-        --lr-decay (other parameter groups) takes the same state; its learning rates and weight
-        decay are the options' (recipe.Phase.set_epoch). A scaler is restored only where this
-        run scales fp16 losses and the saved run did too."""
-        state = self.state
-        if state is None or state["phase"] != phase.number or not state["optimizer"]:
-            return
-        saved_decay = state["args"].get("lr_decay", 1.0)
-        saved_order = optimizer_order(model, phase.number, saved_decay)
-        load_optimizer_state(
-            phase.optimizer,
-            state["optimizer"],
-            parameter_names(model, phase.optimizer),
-            saved_order,
+    def state(self, args, history, phase, epoch, **extra):
+        """The run's checkpoint after `epoch` epochs of `phase` (and `extra`, mid-epoch)."""
+        last = history[-1] if history else {"val_acc": 0.0}
+        about = dict(arch=args.arch, classes=self.classes, img_size=args.img_size)
+        about |= dict(mean=list(args.mean), std=list(args.std), data=str(Path(args.data).resolve()))
+        training = {
+            "optimizer": phase.optimizer.state_dict(),
+            "scheduler": None,  # the schedule is the options' (schedule.Phase.set_rates)
+            "scaler": phase.scaler.state_dict(),
+            "rng": gather_from_processes(rng_state()),  # one state per process
+            "world_size": self.procs.world_size,
+            "device": self.device.type,
+            # The weights evaluate.py and predict.py use: the moving average where it was better.
+            "eval_weights": "ema" if best_acc(last) > last["val_acc"] else "model",
+        }
+        weights = {strip_prefixes(k): v for k, v in self.model.state_dict().items()}
+        ema = self.ema.state_dict() if self.ema else None
+        return make_checkpoint(
+            weights,
+            about,
+            vars(args),
+            history,
+            phase.number,
+            epoch,
+            ema,
+            training,
+            **self.extra,
+            **extra,
         )
-        if state["scaler"] and phase.scaler.is_enabled():  # empty when saved without fp16
-            phase.scaler.load_state_dict(state["scaler"])
 
+    def save_epoch(self, args, history, phase, epoch, is_best):
+        """The checkpoint of `phase`'s epoch `epoch` (1-based), under each name it goes to."""
+        state = self.state(args, history, phase, epoch)  # every process
+        if self.procs.rank == 0:
+            names, stale = files_for_epoch(
+                history, phase.number, epoch, phase.epochs, is_best, args
+            )
+            if self.folder.save(state, names, history) and stale:
+                self.folder.remove(stale)
+        self.saved_at = f"phase {phase.number} epoch {epoch}"
 
-def in_pieces(progress, pieces):
-    """A mid-epoch record of batches as the record of batches `pieces` times smaller: the same
-    sums (of losses by images, of correct predictions, of images)."""
-    if pieces == 1:
-        return progress
-    n = len(progress["sizes"])
-    hits = torch.zeros(n * pieces, dtype=progress["hits"].dtype)
-    hits[::pieces] = progress["hits"]
-    return {
-        "losses": progress["losses"].repeat_interleave(pieces),
-        "hits": hits,
-        "sizes": [size // pieces for size in progress["sizes"] for _ in range(pieces)],
-        "seconds": progress["seconds"],
-    }
-
-
-def load_optimizer_state(optimizer, state, names=None, saved_names=None):
-    """A checkpoint's optimizer state, made right for this optimizer (built by make_optimizer for
-    this device) whichever device saved it. `names` and `saved_names`: the parameters' names in
-    this optimizer's order and in the saved one's; where they differ (other parameter groups),
-    each parameter's state is moved to its place here, and the groups are this optimizer's.
-    load_state_dict would bring the saving run's fused and capturable settings along, and would
-    move NAdam's step counts and momentum products to the device, where PyTorch reads them back
-    at every step (a host sync each): they belong there only for a fused or capturable step."""
-    if names is not None and names != saved_names:
-        state = regrouped(optimizer, state, names, saved_names)
-    built = {
-        key: optimizer.defaults[key] for key in ("fused", "capturable") if key in optimizer.defaults
-    }
-    optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        group.update(built)
-        on_device = bool(group.get("fused") or group.get("capturable"))
-        for param in group["params"]:
-            param_state = optimizer.state.get(param, {})
-            for key in ("step", "mu_product"):
-                if torch.is_tensor(param_state.get(key)):
-                    value = param_state[key]
-                    param_state[key] = (
-                        value.to(param.device, torch.float32) if on_device else value.cpu()
-                    )
-
-
-def regrouped(optimizer, state, names, saved_names):
-    """`state` (saved with its parameters in the order `saved_names`) as this optimizer's state
-    dict, whose parameters are `names` in its own groups."""
-    if sorted(names) != sorted(saved_names):
-        raise Problem("the checkpoint's optimizer holds other parameters than this phase trains")
-    saved_index = {name: i for i, name in enumerate(saved_names)}
-    template = optimizer.state_dict()
-    indices = [i for group in template["param_groups"] for i in group["params"]]
-    per_param = {
-        index: state["state"][saved_index[name]]
-        for index, name in zip(indices, names, strict=True)
-        if saved_index[name] in state["state"]
-    }
-    return {"state": per_param, "param_groups": template["param_groups"]}
+    def save_position(self, args, history, phase, epoch, progress, must):
+        """last.pt in the middle of an epoch: the batches done and their record, so far."""
+        progress = gather_from_processes(progress)  # every process
+        step = len(progress[0]["sizes"])
+        state = self.state(args, history, phase, epoch, step=step, progress=progress)
+        if self.procs.rank == 0:
+            self.folder.save(state, [LAST], history, must=must)
+        self.saved_at = f"phase {phase.number}, {step} batches into epoch {epoch + 1}"

@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 
 from twophase.checkpoint import best_acc
-from twophase.recipe import DEMO, RECIPES, split_budget
+from twophase.options import DEMO, RECIPES, split_budget
 from utils import atomic_file
 
 NOTES = re.compile(r"<!-- notes:(\w+) -->\n(.*?)<!-- /notes -->", re.S)

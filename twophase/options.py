@@ -1,0 +1,1056 @@
+"""train.py's options, each declared once, in OPTIONS: its name, type, default (together the
+report's Table 1), group, help, the value each preset gives it (--demo, --recipe best, --recipe
+fast), the rule it obeys when a run continues (continuing.py), another value for the tests, and
+what is checked of its value. From the table come the parser (`--help` prints Table 1), the
+checks, the presets, the continued-run rules and the options' tables in docs/options.md and
+docs/checkpoints.md (`python -m twophase.options --docs` writes them; a test fails if they drift).
+Adding an option is a row here plus the code that uses it.
+
+Options resolve once, in one order, into Options, which nothing changes afterwards:
+- a fresh run: defaults < --demo < --recipe < the --epochs split < given;
+- --resume PATH: PATH's saved options < given, in PATH's folder unless --out is given;
+- --phase 2 with <out>/phase1.pt: phase1.pt's saved options < given: Phase II of that run.
+On a continued run, --recipe and the --epochs split apply again only if given again, and each
+option that differs from the run's obeys its rule: applied, or refused here, before anything is
+read or written. The input normalisation the weights were trained with is resolved here too.
+
+    python train.py --help              # every option with its default: Table 1
+    python -m twophase.options --docs   # docs/options.md's and docs/checkpoints.md's tables
+"""
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import NamedTuple
+
+from data import labels_path
+from model import normalisation_of
+from twophase import continuing as rules
+from twophase.augment import Augmentation
+from twophase.image_cache import RESIZE_MODES
+from twophase.schedule import OPTIMIZERS
+from twophase.start import Start
+from utils import Problem, log
+
+USAGE = """Fine-tune an ImageNet-pretrained ResNet in two phases (the report's Algorithm 1).
+
+Phase I trains only a new head on the frozen backbone; Phase II fine-tunes every layer with
+NAdam, a linear warmup then cosine learning rate, fp16 autocast and gradient clipping. The
+defaults below are the report's Table 1.
+
+    python train.py --demo              # the whole pipeline on a small bundled dataset, CPU
+    python train.py                     # both phases on data/
+    python train.py --resume checkpoints/last.pt
+"""
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's
+PRESETS = ("demo", "best", "fast")  # --demo; --recipe's (its "report" is the defaults)
+
+
+def duration(text):
+    """Seconds of 90m, 2h, 1h30m, 600s, 1.5h."""
+    units = {"h": 3600, "m": 60, "s": 1}
+    parts = re.findall(r"(\d+(?:\.\d+)?)([hms])", text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90m, 2h, 1h30m, 600s)")
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+def parameter_count(text):
+    """100M, 25.6M, 1.5B or a plain number."""
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(text[-1:].upper(), 1)
+    try:
+        return int(float(text[:-1] if scale != 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (e.g. 100M)") from None
+
+
+# ----------------------------------------------------------------------------- what a value must be
+
+
+def at_least(low, what="must be {low} or more"):
+    def check(value):
+        return None if value is None or value >= low else what.format(low=low)
+
+    return check
+
+
+def share(value):
+    return None if 0 < value <= 1 else "a share in (0, 1]"
+
+
+def decay(value):
+    if value is not None and not 0 < value < 1:
+        return "the decay must be between 0 and 1, e.g. 0.999"
+    return None
+
+
+def alpha(value):
+    return "alpha must be positive (0 turns it off)" if value < 0 else None
+
+
+def factor(value):
+    return None if 0 < value <= 1 else "the factor must be in (0, 1] (1 turns it off)"
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of train.py."""
+
+    flags: tuple  # its names, the first its own: ("--cache-workers", "--workers")
+    default: object = None
+    help: str = ""
+    type: object = None
+    choices: tuple | None = None
+    nargs: object = None
+    const: object = None
+    metavar: str | None = None
+    switch: bool = False  # an on/off flag, off by default
+    presets: dict = field(default_factory=dict)  # demo, best, fast: the value each sets
+    rule: object = rules.applied  # on a continued run given another value
+    resume: str = ""  # docs/checkpoints.md: how the rule plays out for it
+    other: tuple | None = ()  # another value, the words after the flag (None: a test's own)
+    check: object = None  # value -> what is wrong with it, or None
+    file: bool = False  # a path: saved absolute, found again by its name where the data moved
+    group: str = ""
+
+    @property
+    def flag(self):
+        return self.flags[0]
+
+    @property
+    def dest(self):
+        return self.flag[2:].replace("-", "_")
+
+    def argument(self):
+        """add_argument's keywords."""
+        if self.switch:
+            return {"action": "store_true", "help": self.help, "dest": self.dest}
+        keywords = {"default": self.default, "help": self.help, "dest": self.dest}
+        for key in ("type", "choices", "nargs", "const", "metavar"):
+            if getattr(self, key) is not None:
+                keywords[key] = getattr(self, key)
+        return keywords
+
+
+def group(title, *options):
+    return [replace(option, group=title) for option in options]
+
+
+AS_LABELS = "as `--labels`"
+AS_BATCH = "as `--batch-size`"
+AUGMENTATION = "augmentation (training only, per sample, on the device)"
+
+OPTIONS = (
+    *group(
+        "data",
+        Option(
+            ("--data",),
+            "data",
+            "dataset root: train/<class>/<image> (val/, test/ beside it), <class>/<image>, or a "
+            "flat train/ with --labels",
+            presets={"demo": "data/demo"},
+            resume="the run goes on with the images there (its classes must be the same); a "
+            "checkpoint records its dataset's absolute path, so evaluate.py and predict.py find "
+            "it from any folder",
+            other=None,
+        ),
+        Option(
+            ("--labels",),
+            help="the labels of a flat <data>/train/: a CSV of image names (with or without their "
+            "extension) and labels, as Kaggle's train.csv",
+            metavar="CSV",
+            rule=rules.held_out_split,
+            resume="held out of another set of images, validation would take images the run "
+            "trained on",
+            other=None,
+            file=True,
+        ),
+        Option(
+            ("--image-col",),
+            help="--labels' image column; unset: its first (or the first --label-col is not)",
+            metavar="NAME",
+            rule=rules.held_out_split,
+            resume=AS_LABELS,
+            other=("image",),
+        ),
+        Option(
+            ("--label-col",),
+            help="--labels' label column; unset: its second (or the first --image-col is not)",
+            metavar="NAME",
+            rule=rules.held_out_split,
+            resume=AS_LABELS,
+            other=("label",),
+        ),
+        Option(
+            ("--val-labels",),
+            help="with --labels: the validation images (in <data>/val/, or train/ if there is "
+            "none) and their labels; unset: --val-fraction of --labels' images held out",
+            metavar="CSV",
+            rule=rules.held_out_split,
+            resume=AS_LABELS,
+            other=None,
+            file=True,
+        ),
+        Option(
+            ("--img-size",),
+            224,
+            "the square side images become",
+            type=int,
+            presets={"demo": 32},
+            resume="the remaining epochs at that size (its own cache)",
+            other=("24",),
+        ),
+        Option(
+            ("--resize",),
+            "crop",
+            "how a photo becomes a square: crop its centre (the report's), squish it whole, or "
+            "pad it whole onto black; evaluate.py and predict.py follow the run's",
+            choices=RESIZE_MODES,
+            resume="the remaining epochs with that preprocessing (its own cache); evaluate.py and "
+            "predict.py follow the checkpoint's",
+            other=("squish",),
+        ),
+        Option(
+            ("--val-fraction",),
+            0.1,
+            "held out for validation, if no val/",
+            type=float,
+            rule=rules.held_out_split,
+            resume="another fraction would move images the run trained on into validation",
+            other=("0.2",),
+        ),
+        Option(
+            ("--cache-dir",),
+            help="preprocessed-image cache; unset: <data>/.cache",
+            other=None,
+        ),
+        Option(
+            ("--batch-size",),
+            72,
+            "images per step",
+            type=int,
+            presets={"demo": 64},
+            rule=rules.smaller_pieces,
+            resume="an epoch stopped in the middle goes on with its images in the same order: a "
+            "batch that divides the run's, with `--accum-steps` as many times more (what the "
+            "out-of-memory advice gives)",
+            other=("3",),
+            check=at_least(1),
+        ),
+        Option(
+            ("--cache-workers", "--workers"),
+            4,
+            "threads that decode images into the cache (a batch is one read of it)",
+            type=int,
+            other=("2",),
+        ),
+    ),
+    *group(
+        "model",
+        Option(
+            ("--arch",),
+            "wide_resnet50_2",
+            "any torchvision ResNet-family model",
+            presets={"demo": "resnet18"},
+            rule=rules.fixed,
+            resume="the weights are that architecture's",
+            other=("resnet34",),
+        ),
+        Option(
+            ("--mean",),
+            help="input normalisation; unset: the weights' own (ImageNet's, or a checkpoint's)",
+            type=float,
+            nargs=3,
+            rule=rules.fixed,
+            resume="the weights were trained on inputs normalised so",
+            other=("0.5", "0.5", "0.5"),
+        ),
+        Option(
+            ("--std",),
+            help="... and its std",
+            type=float,
+            nargs=3,
+            rule=rules.fixed,
+            resume="as `--mean`",
+            other=("0.2", "0.2", "0.2"),
+        ),
+        Option(
+            ("--weights",),
+            "imagenet",
+            "imagenet | none | a torchvision weights name (IMAGENET1K_V1) | PATH",
+            presets={"demo": "none"},
+            rule=rules.starting_weights,
+            resume="a continued run starts from its checkpoint's weights; to start from others, "
+            "train a fresh run",
+            other=("imagenet",),
+        ),
+        Option(
+            ("--epochs",),
+            help="a budget of N epochs in all, split as the report splits its 135: sets "
+            "--epochs1, --epochs2, --warmup-epochs and --cosine-epochs, dividing what is left of "
+            "N around those given (--epochs 8: 1 + 7, no warmup; --epochs 8 --epochs1 2: 2 + 6)",
+            type=int,
+            metavar="N",
+            resume="a new budget, split again: `--epochs 50` on a run of `--epochs 8` in Phase II "
+            "keeps its 1 Phase I epoch and gives Phase II the other 49",
+            other=("9",),
+            check=at_least(2, "the budget needs at least 2 epochs, one for each phase"),
+        ),
+        Option(
+            ("--time-budget",),
+            help="a budget of time (90m, 2h, 1h30m, 600s): the run times a few steps of each "
+            "phase on this machine and takes the largest --epochs N whose epochs, validations, "
+            "saves and end fit in it, counting from its start",
+            type=duration,
+            metavar="DURATION",
+            rule=rules.budget_rule,
+            resume="a run's budget chose its epochs when it started, and they are saved; give "
+            "`--epochs2` or `--epochs N` to train longer or shorter",
+            other=("10m",),
+        ),
+    ),
+    *group(
+        "Phase I: the new head alone, backbone frozen",
+        Option(
+            ("--epochs1",),
+            10,
+            "0 skips Phase I",
+            type=int,
+            presets={"demo": 2},
+            rule=rules.phase1_length,
+            resume="a Phase I whose last epoch is saved (`phase1.pt`) trains on with a larger "
+            "value; Phase I cannot train again once Phase II has begun",
+            other=("3",),
+            check=at_least(0),
+        ),
+        Option(
+            ("--lr1",),
+            5e-4,
+            "AdamW, constant",
+            type=float,
+            presets={"fast": 1e-2},
+            rule=rules.phase1_only,
+            resume="it would change nothing",
+            other=("1e-3",),
+        ),
+        Option(
+            ("--wd1",),
+            1e-4,
+            "AdamW weight decay",
+            type=float,
+            rule=rules.phase1_only,
+            resume="it would change nothing",
+            other=("2e-4",),
+        ),
+        Option(
+            ("--freeze-bn",),
+            False,
+            "keep batch norm statistics fixed",
+            switch=True,
+            rule=rules.phase1_only,
+            resume="it would change nothing",
+        ),
+    ),
+    *group(
+        "Phase II: every layer",
+        Option(
+            ("--epochs2",),
+            125,
+            "0 skips Phase II",
+            type=int,
+            presets={"demo": 10},
+            rule=rules.phase_length,
+            resume="train longer (or shorter) on the same schedule",
+            other=("5",),
+            check=at_least(0),
+        ),
+        Option(
+            ("--optimizer2",),
+            "nadam",
+            "its optimizer",
+            choices=tuple(sorted(OPTIMIZERS)),
+            rule=rules.phase2_optimizer,
+            resume="Phase II's saved moments are its optimizer's; start Phase II again from "
+            "`phase1.pt` for another (`--phase 2 --overwrite`)",
+            other=("adamw",),
+        ),
+        Option(
+            ("--lr2",),
+            5e-4,
+            "peak learning rate",
+            type=float,
+            presets={"demo": 1e-3, "fast": 1e-3},
+            resume="the rate from the next epoch (or step) on is the schedule's under the new "
+            "value: a diverged run continues at a lower rate",
+            other=("2e-3",),
+        ),
+        Option(("--wd2",), 1e-4, "weight decay (L2, as released)", type=float, other=("3e-4",)),
+        Option(
+            ("--warmup-epochs",),
+            5,
+            "linear, from --warmup-start x lr2",
+            type=int,
+            presets={"demo": 1},
+            resume="the schedule is a function of the options and the epoch alone",
+            other=("2",),
+            check=at_least(0),
+        ),
+        Option(
+            ("--warmup-start",),
+            0.1,
+            "first warmup epoch's share",
+            type=float,
+            other=("0.3",),
+        ),
+        Option(
+            ("--cosine-epochs",),
+            45,
+            "cosine half-period after warmup; it climbs back past it",
+            type=int,
+            presets={"demo": 9},
+            other=("5",),
+            check=at_least(1),
+        ),
+        Option(("--min-lr",), 5e-6, "the cosine's floor", type=float, other=("1e-5",)),
+        Option(("--clip",), 0.8, "gradient L2 norm limit; 0: none", type=float, other=("0.5",)),
+        Option(
+            ("--save-every",),
+            15,
+            "keep a checkpoint every N epochs; 0: none",
+            type=int,
+            other=("0",),
+            check=at_least(0, "must be 0 or more (0: none)"),
+        ),
+        Option(
+            ("--save-min-acc",),
+            0.82,
+            "... if val acc is this or more",
+            type=float,
+            other=("0.5",),
+        ),
+    ),
+    *group(
+        "both phases",
+        Option(("--label-smoothing",), 0.1, "of the cross-entropy", type=float, other=("0.2",)),
+        Option(
+            ("--class-weights",),
+            "none",
+            "weigh each class's loss: auto by inverse frequency in the training images (mean "
+            "1), FILE a CSV of class,weight (unlisted classes 1); none",
+            metavar="auto|FILE",
+            resume="the loss of the remaining steps",
+            other=("auto",),
+            file=True,
+        ),
+        Option(
+            ("--sampler",),
+            "shuffle",
+            "each epoch's images: every training image once, shuffled; or balanced, as many "
+            "drawn with replacement, each class equally likely",
+            choices=("shuffle", "balanced"),
+            rule=rules.whole_epochs,
+            resume=AS_BATCH,
+            other=("balanced",),
+        ),
+        Option(
+            ("--amp",),
+            "fp16",
+            "on CUDA",
+            choices=("fp16", "bf16", "off"),
+            resume="`--amp bf16` after an fp16 overflow, say",
+            other=("bf16",),
+        ),
+        Option(
+            ("--accum-steps",),
+            1,
+            "an optimizer step every N batches: the same effective batch in less memory, with "
+            "a smaller --batch-size",
+            type=int,
+            rule=rules.smaller_pieces,
+            resume=AS_BATCH,
+            other=("2",),
+            check=at_least(1, "must be at least 1"),
+        ),
+        Option(("--sync-bn",), False, "under torchrun on CUDA: global BN stats", switch=True),
+        Option(
+            ("--compile",),
+            help=f"torch.compile each phase's model in MODE ({', '.join(COMPILE_MODES)}; the "
+            "first if none is given); off: resume a compiled run without it",
+            nargs="?",
+            const="default",
+            metavar="MODE",
+            choices=(*COMPILE_MODES, "off"),
+            resume="`--compile off` resumes a compiled run without it",
+            other=("default",),
+        ),
+    ),
+    *group(
+        "accuracy levers beyond the report (off by default)",
+        Option(
+            ("--recipe",),
+            "report",
+            "a preset of the options below: report, the report's Table 1 (these at their "
+            "defaults); {recipes}. Options given explicitly win",
+            choices=("report", "best", "fast"),
+            resume="its levers are set again, each under its own rule, as on a fresh run given "
+            "the run's options and it: the levers of the run's own recipe that it does not set "
+            "go back to their defaults, and an option the run was given a value of its own "
+            "(`--lr2 2e-3`) keeps it; a Phase I lever (`--recipe fast`'s `--lr1`) keeps the "
+            "run's value once Phase I is over, and the log says so",
+            other=("best",),
+        ),
+        Option(
+            ("--ema",),
+            help="keep an exponential moving average of the weights (e.g. 0.999), validated "
+            "beside them; best.pt takes the better",
+            type=float,
+            metavar="DECAY",
+            presets={"best": 0.99, "fast": 0.99},
+            resume="added: the average starts from the weights at hand; another decay: from the "
+            "next step",
+            other=("0.5",),
+            check=decay,
+        ),
+        Option(
+            ("--mixup",),
+            0.0,
+            "Phase II MixUp",
+            type=float,
+            metavar="ALPHA",
+            other=("0.3",),
+            check=alpha,
+        ),
+        Option(
+            ("--cutmix",),
+            0.0,
+            "Phase II CutMix",
+            type=float,
+            metavar="ALPHA",
+            other=("0.5",),
+            check=alpha,
+        ),
+        Option(
+            ("--lr-decay",),
+            1.0,
+            "Phase II: each ResNet stage learns FACTOR times as fast as the one above",
+            type=float,
+            metavar="FACTOR",
+            presets={"best": 0.7, "fast": 0.7},
+            resume="each parameter keeps its saved optimizer state in its new group",
+            other=("0.7",),
+            check=factor,
+        ),
+        Option(
+            ("--keep-last",),
+            0,
+            "keep the last K epochs' checkpoints (for python -m twophase.average)",
+            type=int,
+            metavar="K",
+            other=("2",),
+            check=at_least(0),
+        ),
+        Option(
+            ("--average-last",),
+            0,
+            "at the end, average the weights of the last K Phase II epochs into averaged.pt "
+            "(batch norm measured again); it becomes best.pt if it validates better",
+            type=int,
+            metavar="K",
+            presets={"best": 3, "fast": 3},
+            other=("2",),
+            check=at_least(0),
+        ),
+        Option(
+            ("--tta",),
+            "off",
+            "auto: at the end, validate best.pt with and without horizontal-flip test-time "
+            "augmentation and mark it with the better (evaluate.py and predict.py follow the "
+            "mark)",
+            choices=("off", "auto"),
+            presets={"best": "auto", "fast": "auto"},
+            other=("auto",),
+        ),
+        Option(
+            ("--progressive",),
+            1.0,
+            "Phase II starts at FRACTION of --img-size and rises to it by --progressive-until of "
+            "its epochs, in steps of --img-size / 7 (32 px at 224, 8 at 64); 1: off",
+            type=float,
+            metavar="FRACTION",
+            resume="each epoch's image size is a function of the options and the epoch",
+            other=("0.5",),
+            check=share,
+        ),
+        Option(
+            ("--progressive-until",),
+            0.75,
+            "the share of Phase II's epochs after which it trains at --img-size",
+            type=float,
+            metavar="SHARE",
+            other=("0.5",),
+            check=share,
+        ),
+        Option(
+            ("--test-size",),
+            "train",
+            "auto: at the end, validate best.pt at --img-size and two steps larger, its batch "
+            "norm as trained and measured again at each size, and mark it with the best "
+            "(FixRes; evaluate.py and predict.py follow the mark)",
+            choices=("train", "auto"),
+            other=("auto",),
+        ),
+        Option(
+            ("--max-params",),
+            help="warn when the model has more parameters (e.g. 100M)",
+            type=parameter_count,
+            metavar="N",
+            other=("1M",),
+        ),
+    ),
+    *group(
+        AUGMENTATION,
+        Option(
+            ("--degrees",),
+            10.0,
+            "affine rotation +-, always",
+            type=float,
+            resume="the augmentation is drawn anew each epoch from the options (all of its "
+            "options alike)",
+            other=("5",),
+        ),
+        Option(
+            ("--translate",), 0.1, "affine shift, share of the side", type=float, other=("0.05",)
+        ),
+        Option(
+            ("--scale",),
+            [0.9, 1.1],
+            "affine scale range",
+            type=float,
+            nargs=2,
+            other=("0.8", "1.2"),
+        ),
+        Option(("--shear",), 10.0, "affine shear +-, degrees", type=float, other=("5",)),
+        Option(("--jitter",), 0.25, "brightness, contrast, saturation", type=float, other=("0.3",)),
+        Option(("--hue",), 0.1, "hue jitter", type=float, other=("0.05",)),
+        Option(("--p-jitter",), 0.5, "probability of colour jitter", type=float, other=("0.2",)),
+        Option(
+            ("--blur-sigma",),
+            [0.1, 2.0],
+            "3x3 blur sigma",
+            type=float,
+            nargs=2,
+            other=("0.2", "1.0"),
+        ),
+        Option(("--p-blur",), 0.5, "probability of blur", type=float, other=("0.1",)),
+        Option(
+            ("--p-hflip",),
+            0.3,
+            "probability of a horizontal flip",
+            type=float,
+            other=("0.5",),
+        ),
+        Option(
+            ("--p-vflip",),
+            0.3,
+            "probability of a vertical flip",
+            type=float,
+            presets={"best": 0.0, "fast": 0.0},
+            other=("0.1",),
+        ),
+    ),
+    *group(
+        "run",
+        Option(
+            ("--phase",),
+            "all",
+            "2 alone continues the run of <out>/phase1.pt, with its options",
+            choices=("1", "2", "all"),
+            resume="`--phase all` carries a Phase I run on into Phase II",
+            other=("2",),
+        ),
+        Option(
+            ("--out",),
+            "checkpoints",
+            "checkpoints and history.csv go here",
+            resume="the run goes on in that folder",
+            other=None,
+        ),
+        Option(
+            ("--save-every-steps",),
+            0,
+            "also save last.pt every N optimizer steps, mid-epoch (0: at epoch ends)",
+            type=int,
+            metavar="N",
+            other=("3",),
+            check=at_least(0, "must be 0 or more (0: none)"),
+        ),
+        Option(
+            ("--tensorboard",),
+            help="write TensorBoard curves (losses, accuracies, lr, images/s each epoch; the "
+            "training loss every --tensorboard-every steps) into DIR, or the run's folder; "
+            "needs pip install tensorboard",
+            nargs="?",
+            const="",
+            metavar="DIR",
+            resume="a resumed run's curves go on from its step, not twice",
+            other=None,
+        ),
+        Option(
+            ("--tensorboard-every",),
+            50,
+            "steps between losses",
+            type=int,
+            metavar="N",
+            other=("10",),
+            check=at_least(1),
+        ),
+        Option(
+            ("--seed",),
+            0,
+            "init, data order, augmentation, val split",
+            type=int,
+            rule=rules.seed_rule,
+            resume="it draws the held-out images and each epoch's order",
+            other=("5",),
+        ),
+        Option(
+            ("--device",),
+            "auto",
+            choices=("auto", "cpu", "cuda", "mps"),
+            other=("auto",),
+        ),
+        Option(
+            ("--resume",),
+            help="continue a run from its last.pt, in that checkpoint's folder: its saved options "
+            "hold, and each option given here is applied to the rest of the run or refused "
+            "(docs/checkpoints.md)",
+            metavar="PATH",
+            rule=rules.command,
+        ),
+        Option(
+            ("--overwrite",),
+            False,
+            "start over in an --out that holds a run: its checkpoints are deleted when the new "
+            "run saves its first file (with --phase 2, all but phase1.pt, where Phase II starts "
+            "again)",
+            switch=True,
+            rule=rules.command,
+        ),
+        Option(
+            ("--demo",),
+            False,
+            "train a CPU-sized model on data/demo (scikit-learn digits): {demo}",
+            switch=True,
+            rule=rules.fixed,
+            resume="the demo's run is a throwaway",
+        ),
+    ),
+)
+
+BY_DEST = {option.dest: option for option in OPTIONS}
+
+
+def preset(name):
+    """The values a preset gives: --demo's ("demo") or a --recipe's ("best", "fast")."""
+    return {o.dest: o.presets[name] for o in OPTIONS if name in o.presets}
+
+
+DEMO = preset("demo")  # a CPU-sized run on scikit-learn's digits: no download
+RECIPES = {name: preset(name) for name in PRESETS[1:]}
+PHASE_EPOCHS = ("epochs1", "epochs2", "warmup_epochs", "cosine_epochs")
+AUGMENTATION_OPTIONS = tuple(o.dest for o in OPTIONS if o.group == AUGMENTATION)
+assert AUGMENTATION_OPTIONS == tuple(f.name for f in fields(Augmentation))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows every default that is set: together they are the method's Table 1."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)"
+
+
+def get_args_parser(defaults=True):
+    """train.py's parser, made from OPTIONS. Without `defaults` it leaves out what was not given."""
+    recipes = "; ".join(f"{name}: {flags(values)}" for name, values in RECIPES.items())
+    demo = flags({k: v for k, v in DEMO.items() if k != "data"}, ", ")
+    parser = argparse.ArgumentParser(description=USAGE, formatter_class=HelpFormatter)
+    groups = {}
+    for option in OPTIONS:
+        if option.group not in groups:
+            groups[option.group] = parser.add_argument_group(option.group)
+        keywords = option.argument()
+        keywords["help"] = keywords["help"].format(recipes=recipes, demo=demo)
+        if not defaults:
+            keywords["default"] = argparse.SUPPRESS
+        groups[option.group].add_argument(*option.flags, **keywords)
+    return parser
+
+
+def flags(values, between=" "):
+    return between.join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
+
+
+def defaults():
+    return {option.dest: option.default for option in OPTIONS}
+
+
+def bad_values(options):
+    """What is wrong with the options, as sentences for the parser's error."""
+    for option in OPTIONS:
+        why = option.check and option.check(options[option.dest])
+        if why:
+            yield f"{option.flag} {rules.shown(options[option.dest])}: {why}"
+    if options["time_budget"] is not None and options["epochs"] is not None:
+        yield "--time-budget chooses --epochs from the time: give one or the other"
+    if options["time_budget"] is not None and options["phase"] == "1":
+        yield "--time-budget plans both phases: with --phase 1, give --epochs1"
+
+
+# ----------------------------------------------------------------------------- the run's options
+
+
+class Options(argparse.Namespace):
+    """A run's resolved options, read as attributes (args.lr2) and saved as a dict (vars). Final:
+    a change (the time budget's epochs) is a new Options, replaced()."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the options are final: Options.replaced({name}=...) makes new ones")
+
+    def replaced(self, **changes):
+        return Options(**{**vars(self), **changes})
+
+
+class Resolved(NamedTuple):
+    """What resolving train.py's command line gives: the options, where the run starts and which
+    options were given (the time budget plans around those)."""
+
+    options: Options
+    start: Start
+    given: dict
+
+
+def resolve(argv=None):
+    """The run's options, resolved once and in one order (the module's docstring), and where it
+    starts. A checkpoint saves exactly the options."""
+    parser = get_args_parser(defaults=False)
+    given = vars(parser.parse_args(argv))
+    options = {**defaults(), **given}
+    for problem in bad_values(options):
+        parser.error(problem)
+    start = Start.of(options["resume"], options["out"], options["phase"], options["weights"])
+    if start.fresh:
+        options = fresh_options(options, given)
+    else:
+        saved = {**defaults(), **start.saved_options()}
+        options = continued_options(saved, given, start) | given
+    options["overwrite"] = given.get("overwrite", False)  # an order for this command alone
+    options |= resolved_paths(options)
+    if not start.fresh:
+        refused = rules.refused(OPTIONS, options, saved, start)
+        if refused:
+            raise Problem(
+                f"these options cannot change in the run {start.path} continues:\n  "
+                + "\n  ".join(refused)
+            )
+    if options["compile"] == "off":
+        options["compile"] = None
+    options |= resolved_normalisation(options, start)
+    return Resolved(Options(**options), start, given)
+
+
+def fresh_options(options, given):
+    """defaults < --demo < --recipe < the --epochs split < given."""
+    resolved = {**options, **(DEMO if options["demo"] else {})}
+    resolved |= RECIPES.get(options["recipe"], {})  # its own levers: the rest are the defaults
+    if options["epochs"]:
+        resolved |= split_budget(
+            options["epochs"], {k: given[k] for k in PHASE_EPOCHS if k in given}
+        )
+    return resolved | given
+
+
+def continued_options(saved, given, start):
+    """A continued run's options before those given: the saved ones, in the checkpoint's folder,
+    on its dataset (where it was, if --data was relative and the command runs elsewhere), with
+    --recipe's preset and the --epochs split done again where given. A new budget keeps the
+    Phase I epochs a run has done once it is past Phase I."""
+    options = {**saved, "resume": given.get("resume"), "out": str(start.path.parent)}
+    where = start.state.get("data")
+    if where and not Path(saved["data"]).is_dir() and Path(where).is_dir():
+        options["data"] = where
+    phase = given.get("phase", saved["phase"])
+    if "epochs" in given:
+        fixed = {k: given[k] for k in PHASE_EPOCHS if k in given}
+        if start.phase1_end(phase, given.get("epochs1", saved["epochs1"])):
+            fixed.setdefault("epochs1", saved["epochs1"])
+        options |= split_budget(given["epochs"], fixed)
+    if "recipe" in given:
+        levers = switched_recipe(saved, given["recipe"])
+        ended = start.phase1_end(phase, given.get("epochs1", options["epochs1"]))
+        if ended:
+            levers = keep_phase1(levers, saved, given["recipe"], ended)
+        options |= levers
+    return options
+
+
+def switched_recipe(saved, recipe):
+    """--recipe given to a continued run, as on a fresh run given the run's options and it: its
+    levers, and the levers of the run's own recipe that it does not set back at what a fresh run
+    has without them (the demo's values, or the defaults). An option whose value is not what the
+    run's recipe made it was given when the run started, and stays, as given options win."""
+    levers, before = RECIPES.get(recipe, {}), RECIPES.get(saved.get("recipe", "report"), {})
+    base = {**defaults(), **(DEMO if saved.get("demo") else {})}
+    values = {}
+    for key in before.keys() | levers.keys():
+        if saved.get(key) == before.get(key, base[key]):  # the recipe's (or no one's) value
+            values[key] = levers.get(key, base[key])
+    return values
+
+
+def keep_phase1(levers, saved, recipe, ended):
+    """A recipe's values less its Phase I levers (fast's --lr1), which keep the run's once its
+    Phase I is over (`ended`, Start.phase1_end's words): they would change nothing, and given
+    alone they are refused there."""
+    phase1 = {o.dest for o in OPTIONS if o.rule is rules.phase1_only}
+    kept = {k: v for k, v in levers.items() if k in phase1 and v != saved.get(k)}
+    for key, value in kept.items():
+        log(
+            f"--recipe {recipe}: its --{key.replace('_', '-')} {value} is for Phase I, and Phase I "
+            f"of this run {ended}; it keeps {saved.get(key)}"
+        )
+    return {k: v for k, v in levers.items() if k not in kept}
+
+
+def resolved_paths(options):
+    """The files a run reads its labels and class weights from, as absolute paths (they are
+    saved; evaluate.py and predict.py read them again from anywhere), checked to exist."""
+    found = {}
+    for option in OPTIONS:
+        value = options[option.dest]
+        if not option.file or value in (None, "auto", "none"):
+            continue
+        try:
+            found[option.dest] = str(labels_path(value, options["data"]).resolve())
+        except Problem:
+            if option.dest == "class_weights":
+                raise Problem(f"--class-weights {value}: not auto, none, nor a file") from None
+            raise
+    return found
+
+
+def resolved_normalisation(options, start):
+    """The input normalisation, unless given: a continued run's own, else the weights' (their
+    training's: ImageNet's for torchvision's, or a checkpoint's)."""
+    if options["mean"] and options["std"]:
+        return {}
+    if start.fresh:
+        mean, std = normalisation_of(options["weights"])
+    else:
+        mean, std = start.state.get("mean"), start.state.get("std")
+    return {"mean": options["mean"] or list(mean), "std": options["std"] or list(std)}
+
+
+# ----------------------------------------------------------------------------- --epochs N
+
+
+def split_budget(total, fixed=None):
+    """The report's 10 + 125 epochs (5 of them warmup) scaled to a budget of `total`: Phase I's
+    share rounded (at least one epoch), the warmup's share of Phase II rounded, then one cosine
+    decay over the rest. `fixed`: the ones given explicitly, which hold; the rest of the budget is
+    divided around them (`--epochs 8 --epochs1 2` is 2 + 6). Rounding each share keeps the phases
+    in the report's proportions; a short budget that took 2 + 6 with a warmup epoch (its minimums)
+    spent a quarter of itself on the head alone."""
+    fixed = fixed or {}
+    epochs1 = fixed.get("epochs1")
+    if epochs1 is None:
+        given2 = fixed.get("epochs2")
+        epochs1 = total - given2 if given2 is not None else max(1, round(total * 10 / 135))
+    epochs2 = fixed.get("epochs2", total - epochs1)
+    if epochs1 + epochs2 != total or min(epochs1, epochs2) < 0:
+        raise Problem(
+            f"--epochs {total}: --epochs1 {epochs1} and --epochs2 {epochs2} do not make it up"
+        )
+    warmup = fixed.get("warmup_epochs", round(epochs2 * 5 / 125))
+    cosine = fixed.get("cosine_epochs", max(1, epochs2 - warmup))
+    return dict(epochs1=epochs1, epochs2=epochs2, warmup_epochs=warmup, cosine_epochs=cosine)
+
+
+def epochs_within(seconds, phase_seconds, end_seconds, fixed=None, most=100_000):
+    """The largest budget of epochs N, with its split (split_budget(N, fixed)) and its expected
+    seconds, that trains within `seconds`: phase_seconds(p, split) the seconds of phase p's
+    epochs in that split (their steps, validations and checkpoints), and `end_seconds` after
+    the last (--average-last, --tta auto). None if not even the smallest budget fits. An extra
+    epoch never costs less than nothing, so the first N that does not fit ends the search."""
+    best = None
+    for total in range(2, most):
+        try:
+            split = split_budget(total, fixed)
+        except Problem:  # the epochs given make up more than `total`
+            continue
+        cost = sum(phase_seconds(p, split) for p in (1, 2)) + end_seconds
+        if cost > seconds:
+            break
+        best = (total, split, cost)
+        if fixed and "epochs1" in fixed and "epochs2" in fixed:
+            break  # nothing left to choose
+    return best
+
+
+# ----------------------------------------------------------------------------- the docs' tables
+
+
+def options_table():
+    """docs/options.md's table of every option: its group, default and help."""
+    lines = ["| option | default | what it does |", "| --- | --- | --- |"]
+    for option in OPTIONS:
+        default = "" if option.default in (None, False) else f"`{rules.shown(option.default)}`"
+        words = option.help.format(recipes="see `--recipe best`, `--recipe fast`", demo="see above")
+        names = ", ".join(f"`{f}`" for f in option.flags)
+        words = words.replace("|", "\\|")  # a cell of the table
+        lines.append(f"| {names} | {default} | {words} |")
+    return lines
+
+
+def continuing_table():
+    """docs/checkpoints.md's table: each option's rule on a continued run, and how it plays out."""
+    lines = ["| option | on a continued run | how |", "| --- | --- | --- |"]
+    for option in OPTIONS:
+        if option.rule is rules.command:
+            continue
+        lines.append(f"| `{option.flag}` | {option.rule.words} | {option.resume} |")
+    return lines
+
+
+def docs_with_tables(folder):
+    """{page path: its text with its generated table put in, between its markers}."""
+    pages = {}
+    for name, what, table in (
+        ("options.md", "every option", options_table()),
+        ("checkpoints.md", "every option on a continued run", continuing_table()),
+    ):
+        path = Path(folder) / name
+        begin, end = f"<!-- {what}: made by python -m twophase.options --docs -->", "<!-- end -->"
+        text = path.read_text()
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        pages[path] = head + begin + "\n" + "\n".join(table) + "\n" + end + tail
+    return pages
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--docs"]:
+        raise SystemExit("python -m twophase.options --docs: writes the docs' tables of options")
+    for path, text in docs_with_tables(Path(__file__).resolve().parents[1] / "docs").items():
+        path.write_text(text)
+        print(f"wrote {path}")

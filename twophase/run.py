@@ -1,0 +1,207 @@
+"""A run as train.py puts it together: what both phases share. Its parts live where their
+concepts do: the training stream in data.py, the checkpoints in checkpoint.py, where it started
+in start.py, its time in budget.py, its curves in board.py."""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import Splits, TrainingStream
+from model import count_parameters
+from twophase.augment import BatchPreprocess
+from twophase.budget import clock
+from twophase.checkpoint import BEST, LAST, Checkpointer, best_acc
+from twophase.inference import validation_metrics
+from twophase.options import Options
+from twophase.start import Start
+from utils import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    Processes,
+    StopRequest,
+    broadcast_buffers,
+    log,
+)
+
+
+@dataclass
+class Run:
+    """The options (final: a time budget's plan replaces them whole), the model and its moving
+    average, the loss and autocast dtype (training's and validation's alike), the device and the
+    processes, the data (the training stream, the validation loader and its preprocessing),
+    where the run started, its checkpointer, its stop request, its history (an epoch's record
+    each), its optimizer steps so far, and the moving average of the best.pt it continues."""
+
+    args: Options
+    model: nn.Module
+    ema: object  # model.EMA, or None
+    criterion: nn.Module
+    dtype: torch.dtype | None
+    device: torch.device
+    procs: Processes
+    splits: Splits
+    stream: TrainingStream
+    val_loader: object
+    eval_preprocess: BatchPreprocess
+    start: Start
+    saver: Checkpointer
+    stop: StopRequest
+    history: list = field(default_factory=list)
+    step: int = 0  # optimizer steps: TensorBoard's clock, which a resumed run goes on
+    averaged_acc: float = -1.0  # best.pt's where an average the run continues made it
+    board: object = None  # board.Board with --tensorboard
+    forecast: object = None  # budget.Forecast
+    net: nn.Module | None = None  # what runs the steps: the model, wrapped for DDP, compiled
+
+    @property
+    def rank(self):
+        return self.procs.rank
+
+    @property
+    def world_size(self):
+        return self.procs.world_size
+
+    @property
+    def epochs_trained(self):
+        """The run's epoch count, both phases: the clock that seeds each epoch's data order and
+        augmentation, so that a resumed run draws what an uninterrupted one would."""
+        return len(self.history)
+
+    def best_so_far(self):
+        """The validation accuracy best.pt holds: the best epoch's, or, where the run it continues
+        ended with an average of its last epochs that validated better, the average's."""
+        return max([*map(best_acc, self.history), self.averaged_acc], default=-1.0)
+
+    def wrap(self):
+        """The model as the phase's steps run it: under DDP with several processes, compiled with
+        --compile. Wrapped anew for each phase: which parameters need gradients has changed, and
+        DDP all-reduces only the gradients of the parameters that needed them when it was made."""
+        net = self.model
+        if self.world_size > 1:
+            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.args.compile:
+            torch.compiler.reset()
+            net = torch.compile(net, mode=self.args.compile)
+        self.net = net
+        return net
+
+    def validate(self):
+        """Validation of the weights, and of their moving average with --ema."""
+        # Outside DDP: a process with no validation images would otherwise miss its collectives.
+        broadcast_buffers(self.model)
+        if self.ema is not None:
+            broadcast_buffers(self.ema.module)  # copied from each process's own statistics
+        net = self.net if self.world_size == 1 and self.net is not None else self.model
+        on = (self.val_loader, self.eval_preprocess, self.criterion, self.device, self.dtype)
+        val = validation_metrics(net, *on)
+        if self.ema is not None:
+            val |= {f"ema_{k}": v for k, v in validation_metrics(self.ema.module, *on).items()}
+        return val
+
+    def close(self):
+        """What the run keeps open beyond its files: its TensorBoard writer."""
+        if self.board is not None:
+            self.board.close()
+
+
+# ----------------------------------------------------------------------------- a run's lines
+
+
+def start_line(run):
+    args, procs, splits = run.args, run.procs, run.splits
+    params = count_parameters(run.model.parameters())
+    per_process = f" per process x {procs.world_size} processes = "
+    per_process += str(args.batch_size * procs.world_size)
+    return (
+        f"{args.arch} ({params / 1e6:.1f}M parameters) on {run.device} "
+        f"({run.dtype or torch.float32}), {len(splits.classes)} classes, "
+        f"{len(splits.train)} train / {len(splits.val)} val images ({splits.layout}), "
+        f"batch {args.batch_size}"
+        + (per_process if procs.world_size > 1 else "")
+        + (f", {splits.skipped} unreadable images skipped" if splits.skipped else "")
+    )
+
+
+def epoch_line(r, epochs, is_best):
+    """An epoch's record as its log line."""
+    return (
+        f"phase {r['phase']} epoch {r['epoch']:>3}/{epochs} | lr {r['lr']:.2e} | "
+        f"train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | "
+        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} top5 {r['val_top5']:.4f} | "
+        + (f"ema acc {r['ema_val_acc']:.4f} | " if "ema_val_acc" in r else "")
+        + f"{r['images_per_s']:.0f} img/s {r['seconds']:.1f} s"
+        + (" | best" if is_best else "")
+    )
+
+
+class Preempted(Exception):
+    """A stop request was met: the position is saved, the run exits with EXIT_PREEMPTED (or, for
+    a Ctrl-C, EXIT_INTERRUPTED)."""
+
+    def __init__(self, where, stop):
+        super().__init__(where)
+        self.where, self.by, self.interrupted = where, stop.name(), stop.interrupted()
+
+
+def stopped(folder, stop):
+    """The log line of a run stopped on request, the sign a job script looks for, and the exit
+    status: 75 for a scheduler's signal (resubmit it), 130 for a Ctrl-C."""
+    what = f"stopped by {stop.by} {stop.where}: {folder.path / LAST} holds the position"
+    if not stop.interrupted:
+        folder.mark_preempted(what)
+    status = EXIT_INTERRUPTED if stop.interrupted else EXIT_PREEMPTED
+    log(
+        f"{what}. Resume with: python train.py --resume {folder.path / LAST} (exit status {status})"
+    )
+    return status
+
+
+def out_of_memory_advice(args, folder, start):
+    """The same effective batch in smaller pieces, which a run stopped mid-epoch goes on with."""
+    b = args.batch_size
+    smaller = max((d for d in range(1, b // 2 + 1) if b % d == 0), default=None)
+    if smaller is None:
+        return "the GPU ran out of memory at --batch-size 1; try a smaller --img-size or --arch."
+    last = folder.path / LAST
+    resume = f" The last good checkpoint is {last} (--resume it with those options)."
+    return (
+        f"the GPU ran out of memory at --batch-size {b}. The same effective batch in smaller "
+        f"pieces: --batch-size {smaller} --accum-steps {args.accum_steps * b // smaller}."
+        + (resume if folder.holds_last_of(start) else "")
+    )
+
+
+def summarize(run, started):
+    if not run.history:
+        log("nothing to train: every requested epoch is done")
+        return
+    best = max(run.history, key=best_acc)
+    total = sum(r["seconds"] for r in run.history)
+    log(
+        f"best val acc {best_acc(best):.4f} (phase {best['phase']} epoch {best['epoch']}) -> "
+        f"{run.saver.folder.path / BEST}; {len(run.history)} epochs in {total / 60:.1f} min of "
+        "training"
+        + (f"; {run.splits.skipped} unreadable images were skipped" if run.splits.skipped else "")
+    )
+    if run.args.time_budget:
+        took, budget = time.monotonic() - started, run.args.time_budget
+        log(
+            f"--time-budget {clock(budget)}: this command took {clock(took)}, "
+            f"{clock(abs(budget - took))} {'within' if took <= budget else 'over'} its budget"
+        )
+
+
+def demo_next_steps(args):
+    """The rest of the pipeline on the demo's run: the commands that make its figures, its report
+    and its submission file, and score that file against the demo's true labels."""
+    best, answers = Path(args.out) / BEST, Path(args.data) / "answers.csv"
+    return (
+        "the rest of the pipeline, a few seconds each:\n"
+        f"  python evaluate.py --ckpt {best} --report figures/report.md --answers {answers}\n"
+        f"  python predict.py --ckpt {best} > prediction.csv\n"
+        f"  python predict.py --ckpt {best} --check prediction.csv --answers {answers}"
+    )
