@@ -45,7 +45,7 @@ from twophase.budget import (
     save_seconds,
     synchronized,
 )
-from twophase.checkpoint import LAST, Checkpointer, RunFolder, best_acc, epoch_record
+from twophase.checkpoint import LAST_PT, Checkpointer, RunFolder, best_acc, epoch_record
 from twophase.divergence import check_epoch, check_position
 from twophase.loss import Loss, check_class_weights, class_weights
 from twophase.options import get_args_parser, resolve  # noqa: F401 (get_args_parser: --help's)
@@ -133,7 +133,7 @@ def main(argv=None):
     except Preempted as stop:
         raise SystemExit(stopped(folder, stop)) from None
     except KeyboardInterrupt:
-        saved = f"{folder.path / LAST} holds the last position saved" if folder.written else ""
+        saved = f"{folder.path / LAST_PT} holds the last position saved" if folder.written else ""
         log(f"interrupted at once: {saved or 'nothing of this run was saved'}")
         raise SystemExit(EXIT_INTERRUPTED) from None
     summarize(run, started)

@@ -10,7 +10,7 @@ from torch import nn
 import model as M
 import train
 from twophase import options, schedule
-from twophase.checkpoint import PHASE1
+from twophase.checkpoint import PHASE1_PT
 from twophase.loss import loss_of
 from twophase.options import resolve
 from utils import Problem
@@ -364,9 +364,9 @@ def test_a_resumed_run_goes_on_in_its_checkpoints_folder_unless_told_otherwise(t
 def test_phase_two_alone_continues_with_phase_ones_options(tmp_path, capsys):
     out = tmp_path / "ck"
     phase1 = ["--data", "photos", "--arch", "resnet50", "--img-size", "128", "--lr2", "1e-3"]
-    saved_run(out, phase1 + ["--phase", "1", "--batch-size", "32"], name=PHASE1)
+    saved_run(out, phase1 + ["--phase", "1", "--batch-size", "32"], name=PHASE1_PT)
     args, start = resolve(["--phase", "2", "--out", str(out)])[:2]
-    assert start.path == out / PHASE1 and args.phase == "2" and args.out == str(out)
+    assert start.path == out / PHASE1_PT and args.phase == "2" and args.out == str(out)
     assert (args.data, args.arch, args.img_size, args.batch_size, args.lr2) == (
         "photos",
         "resnet50",
@@ -399,14 +399,14 @@ def test_phase_two_from_phase_one_may_take_its_own_optimizer_and_levers(tmp_path
     --recipe best's too. Once Phase II's optimizer is saved, its kind is not; Phase I's options
     are closed from the start, since --phase 2 trains no Phase I."""
     out = tmp_path / "ck"
-    saved = saved_run(out, ["--phase", "1"], name=PHASE1)
+    saved = saved_run(out, ["--phase", "1"], name=PHASE1_PT)
     torch.save({**torch.load(saved, weights_only=True), "phase": 1, "epoch": 10}, saved)
     args, _ = resolve(["--phase", "2", "--out", str(out), "--recipe", "best"])[:2]
     assert (args.lr_decay, args.ema, args.p_vflip) == (0.7, 0.99, 0.0)
     assert resolve(["--phase", "2", "--out", str(out), "--optimizer2", "sgd"]).options
     with pytest.raises(Problem, match="--lr1 0.001 .* Phase I of this run does not train"):
         resolve(["--phase", "2", "--out", str(out), "--lr1", "1e-3"])
-    state = torch.load(out / PHASE1, weights_only=True)
+    state = torch.load(out / PHASE1_PT, weights_only=True)
     torch.save({**state, "phase": 2, "optimizer": {"state": {}}}, out / "last.pt")  # in Phase II
     with pytest.raises(Problem, match="--optimizer2 sgd"):
         resolve(["--resume", str(out / "last.pt"), "--optimizer2", "sgd"])

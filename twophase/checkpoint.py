@@ -35,13 +35,21 @@ from utils import (
 )
 
 CHECKPOINT_DIR = "checkpoints"  # where a bare name such as best.pt is looked up
-LAST, BEST, PHASE1, AVERAGED = "last.pt", "best.pt", "phase1.pt", "averaged.pt"
-HISTORY, LOCK = "history.csv", ".lock"
+LAST_PT, BEST_PT, PHASE1_PT, AVERAGED_PT = "last.pt", "best.pt", "phase1.pt", "averaged.pt"
+HISTORY_CSV, LOCK_FILE = "history.csv", ".lock"
 # Left by a run stopped by a signal (the job scripts' sign that it was preempted, not broken:
 # under torchrun the exit status does not say so), removed when the next run takes the folder.
 PREEMPTED = "preempted"
 # Everything a run writes into its folder (RunFolder.claimed deletes these with --overwrite).
-RUN_FILES = (LAST, BEST, PHASE1, AVERAGED, HISTORY, PREEMPTED, "epoch[0-9][0-9][0-9]*.pt")
+RUN_FILES = (
+    LAST_PT,
+    BEST_PT,
+    PHASE1_PT,
+    AVERAGED_PT,
+    HISTORY_CSV,
+    PREEMPTED,
+    "epoch[0-9][0-9][0-9]*.pt",
+)
 RUN_FILES += ("phase2_epoch*.pt",)
 ABOUT = ("arch", "classes", "img_size", "mean", "std", "data")  # what the weights are
 EXTRA = {"step", "progress", "averaged", "val_acc", "tta", "command", "wall_seconds"}
@@ -136,11 +144,11 @@ def files_for_epoch(history, phase, epoch, phase_epochs, is_best, args):
     in the order they are written, and the kept epoch file that has just fallen out of
     --keep-last's window (or None). phase1.pt comes before last.pt: a resume never needs to redo
     Phase I."""
-    names = [LAST]
+    names = [LAST_PT]
     if phase == 1 and epoch == phase_epochs:
-        names.insert(0, PHASE1)
+        names.insert(0, PHASE1_PT)
     if is_best:
-        names.append(BEST)
+        names.append(BEST_PT)
     if phase == 2 and args.save_every and epoch % args.save_every == 0:  # 0: none
         acc = history[-1]["val_acc"]
         if acc >= args.save_min_acc:
@@ -222,7 +230,7 @@ def full_history(ckpt_path, state):
     """The whole run's per-epoch records. A checkpoint holds the history up to its own epoch
     (best.pt stops at the best one); history.csv beside it goes on to the run's last epoch."""
     history = state["history"]
-    path = Path(ckpt_path).parent / HISTORY
+    path = Path(ckpt_path).parent / HISTORY_CSV
     if not path.is_file():
         return history
     with open(path, newline="") as f:
@@ -279,7 +287,7 @@ class RunFolder:
             return
         made = not self.path.exists()
         try:
-            with exclusive(self.path / LOCK, f"--out {self.path}"):
+            with exclusive(self.path / LOCK_FILE, f"--out {self.path}"):
                 try:
                     self.guard(resume, args.overwrite, resume.state is None, args.weights)
                     self.remove(PREEMPTED)
@@ -289,7 +297,7 @@ class RunFolder:
                     # gone, and the next makes a new one, which it holds alone.
                     if not self.written and not self.held():
                         try:
-                            (self.path / LOCK).unlink(missing_ok=True)
+                            (self.path / LOCK_FILE).unlink(missing_ok=True)
                         except PermissionError:  # Windows: an open file stays; filelock removes it
                             pass
         finally:
@@ -299,13 +307,13 @@ class RunFolder:
     def holds_last_of(self, resume):
         """Whether the folder's last.pt is this run's: written by it, or the one it continues
         (not that of a run --overwrite is replacing)."""
-        last = self.path / LAST
+        last = self.path / LAST_PT
         return last.is_file() and (self.written or resume.continues_in(self.path))
 
     def averaged_acc(self, resume):
         """The validation accuracy of the folder's best.pt where it is an average of the epochs of
         the run continued here (--average-last), which a later epoch must beat; else -1."""
-        best = peek(self.path / BEST) if resume.continues_in(self.path) else None
+        best = peek(self.path / BEST_PT) if resume.continues_in(self.path) else None
         if best and best.get("averaged") and best.get("val_acc") is not None:
             return best["val_acc"]
         return -1.0
@@ -317,13 +325,13 @@ class RunFolder:
 
     def guard(self, resume, overwrite, fresh, weights):
         held = self.held()
-        keep = [PHASE1] if resume.from_phase1_in(self.path) else []
+        keep = [PHASE1_PT] if resume.from_phase1_in(self.path) else []
         checkpoints = [name for name in held if name.endswith(".pt") and name not in keep]
         # Phase II from phase1.pt: refused once any other checkpoint is past Phase I.
         phase2_begun = keep and any(
             (peek(self.path / name) or {"phase": 2})["phase"] != 1 for name in checkpoints
         )
-        last = peek(self.path / LAST) if LAST in held else None
+        last = peek(self.path / LAST_PT) if LAST_PT in held else None
         behind = resume.continues_in(self.path) and behind_last(resume, last)
         if behind and not overwrite:
             raise Problem(self.behind_refusal(resume, last))
@@ -346,7 +354,7 @@ class RunFolder:
             f"{resume.path} is {position(resume.state)} of the run in {self.path}, whose last.pt "
             f"is {position(last)}: going on from it there would overwrite last.pt and "
             f"history.csv's later epochs. Either\n"
-            f"  continue the run:       python train.py --resume {self.path / LAST}\n"
+            f"  continue the run:       python train.py --resume {self.path / LAST_PT}\n"
             f"  go on from it apart:    --out ANOTHER_FOLDER\n"
             f"  replace the later ones: --overwrite"
         )
@@ -361,7 +369,9 @@ class RunFolder:
             what = f"--out {self.path} holds a run{where}: {', '.join(held)}; a fresh run would "
             what += "overwrite it"
             over = "start over there:      --overwrite (deletes them when the new run first saves)"
-        ways = [f"continue it:           python train.py --resume {self.path / LAST}"] * bool(last)
+        ways = [f"continue it:           python train.py --resume {self.path / LAST_PT}"] * bool(
+            last
+        )
         ways += ["train somewhere else:  --out ANOTHER_FOLDER"] * (not phase2_begun) + [over]
         return f"{what}. Either\n" + "\n".join(f"  {way}" for way in ways)
 
@@ -377,11 +387,11 @@ class RunFolder:
         self.written = True
         failed = {}
         try:
-            write_history_csv(history, self.path / HISTORY)
+            write_history_csv(history, self.path / HISTORY_CSV)
         except OSError as error:
-            failed[self.path / HISTORY] = error
+            failed[self.path / HISTORY_CSV] = error
         failed |= save_checkpoints(state, [self.path / name for name in names])
-        for path in (self.path / name for name in [*names, HISTORY]):
+        for path in (self.path / name for name in [*names, HISTORY_CSV]):
             if path in failed:
                 error = failed[path]
                 self.unwritten[path.name] = f"{path}: {error.strerror or error}"
@@ -415,7 +425,7 @@ class RunFolder:
 def behind_last(resume, last):
     """Whether the checkpoint a run continues from (best.pt, a periodic or kept epoch's) is
     behind its folder's last.pt: its run has trained on past it."""
-    if last is None or resume.path.name in (LAST, PHASE1):
+    if last is None or resume.path.name in (LAST_PT, PHASE1_PT):
         return False
     return place(resume.state) < place(last)
 
@@ -492,5 +502,5 @@ class Checkpointer:
         step = len(progress[0]["sizes"])
         state = self.state(args, history, phase, epoch, step=step, progress=progress)
         if self.procs.rank == 0:
-            self.folder.save(state, [LAST], history, must=must)
+            self.folder.save(state, [LAST_PT], history, must=must)
         self.saved_at = f"phase {phase.number}, {step} batches into epoch {epoch + 1}"

@@ -6,7 +6,13 @@ each chosen on the validation images."""
 from data import make_loader, resized
 from model import model_from_checkpoint, weights_kind
 from twophase.augment import BatchPreprocess
-from twophase.checkpoint import AVERAGED, BEST, averaged_checkpoint, epoch_file, load_checkpoint
+from twophase.checkpoint import (
+    AVERAGED_PT,
+    BEST_PT,
+    averaged_checkpoint,
+    epoch_file,
+    load_checkpoint,
+)
 from twophase.inference import averaged_model, bn_loader, count_correct, update_bn
 from twophase.schedule import size_step
 from utils import log
@@ -46,7 +52,7 @@ def choose_test_size(run):
     again there (on the training images, upsampled, not augmented); best.pt is marked with the
     size that validates best (`test_size`, its statistics replaced where measured again wins)
     and evaluate.py and predict.py follow the mark. Ties keep the training size."""
-    args, device, best_path = run.args, run.device, run.saver.folder.path / BEST
+    args, device, best_path = run.args, run.device, run.saver.folder.path / BEST_PT
     if not best_path.is_file():
         log(f"--test-size auto: no {best_path} to mark")
         return
@@ -77,7 +83,7 @@ def choose_test_size(run):
         measured = measured_net.state_dict()
         state["test_bn"] = {k: measured[k].cpu() for k, _ in measured_net.named_buffers()}
         state["test_bn_of"] = weights_kind(state)
-    run.saver.folder.save(state, [BEST], run.history, must=True)
+    run.saver.folder.save(state, [BEST_PT], run.history, must=True)
     log(
         f"--test-size auto: best.pt validated at {'; '.join(results)} -> {side} px, batch norm "
         f"{how}: evaluate.py and predict.py use it"
@@ -96,7 +102,7 @@ def average_last_epochs(run, val):
     net = averaged_model(states, device, train, run.eval_preprocess)
     correct, seen = count_correct(net, val, run.eval_preprocess, device, run.dtype)
     acc, best = correct / seen, run.best_so_far()
-    names = [AVERAGED] + ([BEST] if acc > best else [])
+    names = [AVERAGED_PT] + ([BEST_PT] if acc > best else [])
     state = averaged_checkpoint(states[-1], net.state_dict(), paths, acc)
     folder.save(state, names, run.history, must=True)
     log(
@@ -106,17 +112,19 @@ def average_last_epochs(run, val):
 
 
 def mark_tta(run):
-    if not (run.saver.folder.path / BEST).is_file():  # resumed into another folder, no epoch better
-        log(f"--tta auto: no {run.saver.folder.path / BEST} to mark")
+    if not (
+        run.saver.folder.path / BEST_PT
+    ).is_file():  # resumed into another folder, no epoch better
+        log(f"--tta auto: no {run.saver.folder.path / BEST_PT} to mark")
         return
-    state = load_checkpoint(run.saver.folder.path / BEST)
+    state = load_checkpoint(run.saver.folder.path / BEST_PT)
     side = state.get("test_size", run.args.img_size)
     net = model_from_checkpoint(state, run.device, side=side)
     val = validation_loader(run, side)
     plain, seen = count_correct(net, val, run.eval_preprocess, run.device, run.dtype)
     flipped, _ = count_correct(net, val, run.eval_preprocess, run.device, run.dtype, tta=True)
     state["tta"] = flipped > plain
-    run.saver.folder.save(state, [BEST], run.history, must=True)
+    run.saver.folder.save(state, [BEST_PT], run.history, must=True)
     log(
         f"best.pt with horizontal-flip test-time augmentation: val acc {flipped / seen:.4f}, "
         f"without: {plain / seen:.4f} -> evaluate.py and predict.py use it "

@@ -14,7 +14,7 @@ from data import Splits, TrainingStream
 from model import count_parameters
 from twophase.augment import BatchPreprocess
 from twophase.budget import clock
-from twophase.checkpoint import BEST, LAST, Checkpointer, best_acc
+from twophase.checkpoint import BEST_PT, LAST_PT, Checkpointer, best_acc
 from twophase.inference import validation_metrics
 from twophase.options import Options
 from twophase.start import Start
@@ -150,13 +150,12 @@ class Preempted(Exception):
 def stopped(folder, stop):
     """The log line of a run stopped on request, the sign a job script looks for, and the exit
     status: 75 for a scheduler's signal (resubmit it), 130 for a Ctrl-C."""
-    what = f"stopped by {stop.by} {stop.where}: {folder.path / LAST} holds the position"
+    what = f"stopped by {stop.by} {stop.where}: {folder.path / LAST_PT} holds the position"
     if not stop.interrupted:
         folder.mark_preempted(what)
     status = EXIT_INTERRUPTED if stop.interrupted else EXIT_PREEMPTED
-    log(
-        f"{what}. Resume with: python train.py --resume {folder.path / LAST} (exit status {status})"
-    )
+    resume = f"python train.py --resume {folder.path / LAST_PT}"
+    log(f"{what}. Resume with: {resume} (exit status {status})")
     return status
 
 
@@ -166,7 +165,7 @@ def out_of_memory_advice(args, folder, start):
     smaller = max((d for d in range(1, b // 2 + 1) if b % d == 0), default=None)
     if smaller is None:
         return "the GPU ran out of memory at --batch-size 1; try a smaller --img-size or --arch."
-    last = folder.path / LAST
+    last = folder.path / LAST_PT
     resume = f" The last good checkpoint is {last} (--resume it with those options)."
     return (
         f"the GPU ran out of memory at --batch-size {b}. The same effective batch in smaller "
@@ -183,7 +182,7 @@ def summarize(run, started):
     total = sum(r["seconds"] for r in run.history)
     log(
         f"best val acc {best_acc(best):.4f} (phase {best['phase']} epoch {best['epoch']}) -> "
-        f"{run.saver.folder.path / BEST}; {len(run.history)} epochs in {total / 60:.1f} min of "
+        f"{run.saver.folder.path / BEST_PT}; {len(run.history)} epochs in {total / 60:.1f} min of "
         "training"
         + (f"; {run.splits.skipped} unreadable images were skipped" if run.splits.skipped else "")
     )
@@ -198,7 +197,7 @@ def summarize(run, started):
 def demo_next_steps(args):
     """The rest of the pipeline on the demo's run: the commands that make its figures, its report
     and its submission file, and score that file against the demo's true labels."""
-    best, answers = Path(args.out) / BEST, Path(args.data) / "answers.csv"
+    best, answers = Path(args.out) / BEST_PT, Path(args.data) / "answers.csv"
     return (
         "the rest of the pipeline, a few seconds each:\n"
         f"  python evaluate.py --ckpt {best} --report figures/report.md --answers {answers}\n"

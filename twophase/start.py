@@ -9,7 +9,7 @@ import torch
 
 from data import validation_is_drawn
 from model import Weights, load_weights, optimizer_order, parameter_names
-from twophase.checkpoint import PHASE1, load_checkpoint, resolve_checkpoint
+from twophase.checkpoint import PHASE1_PT, load_checkpoint, resolve_checkpoint
 from utils import Problem, log, set_rng_state
 
 
@@ -34,7 +34,7 @@ class Start:
                     "the run's last.pt, or start a run from it with --weights"
                 )
             return cls(state, path)
-        path = Path(out) / PHASE1
+        path = Path(out) / PHASE1_PT
         if phase != "2":
             return cls()
         if path.is_file():
@@ -53,7 +53,7 @@ class Start:
     def from_phase1(self):
         """Whether the run continues from its phase1.pt, where Phase II has not begun: its budget
         is still to plan, as a fresh run's."""
-        return not self.fresh and self.path.name == PHASE1 and self.state["phase"] == 1
+        return not self.fresh and self.path.name == PHASE1_PT and self.state["phase"] == 1
 
     @property
     def phase2_begun(self):
@@ -90,7 +90,7 @@ class Start:
         return self.path is not None and self.path.resolve().parent == Path(folder).resolve()
 
     def from_phase1_in(self, folder):
-        return self.continues_in(folder) and self.path.name == PHASE1
+        return self.continues_in(folder) and self.path.name == PHASE1_PT
 
     def weights(self, arch, requested):
         """The weights to build the model with: the --weights asked for, unless a checkpoint's
