@@ -312,6 +312,7 @@ def test_a_few_image_files_are_predicted_without_a_cache(trained, tmp_path, caps
 def test_the_snippet_in_docs_in_your_code_runs_as_written(trained, tmp_path, monkeypatch, capsys):
     page = (REPO / "docs" / "in-your-code.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    snippet = snippet.replace("path/to/this/repo", str(REPO))
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "best.pt").write_bytes((trained / "ck" / "best.pt").read_bytes())
     test = trained / "data" / "test"
