@@ -192,16 +192,17 @@ def make_loader(
     seed=0,
     pin_memory=False,
     drop_last=False,
-    num_replicas=1,
-    rank=0,
     balanced=False,
+    shard=(0, 1),
 ):
     """A loader of whole batches, each one read of the cache, in the thread that iterates it (no
     loader processes: handing a batch over from one costs more than the read).
     With shuffle, the order depends only on (seed, epoch): call start_epoch(loader, e) before
     each epoch and a resumed run sees the same batches (start_epoch(loader, e, n) skips the first
-    n of them unread). Under DDP each process gets its own shard. `balanced`: each epoch
-    draws as many images with replacement, every class equally likely (BalancedSampler)."""
+    n of them unread). Under DDP each process gets its own `shard`: (its rank, the processes).
+    `balanced`: each epoch draws as many images with replacement, every class equally likely
+    (BalancedSampler)."""
+    rank, num_replicas = shard
     if balanced:
         sampler = BalancedSampler(dataset.labels[dataset.indices], num_replicas, rank, seed)
     elif shuffle:
@@ -288,8 +289,7 @@ class TrainingStream:
             # Dropping the last partial batch keeps batch norm from ever seeing a batch of one.
             drop_last=len(images) > batch_size * procs.world_size,
             balanced=balanced,
-            num_replicas=procs.world_size,
-            rank=procs.rank,
+            shard=(procs.rank, procs.world_size),
         )
 
     def draw(self, epochs_trained, side, mix=None, first_batch=0):

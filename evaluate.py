@@ -36,7 +36,7 @@ from twophase.inference import (
 from twophase.loss import loss_of
 from twophase.options import get_args_parser as training_options
 from twophase.options import parameter_count
-from twophase.report import write_report
+from twophase.report import Evaluated, write_report
 from twophase.submission import test_answers, test_score
 from utils import exits_on_problems, log
 
@@ -555,7 +555,8 @@ def main(argv=None):
         write_comparison(runs, figures / key)
         comparisons.append({"title": title, "key": key, "folder": figures / key, "runs": runs})
     defaults = vars(training_options().parse_args([]))
-    write_report(args.report, figures, state, history, metrics, test, comparisons, names, defaults)
+    evaluated = Evaluated(state, history, metrics, test)
+    write_report(args.report, figures, evaluated, comparisons, names, defaults)
     log(f"wrote {args.report}")
 
 

@@ -206,7 +206,6 @@ def set_up(args, start, splits, model, folder, device, procs, stop):
     augment = DeviceAugment(Augmentation.of(args))
     cuda, balanced = device.type == "cuda", args.sampler == "balanced"
     train_preprocess = BatchPreprocess(args.mean, args.std, augment).to(device)
-    shard = dict(num_replicas=procs.world_size, rank=procs.rank)
     run = Run(
         args=args,
         model=model,
@@ -220,7 +219,11 @@ def set_up(args, start, splits, model, folder, device, procs, stop):
             splits.train, args.batch_size, train_preprocess, args.seed, balanced, procs, cuda
         ),
         val_loader=make_loader(
-            splits.val, 2 * args.batch_size, shuffle=False, pin_memory=cuda, **shard
+            splits.val,
+            2 * args.batch_size,
+            shuffle=False,
+            pin_memory=cuda,
+            shard=(procs.rank, procs.world_size),
         ),
         eval_preprocess=BatchPreprocess(args.mean, args.std).to(device),
         start=start,

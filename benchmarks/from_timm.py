@@ -104,8 +104,7 @@ def convert(timm_output, data, command, wall_seconds):
         about,
         args,
         history[: best + 1],  # history.csv beside it holds every epoch
-        2,
-        best + 1,
+        (2, best + 1),
         ema=ema,
         training={"device": device, "eval_weights": "ema" if ema else "model"},
         command=command,

@@ -71,11 +71,12 @@ def periodic_file(epoch):
 # ----------------------------------------------------------------------------- the dict
 
 
-def make_checkpoint(model, about, args, history, phase, epoch, ema=None, training=None, **extra):
+def make_checkpoint(model, about, args, history, position, ema=None, training=None, **extra):
     """The one place a checkpoint dict is made. `model`: the weights' state dict; `about`: the
-    ABOUT keys; `args`: the resolved options; `phase`, `epoch`: the position; `ema`: the moving
-    average's state; `training`: what resuming needs (optimizer, scheduler, scaler, rng,
+    ABOUT keys; `args`: the resolved options; `position`: (phase, its epochs done); `ema`: the
+    moving average's state; `training`: what resuming needs (optimizer, scheduler, scaler, rng,
     world_size, device) and `eval_weights`; `extra`: the optional keys of EXTRA."""
+    phase, epoch = position
     if set(extra) - EXTRA:
         raise ValueError(f"not a checkpoint key: {sorted(set(extra) - EXTRA)}")
     training = training or {}
@@ -108,8 +109,7 @@ def averaged_checkpoint(last, weights, sources, val_acc=None):
         about,
         last["args"],
         last["history"],
-        last["phase"],
-        last["epoch"],
+        (last["phase"], last["epoch"]),
         training={"device": last.get("device", "cpu")},
         averaged=[str(p) for p in sources],
         val_acc=val_acc,
@@ -477,8 +477,7 @@ class Checkpointer:
             about,
             vars(args),
             history,
-            phase.number,
-            epoch,
+            (phase.number, epoch),
             ema,
             training,
             **self.extra,

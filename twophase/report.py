@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 from pathlib import Path
+from typing import NamedTuple
 
 from twophase.checkpoint import best_acc
 from twophase.options import DEMO, RECIPES, split_budget
@@ -270,8 +271,20 @@ def where_from(state, history):
     return [what + "."]
 
 
-def write_report(path, figures, state, history, metrics, test, comparisons, names, defaults):
-    """The report as Markdown at `path`; its images are in `figures` (linked relatively)."""
+class Evaluated(NamedTuple):
+    """A checkpoint as evaluate.py found it: its dict, its run's history, its validation metrics
+    and, with --answers, its test Score."""
+
+    state: dict
+    history: list
+    metrics: dict
+    test: object = None
+
+
+def write_report(path, figures, evaluated, comparisons, names, defaults):
+    """The report of `evaluated` as Markdown at `path`; its images are in `figures` (linked
+    relatively)."""
+    state, history, metrics, test = evaluated
     path = Path(path)
     old = path.read_text() if path.is_file() else ""
     kept = dict(NOTES.findall(old))
