@@ -4,6 +4,7 @@ reading a checkpoint back, one of an earlier version too; the optimizer state ac
 import copy
 import os
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from conftest import TINY, make_dataset
 from narrow import narrow_get_model
 from twophase import checkpoint, schedule
 from twophase.options import resolve
-from twophase.start import load_optimizer_state
+from twophase.start import Start, load_optimizer_state
 from utils import Problem
 
 # Written by the code as it was before its run state was redesigned (tests/fixtures/README.md):
@@ -302,9 +303,21 @@ def test_going_on_from_an_earlier_checkpoint_of_a_run_never_overwrites_its_later
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix in (".pt", ".csv")}
     assert after == before
     train.main(["--resume", str(out / "phase2_epoch001.pt"), "--out", str(tmp_path / "apart")])
-    train.main(["--resume", str(out / "phase2_epoch002.pt"), "--overwrite"])
+    folder, start = (
+        checkpoint.RunFolder(out),
+        Start.of(str(out / "phase2_epoch001.pt"), out, "all", "none"),
+    )
+    folder.guard(start, overwrite=True, fresh=False, weights="none")
+    later = {"phase2_epoch002.pt", "phase2_epoch003.pt", "last.pt"}
+    assert later <= set(folder.replaced) and "phase2_epoch001.pt" not in folder.replaced
+    started = time.time_ns()
+    train.main(["--resume", str(out / "phase2_epoch001.pt"), "--overwrite"])
     last = torch.load(out / "last.pt", weights_only=True)
     assert (last["phase"], last["epoch"], len(last["history"])) == (2, 3, 3)
+    # No file of the abandoned epochs past it is left: each is this run's, or gone.
+    for path in out.glob("*.pt"):
+        if torch.load(path, weights_only=True)["epoch"] > 1:
+            assert path.stat().st_mtime_ns >= started, path.name
 
 
 def test_an_average_is_not_a_position_to_resume_from(tiny_args, tmp_path):

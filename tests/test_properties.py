@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import data
@@ -23,9 +23,10 @@ from conftest import COLOURS, TINY, examples, write_image
 from narrow import narrow_get_model
 from train import phase_setup
 from twophase import submission, tables
+from twophase.options import resolve
 
 # What a class name may hold: letters of several scripts, digits (a leading zero, a name that
-from twophase.options import resolve
+from utils import Problem
 
 # What a class name may hold: letters of several scripts, digits (a leading zero, a name that
 # reads as a number), spaces, commas, quotes, a backslash, $ and | (matplotlib's and Markdown's
@@ -86,13 +87,24 @@ def test_every_format_option_is_read_back_by_check_as_written(tmp_path_factory, 
 
 @settings(max_examples=examples(40))
 @given(CLASSES, st.data())
+@example(["a", "b", "a b"], None).via("two names that make a third")
 def test_a_label_cell_is_read_back_as_the_labels_written(classes, drawn):
-    labels = drawn.draw(st.permutations(classes)).copy()[: drawn.draw(st.integers(1, len(classes)))]
+    if drawn is None:  # the examples: the first two classes, in order
+        labels = classes[:2]
+    else:
+        k = drawn.draw(st.integers(1, len(classes)))
+        labels = drawn.draw(st.permutations(classes)).copy()[:k]
     cell = submission.join_labels(labels, set(classes))
     buffer = io.StringIO()
     csv.writer(buffer).writerow(["x", cell])
     (read,) = csv.reader(io.StringIO(buffer.getvalue()))
     assert submission.split_labels(read[1], set(classes)) == labels
+
+
+def test_names_that_no_cell_can_tell_apart_are_refused_in_a_sentence():
+    classes = {"1", "2", "1 2", "'1' '2'"}  # "1 2" and "'1' '2'": each the cell of 1 then 2
+    with pytest.raises(Problem, match="predict with --topk 1"):
+        submission.join_labels(["1", "2"], classes)
 
 
 # ----------------------------------------------------------------------------- layouts

@@ -813,11 +813,25 @@ def test_a_time_budget_shortens_phase_two_when_its_epochs_run_slower_than_timed(
     err = capsys.readouterr().err
     assert "So --epochs 7 (1 + 6, 1 warmup)" in err  # as planned from the steps timed
     assert (
-        "Phase II epochs take 30.0 s here, more than the steps timed at the start foretold; "
-        "so 4 Phase II epochs, not 6, the cosine over the last 3" in err
-    )
+        "at 30.0 s a Phase II epoch as they ran, the run would end past its budget; so 5 Phase "
+        "II epochs, not 6, the cosine over the last 4" in err
+    )  # decided after Phase II's second epoch: its first warms up
     last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
-    assert (last["args"]["epochs2"], last["args"]["cosine_epochs"], last["epoch"]) == (4, 3, 4)
+    assert (last["args"]["epochs2"], last["args"]["cosine_epochs"], last["epoch"]) == (5, 4, 5)
     rates = [r["lr"] for r in last["history"] if r["phase"] == 2]
-    shares = [schedule.WarmupCosine(1, 0.1, 3, 5e-6 / 5e-4)(e) for e in range(4)]
-    assert rates == pytest.approx([5e-4 * share for share in shares])
+    shares = [schedule.WarmupCosine(1, 0.1, 4, 5e-6 / 5e-4)(e) for e in range(5)]
+    assert rates == pytest.approx([5e-4 * share for share in shares])  # the first two: alike
+
+
+def test_a_shortened_phase_two_rises_to_the_full_size_by_its_new_end(
+    tiny_args, tmp_path, monkeypatch, capsys
+):
+    speed = {"step1": 2.0, "step2": 4.0, "validation": 1.0, "save": 0.0}
+    monkeypatch.setattr(train, "time_steps", lambda run: speed)
+    real = train.epoch_record
+    monkeypatch.setattr(train, "epoch_record", lambda *a: real(*a) | {"seconds": 29.0})
+    train.main(tiny_args + ["--time-budget", "120s", "--img-size", "32", "--progressive", "0.5"])
+    assert "so 6 Phase II epochs, not 9" in capsys.readouterr().err
+    last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    sizes = [r["img_size"] for r in last["history"] if r["phase"] == 2]
+    assert sizes[0] == 16 and sizes[-1] == 32  # the new ramp ends at the full size

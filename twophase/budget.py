@@ -76,13 +76,16 @@ def plan_time_budget(run, fixed, started, speed):
 
 
 def replan_time_budget(run, phase, done):
-    """--time-budget, after each Phase II epoch of the command that planned it: where the epochs
-    as they ran (slower than the steps timed at the start: a busy machine, a slow disk) would
-    end the run past its budget, Phase II is shortened to the most epochs that end within it,
-    its cosine fitted to them as the --epochs split does; said in a line, and saved with the
-    run's options (new ones: the run's and the phase's). Every process takes the first's."""
+    """--time-budget, after each Phase II epoch of the command that planned it, from its second on
+    (the first pays for warming up: cuDNN's autotuning, --compile): where the epochs as they ran
+    would end the run past its budget (a machine busier than when the steps were timed, a slow
+    disk), Phase II is shortened to the most epochs that end within it, its cosine and its sizes
+    (--progressive) fitted to them as the --epochs split fits them; said in a line, and saved
+    with the run's options (new ones: the run's and the phase's). Every process takes the
+    first's decision."""
     forecast = run.forecast
-    if forecast.deadline is None or phase.number != 2 or done >= phase.epochs:
+    timed = sum(record["phase"] == 2 for record in run.history)
+    if forecast.deadline is None or phase.number != 2 or done >= phase.epochs or timed < 2:
         return
     now, epoch = time.monotonic(), forecast.epoch_seconds(2)
     fits = (forecast.deadline - now - forecast.end_seconds()) // epoch
@@ -96,11 +99,12 @@ def replan_time_budget(run, phase, done):
     split = split_budget(args.epochs1 + epochs2, fixed)
     run.args = args.replaced(epochs=args.epochs1 + epochs2, **split)
     phase.epochs, phase.schedule = epochs2, WarmupCosine.of(run.args)
+    phase.image_size = ProgressiveSize.of(run.args, epochs2)
+    end = wall_clock(now + (epochs2 - done) * epoch + forecast.end_seconds())
     log(
-        f"--time-budget {clock(args.time_budget)}: Phase II epochs take {clock(epoch)} here, more "
-        f"than the steps timed at the start foretold; so {epochs2} Phase II epochs, not "
-        f"{planned}, the cosine over the last {split['cosine_epochs']}, to end near "
-        f"{wall_clock(now + (epochs2 - done) * epoch + forecast.end_seconds())}"
+        f"--time-budget {clock(args.time_budget)}: at {clock(epoch)} a Phase II epoch as they "
+        f"ran, the run would end past its budget; so {epochs2} Phase II epochs, not {planned}, "
+        f"the cosine over the last {split['cosine_epochs']}, to end near {end}"
     )
 
 

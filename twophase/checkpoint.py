@@ -335,6 +335,13 @@ class RunFolder:
         behind = resume.continues_in(self.path) and behind_last(resume, last)
         if behind and not overwrite:
             raise Problem(self.behind_refusal(resume, last))
+        if behind:  # --overwrite: the epochs past the checkpoint the run goes on from
+            later = [name for name in checkpoints if name != resume.path.name]
+            later = [
+                n for n in later if place(peek(self.path / n) or resume.state) > place(resume.state)
+            ]
+            self.replace(later, "--overwrite")
+            return
         if not checkpoints or (resume.continues_in(self.path) and not phase2_begun):
             return  # nothing to lose (a history.csv alone, at most), or the run goes on
         demo_run = fresh and last is not None and last["args"].get("demo")
@@ -342,12 +349,17 @@ class RunFolder:
             raise Problem(self.refusal(held, last, phase2_begun))
         if Path(weights).is_file() and Path(weights).resolve().parent == self.path.resolve():
             keep.append(Path(weights).name)  # the weights the run starts from: read first
-        self.replaced = [name for name in held if name not in keep]
-        self.why_replaced = "--overwrite" if overwrite else "replacing the demo's run"
-        log(
-            f"{self.why_replaced}: {', '.join(self.replaced)} in {self.path} will be deleted "
-            "when this run saves its first file"
-        )
+        why = "--overwrite" if overwrite else "replacing the demo's run"
+        self.replace([name for name in held if name not in keep], why)
+
+    def replace(self, names, why):
+        """`names` deleted when this run saves its first file, and said now."""
+        self.replaced, self.why_replaced = names, why
+        if names:
+            log(
+                f"{why}: {', '.join(names)} in {self.path} will be deleted when this run saves "
+                "its first file"
+            )
 
     def behind_refusal(self, resume, last):
         return (

@@ -88,25 +88,31 @@ def write(rows, classes, layout, out=None, probs=None):
 def join_labels(labels, classes):
     """A row's labels as its label cell: one class name as it is; several, best first, separated
     by spaces (Kaggle's layout), a name that holds a space, a quote or a backslash in quotes as a
-    shell word (`'golden retriever' beagle`). Where that cell would read as another class's name,
-    every name is quoted; split_labels reads back exactly what was meant, or this says why not."""
+    shell word (`'golden retriever' beagle`). Where that cell would read as another class's name
+    (`a b` for the classes a and b, beside a class "a b"), every name is in quotes. split_labels
+    reads back exactly what was meant, or this says why it cannot."""
     if len(labels) == 1:
         return labels[0]
     cell = " ".join(map(quoted, labels))
     if cell in classes:
-        cell = " ".join(shlex.quote(label) if label else "''" for label in labels)
+        cell = " ".join(map(in_quotes, labels))
     if split_labels(cell, classes) != list(labels):
         raise Problem(
             f"the classes {', '.join(map(repr, labels))} cannot be written as one label cell that "
-            "reads back as them: write --probs FILE instead of --topk"
+            "reads back as them: predict with --topk 1 (and --probs FILE for every class)"
         )
     return cell
 
 
 def quoted(label):
+    """A class name as a shell word: in quotes where it holds a space, a quote or a backslash."""
     if any(c.isspace() or c in "'\"\\" for c in label):
-        return shlex.quote(label)
+        return in_quotes(label)
     return label
+
+
+def in_quotes(label):
+    return "'" + label.replace("'", "'\"'\"'") + "'"
 
 
 def split_labels(cell, classes):
