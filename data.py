@@ -27,7 +27,7 @@ from PIL import Image
 from twophase.image_cache import MemoryCache, build_cache, default_cache_dir
 from twophase.prefetch import on_device
 from twophase.tables import Names, cell, read_csv, read_labels
-from utils import MissingFile, Problem, exclusive
+from utils import MissingFile, Problem, exclusive, log
 
 # Only formats Pillow can open: it registers some (.pdf, .eps) that it can only write.
 IMAGE_EXTENSIONS = frozenset(
@@ -43,11 +43,11 @@ def is_hidden(name):
 
 
 def is_image_file(path):
-    """An image by its extension, or, without one Pillow reads, by its first bytes (a JPEG named
-    `tmp`, as a well-known photo set ships one). Hidden files are never images."""
+    """An image by its extension, or, with none, by its first bytes (a JPEG named `tmp`, as a
+    well-known photo set ships one). Hidden files are never images."""
     if path.name.startswith("."):
         return False
-    return path.suffix.lower() in IMAGE_EXTENSIONS or opens_as_image(path)
+    return path.suffix.lower() in IMAGE_EXTENSIONS or (not path.suffix and opens_as_image(path))
 
 
 def opens_as_image(path):
@@ -629,6 +629,9 @@ def display_names(data_dir, classes):
     if not path.is_file():
         return {c: c for c in classes}
     table = read_csv(path, header_needed=True)
+    if not {"folder", "words"} <= set(table.header):
+        log(f"{path} has no columns folder and words: the classes are shown by their names")
+        return {c: c for c in classes}
     folder, words = (table.column(name, "class_names.csv") for name in ("folder", "words"))
     named = {cell(row, folder): cell(row, words) for _, row in table.rows}
     return {c: f"{c} ({named[c].split(',')[0][:24]})" if named.get(c) else c for c in classes}

@@ -38,7 +38,7 @@ from twophase.options import get_args_parser as training_options
 from twophase.options import parameter_count
 from twophase.report import Evaluated, write_report
 from twophase.submission import test_answers, test_score
-from utils import exits_on_problems, log
+from utils import Problem, exits_on_problems, log
 
 matplotlib.rcParams["text.parse_math"] = False  # class names are data: "$5 bill" is no formula
 
@@ -437,11 +437,16 @@ def test_folder(args, state):
 
 def run_loss(saved, classes, counts, root):
     """The loss the run trained and validated with (its label smoothing, its class weights: a
-    file found where the run had it, or by its name in the dataset's root)."""
+    file found where the run had it, or by its name in the dataset's root). A weights file that
+    is gone leaves the loss unweighted, and a line says so."""
     options = {"label_smoothing": 0.0, "class_weights": "none", **saved}
     weights = options["class_weights"]
     if weights not in ("auto", "none") and not Path(weights).is_file():
-        options["class_weights"] = str(labels_path(weights, root))
+        try:
+            options["class_weights"] = str(labels_path(weights, root))
+        except Problem:
+            log(f"warning: no --class-weights file {weights} (nor in {root}): the loss unweighted")
+            options["class_weights"] = "none"
     return loss_of(argparse.Namespace(**options), classes, counts)
 
 

@@ -55,7 +55,7 @@ from twophase.loss import loss_of  # noqa: E402
 from twophase.options import COMPILE_MODES, resolve  # noqa: E402
 from twophase.prefetch import on_device  # noqa: E402
 from twophase.start import load_optimizer_state  # noqa: E402
-from utils import amp_dtype, log, pick_device  # noqa: E402
+from utils import amp_dtype, exits_on_problems, log, pick_device  # noqa: E402
 
 
 def get_args_parser():
@@ -579,6 +579,7 @@ def machine(device):
     return f"{cpu}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}"
 
 
+@exits_on_problems
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     device = pick_device(args.device)

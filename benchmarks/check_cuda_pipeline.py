@@ -22,6 +22,7 @@ from twophase import (
     augment,  # noqa: E402
     prefetch,  # noqa: E402
 )
+from utils import exits_on_problems  # noqa: E402
 
 
 def batches(sizes=(24, 24, 1, 24, 2, 1, 24, 1), side=64):
@@ -68,6 +69,7 @@ def check(name, ok):
     return ok
 
 
+@exits_on_problems
 def main():
     cuda = torch.device("cuda")
     loader = batches()

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data import find_classes  # noqa: E402
 from twophase.augment import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from twophase.checkpoint import make_checkpoint, save_checkpoint, write_history_csv  # noqa: E402
+from utils import exits_on_problems  # noqa: E402
 
 
 def natural_key(name):
@@ -113,6 +114,7 @@ def convert(timm_output, data, command, wall_seconds):
     return state, history
 
 
+@exits_on_problems
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

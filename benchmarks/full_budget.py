@@ -29,6 +29,7 @@ from levers import test_accuracy  # noqa: E402
 from twophase.checkpoint import best_acc, full_history, load_checkpoint  # noqa: E402
 from twophase.options import get_args_parser  # noqa: E402
 from twophase.report import command_of, write_section  # noqa: E402
+from utils import exits_on_problems  # noqa: E402
 
 SEEDS = (0, 1)
 EIGHT = [  # (row, run folder, colour in the figure)
@@ -226,6 +227,7 @@ def section(folder, answers, figures, report_path=None):
     return "\n".join(lines) + "\n"
 
 
+@exits_on_problems
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

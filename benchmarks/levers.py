@@ -26,7 +26,7 @@ from twophase.inference import load_trained  # noqa: E402
 from twophase.options import get_args_parser  # noqa: E402
 from twophase.report import command_of, write_section  # noqa: E402
 from twophase.submission import test_score  # noqa: E402
-from utils import atomic_file, log  # noqa: E402
+from utils import atomic_file, exits_on_problems, log  # noqa: E402
 
 # (row, run folder, how its last.pt is scored): test-time options for the base run.
 ROWS = [
@@ -136,6 +136,7 @@ def averaging_table(runs, answers):
     return "\n".join(["", how, "", *lines]) + "\n"
 
 
+@exits_on_problems
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import bench  # noqa: E402  (also puts the repository on sys.path)
-from utils import amp_dtype, pick_device  # noqa: E402
+from utils import amp_dtype, exits_on_problems, pick_device  # noqa: E402
 
 
 def union_length(intervals):
@@ -105,6 +105,7 @@ def summarise(events, wall_us, steps, main_tid):
     return lines
 
 
+@exits_on_problems
 def main(argv=None):
     p = bench.get_args_parser()
     p.description = __doc__

@@ -66,6 +66,7 @@ from twophase.checkpoint import best_acc, full_history, load_checkpoint  # noqa:
 from twophase.options import get_args_parser  # noqa: E402
 from twophase.report import command_of, write_section  # noqa: E402
 from twophase.schedule import size_step  # noqa: E402
+from utils import exits_on_problems  # noqa: E402
 
 SEEDS = (0, 1)
 RUNS = [  # (row, run folder, colour)
@@ -331,6 +332,7 @@ def figure(runs, path, level, counted):
     plt.close(fig)
 
 
+@exits_on_problems
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -37,6 +37,7 @@ from levers import test_accuracy  # noqa: E402
 from twophase.checkpoint import load_checkpoint  # noqa: E402
 from twophase.options import get_args_parser  # noqa: E402
 from twophase.report import command_of, write_section  # noqa: E402
+from utils import exits_on_problems  # noqa: E402
 
 LARGEST, SMALLEST = 200, 20
 LONG_TAIL = [  # (row, run folder)
@@ -195,6 +196,7 @@ def backbone_of(runs_dir, rows, seeds=(0, 1)):
     )
 
 
+@exits_on_problems
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

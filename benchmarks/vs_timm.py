@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data import list_images, list_labelled_images  # noqa: E402
+from utils import exits_on_problems  # noqa: E402
 
 
 def subset(source, folder, per_class, tests):
@@ -96,6 +97,7 @@ def commands(args, work, n):
     ]
 
 
+@exits_on_problems
 def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

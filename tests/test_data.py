@@ -492,3 +492,9 @@ def test_one_column_named_takes_the_other_from_the_first_column_it_is_not(tmp_pa
         assert dataset.classes == ["1", "2", "10"] and len(dataset.train.files) == 12, named
     with pytest.raises(Problem, match="--image-col and --label-col name one column"):
         data.find_dataset(root, labels="two.csv", image_col="id", label_col="id")
+
+
+def test_a_class_names_file_of_other_columns_leaves_the_names_as_they_are(tmp_path, capsys):
+    (tmp_path / "class_names.csv").write_text("class_index,class_name\n0,cat\n")
+    assert data.display_names(tmp_path, ["0", "1"]) == {"0": "0", "1": "1"}
+    assert "no columns folder and words" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import model as M
 import train
 from twophase import inference, options, report
 from twophase.options import resolve
+from utils import Problem
 
 
 def test_confusion_matrix_matches_a_hand_computed_case():
@@ -88,7 +89,7 @@ def test_evaluate_matches_training_validation(trained, tmp_path, capsys):
     assert summary["loss"] == pytest.approx(state["history"][-1]["val_loss"], rel=1e-4)
 
 
-def test_evaluate_computes_the_loss_the_run_validated_with(tiny_args, tmp_path):
+def test_evaluate_computes_the_loss_the_run_validated_with(tiny_args, tmp_path, capsys):
     """The run's class weights (a file's) and label smoothing: evaluate.py's loss is training's."""
     weights = tmp_path / "w.csv"
     weights.write_text("cat,5\ndog,0.2\n")
@@ -98,6 +99,9 @@ def test_evaluate_computes_the_loss_the_run_validated_with(tiny_args, tmp_path):
     summary = json.loads((tmp_path / "fig" / "metrics.json").read_text())
     state = torch.load(ckpt, weights_only=True)
     assert summary["loss"] == pytest.approx(state["history"][-1]["val_loss"], rel=1e-4)
+    weights.unlink()  # gone since: the loss unweighted, said
+    evaluate.main(["--ckpt", str(ckpt), "--figures", str(tmp_path / "fig"), "--device", "cpu"])
+    assert "no --class-weights file" in capsys.readouterr().err
 
 
 def test_confusion_figure_is_readable_at_100_classes(tmp_path):
@@ -273,6 +277,5 @@ def test_load_classifier_raises_what_code_of_ones_own_catches(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere.pt")):
         inference.load_classifier(tmp_path / "nowhere.pt")
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(Exception, match="cannot load checkpoint") as caught:
+    with pytest.raises(Problem, match="cannot load checkpoint"):  # an Exception, not a SystemExit
         inference.load_classifier(tmp_path / "broken.pt")
-    assert not isinstance(caught.value, SystemExit)

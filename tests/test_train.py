@@ -499,12 +499,13 @@ def test_a_class_weights_file_with_or_without_a_header_weighs_every_row(tmp_path
 
 def test_a_bad_class_weights_file_is_refused_before_anything_is_written(tiny_args, tmp_path):
     weights = tmp_path / "w.csv"
-    weights.write_text("class,weight\ncat,5\nzebra,2\ndog,heavy\n")
+    weights.write_text("class,weight\ncat,5\nzebra,2\ndog,heavy\neel,inf\n")
     with pytest.raises(SystemExit) as refused:
         train.main(tiny_args + ["--class-weights", str(weights)])
     message = str(refused.value)
     assert "line 3: 'zebra' is not one of the 3 classes" in message
-    assert "line 4: 'heavy' is no number" in message
+    assert "line 4: 'heavy' is no finite number" in message
+    assert "line 5: 'inf' is no finite number" in message
     assert not (tmp_path / "ck").exists() and not (tmp_path / "data" / ".cache").exists()
 
 

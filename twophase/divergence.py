@@ -8,11 +8,11 @@ import math
 
 import torch
 
-from utils import log, sum_over_processes
+from utils import Problem, log, sum_over_processes
 
 
 def check_epoch(run, phase, epoch, train, val):
-    """An epoch's training (its `train` summary) and validation (`val`): a SystemExit where the
+    """An epoch's training (its `train` summary) and validation (`val`): a Problem where the
     model is ruined; a warning where fp16 batches overflowed now and then."""
     bad, batches = train["nonfinite"], train["batches"]
     if bad and (run.dtype != torch.float16 or bad == batches):
@@ -39,7 +39,7 @@ def check_position(run, phase, epoch, tally):
 
 
 def diverged(run, phase, epoch, what):
-    """The SystemExit of a run whose model the loss has ruined, with the way on: the last good
+    """The Problem of a run whose model the loss has ruined, with the way on: the last good
     position and a lower learning rate for the phase it was in."""
     option = "--lr1" if phase == 1 else "--lr2"
     lower = (run.args.lr1 if phase == 1 else run.args.lr2) / 4
@@ -53,7 +53,7 @@ def diverged(run, phase, epoch, what):
             f"the last good checkpoint is {last}{where}; go on from it with a lower learning "
             f"rate: python train.py --resume {last} {option} {lower:.1e} (or --amp bf16)"
         )
-    return SystemExit(
+    return Problem(
         f"phase {phase} epoch {epoch + 1}: {what}, so training stopped before saving. {way}"
     )
 

@@ -153,12 +153,12 @@ class MemoryCache:
         return self.pixels
 
 
-def cache_key(folder, files, size, resize="crop"):
-    """Changes whenever a file is added, removed or changed, or the preprocessing changes."""
+def cache_key(stats, size, resize="crop"):
+    """Changes whenever a file is added, removed or changed (`stats`: each file's file_stat, in
+    order), or the preprocessing changes."""
     h = hashlib.sha256(f"v{PREPROCESS_VERSION} size={size} resize={resize}\n".encode())
-    for f in files:
-        st = os.stat(os.path.join(folder, f))
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for f, (length, mtime) in stats.items():
+        h.update(f"{f}\0{length}\0{mtime}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -172,7 +172,8 @@ def build_cache(folder, files, size, cache_dir, threads=0, resize="crop"):
     cache at once (two runs on one dataset) take turns: one builds it, the other waits and reads
     it."""
     folder, cache_dir = Path(folder), Path(cache_dir)
-    key = cache_key(folder, files, size, resize)
+    stats = {f: file_stat(folder / f) for f in files}  # the key's, and the index's: one look
+    key = cache_key(stats, size, resize)
     kind = f"{cache_prefix(folder)}{size}px-{resize}"
     stem = f"{kind}-{key}"
     index_path, pixels_path = cache_dir / f"{stem}.json", cache_dir / f"{stem}.u8"
@@ -181,9 +182,7 @@ def build_cache(folder, files, size, cache_dir, threads=0, resize="crop"):
         with exclusive(cache_dir / f"{kind}.lock", f"the cache {stem}", wait=True):  # any version
             cache = _read_cache_index(index_path, pixels_path, size, folder)  # built meanwhile?
             if cache is None:
-                cache = _write_cache(
-                    folder, files, (size, resize), index_path, pixels_path, threads
-                )
+                cache = _write_cache(folder, stats, (size, resize), index_path, threads)
     for f, why in cache.skipped.items():
         warnings.warn(f"skipped unreadable image {folder / f}: {why}", stacklevel=2)
     return cache
@@ -200,8 +199,9 @@ def _read_cache_index(index_path, pixels_path, size, folder):
         return None
 
 
-def _write_cache(folder, files, preprocessing, index_path, pixels_path, threads):
+def _write_cache(folder, stats, preprocessing, index_path, threads):
     size, resize = preprocessing
+    files, pixels_path = list(stats), index_path.with_suffix(".u8")
     kept, skipped = [], {}
     bar = tqdm(
         total=len(files),
@@ -232,7 +232,7 @@ def _write_cache(folder, files, preprocessing, index_path, pixels_path, threads)
                     kept.append(f)
             bar.update(len(chunk))
     index = {"files": kept, "skipped": skipped, "size": size, "version": PREPROCESS_VERSION}
-    index["stats"] = {f: file_stat(folder / f) for f in files}
+    index["stats"] = stats  # as the key saw them: a file changed meanwhile makes it stale
     with atomic_file(index_path, "w") as f:  # last: an index names only complete pixels
         json.dump(index, f)
     _remove_stale(folder, index_path)

@@ -1,6 +1,7 @@
-"""Every CSV the product reads, read one way: a training set's labels (--labels), its validation
-labels (--val-labels), class weights (--class-weights FILE), the true labels of test or held-back
-images (--answers) and a prediction CSV read back (predict.py --check).
+"""Every CSV a user gives the product, read one way: a training set's labels (--labels), its
+validation labels (--val-labels), class weights (--class-weights FILE), the true labels of test
+or held-back images (--answers), a prediction CSV read back (predict.py --check) and a dataset's
+class_names.csv.
 
 - The header: a CSV's first line is its header unless it reads as a row (its first cells name an
   image of the folder, or a class and its weight). A CSV read without a header says so, the same
@@ -14,6 +15,7 @@ images (--answers) and a prediction CSV read back (predict.py --check).
 """
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,8 +217,8 @@ def read_class_weights(path, classes):
         found = find_class(name, index)
         if found is None:
             problems.add(line, name, f"is not one of the {len(classes)} classes of the data")
-        elif number(value) is None:
-            problems.add(line, value, "is no number")
+        elif number(value) is None or not math.isfinite(number(value)):
+            problems.add(line, value, "is no finite number")
         elif number(value) < 0:
             problems.add(line, value, "is negative")
         elif found in weights:
