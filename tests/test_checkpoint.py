@@ -40,14 +40,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_a_checkpoint_of_the_earlier_format_resumes_to_the_uninterrupted_run(
-    tmp_path, monkeypatch, one_thread
-):
-    monkeypatch.setattr(
-        torchvision.models,
-        "get_model",
-        narrow_get_model(torchvision.models.get_model, {"resnet18": 4}),  # as it was written
-    )
+@pytest.fixture
+def as_written(monkeypatch, one_thread):
+    """The fixtures' model: the narrow resnet18 at a width of 4, in one thread."""
+    narrow = narrow_get_model(torchvision.models.get_model, {"resnet18": 4})
+    monkeypatch.setattr(torchvision.models, "get_model", narrow)
+
+
+def test_a_checkpoint_of_the_earlier_format_resumes_to_the_uninterrupted_run(tmp_path, as_written):
     data = make_dataset(tmp_path / "data")  # the very images it was trained on
     train.main(V1_OPTIONS + ["--data", str(data), "--out", str(tmp_path / "straight")])
     old = torch.load(V1_MID_EPOCH, weights_only=True)
@@ -79,13 +79,8 @@ V2_END = Path(__file__).parent / "fixtures" / "stopped_mid_epoch_v2_end.pt"
 
 
 def test_a_checkpoint_of_the_second_format_resumes_to_the_weights_its_own_code_gave(
-    tmp_path, monkeypatch, one_thread
+    tmp_path, as_written
 ):
-    monkeypatch.setattr(
-        torchvision.models,
-        "get_model",
-        narrow_get_model(torchvision.models.get_model, {"resnet18": 4}),  # as it was written
-    )
     data = make_dataset(tmp_path / "data")  # the very images it was trained on
     old = torch.load(V2_MID_EPOCH, weights_only=True)
     assert (old["phase"], old["epoch"], old["step"]) == (2, 1, 2)

@@ -182,13 +182,7 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, narrow_mod
         (data / "train" / "cat" / "000.png").read_bytes()
     )
     common = ["--data", data, *TINY, "--epochs1", "2", "--epochs2", "0", "--freeze-bn", *NO_AUGMENT]
-    common += ["--ema", "0.9"]
-    common = [str(a) for a in common]
-    assert forked_ddp([*common, "--batch-size", "4", "--out", tmp_path / "two"], tmp_path) == [0, 0]
-    i = common.index("--batch-size")
-    train.main(common[:i] + common[i + 2 :] + ["--batch-size", "8", "--out", str(tmp_path / "one")])
-    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
-    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    one, two = one_and_two_processes([*common, "--ema", "0.9"], tmp_path)
     for k in one["model"]:
         assert torch.allclose(one["model"][k].float(), two["model"][k].float(), atol=1e-5), k
         assert torch.allclose(
@@ -208,13 +202,19 @@ def test_class_weights_and_balanced_batches_train_two_processes_as_one(tmp_path,
     weights.write_text("cat,3\ndog,0.5\n")
     common = ["--data", data, *TINY, "--epochs1", "2", "--epochs2", "0", "--freeze-bn", *NO_AUGMENT]
     common += ["--class-weights", weights, "--sampler", "balanced"]
-    common = [str(a) for a in common]
-    assert forked_ddp([*common, "--batch-size", "4", "--out", tmp_path / "two"], tmp_path) == [0, 0]
-    i = common.index("--batch-size")
-    train.main(common[:i] + common[i + 2 :] + ["--batch-size", "8", "--out", str(tmp_path / "one")])
-    two = torch.load(tmp_path / "two" / "last.pt", weights_only=True)
-    one = torch.load(tmp_path / "one" / "last.pt", weights_only=True)
+    one, two = one_and_two_processes(common, tmp_path)
     for k in one["model"]:
         assert torch.allclose(one["model"][k].float(), two["model"][k].float(), atol=1e-5), k
     for r1, r2 in zip(one["history"], two["history"]):
         assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-5)
+
+
+def one_and_two_processes(argv, tmp_path):
+    """train.main(argv) in two forked processes at batch 4 each, and in one at batch 8: the same
+    global batch. Their last.pt's, one's first."""
+    argv = [str(a) for a in argv]
+    i = argv.index("--batch-size")
+    argv = argv[:i] + argv[i + 2 :]
+    assert forked_ddp([*argv, "--batch-size", "4", "--out", tmp_path / "two"], tmp_path) == [0, 0]
+    train.main(argv + ["--batch-size", "8", "--out", str(tmp_path / "one")])
+    return [torch.load(tmp_path / f / "last.pt", weights_only=True) for f in ("one", "two")]
