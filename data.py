@@ -493,7 +493,8 @@ def dataset_from_csv(root, classes, labels, image_col, label_col, val_labels):
     rows = read_labels(labels_file, train_names, image_col, label_col, classes)
     if classes is None:
         classes = ordered_classes({label for label, _ in rows.values()})
-    train = listed_from_rows(rows, train_dir, classes, labels_file)
+    # A class of one image cannot both train and validate, where validation is held out of it.
+    train = listed_from_rows(rows, train_dir, classes, labels_file, lonely=not val_labels)
     where = f"train/ images labelled by {Path(labels).name}"
     if not val_labels:
         warn_unlisted(train_names, [rows], [labels_file])
@@ -513,7 +514,7 @@ def dataset_from_csv(root, classes, labels, image_col, label_col, val_labels):
     else:
         warn_unlisted(train_names, [rows], [labels_file])
         warn_unlisted(val_names, [val_rows], [val_file])
-    val = listed_from_rows(val_rows, val_dir, classes, val_file)
+    val = listed_from_rows(val_rows, val_dir, classes, val_file, lonely=False)
     return DatasetFiles(root, classes, train, val, f"{where}, val by {Path(val_labels).name}")
 
 
@@ -527,12 +528,12 @@ def labels_path(labels, root):
     raise MissingFile(f"no labels file {labels} (nor {Path(root) / path.name})")
 
 
-def listed_from_rows(rows, folder, classes, source):
-    """The images `rows` (read_labels') label, in file order; a class with one image is a
-    warning (it cannot both train and validate)."""
+def listed_from_rows(rows, folder, classes, source, lonely=True):
+    """The images `rows` (read_labels') label, in file order; with `lonely`, a class with one
+    image is a warning (it cannot both train and validate)."""
     files = sorted(rows)
     counts = Counter(rows[f][0] for f in files)
-    lonely = sorted(c for c, n in counts.items() if n == 1)
+    lonely = sorted(c for c, n in counts.items() if n == 1) if lonely else []
     if lonely:
         warnings.warn(
             f"{source}: {len(lonely)} class(es) with a single image, which cannot be both "

@@ -330,7 +330,10 @@ def test_overwrite_deletes_nothing_of_the_old_run_until_the_new_one_writes(
     broken = make_dataset(tmp_path / "broken")
     for image in (broken / "train").rglob("*.png"):
         image.write_bytes(b"not an image")  # the start fails as the cache is built
-    with pytest.raises(SystemExit, match="none of the 18 images .* could be read"):
+    with (
+        pytest.raises(SystemExit, match="none of the 18 images .* could be read"),
+        pytest.warns(UserWarning, match="skipped unreadable image"),
+    ):
         train.main(tiny_args + ["--data", str(broken), "--overwrite"])
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == before
     assert "will be deleted when this run saves its first file" in capsys.readouterr().err

@@ -384,11 +384,17 @@ def test_a_class_with_one_image_is_warned_of_and_val_labels_must_not_repeat_trai
         (root / "val" / f"{name}.png").write_bytes((root / "train" / f"{name}.png").read_bytes())
     rows = (root / "train.csv").read_text().splitlines()
     (root / "train.csv").write_text("\n".join(rows[:2] + rows[4:]) + "\n")  # class 10: one image
-    with pytest.warns(UserWarning, match="1 class\\(es\\) with a single image.*10"):
+    # Validated on val.csv's images, a class of one training image is no matter for a warning.
+    with pytest.warns(UserWarning, match="train.csv name 7 of the 9 images") as said:
         dataset = data.find_dataset(
             root, labels="train.csv", val_labels="val.csv", image_col="id", label_col="label"
         )
+    assert not [w for w in said if "single image" in str(w.message)]
     assert dataset.val.folder == root / "val" and dataset.val.files == ["img000.png", "img100.png"]
+    # Held out of train.csv's images, it cannot both train and validate: said.
+    with pytest.warns(UserWarning) as said:
+        data.find_dataset(root, labels="train.csv", image_col="id", label_col="label")
+    assert any("1 class(es) with a single image" in str(w.message) for w in said)
     assert not data.validation_is_drawn({"data": str(root), "labels": "x", "val_labels": "y"})
 
 
