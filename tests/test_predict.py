@@ -394,3 +394,17 @@ def test_odd_class_names_go_through_evaluate_and_its_report_unchanged(odd_names,
     with open(figures / "per_class_metrics.csv", newline="") as f:
         assert sorted(row["class"] for row in csv.DictReader(f)) == sorted(ODD)
     assert (figures / "fig5_confusion_matrix.png").stat().st_size > 1000
+
+
+def test_one_image_is_answered_in_words_beside_the_csv(trained, capsys):
+    image = str(trained / "data" / "test" / "img_00.png")
+    predict.main(["--ckpt", str(trained / "ck" / "best.pt"), image, "--words"])
+    out, err = capsys.readouterr()
+    assert read_csv(out) == [["image_name", "pred_label"], ["img_00", CLASSES[0]]]  # the CSV alone
+    said = next(line for line in err.splitlines() if line.startswith(image))
+    words = said.split(": ", 1)[1].split(" · ")
+    assert len(words) == 3 and words[0].startswith(f"{CLASSES[0]} ")  # the likeliest first
+    shares = [float(w.rsplit(" ", 2)[1]) for w in words]
+    assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(100, abs=0.2)
+    predict.main(["--ckpt", str(trained / "ck" / "best.pt"), image])  # not a terminal: the CSV
+    assert " · " not in capsys.readouterr().err
