@@ -59,6 +59,7 @@ from twophase.run import (
     start_line,
     stopped,
     summarize,
+    uneven_classes,
 )
 from twophase.schedule import (
     Phase,
@@ -233,9 +234,13 @@ def set_up(args, start, splits, model, folder, device, procs, stop):
         averaged_acc=folder.averaged_acc(start),
     )
     run.step = start.steps_done(len(run.stream), args.accum_steps)
+    uneven = uneven_classes(counts, args)
+    run.uneven = uneven is not None
     run.forecast = Forecast(run)
     run.board = Board.of(args, folder.path, run.step) if procs.rank == 0 else None
     log(start_line(run))
+    if uneven:
+        log(uneven)
     warn_if_too_large(args.arch, count_parameters(model.parameters()), args.max_params)
     return run
 
@@ -439,7 +444,7 @@ def end_epoch(run, phase, epoch, train):
     run.history.append(record)
     replan_time_budget(run, phase, epoch + 1)
     left = run.forecast.words(phase.number, epoch + 1)
-    log(f"{epoch_line(record, phase.epochs, is_best)} | {left}")
+    log(f"{epoch_line(record, phase.epochs, is_best, run.uneven)} | {left}")
     if run.board is not None:
         run.board.epoch(record, run.step)
     run.saver.save_epoch(run.args, run.history, phase, epoch + 1, is_best)

@@ -176,8 +176,9 @@ def test_two_phase_run_writes_checkpoints_and_history(tiny_args, tmp_path):
     assert {"phase2_epoch001.pt", "phase2_epoch002.pt"} <= written
     rows = read_history(out / "history.csv")
     assert [(r["phase"], r["epoch"]) for r in rows] == [("1", "1"), ("2", "1"), ("2", "2")]
-    columns = "phase epoch lr train_loss train_acc val_loss val_acc val_top5 images_per_s seconds"
-    assert list(rows[0]) == columns.split() + ["val_seconds", "steps", "img_size"]
+    columns = "phase epoch lr train_loss train_acc val_loss val_acc val_top5 val_balanced"
+    columns += " images_per_s seconds val_seconds steps img_size"
+    assert list(rows[0]) == columns.split()
 
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["classes"] == ["cat", "dog", "eel"] and last["arch"] == "resnet18"
@@ -836,3 +837,34 @@ def test_a_shortened_phase_two_rises_to_the_full_size_by_its_new_end(
     last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
     sizes = [r["img_size"] for r in last["history"] if r["phase"] == 2]
     assert sizes[0] == 16 and sizes[-1] == 32  # the new ramp ends at the full size
+
+
+def test_uneven_classes_are_said_as_the_run_starts_with_balanced_accuracy_in_its_lines(
+    tmp_path, narrow_models, capsys
+):
+    root = make_dataset(tmp_path / "data", per_class=9)
+    for image in sorted((root / "train" / "eel").iterdir())[2:]:
+        image.unlink()  # 9, 9 and 2 training images: the largest 4 times the smallest
+    train.main(["--data", str(root), "--out", str(tmp_path / "ck"), *TINY, "--epochs", "2"])
+    err = capsys.readouterr().err
+    assert "the classes are uneven: 2 to 9 training images a class" in err
+    assert "--class-weights auto or --sampler balanced weigh the small ones up (off here" in err
+    assert re.search(r"phase 2 epoch   1/1 .* val loss \S+ acc \S+ bal \S+ top5", err)
+    assert re.search(r"best val acc \S+, balanced \S+ \(phase", err)
+    history = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["history"]
+    assert all(0 <= r["val_balanced"] <= 1 for r in history)
+
+
+def test_a_resumed_runs_time_budget_line_counts_the_whole_run(
+    tiny_args, tmp_path, monkeypatch, capsys
+):
+    speed = {"step1": 2.0, "step2": 4.0, "validation": 1.0, "save": 0.0}
+    monkeypatch.setattr(train, "time_steps", lambda run: speed)
+    train.main(tiny_args + ["--time-budget", "60s"])
+    last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
+    torch.save({**last, "history": last["history"][:2], "epoch": 1}, tmp_path / "ck" / "last.pt")
+    capsys.readouterr()
+    train.main(["--resume", str(tmp_path / "ck" / "last.pt")])
+    line = next(s for s in capsys.readouterr().err.splitlines() if s.startswith("--time-budget"))
+    words = r"--time-budget 1:00: the run took \S+ s \(this command \S+ s, the epochs before it "
+    assert re.match(words + r"\S+ s\), \S+ s within its budget", line), line

@@ -251,13 +251,16 @@ def update_bn(model, loader, preprocess, device):
         torch.optim.swa_utils.update_bn(batches, model, device)
 
 
-def validation_metrics(model, loader, preprocess, criterion, device, dtype):
-    """Loss (`criterion` on the logits, as training computes it), top-1 and top-5 accuracy over
-    the whole split (every process's share), from exact counts."""
+def validation_metrics(model, loader, preprocess, criterion, device, dtype, num_classes=None):
+    """Loss (`criterion` on the logits, as training computes it), top-1, top-5 and balanced
+    accuracy (the mean over the classes present of each one's share of its images called right)
+    over the whole split (every process's share: give `num_classes` under DDP, where a process
+    may have no image to tell it), from exact counts."""
     loss_sum = torch.zeros((), device=device)
     weight_sum = torch.zeros((), device=device)  # what the mean loss divides by
     top1 = torch.zeros((), device=device, dtype=torch.long)
     top5 = torch.zeros((), device=device, dtype=torch.long)
+    per_class = None  # (images called right, images) of each class
     seen = 0
     for logits, labels in predict_logits(model, loader, preprocess, device, dtype):
         if hasattr(criterion, "sums"):  # class weights: their sum, over the whole split
@@ -268,12 +271,37 @@ def validation_metrics(model, loader, preprocess, criterion, device, dtype):
         hits1, hits5 = topk_hits(logits, labels)
         top1 += hits1
         top5 += hits5
+        counts = class_hits(logits, labels)
+        per_class = counts if per_class is None else per_class + counts
         seen += len(labels)
     divisor = seen if weight_sum is None else weight_sum
     loss_sum, divisor, top1, top5, seen = sum_over_processes(loss_sum, divisor, top1, top5, seen)
     if seen == 0:
-        return {"val_loss": float("nan"), "val_acc": 0.0, "val_top5": 0.0}
-    return {"val_loss": loss_sum / divisor, "val_acc": top1 / seen, "val_top5": top5 / seen}
+        return {"val_loss": float("nan"), "val_acc": 0.0, "val_top5": 0.0, "val_balanced": 0.0}
+    right, images = all_processes(per_class, num_classes, device)
+    balanced = float((right[images > 0] / images[images > 0]).mean())
+    return {
+        "val_loss": loss_sum / divisor,
+        "val_acc": top1 / seen,
+        "val_top5": top5 / seen,
+        "val_balanced": balanced,
+    }
+
+
+def class_hits(logits, labels):
+    """(images of each class called right, images of each class), on the device."""
+    classes = logits.shape[1]
+    right = torch.bincount(labels[logits.argmax(1) == labels], minlength=classes)
+    return torch.stack([right, torch.bincount(labels, minlength=classes)])
+
+
+def all_processes(counts, num_classes, device):
+    """class_hits' counts summed over every process (one with no image holds None), on the CPU."""
+    if counts is None:
+        counts = torch.zeros(2, num_classes or 0, dtype=torch.long, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    return counts.double().cpu()
 
 
 def count_correct(model, loader, preprocess, device, dtype, tta=False):

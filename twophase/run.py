@@ -53,6 +53,7 @@ class Run:
     history: list = field(default_factory=list)
     step: int = 0  # optimizer steps: TensorBoard's clock, which a resumed run goes on
     averaged_acc: float = -1.0  # best.pt's where an average the run continues made it
+    uneven: bool = False  # the largest class has UNEVEN times the smallest's training images
     board: object = None  # board.Board with --tensorboard
     forecast: object = None  # budget.Forecast
     net: nn.Module | None = None  # what runs the steps: the model, wrapped for DDP, compiled
@@ -97,6 +98,7 @@ class Run:
             broadcast_buffers(self.ema.module)  # copied from each process's own statistics
         net = self.net if self.world_size == 1 and self.net is not None else self.model
         on = (self.val_loader, self.eval_preprocess, self.criterion, self.device, self.dtype)
+        on += (len(self.splits.classes),)
         val = validation_metrics(net, *on)
         if self.ema is not None:
             val |= {f"ema_{k}": v for k, v in validation_metrics(self.ema.module, *on).items()}
@@ -126,12 +128,37 @@ def start_line(run):
     )
 
 
-def epoch_line(r, epochs, is_best):
-    """An epoch's record as its log line."""
+UNEVEN = 3  # the largest class this many times the smallest: top-1 favours the large ones
+
+
+def uneven_classes(counts, args):
+    """What train.py says as it starts where the training classes are uneven (the largest
+    UNEVEN times the smallest, or more), and the two options that weigh the small ones up; None
+    where they are even enough."""
+    low, high = int(min(counts)), int(max(counts))
+    if high < UNEVEN * max(low, 1):
+        return None
+    on = [
+        f"--{k} {v}" for k, v in (("class-weights", args.class_weights), ("sampler", args.sampler))
+    ]
+    on = [o for o in on if o not in ("--class-weights none", "--sampler shuffle")]
+    levers = f"on here: {', '.join(on)}" if on else "off here"
+    return (
+        f"the classes are uneven: {low} to {high} training images a class, the largest "
+        f"{high / max(low, 1):.0f} times the smallest. Top-1 accuracy favours the large classes, "
+        "so the epoch lines give balanced accuracy (bal) beside it; --class-weights auto or "
+        f"--sampler balanced weigh the small ones up ({levers}; docs/data.md)"
+    )
+
+
+def epoch_line(r, epochs, is_best, uneven=False):
+    """An epoch's record as its log line (with balanced accuracy where the classes are uneven)."""
+    balanced = f" bal {r['val_balanced']:.4f}" if uneven and "val_balanced" in r else ""
     return (
         f"phase {r['phase']} epoch {r['epoch']:>3}/{epochs} | lr {r['lr']:.2e} | "
         f"train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | "
-        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} top5 {r['val_top5']:.4f} | "
+        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f}{balanced} "
+        f"top5 {r['val_top5']:.4f} | "
         + (f"ema acc {r['ema_val_acc']:.4f} | " if "ema_val_acc" in r else "")
         + f"{r['images_per_s']:.0f} img/s {r['seconds']:.1f} s"
         + (" | best" if is_best else "")
@@ -180,18 +207,32 @@ def summarize(run, started):
         return
     best = max(run.history, key=best_acc)
     total = sum(r["seconds"] for r in run.history)
+    balanced = f", balanced {best['val_balanced']:.4f}" if run.uneven else ""
+    where = f"phase {best['phase']} epoch {best['epoch']}"
+    skipped = run.splits.skipped
     log(
-        f"best val acc {best_acc(best):.4f} (phase {best['phase']} epoch {best['epoch']}) -> "
+        f"best val acc {best_acc(best):.4f}{balanced} ({where}) -> "
         f"{run.saver.folder.path / BEST_PT}; {len(run.history)} epochs in {total / 60:.1f} min of "
-        "training"
-        + (f"; {run.splits.skipped} unreadable images were skipped" if run.splits.skipped else "")
+        "training" + (f"; {skipped} unreadable images were skipped" if skipped else "")
     )
     if run.args.time_budget:
-        took, budget = time.monotonic() - started, run.args.time_budget
-        log(
-            f"--time-budget {clock(budget)}: this command took {clock(took)}, "
-            f"{clock(abs(budget - took))} {'within' if took <= budget else 'over'} its budget"
-        )
+        log(budget_line(run, time.monotonic() - started))
+
+
+def budget_line(run, took):
+    """How close the whole run came to its --time-budget: this command's time, and where it
+    continues a run, the epochs of the commands before it (their training and validation)."""
+    budget = run.args.time_budget
+    before = sum(r["seconds"] + r.get("val_seconds", 0) for r in run.start.history())
+    spent = took + before
+    what = f"this command took {clock(took)}"
+    if before:
+        what = f"the run took {clock(spent)} (this command {clock(took)}, the epochs before it "
+        what += f"{clock(before)})"
+    within = "within" if spent <= budget else "over"
+    return (
+        f"--time-budget {clock(budget)}: {what}, {clock(abs(budget - spent))} {within} its budget"
+    )
 
 
 def demo_next_steps(args):
