@@ -558,6 +558,15 @@ def warn_unlisted(names, row_sets, sources):
         )
 
 
+UNEVEN = 3  # the largest class this many times the smallest: top-1 accuracy favours the large
+
+
+def uneven(counts):
+    """Whether classes of these image counts are uneven: the largest UNEVEN times the smallest."""
+    counts = [int(c) for c in counts]
+    return bool(counts) and max(counts) >= UNEVEN * max(min(counts), 1)
+
+
 @dataclass
 class Splits:
     classes: list

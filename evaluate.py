@@ -12,18 +12,39 @@ confused pairs) and per_class_metrics.csv (precision, recall, F1, support).
 import argparse
 import csv
 import json
+import os
+import shutil
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display needed
-import matplotlib.pyplot as plt
-import numpy as np
 import torch
 
-from data import display_names, labels_path, make_loader, trained_data_root, validation_of
+from data import (
+    display_names,
+    labels_path,
+    make_loader,
+    trained_data_root,
+    uneven,
+    validation_of,
+)
 from model import count_parameters, warn_if_too_large
-from twophase.checkpoint import best_acc, full_history, load_checkpoint, resolve_checkpoint
+from twophase.checkpoint import (
+    CHECKPOINT_DIR,
+    best_acc,
+    full_history,
+    load_checkpoint,
+    resolve_checkpoint,
+)
+from twophase.figures import (
+    MANY,
+    plot_confusion,
+    plot_curves_comparison,
+    plot_gradcam,
+    plot_loss,
+    plot_mistakes,
+    plot_most_confused,
+    plot_size_comparison,
+    plot_val_accuracy,
+)
 from twophase.inference import (
     add_inference_args,
     confusion_matrix,
@@ -40,15 +61,19 @@ from twophase.report import Evaluated, write_report
 from twophase.submission import test_answers, test_score
 from utils import Problem, exits_on_problems, log
 
-matplotlib.rcParams["text.parse_math"] = False  # class names are data: "$5 bill" is no formula
-
 
 def get_args_parser():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_inference_args(p)
-    p.add_argument("--figures", default="figures", help="folder for the figures and metric files")
+    p.add_argument(
+        "--figures",
+        default=None,
+        metavar="DIR",
+        help="folder for the figures and metric files (default: figures/ for a run in "
+        "checkpoints/, figures/RUN for a run in a folder RUN)",
+    )
     p.add_argument(
         "--compare",
         nargs="+",
@@ -60,9 +85,12 @@ def get_args_parser():
     )
     p.add_argument(
         "--report",
+        nargs="?",
+        const="",
         metavar="FILE.md",
         default=None,
-        help="write a Markdown report of --ckpt (and of --compare's runs) linking the figures",
+        help="write a Markdown report of --ckpt (and of --compare's runs) linking the figures, "
+        "into FILE.md or the figures' folder (report.md)",
     )
     p.add_argument(
         "--answers",
@@ -148,155 +176,6 @@ def print_metrics(metrics, ckpt):
     print_confused(metrics["most_confused"])
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-def epochs_axis(history):
-    """Epoch numbers across both phases, and where Phase II begins (None if it does not)."""
-    x = np.arange(1, len(history) + 1)
-    boundary = next((i + 0.5 for i, r in enumerate(history) if r["phase"] == 2), None)
-    if boundary == 0.5:
-        boundary = None  # Phase II alone
-    return x, boundary
-
-
-def mark_phases(ax, boundary):
-    if boundary is not None:
-        ax.axvline(boundary, color="grey", linestyle="--", linewidth=1)
-        ax.text(
-            boundary,
-            1.01,
-            " Phase I | Phase II ",
-            transform=ax.get_xaxis_transform(),
-            ha="center",
-            va="bottom",
-            fontsize=8,
-            color="grey",
-        )
-
-
-def plot_loss(history, path):
-    """Figure 1: training (and validation) loss per epoch, the phase boundary marked."""
-    x, boundary = epochs_axis(history)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(
-        x, [r["train_loss"] for r in history], label="train", marker="." if len(x) < 40 else None
-    )
-    ax.plot(x, [r["val_loss"] for r in history], label="validation", linestyle="--")
-    mark_phases(ax, boundary)
-    ax.set(xlabel="epoch", ylabel="loss (label-smoothed cross-entropy)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save(fig, path)
-
-
-def plot_val_accuracy(history, path):
-    """Figure 2: validation accuracy per epoch, the best epoch marked."""
-    x, boundary = epochs_axis(history)
-    acc = np.array([best_acc(r) for r in history])
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    if any("ema_val_acc" in r for r in history):  # --ema: both curves, the best of either
-        ax.plot(x, [r["val_acc"] for r in history], color="tab:green", label="weights")
-        ax.plot(
-            x,
-            [r.get("ema_val_acc", np.nan) for r in history],
-            color="tab:purple",
-            label="moving average (--ema)",
-        )
-        ax.legend()
-    else:
-        ax.plot(x, acc, color="tab:green")
-    best = int(acc.argmax())
-    ax.scatter([x[best]], [acc[best]], color="tab:red", zorder=3)
-    ax.annotate(
-        f"best {acc[best]:.4f}",
-        (x[best], acc[best]),
-        textcoords="offset points",
-        xytext=(0, -14),
-        ha="center",
-        fontsize=9,
-    )
-    mark_phases(ax, boundary)
-    ax.set(xlabel="epoch", ylabel="validation accuracy")
-    ax.grid(alpha=0.3)
-    save(fig, path)
-
-
-def plot_confusion(matrix, classes, path):
-    """Figure 5: the row-normalised confusion matrix, every class named."""
-    n = len(classes)
-    side = float(np.clip(0.14 * n + 3, 6, 22))
-    font = float(np.clip(420 / n, 3, 10))
-    fig, ax = plt.subplots(figsize=(side + 1.5, side))
-    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
-    ax.set_yticks(range(n), classes, fontsize=font)
-    ax.set(
-        xlabel="predicted class", ylabel="true class", title="confusion matrix (each row sums to 1)"
-    )
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    if n <= 20:
-        for t in range(n):
-            for p in range(n):
-                if matrix[t, p] >= 0.01:
-                    ax.text(
-                        p,
-                        t,
-                        f"{matrix[t, p]:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color="white" if matrix[t, p] > 0.5 else "black",
-                    )
-    save(fig, path)
-
-
-def plot_mistakes(images, true, pred, confidence, classes, path, columns=6):
-    """The most confident mistakes: each image with its true class, the prediction and its
-    probability."""
-    n = len(images)
-    columns = max(1, min(columns, n))
-    rows = max(1, -(-n // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, t, p, c in zip(axes.flat, images, true, pred, confidence):
-        ax.imshow(image)
-        ax.set_title(f"true: {classes[t]}\npred: {classes[p]} ({c:.2f})", fontsize=8)
-    if n == 0:
-        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
-    fig.suptitle("most confident mistakes")
-    save(fig, path)
-
-
-def plot_gradcam(images, cams, true, pred, confidence, classes, path, columns=6):
-    """Grad-CAM maps over their images, one row of the most confident mistakes and one of as many
-    correct predictions (the predicted class's map, its probability)."""
-    rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, cam, t, p, c in zip(axes.flat, images, cams, true, pred, confidence):
-        ax.imshow(image)
-        ax.imshow(cam, cmap="jet", alpha=0.45, extent=(0, image.shape[1], image.shape[0], 0))
-        mark = "" if t == p else f"\ntrue: {classes[t]}"
-        ax.set_title(
-            f"pred: {classes[p]} ({c:.2f}){mark}",
-            fontsize=8,
-            color="black" if t == p else "tab:red",
-        )
-    if not len(images):
-        axes.flat[0].text(0.5, 0.5, "no images", ha="center", va="center")
-    fig.suptitle("where the model looks (Grad-CAM on layer4): mistakes in red, then correct")
-    save(fig, path)
-
-
-def save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- comparing runs
 
 
@@ -358,33 +237,8 @@ def write_comparison(runs, folder):
     """Figures 3 and 4 and a table of the runs (comparison.md, also printed), in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))  # Figure 3: accuracy against size
-    for r in runs:
-        ax.scatter(r["params"] / 1e6, r["best_acc"], s=40)
-        ax.annotate(
-            r["label"],
-            (r["params"] / 1e6, r["best_acc"]),
-            textcoords="offset points",
-            xytext=(5, 5),
-            fontsize=9,
-        )
-    ax.margins(0.2)  # room for the labels
-    ax.set(xlabel="parameters (millions)", ylabel="best validation accuracy")
-    ax.grid(alpha=0.3)
-    save(fig, folder / "fig3_accuracy_vs_parameters.png")
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))  # Figure 4: validation accuracy curves
-    for r in runs:
-        ax.plot(
-            np.arange(1, len(r["history"]) + 1),
-            [best_acc(h) for h in r["history"]],
-            label=r["label"],
-            marker="o" if len(r["history"]) < 40 else None,  # a short run's points stay visible
-        )
-    ax.set(xlabel="epoch", ylabel="validation accuracy")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    save(fig, folder / "fig4_validation_accuracy_curves.png")
+    plot_size_comparison(runs, folder / "fig3_accuracy_vs_parameters.png")
+    plot_curves_comparison(runs, folder / "fig4_validation_accuracy_curves.png")
 
     tested = all("test" in r for r in runs)
     lines = [
@@ -479,15 +333,17 @@ def evaluate_checkpoint(trained, args, figures, names):
     history = full_history(resolve_checkpoint(args.ckpt), state)
     if history:
         plot_loss(history, figures / "fig1_loss.png")
-        plot_val_accuracy(history, figures / "fig2_val_accuracy.png")
+        uneven_data = uneven(state.get("class_counts") or [])
+        plot_val_accuracy(history, figures / "fig2_val_accuracy.png", balanced=uneven_data)
     else:  # saved during its first epoch
         log(f"{args.ckpt} has no finished epoch: no Figures 1 and 2")
     shown = [names.get(c, c) for c in classes]
-    plot_confusion(
-        confusion_matrix(labels.numpy(), logits.argmax(1).numpy(), len(classes)),
-        shown,
-        figures / "fig5_confusion_matrix.png",
-    )
+    preds = logits.argmax(1).numpy()
+    matrix = confusion_matrix(labels.numpy(), preds, len(classes))
+    plot_confusion(matrix, shown, figures / "fig5_confusion_matrix.png")
+    if len(classes) > MANY:
+        counts = confusion_matrix(labels.numpy(), preds, len(classes), normalize=False)
+        plot_most_confused(counts, shown, figures / "fig5_most_confused.png")
     confidence, preds = logits.softmax(dim=1).max(1)
     wrong = torch.nonzero(preds != labels).flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][:18].tolist()
@@ -501,11 +357,22 @@ def evaluate_checkpoint(trained, args, figures, names):
         figures / "mistakes.png",
     )
     right = torch.nonzero(preds == labels).flatten()
-    best = right[confidence[right].argsort(descending=True)].tolist()
+    best = one_a_class(right[confidence[right].argsort(descending=True)].tolist(), labels)
     picked = worst[:6] + best[: max(len(worst[:6]), 6 if not worst else 0)]
     draw_gradcam(trained, val, picked, preds, labels, confidence, shown, figures / "gradcam.png")
     log(f"wrote figures and metrics to {figures}/")
     return metrics, history
+
+
+def one_a_class(indices, labels):
+    """The first of `indices` of each class, in their order: Grad-CAM's correct examples, each of
+    another class."""
+    seen, kept = set(), []
+    for i in indices:
+        if int(labels[i]) not in seen:
+            seen.add(int(labels[i]))
+            kept.append(i)
+    return kept
 
 
 def draw_gradcam(trained, val, picked, preds, labels, confidence, shown, path):
@@ -525,22 +392,61 @@ def draw_gradcam(trained, val, picked, preds, labels, confidence, shown, path):
     )
 
 
+FIGURES = Path("figures")
+WRITTEN = "written.json"  # which checkpoint a figures folder's files are of, and which they are
+
+
+def figures_folder(args):
+    """--figures, else the run's own: figures/ for a run in checkpoints/ (train.py's --out by
+    default), figures/RUN for a run in a folder RUN."""
+    if args.figures:
+        return Path(args.figures)
+    run = resolve_checkpoint(args.ckpt).resolve().parent.name
+    return FIGURES if run == CHECKPOINT_DIR else FIGURES / run
+
+
+def claim(folder, ckpt):
+    """The figures folder for `ckpt`'s figures. Where it holds another checkpoint's, their files
+    go (no figure of one run beside another's report) and a line says so."""
+    record = folder / WRITTEN
+    if not record.is_file():
+        return
+    written = json.loads(record.read_text())
+    theirs = (folder / written["checkpoint"]).resolve()
+    if theirs == resolve_checkpoint(ckpt).resolve():
+        return
+    for name in written["files"]:
+        path = folder / name
+        if path.is_dir():  # a comparison's folder
+            shutil.rmtree(path)
+        elif path.is_file():
+            path.unlink()
+    log(f"{folder}/: the figures and report of {theirs.parent.name}/{theirs.name} are replaced")
+
+
+def remember(folder, ckpt, files):
+    """Which checkpoint the folder's files are of (relative to it), and which files they are."""
+    rel = os.path.relpath(resolve_checkpoint(ckpt).resolve(), folder.resolve())
+    (folder / WRITTEN).write_text(json.dumps({"checkpoint": rel, "files": files}, indent=2) + "\n")
+
+
 @exits_on_problems
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    figures = Path(args.figures)
     groups = args.compare or []
-    if groups and not args.report:
+    if groups and args.report is None:  # the comparisons alone: figures/ unless told otherwise
+        figures = Path(args.figures or FIGURES)
         for i, paths in enumerate(groups):
             folder = figures if len(groups) == 1 else figures / f"comparison{i + 1}"
             write_comparison(compare_runs(paths, args), folder)
         return
     trained = load_trained(args)
-    state = trained.state
+    state, figures = trained.state, figures_folder(args)
     checked = None
     if args.answers:  # read and checked before anything is written
         checked = test_answers(test_folder(args, state), args.answers, trained.classes)
     names = display_names(trained_data_root(args.data, state), trained.classes)
+    claim(figures, args.ckpt)
     metrics, history = evaluate_checkpoint(trained, args, figures, names)
     test = test_score_of(trained, args, checked) if args.answers else None
     if test:
@@ -548,9 +454,11 @@ def main(argv=None):
             f"{args.ckpt}: test accuracy {test.accuracy:.4f} ({test.correct}/{test.total}), "
             f"balanced {test.balanced:.4f}"
         )
-    if not args.report:
+    written = sorted(p.name for p in figures.iterdir() if p.is_file() and p.name != WRITTEN)
+    if args.report is None:
+        remember(figures, args.ckpt, written)
         return
-
+    report = Path(args.report or figures / "report.md")
     comparisons = []
     for paths in groups:
         runs = compare_runs(paths, args, {resolve_checkpoint(args.ckpt).resolve(): test})
@@ -561,8 +469,10 @@ def main(argv=None):
         comparisons.append({"title": title, "key": key, "folder": figures / key, "runs": runs})
     defaults = vars(training_options().parse_args([]))
     evaluated = Evaluated(state, history, metrics, test)
-    write_report(args.report, figures, evaluated, comparisons, names, defaults)
-    log(f"wrote {args.report}")
+    write_report(report, figures, evaluated, comparisons, names, defaults)
+    inside = report.resolve().parent == figures.resolve()
+    remember(figures, args.ckpt, written + [report.name] * inside + [c["key"] for c in comparisons])
+    log(f"wrote {report}")
 
 
 if __name__ == "__main__":

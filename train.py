@@ -235,7 +235,7 @@ def set_up(args, start, splits, model, folder, device, procs, stop):
     )
     run.step = start.steps_done(len(run.stream), args.accum_steps)
     uneven = uneven_classes(counts, args)
-    run.uneven = uneven is not None
+    run.classes_uneven = uneven is not None
     run.forecast = Forecast(run)
     run.board = Board.of(args, folder.path, run.step) if procs.rank == 0 else None
     log(start_line(run))
@@ -444,7 +444,7 @@ def end_epoch(run, phase, epoch, train):
     run.history.append(record)
     replan_time_budget(run, phase, epoch + 1)
     left = run.forecast.words(phase.number, epoch + 1)
-    log(f"{epoch_line(record, phase.epochs, is_best, run.uneven)} | {left}")
+    log(f"{epoch_line(record, phase.epochs, is_best, run.classes_uneven)} | {left}")
     if run.board is not None:
         run.board.epoch(record, run.step)
     run.saver.save_epoch(run.args, run.history, phase, epoch + 1, is_best)

@@ -1,6 +1,7 @@
 import json
 import re
 import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,13 +176,19 @@ def test_report_holds_the_runs_table_1_its_result_and_only_links_that_exist(
     assert re.search(r"\| test \| 5 \| [0-9.]+ \(\d/5\) \|", text)
     assert "Comparison: Phase II optimizers" in text and "(house cat)" in text
     assert "`python train.py --data" in text and "--optimizer2 adamw" in text
+    # Fit to hand in: no empty slot, no path of this machine, figures numbered as shown.
+    assert "<!-- notes" not in text and str(tmp_path) not in text
+    numbers = [int(n) for n in re.findall(r"\*Figure (\d+):", text)]
+    assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) == 7
+    confusion = "Figure 3: the confusion matrix, each row a true class's shares"
+    assert f"{confusion} (the method's report's Figure 5)" in text
 
-    # Prose written into a notes slot survives a new report.
-    report.write_text(
-        text.replace("<!-- notes:summary -->\n", "<!-- notes:summary -->\nWe find X.\n")
-    )
+    # Prose written into a notes slot survives a new report, in its place.
+    slot = "<!-- notes:summary -->\nWe find X.\n<!-- /notes -->"
+    report.write_text(text.replace("## Result\n", f"{slot}\n\n## Result\n"))
     evaluate.main(argv)
-    assert "<!-- notes:summary -->\nWe find X.\n<!-- /notes -->" in report.read_text()
+    again = report.read_text()
+    assert slot in again and again.index(slot) < again.index("## Result")
 
 
 def test_a_larger_test_size_is_read_through_its_own_cache(trained, tmp_path, capsys):
@@ -203,7 +210,7 @@ def test_a_larger_test_size_is_read_through_its_own_cache(trained, tmp_path, cap
 def test_table_1_of_a_recipe_best_run_shows_its_levers():
     args = vars(resolve(["--recipe", "best", "--mixup", "0.2"]).options)
     state = {"args": args, "arch": "resnet18", "img_size": 64, "classes": ["a"], "device": "cpu"}
-    text = "\n".join(report.table1(state))
+    text = "\n".join(report.table1(state, "."))
     assert "| Levers | recipe | best |" in text
     assert "| Levers | moving average of the weights (EMA) | decay 0.99 | both |" in text
     assert "| Levers | layer-wise lr decay | x0.7 a stage | II |" in text
@@ -279,3 +286,58 @@ def test_load_classifier_raises_what_code_of_ones_own_catches(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(Problem, match="cannot load checkpoint"):  # an Exception, not a SystemExit
         inference.load_classifier(tmp_path / "broken.pt")
+
+
+def test_each_run_has_figures_of_its_own_and_one_replaced_is_said(tiny_args, tmp_path, capsys):
+    """checkpoints/'s run: figures/; a run in b/: figures/b/. Another checkpoint evaluated into a
+    folder replaces its figures and report whole, and says so."""
+    for out in ("checkpoints", "b"):
+        train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1", "--out", str(tmp_path / out)])
+    for out in ("checkpoints", "b"):  # from tmp_path: figures/ is its
+        evaluate.main(["--ckpt", str(tmp_path / out / "best.pt"), "--report", "--device", "cpu"])
+    cwd = Path.cwd()
+    assert (cwd / "figures" / "report.md").is_file() and (
+        cwd / "figures" / "b" / "report.md"
+    ).is_file()
+    capsys.readouterr()
+    evaluate.main(
+        ["--ckpt", str(tmp_path / "b" / "last.pt"), "--figures", "figures", "--device", "cpu"]
+    )
+    assert (
+        "figures/: the figures and report of checkpoints/best.pt are replaced"
+        in capsys.readouterr().err
+    )
+    assert not (cwd / "figures" / "report.md").exists()  # no report of another run beside them
+
+
+def test_table_1_says_what_the_run_did_and_no_path_of_this_machine():
+    state = {
+        "args": vars(
+            resolve(
+                ["--epochs1", "0", "--warmup-epochs", "0", "--weights", "/home/me/w/r18.pth"]
+            ).options
+        ),
+        "classes": ["a", "b"],
+        "arch": "resnet18",
+        "img_size": 64,
+        "history": [{"phase": 2, "epoch": e, "val_acc": 0.5} for e in range(1, 20)],
+    }
+    text = "\n".join(report.table1(state, "/home/me/project/figures"))
+    assert "| Training | Phase I epochs | 0 (skipped) | I |" in text and "AdamW" not in text
+    assert "warmup" not in text and "cosine with half-period 45" in text
+    assert "periodic" not in text  # every 15, if val acc >= 0.82: none was kept
+    assert "| Model | pretrained weights | ../../w/r18.pth |" in text  # relative to the report
+    assert "/home/me" not in text
+
+
+def test_grad_cams_correct_examples_are_of_as_many_classes():
+    labels = torch.tensor([0, 0, 1, 0, 2, 1])
+    assert evaluate.one_a_class([0, 1, 3, 2, 5, 4], labels) == [0, 2, 4]
+
+
+def test_the_report_says_up_front_that_uneven_classes_make_top1_unfair():
+    metrics = {"images": 10, "top1_correct": 8, "balanced": 0.55}
+    line = report.headline({"class_counts": [40, 4, 9]}, metrics, None)
+    assert line.startswith("Validation top-1 0.8000 (8/10), balanced accuracy 0.5500.")
+    assert "The classes are uneven (4 to 40 training images each)" in line
+    assert "balanced" not in report.headline({"class_counts": [9, 8]}, metrics, None)

@@ -177,7 +177,7 @@ def test_two_phase_run_writes_checkpoints_and_history(tiny_args, tmp_path):
     rows = read_history(out / "history.csv")
     assert [(r["phase"], r["epoch"]) for r in rows] == [("1", "1"), ("2", "1"), ("2", "2")]
     columns = "phase epoch lr train_loss train_acc val_loss val_acc val_top5 val_balanced"
-    columns += " images_per_s seconds val_seconds steps img_size"
+    columns += " images_per_s seconds val_seconds steps img_size train_loss_curve"
     assert list(rows[0]) == columns.split()
 
     last = torch.load(out / "last.pt", weights_only=True)
@@ -326,7 +326,7 @@ def test_demo_command_runs_end_to_end(tmp_path, demo_images, narrow_models, monk
     evaluate_line, predict_line, check_line = commands.strip().splitlines()
     monkeypatch.chdir(tmp_path)  # figures/, prediction.csv
     evaluate.main(evaluate_line.split()[2:])
-    assert (tmp_path / "figures" / "report.md").is_file()
+    assert (tmp_path / "figures" / "ck" / "report.md").is_file()  # a run in ck/: figures/ck
     predict.main(predict_line.split()[2:-2] + ["--out", "prediction.csv"])
     capsys.readouterr()
     predict.main(check_line.split()[2:])

@@ -136,6 +136,7 @@ def epoch_record(phase, epoch, lr, train, val, seconds, val_seconds):
         "val_seconds": val_seconds,
         "steps": train["steps"],  # its optimizer steps: TensorBoard's clock
         "img_size": train["img_size"],  # the side it trained at (--progressive)
+        "train_loss_curve": train.get("train_loss_curve", []),  # as it went: Figure 1
     }
 
 
@@ -246,6 +247,8 @@ def full_history(ckpt_path, state):
 def _number(text):
     if text == "":  # a column an earlier epoch did not have (--ema added on --resume, say)
         return math.nan
+    if " " in text.strip():  # a curve: its points, space-separated
+        return [float(v) for v in text.split()]
     value = float(text)
     return int(value) if value.is_integer() and "." not in text and "e" not in text else value
 
@@ -258,7 +261,10 @@ def write_history_csv(history, path):
         columns = list(dict.fromkeys(key for record in history for key in record))
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(history)
+        for record in history:  # a curve (a list) as its points, space-separated
+            writer.writerow(
+                {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in record.items()}
+            )
 
 
 # ------------------------------------------------------------------------------ a run's folder

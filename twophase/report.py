@@ -1,10 +1,12 @@
-"""The Markdown report of a run, written by `evaluate.py --report FILE.md`: Table 1 as the run
-used it (from its checkpoint, not from today's defaults), its result as exact counts, Figures 1,
-2 and 5 and the mistakes gallery, a summary of its per-class metrics, and, with --compare,
-Figures 3 and 4 with their table.
+"""The Markdown report of a run, written by `evaluate.py --report`, fit to hand in as it is: its
+result as exact counts first (balanced accuracy beside top-1 where the classes are uneven),
+Table 1 as the run used it (from its checkpoint, not from today's defaults: no row of what it did
+not do), its figures numbered in the order it shows them (the method's report's own number given
+where it differs), a summary of its per-class metrics, and, with --compare, the comparison. No
+path of the machine it was made on: paths relative to the report, or names.
 
-Text between `<!-- notes:NAME -->` and `<!-- /notes -->` is kept when the report is written
-again over an earlier one: write the prose there, and regenerate the numbers at will.
+Prose written between `<!-- notes:NAME -->` and `<!-- /notes -->`, with NAME one of SLOTS, is
+kept in its place when the report is written again: the numbers can be made again at will.
 """
 
 import os
@@ -13,6 +15,7 @@ import shlex
 from pathlib import Path
 from typing import NamedTuple
 
+from data import uneven
 from twophase.checkpoint import best_acc
 from twophase.options import DEMO, RECIPES, split_budget
 from utils import atomic_file
@@ -27,9 +30,76 @@ def count(correct, total):
     return f"{correct / total:.4f} ({correct}/{total})" if total else "n/a"
 
 
+SLOTS = ("summary", "result", "training", "errors", "per_class")  # and compare_KEY
+
+
 def notes(name, kept):
     """A slot for prose, holding what an earlier version of the report had there."""
     return f"<!-- notes:{name} -->\n{kept.get(name, '')}<!-- /notes -->"
+
+
+def kept_notes(name, kept):
+    """The prose an earlier version of the report kept in the slot `name`, as lines (none where it
+    kept none: a generated report holds no empty slot)."""
+    if not kept.get(name, "").strip():
+        return []
+    return [notes(name, kept), ""]
+
+
+def shown_path(value, folder):
+    """A path as the report shows it: relative to the report's `folder` where it is near it (two
+    folders up at most), else its last two parts; never the absolute path of this machine."""
+    text = str(value)
+    if not os.path.isabs(text):
+        return text
+    relative = os.path.relpath(text, folder)
+    if not relative.startswith(os.path.join("..", "..", "..")):
+        return relative
+    return os.path.join(*Path(text).parts[-2:])
+
+
+def dataset_name(state):
+    """The dataset's folder name (its parent's, where the folder is a generic data/ or train/)."""
+    root = Path(state.get("data") or state["args"].get("data", "data"))
+    if root.name.lower() in ("data", "dataset", "datasets", "train", "") and root.parent.name:
+        return root.parent.name
+    return root.name
+
+
+CAPTIONS = {  # a figure's file: its caption, and its number in the method's report
+    "fig1_loss.png": (
+        "the training loss over the steps, smoothed, and the validation loss at each epoch's end",
+        1,
+    ),
+    "fig2_val_accuracy.png": ("validation accuracy at each epoch's end", 2),
+    "fig5_confusion_matrix.png": ("the confusion matrix, each row a true class's shares", 5),
+    "fig5_most_confused.png": ("the classes most often in a mistake, alone", None),
+    "mistakes.png": ("the most confident mistakes", None),
+    "gradcam.png": (
+        "where the model looks (Grad-CAM on its last residual stage, for the predicted class): "
+        "the most confident mistakes, then correct predictions of as many classes",
+        None,
+    ),
+    "fig3_accuracy_vs_parameters.png": ("best validation accuracy against size", 3),
+    "fig4_validation_accuracy_curves.png": ("validation accuracy per epoch", 4),
+}
+
+
+class Figures:
+    """The report's figures, numbered in the order it shows them."""
+
+    def __init__(self, report):
+        self.report, self.shown = Path(report), 0
+
+    def __call__(self, path):
+        """A figure's lines: the image, and its caption (CAPTIONS) with its number, and the
+        method's report's own number where that differs."""
+        caption, original = CAPTIONS[Path(path).name]
+        self.shown += 1
+        title = f"Figure {self.shown}: {caption}"
+        if original not in (None, self.shown):
+            title += f" (the method's report's Figure {original})"
+        return [f"![{title}]({link(path, self.report)})", "", f"*{title}.*", ""]
 
 
 def write_section(report_path, name, title, text):
@@ -54,55 +124,84 @@ def link(path, report):
     return os.path.relpath(path, Path(report).parent)
 
 
-def table1(state):
-    """The method's hyperparameters as this run had them, in the report's Table 1 layout."""
-    a = state["args"]
+def table1(state, folder):
+    """The method's hyperparameters as this run had them, in the report's Table 1 layout: no row
+    of what the run did not do (a phase it skipped, a warmup of none, periodic checkpoints it
+    never kept). Paths as `folder`, the report's, sees them."""
+    a, history = state["args"], state.get("history", [])
     cpu = state.get("device", "cuda") != "cuda"
     amp = (
         "off (float32 on the CPU)" if cpu else {"off": "off"}.get(a["amp"], f"{a['amp']} autocast")
     )
     steps = f" x {a['accum_steps']} accumulated" if a.get("accum_steps", 1) > 1 else ""
-    clip = a["clip"] or "none"
-    save = f"every {a['save_every']} epochs if val acc >= {a['save_min_acc']}"
-    lr2 = (
-        f"{a['lr2']:g} -> {a['min_lr']:g}: linear warmup from {a['warmup_start']:g}x over "
-        f"{a['warmup_epochs']} epoch(s), then cosine with half-period {a['cosine_epochs']}"
-    )
-    jitter = f"{a['jitter']:g} (hue {a['hue']:g}), p {a['p_jitter']:g}"
-    blur = f"3x3, sigma {a['blur_sigma'][0]:g}-{a['blur_sigma'][1]:g}, p {a['p_blur']:g}"
     rows = [
         ("Training", "batch size", f"{a['batch_size']}{steps}", "both"),
-        ("Training", "Phase I epochs", a["epochs1"], "I"),
-        ("Training", "Phase II epochs", a["epochs2"], "II"),
+        ("Training", "Phase I epochs", a["epochs1"] or "0 (skipped)", "I"),
+        ("Training", "Phase II epochs", a["epochs2"] or "0 (skipped)", "II"),
         ("Training", "mixed precision", amp, "both"),
-        ("Training", "gradient clip (L2 norm)", clip, "II"),
-        ("Training", "periodic checkpoints", save, "II"),
-        ("Optimizer", "Phase I", f"AdamW, lr {a['lr1']:g} constant, wd {a['wd1']:g}", "I"),
+    ]
+    if a["epochs1"]:
+        rows += [
+            ("Optimizer", "Phase I", f"AdamW, lr {a['lr1']:g} constant, wd {a['wd1']:g}", "I"),
+            ("Optimizer", "batch norm in Phase I", "frozen" if a["freeze_bn"] else "adapts", "I"),
+        ]
+    if a["epochs2"]:
+        rows += phase2_rows(a, history)
+    rows += [("Loss", "label smoothing", a["label_smoothing"], "both"), *augmentation_rows(a)]
+    weights = (
+        a["weights"] if a["weights"] in ("imagenet", "none") else shown_path(a["weights"], folder)
+    )
+    rows += [
+        ("Data", "classes", f"{len(state['classes'])}, {counts_of(state)}", "both"),
+        ("Data", "square images by", a.get("resize", "crop"), "all"),
+        ("Model", "architecture", state["arch"], "both"),
+        ("Model", "input resolution", f"{state['img_size']}x{state['img_size']}", "both"),
+        ("Model", "pretrained weights", weights, "both"),
+        *levers(a),
+    ]
+    lines = ["| category | parameter | value | phase |", "| --- | --- | --- | --- |"]
+    return lines + [f"| {c} | {p} | {cell(v)} | {ph} |" for c, p, v, ph in rows]
+
+
+def phase2_rows(a, history):
+    """Table 1's Phase II rows: its optimizer, its learning rate as it went (a warmup only where
+    there was one), its clip, the periodic checkpoints it kept (none: no row)."""
+    warmup = a["warmup_epochs"]
+    lr2 = f"{a['lr2']:g} -> {a['min_lr']:g}: "
+    if warmup:
+        lr2 += f"linear warmup from {a['warmup_start']:g}x over {warmup} epoch(s), then "
+    lr2 += f"cosine with half-period {a['cosine_epochs']}"
+    rows = [
         ("Optimizer", "Phase II", f"{a['optimizer2']}, wd {a['wd2']:g}", "II"),
         ("Optimizer", "Phase II learning rate", lr2, "II"),
-        ("Optimizer", "batch norm in Phase I", "frozen" if a["freeze_bn"] else "adapts", "I"),
-        ("Loss", "label smoothing", a["label_smoothing"], "both"),
+        ("Training", "gradient clip (L2 norm)", a["clip"] or "none", "II"),
+    ]
+    every = a.get("save_every") or 0
+    kept = [
+        r["epoch"]
+        for r in history
+        if every and r["phase"] == 2 and r["epoch"] % every == 0
+        and r["val_acc"] >= a["save_min_acc"]
+    ]  # fmt: skip
+    if kept:
+        saved = f"phase 2 epochs {', '.join(map(str, kept))} (every {every} if val acc >= "
+        rows.append(("Training", "periodic checkpoints", saved + f"{a['save_min_acc']})", "II"))
+    return rows
+
+
+def augmentation_rows(a):
+    jitter = f"{a['jitter']:g} (hue {a['hue']:g}), p {a['p_jitter']:g}"
+    blur = f"3x3, sigma {a['blur_sigma'][0]:g}-{a['blur_sigma'][1]:g}, p {a['p_blur']:g}"
+    flips = f"horizontal p {a['p_hflip']:g}, vertical p {a['p_vflip']:g}"
+    return [
         ("Augmentation", "rotation", f"+-{a['degrees']:g} deg", "train"),
         ("Augmentation", "translation", f"+-{a['translate']:.0%}", "train"),
         ("Augmentation", "scale", f"{a['scale'][0]:g}-{a['scale'][1]:g}", "train"),
         ("Augmentation", "shear", f"+-{a['shear']:g} deg", "train"),
         ("Augmentation", "colour jitter", jitter, "train"),
         ("Augmentation", "Gaussian blur", blur, "train"),
-        (
-            "Augmentation",
-            "flips",
-            f"horizontal p {a['p_hflip']:g}, vertical p {a['p_vflip']:g}",
-            "train",
-        ),
-        ("Data", "classes", f"{len(state['classes'])}, {counts_of(state)}", "both"),
-        ("Data", "square images by", a.get("resize", "crop"), "all"),
-        ("Model", "architecture", state["arch"], "both"),
-        ("Model", "input resolution", f"{state['img_size']}x{state['img_size']}", "both"),
-        ("Model", "pretrained weights", a["weights"], "both"),
+        ("Augmentation", "flips", flips, "train"),
     ]
-    rows += levers(a)
-    lines = ["| category | parameter | value | phase |", "| --- | --- | --- | --- |"]
-    return lines + [f"| {c} | {p} | {v} | {ph} |" for c, p, v, ph in rows]
 
 
 def levers(a):
@@ -146,9 +245,10 @@ def levers(a):
     return rows + [("Levers", name, value, phase) for name, used, value, phase in on if used]
 
 
-def command_of(state, defaults):
+def command_of(state, defaults, folder=None):
     """The train.py command line of a run: --demo and --recipe if it used them, then the options
-    that differ from what the defaults, those presets and the --epochs split make of them."""
+    that differ from what the defaults, those presets and the --epochs split make of them; with
+    `folder`, an absolute path as shown_path shows it from there."""
     if state.get("command"):
         return state["command"]
     args, parts = state["args"], ["python train.py"]
@@ -166,10 +266,15 @@ def command_of(state, defaults):
             parts.append(f"--{key.replace('_', '-')}")
         elif value is not False:
             values = value if isinstance(value, list) else [value]
+            if folder is not None and key in PATHS:
+                values = [shown_path(v, folder) for v in values]
             parts.append(
                 f"--{key.replace('_', '-')} " + " ".join(shlex.quote(str(v)) for v in values)
             )
     return " ".join(parts)
+
+
+PATHS = {"data", "labels", "val_labels", "class_weights", "weights", "out", "cache_dir"}
 
 
 def counts_of(state):
@@ -222,32 +327,27 @@ def confused_table(pairs, names):
     return lines
 
 
-def comparison_lines(comparison, report, defaults, kept):
+def comparison_lines(comparison, figures, defaults, kept):
+    """A comparison's section: its table of runs and its two figures (the method's report's
+    Figures 3 and 4), numbered by `figures` (a Figures)."""
     title, folder, runs = comparison["title"], comparison["folder"], comparison["runs"]
+    here = figures.report.parent
     tested = any(r.get("test") for r in runs)
     header = "| run | architecture | Phase II optimizer | parameters | "
     header += "test accuracy | " if tested else ""
     header += "best val acc | epochs | minutes | command |"
-    lines = [
-        f"## Comparison: {title} (Figures 3 and 4)",
-        "",
-        notes(f"compare_{comparison['key']}", kept),
-        "",
-    ]
+    lines = [f"## Comparison: {title}", "", *kept_notes(f"compare_{comparison['key']}", kept)]
     lines += [header, "| --- " * (header.count("|") - 1) + "|"]
     for r in runs:
         test = f"{count(*r['test'][:2])} | " if tested else ""
         lines.append(
-            f"| {r['label']} | {r['arch']} | {r['optimizer2']} | {r['params'] / 1e6:.1f}M | {test}"
-            f"{r['best_acc']:.4f} | {len(r['history'])} | {r['minutes']:.1f} | "
-            f"`{command_of(r['state'], defaults)}` |"
+            f"| {cell(r['label'])} | {r['arch']} | {r['optimizer2']} | {r['params'] / 1e6:.1f}M | "
+            f"{test}{r['best_acc']:.4f} | {len(r['history'])} | {r['minutes']:.1f} | "
+            f"`{command_of(r['state'], defaults, here)}` |"
         )
-    for name, caption in (
-        ("fig3_accuracy_vs_parameters.png", "Figure 3: best validation accuracy against size"),
-        ("fig4_validation_accuracy_curves.png", "Figure 4: validation accuracy per epoch"),
-    ):
-        lines += ["", f"![{caption}]({link(folder / name, report)})"]
-    return lines + [""]
+    lines.append("")
+    lines += figures(folder / "fig3_accuracy_vs_parameters.png")
+    return lines + figures(folder / "fig4_validation_accuracy_curves.png")
 
 
 def where_from(state, history):
@@ -281,28 +381,46 @@ class Evaluated(NamedTuple):
     test: object = None
 
 
+def headline(state, metrics, test):
+    """The result in a sentence or two: top-1 on the validation (and test) images, and where the
+    classes are uneven, balanced accuracy beside it, and why it counts."""
+    n = metrics["images"]
+    line = f"Validation top-1 {count(metrics['top1_correct'], n)}"
+    counts = state.get("class_counts") or []
+    if uneven(counts):
+        line += f", balanced accuracy {metrics['balanced']:.4f}"
+    if test:
+        line += f"; test top-1 {count(test.correct, test.total)}"
+        line += f", balanced {test.balanced:.4f}" if uneven(counts) else ""
+    line += "."
+    if uneven(counts):
+        line += (
+            f" The classes are uneven ({min(counts)} to {max(counts)} training images each): top-1 "
+            "favours the large ones, and balanced accuracy, the mean of each class's share of its "
+            "images called right, is the fairer measure."
+        )
+    return line
+
+
 def write_report(path, figures, evaluated, comparisons, names, defaults):
     """The report of `evaluated` as Markdown at `path`; its images are in `figures` (linked
     relatively)."""
     state, history, metrics, test = evaluated
     path = Path(path)
     old = path.read_text() if path.is_file() else ""
-    kept = dict(NOTES.findall(old))
+    kept, shown, here = dict(NOTES.findall(old)), Figures(path), path.parent
     n = metrics["images"]
     lines = [
-        f"# {state['arch']} on {state['data']}: results",
+        f"# {state['arch']} on {dataset_name(state)}: results",
         "",
-        notes("summary", kept),
+        headline(state, metrics, test),
         "",
-        "## The method as this run used it (Table 1)",
-        "",
-        *(table1(state) if "lr1" in state["args"] else ["Trained by another program."]),
-        "",
-        f"Command: `{command_of(state, defaults)}`",
-        "",
+    ]
+    lines += kept_notes("summary", kept)
+    lines += [
         "## Result",
         "",
-        f"Data: {metrics.get('data_layout') or state['data']}.",
+        f"Data: {metrics.get('data_layout') or dataset_name(state)}.",
         "",
         "| split | images | top-1 | balanced accuracy | top-5 |",
         "| --- | ---: | ---: | ---: | ---: |",
@@ -313,46 +431,33 @@ def write_report(path, figures, evaluated, comparisons, names, defaults):
         lines.append(
             f"| test | {test.total} | {count(test.correct, test.total)} | {test.balanced:.4f} | |"
         )
-    lines += ["", *where_from(state, history), "", notes("result", kept), ""]
+    lines += ["", *where_from(state, history), "", *kept_notes("result", kept)]
+    lines += ["## The method as this run used it (Table 1)", ""]
+    lines += table1(state, here) if "lr1" in state["args"] else ["Trained by another program."]
+    lines += ["", f"Command: `{command_of(state, defaults, here)}`", ""]
     if history:
-        lines += [
-            "## Training (Figures 1 and 2)",
-            "",
-            f"![Figure 1: training loss]({link(figures / 'fig1_loss.png', path)})",
-            "",
-            f"![Figure 2: validation accuracy]({link(figures / 'fig2_val_accuracy.png', path)})",
-            "",
-        ]
-    lines += [
-        notes("training", kept),
-        "",
-        "## Errors (Figure 5, the mistakes gallery)",
-        "",
-        f"![Figure 5: confusion matrix]({link(figures / 'fig5_confusion_matrix.png', path)})",
-        "",
-        f"![The most confident mistakes]({link(figures / 'mistakes.png', path)})",
-        "",
-        "Where the model looks (Grad-CAM on its last residual stage, for the predicted class): the "
-        "most confident mistakes, then as many of the most confident correct predictions.",
-        "",
-        f"![Grad-CAM]({link(figures / 'gradcam.png', path)})",
-        "",
-        "The most confused pairs on the validation split:",
-        "",
-        *confused_table(metrics["most_confused"], names),
-        "",
-        notes("errors", kept),
-        "",
-        "## Per-class metrics",
-        "",
-        *per_class_summary(metrics, names),
-        "",
-        f"Every class: [per_class_metrics.csv]({link(figures / 'per_class_metrics.csv', path)}).",
-        "",
-    ]
+        lines += ["## Training", ""]
+        lines += shown(figures / "fig1_loss.png") + shown(figures / "fig2_val_accuracy.png")
+        lines += kept_notes("training", kept)
+    lines += errors_lines(figures, metrics, names, shown) + kept_notes("errors", kept)
+    lines += ["## Per-class metrics", "", *per_class_summary(metrics, names), ""]
+    every = link(figures / "per_class_metrics.csv", path)
+    lines += [f"Every class: [per_class_metrics.csv]({every}).", ""]
+    lines += kept_notes("per_class", kept)
     for comparison in comparisons:
-        lines += comparison_lines(comparison, path, defaults, kept)
+        lines += comparison_lines(comparison, shown, defaults, kept)
     if APPENDIX in old:
         lines += [APPENDIX + old.split(APPENDIX, 1)[1]]
     with atomic_file(path, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines).rstrip("\n") + "\n")
+
+
+def errors_lines(figures, metrics, names, shown):
+    """The errors' section: the confusion matrix (and the most confused classes alone, where
+    there are many), the most confident mistakes, Grad-CAM, the most confused pairs."""
+    lines = ["## Errors", "", *shown(figures / "fig5_confusion_matrix.png")]
+    if (figures / "fig5_most_confused.png").is_file():
+        lines += shown(figures / "fig5_most_confused.png")
+    lines += shown(figures / "mistakes.png") + shown(figures / "gradcam.png")
+    pairs = confused_table(metrics["most_confused"], names)
+    return lines + ["The most confused pairs on the validation split:", "", *pairs, ""]

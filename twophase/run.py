@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import Splits, TrainingStream
+from data import Splits, TrainingStream, uneven
 from model import count_parameters
 from twophase.augment import BatchPreprocess
 from twophase.budget import clock
@@ -53,7 +53,7 @@ class Run:
     history: list = field(default_factory=list)
     step: int = 0  # optimizer steps: TensorBoard's clock, which a resumed run goes on
     averaged_acc: float = -1.0  # best.pt's where an average the run continues made it
-    uneven: bool = False  # the largest class has UNEVEN times the smallest's training images
+    classes_uneven: bool = False  # the largest class has data.UNEVEN times the smallest's images
     board: object = None  # board.Board with --tensorboard
     forecast: object = None  # budget.Forecast
     net: nn.Module | None = None  # what runs the steps: the model, wrapped for DDP, compiled
@@ -128,16 +128,13 @@ def start_line(run):
     )
 
 
-UNEVEN = 3  # the largest class this many times the smallest: top-1 favours the large ones
-
-
 def uneven_classes(counts, args):
     """What train.py says as it starts where the training classes are uneven (the largest
-    UNEVEN times the smallest, or more), and the two options that weigh the small ones up; None
+    data.UNEVEN times the smallest, or more), and the two options that weigh the small ones up; None
     where they are even enough."""
-    low, high = int(min(counts)), int(max(counts))
-    if high < UNEVEN * max(low, 1):
+    if not uneven(counts):
         return None
+    low, high = int(min(counts)), int(max(counts))
     on = [
         f"--{k} {v}" for k, v in (("class-weights", args.class_weights), ("sampler", args.sampler))
     ]
@@ -207,7 +204,7 @@ def summarize(run, started):
         return
     best = max(run.history, key=best_acc)
     total = sum(r["seconds"] for r in run.history)
-    balanced = f", balanced {best['val_balanced']:.4f}" if run.uneven else ""
+    balanced = f", balanced {best['val_balanced']:.4f}" if run.classes_uneven else ""
     where = f"phase {best['phase']} epoch {best['epoch']}"
     skipped = run.splits.skipped
     log(
@@ -241,7 +238,7 @@ def demo_next_steps(args):
     best, answers = Path(args.out) / BEST_PT, Path(args.data) / "answers.csv"
     return (
         "the rest of the pipeline, a few seconds each:\n"
-        f"  python evaluate.py --ckpt {best} --report figures/report.md --answers {answers}\n"
+        f"  python evaluate.py --ckpt {best} --report --answers {answers}\n"
         f"  python predict.py --ckpt {best} > prediction.csv\n"
         f"  python predict.py --ckpt {best} --check prediction.csv --answers {answers}"
     )

@@ -8,6 +8,8 @@ import torch
 
 from utils import sum_over_processes, totals_dtype
 
+CURVE_POINTS = 20  # an epoch's training loss, as the report's Figure 1 draws it: points an epoch
+
 
 @dataclass
 class EpochTally:
@@ -50,7 +52,25 @@ class EpochTally:
             "images": seen,
             "nonfinite": int(nonfinite),
             "batches": int(batches),
+            "train_loss_curve": self.curve(),
         }
+
+    def curve(self, points=CURVE_POINTS):
+        """The epoch's training loss as it went: the mean of the finite losses of each of up to
+        `points` runs of consecutive batches, over every process (their batches run alike)."""
+        n = len(self.losses)
+        if not n:
+            return []
+        losses = torch.stack(self.losses).double()
+        finite = torch.isfinite(losses)
+        k = min(points, n)
+        run = torch.arange(n, device=losses.device) * k // n  # each batch's run: a few ops in all
+        sums = torch.zeros(2, k, dtype=losses.dtype, device=losses.device)
+        sums[0].index_add_(0, run, torch.where(finite, losses, 0.0))
+        sums[1].index_add_(0, run, finite.double())
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        return [round(s / c, 6) if c else float("nan") for s, c in zip(*sums.tolist())]
 
 
 def epoch_totals(losses, hits, sizes, device):

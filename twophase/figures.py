@@ -1,0 +1,233 @@
+"""The figures evaluate.py draws and the report shows, each sized to read at a page's width (about
+7 inches): the training curves (from the steps, not only the epochs), validation accuracy, the
+confusion matrix (and, above 30 classes, the 20 most confused classes alone), the most confident
+mistakes, Grad-CAM, and a comparison's accuracy against size and curves. Class names are data:
+matplotlib draws a $ as it is."""
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from twophase.checkpoint import best_acc  # noqa: E402
+
+matplotlib.rcParams["text.parse_math"] = False
+WIDE, TALL = 7.0, 4.2  # a figure at a page's width
+MANY = 30  # classes above which the whole confusion matrix is unreadable at a page's width
+MOST_CONFUSED = 20
+
+
+def save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def epoch_axis(ax, history):
+    """Whole epochs on the x axis (1, 2, ... n: an epoch ends at its number) and the end of Phase
+    I marked where Phase II follows it."""
+    ax.set_xlim(0, len(history) + 0.2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set_xlabel("epoch")
+    ends = sum(r["phase"] == 1 for r in history)
+    if 0 < ends < len(history):
+        ax.axvline(ends, color="grey", linestyle="--", linewidth=1)
+        ax.text(
+            ends,
+            1.01,
+            " Phase I | Phase II ",
+            transform=ax.get_xaxis_transform(),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="grey",
+        )
+    ax.grid(alpha=0.3)
+
+
+def loss_points(history):
+    """(x, loss) of the training loss as it went: each epoch's curve of runs of steps (a run's
+    point at its middle), or, for a record without one, the epoch's mean at its end."""
+    xs, ys = [], []
+    for e, record in enumerate(history):
+        curve = record.get("train_loss_curve")
+        curve = curve if isinstance(curve, list) and curve else None
+        if curve is None:
+            xs.append(e + 1)
+            ys.append(record["train_loss"])
+            continue
+        xs += [e + (i + 0.5) / len(curve) for i in range(len(curve))]
+        ys += curve
+    return np.array(xs), np.array(ys, dtype=float)
+
+
+def smoothed(values, weight=0.6):
+    """An exponential moving average, as TensorBoard smooths a curve (NaN points skipped)."""
+    out, last = [], None
+    for v in values:
+        if np.isfinite(v):
+            last = v if last is None else weight * last + (1 - weight) * v
+        out.append(last if last is not None else np.nan)
+    return np.array(out)
+
+
+def plot_loss(history, path):
+    """Figure 1: the training loss over the steps, smoothed, and the validation loss at each
+    epoch's end; whole epochs on the axis, the phase boundary marked."""
+    xs, ys = loss_points(history)
+    fig, ax = plt.subplots(figsize=(WIDE, TALL))
+    ax.plot(xs, ys, color="tab:blue", alpha=0.3, linewidth=1)
+    ax.plot(xs, smoothed(ys), color="tab:blue", label="training (over the steps, smoothed)")
+    ends = np.arange(1, len(history) + 1)
+    ax.plot(ends, [r["val_loss"] for r in history], "o--", color="tab:orange", label="validation")
+    epoch_axis(ax, history)
+    ax.set_ylabel("loss (label-smoothed cross-entropy)")
+    ax.legend()
+    save(fig, path)
+
+
+def plot_val_accuracy(history, path, balanced=False):
+    """Figure 2: validation accuracy at each epoch's end, the best marked; the moving average's
+    (--ema) and, where the classes are uneven (`balanced`), balanced accuracy beside it."""
+    ends = np.arange(1, len(history) + 1)
+    acc = np.array([best_acc(r) for r in history])
+    fig, ax = plt.subplots(figsize=(WIDE, TALL))
+    if any("ema_val_acc" in r for r in history):  # --ema: both, the best of either marked
+        ax.plot(ends, [r["val_acc"] for r in history], "o-", color="tab:green", label="weights")
+        ema = [r.get("ema_val_acc", np.nan) for r in history]
+        ax.plot(ends, ema, "o-", color="tab:purple", label="moving average (--ema)")
+    else:
+        ax.plot(ends, acc, "o-", color="tab:green", label="top-1")
+    if balanced and all("val_balanced" in r for r in history):
+        shown = [r["val_balanced"] for r in history]
+        ax.plot(ends, shown, "s--", color="tab:red", label="balanced (the mean over classes)")
+    best = int(acc.argmax())
+    ax.scatter([ends[best]], [acc[best]], s=90, facecolors="none", edgecolors="black", zorder=3)
+    ax.annotate(
+        f"best {acc[best]:.4f}",
+        (ends[best], acc[best]),
+        textcoords="offset points",
+        xytext=(0, -16),
+        ha="center",
+        fontsize=9,
+    )
+    epoch_axis(ax, history)
+    ax.set_ylabel("validation accuracy")
+    ax.legend(loc="lower right")
+    save(fig, path)
+
+
+def plot_confusion(matrix, classes, path, title="each row sums to 1"):
+    """The row-normalised confusion matrix, every class named (and, at 20 or fewer, every cell of
+    1 % or more written in)."""
+    n = len(classes)
+    side = float(np.clip(0.14 * n + 3, 6, 22))
+    font = float(np.clip(420 / n, 3, 10))
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), classes, fontsize=font)
+    ax.set(xlabel="predicted class", ylabel="true class", title=f"confusion matrix ({title})")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    if n <= MOST_CONFUSED:
+        for t in range(n):
+            for p in range(n):
+                if matrix[t, p] >= 0.01:
+                    colour = "white" if matrix[t, p] > 0.5 else "black"
+                    ax.text(
+                        p,
+                        t,
+                        f"{matrix[t, p]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color=colour,
+                    )
+    save(fig, path)
+
+
+def most_confused_classes(counts, top=MOST_CONFUSED):
+    """The `top` classes most often in a mistake, as the truth or as the guess, in class order."""
+    off = counts - np.diag(np.diag(counts))
+    involved = off.sum(axis=0) + off.sum(axis=1)
+    order = np.argsort(-involved, kind="stable")[:top]
+    return np.sort(order[involved[order] > 0])
+
+
+def plot_most_confused(counts, classes, path):
+    """Above MANY classes: the confusion matrix of the MOST_CONFUSED classes most often in a
+    mistake, each row a share of all its true class's images, legible at a page's width."""
+    chosen = most_confused_classes(counts)
+    totals = counts.sum(axis=1, keepdims=True)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    sub = shares[np.ix_(chosen, chosen)]
+    title = f"the {len(chosen)} classes most often in a mistake; a row: shares of all its images"
+    plot_confusion(sub, [classes[i] for i in chosen], path, title)
+
+
+def plot_gallery(images, titles, colours, path, title, maps=None, columns=6):
+    """Images in a grid, each with its title (and Grad-CAM's map over it, where `maps`)."""
+    n = len(images)
+    columns = max(1, min(columns, n))
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (ax, image) in enumerate(zip(axes.flat, images)):
+        ax.imshow(image)
+        if maps is not None:
+            ax.imshow(
+                maps[i], cmap="jet", alpha=0.45, extent=(0, image.shape[1], image.shape[0], 0)
+            )
+        ax.set_title(titles[i], fontsize=8, color=colours[i])
+    if n == 0:
+        axes.flat[0].text(0.5, 0.5, "none", ha="center", va="center")
+    fig.suptitle(title)
+    save(fig, path)
+
+
+def plot_mistakes(images, true, pred, confidence, classes, path):
+    """The most confident mistakes: each image with its true class and the prediction."""
+    shown = zip(true, pred, confidence)
+    titles = [f"true: {classes[t]}\npred: {classes[p]} ({c:.2f})" for t, p, c in shown]
+    plot_gallery(images, titles, ["black"] * len(images), path, "the most confident mistakes")
+
+
+def plot_gradcam(images, cams, true, pred, confidence, classes, path):
+    """Grad-CAM maps over their images: the most confident mistakes, in red, then correct
+    predictions of as many classes (the predicted class's map, its probability)."""
+    titles = [
+        f"pred: {classes[p]} ({c:.2f})" + ("" if t == p else f"\ntrue: {classes[t]}")
+        for t, p, c in zip(true, pred, confidence)
+    ]
+    colours = ["black" if t == p else "tab:red" for t, p in zip(true, pred)]
+    title = "where the model looks (Grad-CAM on layer4): mistakes in red, then correct"
+    plot_gallery(images, titles, colours, path, title, maps=cams)
+
+
+def plot_size_comparison(runs, path):
+    """Figure 3 of a comparison: each run's best validation accuracy against its size."""
+    fig, ax = plt.subplots(figsize=(WIDE, 4.5))
+    for r in runs:
+        ax.scatter(r["params"] / 1e6, r["best_acc"], s=40)
+        where = (r["params"] / 1e6, r["best_acc"])
+        ax.annotate(r["label"], where, textcoords="offset points", xytext=(5, 5), fontsize=9)
+    ax.margins(0.2)  # room for the labels
+    ax.set(xlabel="parameters (millions)", ylabel="best validation accuracy")
+    ax.grid(alpha=0.3)
+    save(fig, path)
+
+
+def plot_curves_comparison(runs, path):
+    """Figure 4 of a comparison: each run's validation accuracy at each epoch's end."""
+    fig, ax = plt.subplots(figsize=(WIDE, 4.5))
+    for r in runs:
+        ends = np.arange(1, len(r["history"]) + 1)
+        ax.plot(ends, [best_acc(h) for h in r["history"]], "o-", label=r["label"], markersize=3)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax.set(xlabel="epoch", ylabel="validation accuracy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, path)
