@@ -47,6 +47,7 @@ from twophase.figures import (
 )
 from twophase.inference import (
     add_inference_args,
+    cam_layer,
     confusion_matrix,
     grad_cam,
     load_trained,
@@ -380,15 +381,16 @@ def draw_gradcam(trained, val, picked, preds, labels, confidence, shown, path):
     class, as the model sees the images (its preprocessing, without augmentation)."""
     images = val[picked][0] if picked else torch.zeros(0, 1, 1, 3, dtype=torch.uint8)
     x = trained.preprocess(images.to(trained.device))
-    cams = grad_cam(trained.model, trained.model.layer4, x, preds[picked].to(trained.device))
+    layer = cam_layer(trained.img_size)
+    stage = getattr(trained.model, layer)
+    cams = grad_cam(trained.model, stage, x, preds[picked].to(trained.device))
     plot_gradcam(
         images.numpy(),
         cams.cpu().numpy(),
-        labels[picked].tolist(),
-        preds[picked].tolist(),
-        confidence[picked].tolist(),
+        (labels[picked].tolist(), preds[picked].tolist(), confidence[picked].tolist()),
         shown,
         path,
+        layer,
     )
 
 

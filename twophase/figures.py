@@ -2,7 +2,7 @@
 7 inches): the training curves (from the steps, not only the epochs), validation accuracy, the
 confusion matrix (and, above 30 classes, the 20 most confused classes alone), the most confident
 mistakes, Grad-CAM, and a comparison's accuracy against size and curves. Class names are data:
-matplotlib draws a $ as it is."""
+a $ in one is drawn as it is (literal), not read as the start of a formula."""
 
 import matplotlib
 
@@ -13,10 +13,14 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from twophase.checkpoint import best_acc  # noqa: E402
 
-matplotlib.rcParams["text.parse_math"] = False
 WIDE, TALL = 7.0, 4.2  # a figure at a page's width
 MANY = 30  # classes above which the whole confusion matrix is unreadable at a page's width
 MOST_CONFUSED = 20
+
+
+def literal(name):
+    """A class name as matplotlib draws it as it is: a $ escaped (it would open a formula)."""
+    return str(name).replace("$", r"\$")
 
 
 def save(fig, path):
@@ -84,7 +88,12 @@ def plot_loss(history, path):
     ax.plot(ends, [r["val_loss"] for r in history], "o--", color="tab:orange", label="validation")
     epoch_axis(ax, history)
     ax.set_ylabel("loss (label-smoothed cross-entropy)")
-    ax.legend()
+    losses = np.concatenate([ys, [r["val_loss"] for r in history]])
+    losses = losses[np.isfinite(losses) & (losses > 0)]
+    if len(losses) and losses.max() > 5 * np.median(losses):  # a spike would flatten the rest
+        ax.set_yscale("log")
+        ax.set_ylabel("loss (label-smoothed cross-entropy, log scale)")
+    ax.legend(loc="best")
     save(fig, path)
 
 
@@ -105,12 +114,13 @@ def plot_val_accuracy(history, path, balanced=False):
         ax.plot(ends, shown, "s--", color="tab:red", label="balanced (the mean over classes)")
     best = int(acc.argmax())
     ax.scatter([ends[best]], [acc[best]], s=90, facecolors="none", edgecolors="black", zorder=3)
+    edge = "right" if best >= 0.75 * len(history) else "center"  # inside the axes
     ax.annotate(
         f"best {acc[best]:.4f}",
         (ends[best], acc[best]),
         textcoords="offset points",
-        xytext=(0, -16),
-        ha="center",
+        xytext=(4 if edge == "center" else -6, -16),
+        ha=edge,
         fontsize=9,
     )
     epoch_axis(ax, history)
@@ -119,32 +129,24 @@ def plot_val_accuracy(history, path, balanced=False):
     save(fig, path)
 
 
-def plot_confusion(matrix, classes, path, title="each row sums to 1"):
+def plot_confusion(matrix, classes, path, title="confusion matrix (each row sums to 1)", side=None):
     """The row-normalised confusion matrix, every class named (and, at 20 or fewer, every cell of
     1 % or more written in)."""
     n = len(classes)
-    side = float(np.clip(0.14 * n + 3, 6, 22))
+    side = side or float(np.clip(0.14 * n + 3, 6, 22))
     font = float(np.clip(420 / n, 3, 10))
     fig, ax = plt.subplots(figsize=(side + 1.5, side))
     image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
-    ax.set_yticks(range(n), classes, fontsize=font)
-    ax.set(xlabel="predicted class", ylabel="true class", title=f"confusion matrix ({title})")
+    names = [literal(c) for c in classes]
+    ax.set_xticks(range(n), names, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), names, fontsize=font)
+    ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     if n <= MOST_CONFUSED:
-        for t in range(n):
-            for p in range(n):
-                if matrix[t, p] >= 0.01:
-                    colour = "white" if matrix[t, p] > 0.5 else "black"
-                    ax.text(
-                        p,
-                        t,
-                        f"{matrix[t, p]:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=7,
-                        color=colour,
-                    )
+        for t, p in zip(*np.nonzero(matrix >= 0.01)):
+            colour = "white" if matrix[t, p] > 0.5 else "black"
+            shown = f"{matrix[t, p]:.2f}".lstrip("0")  # .35: narrow enough for 20 a row
+            ax.text(p, t, shown, ha="center", va="center", fontsize=7, color=colour)
     save(fig, path)
 
 
@@ -163,8 +165,9 @@ def plot_most_confused(counts, classes, path):
     totals = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
     sub = shares[np.ix_(chosen, chosen)]
-    title = f"the {len(chosen)} classes most often in a mistake; a row: shares of all its images"
-    plot_confusion(sub, [classes[i] for i in chosen], path, title)
+    title = f"the {len(chosen)} classes most often in a mistake\n"
+    title += "(each row: shares of all the images of its true class)"
+    plot_confusion(sub, [classes[i] for i in chosen], path, title, side=9)
 
 
 def plot_gallery(images, titles, colours, path, title, maps=None, columns=6):
@@ -181,7 +184,7 @@ def plot_gallery(images, titles, colours, path, title, maps=None, columns=6):
             ax.imshow(
                 maps[i], cmap="jet", alpha=0.45, extent=(0, image.shape[1], image.shape[0], 0)
             )
-        ax.set_title(titles[i], fontsize=8, color=colours[i])
+        ax.set_title(literal(titles[i]), fontsize=8, color=colours[i])
     if n == 0:
         axes.flat[0].text(0.5, 0.5, "none", ha="center", va="center")
     fig.suptitle(title)
@@ -195,15 +198,17 @@ def plot_mistakes(images, true, pred, confidence, classes, path):
     plot_gallery(images, titles, ["black"] * len(images), path, "the most confident mistakes")
 
 
-def plot_gradcam(images, cams, true, pred, confidence, classes, path):
-    """Grad-CAM maps over their images: the most confident mistakes, in red, then correct
-    predictions of as many classes (the predicted class's map, its probability)."""
+def plot_gradcam(images, cams, calls, classes, path, layer="layer4"):
+    """Grad-CAM maps (of the stage `layer`) over their images: the most confident mistakes, in
+    red, then correct predictions of as many classes; `calls`: each image's true class, predicted
+    class and its probability."""
+    true, pred, confidence = calls
     titles = [
         f"pred: {classes[p]} ({c:.2f})" + ("" if t == p else f"\ntrue: {classes[t]}")
         for t, p, c in zip(true, pred, confidence)
     ]
     colours = ["black" if t == p else "tab:red" for t, p in zip(true, pred)]
-    title = "where the model looks (Grad-CAM on layer4): mistakes in red, then correct"
+    title = f"where the model looks (Grad-CAM on {layer}): mistakes in red, then correct"
     plot_gallery(images, titles, colours, path, title, maps=cams)
 
 
@@ -213,7 +218,9 @@ def plot_size_comparison(runs, path):
     for r in runs:
         ax.scatter(r["params"] / 1e6, r["best_acc"], s=40)
         where = (r["params"] / 1e6, r["best_acc"])
-        ax.annotate(r["label"], where, textcoords="offset points", xytext=(5, 5), fontsize=9)
+        ax.annotate(
+            literal(r["label"]), where, textcoords="offset points", xytext=(5, 5), fontsize=9
+        )
     ax.margins(0.2)  # room for the labels
     ax.set(xlabel="parameters (millions)", ylabel="best validation accuracy")
     ax.grid(alpha=0.3)
@@ -225,7 +232,9 @@ def plot_curves_comparison(runs, path):
     fig, ax = plt.subplots(figsize=(WIDE, 4.5))
     for r in runs:
         ends = np.arange(1, len(r["history"]) + 1)
-        ax.plot(ends, [best_acc(h) for h in r["history"]], "o-", label=r["label"], markersize=3)
+        ax.plot(
+            ends, [best_acc(h) for h in r["history"]], "o-", label=literal(r["label"]), markersize=3
+        )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set(xlabel="epoch", ylabel="validation accuracy")
     ax.legend()

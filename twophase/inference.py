@@ -216,6 +216,15 @@ def grad_cam(model, layer, images, classes):
     return (cam / cam.amax(dim=(1, 2), keepdim=True).clamp(min=1e-12)).detach()
 
 
+STAGES = (("layer4", 32), ("layer3", 16), ("layer2", 8), ("layer1", 4))  # a ResNet's, strides
+
+
+def cam_layer(side):
+    """The deepest residual stage whose maps are 4 x 4 or more at `side` px, for Grad-CAM: layer4
+    at 224 (7 x 7), layer3 at 64, layer2 at 32. A map of 1 x 1 says nothing of where."""
+    return next((name for name, stride in STAGES if side // stride >= 4), "layer1")
+
+
 def averaged_model(states, device, loader=None, preprocess=None):
     """The average of checkpoints' weights (model.average_weights) as a model on `device`, in
     eval mode, its batch norm statistics measured again on `loader` (shuffled training images,

@@ -76,8 +76,9 @@ CAPTIONS = {  # a figure's file: its caption, and its number in the method's rep
     "fig5_most_confused.png": ("the classes most often in a mistake, alone", None),
     "mistakes.png": ("the most confident mistakes", None),
     "gradcam.png": (
-        "where the model looks (Grad-CAM on its last residual stage, for the predicted class): "
-        "the most confident mistakes, then correct predictions of as many classes",
+        "where the model looks (Grad-CAM for the predicted class, on the deepest residual stage "
+        "whose maps are 4 x 4 or more): the most confident mistakes, then correct predictions of "
+        "as many classes",
         None,
     ),
     "fig3_accuracy_vs_parameters.png": ("best validation accuracy against size", 3),
