@@ -12,7 +12,6 @@ confused pairs) and per_class_metrics.csv (precision, recall, F1, support).
 import argparse
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -58,7 +57,7 @@ from twophase.inference import (
 from twophase.loss import loss_of
 from twophase.options import get_args_parser as training_options
 from twophase.options import parameter_count
-from twophase.report import Evaluated, write_report
+from twophase.report import Evaluated, relative, write_report
 from twophase.submission import test_answers, test_score
 from utils import Problem, exits_on_problems, log
 
@@ -395,7 +394,17 @@ def draw_gradcam(trained, val, picked, preds, labels, confidence, shown, path):
 
 
 FIGURES = Path("figures")
-WRITTEN = "written.json"  # which checkpoint a figures folder's files are of, and which they are
+WRITTEN = "written.json"  # which run's checkpoint a figures folder's files are of, and which
+OUTPUTS = (  # what evaluate.py writes into a figures folder (a report and comparisons besides)
+    "fig1_loss.png",
+    "fig2_val_accuracy.png",
+    "fig5_confusion_matrix.png",
+    "fig5_most_confused.png",
+    "mistakes.png",
+    "gradcam.png",
+    "per_class_metrics.csv",
+    "metrics.json",
+)
 
 
 def figures_folder(args):
@@ -407,40 +416,73 @@ def figures_folder(args):
     return FIGURES if run == CHECKPOINT_DIR else FIGURES / run
 
 
-def claim(folder, ckpt):
-    """The figures folder for `ckpt`'s figures. Where it holds another checkpoint's, their files
-    go (no figure of one run beside another's report) and a line says so."""
+def owner(state, ckpt, folder):
+    """Whose figures evaluate.py writes: the run (its id; a checkpoint made before runs had one:
+    its folder), the checkpoint's name, and where it is, from the figures' folder."""
+    path = resolve_checkpoint(ckpt).resolve()
+    where = relative(path, Path(folder).resolve())
+    return {
+        "run": state.get("run_id") or str(Path(where).parent),
+        "checkpoint": path.name,
+        "from": where,
+    }
+
+
+def claim(folder, mine):
+    """The figures folder for `mine` (owner's). Where it holds the figures of another run, or of
+    another checkpoint of this one, those files go, and a line says so: no figure of one stays
+    beside the other's report. Only what evaluate.py wrote goes; a report holding prose of its
+    own is kept, renamed."""
     record = folder / WRITTEN
     if not record.is_file():
         return
-    written = json.loads(record.read_text())
-    theirs = (folder / written["checkpoint"]).resolve()
-    if theirs == resolve_checkpoint(ckpt).resolve():
+    theirs = json.loads(record.read_text())
+    if (theirs.get("run"), theirs.get("checkpoint")) == (mine["run"], mine["checkpoint"]):
         return
-    for name in written["files"]:
+    for name in theirs.get("files", []):
         path = folder / name
-        if path.is_dir():  # a comparison's folder
+        if path.suffix == ".md" and path.is_file() and "<!-- notes:" in path.read_text():
+            kept = free_name(folder, f"{path.stem}.replaced")
+            path.rename(kept)
+            log(f"{path} holds prose of its own: kept as {kept}")
+        elif path.is_dir():  # a comparison's folder
             shutil.rmtree(path)
         elif path.is_file():
             path.unlink()
-    log(f"{folder}/: the figures and report of {theirs.parent.name}/{theirs.name} are replaced")
+    log(f"{folder}/: the figures and report of {theirs.get('from')} give way to {mine['from']}'s")
 
 
-def remember(folder, ckpt, files):
-    """Which checkpoint the folder's files are of (relative to it), and which files they are."""
-    rel = os.path.relpath(resolve_checkpoint(ckpt).resolve(), folder.resolve())
-    (folder / WRITTEN).write_text(json.dumps({"checkpoint": rel, "files": files}, indent=2) + "\n")
+def free_name(folder, stem):
+    """folder/stem.md, or stem1.md, stem2.md, ...: the first that is not there."""
+    return next(
+        folder / f"{stem}{n or ''}.md"
+        for n in range(1000)
+        if not (folder / f"{stem}{n or ''}.md").exists()
+    )
+
+
+def remember(folder, mine, files):
+    """Whose the folder's files are (owner's), and which they are: `files` and those an earlier
+    evaluation of the same checkpoint wrote (its report, where this one wrote none)."""
+    record = folder / WRITTEN
+    earlier = json.loads(record.read_text()) if record.is_file() else {}
+    if (earlier.get("run"), earlier.get("checkpoint")) == (mine["run"], mine["checkpoint"]):
+        kept = [name for name in earlier.get("files", []) if (folder / name).exists()]
+        files = list(dict.fromkeys(files + kept))
+    record.write_text(json.dumps({**mine, "files": files}, indent=2) + "\n")
 
 
 @exits_on_problems
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     groups = args.compare or []
-    if groups and args.report is None:  # the comparisons alone: figures/ unless told otherwise
-        figures = Path(args.figures or FIGURES)
+    if groups and args.report is None:  # the comparisons alone, each in figures/ its name
         for i, paths in enumerate(groups):
-            folder = figures if len(groups) == 1 else figures / f"comparison{i + 1}"
-            write_comparison(compare_runs(paths, args), folder)
+            runs = compare_runs(paths, args)
+            folder = FIGURES / comparison_name(runs)[1]
+            if args.figures:
+                folder = Path(args.figures) / (f"comparison{i + 1}" if len(groups) > 1 else "")
+            write_comparison(runs, folder)
         return
     trained = load_trained(args)
     state, figures = trained.state, figures_folder(args)
@@ -448,7 +490,8 @@ def main(argv=None):
     if args.answers:  # read and checked before anything is written
         checked = test_answers(test_folder(args, state), args.answers, trained.classes)
     names = display_names(trained_data_root(args.data, state), trained.classes)
-    claim(figures, args.ckpt)
+    mine = owner(state, args.ckpt, figures)
+    claim(figures, mine)
     metrics, history = evaluate_checkpoint(trained, args, figures, names)
     test = test_score_of(trained, args, checked) if args.answers else None
     if test:
@@ -456,9 +499,9 @@ def main(argv=None):
             f"{args.ckpt}: test accuracy {test.accuracy:.4f} ({test.correct}/{test.total}), "
             f"balanced {test.balanced:.4f}"
         )
-    written = sorted(p.name for p in figures.iterdir() if p.is_file() and p.name != WRITTEN)
+    written = [name for name in OUTPUTS if (figures / name).is_file()]
     if args.report is None:
-        remember(figures, args.ckpt, written)
+        remember(figures, mine, written)
         return
     report = Path(args.report or figures / "report.md")
     comparisons = []
@@ -473,7 +516,7 @@ def main(argv=None):
     evaluated = Evaluated(state, history, metrics, test)
     write_report(report, figures, evaluated, comparisons, names, defaults)
     inside = report.resolve().parent == figures.resolve()
-    remember(figures, args.ckpt, written + [report.name] * inside + [c["key"] for c in comparisons])
+    remember(figures, mine, written + [report.name] * inside + [c["key"] for c in comparisons])
     log(f"wrote {report}")
 
 

@@ -9,11 +9,28 @@ in your own code, from any folder, with nothing installed and nothing put on sys
 (`torch.hub.load("owner/repo", "classifier", ...)` once the repository is on GitHub.)
 """
 
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 dependencies = ["torch", "torchvision", "numpy", "PIL"]
 
 REPO = Path(__file__).resolve().parent
+TOP = ("data", "model", "utils", "train", "evaluate", "predict")  # this repository's top level
+
+
+@contextmanager
+def own_modules():
+    """This repository's top-level modules while the classifier loads, the caller's put back
+    after: a notebook's own model.py or utils.py (common names) neither hides ours nor is
+    hidden by them afterwards (the package keeps its references to ours)."""
+    callers = {name: sys.modules.pop(name) for name in TOP if name in sys.modules}
+    try:
+        yield
+    finally:
+        for name in TOP:
+            sys.modules.pop(name, None)
+        sys.modules.update(callers)
 
 
 def classifier(checkpoint="checkpoints/best.pt", device="auto", use="auto", tta=None, amp=None):
@@ -22,9 +39,14 @@ def classifier(checkpoint="checkpoints/best.pt", device="auto", use="auto", tta=
     names; `classifier.predict(images)` gives each image's likeliest class and every class's
     probability. A relative path is looked up here, then in this repository (its checkpoints/).
     `use` ("ema" or "weights"), `tta` and `amp` as predict.py's --use, --tta and --amp."""
-    from twophase.inference import load_classifier  # noqa: PLC0415 (torch.hub puts us on the path)
-
     path = Path(checkpoint)
     if not path.exists() and not path.is_absolute() and (REPO / path).exists():
         path = REPO / path
-    return load_classifier(path, device=device, use=use, tta=tta, amp=amp)
+    with own_modules():
+        sys.path.insert(0, str(REPO))  # torch.hub puts it there as it loads this file; not later
+        try:
+            from twophase.inference import load_classifier  # noqa: PLC0415
+
+            return load_classifier(path, device=device, use=use, tta=tta, amp=amp)
+        finally:
+            sys.path.remove(str(REPO))

@@ -99,8 +99,7 @@ def main(argv=None):
     procs = init_distributed(args.device)
     device = pick_device(args.device, procs.local_rank)
     refuse_what_cannot_run(args, device, procs)
-    # What can be checked is, before a folder is claimed or an image decoded: the data's layout
-    # and CSVs, the architecture and the weights (a download too). A typo costs seconds.
+    # Checked before a folder is claimed or an image decoded (layout, CSVs, weights): seconds.
     with local_main_first(procs.local_rank):
         dataset = find_data(args)
     seed_everything(args.seed + procs.rank)  # initialisation, and anything random a model adds
@@ -110,11 +109,13 @@ def main(argv=None):
     folder = RunFolder(args.out, writer=procs.rank == 0)
     try:
         # The first process holds --out for the run: no other run writes there meanwhile.
-        with folder.claimed(start, args), StopRequest() as stop:
+        with folder.claimed(start, args):
             with local_main_first(procs.local_rank):
-                splits = load_data(args, dataset)
-            run = set_up(args, start, splits, model, folder, device, procs, stop)
-            with closing(run):
+                splits = load_data(args, dataset)  # a stop here is Python's: no position yet
+            with (
+                StopRequest() as stop,
+                closing(set_up(args, start, splits, model, folder, device, procs, stop)) as run,
+            ):
                 if budget_to_plan(resolved):  # chosen once, as the run starts
                     fixed = budget_fixed(resolved)
                     run.args = plan_time_budget(run, fixed, started, time_steps(run))
@@ -189,9 +190,8 @@ def normalisation(args):
 def set_up(args, start, splits, model, folder, device, procs, stop):
     """The run at its start: the model on the device (its weights, or those of the checkpoint it
     continues) and its moving average, the loss, the data's stream and loaders, the checkpoints."""
-    if device.type == "cuda":
-        # A fixed input size: let cuDNN time its kernels and keep the fastest.
-        torch.backends.cudnn.benchmark = True
+    # A fixed input size: cuDNN times its kernels once and keeps the fastest.
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     if args.sync_bn and procs.world_size > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
@@ -228,7 +228,7 @@ def set_up(args, start, splits, model, folder, device, procs, stop):
         ),
         eval_preprocess=BatchPreprocess(args.mean, args.std).to(device),
         start=start,
-        saver=Checkpointer(folder, model, ema, splits, procs, device),
+        saver=Checkpointer(folder, model, ema, splits, procs, start.run_id()),
         stop=stop,
         history=start.history(),
         averaged_acc=folder.averaged_acc(start),

@@ -190,8 +190,11 @@ def test_two_processes_equal_one_over_the_same_global_batch(tmp_path, narrow_mod
         )
     for r1, r2 in zip(one["history"], two["history"]):  # validation: exact, over the one image
         assert (r1["val_acc"], r1["ema_val_acc"]) == (r2["val_acc"], r2["ema_val_acc"])
+        assert r1["val_balanced"] == r2["val_balanced"]
         assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=1e-5)
         assert r1["train_loss"] == pytest.approx(r2["train_loss"], abs=1e-5)
+        assert len(r1["train_loss_curve"]) == len(r2["train_loss_curve"]) > 0
+        assert r1["train_loss_curve"] == pytest.approx(r2["train_loss_curve"], abs=1e-5)
 
 
 def test_class_weights_and_balanced_batches_train_two_processes_as_one(tmp_path, narrow_models):

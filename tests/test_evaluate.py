@@ -290,24 +290,51 @@ def test_load_classifier_raises_what_code_of_ones_own_catches(tmp_path):
 
 def test_each_run_has_figures_of_its_own_and_one_replaced_is_said(tiny_args, tmp_path, capsys):
     """checkpoints/'s run: figures/; a run in b/: figures/b/. Another checkpoint evaluated into a
-    folder replaces its figures and report whole, and says so."""
+    folder replaces evaluate.py's figures and report there, and says so; a file of the user's
+    stays, and a report holding prose of its own is kept under another name."""
     for out in ("checkpoints", "b"):
         train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1", "--out", str(tmp_path / out)])
     for out in ("checkpoints", "b"):  # from tmp_path: figures/ is its
         evaluate.main(["--ckpt", str(tmp_path / out / "best.pt"), "--report", "--device", "cpu"])
     cwd = Path.cwd()
-    assert (cwd / "figures" / "report.md").is_file() and (
-        cwd / "figures" / "b" / "report.md"
-    ).is_file()
+    ours = cwd / "figures"
+    assert (ours / "report.md").is_file() and (ours / "b" / "report.md").is_file()
+    (ours / "notes.txt").write_text("mine\n")
+    evaluate.main(["--ckpt", str(tmp_path / "checkpoints" / "best.pt"), "--device", "cpu"])
+    assert (ours / "report.md").is_file()  # the same checkpoint again: nothing gives way
     capsys.readouterr()
     evaluate.main(
         ["--ckpt", str(tmp_path / "b" / "last.pt"), "--figures", "figures", "--device", "cpu"]
     )
-    assert (
-        "figures/: the figures and report of checkpoints/best.pt are replaced"
-        in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "figures/: the figures and report of " in err
+    assert "/checkpoints/best.pt give way to " in err and "/b/last.pt's" in err
+    assert not (ours / "report.md").exists()  # no report of another run beside them
+    assert (ours / "notes.txt").read_text() == "mine\n" and (ours / "gradcam.png").is_file()
+    evaluate.main(
+        [
+            "--ckpt",
+            str(tmp_path / "b" / "best.pt"),
+            "--figures",
+            "figures",
+            "--report",
+            "--device",
+            "cpu",
+        ]
     )
-    assert not (cwd / "figures" / "report.md").exists()  # no report of another run beside them
+    report = ours / "report.md"
+    report.write_text(report.read_text() + "<!-- notes:summary -->\nOur words.\n<!-- /notes -->\n")
+    # the same folder retrained from scratch (--overwrite): another run, its report gives way
+    train.main(
+        tiny_args
+        + ["--epochs1", "1", "--epochs2", "1", "--out", str(tmp_path / "b"), "--overwrite"]
+    )
+    capsys.readouterr()
+    evaluate.main(
+        ["--ckpt", str(tmp_path / "b" / "best.pt"), "--figures", "figures", "--device", "cpu"]
+    )
+    assert "holds prose of its own: kept as figures/report.replaced.md" in capsys.readouterr().err
+    assert "Our words." in (ours / "report.replaced.md").read_text() and not report.exists()
 
 
 def test_table_1_says_what_the_run_did_and_no_path_of_this_machine():

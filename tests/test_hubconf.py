@@ -17,8 +17,12 @@ sys.path.insert(0, {tests!r})  # the narrow stand-in for resnet18, which the che
 from narrow import narrow_get_model
 torchvision.models.get_model = narrow_get_model(torchvision.models.get_model)
 assert not any(p.rstrip("/") == {repo!r} for p in sys.path)
+sys.path.insert(0, ".")
+import model  # the notebook's own model.py, a common name
 classifier = torch.hub.load({repo!r}, "classifier", {ckpt!r}, source="local", device="cpu")
 names, probs = classifier.predict([{image!r}])
+import model as again
+assert model.MINE and again is model  # neither hidden by ours nor hiding it
 print(json.dumps({{"names": names, "probs": probs.tolist(), "classes": classifier.classes}}))
 """
 
@@ -29,6 +33,7 @@ def test_torch_hub_loads_the_classifier_from_a_folder_outside_the_repository(
     train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])
     elsewhere = tmp_path / "notebook"
     elsewhere.mkdir()
+    (elsewhere / "model.py").write_text("MINE = True\n")
     image = str(dataset / "test" / "img_00.png")
     script = SCRIPT.format(
         tests=str(REPO / "tests"),

@@ -56,6 +56,7 @@ EXTRA = {"step", "progress", "averaged", "val_acc", "tta", "command", "wall_seco
 EXTRA |= {"class_counts"}  # the training images of each class, for the report's per-class table
 EXTRA |= {"test_size", "test_bn", "test_bn_of"}  # --test-size auto's size, batch norm there
 EXTRA |= {"val_digest"}  # which images were held out for validation
+EXTRA |= {"run_id"}  # which run the checkpoint is of (made as it starts; a resume keeps it)
 
 
 def epoch_file(n):
@@ -235,7 +236,7 @@ def full_history(ckpt_path, state):
     if not path.is_file():
         return history
     with open(path, newline="") as f:
-        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = [{k: _value(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
     same_run = len(rows) >= len(history) and all(
         (r["phase"], r["epoch"]) == (h["phase"], h["epoch"])
         and math.isclose(r["val_acc"], h["val_acc"])
@@ -244,11 +245,16 @@ def full_history(ckpt_path, state):
     return rows if same_run else history
 
 
+def _value(column, text):
+    """A cell of history.csv: a curve (its points, space-separated) as a list, else a number."""
+    if column.endswith("_curve"):
+        return [float(v) for v in (text or "").split()]
+    return _number(text)
+
+
 def _number(text):
     if text == "":  # a column an earlier epoch did not have (--ema added on --resume, say)
         return math.nan
-    if " " in text.strip():  # a curve: its points, space-separated
-        return [float(v) for v in text.split()]
     value = float(text)
     return int(value) if value.is_integer() and "." not in text and "e" not in text else value
 
@@ -464,12 +470,13 @@ class Checkpointer:
     run was last saved, which the advice of a run that diverged names. Saving is a collective
     under torchrun: every process gathers its random state, the first writes."""
 
-    def __init__(self, folder, model, ema, splits, procs, device):
+    def __init__(self, folder, model, ema, splits, procs, run_id):  # model: on its device
         self.folder, self.model, self.ema, self.procs = folder, model, ema, procs
-        self.device, self.classes = device, splits.classes
+        self.device, self.classes = next(model.parameters()).device, splits.classes
         self.extra = {
             "class_counts": splits.train.class_counts(len(splits.classes)).tolist(),
             "val_digest": splits.val.digest(),  # which images were held out for validation
+            "run_id": run_id,
         }
         self.saved_at = None  # where last.pt was last written by this run, in words
 

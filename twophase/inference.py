@@ -298,10 +298,12 @@ def validation_metrics(model, loader, preprocess, criterion, device, dtype, num_
 
 
 def class_hits(logits, labels):
-    """(images of each class called right, images of each class), on the device."""
-    classes = logits.shape[1]
-    right = torch.bincount(labels[logits.argmax(1) == labels], minlength=classes)
-    return torch.stack([right, torch.bincount(labels, minlength=classes)])
+    """(images of each class called right, images of each class), on the device; no host sync
+    (bincount and boolean indexing would ask the device for sizes)."""
+    counts = torch.zeros(2, logits.shape[1], dtype=torch.long, device=logits.device)
+    counts[0].scatter_add_(0, labels, (logits.argmax(1) == labels).long())
+    counts[1].scatter_add_(0, labels, torch.ones_like(labels))
+    return counts
 
 
 def all_processes(counts, num_classes, device):
@@ -310,7 +312,7 @@ def all_processes(counts, num_classes, device):
         counts = torch.zeros(2, num_classes or 0, dtype=torch.long, device=device)
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
-    return counts.double().cpu()
+    return counts.cpu().double()
 
 
 def count_correct(model, loader, preprocess, device, dtype, tta=False):

@@ -46,16 +46,25 @@ def kept_notes(name, kept):
     return [notes(name, kept), ""]
 
 
+def relative(path, folder):
+    """`path` relative to `folder`, names joined by / (a report's links read the same on every
+    system); where none can be (another drive, on Windows), `path` itself."""
+    try:
+        return Path(os.path.relpath(path, folder)).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
 def shown_path(value, folder):
     """A path as the report shows it: relative to the report's `folder` where it is near it (two
     folders up at most), else its last two parts; never the absolute path of this machine."""
     text = str(value)
     if not os.path.isabs(text):
         return text
-    relative = os.path.relpath(text, folder)
-    if not relative.startswith(os.path.join("..", "..", "..")):
-        return relative
-    return os.path.join(*Path(text).parts[-2:])
+    near = relative(text, folder)
+    if not near.startswith("../../..") and not os.path.isabs(near):
+        return near
+    return "/".join(Path(text).parts[-2:])
 
 
 def dataset_name(state):
@@ -122,14 +131,17 @@ def cell(text):
 
 
 def link(path, report):
-    return os.path.relpath(path, Path(report).parent)
+    return relative(path, Path(report).parent)
 
 
-def table1(state, folder):
+def table1(state, folder, history=None):
     """The method's hyperparameters as this run had them, in the report's Table 1 layout: no row
-    of what the run did not do (a phase it skipped, a warmup of none, periodic checkpoints it
-    never kept). Paths as `folder`, the report's, sees them."""
-    a, history = state["args"], state.get("history", [])
+    of what the run did not do (a phase it did not train, a warmup of none, periodic checkpoints
+    it never kept). Paths as `folder`, the report's, sees them; `history`: the whole run's (by
+    default the checkpoint's own)."""
+    a = state["args"]
+    history = state.get("history", []) if history is None else history
+    trained = {p: sum(r["phase"] == p for r in history) for p in (1, 2)}
     cpu = state.get("device", "cuda") != "cuda"
     amp = (
         "off (float32 on the CPU)" if cpu else {"off": "off"}.get(a["amp"], f"{a['amp']} autocast")
@@ -137,16 +149,16 @@ def table1(state, folder):
     steps = f" x {a['accum_steps']} accumulated" if a.get("accum_steps", 1) > 1 else ""
     rows = [
         ("Training", "batch size", f"{a['batch_size']}{steps}", "both"),
-        ("Training", "Phase I epochs", a["epochs1"] or "0 (skipped)", "I"),
-        ("Training", "Phase II epochs", a["epochs2"] or "0 (skipped)", "II"),
+        ("Training", "Phase I epochs", epochs_done(trained[1], a["epochs1"]), "I"),
+        ("Training", "Phase II epochs", epochs_done(trained[2], a["epochs2"]), "II"),
         ("Training", "mixed precision", amp, "both"),
     ]
-    if a["epochs1"]:
+    if trained[1]:
         rows += [
             ("Optimizer", "Phase I", f"AdamW, lr {a['lr1']:g} constant, wd {a['wd1']:g}", "I"),
             ("Optimizer", "batch norm in Phase I", "frozen" if a["freeze_bn"] else "adapts", "I"),
         ]
-    if a["epochs2"]:
+    if trained[2]:
         rows += phase2_rows(a, history)
     rows += [("Loss", "label smoothing", a["label_smoothing"], "both"), *augmentation_rows(a)]
     weights = (
@@ -162,6 +174,14 @@ def table1(state, folder):
     ]
     lines = ["| category | parameter | value | phase |", "| --- | --- | --- | --- |"]
     return lines + [f"| {c} | {p} | {cell(v)} | {ph} |" for c, p, v, ph in rows]
+
+
+def epochs_done(done, planned):
+    """A phase's epochs as the run trained them: all, some of those planned, or none (skipped:
+    none were planned)."""
+    if not planned:
+        return "0 (skipped)"
+    return str(done) if done == planned else f"{done} of {planned}"
 
 
 def phase2_rows(a, history):
@@ -434,7 +454,7 @@ def write_report(path, figures, evaluated, comparisons, names, defaults):
         )
     lines += ["", *where_from(state, history), "", *kept_notes("result", kept)]
     lines += ["## The method as this run used it (Table 1)", ""]
-    lines += table1(state, here) if "lr1" in state["args"] else ["Trained by another program."]
+    lines += table1(state, here, history) if "lr1" in state["args"] else ["Trained elsewhere."]
     lines += ["", f"Command: `{command_of(state, defaults, here)}`", ""]
     if history:
         lines += ["## Training", ""]
@@ -447,6 +467,10 @@ def write_report(path, figures, evaluated, comparisons, names, defaults):
     lines += kept_notes("per_class", kept)
     for comparison in comparisons:
         lines += comparison_lines(comparison, shown, defaults, kept)
+    placed = set(NOTES.findall("\n".join(lines)))
+    unplaced = [name for name, text in kept.items() if text.strip() and (name, text) not in placed]
+    if unplaced:  # a slot this report has no place for (a name mistyped, a comparison not made)
+        lines += ["## Notes", ""] + [line for name in unplaced for line in kept_notes(name, kept)]
     if APPENDIX in old:
         lines += [APPENDIX + old.split(APPENDIX, 1)[1]]
     with atomic_file(path, "w") as f:

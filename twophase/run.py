@@ -204,7 +204,8 @@ def summarize(run, started):
         return
     best = max(run.history, key=best_acc)
     total = sum(r["seconds"] for r in run.history)
-    balanced = f", balanced {best['val_balanced']:.4f}" if run.classes_uneven else ""
+    balanced = best.get("val_balanced")  # not in a record made before it was counted
+    balanced = f", balanced {balanced:.4f}" if run.classes_uneven and balanced is not None else ""
     where = f"phase {best['phase']} epoch {best['epoch']}"
     skipped = run.splits.skipped
     log(
@@ -218,9 +219,16 @@ def summarize(run, started):
 
 def budget_line(run, took):
     """How close the whole run came to its --time-budget: this command's time, and where it
-    continues a run, the epochs of the commands before it (their training and validation)."""
+    continues a run whose budget an earlier command planned, the epochs of the commands before
+    it (their training and validation). A budget planned here (Phase II from phase1.pt) is this
+    command's alone."""
     budget = run.args.time_budget
-    before = sum(r["seconds"] + r.get("val_seconds", 0) for r in run.start.history())
+    planned_here = run.forecast.deadline is not None
+    before = (
+        0
+        if planned_here
+        else sum(r["seconds"] + r.get("val_seconds", 0) for r in run.start.history())
+    )
     spent = took + before
     what = f"this command took {clock(took)}"
     if before:

@@ -3,6 +3,7 @@ restores (its weights, moving average, random state, each phase's position, its 
 state). The rules for options given to a continued run are continuing.py's."""
 
 import math
+import uuid
 from pathlib import Path
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from data import validation_is_drawn
 from model import Weights, load_weights, optimizer_order, parameter_names
 from twophase.checkpoint import PHASE1_PT, load_checkpoint, resolve_checkpoint
-from utils import Problem, log, set_rng_state
+from utils import Problem, gather_from_processes, log, set_rng_state
 
 
 class Start:
@@ -106,6 +107,13 @@ class Start:
 
     def history(self):
         return list(self.state["history"]) if self.state else []
+
+    def run_id(self):
+        """The run's name for evaluate.py (which run a figures folder is of): a continued run's
+        own, a fresh one's new (the first process's, under torchrun)."""
+        if self.state and self.state.get("run_id"):
+            return self.state["run_id"]
+        return gather_from_processes(uuid.uuid4().hex[:12])[0]
 
     def steps_done(self, batches_per_epoch, accum_steps):
         """The run's optimizer steps so far (TensorBoard's clock): each epoch's, as its record

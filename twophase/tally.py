@@ -59,15 +59,16 @@ class EpochTally:
         """The epoch's training loss as it went: the mean of the finite losses of each of up to
         `points` runs of consecutive batches, over every process (their batches run alike)."""
         n = len(self.losses)
-        if not n:
+        if not n:  # no process has a batch: DistributedSampler pads every shard alike
             return []
-        losses = torch.stack(self.losses).double()
+        device = self.losses[0].device
+        losses = torch.stack(self.losses).to(totals_dtype(device))  # float64 but on Apple's MPS
         finite = torch.isfinite(losses)
         k = min(points, n)
-        run = torch.arange(n, device=losses.device) * k // n  # each batch's run: a few ops in all
-        sums = torch.zeros(2, k, dtype=losses.dtype, device=losses.device)
+        run = torch.arange(n, device=device) * k // n  # each batch's run: a few ops in all
+        sums = torch.zeros(2, k, dtype=losses.dtype, device=device)
         sums[0].index_add_(0, run, torch.where(finite, losses, 0.0))
-        sums[1].index_add_(0, run, finite.double())
+        sums[1].index_add_(0, run, finite.to(losses.dtype))
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
         return [round(s / c, 6) if c else float("nan") for s, c in zip(*sums.tolist())]
