@@ -2,8 +2,6 @@ import csv
 import json
 import math
 import re
-import sys
-import types
 from contextlib import closing
 
 import pytest
@@ -15,9 +13,8 @@ import evaluate
 import model as M
 import predict
 import train
-from conftest import COLOURS, NO_AUGMENT, TINY, copy_of, make_dataset, stop_at, write_image
-from twophase import augment, budget, checkpoint, inference, options, schedule
-from twophase.loss import class_weights, loss_of
+from conftest import COLOURS, TINY, copy_of, make_dataset, write_image
+from twophase import augment, checkpoint, inference
 from twophase.options import parameter_count, resolve
 from twophase.prefetch import on_device
 from twophase.schedule import Phase
@@ -412,104 +409,6 @@ def test_ema_added_on_resume_adds_its_columns_to_history_csv(tiny_args, tmp_path
     assert math.isnan(history[0]["ema_val_acc"]) and len(history) == 2
 
 
-def test_recipe_best_returns_the_better_of_the_best_epoch_and_the_average(
-    tiny_args, tmp_path, capsys
-):
-    train.main(tiny_args + ["--recipe", "best", "--epochs1", "1", "--epochs2", "3"])
-    out = tmp_path / "ck"
-    assert sorted(p.name for p in out.glob("epoch*.pt")) == [
-        "epoch002.pt",
-        "epoch003.pt",
-        "epoch004.pt",
-    ]
-    last = torch.load(out / "last.pt", weights_only=True)
-    saved = last["args"]  # the resolved values
-    assert (saved["recipe"], saved["ema"], saved["lr_decay"], saved["average_last"]) == (
-        "best",
-        0.99,
-        0.7,
-        3,
-    )
-    averaged = torch.load(out / "averaged.pt", weights_only=True)
-    assert averaged["averaged"] == [str(out / f"epoch00{n}.pt") for n in (2, 3, 4)]
-    best = torch.load(out / "best.pt", weights_only=True)
-    best_epoch = max(max(r["val_acc"], r["ema_val_acc"]) for r in last["history"])
-    assert ("averaged" in best) == (averaged["val_acc"] > best_epoch)
-    assert isinstance(best["tta"], bool)
-    err = capsys.readouterr().err
-    assert "the average of epochs 2-4: val acc" in err and "test-time augmentation" in err
-    # Run again, the run finished: nothing to train, the same choice.
-    train.main(["--resume", str(out / "last.pt")])
-    again = torch.load(out / "best.pt", weights_only=True)
-    assert again["tta"] == best["tta"]
-    for key, value in best["model"].items():
-        assert torch.equal(value, again["model"][key]), key
-
-
-def test_a_run_continued_after_its_average_won_keeps_the_average_unless_an_epoch_beats_it(
-    tiny_args, tmp_path
-):
-    out = tmp_path / "ck"
-    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "2"])
-    last = torch.load(out / "last.pt", weights_only=True)
-    for record in last["history"]:  # epochs any later epoch beats
-        record["val_acc"] = 0.0
-    torch.save(last, out / "last.pt")
-    best = torch.load(out / "best.pt", weights_only=True)  # as --average-last leaves a winner
-    torch.save({**best, "averaged": ["e1.pt", "e2.pt"], "val_acc": 0.99}, out / "best.pt")
-    train.main(["--resume", str(out / "last.pt"), "--epochs2", "4"])
-    kept = torch.load(out / "best.pt", weights_only=True)
-    assert kept.get("averaged") == ["e1.pt", "e2.pt"] and kept["val_acc"] == 0.99
-
-
-def test_a_weighted_loss_accumulated_over_two_batches_steps_as_one_batch_would(
-    dataset, tmp_path, narrow_models
-):
-    weights = tmp_path / "w.csv"
-    weights.write_text("cat,3\ndog,0.5\n")
-    common = ["--data", str(dataset), *TINY, "--epochs1", "2", "--epochs2", "0", "--freeze-bn"]
-    common += [*NO_AUGMENT, "--class-weights", str(weights)]
-    train.main(common + ["--batch-size", "4", "--accum-steps", "2", "--out", str(tmp_path / "a")])
-    train.main(common + ["--batch-size", "8", "--out", str(tmp_path / "b")])
-    a, b = (torch.load(tmp_path / f / "last.pt", weights_only=True) for f in "ab")
-    for key, value in a["model"].items():
-        torch.testing.assert_close(value, b["model"][key], rtol=1e-5, atol=1e-6, msg=key)
-
-
-def test_class_weights_are_inverse_frequencies_of_mean_one_or_a_files():
-    args, _ = resolve(["--class-weights", "auto"])[:2]
-    weights = class_weights("auto", ["a", "b", "c"], [10, 40, 0])
-    assert weights.tolist() == pytest.approx([1.6, 0.4, 0.0])  # 1/10 : 1/40, mean 1 over a, b
-    assert loss_of(args, ["a", "b", "c"], [10, 40, 0]).weight.tolist() == weights.tolist()
-    assert class_weights("none", ["a"], [3]) is None
-
-
-def test_a_class_weights_file_with_or_without_a_header_weighs_every_row(tmp_path, capsys):
-    weights = tmp_path / "w.csv"
-    for text in ("class,weight\ncat,5\neel,0.5\n", "cat,5\neel,0.5\n"):
-        weights.write_text(text)
-        assert class_weights(str(weights), ["cat", "dog", "eel"], None).tolist() == [
-            5,
-            1,
-            0.5,
-        ]
-    assert (
-        f"{weights} has no header: its line 1 (cat,5) is read as a row" in capsys.readouterr().err
-    )
-
-
-def test_a_bad_class_weights_file_is_refused_before_anything_is_written(tiny_args, tmp_path):
-    weights = tmp_path / "w.csv"
-    weights.write_text("class,weight\ncat,5\nzebra,2\ndog,heavy\neel,inf\n")
-    with pytest.raises(SystemExit) as refused:
-        train.main(tiny_args + ["--class-weights", str(weights)])
-    message = str(refused.value)
-    assert "line 3: 'zebra' is not one of the 3 classes" in message
-    assert "line 4: 'heavy' is no finite number" in message
-    assert "line 5: 'inf' is no finite number" in message
-    assert not (tmp_path / "ck").exists() and not (tmp_path / "data" / ".cache").exists()
-
-
 def test_a_kaggle_style_run_trains_evaluates_and_predicts_without_being_told_again(
     tmp_path, narrow_models, monkeypatch, capsys
 ):
@@ -560,161 +459,6 @@ def test_a_kaggle_style_run_trains_evaluates_and_predicts_without_being_told_aga
     )
     assert "p.csv: accuracy" in capsys.readouterr().out
     assert any("-pad-" in p.name for p in (root / ".cache").iterdir())  # predict used the pad cache
-
-
-def test_durations_read_as_a_user_writes_them():
-    assert [options.duration(t) for t in ("90m", "2h", "1h30m", "600s", "1.5h")] == [
-        5400,
-        7200,
-        5400,
-        600,
-        5400,
-    ]
-    with pytest.raises(Exception, match="not a duration"):
-        options.duration("90")  # minutes? seconds? said, not guessed
-
-
-def test_the_largest_budget_of_epochs_that_fits_is_chosen_around_the_epochs_given():
-    epoch = {1: 9.0, 2: 17.0}  # seconds an epoch of each phase takes
-
-    def epochs(phase, split):
-        return split[f"epochs{phase}"] * epoch[phase]
-
-    assert options.epochs_within(57, epochs, 0)[:2] == (3, options.split_budget(3))  # 1 + 2: 43 s
-    assert options.epochs_within(57, epochs, 20)[0] == 2  # the end's 20 s leave room for 1 + 1
-    assert options.epochs_within(25, epochs, 0) is None  # not even 1 + 1 (26 s)
-    total, split, cost = options.epochs_within(100, epochs, 0, fixed={"epochs1": 0})
-
-    assert (split["epochs1"], split["epochs2"], cost) == (0, 5, 85)  # Phase II alone
-
-
-def test_a_time_budget_picks_the_epochs_from_the_speed_measured_and_a_resume_keeps_them(
-    tiny_args, tmp_path, monkeypatch, capsys
-):
-    speed = {"step1": 2.0, "step2": 4.0, "validation": 1.0, "save": 0.0}
-    monkeypatch.setattr(train, "time_steps", lambda run: speed)  # 4 batches: 9 s and 17 s
-    train.main(tiny_args + ["--time-budget", "60s"])
-    err = capsys.readouterr().err
-    assert "an epoch 9.0 s in Phase I, 17.0 s in Phase II" in err
-    assert "So --epochs 3 (1 + 2, 1 warmup)" in err and "within its budget" in err  # TINY's 1
-    last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
-    assert [last["args"][k] for k in ("epochs", "epochs1", "epochs2", "time_budget")] == [
-        3,
-        1,
-        2,
-        60,
-    ]
-    assert len(last["history"]) == 3
-    # Resumed, with the same budget given again, as a job script does: the run keeps its plan.
-    train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--time-budget", "60s"])
-    assert "So --epochs" not in capsys.readouterr().err
-    train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--epochs2", "3"])
-    assert torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["epoch"] == 3
-    # Phase II alone: Phase I's epochs of the split cost nothing, for they do not train.
-    phase2 = tiny_args + ["--time-budget", "60s", "--phase", "2", "--out", str(tmp_path / "p2")]
-    train.main(phase2)
-    assert torch.load(tmp_path / "p2" / "last.pt", weights_only=True)["args"]["epochs2"] == 3
-    # Going on from phase1.pt, Phase I is done: it costs nothing either, as with --phase 2.
-    phase1 = tmp_path / "p1"
-    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0", "--out", str(phase1)])
-    budget = ["--time-budget", "60s"]
-    train.main(["--resume", str(phase1 / "phase1.pt"), *budget, "--out", str(tmp_path / "r")])
-    train.main(["--phase", "2", "--out", str(phase1), *budget])
-    planned = [torch.load(tmp_path / f / "last.pt", weights_only=True)["args"] for f in ("r", "p1")]
-    assert [(a["epochs1"], a["epochs2"]) for a in planned] == [(1, 3), (1, 3)]
-
-    with pytest.raises(SystemExit, match="--time-budget 120.0 .* a time budget chooses"):
-        train.main(["--resume", str(tmp_path / "ck" / "last.pt"), "--time-budget", "2m"])
-
-
-def test_timing_the_steps_leaves_the_run_as_it_was(tiny_args, tmp_path, monkeypatch):
-    """time_steps trains copies: the run's weights, batch norm statistics and random state are
-    those it had, so a budgeted run trains as an unbudgeted one of its epochs would."""
-    seen = {}
-
-    def spy(run):
-        before = {k: v.clone() for k, v in run.model.state_dict().items()}
-        rng = torch.get_rng_state()
-        seen["speed"] = speed = real(run)
-        assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
-        assert torch.equal(rng, torch.get_rng_state())
-        return speed
-
-    real = train.time_steps
-    monkeypatch.setattr(train, "time_steps", spy)
-    with pytest.raises(SystemExit, match="Not even --epochs 2 fits"):
-        train.main(tiny_args + ["--time-budget", "0.1s"])
-    assert set(seen["speed"]) == {"step1", "step2", "validation", "save", "per_image", "decode"}
-    assert all(v > 0 for v in seen["speed"].values())
-    assert not (tmp_path / "ck").exists()  # nothing written, no folder left
-
-
-def test_where_standard_error_is_no_terminal_an_epoch_says_how_it_goes(
-    tiny_args, monkeypatch, capsys
-):
-    monkeypatch.setattr(budget, "PROGRESS_EVERY", 0.0)
-    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
-    err = capsys.readouterr().err
-    # Phase II is not timed until it trains (with --time-budget it is, from the start).
-    assert re.search(r"phase 1 epoch 1/1: 2/4 batches, \d+ img/s; Phase II not timed yet", err)
-    assert re.search(r"phase 1 epoch   1/1 .* \| Phase II not timed yet", err)
-    assert re.search(r"phase 2 epoch 1/1: 2/4 batches, \d+ img/s; run left .*, ends \d\d:\d\d", err)
-    assert re.search(r"phase 2 epoch   1/1 .* \| run left \d", err)
-
-
-class Scalars:
-    """torch.utils.tensorboard's SummaryWriter, stood in for (tensorboard is not required)."""
-
-    runs = []
-
-    def __init__(self, folder, purge_step=None, flush_secs=None):
-        self.folder, self.purge_step, self.scalars = folder, purge_step, []
-        Scalars.runs.append(self)
-
-    def add_scalar(self, tag, value, step):
-        self.scalars.append((tag, step, value))
-
-    def close(self):
-        pass
-
-
-def test_tensorboard_curves_go_on_from_a_resumed_runs_step_and_need_their_package(
-    tiny_args, tmp_path, monkeypatch
-):
-    board = types.ModuleType("torch.utils.tensorboard")
-    board.SummaryWriter = Scalars
-    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", board)
-    require = train.require_tensorboard
-    monkeypatch.setattr(train, "require_tensorboard", lambda: None)
-    options = tiny_args + [
-        "--epochs1",
-        "1",
-        "--epochs2",
-        "2",
-        "--tensorboard",
-        "--tensorboard-every",
-        "3",
-    ]
-    with monkeypatch.context() as patch:
-        stop_at(patch, "step=10")  # two batches into Phase II's second epoch, step 10 of 12
-        with pytest.raises(SystemExit):
-            train.main(options)
-    train.main(["--resume", str(tmp_path / "ck" / "last.pt")])
-    first, resumed = Scalars.runs[-2:]
-    assert first.folder == str(tmp_path / "ck") and (first.purge_step, resumed.purge_step) == (
-        0,
-        10,
-    )
-    steps = [
-        step for tag, step, _ in first.scalars + resumed.scalars if tag == "train/loss_per_step"
-    ]
-    assert steps == [3, 6, 9, 12]  # every 3 steps, none twice
-    epochs = [step for tag, step, _ in first.scalars + resumed.scalars if tag == "val/accuracy"]
-    assert epochs == [4, 8, 12]
-    monkeypatch.setattr(train, "require_tensorboard", require)
-    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as where it is not installed
-    with pytest.raises(SystemExit, match="needs the tensorboard package.*pip install tensorboard"):
-        train.main(tiny_args + ["--tensorboard", "--out", str(tmp_path / "other")])
 
 
 def test_a_progressive_run_trains_each_epoch_at_its_size_and_validates_at_the_full_one(
@@ -788,57 +532,6 @@ def test_test_size_auto_caches_only_the_held_out_images_at_the_larger_sizes(
     assert held_out["args"]["test_size"] == "auto"
 
 
-def test_the_time_budget_counts_the_caches_test_size_auto_builds(tiny_args, tmp_path):
-    run = types.SimpleNamespace(
-        args=resolve(tiny_args + ["--test-size", "auto"]).options,
-        splits=types.SimpleNamespace(val=[0] * 100, train=[0] * 400),
-        world_size=1,
-    )
-    speed = {"validation": 1.0, "per_image": 0.01, "decode": 0.0}
-    without = budget.Forecast(run).end_seconds(speed)
-    with_decoding = budget.Forecast(run).end_seconds({**speed, "decode": 0.05})
-    assert with_decoding - without == pytest.approx(2 * 100 * 0.05)  # two sizes, 100 images each
-
-
-def test_a_time_budget_shortens_phase_two_when_its_epochs_run_slower_than_timed(
-    tiny_args, tmp_path, monkeypatch, capsys
-):
-    speed = {"step1": 2.0, "step2": 4.0, "validation": 1.0, "save": 0.0}  # epochs of 9 s, 17 s
-    monkeypatch.setattr(train, "time_steps", lambda run: speed)
-    real = train.epoch_record
-
-    def slow(*args):  # each epoch as it ran: 30 s, where the steps timed foretold 17
-        return real(*args) | {"seconds": 29.0, "val_seconds": 1.0}
-
-    monkeypatch.setattr(train, "epoch_record", slow)
-    train.main(tiny_args + ["--time-budget", "120s"])
-    err = capsys.readouterr().err
-    assert "So --epochs 7 (1 + 6, 1 warmup)" in err  # as planned from the steps timed
-    assert (
-        "at 30.0 s a Phase II epoch as they ran, the run would end past its budget; so 5 Phase "
-        "II epochs, not 6, the cosine over the last 4" in err
-    )  # decided after Phase II's second epoch: its first warms up
-    last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
-    assert (last["args"]["epochs2"], last["args"]["cosine_epochs"], last["epoch"]) == (5, 4, 5)
-    rates = [r["lr"] for r in last["history"] if r["phase"] == 2]
-    shares = [schedule.WarmupCosine(1, 0.1, 4, 5e-6 / 5e-4)(e) for e in range(5)]
-    assert rates == pytest.approx([5e-4 * share for share in shares])  # the first two: alike
-
-
-def test_a_shortened_phase_two_rises_to_the_full_size_by_its_new_end(
-    tiny_args, tmp_path, monkeypatch, capsys
-):
-    speed = {"step1": 2.0, "step2": 4.0, "validation": 1.0, "save": 0.0}
-    monkeypatch.setattr(train, "time_steps", lambda run: speed)
-    real = train.epoch_record
-    monkeypatch.setattr(train, "epoch_record", lambda *a: real(*a) | {"seconds": 29.0})
-    train.main(tiny_args + ["--time-budget", "120s", "--img-size", "32", "--progressive", "0.5"])
-    assert "so 6 Phase II epochs, not 9" in capsys.readouterr().err
-    last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
-    sizes = [r["img_size"] for r in last["history"] if r["phase"] == 2]
-    assert sizes[0] == 16 and sizes[-1] == 32  # the new ramp ends at the full size
-
-
 def test_uneven_classes_are_said_as_the_run_starts_with_balanced_accuracy_in_its_lines(
     tmp_path, narrow_models, capsys
 ):
@@ -853,18 +546,3 @@ def test_uneven_classes_are_said_as_the_run_starts_with_balanced_accuracy_in_its
     assert re.search(r"best val acc \S+, balanced \S+ \(phase", err)
     history = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["history"]
     assert all(0 <= r["val_balanced"] <= 1 for r in history)
-
-
-def test_a_resumed_runs_time_budget_line_counts_the_whole_run(
-    tiny_args, tmp_path, monkeypatch, capsys
-):
-    speed = {"step1": 2.0, "step2": 4.0, "validation": 1.0, "save": 0.0}
-    monkeypatch.setattr(train, "time_steps", lambda run: speed)
-    train.main(tiny_args + ["--time-budget", "60s"])
-    last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
-    torch.save({**last, "history": last["history"][:2], "epoch": 1}, tmp_path / "ck" / "last.pt")
-    capsys.readouterr()
-    train.main(["--resume", str(tmp_path / "ck" / "last.pt")])
-    line = next(s for s in capsys.readouterr().err.splitlines() if s.startswith("--time-budget"))
-    words = r"--time-budget 1:00: the run took \S+ s \(this command \S+ s, the epochs before it "
-    assert re.match(words + r"\S+ s\), \S+ s within its budget", line), line

@@ -1,0 +1,53 @@
+import torch
+
+import train
+
+
+def test_recipe_best_returns_the_better_of_the_best_epoch_and_the_average(
+    tiny_args, tmp_path, capsys
+):
+    train.main(tiny_args + ["--recipe", "best", "--epochs1", "1", "--epochs2", "3"])
+    out = tmp_path / "ck"
+    assert sorted(p.name for p in out.glob("epoch*.pt")) == [
+        "epoch002.pt",
+        "epoch003.pt",
+        "epoch004.pt",
+    ]
+    last = torch.load(out / "last.pt", weights_only=True)
+    saved = last["args"]  # the resolved values
+    assert (saved["recipe"], saved["ema"], saved["lr_decay"], saved["average_last"]) == (
+        "best",
+        0.99,
+        0.7,
+        3,
+    )
+    averaged = torch.load(out / "averaged.pt", weights_only=True)
+    assert averaged["averaged"] == [str(out / f"epoch00{n}.pt") for n in (2, 3, 4)]
+    best = torch.load(out / "best.pt", weights_only=True)
+    best_epoch = max(max(r["val_acc"], r["ema_val_acc"]) for r in last["history"])
+    assert ("averaged" in best) == (averaged["val_acc"] > best_epoch)
+    assert isinstance(best["tta"], bool)
+    err = capsys.readouterr().err
+    assert "the average of epochs 2-4: val acc" in err and "test-time augmentation" in err
+    # Run again, the run finished: nothing to train, the same choice.
+    train.main(["--resume", str(out / "last.pt")])
+    again = torch.load(out / "best.pt", weights_only=True)
+    assert again["tta"] == best["tta"]
+    for key, value in best["model"].items():
+        assert torch.equal(value, again["model"][key]), key
+
+
+def test_a_run_continued_after_its_average_won_keeps_the_average_unless_an_epoch_beats_it(
+    tiny_args, tmp_path
+):
+    out = tmp_path / "ck"
+    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "2"])
+    last = torch.load(out / "last.pt", weights_only=True)
+    for record in last["history"]:  # epochs any later epoch beats
+        record["val_acc"] = 0.0
+    torch.save(last, out / "last.pt")
+    best = torch.load(out / "best.pt", weights_only=True)  # as --average-last leaves a winner
+    torch.save({**best, "averaged": ["e1.pt", "e2.pt"], "val_acc": 0.99}, out / "best.pt")
+    train.main(["--resume", str(out / "last.pt"), "--epochs2", "4"])
+    kept = torch.load(out / "best.pt", weights_only=True)
+    assert kept.get("averaged") == ["e1.pt", "e2.pt"] and kept["val_acc"] == 0.99
