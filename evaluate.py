@@ -20,7 +20,6 @@ import torch
 from data import (
     display_names,
     labels_path,
-    make_loader,
     trained_data_root,
     uneven,
     validation_of,
@@ -54,6 +53,7 @@ from twophase.inference import (
     print_confused,
     topk_hits,
 )
+from twophase.loader import make_loader
 from twophase.loss import loss_of
 from twophase.options import get_args_parser as training_options
 from twophase.options import parameter_count

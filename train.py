@@ -2,9 +2,8 @@
 
 Phase I trains only a new head on the frozen backbone; Phase II fine-tunes every layer with
 NAdam, a linear warmup then cosine learning rate, fp16 autocast and gradient clipping. main reads
-as the method: the options (Table 1, twophase/options.py), the data, the model, then for each
-phase its optimizer, schedule and loss, its epochs (train_epoch, whose steps are
-optimizer_steps), and the result. The machinery is the twophase package's.
+as the method: the options (Table 1), the data, the model, then each phase's optimizer,
+schedule, loss and epochs (train_epoch, whose steps are optimizer_steps), and the result.
 
     python train.py --demo              # the whole pipeline on a small bundled dataset, CPU
     python train.py                     # both phases on data/
@@ -22,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data import TrainingStream, cache_splits, dataset_of, make_loader, write_demo_dataset
+from data import cache_splits, dataset_of, write_demo_dataset
 from model import (
     EMA,
     build_model,
@@ -47,8 +46,9 @@ from twophase.budget import (
 )
 from twophase.checkpoint import LAST_PT, Checkpointer, RunFolder, best_acc, epoch_record
 from twophase.divergence import check_epoch, check_position
+from twophase.loader import TrainingStream, make_loader
 from twophase.loss import Loss, check_class_weights, class_weights
-from twophase.options import get_args_parser, resolve  # noqa: F401 (get_args_parser: --help's)
+from twophase.resolve import resolve
 from twophase.result import select_result
 from twophase.run import (
     Preempted,

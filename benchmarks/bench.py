@@ -51,9 +51,11 @@ import train  # noqa: E402
 from train import phase_setup  # noqa: E402
 from twophase import augment, image_cache  # noqa: E402
 from twophase.inference import predict_logits  # noqa: E402
+from twophase.loader import make_loader  # noqa: E402
 from twophase.loss import loss_of  # noqa: E402
-from twophase.options import COMPILE_MODES, resolve  # noqa: E402
+from twophase.options import COMPILE_MODES  # noqa: E402
 from twophase.prefetch import on_device  # noqa: E402
+from twophase.resolve import resolve  # noqa: E402
 from twophase.start import load_optimizer_state  # noqa: E402
 from utils import amp_dtype, exits_on_problems, log, pick_device  # noqa: E402
 
@@ -165,7 +167,7 @@ def images_and_cache(args, total):
 
 def train_loader(args, cache, labels, device):
     """The shuffled loader of whole batches training uses, without a partial last batch."""
-    return data.make_loader(
+    return make_loader(
         data.CachedImages(cache, labels),
         args.batch_size,
         shuffle=True,
@@ -282,7 +284,7 @@ def bench_pipeline(args, folder, files, labels, cache, device):
         pin_memory=device.type == "cuda",
         persistent_workers=args.workers > 0,
     )
-    ours = data.make_loader(
+    ours = make_loader(
         data.CachedImages(cache, labels), args.batch_size, True, pin_memory=device.type == "cuda"
     )
     preprocess = training_preprocess(device)
@@ -495,7 +497,7 @@ def count_syncs(args, cache, labels, num_classes, device):
 
 def bench_predict(args, cache, labels, num_classes, device):
     net = untrained_model(args, num_classes, device).eval()
-    loader = data.make_loader(
+    loader = make_loader(
         data.CachedImages(cache, labels),
         2 * args.batch_size,
         False,

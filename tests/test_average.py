@@ -6,6 +6,7 @@ import train
 from evaluate import main as evaluate_main
 from twophase import average
 from twophase.augment import BatchPreprocess
+from twophase.loader import make_loader
 
 
 def test_the_average_is_the_mean_of_the_weights_with_batch_norm_measured_anew(tiny_args, tmp_path):
@@ -25,7 +26,7 @@ def test_the_average_is_the_mean_of_the_weights_with_batch_norm_measured_anew(ti
     net = M.build_model("resnet18", 3, weights="none")
     net.load_state_dict(averaged["model"])
     splits = data.load_splits(tmp_path / "data", 16)
-    loader = data.make_loader(splits.train, 128, True, seed=0)  # the run's seed, shuffled
+    loader = make_loader(splits.train, 128, True, seed=0)  # the run's seed, shuffled
     batches = [(BatchPreprocess()(x), y) for x, y in loader]
     torch.optim.swa_utils.update_bn(batches, net)
     mean_of_means = (

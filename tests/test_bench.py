@@ -12,7 +12,7 @@ import evaluate
 import model as M
 import train
 from conftest import REPO, make_dataset
-from twophase.options import resolve
+from twophase.resolve import resolve
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 

@@ -6,7 +6,7 @@ import torch
 
 import train
 from twophase import budget, options, schedule
-from twophase.options import resolve
+from twophase.resolve import resolve, split_budget
 
 
 def test_durations_read_as_a_user_writes_them():
@@ -27,10 +27,10 @@ def test_the_largest_budget_of_epochs_that_fits_is_chosen_around_the_epochs_give
     def epochs(phase, split):
         return split[f"epochs{phase}"] * epoch[phase]
 
-    assert options.epochs_within(57, epochs, 0)[:2] == (3, options.split_budget(3))  # 1 + 2: 43 s
-    assert options.epochs_within(57, epochs, 20)[0] == 2  # the end's 20 s leave room for 1 + 1
-    assert options.epochs_within(25, epochs, 0) is None  # not even 1 + 1 (26 s)
-    total, split, cost = options.epochs_within(100, epochs, 0, fixed={"epochs1": 0})
+    assert budget.epochs_within(57, epochs, 0)[:2] == (3, split_budget(3))  # 1 + 2: 43 s
+    assert budget.epochs_within(57, epochs, 20)[0] == 2  # the end's 20 s leave room for 1 + 1
+    assert budget.epochs_within(25, epochs, 0) is None  # not even 1 + 1 (26 s)
+    total, split, cost = budget.epochs_within(100, epochs, 0, fixed={"epochs1": 0})
 
     assert (split["epochs1"], split["epochs2"], cost) == (0, 5, 85)  # Phase II alone
 

@@ -16,7 +16,7 @@ import utils
 from conftest import TINY, make_dataset
 from narrow import narrow_get_model
 from twophase import checkpoint, schedule
-from twophase.options import resolve
+from twophase.resolve import resolve
 from twophase.start import Start, load_optimizer_state
 from utils import Problem
 

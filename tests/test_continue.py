@@ -16,7 +16,8 @@ from conftest import REPO, TINY, make_dataset, stop_at
 from narrow import narrow_get_model
 from twophase import continuing, schedule
 from twophase.loss import loss_of
-from twophase.options import OPTIONS, docs_with_tables, get_args_parser, resolve
+from twophase.options import OPTIONS, docs_with_tables, get_args_parser
+from twophase.resolve import resolve
 from utils import Problem
 
 CPU = torch.device("cpu")

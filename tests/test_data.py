@@ -10,6 +10,7 @@ from PIL import Image, PngImagePlugin
 import data
 from conftest import make_dataset, write_image
 from twophase import image_cache
+from twophase.loader import BalancedSampler, make_loader, start_epoch
 from utils import Problem
 
 
@@ -161,10 +162,10 @@ def test_stratified_split_without_val_folder(tmp_path):
 def test_loader_yields_uint8_batches_in_a_seeded_order(tmp_path):
     root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=5)
     splits = data.load_splits(root, 8, tmp_path / "c")
-    loader = data.make_loader(splits.train, 4, shuffle=True, seed=1)
+    loader = make_loader(splits.train, 4, shuffle=True, seed=1)
 
     def order(epoch):
-        data.start_epoch(loader, epoch)
+        start_epoch(loader, epoch)
         return torch.cat([labels for _, labels in loader]).tolist()
 
     images, labels = next(iter(loader))
@@ -192,7 +193,7 @@ def test_making_a_loader_iterator_leaves_the_global_random_state_alone(tmp_path)
     """Else a resumed run, which makes a new iterator, would draw other augmentations."""
     root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=3)
     splits = data.load_splits(root, 8, tmp_path / "c")
-    loader = data.make_loader(splits.train, 2, shuffle=True, seed=1)
+    loader = make_loader(splits.train, 2, shuffle=True, seed=1)
     torch.manual_seed(5)
     next(iter(loader))
     after = torch.rand(3)
@@ -436,7 +437,7 @@ def test_each_resize_mode_keeps_what_it_says_of_a_wide_photo_and_has_its_own_cac
 
 def test_the_balanced_sampler_draws_classes_evenly_the_same_on_every_process(tmp_path):
     labels = np.array([0] * 90 + [1] * 9 + [2] * 1)  # 90:9:1
-    sampler = data.BalancedSampler(labels, seed=3)
+    sampler = BalancedSampler(labels, seed=3)
     draws = []
     for epoch in (0, 0, 1):
         sampler.set_epoch(epoch)
@@ -444,11 +445,11 @@ def test_the_balanced_sampler_draws_classes_evenly_the_same_on_every_process(tmp
     assert draws[0] == draws[1] != draws[2] and len(draws[0]) == 100  # by (seed, epoch) alone
     per_class = np.bincount(labels[draws[0] + draws[2]], minlength=3)
     assert per_class.min() > 40  # each about a third of 200, where shuffling gives 2 of class 2
-    shards = [data.BalancedSampler(labels, 3, rank, seed=3) for rank in range(3)]
+    shards = [BalancedSampler(labels, 3, rank, seed=3) for rank in range(3)]
     merged = [i for triple in zip(*(list(s) for s in shards)) for i in triple]
     # Three processes take every third draw of one sequence, padded to 102: the one-process
     # epoch's 100 draws, then two more.
-    assert len(merged) == 102 and merged[:100] == list(data.BalancedSampler(labels, seed=3))
+    assert len(merged) == 102 and merged[:100] == list(BalancedSampler(labels, seed=3))
 
 
 def flat_with_two_csvs(root, train_rows=4, val_rows=2):

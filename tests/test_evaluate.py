@@ -12,7 +12,7 @@ import evaluate
 import model as M
 import train
 from twophase import inference, options, report
-from twophase.options import resolve
+from twophase.resolve import resolve
 from utils import Problem
 
 

@@ -4,7 +4,7 @@ import torch
 import train
 from conftest import NO_AUGMENT, TINY
 from twophase.loss import class_weights, loss_of
-from twophase.options import resolve
+from twophase.resolve import resolve
 
 
 def test_a_weighted_loss_accumulated_over_two_batches_steps_as_one_batch_would(

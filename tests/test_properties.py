@@ -24,7 +24,7 @@ from conftest import COLOURS, TINY, examples, write_image
 from narrow import narrow_get_model
 from train import phase_setup
 from twophase import submission, tables
-from twophase.options import resolve
+from twophase.resolve import resolve
 
 # What a class name may hold: letters of several scripts, digits (a leading zero, a name that
 from utils import Problem

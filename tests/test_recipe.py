@@ -12,7 +12,7 @@ import train
 from twophase import options, schedule
 from twophase.checkpoint import PHASE1_PT
 from twophase.loss import loss_of
-from twophase.options import resolve
+from twophase.resolve import resolve
 from utils import Problem
 
 CPU = torch.device("cpu")

@@ -15,8 +15,10 @@ import predict
 import train
 from conftest import COLOURS, TINY, copy_of, make_dataset, write_image
 from twophase import augment, checkpoint, inference
-from twophase.options import parameter_count, resolve
+from twophase.loader import make_loader
+from twophase.options import parameter_count
 from twophase.prefetch import on_device
+from twophase.resolve import resolve
 from twophase.schedule import Phase
 from twophase.tally import EpochTally, epoch_totals
 
@@ -136,7 +138,7 @@ def test_phase_one_step_changes_the_head_and_nothing_else(dataset, tmp_path, nar
     net = M.build_model("resnet18", len(splits.classes), weights="none")
     before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.AdamW(M.set_trainable(net, phase=1), lr=1e-2)
-    loader = data.make_loader(splits.train, 8, shuffle=True)
+    loader = make_loader(splits.train, 8, shuffle=True)
     preprocess = augment.BatchPreprocess(augment=augment.DeviceAugment())
     one_epoch(net, loader, preprocess, nn.CrossEntropyLoss(), optimizer)
     after = net.state_dict()
@@ -150,7 +152,7 @@ def test_phase_one_step_changes_the_head_and_nothing_else(dataset, tmp_path, nar
 def test_validation_accuracy_is_an_exact_count(dataset, tmp_path, narrow_models):
     splits = data.load_splits(dataset, 16, tmp_path / "c")
     net = M.build_model("resnet18", len(splits.classes), weights="none")
-    loader = data.make_loader(splits.val, 4, shuffle=False)  # 6 images: batches of 4 and 2
+    loader = make_loader(splits.val, 4, shuffle=False)  # 6 images: batches of 4 and 2
     normalise = augment.BatchPreprocess()
     result = inference.validation_metrics(net, loader, normalise, nn.CrossEntropyLoss(), CPU, None)
     with torch.no_grad():

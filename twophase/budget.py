@@ -9,7 +9,8 @@ import time
 import torch
 
 from twophase.image_cache import load_image
-from twophase.options import PHASE_EPOCHS, epochs_within, split_budget
+from twophase.options import PHASE_EPOCHS
+from twophase.resolve import split_budget
 from twophase.schedule import ProgressiveSize, WarmupCosine, size_step
 from utils import Problem, gather_from_processes, log
 
@@ -270,3 +271,24 @@ class Progress:
             f"phase {self.phase.number} epoch {self.epoch + 1}/{self.phase.epochs}: "
             f"{done}/{self.total} batches, {images / (now - self.start):.0f} img/s; {words}"
         )
+
+
+def epochs_within(seconds, phase_seconds, end_seconds, fixed=None, most=100_000):
+    """The largest budget of epochs N, with its split (split_budget(N, fixed)) and its expected
+    seconds, that trains within `seconds`: phase_seconds(p, split) the seconds of phase p's
+    epochs in that split (their steps, validations and checkpoints), and `end_seconds` after
+    the last (--average-last, --tta auto). None if not even the smallest budget fits. An extra
+    epoch never costs less than nothing, so the first N that does not fit ends the search."""
+    best = None
+    for total in range(2, most):
+        try:
+            split = split_budget(total, fixed)
+        except Problem:  # the epochs given make up more than `total`
+            continue
+        cost = sum(phase_seconds(p, split) for p in (1, 2)) + end_seconds
+        if cost > seconds:
+            break
+        best = (total, split, cost)
+        if fixed and "epochs1" in fixed and "epochs2" in fixed:
+            break  # nothing left to choose
+    return best

@@ -17,7 +17,8 @@ from typing import NamedTuple
 
 from data import uneven
 from twophase.checkpoint import best_acc
-from twophase.options import DEMO, RECIPES, split_budget
+from twophase.options import DEMO, RECIPES
+from twophase.resolve import split_budget
 from utils import atomic_file
 
 NOTES = re.compile(r"<!-- notes:(\w+) -->\n(.*?)<!-- /notes -->", re.S)

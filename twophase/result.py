@@ -3,7 +3,7 @@ the average of the last ones with --average-last), and what evaluate.py and pred
 with (the size, and batch norm there, with --test-size auto; test-time flips with --tta auto),
 each chosen on the validation images."""
 
-from data import make_loader, resized
+from data import resized
 from model import model_from_checkpoint, weights_kind
 from twophase.augment import BatchPreprocess
 from twophase.checkpoint import (
@@ -14,6 +14,7 @@ from twophase.checkpoint import (
     load_checkpoint,
 )
 from twophase.inference import averaged_model, bn_loader, count_correct, update_bn
+from twophase.loader import make_loader
 from twophase.schedule import size_step
 from utils import log
 

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import Splits, TrainingStream, uneven
+from data import Splits, uneven
 from model import count_parameters
 from twophase.augment import BatchPreprocess
 from twophase.budget import clock
 from twophase.checkpoint import BEST_PT, LAST_PT, Checkpointer, best_acc
 from twophase.inference import validation_metrics
-from twophase.options import Options
+from twophase.loader import TrainingStream
+from twophase.resolve import Options
 from twophase.start import Start
 from utils import (
     EXIT_INTERRUPTED,
