@@ -33,7 +33,6 @@ from twophase.inference import (
 from twophase.submission import (
     Layout,
     Names,
-    classes_hint,
     describe,
     missing,
     read_answers,
@@ -125,7 +124,7 @@ def check(args, test_dir, files, classes):
     problems = predictions.problems + missing(predictions.labels, expected)
     if answers is not None:
         problems += missing(predictions.labels, set(answers) - unreadable)
-    for problem in problems + classes_hint(problems, classes):
+    for problem in problems:
         log(f"{args.check}: {problem}")
     if problems:
         raise SystemExit(1)

@@ -370,6 +370,10 @@ def test_a_labels_csv_with_problems_is_refused_naming_each_line(tmp_path):
     assert "line 14: 'nowhere' names no image in" in message
     with pytest.raises(Problem, match="no column 'image'"):
         data.find_dataset(root, labels="train.csv", image_col="image")
+    fine = kaggle_layout(tmp_path / "fine")
+    (fine / "val.csv").write_text("label,notes,id\n")  # a header and no row: no images
+    with pytest.raises(Problem, match="val.csv labels no images: it holds a header line alone"):
+        data.find_dataset(fine, labels="train.csv", val_labels="val.csv", image_col="id")
 
 
 def test_a_class_with_one_image_is_warned_of_and_val_labels_must_not_repeat_train(tmp_path):

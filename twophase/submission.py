@@ -181,7 +181,9 @@ def read_predictions(path, names, classes):
             ranked = split_labels(row[1], index)
             unknown = [label for label in ranked if label not in index]
             if unknown or not ranked:
-                problems.add(line, unknown[0] if unknown else row[1], UNKNOWN)
+                hint = f"the checkpoint's classes: {class_list(classes)}"
+                why = "is not one of the checkpoint's classes"
+                problems.add(line, unknown[0] if unknown else row[1], why, hint)
                 continue
         labels[file] = ranked
     return Predictions(labels, problems.lines(), probabilities)
@@ -202,16 +204,6 @@ def read_answers(path, names, classes):
     """True labels (two columns, image first, under a header or none; names with or without
     their extension): file -> label, checked; a Problem naming every problem."""
     return {file: label for file, (label, _) in read_labels(path, names, classes=classes).items()}
-
-
-UNKNOWN = "is not one of the checkpoint's classes"
-
-
-def classes_hint(problems, classes):
-    """The checkpoint's classes, as a line to add where a problem is a label outside them."""
-    if not any(UNKNOWN in problem for problem in problems):
-        return []
-    return [f"the checkpoint's classes: {class_list(classes)}"]
 
 
 def missing(labels, expected):

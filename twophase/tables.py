@@ -65,34 +65,29 @@ def read_csv(path, is_row=None, header_needed=False):
     return Table(Path(path), [cell.strip() for cell in first], rows)
 
 
-def first_row_is_data(table, is_row):
-    """Whether a Table read with a header has a row for its header line (a submission a grader
-    would read one row short)."""
-    return table.header is not None and is_row(table.header)
-
-
 class Problems:
     """The problems found in one CSV, each naming its line and value, raised together."""
 
     def __init__(self, path):
-        self.path, self.found = Path(path), []
+        self.path, self.found, self.hints = Path(path), [], {}
 
-    def add(self, line, value, why):
+    def add(self, line, value, why, hint=None):
+        """A problem; `hint`: a line said once after them all (the classes, for a label that is
+        none of them)."""
         self.found.append(f"line {line}: {shown(value)} {why}")
-
-    def __bool__(self):
-        return bool(self.found)
+        if hint:
+            self.hints[hint] = None
 
     def lines(self):
-        """The problems as lines, the first SHOWN and a count of the rest."""
+        """The problems as lines, the first SHOWN and a count of the rest, then the hints."""
         rest = len(self.found) - SHOWN
-        return self.found[:SHOWN] + ([f"(and {rest} more)"] if rest > 0 else [])
+        return self.found[:SHOWN] + ([f"(and {rest} more)"] if rest > 0 else []) + [*self.hints]
 
-    def raise_if_any(self, rows, hints=()):
+    def raise_if_any(self, rows):
         if self.found:
             raise Problem(
                 f"{self.path}: {len(self.found)} of its {rows} rows cannot be read:\n  "
-                + "\n  ".join([*self.lines(), *hints])
+                + "\n  ".join(self.lines())
             )
 
 
@@ -176,6 +171,8 @@ def read_labels(path, names, image_col=None, label_col=None, classes=None):
         return len(cells) >= 2 and names.file(cells[0]) is not None
 
     table = read_csv(path, is_row, header_needed=named)
+    if not table.rows:
+        raise Problem(f"{path} labels no images: it holds a header line alone")
     image, label = label_columns(table, image_col, label_col)
     index = set(classes) if classes is not None else None
     problems, chosen = Problems(path), {}
@@ -190,15 +187,14 @@ def read_labels(path, names, image_col=None, label_col=None, classes=None):
             continue
         found = value.strip() if index is None else find_class(value, index)
         if found is None:
-            problems.add(line, value, f"is not one of the {len(index)} classes")
+            hint = f"the classes: {class_list(list(classes))}"
+            problems.add(line, value, f"is not one of the {len(index)} classes", hint)
         elif file in chosen and chosen[file][0] != found:
             was, at = chosen[file]
             problems.add(line, name, f"is labelled {found!r} here and {was!r} on line {at}")
         else:
             chosen.setdefault(file, (found, line))
-    unknown = index is not None and any("is not one of the" in p for p in problems.found)
-    hints = [f"the classes: {class_list(list(classes))}"] if unknown else []
-    problems.raise_if_any(len(table.rows), hints)
+    problems.raise_if_any(len(table.rows))
     return chosen
 
 
