@@ -59,18 +59,29 @@ def opens_as_image(path):
 def images_in(folder, prefix=""):
     """The images directly inside `folder` (prefixed), sorted; the other files it holds, but for
     hidden ones, are named in a warning."""
+    images, others = files_in(folder, prefix)
+    warn_not_images(folder, others)
+    return images
+
+
+def files_in(folder, prefix=""):
+    """(the images, the other files) directly inside `folder`, prefixed, sorted; no hidden one."""
     images, others = [], []
     for path in Path(folder).iterdir():
         if path.is_file() and not path.name.startswith("."):
             (images if is_image_file(path) else others).append(prefix + path.name)
+    return sorted(images), sorted(others)
+
+
+def warn_not_images(folder, others):
+    """One warning for the files of `folder` (or its class folders) that are not images."""
     if others:
         warnings.warn(
             f"{folder}: {len(others)} file(s) that are not images left out: "
-            + ", ".join(sorted(others)[:5])
+            + ", ".join(others[:5])
             + (", ..." if len(others) > 5 else ""),
-            stacklevel=3,
+            stacklevel=4,
         )
-    return sorted(images)
 
 
 def find_classes(train_dir, skip=()):
@@ -106,12 +117,14 @@ def list_labelled_images(split_dir, classes, skip=()):
     unknown = sorted(d.name for d in class_dirs if d.name not in set(classes))
     if unknown:
         raise Problem(f"{split_dir} has classes that train/ lacks: {', '.join(unknown)}")
-    files = []
+    files, others = [], []
     for d in sorted(class_dirs):
-        images = images_in(d, prefix=f"{d.name}/")
+        images, not_images = files_in(d, prefix=f"{d.name}/")
         if not images:
             warnings.warn(f"class folder {d} holds no images", stacklevel=2)
         files += images
+        others += not_images
+    warn_not_images(split_dir, others)  # once, however many class folders hold such files
     return files
 
 
@@ -501,7 +514,11 @@ def display_names(data_dir, classes):
     path = Path(data_dir) / "class_names.csv"
     if not path.is_file():
         return {c: c for c in classes}
-    table = read_csv(path, header_needed=True)
+    try:
+        table = read_csv(path, header_needed=True)
+    except Problem as unreadable:  # an optional file: the names are shown as they are
+        log(f"{unreadable}: the classes are shown by their names")
+        return {c: c for c in classes}
     if not {"folder", "words"} <= set(table.header):
         log(f"{path} has no columns folder and words: the classes are shown by their names")
         return {c: c for c in classes}

@@ -42,9 +42,15 @@ def test_non_image_files_and_hidden_files_are_ignored(tmp_path):
     )  # Pillow writes PDFs, never reads them
     write_image(tmp_path / "train" / "a" / "._x.png", (1, 2, 3))
     write_image(tmp_path / "y.jpg", (1, 2, 3)).rename(tmp_path / "train" / "a" / "tmp")
-    with pytest.warns(UserWarning, match=r"2 file\(s\) that are not images left out: a/paper.pdf"):
-        listed = data.list_labelled_images(tmp_path / "train", ["a"])
-    assert listed == ["a/tmp", "a/x.png"]  # a JPEG without an extension is read
+    write_image(tmp_path / "train" / "b" / "z.png", (1, 2, 3))
+    (tmp_path / "train" / "b" / "Thumbs.db").write_bytes(b"\0")
+    with pytest.warns(UserWarning) as warned:
+        listed = data.list_labelled_images(tmp_path / "train", ["a", "b"])
+    assert listed == ["a/tmp", "a/x.png", "b/z.png"]  # a JPEG without an extension is read
+    assert [str(w.message) for w in warned] == [  # one warning, however many class folders
+        f"{tmp_path / 'train'}: 3 file(s) that are not images left out: a/paper.pdf, "
+        "a/readme.txt, b/Thumbs.db"
+    ]
 
 
 def test_val_class_missing_from_train_is_an_error_naming_it(tmp_path):
@@ -509,3 +515,8 @@ def test_a_class_names_file_of_other_columns_leaves_the_names_as_they_are(tmp_pa
     (tmp_path / "class_names.csv").write_text("class_index,class_name\n0,cat\n")
     assert data.display_names(tmp_path, ["0", "1"]) == {"0": "0", "1": "1"}
     assert "no columns folder and words" in capsys.readouterr().err
+    (tmp_path / "class_names.csv").write_text("")  # an empty one stops nothing either
+    assert data.display_names(tmp_path, ["0", "1"]) == {"0": "0", "1": "1"}
+    assert (
+        "class_names.csv is empty: the classes are shown by their names" in capsys.readouterr().err
+    )
