@@ -324,12 +324,10 @@ def validation_of(state, root, size, threads=4):
 
 def resized(images, size, resize, cache_dir=None, threads=0):
     """The same images (their files and labels) from a cache at another size, of them alone."""
-    folder = images.cache.folder
     files = [images.cache.files[i] for i in images.indices]
-    label = dict(zip(files, images.labels[images.indices].tolist()))
+    listed = Listed(Path(images.cache.folder), files, images.labels[images.indices])
     cache_dir = cache_dir or Path(images.cache.pixels_path).parent  # where theirs is
-    cache = build_cache(folder, files, size, cache_dir, threads, resize)
-    return CachedImages(cache, [label[f] for f in cache.files])
+    return cached_images(listed, size, resize, cache_dir, threads)
 
 
 def validation_is_drawn(options):
@@ -471,13 +469,7 @@ def cache_splits(
     cache_dir = cache_dir or default_cache_dir(dataset.root)
 
     def cached(listed):
-        cache = build_cache(listed.folder, listed.files, size, cache_dir, threads, resize)
-        if listed.files and not cache.files:
-            raise Problem(
-                f"none of the {len(listed.files)} images of {listed.folder} could be read"
-            )
-        label = dict(zip(listed.files, listed.labels.tolist()))
-        return CachedImages(cache, [label[f] for f in cache.files])
+        return cached_images(listed, size, resize, cache_dir, threads)
 
     if dataset.val is not None:
         val = cached(dataset.val)
@@ -494,6 +486,16 @@ def cache_splits(
                 "images to hold one out of; give the data a val/ folder"
             )
     return Splits(dataset.classes, train, val, skipped, dataset.layout)
+
+
+def cached_images(listed, size, resize, cache_dir, threads=0):
+    """The images `listed` names, with their labels, from their cache at `size` (built where it
+    is not there yet); those that cannot be read are left out, and all of them is an error."""
+    cache = build_cache(listed.folder, listed.files, size, cache_dir, threads, resize)
+    if listed.files and not cache.files:
+        raise Problem(f"none of the {len(listed.files)} images of {listed.folder} could be read")
+    label = dict(zip(listed.files, listed.labels.tolist()))
+    return CachedImages(cache, [label[f] for f in cache.files])
 
 
 def load_splits(root, size, cache_dir=None, threads=0, val_fraction=0.1, seed=0):

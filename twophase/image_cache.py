@@ -235,7 +235,7 @@ def _write_cache(folder, stats, preprocessing, index_path, threads):
     index["stats"] = stats  # as the key saw them: a file changed meanwhile makes it stale
     with atomic_file(index_path, "w") as f:  # last: an index names only complete pixels
         json.dump(index, f)
-    _remove_stale(folder, index_path)
+    _remove_stale(folder, index_path, stats)
     return ImageCache(str(pixels_path), kept, size, skipped, folder)
 
 
@@ -251,12 +251,13 @@ def cache_prefix(folder):
     return f"{Path(folder).name}-{where}-"
 
 
-def _remove_stale(folder, index_path):
+def _remove_stale(folder, index_path, known):
     """The caches of `folder` (at any size, of any file list) that nothing can want again: one of
     their files has changed or gone, or another preprocessing version made them. A changed
-    dataset would otherwise leave a full copy of its pixels behind each time."""
+    dataset would otherwise leave a full copy of its pixels behind each time. `known`: the stats
+    of the files just cached, not asked of the disk again."""
     for old in index_path.parent.glob(glob.escape(cache_prefix(folder)) + "*.json"):
-        if old != index_path and _is_stale(folder, old):
+        if old != index_path and _is_stale(folder, old, known):
             for path in (old, old.with_suffix(".u8")):
                 try:
                     path.unlink(missing_ok=True)
@@ -264,7 +265,7 @@ def _remove_stale(folder, index_path):
                     pass
 
 
-def _is_stale(folder, index_path):
+def _is_stale(folder, index_path, known):
     try:
         index = json.loads(index_path.read_text())
         built = index_path.stat().st_mtime_ns
@@ -276,7 +277,7 @@ def _is_stale(folder, index_path):
     files = stats or [*index.get("files", []), *index.get("skipped", {})]
     for f in files:
         try:
-            now = file_stat(folder / f)
+            now = known.get(f) or file_stat(folder / f)
         except OSError:
             return True  # gone
         # An index written before files' stats were kept: a file changed after it was built.
