@@ -133,6 +133,7 @@ def group(title, *options):
 AS_LABELS = "as `--labels`"
 AS_BATCH = "as `--batch-size`"
 AUGMENTATION = "augmentation (training only, per sample, on the device)"
+AUGMENT = Augmentation()  # the augmentation's defaults (Table 1's), declared once: there
 
 OPTIONS = (
     *group(
@@ -605,7 +606,7 @@ OPTIONS = (
         AUGMENTATION,
         Option(
             ("--degrees",),
-            10.0,
+            AUGMENT.degrees,
             "affine rotation +-, always",
             type=float,
             resume="the augmentation is drawn anew each epoch from the options (all of its "
@@ -613,39 +614,55 @@ OPTIONS = (
             other=("5",),
         ),
         Option(
-            ("--translate",), 0.1, "affine shift, share of the side", type=float, other=("0.05",)
+            ("--translate",),
+            AUGMENT.translate,
+            "affine shift, share of the side",
+            type=float,
+            other=("0.05",),
         ),
         Option(
             ("--scale",),
-            [0.9, 1.1],
+            list(AUGMENT.scale),
             "affine scale range",
             type=float,
             nargs=2,
             other=("0.8", "1.2"),
         ),
-        Option(("--shear",), 10.0, "affine shear +-, degrees", type=float, other=("5",)),
-        Option(("--jitter",), 0.25, "brightness, contrast, saturation", type=float, other=("0.3",)),
-        Option(("--hue",), 0.1, "hue jitter", type=float, other=("0.05",)),
-        Option(("--p-jitter",), 0.5, "probability of colour jitter", type=float, other=("0.2",)),
+        Option(("--shear",), AUGMENT.shear, "affine shear +-, degrees", type=float, other=("5",)),
+        Option(
+            ("--jitter",),
+            AUGMENT.jitter,
+            "brightness, contrast, saturation",
+            type=float,
+            other=("0.3",),
+        ),
+        Option(("--hue",), AUGMENT.hue, "hue jitter", type=float, other=("0.05",)),
+        Option(
+            ("--p-jitter",),
+            AUGMENT.p_jitter,
+            "probability of colour jitter",
+            type=float,
+            other=("0.2",),
+        ),
         Option(
             ("--blur-sigma",),
-            [0.1, 2.0],
+            list(AUGMENT.blur_sigma),
             "3x3 blur sigma",
             type=float,
             nargs=2,
             other=("0.2", "1.0"),
         ),
-        Option(("--p-blur",), 0.5, "probability of blur", type=float, other=("0.1",)),
+        Option(("--p-blur",), AUGMENT.p_blur, "probability of blur", type=float, other=("0.1",)),
         Option(
             ("--p-hflip",),
-            0.3,
+            AUGMENT.p_hflip,
             "probability of a horizontal flip",
             type=float,
             other=("0.5",),
         ),
         Option(
             ("--p-vflip",),
-            0.3,
+            AUGMENT.p_vflip,
             "probability of a vertical flip",
             type=float,
             presets={"best": 0.0, "fast": 0.0},
