@@ -13,10 +13,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-dependencies = ["torch", "torchvision", "numpy", "PIL"]
+dependencies = ["torch", "torchvision", "numpy", "PIL", "tqdm", "filelock"]  # what loading imports
 
 REPO = Path(__file__).resolve().parent
-TOP = ("data", "model", "utils", "train", "evaluate", "predict")  # this repository's top level
+TOP = tuple(p.stem for p in REPO.glob("*.py") if p.stem != "hubconf")  # the top-level modules
 
 
 @contextmanager
