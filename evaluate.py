@@ -270,19 +270,12 @@ def write_comparison(runs, folder):
 # ----------------------------------------------------------------------------- main
 
 
-def test_score_of(trained, args, checked=None):
-    """The Score of a checkpoint on the test folder against --answers (or their test_answers
-    already `checked`), through predict.py's path."""
-    test_dir = test_folder(args, trained.state)
-    return test_score(
-        trained,
-        test_dir,
-        args.answers,
-        args.cache_workers,
-        args.batch_size,
-        args.top_pairs,
-        checked,
-    )
+def test_score_of(trained, args, answers=None):
+    """The Score of a checkpoint on its test folder against --answers (`answers`: those already
+    read and checked, test_answers'), through predict.py's path."""
+    if answers is None:
+        answers = test_answers(test_folder(args, trained.state), args.answers, trained.classes)
+    return test_score(trained, answers, args.cache_workers, args.batch_size, args.top_pairs)
 
 
 def test_folder(args, state):

@@ -25,7 +25,7 @@ from twophase.checkpoint import load_checkpoint  # noqa: E402
 from twophase.inference import load_trained  # noqa: E402
 from twophase.options import get_args_parser  # noqa: E402
 from twophase.report import command_of, write_section  # noqa: E402
-from twophase.submission import test_score  # noqa: E402
+from twophase.submission import test_answers, test_score  # noqa: E402
 from utils import atomic_file, exits_on_problems, log  # noqa: E402
 
 # (row, run folder, how its last.pt is scored): test-time options for the base run.
@@ -59,7 +59,8 @@ def test_accuracy(path, answers, use="weights", tta=False, img_size=None):
             ckpt=str(path), device="auto", amp=None, use=use, img_size=img_size, tta=tta
         )
         trained = load_trained(args)
-        result = test_score(trained, Path(trained.state["data"]) / "test", answers, 2, 256)
+        test_dir = Path(trained.state["data"]) / "test"
+        result = test_score(trained, test_answers(test_dir, answers, trained.classes), 2, 256)
         params = count_parameters(trained.model.parameters())
         known[key] = [result.correct, result.total, params, result.balanced]
 

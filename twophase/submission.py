@@ -260,19 +260,28 @@ def describe(score):
     return line
 
 
+class Answers(NamedTuple):
+    """A test folder's images and their true labels, read from a CSV and checked."""
+
+    folder: Path
+    files: list
+    truth: dict  # file -> label
+    path: Path  # the CSV
+
+
 def test_answers(test_dir, answers, classes):
-    """(the images of a test folder, their true labels from the CSV `answers`), checked."""
+    """The Answers of a test folder from the CSV `answers`, checked against its images."""
     files = test_images(test_dir, keep_ext=True)
-    return files, read_answers(answers, Names(files, test_dir), classes)
+    truth = read_answers(answers, Names(files, test_dir), classes)
+    return Answers(Path(test_dir), files, truth, Path(answers))
 
 
-def test_score(trained, test_dir, answers, threads=4, batch_size=128, top=10, checked=None):
-    """A checkpoint's Score on a test folder against its true labels (`answers`, a CSV, or the
-    test_answers already `checked`), predicted as predict.py predicts it."""
-    files, truth = checked or test_answers(test_dir, answers, trained.classes)
-    rows, _ = predict_folder(trained, test_dir, files, None, threads, batch_size)
+def test_score(trained, answers, threads=4, batch_size=128, top=10):
+    """A checkpoint's Score on the test folder of `answers` (test_answers'), predicted as
+    predict.py predicts it."""
+    rows, _ = predict_folder(trained, answers.folder, answers.files, None, threads, batch_size)
     labels = {file: [trained.classes[int(p.argmax())]] for file, p in rows}
-    gaps = missing(labels, truth)
+    gaps = missing(labels, answers.truth)
     if gaps:
-        raise Problem(f"{answers} does not match {test_dir}: " + "; ".join(gaps[:10]))
-    return score(labels, truth, trained.classes, top)
+        raise Problem(f"{answers.path} does not match {answers.folder}: " + "; ".join(gaps[:10]))
+    return score(labels, answers.truth, trained.classes, top)
