@@ -11,6 +11,7 @@ from PIL import Image
 import evaluate
 import model as M
 import train
+import twophase.report
 from twophase import inference, options, report
 from twophase.resolve import resolve
 from utils import Problem
@@ -186,9 +187,11 @@ def test_report_holds_the_runs_table_1_its_result_and_only_links_that_exist(
     # Prose written into a notes slot survives a new report, in its place.
     slot = "<!-- notes:summary -->\nWe find X.\n<!-- /notes -->"
     report.write_text(text.replace("## Result\n", f"{slot}\n\n## Result\n"))
+    twophase.report.write_section(report, "levers", "Levers", "the levers' table\n")  # appended
     evaluate.main(argv)
     again = report.read_text()
     assert slot in again and again.index(slot) < again.index("## Result")
+    assert again.count("the levers' table") == 1 and "## Notes" not in again
 
 
 def test_a_larger_test_size_is_read_through_its_own_cache(trained, tmp_path, capsys):

@@ -430,7 +430,8 @@ def write_report(path, figures, evaluated, comparisons, names, defaults):
     state, history, metrics, test = evaluated
     path = Path(path)
     old = path.read_text() if path.is_file() else ""
-    kept, shown, here = dict(NOTES.findall(old)), Figures(path), path.parent
+    generated, _, appendix = old.partition(APPENDIX)  # the added sections keep their own notes
+    kept, shown, here = dict(NOTES.findall(generated)), Figures(path), path.parent
     n = metrics["images"]
     lines = [
         f"# {state['arch']} on {dataset_name(state)}: results",
@@ -472,8 +473,8 @@ def write_report(path, figures, evaluated, comparisons, names, defaults):
     unplaced = [name for name, text in kept.items() if text.strip() and (name, text) not in placed]
     if unplaced:  # a slot this report has no place for (a name mistyped, a comparison not made)
         lines += ["## Notes", ""] + [line for name in unplaced for line in kept_notes(name, kept)]
-    if APPENDIX in old:
-        lines += [APPENDIX + old.split(APPENDIX, 1)[1]]
+    if appendix:
+        lines += [APPENDIX + appendix]
     with atomic_file(path, "w") as f:
         f.write("\n".join(lines).rstrip("\n") + "\n")
 
