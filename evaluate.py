@@ -28,6 +28,8 @@ from model import count_parameters, warn_if_too_large
 from twophase.checkpoint import (
     CHECKPOINT_DIR,
     best_acc,
+    epoch_name,
+    epochs_name,
     full_history,
     load_checkpoint,
     resolve_checkpoint,
@@ -57,7 +59,7 @@ from twophase.loader import make_loader
 from twophase.loss import loss_of
 from twophase.options import get_args_parser as training_options
 from twophase.options import parameter_count
-from twophase.report import Evaluated, relative, write_report
+from twophase.report import Evaluated, relative, shown_path, write_report
 from twophase.submission import test_answers, test_score
 from utils import Problem, exits_on_problems, log
 
@@ -96,7 +98,8 @@ def get_args_parser():
         "--answers",
         metavar="CSV",
         default=None,
-        help="true labels of the test images (image_name,pred_label): the report gives test "
+        help="true labels of the test images: a CSV of two columns, an image's name and its "
+        "label, under any header (predict.py's own output reads too): the report gives test "
         "accuracy, of every compared run too",
     )
     p.add_argument("--test-dir", default=None, help="the test images (default: <data>/test)")
@@ -166,11 +169,11 @@ def write_metrics(metrics, folder):
 
 
 def print_metrics(metrics, ckpt):
-    n = metrics["images"]
+    n, many = metrics["images"], len(metrics["per_class"]) > 5  # top-5 of 5 classes is 1
+    top5 = f"top-5 {metrics['top5']:.4f} ({metrics['top5_correct']}/{n}) | " if many else ""
     print(
         f"{ckpt}: {n} validation images | loss {metrics['loss']:.4f} | "
-        f"top-1 {metrics['top1']:.4f} ({metrics['top1_correct']}/{n}) | "
-        f"top-5 {metrics['top5']:.4f} ({metrics['top5_correct']}/{n}) | "
+        f"top-1 {metrics['top1']:.4f} ({metrics['top1_correct']}/{n}) | {top5}"
         f"balanced {metrics['balanced']:.4f}"
     )
     print_confused(metrics["most_confused"])
@@ -278,6 +281,16 @@ def test_score_of(trained, args, answers=None):
     return test_score(trained, answers, args.cache_workers, args.batch_size, args.top_pairs)
 
 
+def test_source(args, state, test, report):
+    """Where the report's test score comes from, in words: the images and the labels file, as
+    given (relative to the report where given as absolute paths)."""
+    if not test:
+        return None
+    here = report.resolve().parent
+    images = shown_path(args.test_dir, here) if args.test_dir else "the dataset's test/"
+    return f"the {test.total} images of {images}, labelled by {shown_path(args.answers, here)}"
+
+
 def test_folder(args, state):
     return Path(args.test_dir or trained_data_root(args.data, state) / "test")
 
@@ -327,15 +340,15 @@ def evaluate_checkpoint(trained, args, figures, names):
     if history:
         plot_loss(history, figures / "fig1_loss.png")
         uneven_data = uneven(state.get("class_counts") or [])
-        plot_val_accuracy(history, figures / "fig2_val_accuracy.png", balanced=uneven_data)
+        held = checkpoint_mark(state, history)
+        plot_val_accuracy(history, figures / "fig2_val_accuracy.png", uneven_data, held)
     else:  # saved during its first epoch
         log(f"{args.ckpt} has no finished epoch: no Figures 1 and 2")
     shown = [names.get(c, c) for c in classes]
     preds = logits.argmax(1).numpy()
-    matrix = confusion_matrix(labels.numpy(), preds, len(classes))
-    plot_confusion(matrix, shown, figures / "fig5_confusion_matrix.png")
+    counts = confusion_matrix(labels.numpy(), preds, len(classes), normalize=False)
+    plot_confusion(counts, shown, figures / "fig5_confusion_matrix.png")
     if len(classes) > MANY:
-        counts = confusion_matrix(labels.numpy(), preds, len(classes), normalize=False)
         plot_most_confused(counts, shown, figures / "fig5_most_confused.png")
     confidence, preds = logits.softmax(dim=1).max(1)
     wrong = torch.nonzero(preds != labels).flatten()
@@ -350,22 +363,43 @@ def evaluate_checkpoint(trained, args, figures, names):
         figures / "mistakes.png",
     )
     right = torch.nonzero(preds == labels).flatten()
-    best = one_a_class(right[confidence[right].argsort(descending=True)].tolist(), labels)
-    picked = worst[:6] + best[: max(len(worst[:6]), 6 if not worst else 0)]
+    best = across_classes(right[confidence[right].argsort(descending=True)].tolist(), labels)
+    picked = worst[:6] + best[: max(len(worst[:6]), 6 if not worst else 0)]  # rows of 6 or fewer
     draw_gradcam(trained, val, picked, preds, labels, confidence, shown, figures / "gradcam.png")
     log(f"wrote figures and metrics to {figures}/")
     return metrics, history
 
 
-def one_a_class(indices, labels):
-    """The first of `indices` of each class, in their order: Grad-CAM's correct examples, each of
-    another class."""
-    seen, kept = set(), []
+def across_classes(indices, labels):
+    """`indices` reordered to take each class in turn (the first of each class, in their order,
+    then the second of each...): Grad-CAM's correct examples, as many classes as there are,
+    and a row still full where there are fewer classes than places."""
+    queues = {}
     for i in indices:
-        if int(labels[i]) not in seen:
-            seen.add(int(labels[i]))
-            kept.append(i)
-    return kept
+        queues.setdefault(int(labels[i]), []).append(i)
+    picked = []
+    for k in range(max(map(len, queues.values()), default=0)):
+        picked += [queue[k] for queue in queues.values() if k < len(queue)]
+    return picked
+
+
+def checkpoint_mark(state, history):
+    """What Figure 2 marks, the checkpoint's weights: (the index in `history` of the epoch they
+    are of, their validation accuracy, their name), or None for the best epoch (a checkpoint
+    made elsewhere, or in the middle of an epoch)."""
+    if state.get("averaged") and state.get("val_acc") is not None:
+        records = [r for r in history if r["phase"] == 2][-len(state["averaged"]) :]
+        if records:
+            words = f"best.pt: the average of {epochs_name(records)}"
+            return len(history) - 1, state["val_acc"], words
+    position = (state["phase"], state["epoch"])
+    at = [i for i, r in enumerate(history) if (r["phase"], r["epoch"]) == position]
+    if not at or state.get("step"):
+        return None
+    record, ema = history[at[0]], state.get("eval_weights") == "ema"
+    acc = record.get("ema_val_acc", record["val_acc"]) if ema else record["val_acc"]
+    weights = ", moving average" if ema else ""
+    return at[0], acc, f"the checkpoint: {epoch_name(record)}{weights}"
 
 
 def draw_gradcam(trained, val, picked, preds, labels, confidence, shown, path):
@@ -506,7 +540,7 @@ def main(argv=None):
         write_comparison(runs, figures / key)
         comparisons.append({"title": title, "key": key, "folder": figures / key, "runs": runs})
     defaults = vars(training_options().parse_args([]))
-    evaluated = Evaluated(state, history, metrics, test)
+    evaluated = Evaluated(state, history, metrics, test, test_source(args, state, test, report))
     write_report(report, figures, evaluated, comparisons, names, defaults)
     inside = report.resolve().parent == figures.resolve()
     remember(figures, mine, written + [report.name] * inside + [c["key"] for c in comparisons])

@@ -150,7 +150,10 @@ def main(argv=None):
     if args.topk < 1:
         raise SystemExit("--topk must be 1 or more")
     state = load_checkpoint(args.ckpt)
-    layout = Layout(args.columns, args.keep_ext, min(args.topk, len(state["classes"])))
+    classes = len(state["classes"])
+    if args.topk > classes:
+        log(f"--topk {args.topk}: the model has {classes} classes, so each row holds all {classes}")
+    layout = Layout(args.columns, args.keep_ext, min(args.topk, classes))
     if args.images:
         if args.check or args.test_dir:
             raise SystemExit("give image files, or --test-dir / --check, not both")

@@ -228,7 +228,7 @@ def set_up(args, start, splits, model, folder, device, procs, stop):
         ),
         eval_preprocess=BatchPreprocess(args.mean, args.std).to(device),
         start=start,
-        saver=Checkpointer(folder, model, ema, splits, procs, start.run_id()),
+        saver=Checkpointer(folder, model, ema, splits, procs, start),
         stop=stop,
         history=start.history(),
         averaged_acc=folder.averaged_acc(start),
@@ -444,7 +444,8 @@ def end_epoch(run, phase, epoch, train):
     run.history.append(record)
     replan_time_budget(run, phase, epoch + 1)
     left = run.forecast.words(phase.number, epoch + 1)
-    log(f"{epoch_line(record, phase.epochs, is_best, run.classes_uneven)} | {left}")
+    line = epoch_line(record, phase.epochs, is_best, run.classes_uneven, len(run.splits.classes))
+    log(f"{line} | {left}")
     if run.board is not None:
         run.board.epoch(record, run.step)
     run.saver.save_epoch(run.args, run.history, phase, epoch + 1, is_best)

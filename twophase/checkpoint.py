@@ -123,6 +123,23 @@ def best_acc(record):
     return max(record["val_acc"], record.get("ema_val_acc", -1.0))
 
 
+def epoch_name(record):
+    """An epoch as every line, figure and report names it: its phase and its number there."""
+    return f"phase {record['phase']} epoch {record['epoch']}"
+
+
+def epochs_name(records):
+    """Consecutive epochs of one phase, as epoch_name names one: "phase 2 epochs 6-8"."""
+    first, last = records[0], records[-1]
+    return f"phase {first['phase']} epochs {first['epoch']}-{last['epoch']}"
+
+
+def weights_name(record):
+    """Which weights an epoch's best_acc is of: the weights, or their moving average (--ema)."""
+    ema = record.get("ema_val_acc", -1.0) > record["val_acc"]
+    return "the weights' moving average" if ema else "the weights"
+
+
 def epoch_record(phase, epoch, lr, train, val, seconds, val_seconds):
     """An epoch's row of history.csv."""
     return {
@@ -470,13 +487,14 @@ class Checkpointer:
     run was last saved, which the advice of a run that diverged names. Saving is a collective
     under torchrun: every process gathers its random state, the first writes."""
 
-    def __init__(self, folder, model, ema, splits, procs, run_id):  # model: on its device
+    def __init__(self, folder, model, ema, splits, procs, start):  # model: on its device
         self.folder, self.model, self.ema, self.procs = folder, model, ema, procs
         self.device, self.classes = next(model.parameters()).device, splits.classes
         self.extra = {
             "class_counts": splits.train.class_counts(len(splits.classes)).tolist(),
             "val_digest": splits.val.digest(),  # which images were held out for validation
-            "run_id": run_id,
+            "run_id": start.run_id(),
+            "command": start.command(),  # as typed: the report's Command line
         }
         self.saved_at = None  # where last.pt was last written by this run, in words
 

@@ -9,9 +9,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
-from twophase.checkpoint import best_acc  # noqa: E402
+from twophase.checkpoint import best_acc, epoch_name  # noqa: E402
 
 WIDE, TALL = 7.0, 4.2  # a figure at a page's width
 MANY = 30  # classes above which the whole confusion matrix is unreadable at a page's width
@@ -30,12 +30,13 @@ def save(fig, path):
 
 
 def epoch_axis(ax, history):
-    """Whole epochs on the x axis (1, 2, ... n: an epoch ends at its number) and the end of Phase
-    I marked where Phase II follows it."""
+    """Epochs on the x axis as the log and the report number them, each phase's from 1 (an
+    epoch ends at its tick), and the end of Phase I marked where Phase II follows it."""
     ax.set_xlim(0, len(history) + 0.2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
-    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: phase_epoch(history, x)))
     ends = sum(r["phase"] == 1 for r in history)
+    ax.set_xlabel("epoch of its phase")
     if 0 < ends < len(history):
         ax.axvline(ends, color="grey", linestyle="--", linewidth=1)
         ax.text(
@@ -48,7 +49,17 @@ def epoch_axis(ax, history):
             fontsize=8,
             color="grey",
         )
+    elif history:
+        ax.set_xlabel(f"epoch of Phase {'I' * history[0]['phase']}")
     ax.grid(alpha=0.3)
+
+
+def phase_epoch(history, x):
+    """The tick at `x` (the x-th epoch of the run) named as its phase names it."""
+    index = int(round(x))
+    if abs(x - index) > 1e-6 or not 1 <= index <= len(history):
+        return ""
+    return str(history[index - 1]["epoch"])
 
 
 def loss_points(history):
@@ -97,27 +108,33 @@ def plot_loss(history, path):
     save(fig, path)
 
 
-def plot_val_accuracy(history, path, balanced=False):
-    """Figure 2: validation accuracy at each epoch's end, the best marked; the moving average's
-    (--ema) and, where the classes are uneven (`balanced`), balanced accuracy beside it."""
+def plot_val_accuracy(history, path, balanced=False, held=None):
+    """Figure 2: validation accuracy at each epoch's end; the moving average's (--ema) and, where
+    the classes are uneven (`balanced`), balanced accuracy beside it. `held`: what the
+    checkpoint holds, (its epoch's index in `history`, its validation accuracy, its words),
+    marked and named (an average of the last epochs at the last of them)."""
     ends = np.arange(1, len(history) + 1)
-    acc = np.array([best_acc(r) for r in history])
     fig, ax = plt.subplots(figsize=(WIDE, TALL))
-    if any("ema_val_acc" in r for r in history):  # --ema: both, the best of either marked
+    if any("ema_val_acc" in r for r in history):  # --ema: both
         ax.plot(ends, [r["val_acc"] for r in history], "o-", color="tab:green", label="weights")
         ema = [r.get("ema_val_acc", np.nan) for r in history]
-        ax.plot(ends, ema, "o-", color="tab:purple", label="moving average (--ema)")
+        ax.plot(ends, ema, "o-", color="tab:purple", label="their moving average (--ema)")
     else:
-        ax.plot(ends, acc, "o-", color="tab:green", label="top-1")
+        ax.plot(ends, [r["val_acc"] for r in history], "o-", color="tab:green", label="top-1")
     if balanced and all("val_balanced" in r for r in history):
         shown = [r["val_balanced"] for r in history]
         ax.plot(ends, shown, "s--", color="tab:red", label="balanced (the mean over classes)")
-    best = int(acc.argmax())
-    ax.scatter([ends[best]], [acc[best]], s=90, facecolors="none", edgecolors="black", zorder=3)
-    edge = "right" if best >= 0.75 * len(history) else "center"  # inside the axes
+    if held is None:  # the best epoch
+        index = max(range(len(history)), key=lambda i: best_acc(history[i]))
+        held = (index, best_acc(history[index]), epoch_name(history[index]))
+    index, acc, words = held
+    ax.scatter(
+        [index + 1], [acc], s=140, marker="*", color="black", zorder=3, label="the checkpoint"
+    )
+    edge = "right" if index >= 0.75 * len(history) else "center"  # inside the axes
     ax.annotate(
-        f"best {acc[best]:.4f}",
-        (ends[best], acc[best]),
+        f"{words}: {acc:.4f}",
+        (index + 1, acc),
         textcoords="offset points",
         xytext=(4 if edge == "center" else -6, -16),
         ha=edge,
@@ -129,24 +146,43 @@ def plot_val_accuracy(history, path, balanced=False):
     save(fig, path)
 
 
-def plot_confusion(matrix, classes, path, title="confusion matrix (each row sums to 1)", side=None):
-    """The row-normalised confusion matrix, every class named (and, at 20 or fewer, every cell of
-    1 % or more written in)."""
+def plot_confusion(counts, classes, path, title=None, side=None, totals=None):
+    """The confusion matrix: each cell coloured by its share of its true class's images (of
+    `totals`, each row's images, where the rows are a part of the whole matrix) and, at 20
+    classes or fewer, its count written in (with the share, at 10 or fewer). Names legible at a
+    page's width: level where few, slanted up to 20, and above 100 classes the classes' numbers
+    (their rows in per_class_metrics.csv), the most confused alone then being a figure of their
+    own."""
+    counts = np.asarray(counts)
     n = len(classes)
-    side = side or float(np.clip(0.14 * n + 3, 6, 22))
-    font = float(np.clip(420 / n, 3, 10))
+    totals = counts.sum(axis=1, keepdims=True) if totals is None else np.asarray(totals)
+    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    side = side or float(np.clip(0.14 * n + 3, 4.5, 22))
+    font = float(np.clip(420 / n, 3, 11))
     fig, ax = plt.subplots(figsize=(side + 1.5, side))
-    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    names = [literal(c) for c in classes]
-    ax.set_xticks(range(n), names, rotation=90, fontsize=font)
-    ax.set_yticks(range(n), names, fontsize=font)
-    ax.set(xlabel="predicted class", ylabel="true class", title=title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    if n > 100:
+        ticks = np.unique(np.linspace(0, n - 1, 11).round().astype(int))
+        ax.set_xticks(ticks, [str(t + 1) for t in ticks])
+        ax.set_yticks(ticks, [str(t + 1) for t in ticks])
+        ax.set(xlabel="predicted class (its row in per_class_metrics.csv)", ylabel="true class")
+    else:
+        names = [literal(c) for c in classes]
+        level = n <= 5 and max(map(len, names)) <= 12
+        ax.set_xticks(range(n), names, rotation=0 if level else 45 if n <= 20 else 90,
+                      ha="center" if level or n > 20 else "right", fontsize=font)  # fmt: skip
+        ax.set_yticks(range(n), names, fontsize=font)
+        ax.set(xlabel="predicted class", ylabel="true class")
+    ax.set_title(title or "confusion matrix: images, coloured by the share of their true class")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     if n <= MOST_CONFUSED:
-        for t, p in zip(*np.nonzero(matrix >= 0.01)):
-            colour = "white" if matrix[t, p] > 0.5 else "black"
-            shown = f"{matrix[t, p]:.2f}".lstrip("0")  # .35: narrow enough for 20 a row
-            ax.text(p, t, shown, ha="center", va="center", fontsize=7, color=colour)
+        size = 12 if n <= 5 else 9 if n <= 10 else 7
+        for t, p in zip(*np.nonzero(counts)):
+            colour = "white" if shares[t, p] > 0.5 else "black"
+            shown = str(int(counts[t, p]))
+            if n <= 10:
+                shown += f"\n{shares[t, p]:.0%}"
+            ax.text(p, t, shown, ha="center", va="center", fontsize=size, color=colour)
     save(fig, path)
 
 
@@ -160,14 +196,14 @@ def most_confused_classes(counts, top=MOST_CONFUSED):
 
 def plot_most_confused(counts, classes, path):
     """Above MANY classes: the confusion matrix of the MOST_CONFUSED classes most often in a
-    mistake, each row a share of all its true class's images, legible at a page's width."""
+    mistake, each cell's count written in and coloured by its share of all its true class's
+    images, legible at a page's width."""
     chosen = most_confused_classes(counts)
-    totals = counts.sum(axis=1, keepdims=True)
-    shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
-    sub = shares[np.ix_(chosen, chosen)]
+    totals = counts.sum(axis=1, keepdims=True)[chosen]
+    sub = counts[np.ix_(chosen, chosen)]
     title = f"the {len(chosen)} classes most often in a mistake\n"
-    title += "(each row: shares of all the images of its true class)"
-    plot_confusion(sub, [classes[i] for i in chosen], path, title, side=9)
+    title += "(images; colour: the share of all the images of their true class)"
+    plot_confusion(sub, [classes[i] for i in chosen], path, title, side=9, totals=totals)
 
 
 def plot_gallery(images, titles, colours, path, title, maps=None, columns=6):

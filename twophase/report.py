@@ -12,11 +12,12 @@ kept in its place when the report is written again: the numbers can be made agai
 import os
 import re
 import shlex
+import statistics
 from pathlib import Path
 from typing import NamedTuple
 
 from data import uneven
-from twophase.checkpoint import best_acc
+from twophase.checkpoint import best_acc, epoch_name, epochs_name, weights_name
 from twophase.options import DEMO, RECIPES
 from twophase.resolve import split_budget
 from utils import atomic_file
@@ -69,11 +70,10 @@ def shown_path(value, folder):
 
 
 def dataset_name(state):
-    """The dataset's folder name (its parent's, where the folder is a generic data/ or train/)."""
-    root = Path(state.get("data") or state["args"].get("data", "data"))
-    if root.name.lower() in ("data", "dataset", "datasets", "train", "") and root.parent.name:
-        return root.parent.name
-    return root.name
+    """The dataset's name: its folder's, as the run was given it (`data/demo`: demo). The folder
+    above is never taken for it: for data in a clone's data/, that is the clone's name."""
+    root = Path(state["args"].get("data") or state.get("data") or "data")
+    return root.name or root.resolve().name
 
 
 CAPTIONS = {  # a figure's file: its caption, and its number in the method's report
@@ -296,6 +296,15 @@ def command_of(state, defaults, folder=None):
     return " ".join(parts)
 
 
+def command_lines(state, defaults, folder):
+    """The command that ran the run, as typed, to run again from the folder it was run in (where
+    the checkpoint predates that record: the options that differ from the defaults)."""
+    if state.get("command"):
+        return [f"Command, as typed, in the folder it was run in: `{state['command']}`"]
+    command = command_of(state, defaults, folder)
+    return [f"Command (the options that differ from the defaults): `{command}`"]
+
+
 PATHS = {"data", "labels", "val_labels", "class_weights", "weights", "out", "cache_dir"}
 
 
@@ -314,7 +323,7 @@ def per_class_summary(metrics, names, top=5):
     rows = sorted(metrics["per_class"], key=lambda r: r["f1"])
     present = [r for r in rows if r["support"]]  # as the balanced accuracy averages
     macro = {k: sum(r[k] for r in present) / len(present) for k in ("precision", "recall", "f1")}
-    median = present[len(present) // 2]["f1"]
+    median = statistics.median(r["f1"] for r in present)
     trained = rows[0].get("train_images") is not None
     absent = len(rows) - len(present)
     lines = [
@@ -372,35 +381,98 @@ def comparison_lines(comparison, figures, defaults, kept):
     return lines + figures(folder / "fig4_validation_accuracy_curves.png")
 
 
-def where_from(state, history):
-    """Which weights of the run these are, and what the run cost."""
+def where_from(state, history, metrics, test_source=None):
+    """Where each number of the result comes from: the images and labels of each split, the
+    weights the checkpoint holds, that validation chose them (so its accuracy flatters them),
+    and what each phase did."""
+    n = metrics["images"]
+    chose = "the split that chose these weights, so its accuracy is optimistic"
+    lines = [
+        f"- Validation: the {n} images of {metrics.get('data_layout') or 'the val split'}; {chose}."
+    ]
+    if test_source:
+        lines.append(f"- Test: {test_source}; not seen in training or in choosing the weights.")
+    else:
+        lines.append(
+            "- Test: none given; held-out images with their labels (evaluate.py --test-dir and "
+            "--answers) give the estimate validation cannot."
+        )
+    lines.append(f"- Weights: {weights_held(state, history)}.")
+    lines += phases_done(state, history, metrics)
+    if history:
+        minutes = sum(r["seconds"] + r.get("val_seconds", 0) for r in history) / 60
+        lines.append(
+            f"- Cost: {len(history)} epochs, {minutes:.1f} minutes of training and validation."
+        )
+    return lines
+
+
+def weights_held(state, history):
+    """Which weights the checkpoint holds, in words, and the run's best epoch beside them."""
+    best = max(history, key=best_acc) if history else None
     if state.get("averaged"):
-        what = f"The weights are the average of {len(state['averaged'])} checkpoints"
+        names = [Path(p).name for p in state["averaged"]]
+        records = [r for r in history if r["phase"] == 2][-len(names) :]
+        what = f"the average of {epochs_name(records) if records else ', '.join(names)}"
         if state.get("val_acc") is not None:
             what += f" (validation accuracy {state['val_acc']:.4f})"
+        if best:
+            what += f", which validated better than the best epoch, {epoch_name(best)} "
+            what += f"({weights_name(best)}, {best_acc(best):.4f})"
     else:
-        kind = {"ema": "the moving average of the weights", "model": "the weights"}
-        what = f"The checkpoint holds {kind[state.get('eval_weights', 'model')]} after "
-        what += f"phase {state['phase']} epoch {state['epoch']}"
+        kind = {"ema": "the weights' moving average", "model": "the weights"}
+        what = f"{kind[state.get('eval_weights', 'model')]} after {epoch_name(state)}"
         what += f" ({state['step']} batches into the next)" if state.get("step") else ""
+        if best and (best["phase"], best["epoch"]) == (state["phase"], state["epoch"]):
+            what += ", the run's best validation epoch"
+        elif best:
+            what += f"; the run's best validation epoch was {epoch_name(best)}"
+    if state.get("test_size") and state.get("test_size") != state.get("img_size"):
+        what += f", tested at {state['test_size']} px (it validated better there)"
     if state.get("tta"):
         what += ", predicted with each image's horizontal flip averaged in (it validated better)"
-    if history:
-        best = max(history, key=best_acc)
-        what += f"; the run's best validation epoch was phase {best['phase']} epoch {best['epoch']}"
-        minutes = sum(r["seconds"] + r.get("val_seconds", 0) for r in history) / 60
-        what += f", of {len(history)} ({minutes:.1f} minutes of training and validation)"
-    return [what + "."]
+    return what
+
+
+def phases_done(state, history, metrics):
+    """A line for each phase the run trained: its epochs and optimizer steps and where it took
+    validation accuracy, said where it left the model no better than always answering the
+    largest class."""
+    a, counts = state["args"], state.get("class_counts") or []
+    supports = [r["support"] for r in metrics["per_class"]]
+    largest = max(supports) / sum(supports) if sum(supports) else 0.0
+    batch = a.get("batch_size", 1) * a.get("accum_steps", 1)
+    steps = -(-sum(counts) // batch) if counts else None
+    lines = []
+    for number in (1, 2):
+        records = [r for r in history if r["phase"] == number]
+        if not records:
+            continue
+        did = f"{len(records)} epoch{'s' * (len(records) > 1)}"
+        if steps:
+            did += f", {steps * len(records)} optimizer steps"
+        end = records[-1]["val_acc"]
+        line = f"- Phase {'I' * number}: {did}; validation accuracy {end:.4f} at its end"
+        if records[-1]["val_acc"] <= largest + 0.01:
+            line += (
+                f", no better than always answering the largest class ({largest:.4f}): it moved "
+                "the model little"
+            )
+            if number == 1:
+                line += " (more Phase I epochs or a smaller batch give the head more steps)"
+        lines.append(line + ".")
+    return lines
 
 
 class Evaluated(NamedTuple):
     """A checkpoint as evaluate.py found it: its dict, its run's history, its validation metrics
-    and, with --answers, its test Score."""
+    and, with --answers, its test Score and where it came from (its images and labels)."""
 
     state: dict
     history: list
     metrics: dict
     test: object = None
+    test_source: str | None = None
 
 
 def headline(state, metrics, test):
@@ -427,12 +499,12 @@ def headline(state, metrics, test):
 def write_report(path, figures, evaluated, comparisons, names, defaults):
     """The report of `evaluated` as Markdown at `path`; its images are in `figures` (linked
     relatively)."""
-    state, history, metrics, test = evaluated
+    state, history, metrics, test, test_source = evaluated
     path = Path(path)
     old = path.read_text() if path.is_file() else ""
     generated, _, appendix = old.partition(APPENDIX)  # the added sections keep their own notes
     kept, shown, here = dict(NOTES.findall(generated)), Figures(path), path.parent
-    n = metrics["images"]
+    n, top5 = metrics["images"], len(state["classes"]) > 5  # of 5 classes or fewer, top-5 is 1
     lines = [
         f"# {state['arch']} on {dataset_name(state)}: results",
         "",
@@ -443,21 +515,25 @@ def write_report(path, figures, evaluated, comparisons, names, defaults):
     lines += [
         "## Result",
         "",
-        f"Data: {metrics.get('data_layout') or dataset_name(state)}.",
-        "",
-        "| split | images | top-1 | balanced accuracy | top-5 |",
-        "| --- | ---: | ---: | ---: | ---: |",
-        f"| validation | {n} | {count(metrics['top1_correct'], n)} | {metrics['balanced']:.4f} | "
-        f"{count(metrics['top5_correct'], n)} |",
+        "| split | images | top-1 | balanced accuracy |" + (" top-5 |" if top5 else ""),
+        "| --- | ---: | ---: | ---: |" + (" ---: |" if top5 else ""),
+        f"| validation | {n} | {count(metrics['top1_correct'], n)} | {metrics['balanced']:.4f} |"
+        + (f" {count(metrics['top5_correct'], n)} |" if top5 else ""),
     ]
     if test:
         lines.append(
-            f"| test | {test.total} | {count(test.correct, test.total)} | {test.balanced:.4f} | |"
+            f"| test | {test.total} | {count(test.correct, test.total)} | {test.balanced:.4f} |"
+            + (" |" if top5 else "")
         )
-    lines += ["", *where_from(state, history), "", *kept_notes("result", kept)]
+    lines += [
+        "",
+        *where_from(state, history, metrics, test_source),
+        "",
+        *kept_notes("result", kept),
+    ]
     lines += ["## The method as this run used it (Table 1)", ""]
     lines += table1(state, here, history) if "lr1" in state["args"] else ["Trained elsewhere."]
-    lines += ["", f"Command: `{command_of(state, defaults, here)}`", ""]
+    lines += ["", *command_lines(state, defaults, here), ""]
     if history:
         lines += ["## Training", ""]
         lines += shown(figures / "fig1_loss.png") + shown(figures / "fig2_val_accuracy.png")

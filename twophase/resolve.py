@@ -9,6 +9,9 @@ weights were trained with is resolved here too.
 """
 
 import argparse
+import os
+import shlex
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -60,6 +63,7 @@ def resolve(argv=None):
     for problem in bad_values(options):
         parser.error(problem)
     start = Start.of(options["resume"], options["out"], options["phase"], options["weights"])
+    start.typed = typed_command(argv)
     if start.fresh:
         options = fresh_options(options, given)
     else:
@@ -141,6 +145,15 @@ def keep_phase1(levers, saved, recipe, ended):
             f"of this run {ended}; it keeps {saved.get(key)}"
         )
     return {k: v for k, v in levers.items() if k not in kept}
+
+
+def typed_command(argv, script="train.py"):
+    """The command line as the user typed it: its paths as given (relative stay relative), under
+    the launcher that ran it (torchrun's process count where it did)."""
+    words = sys.argv[1:] if argv is None else [str(word) for word in argv]
+    per_node = os.environ.get("LOCAL_WORLD_SIZE")
+    launcher = f"torchrun --nproc-per-node {per_node}" if per_node else "python"
+    return " ".join([launcher, script, shlex.join(words)]).strip()
 
 
 def resolved_paths(options):

@@ -11,6 +11,7 @@ from twophase.checkpoint import (
     BEST_PT,
     averaged_checkpoint,
     epoch_file,
+    epochs_name,
     load_checkpoint,
 )
 from twophase.inference import averaged_model, bn_loader, count_correct, update_bn
@@ -94,6 +95,7 @@ def choose_test_size(run):
 def average_last_epochs(run, val):
     args, device, folder = run.args, run.device, run.saver.folder
     epochs = [n for n, r in enumerate(run.history, 1) if r["phase"] == 2][-args.average_last :]
+    records = [run.history[n - 1] for n in epochs]
     paths = [folder.path / epoch_file(n) for n in epochs]
     if len(paths) < 2 or not all(p.is_file() for p in paths):
         log(f"--average-last {args.average_last}: fewer than 2 Phase II epochs kept, no average")
@@ -106,8 +108,11 @@ def average_last_epochs(run, val):
     names = [AVERAGED_PT] + ([BEST_PT] if acc > best else [])
     state = averaged_checkpoint(states[-1], net.state_dict(), paths, acc)
     folder.save(state, names, run.history, must=True)
+    if BEST_PT in names:
+        run.averaged = (records, acc)
     log(
-        f"the average of epochs {epochs[0]}-{epochs[-1]}: val acc {acc:.4f} ({correct}/{seen}), "
+        f"the average of {epochs_name(records)} ({paths[0].name} to {paths[-1].name}): val acc "
+        f"{acc:.4f} ({correct}/{seen}), "
         f"the best epoch's {best:.4f} -> {' and '.join(str(folder.path / n) for n in names)}"
     )
 

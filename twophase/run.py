@@ -14,7 +14,15 @@ from data import Splits, uneven
 from model import count_parameters
 from twophase.augment import BatchPreprocess
 from twophase.budget import clock
-from twophase.checkpoint import BEST_PT, LAST_PT, Checkpointer, best_acc
+from twophase.checkpoint import (
+    BEST_PT,
+    LAST_PT,
+    Checkpointer,
+    best_acc,
+    epoch_name,
+    epochs_name,
+    weights_name,
+)
 from twophase.inference import validation_metrics
 from twophase.loader import TrainingStream
 from twophase.resolve import Options
@@ -54,6 +62,7 @@ class Run:
     history: list = field(default_factory=list)
     step: int = 0  # optimizer steps: TensorBoard's clock, which a resumed run goes on
     averaged_acc: float = -1.0  # best.pt's where an average the run continues made it
+    averaged: tuple | None = None  # (the epochs' records, val acc) where their average is best.pt
     classes_uneven: bool = False  # the largest class has data.UNEVEN times the smallest's images
     board: object = None  # board.Board with --tensorboard
     forecast: object = None  # budget.Forecast
@@ -149,17 +158,21 @@ def uneven_classes(counts, args):
     )
 
 
-def epoch_line(r, epochs, is_best, uneven=False):
-    """An epoch's record as its log line (with balanced accuracy where the classes are uneven)."""
+def epoch_line(r, epochs, is_best, uneven=False, classes=None):
+    """An epoch's record as its log line: balanced accuracy where the classes are uneven, top-5
+    where there are more than 5 classes (of 5 or fewer it is 1 by definition), the moving
+    average's accuracy with --ema, and which of them made the epoch the best so far."""
     balanced = f" bal {r['val_balanced']:.4f}" if uneven and "val_balanced" in r else ""
+    top5 = f" top5 {r['val_top5']:.4f}" if classes is None or classes > 5 else ""
+    ema = "ema_val_acc" in r
+    best = " | best" + (" (moving average)" if ema and r["ema_val_acc"] > r["val_acc"] else "")
     return (
         f"phase {r['phase']} epoch {r['epoch']:>3}/{epochs} | lr {r['lr']:.2e} | "
         f"train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | "
-        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f}{balanced} "
-        f"top5 {r['val_top5']:.4f} | "
-        + (f"ema acc {r['ema_val_acc']:.4f} | " if "ema_val_acc" in r else "")
+        f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f}{balanced}{top5} | "
+        + (f"moving average acc {r['ema_val_acc']:.4f} | " if ema else "")
         + f"{r['images_per_s']:.0f} img/s {r['seconds']:.1f} s"
-        + (" | best" if is_best else "")
+        + (best if is_best else "")
     )
 
 
@@ -200,22 +213,44 @@ def out_of_memory_advice(args, folder, start):
 
 
 def summarize(run, started):
+    """The run's last lines: what best.pt holds (which epoch, which weights, validated how well)
+    and what the run cost."""
     if not run.history:
         log("nothing to train: every requested epoch is done")
         return
-    best = max(run.history, key=best_acc)
     total = sum(r["seconds"] for r in run.history)
-    balanced = best.get("val_balanced")  # not in a record made before it was counted
-    balanced = f", balanced {balanced:.4f}" if run.classes_uneven and balanced is not None else ""
-    where = f"phase {best['phase']} epoch {best['epoch']}"
     skipped = run.splits.skipped
     log(
-        f"best val acc {best_acc(best):.4f}{balanced} ({where}) -> "
-        f"{run.saver.folder.path / BEST_PT}; {len(run.history)} epochs in {total / 60:.1f} min of "
-        "training" + (f"; {skipped} unreadable images were skipped" if skipped else "")
+        f"{result_words(run)}; {len(run.history)} epochs in {total / 60:.1f} min of training"
+        + (f"; {skipped} unreadable images were skipped" if skipped else "")
     )
     if run.args.time_budget:
         log(budget_line(run, time.monotonic() - started))
+
+
+def result_words(run):
+    """What best.pt holds, in words: the best epoch (its weights or their moving average), or
+    the average of the last epochs where that validated better; each accuracy named by whose it
+    is, on the validation split that chose it."""
+    best = max(run.history, key=best_acc)
+    balanced = best.get("val_balanced")  # not in a record made before it was counted
+    balanced = f", balanced {balanced:.4f}" if run.classes_uneven and balanced is not None else ""
+    path = run.saver.folder.path / BEST_PT
+    epoch = f"{epoch_name(best)}, {weights_name(best)}"
+    if run.averaged is not None:
+        averaged, acc = run.averaged
+        return (
+            f"best val acc {acc:.4f}, the average of {epochs_name(averaged)} -> {path} (the best "
+            f"epoch: {epoch}, {best_acc(best):.4f})"
+        )
+    if "ema_val_acc" in best:
+        other = (
+            "the weights themselves"
+            if best["ema_val_acc"] > best["val_acc"]
+            else "their moving average"
+        )
+        epoch += f"; {other} {min(best['val_acc'], best['ema_val_acc']):.4f}"
+    return f"best val acc {best_acc(best):.4f}{balanced} ({epoch}) -> {path}"
 
 
 def budget_line(run, took):

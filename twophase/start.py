@@ -20,8 +20,9 @@ class Start:
     asked of it: the options it saved, the weights to build, the history so far, where each phase
     begins, the state to restore. train.py never asks itself whether the run resumed."""
 
-    def __init__(self, state=None, path=None):
+    def __init__(self, state=None, path=None, typed=None):
         self.state, self.path = state, Path(path) if path else None
+        self.typed = typed  # this command's line, as the user typed it
 
     @classmethod
     def of(cls, resume, out, phase, weights):
@@ -114,6 +115,13 @@ class Start:
         if self.state and self.state.get("run_id"):
             return self.state["run_id"]
         return gather_from_processes(uuid.uuid4().hex[:12])[0]
+
+    def command(self):
+        """The command line that started the run, as the user typed it, for its report: a
+        continued run's first command (what reruns it from the start), a fresh run's own."""
+        if self.state and self.state.get("command"):
+            return self.state["command"]
+        return self.typed
 
     def steps_done(self, batches_per_epoch, accum_steps):
         """The run's optimizer steps so far (TensorBoard's clock): each epoch's, as its record

@@ -223,6 +223,7 @@ class Score(NamedTuple):
     topk_correct: int  # images with the true label among their labels
     k: int  # how many labels a row held (the most of any)
     confused: list  # the most confused pairs (inference.most_confused)
+    classes: int = 0  # how many the model tells apart (top-k of all of them says nothing)
 
     @property
     def accuracy(self):
@@ -245,6 +246,7 @@ def score(labels, answers, classes, top=10):
         topk_correct=sum(answers[f] in labels[f] for f in files),
         k=max((len(labels[f]) for f in files), default=1),
         confused=most_confused(counts, classes, top),
+        classes=len(classes),
     )
 
 
@@ -254,7 +256,7 @@ def describe(score):
         f"accuracy {score.accuracy:.4f} ({score.correct}/{score.total}), balanced accuracy "
         f"{score.balanced:.4f}"
     )
-    if score.k > 1:
+    if 1 < score.k < (score.classes or score.k + 1):  # top-k of every class is 1 by definition
         hits = score.topk_correct
         line += f", top-{score.k} {hits / score.total:.4f} ({hits}/{score.total})"
     return line
