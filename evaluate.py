@@ -364,7 +364,7 @@ def evaluate_checkpoint(trained, args, figures, names):
     )
     right = torch.nonzero(preds == labels).flatten()
     best = across_classes(right[confidence[right].argsort(descending=True)].tolist(), labels)
-    picked = worst[:6] + best[: max(len(worst[:6]), 6 if not worst else 0)]  # rows of 6 or fewer
+    picked = worst[:6] + best[:6]  # a row of the mistakes, a row of the correct
     draw_gradcam(trained, val, picked, preds, labels, confidence, shown, figures / "gradcam.png")
     log(f"wrote figures and metrics to {figures}/")
     return metrics, history

@@ -185,8 +185,8 @@ def test_report_holds_the_runs_table_1_its_result_and_only_links_that_exist(
     assert "<!-- notes" not in text and str(tmp_path) not in text
     numbers = [int(n) for n in re.findall(r"\*Figure (\d+):", text)]
     assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) == 7
-    confusion = "Figure 3: the confusion matrix, each row a true class's shares"
-    assert f"{confusion} (the method's report's Figure 5)" in text
+    assert "Figure 3: the confusion matrix: the validation images of each true class" in text
+    assert "method's" not in text  # captions speak to the report's reader
 
     # Prose written into a notes slot survives a new report, in its place.
     slot = "<!-- notes:summary -->\nWe find X.\n<!-- /notes -->"
@@ -379,3 +379,79 @@ def test_the_report_says_up_front_that_uneven_classes_make_top1_unfair():
     assert line.startswith("Validation top-1 0.8000 (8/10), balanced accuracy 0.5500.")
     assert "The classes are uneven (4 to 40 training images each)" in line
     assert "balanced" not in report.headline({"class_counts": [9, 8]}, metrics, None)
+
+
+def test_the_median_f1_of_an_even_number_of_classes_is_the_mean_of_the_middle_two():
+    rows = [
+        {"class": c, "precision": f, "recall": f, "f1": f, "support": 5, "train_images": 9}
+        for c, f in (("a", 0.689), ("b", 0.796))
+    ]
+    lines = report.per_class_summary({"per_class": rows}, {})
+    assert "median F1 0.7425" in lines[0]
+    three = rows + [{**rows[0], "class": "c", "f1": 0.1}]
+    assert "median F1 0.6890" in report.per_class_summary({"per_class": three}, {})[0]
+
+
+HISTORY = [
+    {"phase": 1, "epoch": 1, "val_acc": 0.45, "seconds": 6},
+    {"phase": 2, "epoch": 1, "val_acc": 0.70, "ema_val_acc": 0.60, "seconds": 18},
+    {"phase": 2, "epoch": 2, "val_acc": 0.74, "ema_val_acc": 0.79, "seconds": 18},
+    {"phase": 2, "epoch": 3, "val_acc": 0.72, "ema_val_acc": 0.77, "seconds": 18},
+]
+
+
+def test_figure_2_marks_and_names_what_the_checkpoint_holds():
+    averaged = {"averaged": ["e3.pt", "e4.pt"], "val_acc": 0.805, "phase": 2, "epoch": 3}
+    assert evaluate.checkpoint_mark(averaged, HISTORY) == (
+        3,
+        0.805,
+        "best.pt: the average of phase 2 epochs 2-3",
+    )
+    ema = {"phase": 2, "epoch": 2, "eval_weights": "ema"}
+    assert evaluate.checkpoint_mark(ema, HISTORY) == (
+        2,
+        0.79,
+        "the checkpoint: phase 2 epoch 2, moving average",
+    )
+    plain = {"phase": 2, "epoch": 3, "eval_weights": "model"}
+    assert evaluate.checkpoint_mark(plain, HISTORY)[:2] == (3, 0.72)
+    assert evaluate.checkpoint_mark({**plain, "step": 4}, HISTORY) is None  # mid-epoch
+
+
+def test_the_epoch_axis_numbers_each_phase_from_1_as_the_log_does():
+    from twophase.figures import phase_epoch
+
+    assert [phase_epoch(HISTORY, x) for x in (0, 1, 2, 3, 4, 4.5, 5)] == [
+        "",
+        "1",
+        "1",
+        "2",
+        "3",
+        "",
+        "",
+    ]
+
+
+def test_the_report_names_each_numbers_weights_and_a_phase_that_did_not_move(tmp_path):
+    state = {
+        "args": {"data": "data", "batch_size": 8, "accum_steps": 1, "val_fraction": 0.1},
+        "class_counts": [12, 12],
+        "phase": 2,
+        "epoch": 2,
+        "eval_weights": "ema",
+        "classes": ["a", "b"],
+    }
+    metrics = {
+        "images": 20,
+        "data_layout": "train/ class folders, val held out",
+        "per_class": [{"support": 11}, {"support": 9}],
+    }
+    lines = report.where_from(state, HISTORY, metrics, "the 9 images of hold/, labelled by a.csv")
+    text = "\n".join(lines)
+    assert "held out for validation (0.1 of each class" in text and "optimistic" in text
+    assert "Test: the 9 images of hold/, labelled by a.csv" in text
+    assert "Weights: the weights' moving average after phase 2 epoch 2, the run's best" in text
+    assert "Phase I: 1 epoch, 3 optimizer steps; validation accuracy 0.4500" in text
+    assert "no better than always answering the largest class (0.5500)" in text
+    assert "Phase II: 3 epochs" in text and text.count("no better") == 1
+    assert report.dataset_name({"args": {"data": "repo/data"}, "data": "/x/repo/data"}) == "data"

@@ -408,3 +408,21 @@ def test_one_image_is_answered_in_words_beside_the_csv(trained, capsys):
     assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(100, abs=0.2)
     predict.main(["--ckpt", str(trained / "ck" / "best.pt"), image])  # not a terminal: the CSV
     assert " · " not in capsys.readouterr().err
+
+
+def test_topk_above_the_class_count_is_said_and_check_gives_no_top_k_of_every_class(
+    trained, tmp_path, capsys
+):
+    out, ckpt = tmp_path / "p.csv", str(trained / "ck" / "best.pt")
+    predict.main(["--ckpt", ckpt, "--out", str(out), "--topk", "5"])
+    assert "--topk 5: the model has 3 classes, so each row holds all 3" in capsys.readouterr().err
+    assert all(len(r[1].split()) == 3 for r in read_csv(out.read_text())[1:])
+    answers = tmp_path / "answers.csv"
+    answers.write_text(
+        "image,label\n" + "".join(f"img_{j:02d},{CLASSES[j % 3]}\n" for j in range(7))
+    )
+    predict.main(["--ckpt", ckpt, "--check", str(out), "--answers", str(answers)])
+    assert "top-" not in capsys.readouterr().out  # the true label is always among all 3
+    predict.main(["--ckpt", ckpt, "--out", str(out), "--topk", "2"])
+    predict.main(["--ckpt", ckpt, "--check", str(out), "--answers", str(answers)])
+    assert "top-2" in capsys.readouterr().out

@@ -59,3 +59,20 @@ def test_a_run_continued_after_its_average_won_keeps_the_average_unless_an_epoch
     train.main(["--resume", str(out / "last.pt"), "--epochs2", "4"])
     kept = torch.load(out / "best.pt", weights_only=True)
     assert kept.get("averaged") == ["e1.pt", "e2.pt"] and kept["val_acc"] == 0.99
+
+
+def test_the_command_saved_is_the_one_typed_relative_paths_and_all(
+    dataset, tmp_path, monkeypatch, narrow_models
+):
+    from conftest import TINY
+
+    monkeypatch.chdir(dataset.parent)
+    typed = ["--data", dataset.name, "--out", "ck", *TINY, "--epochs1", "0", "--epochs2", "1"]
+    train.main(typed)
+    state = torch.load(dataset.parent / "ck" / "best.pt", weights_only=True)
+    assert state["command"] == "python train.py " + " ".join(typed)
+    train.main(["--resume", "ck/last.pt", "--epochs2", "2"])  # continued: the first command
+    assert (
+        torch.load(dataset.parent / "ck" / "best.pt", weights_only=True)["command"]
+        == (state["command"])
+    )

@@ -114,6 +114,7 @@ def averaged_checkpoint(last, weights, sources, val_acc=None):
         training={"device": last.get("device", "cpu")},
         averaged=[str(p) for p in sources],
         val_acc=val_acc,
+        **({"command": last["command"]} if last.get("command") else {}),
         **({"class_counts": last["class_counts"]} if "class_counts" in last else {}),
     )
 

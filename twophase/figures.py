@@ -4,6 +4,8 @@ confusion matrix (and, above 30 classes, the 20 most confused classes alone), th
 mistakes, Grad-CAM, and a comparison's accuracy against size and curves. Class names are data:
 a $ in one is drawn as it is (literal), not read as the start of a formula."""
 
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
@@ -206,25 +208,39 @@ def plot_most_confused(counts, classes, path):
     plot_confusion(sub, [classes[i] for i in chosen], path, title, side=9, totals=totals)
 
 
-def plot_gallery(images, titles, colours, path, title, maps=None, columns=6):
-    """Images in a grid, each with its title (and Grad-CAM's map over it, where `maps`)."""
-    n = len(images)
-    columns = max(1, min(columns, n))
-    rows = max(1, -(-n // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.5 * rows), squeeze=False)
+def plot_gallery(images, titles, colours, path, title, maps=None, columns=6, groups=None):
+    """Images in a grid, each with its title (and Grad-CAM's map over it, where `maps`); each of
+    `groups` (how many images each holds, in order) starts a row of its own. The figure's title
+    wrapped to its width: a gallery of one image is narrow."""
+    groups = [g for g in (groups or [len(images)]) if g]
+    columns = max(1, min(columns, max(groups, default=1)))
+    places = [(row, k % columns) for row, g in enumerate_rows(groups, columns) for k in range(g)]
+    rows = max(1, places[-1][0] + 1 if places else 1)
+    width = max(2.1 * columns, 3.6)
+    fig, axes = plt.subplots(rows, columns, figsize=(width, 2.5 * rows + 0.3), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for i, (ax, image) in enumerate(zip(axes.flat, images)):
+    for i, ((row, column), image) in enumerate(zip(places, images)):
+        ax = axes[row, column]
         ax.imshow(image)
         if maps is not None:
             ax.imshow(
                 maps[i], cmap="jet", alpha=0.45, extent=(0, image.shape[1], image.shape[0], 0)
             )
         ax.set_title(literal(titles[i]), fontsize=8, color=colours[i])
-    if n == 0:
+    if len(images) == 0:
         axes.flat[0].text(0.5, 0.5, "none", ha="center", va="center")
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, int(width * 8)), fontsize=11)
     save(fig, path)
+
+
+def enumerate_rows(groups, columns):
+    """(the first row of each group, its size): a group of more than `columns` takes several."""
+    row = 0
+    for g in groups:
+        for k in range(0, g, columns):
+            yield row, min(columns, g - k)
+            row += 1
 
 
 def plot_mistakes(images, true, pred, confidence, classes, path):
@@ -245,7 +261,8 @@ def plot_gradcam(images, cams, calls, classes, path, layer="layer4"):
     ]
     colours = ["black" if t == p else "tab:red" for t, p in zip(true, pred)]
     title = f"where the model looks (Grad-CAM on {layer}): mistakes in red, then correct"
-    plot_gallery(images, titles, colours, path, title, maps=cams)
+    wrong = sum(t != p for t, p in zip(true, pred))
+    plot_gallery(images, titles, colours, path, title, maps=cams, groups=[wrong, len(true) - wrong])
 
 
 def plot_size_comparison(runs, path):

@@ -76,23 +76,27 @@ def dataset_name(state):
     return root.name or root.resolve().name
 
 
-CAPTIONS = {  # a figure's file: its caption, and its number in the method's report
+CAPTIONS = {  # a figure's file: its caption, to the report's reader
     "fig1_loss.png": (
-        "the training loss over the steps, smoothed, and the validation loss at each epoch's end",
-        1,
+        "the training loss over the steps (smoothed) and the validation loss at each epoch's end"
     ),
-    "fig2_val_accuracy.png": ("validation accuracy at each epoch's end", 2),
-    "fig5_confusion_matrix.png": ("the confusion matrix, each row a true class's shares", 5),
-    "fig5_most_confused.png": ("the classes most often in a mistake, alone", None),
-    "mistakes.png": ("the most confident mistakes", None),
+    "fig2_val_accuracy.png": (
+        "validation accuracy at each epoch's end, epochs numbered within their phase; the star "
+        "marks the weights evaluated here"
+    ),
+    "fig5_confusion_matrix.png": (
+        "the confusion matrix: the validation images of each true class (rows) by the class "
+        "predicted (columns), coloured by their share of the row"
+    ),
+    "fig5_most_confused.png": "the same for the classes most often in a mistake, alone",
+    "mistakes.png": "the validation images misclassified with the highest confidence",
     "gradcam.png": (
         "where the model looks (Grad-CAM for the predicted class, on the deepest residual stage "
-        "whose maps are 4 x 4 or more): the most confident mistakes, then correct predictions of "
-        "as many classes",
-        None,
+        "whose maps are 4 x 4 or more): the most confident mistakes, then correct predictions, "
+        "each class in turn"
     ),
-    "fig3_accuracy_vs_parameters.png": ("best validation accuracy against size", 3),
-    "fig4_validation_accuracy_curves.png": ("validation accuracy per epoch", 4),
+    "fig3_accuracy_vs_parameters.png": "each run's best validation accuracy against its size",
+    "fig4_validation_accuracy_curves.png": "each run's validation accuracy at each epoch's end",
 }
 
 
@@ -103,13 +107,9 @@ class Figures:
         self.report, self.shown = Path(report), 0
 
     def __call__(self, path):
-        """A figure's lines: the image, and its caption (CAPTIONS) with its number, and the
-        method's report's own number where that differs."""
-        caption, original = CAPTIONS[Path(path).name]
+        """A figure's lines: the image, and its caption (CAPTIONS) with its number."""
         self.shown += 1
-        title = f"Figure {self.shown}: {caption}"
-        if original not in (None, self.shown):
-            title += f" (the method's report's Figure {original})"
+        title = f"Figure {self.shown}: {CAPTIONS[Path(path).name]}"
         return [f"![{title}]({link(path, self.report)})", "", f"*{title}.*", ""]
 
 
@@ -387,9 +387,8 @@ def where_from(state, history, metrics, test_source=None):
     and what each phase did."""
     n = metrics["images"]
     chose = "the split that chose these weights, so its accuracy is optimistic"
-    lines = [
-        f"- Validation: the {n} images of {metrics.get('data_layout') or 'the val split'}; {chose}."
-    ]
+    split = validation_words(metrics.get("data_layout") or "", state["args"])
+    lines = [f"- Validation: the {n} images of {split}; {chose}."]
     if test_source:
         lines.append(f"- Test: {test_source}; not seen in training or in choosing the weights.")
     else:
@@ -405,6 +404,17 @@ def where_from(state, history, metrics, test_source=None):
             f"- Cost: {len(history)} epochs, {minutes:.1f} minutes of training and validation."
         )
     return lines
+
+
+def validation_words(layout, a):
+    """Which images validated the run, by how its data was laid out (data.DatasetFiles.layout)."""
+    if "held out" in layout:
+        share = a.get("val_fraction")
+        share = f"{share:g} of each class, " if share is not None else ""
+        return f"the training images held out for validation ({share}by --seed {a.get('seed')})"
+    if a.get("val_labels"):
+        return f"val/, labelled by {Path(a['val_labels']).name}"
+    return "val/"
 
 
 def weights_held(state, history):

@@ -147,9 +147,11 @@ def keep_phase1(levers, saved, recipe, ended):
     return {k: v for k, v in levers.items() if k not in kept}
 
 
-def typed_command(argv, script="train.py"):
-    """The command line as the user typed it: its paths as given (relative stay relative), under
-    the launcher that ran it (torchrun's process count where it did)."""
+def typed_command(argv):
+    """The command line as the user typed it: the script and its paths as given (relative stay
+    relative), under the launcher that ran it (torchrun's process count where it did)."""
+    typed = argv is None and sys.argv[0].endswith(".py")
+    script = sys.argv[0] if typed else "train.py"
     words = sys.argv[1:] if argv is None else [str(word) for word in argv]
     per_node = os.environ.get("LOCAL_WORLD_SIZE")
     launcher = f"torchrun --nproc-per-node {per_node}" if per_node else "python"
