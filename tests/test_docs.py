@@ -113,3 +113,28 @@ def test_every_relative_link_and_image_resolves(page):
     local = [t.split("#")[0] for t in targets if not re.match(r"[a-z]+:", t) and t[0] != "#"]
     for target in local:
         assert (page.parent / target).exists(), f"{page.name}: {target}"
+
+
+def test_the_estimates_are_quoted_in_the_readme_and_nowhere_disagree():
+    """The suite's time, the demo's and a GPU run's: said once (README.md), referred to
+    elsewhere; the one derived in docs/time.md is the README's number."""
+    readme = (REPO / "README.md").read_text()
+    suite = re.findall(r"runs the tests \(about (\d+) s on 2 cores\)", readme)
+    h100 = re.findall(r"both phases: about (\d+) minutes", readme)
+    assert len(suite) == 1 and len(h100) == 1
+    table = re.findall(
+        r"\| H100 80GB, fp16 \|[^|]*\|[^|]*\| about (\d+) minutes",
+        (REPO / "docs" / "time.md").read_text(),
+    )
+    assert table == h100
+    others = [
+        REPO / "requirements-base.txt",
+        REPO / "tests" / "README.md",
+        *(REPO / "docs").glob("*.md"),
+    ]
+    for page in others:
+        text = page.read_text()
+        said = re.findall(
+            r"(?:suite|pytest -q)[^.\n]{0,40}?(\d+ (?:s|seconds|minutes?)|two minutes)", text
+        )
+        assert not said, f"{page.name} quotes the suite's time: {said}"
