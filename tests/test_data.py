@@ -131,6 +131,36 @@ def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".u8"]
 
 
+def stored_png(path, colour):
+    """A PNG stored uncompressed: the same size in bytes for any colour."""
+    Image.new("RGB", (24, 20), colour).save(path, compress_level=0)
+    return path
+
+
+@pytest.mark.parametrize("how", ["in place", "renamed over"])
+def test_a_file_replaced_keeping_its_size_and_modification_time_is_cached_again(how, tmp_path):
+    """cp -p writes in place, rsync -t and tar write beside and rename: either keeps the size
+    and, set by os.utime, the modification time. Its change time or inode tells."""
+    folder = tmp_path / "train"
+    folder.mkdir()
+    target = stored_png(folder / "a.png", (10, 20, 30))
+    stored_png(folder / "b.png", (40, 50, 60))
+    files = ["a.png", "b.png"]
+    first = image_cache.build_cache(folder, files, 8, tmp_path / "c")
+    before = os.stat(target)
+    if how == "in place":
+        stored_png(target, (200, 100, 0))
+    else:
+        os.replace(stored_png(tmp_path / "new.png", (200, 100, 0)), target)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(target)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    again = image_cache.build_cache(folder, files, 8, tmp_path / "c")
+    assert again.pixels_path != first.pixels_path
+    assert (again.open()[0] == (200, 100, 0)).all() and (again.open()[1] == (40, 50, 60)).all()
+    assert not Path(first.pixels_path).exists()  # it held a file that is gone: swept
+
+
 def test_truncated_cache_is_rebuilt(tmp_path):
     root = make_dataset(tmp_path / "d", classes=("a",), per_class=3)
     files = data.list_labelled_images(root / "train", ["a"])
