@@ -161,6 +161,32 @@ def test_a_file_replaced_keeping_its_size_and_modification_time_is_cached_again(
     assert not Path(first.pixels_path).exists()  # it held a file that is gone: swept
 
 
+def test_the_cache_of_a_read_only_data_folder_is_in_the_users_cache_and_said_once(
+    tmp_path, monkeypatch, capsys
+):
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=3)
+    data.load_splits(root, 8)  # writable: beside the data, and nothing to say
+    assert (root / ".cache").is_dir() and capsys.readouterr().err == ""
+    ro = make_dataset(tmp_path / "ro", classes=("a", "b"), per_class=3)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    real_access = os.access
+    monkeypatch.setattr(  # root, as tests often run, writes anywhere: read-only as a user sees it
+        image_cache.os,
+        "access",
+        lambda p, mode: not str(p).startswith(str(ro)) and real_access(p, mode),
+    )
+    splits = data.load_splits(ro, 8)
+    place = Path(splits.train.cache.pixels_path).parent
+    assert place.parent == tmp_path / "home-cache" / "imgcls"
+    said = capsys.readouterr().err.splitlines()
+    assert said == [
+        f"{ro} cannot be written: its preprocessed images are cached in {place} "
+        "(--cache-dir puts them elsewhere)"
+    ]
+    data.load_splits(ro, 8)
+    assert capsys.readouterr().err == ""  # once a process
+
+
 def test_truncated_cache_is_rebuilt(tmp_path):
     root = make_dataset(tmp_path / "d", classes=("a",), per_class=3)
     files = data.list_labelled_images(root / "train", ["a"])

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from utils import atomic_file, exclusive
+from utils import atomic_file, exclusive, log
 
 # Bump when load_image changes what it writes: every cache built before is then rebuilt.
 PREPROCESS_VERSION = 1
@@ -293,7 +293,9 @@ def _is_stale(folder, index_path, known):
 
 
 def default_cache_dir(data_dir):
-    """<data>/.cache, or a folder in the user's cache when the data folder is read-only."""
+    """<data>/.cache, or a folder in the user's cache when the data folder is read-only: said,
+    once a process for each such folder (a home folder often has a quota, and a cache of
+    20,000 images at 224 px is 3 GB)."""
     candidate = Path(data_dir) / ".cache"
     try:
         candidate.mkdir(parents=True, exist_ok=True)
@@ -304,4 +306,13 @@ def default_cache_dir(data_dir):
     digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
     fallback = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imgcls" / digest
     fallback.mkdir(parents=True, exist_ok=True)
+    if fallback not in _SAID:
+        _SAID.add(fallback)
+        log(
+            f"{data_dir} cannot be written: its preprocessed images are cached in {fallback} "
+            "(--cache-dir puts them elsewhere)"
+        )
     return fallback
+
+
+_SAID = set()  # the fallback folders default_cache_dir has named in this process
