@@ -53,6 +53,21 @@ def test_non_image_files_and_hidden_files_are_ignored(tmp_path):
     ]
 
 
+def test_images_beside_the_class_folders_are_named_in_one_warning(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=2, val_per_class=0)
+    for name in ("stray2.png", "stray1.jpg", "stray3.png"):
+        write_image(root / "train" / name, (1, 2, 3))
+    (root / "train" / "notes.txt").write_text("not an image: no class to want it")
+    with pytest.warns(UserWarning) as warned:
+        dataset = data.find_dataset(root)
+    assert [str(w.message) for w in warned] == [
+        f"{root / 'train'}: 3 image(s) beside the class folders left out, such as stray1.jpg: "
+        "an image of a class must be in its class folder (images in a flat folder take their "
+        "labels from a CSV, --labels)"
+    ]
+    assert dataset.train.files == ["a/000.png", "a/001.png", "b/000.png", "b/001.png"]
+
+
 def test_val_class_missing_from_train_is_an_error_naming_it(tmp_path):
     root = make_dataset(tmp_path, classes=("a", "b"))
     write_image(root / "val" / "zebra" / "1.png", (9, 9, 9))
