@@ -111,9 +111,11 @@ def _is_int(name):
 
 
 def list_labelled_images(split_dir, classes, skip=()):
-    """Relative paths 'class/file' of every image under split_dir/<class>/, sorted."""
+    """Relative paths 'class/file' of every image under split_dir/<class>/, sorted. Images lying
+    in split_dir itself, beside the class folders, have no class: named in a warning."""
     split_dir = Path(split_dir)
     class_dirs = class_folders(split_dir, skip)
+    warn_loose_images(split_dir, files_in(split_dir)[0])
     unknown = sorted(d.name for d in class_dirs if d.name not in set(classes))
     if unknown:
         raise Problem(f"{split_dir} has classes that train/ lacks: {', '.join(unknown)}")
@@ -126,6 +128,17 @@ def list_labelled_images(split_dir, classes, skip=()):
         others += not_images
     warn_not_images(split_dir, others)  # once, however many class folders hold such files
     return files
+
+
+def warn_loose_images(split_dir, loose):
+    """One warning for the images of `split_dir` that lie beside its class folders, not in one."""
+    if loose:
+        warnings.warn(
+            f"{split_dir}: {len(loose)} image(s) beside the class folders left out, such as "
+            f"{loose[0]}: an image of a class must be in its class folder (images in a flat "
+            "folder take their labels from a CSV, --labels)",
+            stacklevel=4,
+        )
 
 
 def list_images(folder):

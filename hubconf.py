@@ -4,7 +4,8 @@ in your own code, from any folder, with nothing installed and nothing put on sys
     import torch
     classifier = torch.hub.load("path/to/this/repo", "classifier", "checkpoints/best.pt",
                                 source="local")
-    names, probs = classifier.predict(["cat.jpg", "dog.png"])   # paths or PIL images
+    names, probs = classifier.predict(["cat.jpg", "dog.png"])   # a list: a name and a row each
+    name, prob = classifier.predict("cat.jpg")                 # one path or PIL image: its own
 
 (`torch.hub.load("owner/repo", "classifier", ...)` once the repository is on GitHub.)
 """
@@ -37,16 +38,35 @@ def classifier(checkpoint="checkpoints/best.pt", device="auto", use="auto", tta=
     """The checkpoint at `checkpoint` as a twophase.inference.Classifier: its network in eval mode
     on `device` (auto: CUDA where there is one), the preprocessing it was trained with, its class
     names; `classifier.predict(images)` gives each image's likeliest class and every class's
-    probability. A relative path is looked up here, then in this repository (its checkpoints/).
+    probability. A relative path is looked up where your code runs, then in this repository, and
+    a bare name (best.pt) then in this repository's checkpoints/ too (checkpoint_places).
     `use` ("ema" or "weights"), `tta` and `amp` as predict.py's --use, --tta and --amp."""
-    path = Path(checkpoint)
-    if not path.exists() and not path.is_absolute() and (REPO / path).exists():
-        path = REPO / path
     with own_modules():
         sys.path.insert(0, str(REPO))  # torch.hub puts it there as it loads this file; not later
         try:
+            from twophase.checkpoint import CHECKPOINT_DIR  # noqa: PLC0415
             from twophase.inference import load_classifier  # noqa: PLC0415
+            from utils import MissingFile  # noqa: PLC0415
 
+            places = checkpoint_places(checkpoint, REPO / CHECKPOINT_DIR)
+            path = next((p for p in places if p.is_file()), None)
+            if path is None:
+                raise MissingFile(
+                    f"no checkpoint {checkpoint}: looked in " + ", ".join(map(str, places))
+                )
             return load_classifier(path, device=device, use=use, tta=tta, amp=amp)
         finally:
             sys.path.remove(str(REPO))
+
+
+def checkpoint_places(checkpoint, checkpoints):
+    """Where a checkpoint's path is looked for, in order: as given (relative to the working
+    folder), in this repository, and for a bare name in `checkpoints` (this repository's
+    checkpoints/, where train.py writes them). An absolute path is itself alone."""
+    path = Path(checkpoint)
+    if path.is_absolute():
+        return [path]
+    places = [Path.cwd() / path, REPO / path]
+    if len(path.parts) == 1:
+        places.append(checkpoints / path)
+    return places

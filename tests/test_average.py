@@ -1,8 +1,13 @@
+import os
+
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import data
 import model as M
 import train
+from conftest import examples
 from evaluate import main as evaluate_main
 from twophase import average
 from twophase.augment import BatchPreprocess
@@ -39,3 +44,42 @@ def test_the_average_is_the_mean_of_the_weights_with_batch_norm_measured_anew(ti
     evaluate_main(
         ["--ckpt", str(out / "avg.pt"), "--figures", str(tmp_path / "fig"), "--device", "cpu"]
     )
+
+
+def test_a_checkpoint_named_twice_is_averaged_once_and_said(
+    tiny_args, tmp_path, capsys, monkeypatch
+):
+    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "2", "--keep-last", "2"])
+    out = tmp_path / "ck"
+    monkeypatch.chdir(out)
+    names = ["epoch001.pt", "./epoch001.pt", str(out / "epoch002.pt")]
+    average.main(names + ["--out", "avg.pt", "--no-bn-update", "--device", "cpu"])
+    said = capsys.readouterr().err
+    assert "./epoch001.pt is epoch001.pt, given again: averaged once" in said
+    assert "averaged 2 checkpoints" in said
+    averaged = torch.load(out / "avg.pt", weights_only=True)
+    assert averaged["averaged"] == [str(out / "epoch002.pt"), "epoch001.pt"]  # sorted, as given
+    one, two = (torch.load(out / n, weights_only=True)["model"] for n in names[1:])
+    key = "fc.weight"
+    assert torch.allclose(averaged["model"][key], (one[key] + two[key]) / 2)
+
+
+# One file's names: as given, relative, absolute, through .., a symbolic link, a hard link.
+SPELLINGS = ("{i}.pt", "./{i}.pt", "../ck/{i}.pt", "{ck}/{i}.pt", "../ck/../ck/{i}.pt", "sym{i}.pt")
+SPELLINGS += ("hard{i}.pt",)
+
+
+@settings(max_examples=examples(30))
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from(SPELLINGS)), min_size=1, max_size=8))
+def test_each_file_is_averaged_once_however_often_and_however_it_is_named(tmp_path_factory, drawn):
+    ck = tmp_path_factory.mktemp("names") / "ck"
+    ck.mkdir()
+    for i in range(3):
+        (ck / f"{i}.pt").write_bytes(b"x")
+        os.symlink(ck / f"{i}.pt", ck / f"sym{i}.pt")
+        os.link(ck / f"{i}.pt", ck / f"hard{i}.pt")
+    os.chdir(ck)
+    names = [spelling.format(i=i, ck=ck) for i, spelling in drawn]
+    files = [i for i, _ in drawn]
+    kept = average.distinct_files(names)
+    assert kept == [names[files.index(i)] for i in dict.fromkeys(files)]  # each first name

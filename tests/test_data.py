@@ -53,6 +53,21 @@ def test_non_image_files_and_hidden_files_are_ignored(tmp_path):
     ]
 
 
+def test_images_beside_the_class_folders_are_named_in_one_warning(tmp_path):
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=2, val_per_class=0)
+    for name in ("stray2.png", "stray1.jpg", "stray3.png"):
+        write_image(root / "train" / name, (1, 2, 3))
+    (root / "train" / "notes.txt").write_text("not an image: no class to want it")
+    with pytest.warns(UserWarning) as warned:
+        dataset = data.find_dataset(root)
+    assert [str(w.message) for w in warned] == [
+        f"{root / 'train'}: 3 image(s) beside the class folders left out, such as stray1.jpg: "
+        "an image of a class must be in its class folder (images in a flat folder take their "
+        "labels from a CSV, --labels)"
+    ]
+    assert dataset.train.files == ["a/000.png", "a/001.png", "b/000.png", "b/001.png"]
+
+
 def test_val_class_missing_from_train_is_an_error_naming_it(tmp_path):
     root = make_dataset(tmp_path, classes=("a", "b"))
     write_image(root / "val" / "zebra" / "1.png", (9, 9, 9))
@@ -129,6 +144,62 @@ def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
     assert np.array_equal(cache.open()[row], image_cache.load_image(target, 12))
     # A changed or removed file ends every cache that held it: only the current one is left.
     assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".u8"]
+
+
+def stored_png(path, colour):
+    """A PNG stored uncompressed: the same size in bytes for any colour."""
+    Image.new("RGB", (24, 20), colour).save(path, compress_level=0)
+    return path
+
+
+@pytest.mark.parametrize("how", ["in place", "renamed over"])
+def test_a_file_replaced_keeping_its_size_and_modification_time_is_cached_again(how, tmp_path):
+    """cp -p writes in place, rsync -t and tar write beside and rename: either keeps the size
+    and, set by os.utime, the modification time. Its change time or inode tells."""
+    folder = tmp_path / "train"
+    folder.mkdir()
+    target = stored_png(folder / "a.png", (10, 20, 30))
+    stored_png(folder / "b.png", (40, 50, 60))
+    files = ["a.png", "b.png"]
+    first = image_cache.build_cache(folder, files, 8, tmp_path / "c")
+    before = os.stat(target)
+    if how == "in place":
+        stored_png(target, (200, 100, 0))
+    else:
+        os.replace(stored_png(tmp_path / "new.png", (200, 100, 0)), target)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(target)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    again = image_cache.build_cache(folder, files, 8, tmp_path / "c")
+    assert again.pixels_path != first.pixels_path
+    assert (again.open()[0] == (200, 100, 0)).all() and (again.open()[1] == (40, 50, 60)).all()
+    assert not Path(first.pixels_path).exists()  # it held a file that is gone: swept
+
+
+def test_the_cache_of_a_read_only_data_folder_is_in_the_users_cache_and_said_once(
+    tmp_path, monkeypatch, capsys
+):
+    root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=3)
+    data.load_splits(root, 8)  # writable: beside the data, and nothing to say
+    assert (root / ".cache").is_dir() and capsys.readouterr().err == ""
+    ro = make_dataset(tmp_path / "ro", classes=("a", "b"), per_class=3)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    real_access = os.access
+    monkeypatch.setattr(  # root, as tests often run, writes anywhere: read-only as a user sees it
+        image_cache.os,
+        "access",
+        lambda p, mode: not str(p).startswith(str(ro)) and real_access(p, mode),
+    )
+    splits = data.load_splits(ro, 8)
+    place = Path(splits.train.cache.pixels_path).parent
+    assert place.parent == tmp_path / "home-cache" / "imgcls"
+    said = capsys.readouterr().err.splitlines()
+    assert said == [
+        f"{ro} cannot be written: its preprocessed images are cached in {place} "
+        "(--cache-dir puts them elsewhere)"
+    ]
+    data.load_splits(ro, 8)
+    assert capsys.readouterr().err == ""  # once a process
 
 
 def test_truncated_cache_is_rebuilt(tmp_path):

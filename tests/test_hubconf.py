@@ -4,12 +4,20 @@ from a folder outside it, in a Python that has nothing of the repository on its 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
 
+import hubconf
 import train
-from conftest import REPO
+from conftest import REPO, TINY, examples, make_dataset
+from narrow import narrow_get_model
 
 SCRIPT = """
 import json, sys, torch, torchvision
@@ -57,13 +65,113 @@ def test_torch_hub_loads_the_classifier_from_a_folder_outside_the_repository(
     assert state["classes"] == result["classes"]
 
 
-def test_a_relative_checkpoint_is_looked_up_in_the_repository_too(tiny_args, tmp_path, monkeypatch):
-    """hubconf.classifier("checkpoints/best.pt") from a notebook's folder finds the repository's."""
-    import hubconf
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint of a tiny run (tmp/ck/best.pt) and its dataset (tmp/data)."""
+    root = tmp_path_factory.mktemp("hub")
+    data = make_dataset(root / "data", test=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
+        )
+        train.main(
+            [
+                "--data",
+                str(data),
+                "--out",
+                str(root / "ck"),
+                *TINY,
+                "--epochs1",
+                "1",
+                "--epochs2",
+                "0",
+            ]
+        )
+    return root
 
-    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])
-    monkeypatch.setattr(hubconf, "REPO", tmp_path)  # its checkpoints/: tmp_path/ck here
+
+@pytest.fixture
+def repository(trained, tmp_path, monkeypatch):
+    """A repository whose checkpoints/ holds the run's best.pt, and a notebook's folder apart
+    from it as the working folder."""
+    monkeypatch.setattr(hubconf, "REPO", tmp_path / "repo")
+    (tmp_path / "repo" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "repo" / "checkpoints" / "best.pt").write_bytes(
+        (trained / "ck" / "best.pt").read_bytes()
+    )
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
-    classifier = hubconf.classifier("ck/best.pt", device="cpu")
+    return tmp_path / "repo"
+
+
+def test_a_relative_checkpoint_is_looked_up_in_the_repository_too(repository, narrow_models):
+    """hubconf.classifier("checkpoints/best.pt") from a notebook's folder finds the repository's."""
+    classifier = hubconf.classifier("checkpoints/best.pt", device="cpu")
     assert classifier.classes == ["cat", "dog", "eel"]
+
+
+def test_a_bare_checkpoint_name_is_found_in_the_repositorys_checkpoints(repository, narrow_models):
+    classifier = hubconf.classifier("best.pt", device="cpu")
+    assert classifier.classes == ["cat", "dog", "eel"]
+    here = Path.cwd()
+    assert hubconf.checkpoint_places("best.pt", repository / "checkpoints") == [
+        here / "best.pt",  # as given, first: the notebook's own file wins
+        repository / "best.pt",
+        repository / "checkpoints" / "best.pt",
+    ]
+
+
+def test_a_checkpoint_found_nowhere_is_an_error_naming_every_place_looked(repository):
+    with pytest.raises(FileNotFoundError) as missing:
+        hubconf.classifier("last.pt", device="cpu")
+    message = str(missing.value)
+    for place in (Path.cwd(), repository, repository / "checkpoints"):
+        assert str(place / "last.pt") in message
+
+
+@pytest.fixture(scope="module")
+def classifier(trained):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
+        )
+        return hubconf.classifier(str(trained / "ck" / "best.pt"), device="cpu")
+
+
+def test_predict_takes_one_image_as_a_path_or_a_pil_image_and_gives_its_own_name_and_row(
+    classifier, trained
+):
+    path = trained / "data" / "test" / "img_01.png"
+    names, probs = classifier.predict([path])
+    for one in (str(path), path, Image.open(path)):
+        name, row = classifier.predict(one)
+        assert name == names[0] and row.shape == (3,)
+        assert np.allclose(row, probs[0], atol=1e-6) and np.isclose(row.sum(), 1)
+    none, no_rows = classifier.predict([])
+    assert none == [] and no_rows.shape == (0, 3)
+
+
+def test_predict_refuses_what_is_no_image_naming_its_type(classifier, trained):
+    path = str(trained / "data" / "test" / "img_01.png")
+    with pytest.raises(TypeError, match="predict takes a path .* not ndarray"):
+        classifier.predict(np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(
+        TypeError, match=r"a path \(str or pathlib.Path\) or a PIL image.*generator"
+    ):
+        classifier.predict(p for p in [path])
+    with pytest.raises(TypeError, match=r"images\[1\] is a int: each must be a path"):
+        classifier.predict([path, 3])
+
+
+@settings(max_examples=examples(6))
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from(["str", "Path", "PIL"])), max_size=4))
+def test_a_list_of_images_gives_each_the_name_and_row_it_gets_alone(classifier, trained, drawn):
+    """Any mix of paths and PIL images, in any order and repeated: one name and row each."""
+    test = trained / "data" / "test"
+    make = {"str": str, "Path": Path, "PIL": Image.open}
+    images = [make[kind](test / f"img_{j:02d}.png") for j, kind in drawn]
+    names, probs = classifier.predict(images)
+    assert len(names) == len(images) and probs.shape == (len(images), 3)
+    for image, name, row in zip(images, names, probs):
+        alone = classifier.predict(image)
+        assert alone[0] == name and np.allclose(alone[1], row, atol=1e-6)

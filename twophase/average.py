@@ -11,15 +11,22 @@ that the better). Batch norm's running statistics of an average are not the aver
 statistics, so they are measured anew, as torch.optim.swa_utils.update_bn does: one pass over
 the training images in shuffled batches (without augmentation), each weighted equally. The
 result has no parameters the model did not have; it keeps the last checkpoint's run record.
+A file named twice (a.pt and ./a.pt, or a link to it) is averaged once, with a line saying so.
 """
 
 import argparse
+import os
 from pathlib import Path
 
 from data import cache_splits, dataset_of, trained_data_root
 from model import count_parameters
 from twophase.augment import BatchPreprocess
-from twophase.checkpoint import averaged_checkpoint, load_checkpoint, save_checkpoint
+from twophase.checkpoint import (
+    averaged_checkpoint,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from twophase.inference import averaged_model, bn_loader
 from utils import exits_on_problems, log, pick_device
 
@@ -42,7 +49,7 @@ def get_args_parser():
 @exits_on_problems
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    paths = sorted(set(args.checkpoints))
+    paths = sorted(distinct_files(args.checkpoints))
     states = [load_checkpoint(p) for p in paths]
     last = states[-1]
     if len({(s["arch"], tuple(s["classes"])) for s in states}) > 1:
@@ -71,6 +78,22 @@ def main(argv=None):
         + f" -> {args.out}"
     )
     return Path(args.out)
+
+
+def distinct_files(paths):
+    """The checkpoints, each file once however it is named (./a.pt and a.pt, a link to it): the
+    first name given stands for it, and each other is said. Twice in the mean would weigh it
+    double."""
+    first, kept = {}, []
+    for path in paths:
+        st = os.stat(resolve_checkpoint(path))
+        file = (st.st_dev, st.st_ino)
+        if file in first:
+            log(f"{path} is {first[file]}, given again: averaged once")
+        else:
+            first[file] = path
+            kept.append(path)
+    return kept
 
 
 if __name__ == "__main__":

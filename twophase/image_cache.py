@@ -2,7 +2,8 @@
 the run's size) into a uint8 (n, size, size, 3) file on disk that every later epoch and run reads.
 
 A cache is named by what it holds: its folder, its size and resize mode, and a key of its file
-list (each file's name, size and modification time) and of the preprocessing's version. So two
+list (each file's name and file_stat: size, modification and change times, inode) and of the
+preprocessing's version. So two
 splits of one folder (a flat train/ whose --val-labels name some of its images), two label files
 over one folder, or two runs at two sizes each have a cache of their own, and none reads
 another's. A cache is removed only when nothing can want it again: when one of the files it holds
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from utils import atomic_file, exclusive
+from utils import atomic_file, exclusive, log
 
 # Bump when load_image changes what it writes: every cache built before is then rebuilt.
 PREPROCESS_VERSION = 1
@@ -157,8 +158,8 @@ def cache_key(stats, size, resize="crop"):
     """Changes whenever a file is added, removed or changed (`stats`: each file's file_stat, in
     order), or the preprocessing changes."""
     h = hashlib.sha256(f"v{PREPROCESS_VERSION} size={size} resize={resize}\n".encode())
-    for f, (length, mtime) in stats.items():
-        h.update(f"{f}\0{length}\0{mtime}\n".encode())
+    for f, stat in stats.items():
+        h.update(("\0".join(map(str, [f, *stat])) + "\n").encode())
     return h.hexdigest()[:16]
 
 
@@ -240,8 +241,13 @@ def _write_cache(folder, stats, preprocessing, index_path, threads):
 
 
 def file_stat(path):
+    """What says a file's bytes are the ones cached: its size and modification time, and its
+    change time and inode, which no one sets by hand. A file replaced with the same size and
+    modification time (cp -p, rsync -t and tar keep them) has a new change time (written in
+    place) or a new inode (written beside it and renamed). All four come from the one stat the
+    key needs anyway; a hash of the bytes would read the whole dataset at every start."""
     st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def cache_prefix(folder):
@@ -287,7 +293,9 @@ def _is_stale(folder, index_path, known):
 
 
 def default_cache_dir(data_dir):
-    """<data>/.cache, or a folder in the user's cache when the data folder is read-only."""
+    """<data>/.cache, or a folder in the user's cache when the data folder is read-only: said,
+    once a process for each such folder (a home folder often has a quota, and a cache of
+    20,000 images at 224 px is 3 GB)."""
     candidate = Path(data_dir) / ".cache"
     try:
         candidate.mkdir(parents=True, exist_ok=True)
@@ -298,4 +306,13 @@ def default_cache_dir(data_dir):
     digest = hashlib.sha256(str(Path(data_dir).resolve()).encode()).hexdigest()[:12]
     fallback = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "imgcls" / digest
     fallback.mkdir(parents=True, exist_ok=True)
+    if fallback not in _SAID:
+        _SAID.add(fallback)
+        log(
+            f"{data_dir} cannot be written: its preprocessed images are cached in {fallback} "
+            "(--cache-dir puts them elsewhere)"
+        )
     return fallback
+
+
+_SAID = set()  # the fallback folders default_cache_dir has named in this process

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 from data import CachedImages, in_memory_images, list_images
 from model import average_weights, build_model, model_from_checkpoint
@@ -142,19 +142,41 @@ class Classifier:
         """A file's path or a PIL image as the uint8 square the model reads."""
         if isinstance(image, (str, Path)):
             return load_image(image, self.trained.img_size, self.trained.resize)
-        return square(
-            to_rgb(ImageOps.exif_transpose(image)), self.trained.img_size, self.trained.resize
-        )
+        if isinstance(image, Image.Image):
+            return square(
+                to_rgb(ImageOps.exif_transpose(image)), self.trained.img_size, self.trained.resize
+            )
+        raise TypeError(f"an image is {ACCEPTED}, not {type(image).__name__}")
 
     def predict(self, images, batch_size=64):
-        """(the likeliest class's name of each image, every class's probability: an N x classes
-        numpy array), for image paths or PIL images."""
+        """The likeliest class and every class's probability (in `classes`' order, summing to 1)
+        of `images`: one image (a path, as str or Path, or a PIL image) gives (its class's name,
+        a numpy row of len(classes)); a list or tuple of them gives (a list of names, an
+        N x len(classes) numpy array), one name and row per image, in order."""
+        if isinstance(images, IMAGE_TYPES):
+            names, probs = self.predict([images], batch_size)
+            return names[0], probs[0]
+        if not isinstance(images, (list, tuple)):
+            raise TypeError(
+                f"predict takes {ACCEPTED}, or a list of them; not {type(images).__name__}"
+            )
+        for n, image in enumerate(images):
+            if not isinstance(image, IMAGE_TYPES):
+                raise TypeError(
+                    f"predict's images[{n}] is a {type(image).__name__}: each must be {ACCEPTED}"
+                )
+        if not images:
+            return [], np.zeros((0, len(self.classes)), np.float32)
         batch = in_memory_images(
             np.stack([self.pixels(i) for i in images]), np.zeros(len(images), np.int64)
         )
         rows = [p for _, p in self.trained.probabilities(batch, range(len(images)), batch_size)]
         probs = np.stack(rows)
         return [self.classes[i] for i in probs.argmax(1)], probs
+
+
+IMAGE_TYPES = (str, Path, Image.Image)  # what Classifier reads as an image
+ACCEPTED = "a path (str or pathlib.Path) or a PIL image"
 
 
 def load_classifier(path, device="auto", use="auto", tta=None, amp=None):
