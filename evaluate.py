@@ -28,9 +28,8 @@ from model import count_parameters, warn_if_too_large
 from twophase.checkpoint import (
     CHECKPOINT_DIR,
     best_acc,
-    epoch_name,
-    epochs_name,
     full_history,
+    held_name,
     load_checkpoint,
     resolve_checkpoint,
 )
@@ -168,11 +167,12 @@ def write_metrics(metrics, folder):
     (folder / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def print_metrics(metrics, ckpt):
+def print_metrics(metrics, ckpt, held):
+    """The validation metrics in a line, named by the checkpoint and the weights it holds."""
     n, many = metrics["images"], len(metrics["per_class"]) > 5  # top-5 of 5 classes is 1
     top5 = f"top-5 {metrics['top5']:.4f} ({metrics['top5_correct']}/{n}) | " if many else ""
     print(
-        f"{ckpt}: {n} validation images | loss {metrics['loss']:.4f} | "
+        f"{ckpt} ({held}): {n} validation images | loss {metrics['loss']:.4f} | "
         f"top-1 {metrics['top1']:.4f} ({metrics['top1_correct']}/{n}) | {top5}"
         f"balanced {metrics['balanced']:.4f}"
     )
@@ -329,12 +329,9 @@ def evaluate_checkpoint(trained, args, figures, names):
     )
     metrics["data_layout"] = splits.layout
     write_metrics(metrics, figures)
-    print_metrics(metrics, args.ckpt)
+    print_metrics(metrics, args.ckpt, held_name(state))
     params = count_parameters(trained.model.parameters())
-    print(
-        f"{state['arch']}: {params:,} parameters"
-        + (f", {trained.state.get('eval_weights')} weights" if state.get("ema") else "")
-    )
+    print(f"{state['arch']}: {params:,} parameters")
     warn_if_too_large(state["arch"], params, args.max_params)
     history = full_history(resolve_checkpoint(args.ckpt), state)
     if history:
@@ -388,18 +385,14 @@ def checkpoint_mark(state, history):
     are of, their validation accuracy, their name), or None for the best epoch (a checkpoint
     made elsewhere, or in the middle of an epoch)."""
     if state.get("averaged") and state.get("val_acc") is not None:
-        records = [r for r in history if r["phase"] == 2][-len(state["averaged"]) :]
-        if records:
-            words = f"best.pt: the average of {epochs_name(records)}"
-            return len(history) - 1, state["val_acc"], words
+        return len(history) - 1, state["val_acc"], f"the checkpoint: {held_name(state)}"
     position = (state["phase"], state["epoch"])
     at = [i for i, r in enumerate(history) if (r["phase"], r["epoch"]) == position]
     if not at or state.get("step"):
         return None
     record, ema = history[at[0]], state.get("eval_weights") == "ema"
     acc = record.get("ema_val_acc", record["val_acc"]) if ema else record["val_acc"]
-    weights = ", moving average" if ema else ""
-    return at[0], acc, f"the checkpoint: {epoch_name(record)}{weights}"
+    return at[0], acc, f"the checkpoint: {held_name(state)}"
 
 
 def draw_gradcam(trained, val, picked, preds, labels, confidence, shown, path):
@@ -523,7 +516,8 @@ def main(argv=None):
     test = test_score_of(trained, args, checked) if args.answers else None
     if test:
         print(
-            f"{args.ckpt}: test accuracy {test.accuracy:.4f} ({test.correct}/{test.total}), "
+            f"{args.ckpt} ({held_name(state)}): test accuracy {test.accuracy:.4f} "
+            f"({test.correct}/{test.total}), "
             f"balanced {test.balanced:.4f}"
         )
     written = [name for name in OUTPUTS if (figures / name).is_file()]

@@ -402,10 +402,11 @@ HISTORY = [
 
 def test_figure_2_marks_and_names_what_the_checkpoint_holds():
     averaged = {"averaged": ["e3.pt", "e4.pt"], "val_acc": 0.805, "phase": 2, "epoch": 3}
+    averaged["history"] = HISTORY
     assert evaluate.checkpoint_mark(averaged, HISTORY) == (
         3,
         0.805,
-        "best.pt: the average of phase 2 epochs 2-3",
+        "the checkpoint: the average of phase 2 epochs 2-3",
     )
     ema = {"phase": 2, "epoch": 2, "eval_weights": "ema"}
     assert evaluate.checkpoint_mark(ema, HISTORY) == (

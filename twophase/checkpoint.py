@@ -135,6 +135,24 @@ def epochs_name(records):
     return f"phase {first['phase']} epochs {first['epoch']}-{last['epoch']}"
 
 
+def held_name(state):
+    """The weights a checkpoint holds, named as every line and figure names them: "the average
+    of phase 2 epochs 4-6", "phase 2 epoch 6, moving average" or "phase 2 epoch 6", and how it
+    is tested where that is not plain (a test size, flips)."""
+    if state.get("averaged"):
+        records = [r for r in state.get("history") or [] if r["phase"] == 2]
+        records = records[-len(state["averaged"]) :]
+        name = f"the average of {epochs_name(records)}" if records else "an average"
+    else:
+        name = epoch_name(state) + (
+            ", moving average" if state.get("eval_weights") == "ema" else ""
+        )
+        name += f" and {state['step']} batches" if state.get("step") else ""
+    if state.get("test_size") and state["test_size"] != state.get("img_size"):
+        name += f", tested at {state['test_size']} px"
+    return name + (", with flips" if state.get("tta") else "")
+
+
 def weights_name(record):
     """Which weights an epoch's best_acc is of: the weights, or their moving average (--ema)."""
     ema = record.get("ema_val_acc", -1.0) > record["val_acc"]

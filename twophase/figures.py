@@ -159,7 +159,7 @@ def plot_confusion(counts, classes, path, title=None, side=None, totals=None):
     n = len(classes)
     totals = counts.sum(axis=1, keepdims=True) if totals is None else np.asarray(totals)
     shares = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
-    side = side or float(np.clip(0.14 * n + 3, 4.5, 22))
+    side = side or (9.0 if n > 100 else float(np.clip(0.14 * n + 3, 4.5, 22)))
     font = float(np.clip(420 / n, 3, 11))
     fig, ax = plt.subplots(figsize=(side + 1.5, side))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")

@@ -271,7 +271,7 @@ def command_of(state, defaults, folder=None):
     """The train.py command line of a run: --demo and --recipe if it used them, then the options
     that differ from what the defaults, those presets and the --epochs split make of them; with
     `folder`, an absolute path as shown_path shows it from there."""
-    if state.get("command"):
+    if state.get("command") and "lr1" not in state["args"]:  # trained elsewhere: its own
         return state["command"]
     args, parts = state["args"], ["python train.py"]
     implied = {**defaults, **(DEMO if args.get("demo") else {})}
