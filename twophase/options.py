@@ -773,30 +773,33 @@ AUGMENTATION_OPTIONS = tuple(o.dest for o in OPTIONS if o.group == AUGMENTATION)
 assert AUGMENTATION_OPTIONS == tuple(f.name for f in fields(Augmentation))
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help shows every default that is set: together they are the method's Table 1."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
-            return action.help
-        return f"{action.help or ''} (default: %(default)s)"
-
-
 def get_args_parser(defaults=True):
-    """train.py's parser, made from OPTIONS. Without `defaults` it leaves out what was not given."""
+    """train.py's parser, made from OPTIONS; its --help prints each option's default (Table 1).
+    Without `defaults` it leaves out what was not given (resolve's: the help is the same)."""
     recipes = "; ".join(f"{name}: {flags(values)}" for name, values in RECIPES.items())
     demo = flags({k: v for k, v in DEMO.items() if k != "data"}, ", ")
-    parser = argparse.ArgumentParser(description=USAGE, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     groups = {}
     for option in OPTIONS:
         if option.group not in groups:
             groups[option.group] = parser.add_argument_group(option.group)
         keywords = option.argument()
-        keywords["help"] = keywords["help"].format(recipes=recipes, demo=demo)
+        words = keywords["help"].format(recipes=recipes, demo=demo)
+        keywords["help"] = with_default(words, option).replace("%", "%%")  # argparse's % format
         if not defaults:
             keywords["default"] = argparse.SUPPRESS
         groups[option.group].add_argument(*option.flags, **keywords)
     return parser
+
+
+def with_default(words, option):
+    """An option's help with its default beside it, as it is typed: the table's own value, so
+    that the parser resolve reads what was given with prints it too."""
+    if option.default is None or option.switch:
+        return words
+    return f"{words} (default: {rules.shown(option.default)})".lstrip()
 
 
 def flags(values, between=" "):
@@ -826,7 +829,8 @@ def options_table():
     """docs/options.md's table of every option: its group, default and help."""
     lines = ["| option | default | what it does |", "| --- | --- | --- |"]
     for option in OPTIONS:
-        default = "" if option.default in (None, False) else f"`{rules.shown(option.default)}`"
+        unset = option.default is None or option.switch  # 0 is a default, False a switch's
+        default = "" if unset else f"`{rules.shown(option.default)}`"
         words = option.help.format(recipes="see `--recipe best`, `--recipe fast`", demo="see above")
         names = ", ".join(f"`{f}`" for f in option.flags)
         words = words.replace("|", "\\|")  # a cell of the table
