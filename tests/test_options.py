@@ -1,6 +1,6 @@
 """train.py's options table (twophase/options.py): `python train.py --help` prints Table 1, and
 every value an option takes is checked before anything is read or written, with one sentence
-naming the option."""
+naming the option; evaluate.py's, predict.py's and twophase.average's numbers too."""
 
 import contextlib
 import io
@@ -15,8 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import evaluate
+import predict
 import train
 from conftest import REPO, examples
+from twophase import average
 from twophase.continuing import shown
 from twophase.options import OPTIONS, get_args_parser
 from twophase.resolve import resolve
@@ -273,3 +276,31 @@ def test_resolves_parser_prints_the_same_help():
     """resolve reads the command line with a parser whose defaults are left out (to know what was
     given): its --help is train.py's all the same."""
     assert get_args_parser(defaults=False).format_help() == get_args_parser().format_help()
+
+
+# ----------------------------------------------------------------------------- the other scripts
+
+
+@pytest.mark.parametrize(
+    "parser, argv, words",
+    [
+        (evaluate.get_args_parser, "--batch-size 0", "--batch-size: 0: must be 1 or more"),
+        (evaluate.get_args_parser, "--img-size 0", "--img-size: 0: the side must be 8 px or more"),
+        (evaluate.get_args_parser, "--cache-workers -1", "--workers: -1: must be 0 or more"),
+        (evaluate.get_args_parser, "--top-pairs -1", "--top-pairs: -1: must be 0 or more"),
+        (evaluate.get_args_parser, "--max-params 0", "--max-params: 0: must be 1 or more"),
+        (predict.get_args_parser, "--batch-size -3", "--batch-size: -3: must be 1 or more"),
+        (predict.get_args_parser, "--img-size 4", "--img-size: 4: the side must be 8 px or more"),
+        (predict.get_args_parser, "--topk 0", "--topk: 0: must be 1 or more"),
+        (average.get_args_parser, "x.pt --out y.pt --batch-size 0", "must be 1 or more"),
+    ],
+)
+def test_evaluate_and_predict_refuse_a_bad_number_in_one_sentence(parser, argv, words, capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(argv.split())
+    assert words in capsys.readouterr().err
+
+
+def test_evaluate_and_predict_take_their_defaults():
+    assert evaluate.get_args_parser().parse_args([]).batch_size == 128
+    assert predict.get_args_parser().parse_args([]).topk == 1
