@@ -56,8 +56,8 @@ from twophase.inference import (
 )
 from twophase.loader import make_loader
 from twophase.loss import loss_of
+from twophase.options import at_least, checked, parameter_count
 from twophase.options import get_args_parser as training_options
-from twophase.options import parameter_count
 from twophase.report import Evaluated, relative, shown_path, write_report
 from twophase.submission import test_answers, test_score
 from utils import Problem, exits_on_problems, log
@@ -102,10 +102,15 @@ def get_args_parser():
         "accuracy, of every compared run too",
     )
     p.add_argument("--test-dir", default=None, help="the test images (default: <data>/test)")
-    p.add_argument("--top-pairs", type=int, default=10, help="how many confused pairs to list")
+    p.add_argument(
+        "--top-pairs",
+        type=checked(int, at_least(0)),
+        default=10,
+        help="how many confused pairs to list",
+    )
     p.add_argument(
         "--max-params",
-        type=parameter_count,
+        type=checked(parameter_count, at_least(1)),
         default=None,
         metavar="N",
         help="warn when the model has more parameters (e.g. 100M)",

@@ -30,6 +30,7 @@ from twophase.inference import (
     print_confused,
     test_images,
 )
+from twophase.options import at_least, checked
 from twophase.submission import (
     Layout,
     Names,
@@ -69,7 +70,7 @@ def get_args_parser():
     )
     p.add_argument(
         "--topk",
-        type=int,
+        type=checked(int, at_least(1)),
         default=1,
         metavar="K",
         help="the label column holds the K likeliest classes, best first, space-separated",
@@ -147,8 +148,6 @@ def check(args, test_dir, files, classes):
 @exits_on_problems
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    if args.topk < 1:
-        raise SystemExit("--topk must be 1 or more")
     state = load_checkpoint(args.ckpt)
     classes = len(state["classes"])
     if args.topk > classes:

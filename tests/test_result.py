@@ -76,3 +76,37 @@ def test_the_command_saved_is_the_one_typed_relative_paths_and_all(
         torch.load(dataset.parent / "ck" / "best.pt", weights_only=True)["command"]
         == (state["command"])
     )
+
+
+def test_average_last_continued_with_more_epochs_than_were_kept_says_how_many_and_what_to_do(
+    tiny_args, tmp_path, capsys
+):
+    out = tmp_path / "ck"
+    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "3", "--average-last", "2"])
+    assert sorted(p.name for p in out.glob("epoch*.pt")) == ["epoch002.pt", "epoch003.pt"]
+    capsys.readouterr()
+    train.main(["--resume", str(out / "last.pt"), "--average-last", "3"])
+    err = capsys.readouterr().err
+    assert (
+        "--average-last 3: of the last 3 Phase II epochs (phase 2 epochs 1-3), 2 are kept in "
+        f"{out} "
+        "(epoch002.pt, epoch003.pt): the run kept fewer as they ended. No average; "
+        "--average-last 2 averages the 2 kept"
+    ) in err
+    train.main(["--resume", str(out / "last.pt"), "--average-last", "2"])  # as it says
+    assert (
+        "the average of phase 2 epochs 2-3 (epoch002.pt to epoch003.pt): val acc"
+        in capsys.readouterr().err
+    )
+
+
+def test_average_last_of_a_run_with_one_phase_ii_epoch_says_to_train_more(
+    tiny_args, tmp_path, capsys
+):
+    out = tmp_path / "ck"
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1", "--average-last", "2"])
+    assert (
+        "--average-last 2: the run has 1 Phase II epoch, and an average needs 2: no average; "
+        f"train more (--resume {out / 'last.pt'} --epochs2 N)"
+    ) in capsys.readouterr().err
+    assert not (out / "averaged.pt").exists()

@@ -192,7 +192,7 @@ def test_two_phase_run_writes_checkpoints_and_history(tiny_args, tmp_path):
 
 
 def test_periodic_checkpoints_need_the_accuracy_threshold(tiny_args, tmp_path, capsys):
-    train.main(tiny_args + "--epochs1 0 --epochs2 1 --save-every 1 --save-min-acc 1.01".split())
+    train.main(tiny_args + "--epochs1 0 --epochs2 1 --save-every 1 --save-min-acc 1".split())
     names = {p.name for p in (tmp_path / "ck").iterdir()}
     assert "phase2_epoch001.pt" not in names and "phase1.pt" not in names and "last.pt" in names
     assert "phase2_epoch001.pt not kept: val acc" in capsys.readouterr().err
@@ -234,8 +234,9 @@ def test_phase_one_then_phase_two_equals_both_at_once(tiny_args, tmp_path):
 def test_phase_two_without_phase_one_warns_and_uses_weights(tiny_args, tmp_path, capsys):
     weights = M.build_model("resnet18", 3, weights="none").state_dict()
     torch.save(weights, tmp_path / "weights.pth")
-    # lr 0: the weights Phase II ends with are those it started from (batch norm's statistics move).
-    args = tiny_args + ["--epochs2", "1", "--phase", "2", "--lr2", "0"]
+    # A rate too small to move a float32 weight: the weights Phase II ends with are those it
+    # started from (batch norm's statistics move).
+    args = tiny_args + ["--epochs2", "1", "--phase", "2", "--lr2", "1e-30"]
     train.main(args + ["--weights", str(tmp_path / "weights.pth")])
     err = capsys.readouterr().err
     assert f"warning: no {tmp_path / 'ck' / 'phase1.pt'}, so Phase II starts from --weights" in err

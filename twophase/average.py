@@ -28,6 +28,7 @@ from twophase.checkpoint import (
     save_checkpoint,
 )
 from twophase.inference import averaged_model, bn_loader
+from twophase.options import at_least, checked
 from utils import exits_on_problems, log, pick_device
 
 
@@ -38,7 +39,9 @@ def get_args_parser():
     p.add_argument("checkpoints", nargs="+", help="checkpoints of one run")
     p.add_argument("--out", required=True, help="where to write the averaged checkpoint")
     p.add_argument("--data", default=None, help="dataset root (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=128, help="for the batch norm pass")
+    p.add_argument(
+        "--batch-size", type=checked(int, at_least(1)), default=128, help="for the batch norm pass"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument(
         "--no-bn-update", action="store_true", help="keep the averaged statistics as they are"

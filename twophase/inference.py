@@ -21,6 +21,7 @@ from twophase.augment import BatchPreprocess
 from twophase.checkpoint import load_checkpoint
 from twophase.image_cache import build_cache, default_cache_dir, load_image, square, to_rgb
 from twophase.loader import make_loader
+from twophase.options import MIN_SIDE, at_least, checked
 from twophase.prefetch import on_device
 from utils import MissingFile, Problem, amp_dtype, log, pick_device, sum_over_processes
 
@@ -33,12 +34,12 @@ def add_inference_args(parser):
     parser.add_argument(
         "--data", default=None, help="dataset root (default: the one the checkpoint was trained on)"
     )
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=checked(int, at_least(1)), default=128)
     parser.add_argument(
         "--cache-workers",
         "--workers",
         dest="cache_workers",
-        type=int,
+        type=checked(int, at_least(0)),
         default=4,
         help="threads that decode images into the preprocessing cache",
     )
@@ -51,7 +52,7 @@ def add_inference_args(parser):
     )
     parser.add_argument(
         "--img-size",
-        type=int,
+        type=checked(int, at_least(MIN_SIDE, "the side must be {low} px or more")),
         default=None,
         help="side the images are resized to (default: the size the run chose to test at with "
         "--test-size auto, else its training size)",

@@ -12,6 +12,7 @@ the table, the command line and the checkpoint it continues.
 """
 
 import argparse
+import math
 import re
 import sys
 from dataclasses import dataclass, field, fields, replace
@@ -51,26 +52,64 @@ def parameter_count(text):
     scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(text[-1:].upper(), 1)
     try:
         return int(float(text[:-1] if scale != 1 else text) * scale)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: inf
         raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (e.g. 100M)") from None
 
 
 # ----------------------------------------------------------------------------- what a value must be
 
+# The smallest side an image becomes: the steps of the progressive and test sizes are 8 px at the
+# least (schedule.size_step), and below it a ResNet's last stage sees nothing (32 px is usual).
+MIN_SIDE = 8
+
 
 def at_least(low, what="must be {low} or more"):
     def check(value):
-        return None if value is None or value >= low else what.format(low=low)
+        return None if value >= low else what.format(low=low)
 
     return check
+
+
+def above(low, what="must be more than {low}"):
+    def check(value):
+        return None if value > low else what.format(low=low)
+
+    return check
+
+
+def between(low, high, what="must be between {low} and {high}"):
+    def check(value):
+        return None if low <= value <= high else what.format(low=low, high=high)
+
+    return check
+
+
+def half_open(low, high, what="must be {low} or more and less than {high}"):
+    def check(value):
+        return None if low <= value < high else what.format(low=low, high=high)
+
+    return check
+
+
+PROBABILITY = between(0, 1, "a probability, between 0 and 1")
 
 
 def share(value):
     return None if 0 < value <= 1 else "a share in (0, 1]"
 
 
+def held_out(value):
+    if 0 < value < 1:
+        return None
+    return (
+        "the share of each class held out to validate on must be more than 0 and less than 1 "
+        "(e.g. 0.1): every run validates, and a val/ folder (or --val-labels) holds validation "
+        "images of its own"
+    )
+
+
 def decay(value):
-    if value is not None and not 0 < value < 1:
+    if not 0 < value < 1:
         return "the decay must be between 0 and 1, e.g. 0.999"
     return None
 
@@ -81,6 +120,38 @@ def alpha(value):
 
 def factor(value):
     return None if 0 < value <= 1 else "the factor must be in (0, 1] (1 turns it off)"
+
+
+def epochs_to_average(value):
+    if value == 0 or value >= 2:
+        return None
+    return "0 (off), or 2 or more: an average needs two epochs"
+
+
+def each_positive(values):
+    return None if all(v > 0 for v in values) else "each must be more than 0 (it divides)"
+
+
+def low_high(values):
+    low, high = values
+    if 0 < low <= high:
+        return None
+    return "the first must be more than 0, the second as much or more: a range, low then high"
+
+
+def checked(kind, check):
+    """An argparse type for the scripts' own parsers: `kind` of the text, refused with `check`'s
+    sentence (--batch-size 0: must be 1 or more)."""
+
+    def value_of(text):
+        value = kind(text)
+        why = check(value)
+        if why:
+            raise argparse.ArgumentTypeError(f"{text}: {why}")
+        return value
+
+    value_of.__name__ = kind.__name__  # argparse's "invalid int value" names it
+    return value_of
 
 
 # ----------------------------------------------------------------------------- the table
@@ -103,8 +174,10 @@ class Option:
     rule: object = rules.applied  # on a continued run given another value
     resume: str = ""  # docs/checkpoints.md: how the rule plays out for it
     other: tuple | None = ()  # another value, the words after the flag (None: a test's own)
-    check: object = None  # value -> what is wrong with it, or None
+    check: object = None  # a value (never None: unset is no value) -> what is wrong with it
     file: bool = False  # a path: saved absolute, found again by its name where the data moved
+    folder: bool = False  # a folder the run writes in, made where absent: never a file
+    unchecked: str = ""  # why a value it takes needs no check here, where it has none
     group: str = ""
 
     @property
@@ -148,6 +221,7 @@ OPTIONS = (
             "checkpoint records its dataset's absolute path, so evaluate.py and predict.py find "
             "it from any folder",
             other=None,
+            unchecked="read before anything is written: find_data says what is, or is not, there",
         ),
         Option(
             ("--labels",),
@@ -167,6 +241,7 @@ OPTIONS = (
             rule=rules.held_out_split,
             resume=AS_LABELS,
             other=("image",),
+            unchecked="a column of --labels, looked up in its header as it is read",
         ),
         Option(
             ("--label-col",),
@@ -175,6 +250,7 @@ OPTIONS = (
             rule=rules.held_out_split,
             resume=AS_LABELS,
             other=("label",),
+            unchecked="a column of --labels, looked up in its header as it is read",
         ),
         Option(
             ("--val-labels",),
@@ -194,6 +270,7 @@ OPTIONS = (
             presets={"demo": 32},
             resume="the remaining epochs at that size (its own cache)",
             other=("24",),
+            check=at_least(MIN_SIDE, "the side must be {low} px or more"),
         ),
         Option(
             ("--resize",),
@@ -213,11 +290,13 @@ OPTIONS = (
             rule=rules.held_out_split,
             resume="another fraction would move images the run trained on into validation",
             other=("0.2",),
+            check=held_out,
         ),
         Option(
             ("--cache-dir",),
             help="preprocessed-image cache; unset: <data>/.cache",
             other=None,
+            folder=True,
         ),
         Option(
             ("--batch-size",),
@@ -238,6 +317,7 @@ OPTIONS = (
             "threads that decode images into the cache (a batch is one read of it)",
             type=int,
             other=("2",),
+            check=at_least(0, "must be 0 or more (0 and 1: one thread)"),
         ),
     ),
     *group(
@@ -250,6 +330,7 @@ OPTIONS = (
             rule=rules.fixed,
             resume="the weights are that architecture's",
             other=("resnet34",),
+            unchecked="looked up in torchvision's models as the model is built, which lists them",
         ),
         Option(
             ("--mean",),
@@ -259,6 +340,7 @@ OPTIONS = (
             rule=rules.fixed,
             resume="the weights were trained on inputs normalised so",
             other=("0.5", "0.5", "0.5"),
+            unchecked="any three (finite) numbers normalise; --std divides, and is checked",
         ),
         Option(
             ("--std",),
@@ -268,6 +350,7 @@ OPTIONS = (
             rule=rules.fixed,
             resume="as `--mean`",
             other=("0.2", "0.2", "0.2"),
+            check=each_positive,
         ),
         Option(
             ("--weights",),
@@ -278,6 +361,7 @@ OPTIONS = (
             resume="a continued run starts from its checkpoint's weights; to start from others, "
             "train a fresh run",
             other=("imagenet",),
+            unchecked="looked up before anything is written (model.py), which lists the names",
         ),
         Option(
             ("--epochs",),
@@ -302,6 +386,7 @@ OPTIONS = (
             resume="a run's budget chose its epochs when it started, and they are saved; give "
             "`--epochs2` or `--epochs N` to train longer or shorter",
             other=("10m",),
+            check=above(0),
         ),
     ),
     *group(
@@ -327,6 +412,7 @@ OPTIONS = (
             rule=rules.phase1_only,
             resume="it would change nothing",
             other=("1e-3",),
+            check=above(0, "a learning rate must be more than 0"),
         ),
         Option(
             ("--wd1",),
@@ -336,6 +422,7 @@ OPTIONS = (
             rule=rules.phase1_only,
             resume="it would change nothing",
             other=("2e-4",),
+            check=at_least(0, "weight decay must be 0 or more"),
         ),
         Option(
             ("--freeze-bn",),
@@ -378,8 +465,16 @@ OPTIONS = (
             resume="the rate from the next epoch (or step) on is the schedule's under the new "
             "value: a diverged run continues at a lower rate",
             other=("2e-3",),
+            check=above(0, "a learning rate must be more than 0"),
         ),
-        Option(("--wd2",), 1e-4, "weight decay (L2, as released)", type=float, other=("3e-4",)),
+        Option(
+            ("--wd2",),
+            1e-4,
+            "weight decay (L2, as released)",
+            type=float,
+            other=("3e-4",),
+            check=at_least(0, "weight decay must be 0 or more"),
+        ),
         Option(
             ("--warmup-epochs",),
             5,
@@ -396,6 +491,7 @@ OPTIONS = (
             "first warmup epoch's share",
             type=float,
             other=("0.3",),
+            check=share,
         ),
         Option(
             ("--cosine-epochs",),
@@ -406,8 +502,22 @@ OPTIONS = (
             other=("5",),
             check=at_least(1),
         ),
-        Option(("--min-lr",), 5e-6, "the cosine's floor", type=float, other=("1e-5",)),
-        Option(("--clip",), 0.8, "gradient L2 norm limit; 0: none", type=float, other=("0.5",)),
+        Option(
+            ("--min-lr",),
+            5e-6,
+            "the cosine's floor",
+            type=float,
+            other=("1e-5",),
+            check=at_least(0, "the floor must be 0 or more"),
+        ),
+        Option(
+            ("--clip",),
+            0.8,
+            "gradient L2 norm limit; 0: none",
+            type=float,
+            other=("0.5",),
+            check=at_least(0, "must be 0 or more (0: none)"),
+        ),
         Option(
             ("--save-every",),
             15,
@@ -422,11 +532,19 @@ OPTIONS = (
             "... if val acc is this or more",
             type=float,
             other=("0.5",),
+            check=between(0, 1, "an accuracy, between 0 and 1"),
         ),
     ),
     *group(
         "both phases",
-        Option(("--label-smoothing",), 0.1, "of the cross-entropy", type=float, other=("0.2",)),
+        Option(
+            ("--label-smoothing",),
+            0.1,
+            "of the cross-entropy",
+            type=float,
+            other=("0.2",),
+            check=half_open(0, 1),
+        ),
         Option(
             ("--class-weights",),
             "none",
@@ -553,7 +671,7 @@ OPTIONS = (
             metavar="K",
             presets={"best": 3, "fast": 3},
             other=("2",),
-            check=at_least(0),
+            check=epochs_to_average,
         ),
         Option(
             ("--tta",),
@@ -600,6 +718,7 @@ OPTIONS = (
             type=parameter_count,
             metavar="N",
             other=("1M",),
+            check=at_least(1),
         ),
     ),
     *group(
@@ -612,6 +731,7 @@ OPTIONS = (
             resume="the augmentation is drawn anew each epoch from the options (all of its "
             "options alike)",
             other=("5",),
+            check=at_least(0, "degrees +-: 0 or more"),
         ),
         Option(
             ("--translate",),
@@ -619,6 +739,7 @@ OPTIONS = (
             "affine shift, share of the side",
             type=float,
             other=("0.05",),
+            check=between(0, 1, "a share of the side, between 0 and 1"),
         ),
         Option(
             ("--scale",),
@@ -627,22 +748,39 @@ OPTIONS = (
             type=float,
             nargs=2,
             other=("0.8", "1.2"),
+            check=low_high,
         ),
-        Option(("--shear",), AUGMENT.shear, "affine shear +-, degrees", type=float, other=("5",)),
+        Option(
+            ("--shear",),
+            AUGMENT.shear,
+            "affine shear +-, degrees",
+            type=float,
+            other=("5",),
+            check=half_open(0, 90, "degrees +-: {low} or more and less than {high}"),
+        ),
         Option(
             ("--jitter",),
             AUGMENT.jitter,
             "brightness, contrast, saturation",
             type=float,
             other=("0.3",),
+            check=between(0, 1, "a factor of 1 +- it: between 0 and 1"),
         ),
-        Option(("--hue",), AUGMENT.hue, "hue jitter", type=float, other=("0.05",)),
+        Option(
+            ("--hue",),
+            AUGMENT.hue,
+            "hue jitter",
+            type=float,
+            other=("0.05",),
+            check=between(0, 0.5, "a share of the colour circle +-: between 0 and 0.5"),
+        ),
         Option(
             ("--p-jitter",),
             AUGMENT.p_jitter,
             "probability of colour jitter",
             type=float,
             other=("0.2",),
+            check=PROBABILITY,
         ),
         Option(
             ("--blur-sigma",),
@@ -651,14 +789,23 @@ OPTIONS = (
             type=float,
             nargs=2,
             other=("0.2", "1.0"),
+            check=low_high,
         ),
-        Option(("--p-blur",), AUGMENT.p_blur, "probability of blur", type=float, other=("0.1",)),
+        Option(
+            ("--p-blur",),
+            AUGMENT.p_blur,
+            "probability of blur",
+            type=float,
+            other=("0.1",),
+            check=PROBABILITY,
+        ),
         Option(
             ("--p-hflip",),
             AUGMENT.p_hflip,
             "probability of a horizontal flip",
             type=float,
             other=("0.5",),
+            check=PROBABILITY,
         ),
         Option(
             ("--p-vflip",),
@@ -667,6 +814,7 @@ OPTIONS = (
             type=float,
             presets={"best": 0.0, "fast": 0.0},
             other=("0.1",),
+            check=PROBABILITY,
         ),
     ),
     *group(
@@ -685,6 +833,7 @@ OPTIONS = (
             "checkpoints and history.csv go here",
             resume="the run goes on in that folder",
             other=None,
+            folder=True,
         ),
         Option(
             ("--save-every-steps",),
@@ -705,6 +854,7 @@ OPTIONS = (
             metavar="DIR",
             resume="a resumed run's curves go on from its step, not twice",
             other=None,
+            folder=True,
         ),
         Option(
             ("--tensorboard-every",),
@@ -723,6 +873,7 @@ OPTIONS = (
             rule=rules.seed_rule,
             resume="it draws the held-out images and each epoch's order",
             other=("5",),
+            check=between(0, 2**31 - 1),
         ),
         Option(
             ("--device",),
@@ -737,6 +888,7 @@ OPTIONS = (
             "(docs/checkpoints.md)",
             metavar="PATH",
             rule=rules.command,
+            unchecked="read before anything else, which says where no checkpoint is",
         ),
         Option(
             ("--overwrite",),
@@ -773,30 +925,39 @@ AUGMENTATION_OPTIONS = tuple(o.dest for o in OPTIONS if o.group == AUGMENTATION)
 assert AUGMENTATION_OPTIONS == tuple(f.name for f in fields(Augmentation))
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help shows every default that is set: together they are the method's Table 1."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
-            return action.help
-        return f"{action.help or ''} (default: %(default)s)"
-
-
 def get_args_parser(defaults=True):
-    """train.py's parser, made from OPTIONS. Without `defaults` it leaves out what was not given."""
+    """train.py's parser, made from OPTIONS; its --help prints each option's default (Table 1).
+    Without `defaults` it leaves out what was not given (resolve's: the help is the same)."""
     recipes = "; ".join(f"{name}: {flags(values)}" for name, values in RECIPES.items())
     demo = flags({k: v for k, v in DEMO.items() if k != "data"}, ", ")
-    parser = argparse.ArgumentParser(description=USAGE, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     groups = {}
     for option in OPTIONS:
         if option.group not in groups:
             groups[option.group] = parser.add_argument_group(option.group)
         keywords = option.argument()
-        keywords["help"] = keywords["help"].format(recipes=recipes, demo=demo)
+        words = keywords["help"].format(recipes=recipes, demo=demo)
+        keywords["help"] = with_default(words, option).replace("%", "%%")  # argparse's % format
         if not defaults:
             keywords["default"] = argparse.SUPPRESS
         groups[option.group].add_argument(*option.flags, **keywords)
     return parser
+
+
+def with_default(words, option):
+    """An option's help with its default beside it, as it is typed: the table's own value, so
+    that the parser resolve reads what was given with prints it too."""
+    if option.default is None or option.switch:
+        return words
+    return f"{words} (default: {rules.shown(option.default)})".lstrip()
+
+
+def finite(value):
+    """Whether a value holds no nan or inf (float() reads them: argparse lets them through)."""
+    values = value if isinstance(value, list) else [value]
+    return all(math.isfinite(v) for v in values if isinstance(v, float))
 
 
 def flags(values, between=" "):
@@ -810,7 +971,9 @@ def defaults():
 def bad_values(options):
     """What is wrong with the options, as sentences for the parser's error."""
     for option in OPTIONS:
-        why = option.check and option.check(options[option.dest])
+        value = options[option.dest]
+        why = not finite(value) and "not a finite number"
+        why = why or (option.check and value is not None and option.check(value))
         if why:
             yield f"{option.flag} {rules.shown(options[option.dest])}: {why}"
     if options["time_budget"] is not None and options["epochs"] is not None:
@@ -826,7 +989,8 @@ def options_table():
     """docs/options.md's table of every option: its group, default and help."""
     lines = ["| option | default | what it does |", "| --- | --- | --- |"]
     for option in OPTIONS:
-        default = "" if option.default in (None, False) else f"`{rules.shown(option.default)}`"
+        unset = option.default is None or option.switch  # 0 is a default, False a switch's
+        default = "" if unset else f"`{rules.shown(option.default)}`"
         words = option.help.format(recipes="see `--recipe best`, `--recipe fast`", demo="see above")
         names = ", ".join(f"`{f}`" for f in option.flags)
         words = words.replace("|", "\\|")  # a cell of the table

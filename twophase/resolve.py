@@ -71,6 +71,7 @@ def resolve(argv=None):
         options = continued_options(saved, given, start) | given
     options["overwrite"] = given.get("overwrite", False)  # an order for this command alone
     options |= resolved_paths(options)
+    refuse_files_as_folders(options)
     if not start.fresh:
         refused = rules.refused(OPTIONS, options, saved, start)
         if refused:
@@ -173,6 +174,18 @@ def resolved_paths(options):
                 raise Problem(f"--class-weights {value}: not auto, none, nor a file") from None
             raise
     return found
+
+
+def refuse_files_as_folders(options):
+    """The folders the run writes in (--out, --cache-dir, --tensorboard) are made where absent:
+    a file there is refused now, naming it, rather than as the first file is written."""
+    for option in OPTIONS:
+        value = options[option.dest]
+        if option.folder and value and Path(value).exists() and not Path(value).is_dir():
+            raise Problem(
+                f"{option.flag} {value}: a file is there, not a folder; give a folder (it is made "
+                "where there is none)"
+            )
 
 
 def resolved_normalisation(options, start):

@@ -9,6 +9,7 @@ from twophase.augment import BatchPreprocess
 from twophase.checkpoint import (
     AVERAGED_PT,
     BEST_PT,
+    LAST_PT,
     averaged_checkpoint,
     epoch_file,
     epochs_name,
@@ -97,8 +98,9 @@ def average_last_epochs(run, val):
     epochs = [n for n, r in enumerate(run.history, 1) if r["phase"] == 2][-args.average_last :]
     records = [run.history[n - 1] for n in epochs]
     paths = [folder.path / epoch_file(n) for n in epochs]
-    if len(paths) < 2 or not all(p.is_file() for p in paths):
-        log(f"--average-last {args.average_last}: fewer than 2 Phase II epochs kept, no average")
+    missing = no_average(args.average_last, records, paths, folder.path)
+    if missing:
+        log(missing)
         return
     states = [load_checkpoint(p) for p in paths]
     train = bn_loader(run.splits.train, args.batch_size, args.seed, device)
@@ -115,6 +117,32 @@ def average_last_epochs(run, val):
         f"{acc:.4f} ({correct}/{seen}), "
         f"the best epoch's {best:.4f} -> {' and '.join(str(folder.path / n) for n in names)}"
     )
+
+
+def no_average(k, epochs, paths, folder):
+    """Why the last `k` Phase II epochs (`epochs`: their records, `paths`: their files) cannot be
+    averaged, and what to do; None where they can. A run keeps the epochs' files that
+    --keep-last and --average-last asked for as each epoch ended: a larger K given to a continued
+    run finds fewer kept until it has trained as many epochs again."""
+    said = f"--average-last {k}: "
+    if len(epochs) < 2:
+        return (
+            f"{said}the run has {len(epochs)} Phase II epoch{'s' * (len(epochs) != 1)}, and an "
+            f"average needs 2: no average; train more (--resume {folder / LAST_PT} --epochs2 N)"
+        )
+    kept = [p for p in paths if p.is_file()]
+    if len(kept) == len(paths):
+        return None
+    names = ", ".join(p.name for p in kept) or "none"
+    said += (
+        f"of the last {len(epochs)} Phase II epochs ({epochs_name(epochs)}), {len(kept)} "
+        f"are kept in {folder} ({names}): the run kept fewer as they ended. No average"
+    )
+    if len(kept) >= 2 and kept == paths[-len(kept) :]:
+        return f"{said}; --average-last {len(kept)} averages the {len(kept)} kept"
+    if len(kept) >= 2:
+        return f"{said}; python -m twophase.average averages the files kept"
+    return f"{said}; train on with --average-last {k}, which keeps them from here on"
 
 
 def mark_tta(run):
