@@ -294,7 +294,8 @@ OPTIONS = (
         ),
         Option(
             ("--cache-dir",),
-            help="preprocessed-image cache; unset: <data>/.cache",
+            help="preprocessed-image cache; unset: <data>/.cache, or the user's cache folder where "
+            "the data cannot be written (said in a line)",
             other=None,
             folder=True,
         ),
