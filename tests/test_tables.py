@@ -188,3 +188,14 @@ def test_swapped_columns_get_a_hint_naming_the_options(tmp_path):
     labels.write_text(labels_text(swapped))  # no header: the order is the way
     with pytest.raises(Problem, match="its column 2 names the images"):
         read(labels, Names(IMAGES, tmp_path))
+
+
+def test_a_reading_is_said_once_while_the_file_is_unchanged(tmp_path, capsys):
+    weights = tmp_path / "w.csv"
+    weights.write_text("cat;5\n")
+    for _ in range(2):  # a run checks them as it starts, then reads them for its loss
+        read_class_weights(weights, ["cat", "dog"])
+    assert capsys.readouterr().err.count("has no header") == 1
+    weights.write_text("cat;5\ndog;2\n")
+    read_class_weights(weights, ["cat", "dog"])
+    assert capsys.readouterr().err.count("has no header") == 1

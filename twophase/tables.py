@@ -61,6 +61,7 @@ KNOWN = frozenset(
 )
 # A cell with one of these endings names an image file, whether or not it is in the folder.
 IMAGE_ENDINGS = frozenset(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm".split())
+SAID = set()  # (a reading, its file's stamp) said in this process: Table.say
 JUDGED = 1000  # the lines a column's kind is judged by (the first): a file of any length is quick
 
 
@@ -86,6 +87,7 @@ class Table:
     first: tuple = (1, [])  # the first non-blank line: (its number, its cells)
     resembles: bool = False  # whether that line resembles the rows (read_csv's rule)
     plain_header: bool = True  # a header the file must have, or of known names, unlike a row
+    stamp: tuple = ()  # the file's size and time as it was read
 
     def column(self, name, option):
         """The index of the column called `name` (given as `option`), or a Problem."""
@@ -136,9 +138,12 @@ class Table:
         return f"{self.path} " + "; ".join(parts)
 
     def say(self, roles=(), asked=False):
-        """Say how the file was read (reading), where it is not the plain case."""
+        """Say how the file was read (reading), where it is not the plain case: once a process
+        while the file is unchanged, however often it is read (a run checks its class weights
+        as it starts, then reads them for its loss)."""
         line = self.reading(roles, asked)
-        if line:
+        if line and (line, self.stamp) not in SAID:
+            SAID.add((line, self.stamp))
             log(line)
 
 
@@ -155,13 +160,19 @@ def read_csv(path, kinds=None, header_needed=False):
         raise Problem(f"cannot read {path} as a CSV: {e}") from None
     if not lines:
         raise Problem(f"{path} is empty")
+    how = dict(separator=separator, encoding=encoding, first=lines[0], stamp=stamp(path))
     resembles = bool(kinds) and first_is_row(lines, kinds)
     if resembles and not header_needed:
-        return Table(Path(path), None, lines, separator, encoding, lines[0], resembles, False)
+        return Table(Path(path), None, lines, resembles=True, plain_header=False, **how)
     header = [cell.strip() for cell in lines[0][1]]
     # A header of no known name is said: were it a row, its loss would not be silent.
     plain = header_needed or not kinds or any(is_known_name(c) for c in header)
-    return Table(Path(path), header, lines[1:], separator, encoding, lines[0], resembles, plain)
+    return Table(Path(path), header, lines[1:], resembles=resembles, plain_header=plain, **how)
+
+
+def stamp(path):
+    status = Path(path).stat()
+    return str(Path(path).resolve()), status.st_size, status.st_mtime_ns
 
 
 def decode(path):
