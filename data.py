@@ -534,6 +534,7 @@ def display_names(data_dir, classes):
     except Problem as unreadable:  # an optional file: the names are shown as they are
         log(f"{unreadable}: the classes are shown by their names")
         return {c: c for c in classes}
+    table.say()
     if not {"folder", "words"} <= set(table.header):
         log(f"{path} has no columns folder and words: the classes are shown by their names")
         return {c: c for c in classes}

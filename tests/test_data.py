@@ -591,3 +591,9 @@ def test_a_class_names_file_of_other_columns_leaves_the_names_as_they_are(tmp_pa
     assert (
         "class_names.csv is empty: the classes are shown by their names" in capsys.readouterr().err
     )
+
+
+def test_a_class_names_file_separated_by_semicolons_is_read_and_said(tmp_path, capsys):
+    (tmp_path / "class_names.csv").write_text("folder;words\nn01;tench, Tinca tinca\n")
+    assert data.display_names(tmp_path, ["n01", "n02"]) == {"n01": "n01 (tench)", "n02": "n02"}
+    assert "class_names.csv has a header" in capsys.readouterr().err

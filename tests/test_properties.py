@@ -1,14 +1,16 @@
 """Properties over drawn inputs, not only the documented examples: class names as a folder or a CSV
-can hold them, data layouts, predict.py's format options read back by --check, and continued runs
-with options changed. Hypothesis draws them; the profile in conftest.py bounds the examples so
-that the suite stays within its time, the same every run (tests/README.md: a longer run with
-many more)."""
+can hold them, CSVs as users write them (headers or none, separators, encodings, typos), data
+layouts, predict.py's format options read back by --check, and continued runs with options
+changed. Hypothesis draws them; the profile in conftest.py bounds the examples so that the suite
+stays within its time, the same every run (tests/README.md: a longer run with many more)."""
 
+import contextlib
 import csv
 import io
 import shutil
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -106,6 +108,145 @@ def test_names_that_no_cell_can_tell_apart_are_refused_in_a_sentence():
     classes = {"1", "2", "1 2", "'1' '2'"}  # "1 2" and "'1' '2'": each the cell of 1 then 2
     with pytest.raises(Problem, match="predict with --topk 1"):
         submission.join_labels(["1", "2"], classes)
+
+
+# ----------------------------------------------------------------------------- CSVs
+
+SEPARATOR_SAID = {",": "','", ";": "';'", "\t": "tab"}
+CODECS = {"UTF-8": "utf-8", "UTF-8 with a BOM": "utf-8-sig", "cp1252": "cp1252"}
+HEADERS = {
+    "labels": [("image", "label"), ("id", "class"), ("photo", "kind")],
+    "weights": [("class", "weight"), ("name", "weight"), ("kind", "factor")],
+}
+# Class names for CSVs hold each separator too (a cell that holds its file's is quoted).
+CSV_CLASSES = st.lists(
+    st.one_of(NAME, st.text(st.sampled_from(list("ab;\t,|é")), min_size=1, max_size=6)).filter(
+        lambda n: n.strip() == n and n
+    ),
+    min_size=2,
+    max_size=4,
+    unique=True,
+)
+# Headers of known column names: with commas and UTF-8, a file read without a word.
+PLAIN_HEADERS = {("image", "label"), ("id", "class"), ("class", "weight"), ("name", "weight")}
+
+
+class DrawnCsv(NamedTuple):
+    what: str  # "labels" or "weights"
+    classes: list
+    given: bool  # labels: whether the classes are given (answers) or made by the labels
+    files: list  # labels: the folder's images
+    rows: list  # as written, the first perhaps with a typo
+    typo: int | None  # the first row's cell (0 or 1) that holds a typo
+    header: tuple | None
+    separator: str
+    encoding: str
+
+    def data(self):
+        buffer = io.StringIO()
+        lines = ([self.header] if self.header else []) + self.rows
+        csv.writer(buffer, delimiter=self.separator).writerows(lines)
+        return buffer.getvalue().encode(CODECS[self.encoding])
+
+    def read_as(self):
+        """The encoding the file is read in: ASCII written as cp1252 is UTF-8 too."""
+        ascii = all(c.isascii() for c in self.classes)
+        return "cp1252" if self.encoding == "cp1252" and not ascii else "UTF-8"
+
+
+@st.composite
+def csv_files(draw):
+    """A labels or class-weights CSV as a user may give it: with a header (of known names or
+    not) or none, separated by `,` `;` or a tab, UTF-8 with or without a BOM or cp1252, its first
+    row as meant or with a typo in one cell."""
+    what, classes = draw(st.sampled_from(["labels", "weights"])), draw(CSV_CLASSES)
+    if what == "labels":  # two images a class, named with or without their extension
+        ext = draw(st.sampled_from(["", ".png"]))
+        pairs = [(f"img{i}_{j}", c) for i, c in enumerate(classes) for j in range(2)]
+        files = [f"{name}.png" for name, _ in pairs]
+        rows = [[name + ext, c] for name, c in pairs]
+    else:
+        files, rows = [], [[c, draw(st.sampled_from(["0.5", "2", "1.25", "0"]))] for c in classes]
+    rows = draw(st.permutations(rows))
+    typo = draw(st.sampled_from([None, 0, 1]))
+    if typo is not None:  # a name no image or class has, or a weight no number is
+        rows[0] = list(rows[0])
+        rows[0][typo] = "heavy" if (what, typo) == ("weights", 1) else rows[0][typo] + "zq"
+    encoding = draw(st.sampled_from(sorted(CODECS)))
+    try:
+        "".join(classes).encode(CODECS[encoding])
+    except UnicodeEncodeError:  # a name cp1252 cannot hold (中): such a file is UTF-8
+        encoding = "UTF-8"
+    return DrawnCsv(
+        what=what,
+        classes=classes,
+        given=draw(st.booleans()),
+        files=files,
+        rows=rows,
+        typo=typo,
+        header=draw(st.sampled_from([None, *HEADERS[what]])),
+        separator=draw(st.sampled_from(sorted(SEPARATOR_SAID))),
+        encoding=encoding,
+    )
+
+
+def read_drawn(drawn, path):
+    """The drawn CSV at `path` read as the product reads it: labels as {file: label}, weights as
+    one a class."""
+    if drawn.what == "weights":
+        return tables.read_class_weights(path, drawn.classes)
+    names = tables.Names(drawn.files, path.parent)
+    classes = drawn.classes if drawn.given else None
+    return {f: label for f, (label, _) in tables.read_labels(path, names, classes=classes).items()}
+
+
+def meant(drawn):
+    """What the drawn CSV holds: (its reading, None), or (None, the problem of its typo)."""
+    line, typo = 2 if drawn.header else 1, drawn.typo
+    if drawn.what == "weights":
+        if typo is not None:
+            return None, f"line {line}: {drawn.rows[0][typo]!r}"
+        return [float(dict(drawn.rows)[c]) for c in drawn.classes], None
+    if typo == 0 or (typo == 1 and drawn.given):
+        return None, f"line {line}: {drawn.rows[0][typo]!r}"
+    # A label with a typo, where the labels make the classes, is a class of its own.
+    return {f"{name.removesuffix('.png')}.png": label for name, label in drawn.rows}, None
+
+
+TYPO_ON_LINE_1 = DrawnCsv(
+    "weights", ["0", "1", "2"], False, [], [["O", "5.0"], ["1", "2"]], 0, None, ",", "UTF-8"
+)
+
+
+@settings(max_examples=examples(60))
+@given(csv_files())
+@example(TYPO_ON_LINE_1).via("a header-less weights file, `O` for class `0` in its row 1")
+def test_any_csv_is_read_as_meant_or_its_typo_named_and_how_it_was_read_is_said(
+    tmp_path_factory, drawn
+):
+    """A drawn CSV is read as meant (every row, no row taken for a header nor a header for a
+    row), or refused naming its first row's typo on that row's line; and how it was read is
+    said in one line unless it is the plain case (a header of known names, commas, UTF-8)."""
+    path = tmp_path_factory.mktemp("csv") / "file.csv"
+    path.write_bytes(drawn.data())
+    expected, problem = meant(drawn)
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        try:
+            got = read_drawn(drawn, path)
+        except Problem as refused:
+            assert problem is not None and problem in str(refused), str(refused)
+        else:
+            assert problem is None and got == expected
+    event("refused" if problem else "read")
+    lines = said.getvalue().splitlines()
+    plain = drawn.header in PLAIN_HEADERS and drawn.separator == ","
+    assert len(lines) == (0 if plain and drawn.read_as() == "UTF-8" else 1), lines
+    if lines:
+        (line,) = lines
+        assert line.startswith(str(path)) and ("has no header" in line) == (drawn.header is None)
+        assert f"separator {SEPARATOR_SAID[drawn.separator]};" in line
+        assert f"encoding {drawn.read_as()}" in line
 
 
 # ----------------------------------------------------------------------------- layouts

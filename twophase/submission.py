@@ -25,7 +25,15 @@ from typing import NamedTuple
 import numpy as np
 
 from twophase.inference import confusion_matrix, most_confused, predict_folder, test_images
-from twophase.tables import Names, Problems, class_list, find_class, read_csv, read_labels
+from twophase.tables import (
+    SEPARATOR_NAMES,
+    Names,
+    Problems,
+    class_list,
+    find_class,
+    read_csv,
+    read_labels,
+)
 from utils import Problem, atomic_file
 
 DEFAULT_COLUMNS = ("image_name", "pred_label")
@@ -142,7 +150,15 @@ def read_predictions(path, names, classes):
     and the classes: a header, each image at most once, every label a class, and for a file of
     probabilities, a column for every class and rows that sum to 1."""
     table = read_csv(path, header_needed=True)
+    table.say()
     index, problems, labels = set(classes), Problems(path), {}
+    if table.separator != ",":
+        problems.add(
+            1,
+            table.shown(table.first[1]),
+            f"is separated by {SEPARATOR_NAMES[table.separator]}: a grader reads commas, so "
+            "write the file with commas",
+        )
     if names.file(table.header[0]) is not None:
         problems.add(
             1,
