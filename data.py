@@ -511,18 +511,6 @@ def cached_images(listed, size, resize, cache_dir, threads=0):
     return CachedImages(cache, [label[f] for f in cache.files])
 
 
-def load_splits(root, size, cache_dir=None, threads=0, val_fraction=0.1, seed=0):
-    """train/ and val/ of a dataset root, cached (without val/: a stratified split of train/)."""
-    return cache_splits(
-        find_dataset(root),
-        size,
-        cache_dir=cache_dir,
-        threads=threads,
-        val_fraction=val_fraction,
-        seed=seed,
-    )
-
-
 def display_names(data_dir, classes):
     """Names to show for the classes: "<folder> (<words>)" where <data>/class_names.csv has a row
     for the folder (columns folder, ..., words), else the folder name."""

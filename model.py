@@ -9,10 +9,13 @@ import torch
 import torchvision
 from torch import nn
 
-from twophase.augment import IMAGENET_MEAN, IMAGENET_STD
 from utils import Problem, log
 
 RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")
+
+# The statistics ImageNet-pretrained weights were trained with: their inputs' normalisation.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def resnet_family_names():

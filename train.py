@@ -18,12 +18,10 @@ from contextlib import closing, nullcontext
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data import cache_splits, dataset_of, write_demo_dataset
 from model import (
-    EMA,
     build_model,
     count_parameters,
     set_trainable,
@@ -31,12 +29,11 @@ from model import (
     train_mode,
     warn_if_too_large,
 )
-from twophase.augment import Augmentation, BatchPreprocess, DeviceAugment, MixUpCutMix
+from twophase.augment import BatchPreprocess, MixUpCutMix
 from twophase.board import Board, require_tensorboard
 from twophase.budget import (
-    Forecast,
-    Progress,
-    budget_fixed,
+    EpochDisplay,
+    budget_kept,
     budget_to_plan,
     decode_seconds,
     plan_time_budget,
@@ -46,15 +43,17 @@ from twophase.budget import (
 )
 from twophase.checkpoint import LAST_PT, Checkpointer, RunFolder, best_acc, epoch_record
 from twophase.divergence import check_epoch, check_position
-from twophase.loader import TrainingStream, make_loader
-from twophase.loss import Loss, check_class_weights, class_weights
+from twophase.loader import data_loaders
+from twophase.loss import check_class_weights, loss_of
 from twophase.resolve import resolve
 from twophase.result import select_result
 from twophase.run import (
     Preempted,
     Run,
     demo_next_steps,
+    distributed,
     epoch_line,
+    model_on_device,
     out_of_memory_advice,
     start_line,
     stopped,
@@ -76,7 +75,6 @@ from utils import (
     Problem,
     StopRequest,
     amp_dtype,
-    broadcast_module,
     compile_support,
     exits_on_problems,
     gather_from_processes,
@@ -116,24 +114,22 @@ def main(argv=None):
                 StopRequest() as stop,
                 closing(set_up(args, start, splits, model, folder, device, procs, stop)) as run,
             ):
-                if budget_to_plan(resolved):  # chosen once, as the run starts
-                    fixed = budget_fixed(resolved)
-                    run.args = plan_time_budget(run, fixed, started, time_steps(run))
+                if budget_to_plan(resolved):  # the epochs that fit, chosen once as the run starts
+                    kept = budget_kept(resolved)
+                    run.args = plan_time_budget(run, kept, started, time_steps(run))
                 # Algorithm 1. Phase I fits the new head on the frozen backbone; Phase II
                 # fine-tunes every layer, warmup then cosine, its gradients clipped.
                 for number in phases(run.args):
                     phase = phase_setup(
                         number, run.args, run.model, device, run.criterion, run.dtype
                     )
-                    for epoch, resumed in epochs(run, phase):
-                        train = train_epoch(run, phase, epoch, resumed)
-                        end_epoch(run, phase, epoch, train)
+                    train_phase(run, phase)
                 if run.args.phase != "1":
                     select_result(run)  # best.pt: the best epoch's, or their average's
     except torch.OutOfMemoryError:
         raise SystemExit(out_of_memory_advice(args, folder, start)) from None
-    except Preempted as stop:
-        raise SystemExit(stopped(folder, stop)) from None
+    except Preempted as preempted:
+        raise SystemExit(stopped(folder, preempted)) from None
     except KeyboardInterrupt:
         saved = f"{folder.path / LAST_PT} holds the last position saved" if folder.written else ""
         log(f"interrupted at once: {saved or 'nothing of this run was saved'}")
@@ -188,56 +184,37 @@ def normalisation(args):
 
 
 def set_up(args, start, splits, model, folder, device, procs, stop):
-    """The run at its start: the model on the device (its weights, or those of the checkpoint it
-    continues) and its moving average, the loss, the data's stream and loaders, the checkpoints."""
-    # A fixed input size: cuDNN times its kernels once and keeps the fastest.
-    torch.backends.cudnn.benchmark = device.type == "cuda"
-    if args.sync_bn and procs.world_size > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(device, memory_format=torch.channels_last)
-    broadcast_module(model)  # one new head for every process, before the average copies it
-    ema = EMA(model, args.ema) if args.ema else None
-    start.restore(model, ema, splits.classes, procs.rank, procs.world_size)
+    """The run at its start: the model on the device with its moving average (the weights of
+    the checkpoint it continues, where it does), the loss, the data's stream and loaders, the
+    checkpoints; and its first lines."""
+    model, ema = model_on_device(args, start, splits.classes, model, device, procs)
     start.refuse_other_held_out(splits, args)
-    # Both phases' loss, and validation's: cross-entropy with label smoothing, each class
-    # weighed by --class-weights (auto: by the inverse of its training images).
     counts = splits.train.class_counts(len(splits.classes))
-    weight = class_weights(args.class_weights, splits.classes, counts)
-    criterion = Loss(weight=weight, label_smoothing=args.label_smoothing).to(device)
-    augment = DeviceAugment(Augmentation.of(args))
-    cuda, balanced = device.type == "cuda", args.sampler == "balanced"
-    train_preprocess = BatchPreprocess(args.mean, args.std, augment).to(device)
+    stream, val_loader = data_loaders(args, splits, device, procs)
+    step = start.steps_done(len(stream), args.accum_steps)
+    uneven = uneven_classes(counts, args)
     run = Run(
         args=args,
         model=model,
         ema=ema,
-        criterion=criterion,
+        # Both phases' loss, and validation's.
+        criterion=loss_of(args, splits.classes, counts).to(device),
         dtype=amp_dtype(args.amp, device),
         device=device,
         procs=procs,
         splits=splits,
-        stream=TrainingStream(
-            splits.train, args.batch_size, train_preprocess, args.seed, balanced, procs, cuda
-        ),
-        val_loader=make_loader(
-            splits.val,
-            2 * args.batch_size,
-            shuffle=False,
-            pin_memory=cuda,
-            shard=(procs.rank, procs.world_size),
-        ),
+        stream=stream,
+        val_loader=val_loader,
         eval_preprocess=BatchPreprocess(args.mean, args.std).to(device),
         start=start,
         saver=Checkpointer(folder, model, ema, splits, procs, start),
         stop=stop,
         history=start.history(),
+        step=step,
         averaged_acc=folder.averaged_acc(start),
+        classes_uneven=uneven is not None,
+        board=Board.of(args, folder.path, step) if procs.rank == 0 else None,
     )
-    run.step = start.steps_done(len(run.stream), args.accum_steps)
-    uneven = uneven_classes(counts, args)
-    run.classes_uneven = uneven is not None
-    run.forecast = Forecast(run)
-    run.board = Board.of(args, folder.path, run.step) if procs.rank == 0 else None
     log(start_line(run))
     if uneven:
         log(uneven)
@@ -304,23 +281,32 @@ def phase_setup(number, args, model, device, criterion, dtype):
     )
 
 
-def epochs(run, phase):
-    """The phase's epochs still to train, each with (batches trained of it before a stop, their
-    record), which is (0, None) but for the first epoch of a run stopped in its middle, and its
-    learning rates set. The phase's optimizer state is restored and its model wrapped first."""
-    first, done, progress = run.start.position(
+def train_phase(run, phase):
+    """The phase's epochs still to train, each trained, validated and saved. After a Phase II
+    epoch a --time-budget may re-plan the run: shorter, with its new options and phase (epochs,
+    cosine, sizes), which the loop goes on with from there."""
+    epoch, resumed = begin_phase(run, phase)
+    while epoch < phase.epochs:
+        phase.set_rates(epoch)  # per epoch, as the method specifies
+        train = train_epoch(run, phase, epoch, resumed)
+        record, is_best = validate_epoch(run, phase, epoch, train)
+        run.args, phase = replan_time_budget(run, phase, epoch + 1)
+        end_epoch(run, phase, epoch, record, is_best)
+        epoch, resumed = epoch + 1, (0, None)
+
+
+def begin_phase(run, phase):
+    """Where the phase begins: (its first epoch to train, the batches a stopped run trained of
+    it and their record). Where it has epochs to train, the optimizer's state of a run stopped
+    in it is restored, the model wrapped for its steps and the phase described."""
+    first, done, partial = run.start.position(
         phase.number, run.rank, run.world_size, run.args.batch_size
     )
-    if first >= phase.epochs:
-        return
-    run.start.restore_phase(phase, run.model)
-    run.wrap()
-    log(describe_phase(phase, run.args, run.model))
-    epoch, resumed = first, (done, progress)
-    while epoch < phase.epochs:  # a --time-budget may shorten Phase II as it goes
-        phase.set_rates(epoch)  # per epoch, as the method specifies
-        yield epoch, resumed
-        epoch, resumed = epoch + 1, (0, None)
+    if first < phase.epochs:
+        run.start.restore_phase(phase, run.model)
+        run.wrap()
+        log(describe_phase(phase, run.args, run.model))
+    return first, (done, partial)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -332,14 +318,14 @@ def train_epoch(run, phase, epoch, resumed=(0, None)):
     After each optimizer step, and there alone, the run stops if asked to or saves its position
     every --save-every-steps steps; at the epoch's last batch a stop waits for its validation and
     checkpoint. Returns the epoch's training record: loss, accuracy, rate, seconds, size."""
-    args, (first_batch, progress) = run.args, resumed
+    args, (first_batch, partial) = run.args, resumed
     lr = phase.optimizer.param_groups[0]["lr"]
     run.stream.draw(run.epochs_trained, phase.image_size(epoch), phase.mix, first_batch)
     tally = EpochTally()
-    if progress:
-        tally = EpochTally.restored(progress, run.device)
-        run.stream.replay(progress["sizes"], phase.mix)
-    t0 = time.perf_counter() - (progress["seconds"] if progress else 0.0)
+    if partial:
+        tally = EpochTally.restored(partial, run.device)
+        run.stream.replay(partial["sizes"], phase.mix)
+    t0 = time.perf_counter() - (partial["seconds"] if partial else 0.0)
     total = first_batch + len(run.stream)  # the epoch's batches
     every = args.save_every_steps * args.accum_steps
     with closing(run.stream.batches(run.device)) as batches:
@@ -352,7 +338,7 @@ def train_epoch(run, phase, epoch, resumed=(0, None)):
             disable=None if is_main_process() else True,
             unit="batch",
         )
-        shown = Progress(run, phase, epoch, bar, first_batch, total)
+        shown = EpochDisplay(run, phase, epoch, bar, first_batch, total)
         for done in optimizer_steps(run.net, bar, total, phase, run.ema, tally):
             run.step += 1
             shown.step(done)
@@ -432,9 +418,9 @@ def divide_by_weights(params, images, weights):
     torch._foreach_mul_(grads, totals[0] / totals[1])
 
 
-def end_epoch(run, phase, epoch, train):
-    """An epoch's validation, its record and log line, its checkpoints; then a stop asked for
-    during them, unless all is done."""
+def validate_epoch(run, phase, epoch, train):
+    """An epoch's validation and its record, added to the run's history; and whether it is the
+    best so far."""
     t0 = time.perf_counter()
     val = run.validate()
     check_epoch(run, phase.number, epoch, train, val)
@@ -442,7 +428,12 @@ def end_epoch(run, phase, epoch, train):
     record = epoch_record(phase.number, epoch, train["lr"], train, val, train["seconds"], seconds)
     is_best = best_acc(record) > run.best_so_far()
     run.history.append(record)
-    replan_time_budget(run, phase, epoch + 1)
+    return record, is_best
+
+
+def end_epoch(run, phase, epoch, record, is_best):
+    """An epoch's log line and checkpoints; then a stop asked for during them, unless all is
+    done."""
     left = run.forecast.words(phase.number, epoch + 1)
     line = epoch_line(record, phase.epochs, is_best, run.classes_uneven, len(run.splits.classes))
     log(f"{line} | {left}")
@@ -473,9 +464,7 @@ def time_steps(run, steps=3):
         model = copy.deepcopy(run.model)
         phase = phase_setup(number, args, model, device, run.criterion, run.dtype)
         phase.set_rates(0)
-        net = model
-        if run.world_size > 1:
-            net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = distributed(model, device, run.world_size)
         done = optimizer_steps(net, iter(batches), len(batches), phase, None, EpochTally())
         times = [synchronized(device)] + [synchronized(device) for _ in done]  # before, after each
         timed_steps = times[1:] if len(times) > 2 else times  # the first step warms up

@@ -83,6 +83,19 @@ def make_dataset(root, classes=("cat", "dog", "eel"), per_class=6, val_per_class
     return root
 
 
+def load_splits(root, size, cache_dir=None, threads=0, val_fraction=0.1, seed=0):
+    """train/ and val/ of a dataset root, cached as train.py caches them (without val/: a
+    stratified split of train/)."""
+    return data.cache_splits(
+        data.find_dataset(root),
+        size,
+        cache_dir=cache_dir,
+        threads=threads,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
+
+
 @pytest.fixture(autouse=True)
 def away_from_the_repository(tmp_path_factory, monkeypatch):
     """Every test runs in a folder of its own: none reads or writes the repository's own

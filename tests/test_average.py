@@ -4,10 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import data
 import model as M
 import train
-from conftest import examples
+from conftest import examples, load_splits
 from evaluate import main as evaluate_main
 from twophase import average
 from twophase.augment import BatchPreprocess
@@ -30,7 +29,7 @@ def test_the_average_is_the_mean_of_the_weights_with_batch_norm_measured_anew(ti
     # Batch norm: not the mean of the two runs' statistics, but one pass over the training images.
     net = M.build_model("resnet18", 3, weights="none")
     net.load_state_dict(averaged["model"])
-    splits = data.load_splits(tmp_path / "data", 16)
+    splits = load_splits(tmp_path / "data", 16)
     loader = make_loader(splits.train, 128, True, seed=0)  # the run's seed, shuffled
     batches = [(BatchPreprocess()(x), y) for x, y in loader]
     torch.optim.swa_utils.update_bn(batches, net)

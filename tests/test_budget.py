@@ -30,7 +30,7 @@ def test_the_largest_budget_of_epochs_that_fits_is_chosen_around_the_epochs_give
     assert budget.epochs_within(57, epochs, 0)[:2] == (3, split_budget(3))  # 1 + 2: 43 s
     assert budget.epochs_within(57, epochs, 20)[0] == 2  # the end's 20 s leave room for 1 + 1
     assert budget.epochs_within(25, epochs, 0) is None  # not even 1 + 1 (26 s)
-    total, split, cost = budget.epochs_within(100, epochs, 0, fixed={"epochs1": 0})
+    total, split, cost = budget.epochs_within(100, epochs, 0, kept={"epochs1": 0})
 
     assert (split["epochs1"], split["epochs2"], cost) == (0, 5, 85)  # Phase II alone
 

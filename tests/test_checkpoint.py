@@ -302,7 +302,7 @@ def test_going_on_from_an_earlier_checkpoint_of_a_run_never_overwrites_its_later
         checkpoint.RunFolder(out),
         Start.of(str(out / "phase2_epoch001.pt"), out, "all", "none"),
     )
-    folder.guard(start, overwrite=True, fresh=False, weights="none")
+    folder.guard(start, overwrite=True, weights="none")
     later = {"phase2_epoch002.pt", "phase2_epoch003.pt", "last.pt"}
     assert later <= set(folder.replaced) and "phase2_epoch001.pt" not in folder.replaced
     started = time.time_ns()

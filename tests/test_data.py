@@ -8,7 +8,7 @@ import torch
 from PIL import Image, PngImagePlugin
 
 import data
-from conftest import make_dataset, write_image
+from conftest import load_splits, make_dataset, write_image
 from twophase import image_cache
 from twophase.loader import BalancedSampler, make_loader, start_epoch
 from utils import Problem
@@ -72,7 +72,7 @@ def test_val_class_missing_from_train_is_an_error_naming_it(tmp_path):
     root = make_dataset(tmp_path, classes=("a", "b"))
     write_image(root / "val" / "zebra" / "1.png", (9, 9, 9))
     with pytest.raises(Problem, match="zebra"):
-        data.load_splits(root, 8)
+        load_splits(root, 8)
 
 
 def test_preprocessing_crops_the_centre_square_then_resizes(tmp_path):
@@ -180,7 +180,7 @@ def test_the_cache_of_a_read_only_data_folder_is_in_the_users_cache_and_said_onc
     tmp_path, monkeypatch, capsys
 ):
     root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=3)
-    data.load_splits(root, 8)  # writable: beside the data, and nothing to say
+    load_splits(root, 8)  # writable: beside the data, and nothing to say
     assert (root / ".cache").is_dir() and capsys.readouterr().err == ""
     ro = make_dataset(tmp_path / "ro", classes=("a", "b"), per_class=3)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
@@ -190,7 +190,7 @@ def test_the_cache_of_a_read_only_data_folder_is_in_the_users_cache_and_said_onc
         "access",
         lambda p, mode: not str(p).startswith(str(ro)) and real_access(p, mode),
     )
-    splits = data.load_splits(ro, 8)
+    splits = load_splits(ro, 8)
     place = Path(splits.train.cache.pixels_path).parent
     assert place.parent == tmp_path / "home-cache" / "imgcls"
     said = capsys.readouterr().err.splitlines()
@@ -198,7 +198,7 @@ def test_the_cache_of_a_read_only_data_folder_is_in_the_users_cache_and_said_onc
         f"{ro} cannot be written: its preprocessed images are cached in {place} "
         "(--cache-dir puts them elsewhere)"
     ]
-    data.load_splits(ro, 8)
+    load_splits(ro, 8)
     assert capsys.readouterr().err == ""  # once a process
 
 
@@ -217,7 +217,7 @@ def test_unreadable_image_is_skipped_with_a_warning_naming_it(tmp_path):
     root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=3)
     (root / "train" / "b" / "broken.jpg").write_bytes(b"definitely not a jpeg")
     with pytest.warns(UserWarning, match="broken.jpg"):
-        splits = data.load_splits(root, 8, tmp_path / "c")
+        splits = load_splits(root, 8, tmp_path / "c")
     assert splits.skipped == 1 and len(splits.train) == 6
     assert splits.train.labels.tolist() == [0, 0, 0, 1, 1, 1]
 
@@ -226,19 +226,19 @@ def test_stratified_split_without_val_folder(tmp_path):
     root = make_dataset(tmp_path / "d", classes=("a", "b", "c"), per_class=10, val_per_class=0)
     (root / "train" / "a" / "broken.png").write_bytes(b"")
     with pytest.warns(UserWarning, match="broken.png"):
-        splits = data.load_splits(root, 8, tmp_path / "c", val_fraction=0.2, seed=3)
+        splits = load_splits(root, 8, tmp_path / "c", val_fraction=0.2, seed=3)
     assert splits.skipped == 1  # one file, counted once though train and val share its folder
     val_labels = splits.val.labels[splits.val.indices]
     assert len(splits.val) == 6 and np.bincount(val_labels).tolist() == [2, 2, 2]
     assert not set(splits.train.indices) & set(splits.val.indices)
     with pytest.warns(UserWarning, match="broken.png"):  # each run names it again
-        again = data.load_splits(root, 8, tmp_path / "c", val_fraction=0.2, seed=3)
+        again = load_splits(root, 8, tmp_path / "c", val_fraction=0.2, seed=3)
     assert np.array_equal(again.val.indices, splits.val.indices)
 
 
 def test_loader_yields_uint8_batches_in_a_seeded_order(tmp_path):
     root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=5)
-    splits = data.load_splits(root, 8, tmp_path / "c")
+    splits = load_splits(root, 8, tmp_path / "c")
     loader = make_loader(splits.train, 4, shuffle=True, seed=1)
 
     def order(epoch):
@@ -269,7 +269,7 @@ def test_demo_dataset_layout(demo_images):
 def test_making_a_loader_iterator_leaves_the_global_random_state_alone(tmp_path):
     """Else a resumed run, which makes a new iterator, would draw other augmentations."""
     root = make_dataset(tmp_path / "d", classes=("a", "b"), per_class=3)
-    splits = data.load_splits(root, 8, tmp_path / "c")
+    splits = load_splits(root, 8, tmp_path / "c")
     loader = make_loader(splits.train, 2, shuffle=True, seed=1)
     torch.manual_seed(5)
     next(iter(loader))
@@ -281,8 +281,8 @@ def test_making_a_loader_iterator_leaves_the_global_random_state_alone(tmp_path)
 def test_caches_of_two_datasets_in_one_cache_dir_are_kept_apart(tmp_path):
     one = make_dataset(tmp_path / "one", classes=("a",), per_class=2)
     two = make_dataset(tmp_path / "two", classes=("a",), per_class=3, seed=7)
-    first = data.load_splits(one, 8, tmp_path / "shared")
-    second = data.load_splits(two, 8, tmp_path / "shared")
+    first = load_splits(one, 8, tmp_path / "shared")
+    second = load_splits(two, 8, tmp_path / "shared")
     assert os.path.exists(first.train.cache.pixels_path) and len(second.train) == 3
     assert np.array_equal(
         first.train[[0, 1]][0].numpy(),
@@ -326,7 +326,7 @@ def bad_inputs(folder):
 def test_bad_inputs_are_skipped_by_name_and_odd_ones_read(tmp_path):
     expected = bad_inputs(tmp_path / "train" / "a")
     with pytest.warns(UserWarning) as caught:
-        splits = data.load_splits(tmp_path, 8, tmp_path / "c")
+        splits = load_splits(tmp_path, 8, tmp_path / "c")
     messages = " ".join(str(w.message) for w in caught)
     for name in expected["unreadable"]:
         assert name in messages
@@ -372,7 +372,7 @@ def test_a_val_folder_that_yields_no_images_is_an_error_saying_why(how, tmp_path
     }[how]
     with pytest.raises(Problem, match=expected), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # each unreadable image's own warning
-        data.load_splits(root, 8, tmp_path / "c")
+        load_splits(root, 8, tmp_path / "c")
 
 
 def write_grey16(path, values, significant_bits=None):

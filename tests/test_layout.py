@@ -75,3 +75,17 @@ def test_train_reads_as_the_method_and_every_function_is_short_with_few_paramete
             assert len(params) <= 8, f"{name}.{node.name}: {len(params)} parameters"
             if name == "train" and node.name == "main":
                 assert lines <= 60, f"train.main: {lines} lines"
+
+
+def test_the_cards_data_and_model_sit_below_the_package():
+    """The import graph runs one way: the package builds on data.py and model.py, which import
+    of it only leaves (the cache, the CSV reader: modules that import nothing of the product but
+    utils), so each can be read and lifted with the few files it names. model.py, whose weights'
+    normalisation is its own, imports nothing of the package."""
+    modules = product()
+    graph = {
+        name: local_imports(path, modules) - {"twophase.__init__"} for name, path in modules.items()
+    }
+    assert not {n for n in graph["model"] if n.startswith("twophase")}
+    for used in sorted(n for n in graph["data"] if n.startswith("twophase.")):
+        assert graph[used] <= {"utils"}, f"data imports {used}, which imports {graph[used]}"

@@ -21,7 +21,7 @@ import train
 from conftest import REPO, examples
 from twophase import average
 from twophase.continuing import shown
-from twophase.options import OPTIONS, get_args_parser
+from twophase.options import AUGMENTATION, OPTIONS, get_args_parser
 from twophase.resolve import resolve
 from utils import Problem
 
@@ -309,3 +309,12 @@ def test_evaluate_and_predict_refuse_a_bad_number_in_one_sentence(parser, argv, 
 def test_evaluate_and_predict_take_their_defaults():
     assert evaluate.get_args_parser().parse_args([]).batch_size == 128
     assert predict.get_args_parser().parse_args([]).topk == 1
+
+
+def test_the_augmentation_group_of_the_table_is_the_augmentations_own_fields():
+    from dataclasses import fields
+
+    from twophase.augment import Augmentation
+
+    group = tuple(o.dest for o in OPTIONS if o.group == AUGMENTATION)
+    assert group == tuple(f.name for f in fields(Augmentation))

@@ -83,7 +83,7 @@ def test_a_run_killed_at_any_moment_resumes_to_the_same_weights(tiny_args, tmp_p
 def nan_at_training_batch(monkeypatch, n):
     """The loss of the n-th training batch (validation's are not counted) comes out NaN, as a
     diverging run's does: its gradients, and after the step the weights, are NaN too."""
-    real, calls = train.Loss, [0]
+    real, calls = train.loss_of, [0]
 
     class Spoilt(torch.nn.Module):
         def __init__(self, criterion):
@@ -98,10 +98,10 @@ def nan_at_training_batch(monkeypatch, n):
                     return loss * float("nan")
             return loss
 
-    def loss(**options):
-        return Spoilt(real(**options))
+    def loss(*args, **options):
+        return Spoilt(real(*args, **options))
 
-    monkeypatch.setattr(train, "Loss", loss)
+    monkeypatch.setattr(train, "loss_of", loss)
 
 
 def test_a_loss_gone_bad_mid_epoch_is_never_saved_and_the_advice_goes_on_at_a_lower_rate(

@@ -8,12 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-import data
 import evaluate
 import model as M
 import predict
 import train
-from conftest import COLOURS, TINY, copy_of, make_dataset, write_image
+from conftest import COLOURS, TINY, copy_of, load_splits, make_dataset, write_image
 from twophase import augment, checkpoint, inference
 from twophase.loader import make_loader
 from twophase.options import parameter_count
@@ -134,7 +133,7 @@ def test_a_training_step_queues_few_ops_besides_the_model():
 
 
 def test_phase_one_step_changes_the_head_and_nothing_else(dataset, tmp_path, narrow_models):
-    splits = data.load_splits(dataset, 16, tmp_path / "c")
+    splits = load_splits(dataset, 16, tmp_path / "c")
     net = M.build_model("resnet18", len(splits.classes), weights="none")
     before = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.AdamW(M.set_trainable(net, phase=1), lr=1e-2)
@@ -150,7 +149,7 @@ def test_phase_one_step_changes_the_head_and_nothing_else(dataset, tmp_path, nar
 
 
 def test_validation_accuracy_is_an_exact_count(dataset, tmp_path, narrow_models):
-    splits = data.load_splits(dataset, 16, tmp_path / "c")
+    splits = load_splits(dataset, 16, tmp_path / "c")
     net = M.build_model("resnet18", len(splits.classes), weights="none")
     loader = make_loader(splits.val, 4, shuffle=False)  # 6 images: batches of 4 and 2
     normalise = augment.BatchPreprocess()

@@ -12,8 +12,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from model import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (the default normalisation)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ steps) and its re-plan where epochs run slower, the forecast every progress line
 run's time left and its end), and what an epoch shows as it trains. train.py times the steps
 (time_steps: they run its loop); this file turns seconds into epochs and words."""
 
+import dataclasses
 import statistics
 import time
 
@@ -23,16 +24,16 @@ def budget_to_plan(resolved):
     return (start.fresh or start.from_phase1) and "time_budget" in resolved.given
 
 
-def budget_fixed(resolved):
+def budget_kept(resolved):
     """The parts of the --epochs split a --time-budget leaves as they are: those given, and the
     Phase I epochs of a run Phase II continues."""
-    fixed = {key: resolved.given[key] for key in PHASE_EPOCHS if key in resolved.given}
+    kept = {key: resolved.given[key] for key in PHASE_EPOCHS if key in resolved.given}
     if not resolved.start.fresh:
-        fixed["epochs1"] = resolved.start.state["args"]["epochs1"]
-    return fixed
+        kept["epochs1"] = resolved.start.state["args"]["epochs1"]
+    return kept
 
 
-def plan_time_budget(run, fixed, started, speed):
+def plan_time_budget(run, kept, started, speed):
     """--time-budget: the run's options with the largest --epochs N whose epochs fit in what is
     left of the budget at `speed`, the steps timed here (train.time_steps), as their split (saved:
     a resume keeps it)."""
@@ -43,7 +44,7 @@ def plan_time_budget(run, fixed, started, speed):
     spent = max(gather_from_processes(time.monotonic() - started))
     left = (args.time_budget - spent) * 0.97  # a margin for an epoch slower than its steps
     # Phase I trains no more with --phase 2, or where the run continues from its phase1.pt.
-    phase1_over = args.phase == "2" or run.start.phase1_end(args.phase, fixed.get("epochs1", 0))
+    phase1_over = args.phase == "2" or run.start.phase1_end(args.phase, kept.get("epochs1", 0))
 
     def phase_seconds(phase, split):  # a smaller side costs less (--progressive): by pixels
         epochs = split[f"epochs{phase}"]
@@ -54,7 +55,7 @@ def plan_time_budget(run, fixed, started, speed):
         side = ProgressiveSize.of(args, epochs)
         return sum(run.forecast.epoch_seconds(2, speed, side(e)) for e in range(epochs))
 
-    chosen = epochs_within(left, phase_seconds, end, fixed)
+    chosen = epochs_within(left, phase_seconds, end, kept)
     timing = (
         f"here a Phase I step takes {speed['step1']:.3g} s, a Phase II step {speed['step2']:.3g} "
         f"s, a validation {clock(speed['validation'])}: an epoch {clock(epoch[1])} in Phase I, "
@@ -82,31 +83,37 @@ def replan_time_budget(run, phase, done):
     would end the run past its budget (a machine busier than when the steps were timed, a slow
     disk), Phase II is shortened to the most epochs that end within it, its cosine and its sizes
     (--progressive) fitted to them as the --epochs split fits them; said in a line, and saved
-    with the run's options (new ones: the run's and the phase's). Every process takes the
-    first's decision."""
-    forecast = run.forecast
+    with the run's options. Returns the run's options and the phase, new where re-planned (the
+    epoch loop goes on with them), else as they were. Every process takes the first's
+    decision."""
+    forecast, unchanged = run.forecast, (run.args, phase)
     timed = sum(record["phase"] == 2 for record in run.history)
     if forecast.deadline is None or phase.number != 2 or done >= phase.epochs or timed < 2:
-        return
+        return unchanged
     now, epoch = time.monotonic(), forecast.epoch_seconds(2)
     fits = (forecast.deadline - now - forecast.end_seconds()) // epoch
     epochs2 = done + int(min(max(fits, 0), phase.epochs - done))
     epochs2 = gather_from_processes(epochs2)[0]
     if epochs2 >= phase.epochs:
-        return
+        return unchanged
     args, planned = run.args, phase.epochs
-    fixed = dict(epochs1=args.epochs1, epochs2=epochs2)
-    fixed["warmup_epochs"] = min(args.warmup_epochs, epochs2)
-    split = split_budget(args.epochs1 + epochs2, fixed)
-    run.args = args.replaced(epochs=args.epochs1 + epochs2, **split)
-    phase.epochs, phase.schedule = epochs2, WarmupCosine.of(run.args)
-    phase.image_size = ProgressiveSize.of(run.args, epochs2)
+    kept = dict(epochs1=args.epochs1, epochs2=epochs2)
+    kept["warmup_epochs"] = min(args.warmup_epochs, epochs2)
+    split = split_budget(args.epochs1 + epochs2, kept)
+    options = args.replaced(epochs=args.epochs1 + epochs2, **split)
+    shorter = dataclasses.replace(
+        phase,
+        epochs=epochs2,
+        schedule=WarmupCosine.of(options),
+        image_size=ProgressiveSize.of(options, epochs2),
+    )
     end = wall_clock(now + (epochs2 - done) * epoch + forecast.end_seconds())
     log(
         f"--time-budget {clock(args.time_budget)}: at {clock(epoch)} a Phase II epoch as they "
         f"ran, the run would end past its budget; so {epochs2} Phase II epochs, not {planned}, "
         f"the cosine over the last {split['cosine_epochs']}, to end near {end}"
     )
+    return options, shorter
 
 
 def save_seconds(run):
@@ -244,7 +251,7 @@ class Forecast:
 PROGRESS_EVERY, BAR_EVERY = 60.0, 2.0
 
 
-class Progress:
+class EpochDisplay:
     """What an epoch shows as it trains: on a terminal, the bar with the whole run's time left
     and its end; elsewhere, where the bar is hidden, a line every PROGRESS_EVERY seconds."""
 
@@ -273,8 +280,8 @@ class Progress:
         )
 
 
-def epochs_within(seconds, phase_seconds, end_seconds, fixed=None, most=100_000):
-    """The largest budget of epochs N, with its split (split_budget(N, fixed)) and its expected
+def epochs_within(seconds, phase_seconds, end_seconds, kept=None, most=100_000):
+    """The largest budget of epochs N, with its split (split_budget(N, kept)) and its expected
     seconds, that trains within `seconds`: phase_seconds(p, split) the seconds of phase p's
     epochs in that split (their steps, validations and checkpoints), and `end_seconds` after
     the last (--average-last, --tta auto). None if not even the smallest budget fits. An extra
@@ -282,13 +289,13 @@ def epochs_within(seconds, phase_seconds, end_seconds, fixed=None, most=100_000)
     best = None
     for total in range(2, most):
         try:
-            split = split_budget(total, fixed)
+            split = split_budget(total, kept)
         except Problem:  # the epochs given make up more than `total`
             continue
         cost = sum(phase_seconds(p, split) for p in (1, 2)) + end_seconds
         if cost > seconds:
             break
         best = (total, split, cost)
-        if fixed and "epochs1" in fixed and "epochs2" in fixed:
+        if kept and "epochs1" in kept and "epochs2" in kept:
             break  # nothing left to choose
     return best

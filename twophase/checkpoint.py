@@ -6,7 +6,7 @@ A checkpoint loads with torch.load(path, weights_only=True): tensors, numbers, s
 dicts only. Its keys: `model` (the state dict), `arch`, `classes`, `img_size`, `mean`, `std`,
 `data` (what the weights are and how to feed them; `data` is the dataset's absolute path),
 `args` (the run's resolved options), `phase` and `epoch` (the epochs of that phase done),
-`history` (one record per epoch), `optimizer`, `scheduler` (None: the learning rate is a
+`history` (one record per epoch), `optimizer` (no scheduler: the learning rate is a
 function of the options and the epoch), `scaler`, `rng` (one per process), `world_size`,
 `device` (what resuming needs), `class_counts` (the training images of each class), `ema` (the
 weights' moving average, or None) and `eval_weights` (`model` or `ema`: the one that validated
@@ -75,7 +75,7 @@ def periodic_file(epoch):
 def make_checkpoint(model, about, args, history, position, ema=None, training=None, **extra):
     """The one place a checkpoint dict is made. `model`: the weights' state dict; `about`: the
     ABOUT keys; `args`: the resolved options; `position`: (phase, its epochs done); `ema`: the
-    moving average's state; `training`: what resuming needs (optimizer, scheduler, scaler, rng,
+    moving average's state; `training`: what resuming needs (optimizer, scaler, rng,
     world_size, device) and `eval_weights`; `extra`: the optional keys of EXTRA."""
     phase, epoch = position
     if set(extra) - EXTRA:
@@ -89,7 +89,6 @@ def make_checkpoint(model, about, args, history, position, ema=None, training=No
         "epoch": epoch,
         "history": history,
         "optimizer": training.get("optimizer"),
-        "scheduler": training.get("scheduler"),
         "scaler": training.get("scaler"),
         "rng": training.get("rng"),
         "world_size": training.get("world_size", 1),
@@ -324,7 +323,7 @@ class RunFolder:
         self.written = False
 
     @contextmanager
-    def claimed(self, resume, args):
+    def claimed(self, start, args):
         """The folder, held for the block. Refused if another run holds it, or if it holds a run
         that this one does not continue, unless --overwrite (or the run it holds is the demo's:
         a throwaway that any fresh run replaces). Nothing of a replaced run is deleted before
@@ -337,7 +336,7 @@ class RunFolder:
         try:
             with exclusive(self.path / LOCK_FILE, f"--out {self.path}"):
                 try:
-                    self.guard(resume, args.overwrite, resume.state is None, args.weights)
+                    self.guard(start, args.overwrite, args.weights)
                     self.remove(PREEMPTED)
                     yield self
                 finally:
@@ -352,16 +351,16 @@ class RunFolder:
             if made and self.path.is_dir() and not self.written and not any(self.path.iterdir()):
                 self.path.rmdir()
 
-    def holds_last_of(self, resume):
+    def holds_last_of(self, start):
         """Whether the folder's last.pt is this run's: written by it, or the one it continues
         (not that of a run --overwrite is replacing)."""
         last = self.path / LAST_PT
-        return last.is_file() and (self.written or resume.continues_in(self.path))
+        return last.is_file() and (self.written or start.continues_in(self.path))
 
-    def averaged_acc(self, resume):
+    def averaged_acc(self, start):
         """The validation accuracy of the folder's best.pt where it is an average of the epochs of
         the run continued here (--average-last), which a later epoch must beat; else -1."""
-        best = peek(self.path / BEST_PT) if resume.continues_in(self.path) else None
+        best = peek(self.path / BEST_PT) if start.continues_in(self.path) else None
         if best and best.get("averaged") and best.get("val_acc") is not None:
             return best["val_acc"]
         return -1.0
@@ -371,28 +370,28 @@ class RunFolder:
 
         return sorted({p.name for pattern in RUN_FILES for p in self.path.glob(pattern)})
 
-    def guard(self, resume, overwrite, fresh, weights):
+    def guard(self, start, overwrite, weights):
         held = self.held()
-        keep = [PHASE1_PT] if resume.from_phase1_in(self.path) else []
+        keep = [PHASE1_PT] if start.from_phase1_in(self.path) else []
         checkpoints = [name for name in held if name.endswith(".pt") and name not in keep]
         # Phase II from phase1.pt: refused once any other checkpoint is past Phase I.
         phase2_begun = keep and any(
             (peek(self.path / name) or {"phase": 2})["phase"] != 1 for name in checkpoints
         )
         last = peek(self.path / LAST_PT) if LAST_PT in held else None
-        behind = resume.continues_in(self.path) and behind_last(resume, last)
+        behind = start.continues_in(self.path) and behind_last(start, last)
         if behind and not overwrite:
-            raise Problem(self.behind_refusal(resume, last))
+            raise Problem(self.behind_refusal(start, last))
         if behind:  # --overwrite: the epochs past the checkpoint the run goes on from
-            later = [name for name in checkpoints if name != resume.path.name]
+            later = [name for name in checkpoints if name != start.path.name]
             later = [
-                n for n in later if place(peek(self.path / n) or resume.state) > place(resume.state)
+                n for n in later if place(peek(self.path / n) or start.state) > place(start.state)
             ]
             self.replace(later, "--overwrite")
             return
-        if not checkpoints or (resume.continues_in(self.path) and not phase2_begun):
+        if not checkpoints or (start.continues_in(self.path) and not phase2_begun):
             return  # nothing to lose (a history.csv alone, at most), or the run goes on
-        demo_run = fresh and last is not None and last["args"].get("demo")
+        demo_run = start.fresh and last is not None and last["args"].get("demo")
         if not (overwrite or demo_run):
             raise Problem(self.refusal(held, last, phase2_begun))
         if Path(weights).is_file() and Path(weights).resolve().parent == self.path.resolve():
@@ -409,9 +408,9 @@ class RunFolder:
                 "its first file"
             )
 
-    def behind_refusal(self, resume, last):
+    def behind_refusal(self, start, last):
         return (
-            f"{resume.path} is {position(resume.state)} of the run in {self.path}, whose last.pt "
+            f"{start.path} is {position(start.state)} of the run in {self.path}, whose last.pt "
             f"is {position(last)}: going on from it there would overwrite last.pt and "
             f"history.csv's later epochs. Either\n"
             f"  continue the run:       python train.py --resume {self.path / LAST_PT}\n"
@@ -482,12 +481,12 @@ class RunFolder:
                 f.write(why + "\n")
 
 
-def behind_last(resume, last):
+def behind_last(start, last):
     """Whether the checkpoint a run continues from (best.pt, a periodic or kept epoch's) is
     behind its folder's last.pt: its run has trained on past it."""
-    if last is None or resume.path.name in (LAST_PT, PHASE1_PT):
+    if last is None or start.path.name in (LAST_PT, PHASE1_PT):
         return False
-    return place(resume.state) < place(last)
+    return place(start.state) < place(last)
 
 
 def place(state):
@@ -524,7 +523,6 @@ class Checkpointer:
         about |= dict(mean=list(args.mean), std=list(args.std), data=str(Path(args.data).resolve()))
         training = {
             "optimizer": phase.optimizer.state_dict(),
-            "scheduler": None,  # the schedule is the options' (schedule.Phase.set_rates)
             "scaler": phase.scaler.state_dict(),
             "rng": gather_from_processes(rng_state()),  # one state per process
             "world_size": self.procs.world_size,
@@ -557,11 +555,12 @@ class Checkpointer:
                 self.folder.remove(stale)
         self.saved_at = f"phase {phase.number} epoch {epoch}"
 
-    def save_position(self, args, history, phase, epoch, progress, must):
-        """last.pt in the middle of an epoch: the batches done and their record, so far."""
-        progress = gather_from_processes(progress)  # every process
-        step = len(progress[0]["sizes"])
-        state = self.state(args, history, phase, epoch, step=step, progress=progress)
+    def save_position(self, args, history, phase, epoch, partial, must):
+        """last.pt in the middle of an epoch: the batches done and their record so far (the
+        partial epoch's, kept under the key `progress`)."""
+        partial = gather_from_processes(partial)  # every process
+        step = len(partial[0]["sizes"])
+        state = self.state(args, history, phase, epoch, step=step, progress=partial)
         if self.procs.rank == 0:
             self.folder.save(state, [LAST_PT], history, must=must)
         self.saved_at = f"phase {phase.number}, {step} batches into epoch {epoch + 1}"

@@ -16,11 +16,12 @@ from pathlib import Path
 from data import validation_is_drawn
 
 
-def rule(words):
-    """A rule, with the words docs/checkpoints.md gives it."""
+def rule(words, saved=True):
+    """A rule, with the words docs/checkpoints.md gives it; `saved`: whether the checkpoint keeps
+    the option's value (one for this command alone is not, and has no row there)."""
 
     def named(function):
-        function.words = words
+        function.words, function.saved = words, saved
         return function
 
     return named
@@ -31,13 +32,13 @@ def applied(start, options, value):
     return None
 
 
-@rule("never saved: an order for this command alone")
-def command(start, options, value):
+@rule("never saved: an order for this command alone", saved=False)
+def this_command_only(start, options, value):
     return None
 
 
 @rule("refused")
-def fixed(start, options, value):
+def refused_always(start, options, value):
     return (
         "the run's weights were made with the value it has; another needs a fresh run "
         "(--out ANOTHER_FOLDER, or --overwrite there)"
@@ -180,7 +181,7 @@ def refused(table, options, saved, start):
     lines = []
     for option in table:
         key = option.dest
-        if option.rule is command or options[key] == saved.get(key):
+        if not option.rule.saved or options[key] == saved.get(key):
             continue
         if option.file and same_file(options[key], saved.get(key)):
             continue  # the same file, moved with the dataset

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import torch
 
+from twophase.augment import Augmentation, BatchPreprocess, DeviceAugment
 from twophase.prefetch import on_device
 
 
@@ -145,3 +146,22 @@ class TrainingStream:
 
     def __len__(self):
         return len(self.loader)
+
+
+def data_loaders(args, splits, device, procs):
+    """The training stream (this process's shard of each epoch, augmented on the device) and the
+    validation loader (its shard of the validation images)."""
+    cuda, balanced = device.type == "cuda", args.sampler == "balanced"
+    augment = DeviceAugment(Augmentation.of(args))
+    preprocess = BatchPreprocess(args.mean, args.std, augment).to(device)
+    stream = TrainingStream(
+        splits.train, args.batch_size, preprocess, args.seed, balanced, procs, cuda
+    )
+    val_loader = make_loader(
+        splits.val,
+        2 * args.batch_size,
+        shuffle=False,
+        pin_memory=cuda,
+        shard=(procs.rank, procs.world_size),
+    )
+    return stream, val_loader

@@ -15,7 +15,7 @@ import argparse
 import math
 import re
 import sys
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from twophase import continuing as rules
@@ -328,7 +328,7 @@ OPTIONS = (
             "wide_resnet50_2",
             "any torchvision ResNet-family model",
             presets={"demo": "resnet18"},
-            rule=rules.fixed,
+            rule=rules.refused_always,
             resume="the weights are that architecture's",
             other=("resnet34",),
             unchecked="looked up in torchvision's models as the model is built, which lists them",
@@ -338,7 +338,7 @@ OPTIONS = (
             help="input normalisation; unset: the weights' own (ImageNet's, or a checkpoint's)",
             type=float,
             nargs=3,
-            rule=rules.fixed,
+            rule=rules.refused_always,
             resume="the weights were trained on inputs normalised so",
             other=("0.5", "0.5", "0.5"),
             unchecked="any three (finite) numbers normalise; --std divides, and is checked",
@@ -348,7 +348,7 @@ OPTIONS = (
             help="... and its std",
             type=float,
             nargs=3,
-            rule=rules.fixed,
+            rule=rules.refused_always,
             resume="as `--mean`",
             other=("0.2", "0.2", "0.2"),
             check=each_positive,
@@ -888,7 +888,7 @@ OPTIONS = (
             "hold, and each option given here is applied to the rest of the run or refused "
             "(docs/checkpoints.md)",
             metavar="PATH",
-            rule=rules.command,
+            rule=rules.this_command_only,
             unchecked="read before anything else, which says where no checkpoint is",
         ),
         Option(
@@ -898,14 +898,14 @@ OPTIONS = (
             "run saves its first file (with --phase 2, all but phase1.pt, where Phase II starts "
             "again)",
             switch=True,
-            rule=rules.command,
+            rule=rules.this_command_only,
         ),
         Option(
             ("--demo",),
             False,
             "train a CPU-sized model on data/demo (scikit-learn digits): {demo}",
             switch=True,
-            rule=rules.fixed,
+            rule=rules.refused_always,
             resume="the demo's run is a throwaway",
         ),
     ),
@@ -922,8 +922,6 @@ def preset(name):
 DEMO = preset("demo")  # a CPU-sized run on scikit-learn's digits: no download
 RECIPES = {name: preset(name) for name in PRESETS[1:]}
 PHASE_EPOCHS = ("epochs1", "epochs2", "warmup_epochs", "cosine_epochs")
-AUGMENTATION_OPTIONS = tuple(o.dest for o in OPTIONS if o.group == AUGMENTATION)
-assert AUGMENTATION_OPTIONS == tuple(f.name for f in fields(Augmentation))
 
 
 def get_args_parser(defaults=True):
@@ -1003,7 +1001,7 @@ def continuing_table():
     """docs/checkpoints.md's table: each option's rule on a continued run, and how it plays out."""
     lines = ["| option | on a continued run | how |", "| --- | --- | --- |"]
     for option in OPTIONS:
-        if option.rule is rules.command:
+        if not option.rule.saved:
             continue
         lines.append(f"| `{option.flag}` | {option.rule.words} | {option.resume} |")
     return lines

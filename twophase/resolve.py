@@ -105,15 +105,15 @@ def continued_options(saved, given, start):
     where = start.state.get("data")
     if where and not Path(saved["data"]).is_dir() and Path(where).is_dir():
         options["data"] = where
-    phase = given.get("phase", saved["phase"])
+    phase_option = given.get("phase", saved["phase"])
     if "epochs" in given:
-        fixed = {k: given[k] for k in PHASE_EPOCHS if k in given}
-        if start.phase1_end(phase, given.get("epochs1", saved["epochs1"])):
-            fixed.setdefault("epochs1", saved["epochs1"])
-        options |= split_budget(given["epochs"], fixed)
+        kept = {k: given[k] for k in PHASE_EPOCHS if k in given}
+        if start.phase1_end(phase_option, given.get("epochs1", saved["epochs1"])):
+            kept.setdefault("epochs1", saved["epochs1"])
+        options |= split_budget(given["epochs"], kept)
     if "recipe" in given:
         levers = switched_recipe(saved, given["recipe"])
-        ended = start.phase1_end(phase, given.get("epochs1", options["epochs1"]))
+        ended = start.phase1_end(phase_option, given.get("epochs1", options["epochs1"]))
         if ended:
             levers = keep_phase1(levers, saved, given["recipe"], ended)
         options |= levers
@@ -200,23 +200,23 @@ def resolved_normalisation(options, start):
     return {"mean": options["mean"] or list(mean), "std": options["std"] or list(std)}
 
 
-def split_budget(total, fixed=None):
+def split_budget(total, kept=None):
     """The report's 10 + 125 epochs (5 of them warmup) scaled to a budget of `total`: Phase I's
     share rounded (at least one epoch), the warmup's share of Phase II rounded, then one cosine
-    decay over the rest. `fixed`: the ones given explicitly, which hold; the rest of the budget is
+    decay over the rest. `kept`: the ones given explicitly, which hold; the rest of the budget is
     divided around them (`--epochs 8 --epochs1 2` is 2 + 6). Rounding each share keeps the phases
     in the report's proportions; a short budget that took 2 + 6 with a warmup epoch (its minimums)
     spent a quarter of itself on the head alone."""
-    fixed = fixed or {}
-    epochs1 = fixed.get("epochs1")
+    kept = kept or {}
+    epochs1 = kept.get("epochs1")
     if epochs1 is None:
-        given2 = fixed.get("epochs2")
+        given2 = kept.get("epochs2")
         epochs1 = total - given2 if given2 is not None else max(1, round(total * 10 / 135))
-    epochs2 = fixed.get("epochs2", total - epochs1)
+    epochs2 = kept.get("epochs2", total - epochs1)
     if epochs1 + epochs2 != total or min(epochs1, epochs2) < 0:
         raise Problem(
             f"--epochs {total}: --epochs1 {epochs1} and --epochs2 {epochs2} do not make it up"
         )
-    warmup = fixed.get("warmup_epochs", round(epochs2 * 5 / 125))
-    cosine = fixed.get("cosine_epochs", max(1, epochs2 - warmup))
+    warmup = kept.get("warmup_epochs", round(epochs2 * 5 / 125))
+    cosine = kept.get("cosine_epochs", max(1, epochs2 - warmup))
     return dict(epochs1=epochs1, epochs2=epochs2, warmup_epochs=warmup, cosine_epochs=cosine)

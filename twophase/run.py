@@ -1,6 +1,7 @@
-"""A run as train.py puts it together: what both phases share. Its parts live where their
-concepts do: the training stream in data.py, the checkpoints in checkpoint.py, where it started
-in start.py, its time in budget.py, its curves in board.py."""
+"""A run as train.py puts it together: what both phases share, the model on the device as every
+process holds it, its DDP wrap (the one place), and its lines. Its parts live where their
+concepts do: the training stream in loader.py, the checkpoints in checkpoint.py, where it
+started in start.py, its time in budget.py, its curves in board.py."""
 
 import time
 from dataclasses import dataclass, field
@@ -11,9 +12,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import Splits, uneven
-from model import count_parameters
+from model import EMA, count_parameters
 from twophase.augment import BatchPreprocess
-from twophase.budget import clock
+from twophase.budget import Forecast, clock
 from twophase.checkpoint import (
     BEST_PT,
     LAST_PT,
@@ -33,6 +34,7 @@ from utils import (
     Processes,
     StopRequest,
     broadcast_buffers,
+    broadcast_module,
     log,
 )
 
@@ -65,8 +67,11 @@ class Run:
     averaged: tuple | None = None  # (the epochs' records, val acc) where their average is best.pt
     classes_uneven: bool = False  # the largest class has data.UNEVEN times the smallest's images
     board: object = None  # board.Board with --tensorboard
-    forecast: object = None  # budget.Forecast
+    forecast: Forecast = field(init=False)  # the run's time left, for its lines
     net: nn.Module | None = None  # what runs the steps: the model, wrapped for DDP, compiled
+
+    def __post_init__(self):
+        self.forecast = Forecast(self)
 
     @property
     def rank(self):
@@ -91,9 +96,7 @@ class Run:
         """The model as the phase's steps run it: under DDP with several processes, compiled with
         --compile. Wrapped anew for each phase: which parameters need gradients has changed, and
         DDP all-reduces only the gradients of the parameters that needed them when it was made."""
-        net = self.model
-        if self.world_size > 1:
-            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        net = distributed(self.model, self.device, self.world_size)
         if self.args.compile:
             torch.compiler.reset()
             net = torch.compile(net, mode=self.args.compile)
@@ -156,6 +159,28 @@ def uneven_classes(counts, args):
         "so the epoch lines give balanced accuracy (bal) beside it; --class-weights auto or "
         f"--sampler balanced weigh the small ones up ({levers}; docs/data.md)"
     )
+
+
+def model_on_device(args, start, classes, model, device, procs):
+    """The model on the device, as every process holds it (the first's new head, or the
+    weights of the checkpoint the run continues), and its moving average with --ema."""
+    # A fixed input size: cuDNN times its kernels once and keeps the fastest.
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    if args.sync_bn and procs.world_size > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=torch.channels_last)
+    broadcast_module(model)  # one new head for every process, before the average copies it
+    ema = EMA(model, args.ema) if args.ema else None
+    start.restore(model, ema, classes, procs.rank, procs.world_size)
+    return model, ema
+
+
+def distributed(model, device, world_size):
+    """`model` as several processes train it: under DDP, whose backward all-reduces the
+    gradients; itself in one process."""
+    if world_size == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def epoch_line(r, epochs, is_best, uneven=False, classes=None):

@@ -25,8 +25,9 @@ class Start:
         self.typed = typed  # this command's line, as the user typed it
 
     @classmethod
-    def of(cls, resume, out, phase, weights):
-        """--resume's checkpoint, <out>/phase1.pt for --phase 2 alone, or nothing (a fresh run)."""
+    def of(cls, resume, out, phase_option, weights):
+        """--resume's checkpoint, <out>/phase1.pt for --phase 2 alone (`phase_option`: --phase's
+        "1", "2" or "all"), or nothing (a fresh run)."""
         if resume:
             path = resolve_checkpoint(resume)
             state = load_checkpoint(path)
@@ -37,7 +38,7 @@ class Start:
                 )
             return cls(state, path)
         path = Path(out) / PHASE1_PT
-        if phase != "2":
+        if phase_option != "2":
             return cls()
         if path.is_file():
             return cls(load_checkpoint(path), path)
@@ -65,15 +66,15 @@ class Start:
     def mid_epoch(self):
         return not self.fresh and bool(self.state.get("step"))
 
-    def phase1_end(self, phase, epochs1):
-        """Why Phase I trains no more in this run continued with --phase `phase` and --epochs1
-        `epochs1`, as the end of a sentence on Phase I, or None where it trains on (or the run is
-        fresh)."""
+    def phase1_end(self, phase_option, epochs1):
+        """Why Phase I trains no more in this run continued with --phase `phase_option` and
+        --epochs1 `epochs1`, as the end of a sentence on Phase I, or None where it trains on (or
+        the run is fresh)."""
         if self.fresh:
             return None
         if self.state["phase"] == 2:
             return "is over"
-        if phase == "2":
+        if phase_option == "2":
             return "does not train again (--phase 2)"
         if not self.state.get("step") and self.state["epoch"] >= epochs1:
             return "is over"  # its last epoch saved: phase1.pt, or last.pt at Phase I's end
@@ -169,26 +170,27 @@ class Start:
                 f"this run has {world_size}: its global random generators start from --seed"
             )
 
-    def position(self, phase, rank, world_size, batch_size):
-        """Where `phase` goes on: (its epochs done, batches of `batch_size` done of the next one,
-        their record). All of a phase the run has passed is done; a run stopped mid-epoch (a
-        signal, or --save-every-steps) goes on at its next batch, with as many processes. Its
+    def position(self, number, rank, world_size, batch_size):
+        """Where Phase `number` goes on: (its epochs done, batches of `batch_size` done of the next
+        one, the partial epoch's record). All of a phase the run has passed is done; a run
+        stopped mid-epoch (a signal, or --save-every-steps) goes on at its next batch, with as
+        many processes. Its
         batches are counted in `batch_size`, which divides the run's (continuing.smaller_pieces:
         the same effective batch in smaller pieces, as the out-of-memory advice gives it)."""
-        if self.state is None or phase > self.state["phase"]:
+        if self.state is None or number > self.state["phase"]:
             return 0, 0, None
-        if phase < self.state["phase"]:
+        if number < self.state["phase"]:
             return math.inf, 0, None
-        step, progress = self.state.get("step", 0), self.state.get("progress")
+        step, partial = self.state.get("step", 0), self.state.get("progress")
         if not step:
             return self.state["epoch"], 0, None
-        if len(progress) != world_size:
+        if len(partial) != world_size:
             raise Problem(
-                f"{self.path} stopped mid-epoch with {len(progress)} process(es): resume it with "
+                f"{self.path} stopped mid-epoch with {len(partial)} process(es): resume it with "
                 f"as many (this run has {world_size})"
             )
         pieces = self.state["args"]["batch_size"] // batch_size
-        return self.state["epoch"], step * pieces, in_pieces(progress[rank], pieces)
+        return self.state["epoch"], step * pieces, in_pieces(partial[rank], pieces)
 
     def restore_phase(self, phase, model):
         """The optimizer and grad scaler of a run stopped inside `phase`. The optimizer's state
@@ -211,19 +213,19 @@ class Start:
             phase.scaler.load_state_dict(state["scaler"])
 
 
-def in_pieces(progress, pieces):
+def in_pieces(partial, pieces):
     """A mid-epoch record of batches as the record of batches `pieces` times smaller: the same
     sums (of losses by images, of correct predictions, of images)."""
     if pieces == 1:
-        return progress
-    n = len(progress["sizes"])
-    hits = torch.zeros(n * pieces, dtype=progress["hits"].dtype)
-    hits[::pieces] = progress["hits"]
+        return partial
+    n = len(partial["sizes"])
+    hits = torch.zeros(n * pieces, dtype=partial["hits"].dtype)
+    hits[::pieces] = partial["hits"]
     return {
-        "losses": progress["losses"].repeat_interleave(pieces),
+        "losses": partial["losses"].repeat_interleave(pieces),
         "hits": hits,
-        "sizes": [size // pieces for size in progress["sizes"] for _ in range(pieces)],
-        "seconds": progress["seconds"],
+        "sizes": [size // pieces for size in partial["sizes"] for _ in range(pieces)],
+        "seconds": partial["seconds"],
     }
 
 

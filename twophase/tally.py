@@ -21,9 +21,9 @@ class EpochTally:
     sizes: list = field(default_factory=list)
 
     @classmethod
-    def restored(cls, progress, device):
-        losses = list(progress["losses"].to(device).unbind())
-        return cls(losses, list(progress["hits"].to(device).unbind()), list(progress["sizes"]))
+    def restored(cls, partial, device):
+        losses = list(partial["losses"].to(device).unbind())
+        return cls(losses, list(partial["hits"].to(device).unbind()), list(partial["sizes"]))
 
     @property
     def batches(self):
