@@ -61,7 +61,8 @@ def test_out_file_and_tta(trained, tmp_path):
     )
     rows = read_csv(out.read_text())
     assert len(rows) == 8 and [r[1] for r in rows[1:]] == [CLASSES[j % 3] for j in range(7)]
-    assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
+    # No temporary file left behind: the CSV and the record of what predict.py wrote (its hash).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".written.json", out.name]
 
 
 def test_a_checkpoint_marked_for_tta_is_predicted_with_it_unless_told_otherwise(
@@ -408,3 +409,27 @@ def test_one_image_is_answered_in_words_beside_the_csv(trained, capsys):
     assert shares == sorted(shares, reverse=True) and sum(shares) == pytest.approx(100, abs=0.2)
     predict.main(["--ckpt", str(trained / "ck" / "best.pt"), image])  # not a terminal: the CSV
     assert " · " not in capsys.readouterr().err
+
+
+def test_out_and_probs_set_a_file_of_the_users_aside_and_replace_their_own(
+    trained, tmp_path, capsys
+):
+    """--out answers.csv by mistake keeps the answers (set aside, said); predict.py's own file is
+    replaced when it writes it again; one changed since is the user's."""
+    out, probs = tmp_path / "answers.csv", tmp_path / "probs.csv"
+    out.write_text("image_name,pred_label\nimg_00,10\n")
+    argv = ["--ckpt", str(trained / "ck" / "best.pt"), "--out", str(out), "--probs", str(probs)]
+    predict.main(argv)
+    err = capsys.readouterr().err
+    kept = tmp_path / "answers.replaced.csv"
+    assert f"{out} was not written by predict.py (or was changed since): kept as {kept}" in err
+    assert (
+        kept.read_text() == "image_name,pred_label\nimg_00,10\n"
+        and len(read_csv(out.read_text())) == 8
+    )
+    predict.main(argv)  # its own, as it wrote them: replaced
+    assert "kept as" not in capsys.readouterr().err
+    probs.write_text(probs.read_text() + "img_99,1,0,0\n")
+    predict.main(argv)
+    assert f"kept as {tmp_path / 'probs.replaced.csv'}" in capsys.readouterr().err
+    assert "img_99" in (tmp_path / "probs.replaced.csv").read_text()
