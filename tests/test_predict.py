@@ -411,6 +411,20 @@ def test_one_image_is_answered_in_words_beside_the_csv(trained, capsys):
     assert " · " not in capsys.readouterr().err
 
 
+def test_a_test_folder_of_folders_says_what_it_holds_and_what_to_give(trained, tmp_path):
+    test = tmp_path / "test"
+    (test / "cats").mkdir(parents=True)
+    image = (trained / "data" / "test" / "img_00.png").read_bytes()
+    (test / "cats" / "a.png").write_bytes(image)
+    ckpt = str(trained / "ck" / "best.pt")
+    inside = re.escape(str(test / "cats"))
+    with pytest.raises(SystemExit, match=f"holds no images, only the folder cats: .* {inside}$"):
+        predict.main(["--ckpt", ckpt, "--test-dir", str(test)])
+    (test / "dogs").mkdir()
+    with pytest.raises(SystemExit, match="only the folders cats, dogs: .*class folders"):
+        predict.main(["--ckpt", ckpt, "--test-dir", str(test)])
+
+
 def test_out_and_probs_set_a_file_of_the_users_aside_and_replace_their_own(
     trained, tmp_path, capsys
 ):
