@@ -19,9 +19,9 @@ from pathlib import Path
 from data import cache_splits, dataset_of, trained_data_root
 from model import count_parameters
 from twophase.augment import BatchPreprocess
-from twophase.checkpoint import averaged_checkpoint, load_checkpoint, save_checkpoint
+from twophase.checkpoint import averaged_checkpoint, load_checkpoint, peek, save_checkpoint
 from twophase.inference import averaged_model, bn_loader
-from utils import exits_on_problems, log, pick_device
+from utils import Problem, exits_on_problems, log, pick_device
 
 
 def get_args_parser():
@@ -39,9 +39,25 @@ def get_args_parser():
     return p
 
 
+def refuse_to_replace(out):
+    """An average replaces only an average (this tool's, or train.py's --average-last): --out
+    naming a run's other checkpoint (its best.pt, an epoch's) or a file of the user's is
+    refused, before any work."""
+    if not out.exists() and not out.is_symlink():
+        return
+    saved = peek(out) if out.is_file() else None
+    if saved and saved.get("averaged"):
+        return
+    what = "a checkpoint that is not an average" if saved else "not a checkpoint"
+    raise Problem(
+        f"--out {out} holds {what}: an average replaces only an average; name another --out"
+    )
+
+
 @exits_on_problems
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    refuse_to_replace(Path(args.out))
     paths = sorted(set(args.checkpoints))
     states = [load_checkpoint(p) for p in paths]
     last = states[-1]
