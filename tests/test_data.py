@@ -520,3 +520,13 @@ def test_a_class_names_file_of_other_columns_leaves_the_names_as_they_are(tmp_pa
     assert (
         "class_names.csv is empty: the classes are shown by their names" in capsys.readouterr().err
     )
+
+
+def test_the_demo_never_writes_over_a_folder_of_the_users(tmp_path):
+    """--demo --data DIR writes the demo dataset into DIR only where DIR is new, empty or the
+    demo's: a folder of one's own is refused, before anything is written, and kept whole."""
+    photos = tmp_path / "photos"
+    write_image(photos / "train" / "cat" / "a.png", (200, 30, 30))
+    with pytest.raises(Problem, match=f"--demo writes its dataset into {photos}, which holds"):
+        data.write_demo_dataset(photos)
+    assert [p.name for p in photos.rglob("*")] == ["train", "cat", "a.png"]
