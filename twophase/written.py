@@ -16,7 +16,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
-from utils import atomic_file, log
+from utils import Problem, atomic_file, log
 
 RECORD = "written.json"  # evaluate.py's, in a figures folder: whose its files are, and which
 HIDDEN = ".written.json"  # predict.py's, beside --out and --probs in a folder of the user's
@@ -50,13 +50,16 @@ def set_aside(path, why):
 
 
 def read_record(path):
-    """A record's contents; none where there is none, or one that cannot be read (then no file
-    is taken as written: each is set aside rather than replaced)."""
-    try:
-        saved = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    """A record's contents: {} where there is none; None where the file there is no record of
+    the product's (the user's, set aside before a record takes its name)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
         return {}
-    return saved if isinstance(saved, dict) else {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and "files" in saved else None
 
 
 class Written:
@@ -67,6 +70,8 @@ class Written:
         self.folder, self.by = Path(folder), by
         self.path = self.folder / record
         saved = read_record(self.path)
+        self.foreign = saved is None  # a file of the user's under the record's name
+        saved = saved or {}
         files = saved.pop("files", {})
         # A record from before fingerprints lists names alone: their files taken as written, but
         # for Markdown, which could hold a paragraph of the user's.
@@ -89,6 +94,7 @@ class Written:
         noted as written."""
         name = str(PurePosixPath(*parts))
         path = self.folder / name
+        refuse_the_record_name(path, self.path.name)
         if (path.exists() or path.is_symlink()) and name not in self.fresh and not self.wrote(name):
             set_aside(path, f"was not written by {self.by} (or was changed since)")
         self.fresh.append(name)
@@ -112,8 +118,16 @@ class Written:
         self.files = {name: fp for name, fp in self.files.items() if (self.folder / name).is_file()}
         self.owner = owner or self.owner
         self.fresh = []
+        if self.foreign and (self.path.exists() or self.path.is_symlink()):
+            set_aside(self.path, f"is no record of the files {self.by} wrote")
+            self.foreign = False
         with atomic_file(self.path, "w") as f:
             f.write(json.dumps({**self.owner, "files": self.files}, indent=2) + "\n")
+
+
+def refuse_the_record_name(path, record):
+    if Path(path).name == record:
+        raise Problem(f"{path}: {record} is the name of the record of what was written there")
 
 
 @contextmanager
@@ -122,6 +136,7 @@ def replacing(path, by, record=HIDDEN, **open_kwargs):
     then, a file there that the folder's record does not say `by` wrote is moved aside (said),
     and the record notes the new one."""
     path = Path(path)
+    refuse_the_record_name(path, record)  # before anything is written
     with atomic_file(path, "w", **open_kwargs) as f:
         yield f
         written = Written(path.parent, by, record)  # read now: another file of it saved since
