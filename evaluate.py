@@ -6,7 +6,9 @@
 
 The validation images go through exactly the preprocessing used in training. Metrics are printed
 on standard output and written to the figures folder: metrics.json (loss, top-1, top-5, the most
-confused pairs) and per_class_metrics.csv (precision, recall, F1, support).
+confused pairs) and per_class_metrics.csv (precision, recall, F1, support). A file there that
+evaluate.py did not write, or that was changed since, is moved aside (NAME.replaced.EXT), never
+written over (twophase/written.py).
 """
 
 import argparse
