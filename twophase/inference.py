@@ -380,7 +380,7 @@ def print_confused(pairs):
 
 def no_test_images(test_dir, subfolders):
     """Why a test folder gives no rows, and what to give instead: it is read flat, so images in
-    folders of their own are not its (images in class folders are labelled: train/'s or val/'s)."""
+    folders inside it are not read (images in class folders are labelled ones: train/'s, val/'s)."""
     if not subfolders:
         return f"{test_dir} holds no images"
     if len(subfolders) == 1:

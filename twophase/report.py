@@ -472,9 +472,8 @@ def write_report(path, figures, evaluated, comparisons, names, defaults):
     state, history, metrics, test = evaluated
     path = Path(path)
     old = read_report(path)
-    generated, _, appendix = (old or "").partition(
-        APPENDIX
-    )  # the added sections keep their own notes
+    # The sections other tools added keep their own notes.
+    generated, _, appendix = (old or "").partition(APPENDIX)
     kept, shown, here = dict(NOTES.findall(generated)), Figures(path), path.parent
     n = metrics["images"]
     lines = [
