@@ -12,7 +12,6 @@ decodes an image.
 
 import hashlib
 import os
-import shutil
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -537,7 +536,8 @@ def display_names(data_dir, classes):
 def write_demo_dataset(root, size=32, seed=0):
     """scikit-learn's handwritten digits (8x8, 1,797 images, 10 classes) as a dataset root:
     train/ and val/ class folders of RGB PNGs, a flat test/ with opaque names, and the true
-    test labels in answers.csv. Returns root. Does nothing if root already holds answers.csv."""
+    test labels in answers.csv. Returns root. Does nothing if root already holds answers.csv; a
+    folder holding anything else is the user's, refused."""
     root = Path(root)
     if (root / "answers.csv").is_file():
         return root
@@ -545,8 +545,20 @@ def write_demo_dataset(root, size=32, seed=0):
     # Machines sharing a filesystem take turns: the second finds it written.
     with exclusive(root.parent / f".{root.name}.lock", f"the demo dataset {root}", wait=True):
         if not (root / "answers.csv").is_file():
+            refuse_a_folder_of_ones_own(root)
             _write_digits(root, size, seed)
     return root
+
+
+def refuse_a_folder_of_ones_own(root):
+    """The demo's dataset goes into a new or empty folder only (written whole, it has its
+    answers.csv): any other is the user's, never written over."""
+    if root.is_dir() and any(root.iterdir()) or root.is_file():
+        raise Problem(
+            f"--demo writes its dataset into {root}, which holds files of its own (no "
+            "answers.csv: not the demo's): give --data a new folder, or leave --data out "
+            "(data/demo)"
+        )
 
 
 def _write_digits(root, size, seed):
@@ -578,6 +590,6 @@ def _write_digits(root, size, seed):
             img.save(path)
     lines = ["image_name,pred_label"] + [f"{n},{label}" for n, label in sorted(answers)]
     (tmp / "answers.csv").write_text("\n".join(lines) + "\n")
-    if root.exists():  # a partial folder from an interrupted earlier write
-        shutil.rmtree(root)
+    if root.is_dir():  # empty: os.replace takes no folder's place on every system
+        root.rmdir()
     os.replace(tmp, root)

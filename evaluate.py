@@ -6,13 +6,14 @@
 
 The validation images go through exactly the preprocessing used in training. Metrics are printed
 on standard output and written to the figures folder: metrics.json (loss, top-1, top-5, the most
-confused pairs) and per_class_metrics.csv (precision, recall, F1, support).
+confused pairs) and per_class_metrics.csv (precision, recall, F1, support). A file there that
+evaluate.py did not write, or that was changed since, is moved aside (NAME.replaced.EXT), never
+written over (twophase/written.py).
 """
 
 import argparse
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -58,8 +59,9 @@ from twophase.loader import make_loader
 from twophase.loss import loss_of
 from twophase.options import at_least, checked, parameter_count
 from twophase.options import get_args_parser as training_options
-from twophase.report import Evaluated, relative, shown_path, write_report
+from twophase.report import MARK, Evaluated, relative, shown_path, why_kept, write_report
 from twophase.submission import test_answers, test_score
+from twophase.written import Written, set_aside
 from utils import Problem, exits_on_problems, log
 
 
@@ -160,16 +162,16 @@ def compute_metrics(logits, labels, classes, criterion=None, top=10, train_count
     }
 
 
-def write_metrics(metrics, folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "per_class_metrics.csv", "w", newline="") as f:
+def write_metrics(metrics, figures):
+    """per_class_metrics.csv and metrics.json, into `figures` (a Written)."""
+    with open(figures.to_write("per_class_metrics.csv"), "w", newline="") as f:
         columns = ["class", "precision", "recall", "f1", "support", "train_images"]
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(metrics["per_class"])
     keys = ("images", "loss", "top1", "top1_correct", "top5", "top5_correct", "balanced")
     summary = {k: metrics[k] for k in (*keys, "most_confused", "data_layout") if k in metrics}
-    (folder / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    figures.to_write("metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
 def print_metrics(metrics, ckpt, held):
@@ -241,12 +243,12 @@ def compare_runs(paths, args, scores=None):
     return runs
 
 
-def write_comparison(runs, folder):
-    """Figures 3 and 4 and a table of the runs (comparison.md, also printed), in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-
-    plot_size_comparison(runs, folder / "fig3_accuracy_vs_parameters.png")
-    plot_curves_comparison(runs, folder / "fig4_validation_accuracy_curves.png")
+def write_comparison(runs, figures, under=""):
+    """Figures 3 and 4 and a table of the runs (comparison.md, also printed), in `figures` (a
+    Written), in its subfolder `under` where one is named."""
+    fig3, fig4 = (figures.to_write(under, name) for name in COMPARISON[:2])
+    plot_size_comparison(runs, fig3)
+    plot_curves_comparison(runs, fig4)
 
     tested = all("test" in r for r in runs)
     lines = [
@@ -266,13 +268,10 @@ def write_comparison(runs, folder):
             f"{test}{r['best_acc']:.4f} | {r['best_epoch']} | {len(r['history'])} |"
         )
     table = "\n".join(lines) + "\n"
-    (folder / "comparison.md").write_text(table)
+    table_file = figures.to_write(under, COMPARISON[2])
+    table_file.write_text(table)
     print(table, end="")
-    log(
-        f"wrote {folder / 'fig3_accuracy_vs_parameters.png'}, "
-        f"{folder / 'fig4_validation_accuracy_curves.png'}"
-        f" and {folder / 'comparison.md'}"
-    )
+    log(f"wrote {fig3}, {fig4} and {table_file}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -316,8 +315,8 @@ def run_loss(saved, classes, counts, root):
 
 
 def evaluate_checkpoint(trained, args, figures, names):
-    """Validation metrics of a checkpoint, printed and written to `figures` with Figures 1, 2, 5
-    and the mistakes gallery; returns (metrics, history)."""
+    """Validation metrics of a checkpoint, printed and written to `figures` (a Written) with
+    Figures 1, 2, 5 and the mistakes gallery; returns (metrics, history)."""
     state, classes, saved = trained.state, trained.classes, trained.state["args"]
     root = trained_data_root(args.data, state)
     splits = validation_of(state, root, trained.img_size, args.cache_workers)
@@ -340,18 +339,19 @@ def evaluate_checkpoint(trained, args, figures, names):
     warn_if_too_large(state["arch"], params, args.max_params)
     history = full_history(resolve_checkpoint(args.ckpt), state)
     if history:
-        plot_loss(history, figures / "fig1_loss.png")
+        plot_loss(history, figures.to_write("fig1_loss.png"))
         uneven_data = uneven(state.get("class_counts") or [])
         held = checkpoint_mark(state, history)
-        plot_val_accuracy(history, figures / "fig2_val_accuracy.png", uneven_data, held)
+        fig2 = figures.to_write("fig2_val_accuracy.png")
+        plot_val_accuracy(history, fig2, uneven_data, held)
     else:  # saved during its first epoch
         log(f"{args.ckpt} has no finished epoch: no Figures 1 and 2")
     shown = [names.get(c, c) for c in classes]
     preds = logits.argmax(1).numpy()
     counts = confusion_matrix(labels.numpy(), preds, len(classes), normalize=False)
-    plot_confusion(counts, shown, figures / "fig5_confusion_matrix.png")
+    plot_confusion(counts, shown, figures.to_write("fig5_confusion_matrix.png"))
     if len(classes) > MANY:
-        plot_most_confused(counts, shown, figures / "fig5_most_confused.png")
+        plot_most_confused(counts, shown, figures.to_write("fig5_most_confused.png"))
     confidence, preds = logits.softmax(dim=1).max(1)
     wrong = torch.nonzero(preds != labels).flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][:18].tolist()
@@ -362,13 +362,14 @@ def evaluate_checkpoint(trained, args, figures, names):
         preds[worst].tolist(),
         confidence[worst].tolist(),
         shown,
-        figures / "mistakes.png",
+        figures.to_write("mistakes.png"),
     )
     right = torch.nonzero(preds == labels).flatten()
     best = across_classes(right[confidence[right].argsort(descending=True)].tolist(), labels)
     picked = worst[:6] + best[:6]  # a row of the mistakes, a row of the correct
-    draw_gradcam(trained, val, picked, preds, labels, confidence, shown, figures / "gradcam.png")
-    log(f"wrote figures and metrics to {figures}/")
+    gradcam = figures.to_write("gradcam.png")
+    draw_gradcam(trained, val, picked, preds, labels, confidence, shown, gradcam)
+    log(f"wrote figures and metrics to {figures.folder}/")
     return metrics, history
 
 
@@ -419,7 +420,6 @@ def draw_gradcam(trained, val, picked, preds, labels, confidence, shown, path):
 
 
 FIGURES = Path("figures")
-WRITTEN = "written.json"  # which run's checkpoint a figures folder's files are of, and which
 OUTPUTS = (  # what evaluate.py writes into a figures folder (a report and comparisons besides)
     "fig1_loss.png",
     "fig2_val_accuracy.png",
@@ -429,6 +429,11 @@ OUTPUTS = (  # what evaluate.py writes into a figures folder (a report and compa
     "gradcam.png",
     "per_class_metrics.csv",
     "metrics.json",
+)
+COMPARISON = (  # what a comparison writes
+    "fig3_accuracy_vs_parameters.png",
+    "fig4_validation_accuracy_curves.png",
+    "comparison.md",
 )
 
 
@@ -453,48 +458,54 @@ def owner(state, ckpt, folder):
     }
 
 
-def claim(folder, mine):
-    """The figures folder for `mine` (owner's). Where it holds the figures of another run, or of
-    another checkpoint of this one, those files go, and a line says so: no figure of one stays
-    beside the other's report. Only what evaluate.py wrote goes; a report holding prose of its
-    own is kept, renamed."""
-    record = folder / WRITTEN
-    if not record.is_file():
+def claim(figures, mine):
+    """The figures folder (a Written) for `mine` (owner's). Where it holds the figures of another
+    run, or of another checkpoint of this one, those files go, and a line says so: no figure of
+    one stays beside the other's report. Only what evaluate.py wrote, as it wrote it, goes; a
+    file changed since (a report holding prose of its own) is kept, renamed."""
+    theirs = figures.owner
+    if not theirs.get("run"):  # none, or a comparison's alone: nothing gives way
         return
-    theirs = json.loads(record.read_text())
-    if (theirs.get("run"), theirs.get("checkpoint")) == (mine["run"], mine["checkpoint"]):
+    if (theirs["run"], theirs.get("checkpoint")) == (mine["run"], mine["checkpoint"]):
         return
-    for name in theirs.get("files", []):
-        path = folder / name
-        if path.suffix == ".md" and path.is_file() and "<!-- notes:" in path.read_text():
-            kept = free_name(folder, f"{path.stem}.replaced")
-            path.rename(kept)
-            log(f"{path} holds prose of its own: kept as {kept}")
-        elif path.is_dir():  # a comparison's folder
-            shutil.rmtree(path)
-        elif path.is_file():
-            path.unlink()
-    log(f"{folder}/: the figures and report of {theirs.get('from')} give way to {mine['from']}'s")
-
-
-def free_name(folder, stem):
-    """folder/stem.md, or stem1.md, stem2.md, ...: the first that is not there."""
-    return next(
-        folder / f"{stem}{n or ''}.md"
-        for n in range(1000)
-        if not (folder / f"{stem}{n or ''}.md").exists()
+    for name in list(figures.files):
+        give_way(figures, name)
+    log(
+        f"{figures.folder}/: the figures and report of {theirs.get('from')} give way to "
+        f"{mine['from']}'s"
     )
 
 
-def remember(folder, mine, files):
-    """Whose the folder's files are (owner's), and which they are: `files` and those an earlier
-    evaluation of the same checkpoint wrote (its report, where this one wrote none)."""
-    record = folder / WRITTEN
-    earlier = json.loads(record.read_text()) if record.is_file() else {}
-    if (earlier.get("run"), earlier.get("checkpoint")) == (mine["run"], mine["checkpoint"]):
-        kept = [name for name in earlier.get("files", []) if (folder / name).exists()]
-        files = list(dict.fromkeys(files + kept))
-    record.write_text(json.dumps({**mine, "files": files}, indent=2) + "\n")
+def give_way(figures, name):
+    """A file of the figures folder's earlier owner: removed where it is as evaluate.py wrote it
+    (a report: but for what evaluate.py keeps when it writes one again), else set aside, said.
+    A subfolder (a comparison's) goes once empty."""
+    path = figures.folder / name
+    if path.is_dir():  # a comparison's folder, as records listed it before they held its files
+        for file in COMPARISON:
+            (path / file).unlink(missing_ok=True)
+    elif path.is_file():
+        why = None if figures.wrote(name) else why_changed(path)
+        if why:
+            set_aside(path, why)
+        else:
+            path.unlink()
+    figures.forget(name)
+    folder = path if path.is_dir() else path.parent
+    if folder != figures.folder and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def why_changed(path):
+    """Why a file evaluate.py wrote, changed since, is kept: a report, for what makes it the
+    user's (why_kept: None where its change is none that counts), else for being changed."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if MARK.search(text):
+        return why_kept(text)
+    return "was changed since evaluate.py wrote it"
 
 
 @exits_on_problems
@@ -504,18 +515,22 @@ def main(argv=None):
     if groups and args.report is None:  # the comparisons alone, each in figures/ its name
         for i, paths in enumerate(groups):
             runs = compare_runs(paths, args)
-            folder = FIGURES / comparison_name(runs)[1]
+            folder, under = FIGURES / comparison_name(runs)[1], ""
             if args.figures:
-                folder = Path(args.figures) / (f"comparison{i + 1}" if len(groups) > 1 else "")
-            write_comparison(runs, folder)
+                folder = Path(args.figures)
+                under = f"comparison{i + 1}" if len(groups) > 1 else ""
+            figures = Written(folder, "evaluate.py")
+            write_comparison(runs, figures, under)
+            figures.save()
         return
     trained = load_trained(args)
-    state, figures = trained.state, figures_folder(args)
+    state, folder = trained.state, figures_folder(args)
     checked = None
     if args.answers:  # read and checked before anything is written
         checked = test_answers(test_folder(args, state), args.answers, trained.classes)
     names = display_names(trained_data_root(args.data, state), trained.classes)
-    mine = owner(state, args.ckpt, figures)
+    mine = owner(state, args.ckpt, folder)
+    figures = Written(folder, "evaluate.py")
     claim(figures, mine)
     metrics, history = evaluate_checkpoint(trained, args, figures, names)
     test = test_score_of(trained, args, checked) if args.answers else None
@@ -525,24 +540,24 @@ def main(argv=None):
             f"({test.correct}/{test.total}), "
             f"balanced {test.balanced:.4f}"
         )
-    written = [name for name in OUTPUTS if (figures / name).is_file()]
     if args.report is None:
-        remember(figures, mine, written)
+        figures.save(**mine)
         return
-    report = Path(args.report or figures / "report.md")
+    report = Path(args.report or folder / "report.md")
     comparisons = []
     for paths in groups:
         runs = compare_runs(paths, args, {resolve_checkpoint(args.ckpt).resolve(): test})
         title, key = comparison_name(runs)
         if key in [c["key"] for c in comparisons]:
             key = f"{key}{len(comparisons) + 1}"
-        write_comparison(runs, figures / key)
-        comparisons.append({"title": title, "key": key, "folder": figures / key, "runs": runs})
+        write_comparison(runs, figures, key)
+        comparisons.append({"title": title, "key": key, "folder": folder / key, "runs": runs})
     defaults = vars(training_options().parse_args([]))
     evaluated = Evaluated(state, history, metrics, test, test_source(args, state, test, report))
-    write_report(report, figures, evaluated, comparisons, names, defaults)
-    inside = report.resolve().parent == figures.resolve()
-    remember(figures, mine, written + [report.name] * inside + [c["key"] for c in comparisons])
+    write_report(report, folder, evaluated, comparisons, names, defaults)
+    if report.resolve().parent == folder.resolve():
+        figures.note(report.name)
+    figures.save(**mine)
     log(f"wrote {report}")
 
 

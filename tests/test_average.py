@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -82,3 +83,24 @@ def test_each_file_is_averaged_once_however_often_and_however_it_is_named(tmp_pa
     files = [i for i, _ in drawn]
     kept = average.distinct_files(names)
     assert kept == [names[files.index(i)] for i in dict.fromkeys(files)]  # each first name
+
+
+def test_the_average_replaces_only_an_average(tiny_args, tmp_path):
+    """--out over a run's best.pt or a file of the user's is refused before any work; an average
+    written before is replaced."""
+    train.main(tiny_args + ["--epochs1", "0", "--epochs2", "2", "--keep-last", "2"])
+    out = tmp_path / "ck"
+    sources = [str(p) for p in sorted(out.glob("epoch*.pt"))]
+    mine = tmp_path / "mine.pt"
+    mine.write_bytes(b"my own")
+    before = (out / "best.pt").read_bytes()
+    for target, why in (
+        (out / "best.pt", "a checkpoint that is not an average"),
+        (mine, "not a checkpoint"),
+    ):
+        with pytest.raises(SystemExit, match=f"--out {target} holds {why}"):
+            average.main(sources + ["--out", str(target), "--no-bn-update"])
+    assert (out / "best.pt").read_bytes() == before and mine.read_bytes() == b"my own"
+    for _ in range(2):
+        average.main(sources + ["--out", str(out / "avg.pt"), "--no-bn-update"])
+    assert torch.load(out / "avg.pt", weights_only=True)["averaged"] == sources

@@ -597,3 +597,13 @@ def test_a_class_names_file_separated_by_semicolons_is_read_and_said(tmp_path, c
     (tmp_path / "class_names.csv").write_text("folder;words\nn01;tench, Tinca tinca\n")
     assert data.display_names(tmp_path, ["n01", "n02"]) == {"n01": "n01 (tench)", "n02": "n02"}
     assert "class_names.csv has a header" in capsys.readouterr().err
+
+
+def test_the_demo_never_writes_over_a_folder_of_the_users(tmp_path):
+    """--demo --data DIR writes the demo dataset into DIR only where DIR is new, empty or the
+    demo's: a folder of one's own is refused, before anything is written, and kept whole."""
+    photos = tmp_path / "photos"
+    write_image(photos / "train" / "cat" / "a.png", (200, 30, 30))
+    with pytest.raises(Problem, match=f"--demo writes its dataset into {photos}, which holds"):
+        data.write_demo_dataset(photos)
+    assert [p.name for p in photos.rglob("*")] == ["train", "cat", "a.png"]

@@ -456,3 +456,70 @@ def test_the_report_names_each_numbers_weights_and_a_phase_that_did_not_move(tmp
     assert "no better than always answering the largest class (0.5500)" in text
     assert "Phase II: 3 epochs" in text and text.count("no better") == 1
     assert report.dataset_name({"args": {"data": "repo/data"}, "data": "/x/repo/data"}) == "data"
+
+
+def test_a_paragraph_of_the_users_in_a_report_and_a_file_it_names_are_never_lost(
+    trained, tmp_path, capsys
+):
+    """Text added to report.md outside its notes slots makes the file the user's: set aside, and
+    said where, when the same checkpoint's report is written again and when another checkpoint
+    takes the folder; a --report file of the user's own is set aside too, never replaced."""
+    figures = tmp_path / "fig"
+    given = ["--figures", str(figures), "--device", "cpu"]
+    best, last = str(trained / "best.pt"), str(trained / "last.pt")
+    evaluate.main(["--ckpt", best, "--report", *given])
+    report = figures / "report.md"
+    report.write_text(report.read_text() + "\nA paragraph of mine.\n")
+    capsys.readouterr()
+    evaluate.main(["--ckpt", best, "--report", *given])
+    err = capsys.readouterr().err
+    assert f"{report} was edited outside its notes: kept as {figures / 'report.replaced.md'}" in err
+    assert "A paragraph of mine." in (figures / "report.replaced.md").read_text()
+    assert "A paragraph of mine." not in report.read_text()
+    evaluate.main(["--ckpt", best, "--report", *given])  # the report as written: replaced, no more
+    assert sorted(p.name for p in figures.glob("report*.md")) == ["report.md", "report.replaced.md"]
+
+    report.write_text(report.read_text().replace("## Errors", "Another of mine.\n\n## Errors"))
+    capsys.readouterr()
+    evaluate.main(["--ckpt", last, *given])  # another checkpoint: the report gives way
+    err = capsys.readouterr().err
+    assert f"kept as {figures / 'report.replaced1.md'}" in err and not report.exists()
+    assert "Another of mine." in (figures / "report.replaced1.md").read_text()
+    assert "A paragraph of mine." in (figures / "report.replaced.md").read_text()
+
+    thesis = tmp_path / "thesis.md"
+    thesis.write_text("# My thesis\n\nChapter one.\n")
+    evaluate.main(["--ckpt", last, "--report", str(thesis), *given])
+    err = capsys.readouterr().err
+    kept = tmp_path / "thesis.replaced.md"
+    assert f"{thesis} is not a report evaluate.py wrote: kept as {kept}" in err
+    assert kept.read_text() == "# My thesis\n\nChapter one.\n"
+    assert "Chapter one." not in thesis.read_text() and f"wrote {thesis}" in err
+
+
+def test_a_file_of_the_users_under_a_figures_name_is_set_aside_not_replaced(
+    trained, tmp_path, capsys
+):
+    """A figure or metrics file of the user's own where evaluate.py writes one (or one of its own,
+    changed since) is moved aside, said; what evaluate.py wrote and nobody changed is replaced."""
+    figures = tmp_path / "fig"
+    figures.mkdir()
+    (figures / "per_class_metrics.csv").write_text("my,own\n")
+    (figures / "fig1_loss.png").write_bytes(b"my own figure")
+    argv = ["--ckpt", str(trained / "best.pt"), "--figures", str(figures), "--device", "cpu"]
+    evaluate.main(argv)
+    err = capsys.readouterr().err
+    for name, kept in (
+        ("per_class_metrics.csv", "per_class_metrics.replaced.csv"),
+        ("fig1_loss.png", "fig1_loss.replaced.png"),
+    ):
+        assert (
+            f"{figures / name} was not written by evaluate.py" in err and str(figures / kept) in err
+        )
+    assert (figures / "per_class_metrics.replaced.csv").read_text() == "my,own\n"
+    assert (figures / "fig1_loss.replaced.png").read_bytes() == b"my own figure"
+    (figures / "metrics.json").write_text((figures / "metrics.json").read_text() + " ")  # edited
+    evaluate.main(argv)
+    err = capsys.readouterr().err
+    assert f"kept as {figures / 'metrics.replaced.json'}" in err and "fig1_loss" not in err
+    assert len(list(figures.glob("*.replaced*"))) == 3

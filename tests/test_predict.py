@@ -61,7 +61,8 @@ def test_out_file_and_tta(trained, tmp_path):
     )
     rows = read_csv(out.read_text())
     assert len(rows) == 8 and [r[1] for r in rows[1:]] == [CLASSES[j % 3] for j in range(7)]
-    assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
+    # No temporary file left behind: the CSV and the record of what predict.py wrote (its hash).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".written.json", out.name]
 
 
 def test_a_checkpoint_marked_for_tta_is_predicted_with_it_unless_told_otherwise(
@@ -426,3 +427,41 @@ def test_topk_above_the_class_count_is_said_and_check_gives_no_top_k_of_every_cl
     predict.main(["--ckpt", ckpt, "--out", str(out), "--topk", "2"])
     predict.main(["--ckpt", ckpt, "--check", str(out), "--answers", str(answers)])
     assert "top-2" in capsys.readouterr().out
+
+
+def test_a_test_folder_of_folders_says_what_it_holds_and_what_to_give(trained, tmp_path):
+    test = tmp_path / "test"
+    (test / "cats").mkdir(parents=True)
+    image = (trained / "data" / "test" / "img_00.png").read_bytes()
+    (test / "cats" / "a.png").write_bytes(image)
+    ckpt = str(trained / "ck" / "best.pt")
+    inside = re.escape(str(test / "cats"))
+    with pytest.raises(SystemExit, match=f"holds no images, only the folder cats: .* {inside}$"):
+        predict.main(["--ckpt", ckpt, "--test-dir", str(test)])
+    (test / "dogs").mkdir()
+    with pytest.raises(SystemExit, match="only the folders cats, dogs: .*class folders"):
+        predict.main(["--ckpt", ckpt, "--test-dir", str(test)])
+
+
+def test_out_and_probs_set_a_file_of_the_users_aside_and_replace_their_own(
+    trained, tmp_path, capsys
+):
+    """--out answers.csv by mistake keeps the answers (set aside, said); predict.py's own file is
+    replaced when it writes it again; one changed since is the user's."""
+    out, probs = tmp_path / "answers.csv", tmp_path / "probs.csv"
+    out.write_text("image_name,pred_label\nimg_00,10\n")
+    argv = ["--ckpt", str(trained / "ck" / "best.pt"), "--out", str(out), "--probs", str(probs)]
+    predict.main(argv)
+    err = capsys.readouterr().err
+    kept = tmp_path / "answers.replaced.csv"
+    assert f"{out} was not written by predict.py (or was changed since): kept as {kept}" in err
+    assert (
+        kept.read_text() == "image_name,pred_label\nimg_00,10\n"
+        and len(read_csv(out.read_text())) == 8
+    )
+    predict.main(argv)  # its own, as it wrote them: replaced
+    assert "kept as" not in capsys.readouterr().err
+    probs.write_text(probs.read_text() + "img_99,1,0,0\n")
+    predict.main(argv)
+    assert f"kept as {tmp_path / 'probs.replaced.csv'}" in capsys.readouterr().err
+    assert "img_99" in (tmp_path / "probs.replaced.csv").read_text()

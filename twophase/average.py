@@ -24,12 +24,14 @@ from twophase.augment import BatchPreprocess
 from twophase.checkpoint import (
     averaged_checkpoint,
     load_checkpoint,
+    peek,
     resolve_checkpoint,
     save_checkpoint,
 )
 from twophase.inference import averaged_model, bn_loader
 from twophase.options import at_least, checked
-from utils import exits_on_problems, log, pick_device
+from twophase.written import HIDDEN, Written
+from utils import Problem, exits_on_problems, log, pick_device
 
 
 def get_args_parser():
@@ -49,9 +51,32 @@ def get_args_parser():
     return p
 
 
+BY = "twophase.average"
+
+
+def refuse_to_replace(out):
+    """An average replaces only an average (this tool's, as it wrote it: its record says, or
+    train.py --average-last's): --out naming a run's other checkpoint (its best.pt, an epoch's),
+    a file of the user's or one changed since is refused, before any work."""
+    if not out.exists() and not out.is_symlink():
+        return
+    saved = peek(out) if out.is_file() else None
+    if not (saved and saved.get("averaged")):
+        what = "a checkpoint that is not an average" if saved else "not a checkpoint"
+        raise Problem(
+            f"--out {out} holds {what}: an average replaces only an average; name another --out"
+        )
+    record = Written(out.parent, BY, HIDDEN)
+    if record.foreign:  # a file of the user's took the record's name: what is whose is unknown
+        raise Problem(f"--out {out}: {record.path} is no record of {BY}'s; name another --out")
+    if out.name in record.files and not record.wrote(out.name):
+        raise Problem(f"--out {out} was changed since {BY} wrote it: name another --out")
+
+
 @exits_on_problems
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
+    refuse_to_replace(Path(args.out))
     paths = sorted(distinct_files(args.checkpoints))
     states = [load_checkpoint(p) for p in paths]
     last = states[-1]
@@ -75,6 +100,9 @@ def main(argv=None):
     preprocess = BatchPreprocess(last["mean"], last["std"]).to(device)
     model = averaged_model(states, device, loader, preprocess)
     save_checkpoint(averaged_checkpoint(last, model.state_dict(), paths), args.out)
+    record = Written(Path(args.out).parent, BY, HIDDEN)
+    record.note(Path(args.out).name)
+    record.save()
     log(
         f"averaged {len(paths)} checkpoints ({count_parameters(model.parameters()):,} parameters)"
         + ("" if args.no_bn_update else ", batch norm statistics measured on the training images")

@@ -401,6 +401,25 @@ def print_confused(pairs):
 # the submission format (image_name,pred_label), shared by predict.py and evaluate.py
 
 
+def no_test_images(test_dir, subfolders):
+    """Why a test folder gives no rows, and what to give instead: it is read flat, so images in
+    folders inside it are not read (images in class folders are labelled ones: train/'s, val/'s)."""
+    if not subfolders:
+        return f"{test_dir} holds no images"
+    if len(subfolders) == 1:
+        inside = test_dir / subfolders[0]
+        return (
+            f"{test_dir} holds no images, only the folder {subfolders[0]}: a test folder is read "
+            f"flat (<test>/<image>); for the images in it, give --test-dir {inside}"
+        )
+    shown = ", ".join(subfolders[:5]) + (", ..." if len(subfolders) > 5 else "")
+    return (
+        f"{test_dir} holds no images, only the folders {shown}: a test folder is read flat "
+        "(<test>/<image>), and images in folders of their own read as class folders (labelled "
+        "images: train/ or val/); give --test-dir the folder that holds the images themselves"
+    )
+
+
 def test_images(test_dir, keep_ext=False):
     """The images of a flat test folder, sorted as a submission's rows are. Without `keep_ext`
     (rows named without the extension), names that two files share once it is dropped are
@@ -408,11 +427,11 @@ def test_images(test_dir, keep_ext=False):
     if not test_dir.is_dir():
         raise MissingFile(f"no test folder {test_dir} (use --test-dir or --data)")
     files = list_images(test_dir)
-    if not files:
-        raise Problem(f"{test_dir} holds no images")
     subfolders = sorted(
         p.name for p in test_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
     )
+    if not files:
+        raise Problem(no_test_images(test_dir, subfolders))
     if subfolders:
         log(
             f"warning: {test_dir} is read flat; its sub-folders are ignored: "

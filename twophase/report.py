@@ -6,9 +6,12 @@ where it differs), a summary of its per-class metrics, and, with --compare, the 
 path of the machine it was made on: paths relative to the report, or names.
 
 Prose written between `<!-- notes:NAME -->` and `<!-- /notes -->`, with NAME one of SLOTS, is
-kept in its place when the report is written again: the numbers can be made again at will.
+kept in its place when the report is written again: the numbers can be made again at will. A
+report carries a mark, the digest of its text outside the notes: one edited elsewhere (or a file
+that is no report of evaluate.py's) is the user's, moved aside rather than written over.
 """
 
+import hashlib
 import os
 import re
 import shlex
@@ -20,12 +23,51 @@ from data import uneven
 from twophase.checkpoint import best_acc, epoch_name, epochs_name, weights_name
 from twophase.options import DEMO, RECIPES
 from twophase.resolve import split_budget
+from twophase.written import set_aside
 from utils import atomic_file
 
 NOTES = re.compile(r"<!-- notes:(\w+) -->\n(.*?)<!-- /notes -->", re.S)
 # Sections that other tools add to a report (benchmarks/levers.py's) follow this line: a report
 # written again over an earlier one keeps them as they were.
 APPENDIX = "<!-- sections added to the report -->\n"
+MARK = re.compile(r"<!-- written by evaluate\.py --report \(([0-9a-f]{16})\)[^\n]*-->\n?")
+
+
+def digest(text):
+    """The digest of a report's own text (before APPENDIX) outside its notes and its mark, blanks
+    aside: what an edit of the user's changes, and prose in a slot does not."""
+    outside = NOTES.sub("", MARK.sub("", text.partition(APPENDIX)[0]))
+    return hashlib.sha256(" ".join(outside.split()).encode()).hexdigest()[:16]
+
+
+def marked(text):
+    """A report's own text with its mark last: its digest, and what it means to the reader."""
+    return (
+        text.rstrip("\n")
+        + f"\n\n<!-- written by evaluate.py --report ({digest(text)}): prose between the notes "
+        "markers is kept when it is written again; a change elsewhere makes this file yours, "
+        "kept aside then -->\n"
+    )
+
+
+def as_written(text):
+    """Whether `text` is a report evaluate.py wrote, unchanged but in its notes (prose in a slot,
+    a slot added) and in the sections added after APPENDIX."""
+    found = MARK.search(text.partition(APPENDIX)[0])
+    return found is not None and found.group(1) == digest(text)
+
+
+def why_kept(text):
+    """Why a report that evaluate.py would write over (or remove) is kept: it is not one of its
+    reports, or one edited outside its notes, or one holding prose (None: it holds none)."""
+    if text is None or not MARK.search(text):
+        return "is not a report evaluate.py wrote"
+    if not as_written(text):
+        return "was edited outside its notes"
+    generated, _, appendix = text.partition(APPENDIX)
+    if appendix or any(prose.strip() for _, prose in NOTES.findall(generated)):
+        return "holds prose of its own"
+    return None
 
 
 def count(correct, total):
@@ -511,8 +553,9 @@ def write_report(path, figures, evaluated, comparisons, names, defaults):
     relatively)."""
     state, history, metrics, test, test_source = evaluated
     path = Path(path)
-    old = path.read_text() if path.is_file() else ""
-    generated, _, appendix = old.partition(APPENDIX)  # the added sections keep their own notes
+    old = read_report(path)
+    # The sections other tools added keep their own notes.
+    generated, _, appendix = (old or "").partition(APPENDIX)
     kept, shown, here = dict(NOTES.findall(generated)), Figures(path), path.parent
     n, top5 = metrics["images"], len(state["classes"]) > 5  # of 5 classes or fewer, top-5 is 1
     lines = [
@@ -559,10 +602,24 @@ def write_report(path, figures, evaluated, comparisons, names, defaults):
     unplaced = [name for name, text in kept.items() if text.strip() and (name, text) not in placed]
     if unplaced:  # a slot this report has no place for (a name mistyped, a comparison not made)
         lines += ["## Notes", ""] + [line for name in unplaced for line in kept_notes(name, kept)]
+    text = marked("\n".join(lines))
     if appendix:
-        lines += [APPENDIX + appendix]
+        text += f"\n{APPENDIX}{appendix}".rstrip("\n") + "\n"
+    if (path.exists() or path.is_symlink()) and (old is None or not as_written(old)):
+        set_aside(path, why_kept(old))  # its notes are in the new one too, all of it there
     with atomic_file(path, "w") as f:
-        f.write("\n".join(lines).rstrip("\n") + "\n")
+        f.write(text)
+
+
+def read_report(path):
+    """The text of the report at `path`: "" where there is none, None where what is there is no
+    text (a folder, a binary file)."""
+    if not path.exists():
+        return ""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def errors_lines(figures, metrics, names, shown):

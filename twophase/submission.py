@@ -34,7 +34,8 @@ from twophase.tables import (
     read_csv,
     read_labels,
 )
-from utils import Problem, atomic_file
+from twophase.written import replacing
+from utils import Problem
 
 DEFAULT_COLUMNS = ("image_name", "pred_label")
 
@@ -64,17 +65,18 @@ class Layout:
 def write(rows, classes, layout, out=None, probs=None):
     """The prediction CSV of `rows`, (file, probabilities) as they stream in, to `out` (a path;
     None: standard output), and with `probs` a CSV of every class's probability beside it.
-    Memory stays flat in the number of images; a file appears under its name only complete.
+    Memory stays flat in the number of images; a file appears under its name only complete, and
+    one there that predict.py did not write is set aside, not replaced (twophase/written.py).
     Returns (rows written, seconds)."""
     with ExitStack() as files:
         labels = files.enter_context(
-            atomic_file(out, "w", newline="") if out else nullcontext(sys.stdout)
+            replacing(out, "predict.py", newline="") if out else nullcontext(sys.stdout)
         )
         writer = csv.writer(labels, lineterminator="\n")
         writer.writerow(layout.columns)
         spread = None
         if probs:
-            table = files.enter_context(atomic_file(probs, "w", newline=""))
+            table = files.enter_context(replacing(probs, "predict.py", newline=""))
             spread = csv.writer(table, lineterminator="\n")
             spread.writerow([layout.columns[0], *classes])
         start, count, known = time.perf_counter(), 0, set(classes)
