@@ -470,10 +470,12 @@ def claim(figures, mine):
         return
     for name in list(figures.files):
         give_way(figures, name)
-    log(
-        f"{figures.folder}/: the figures and report of {theirs.get('from')} give way to "
-        f"{mine['from']}'s"
-    )
+    earlier = theirs.get("from")
+    if earlier == mine["from"]:  # the same file, of another run (the demo run again, say)
+        earlier = f"an earlier run's {earlier}"
+    elif theirs["run"] == mine["run"]:
+        earlier = f"this run's {earlier}"
+    log(f"{figures.folder}/: the figures and report of {earlier} give way to {mine['from']}'s")
 
 
 def give_way(figures, name):

@@ -318,6 +318,18 @@ def test_each_run_has_figures_of_its_own_and_one_replaced_is_said(tiny_args, tmp
     assert "/checkpoints/best.pt give way to " in err and "/b/last.pt's" in err
     assert not (ours / "report.md").exists()  # no report of another run beside them
     assert (ours / "notes.txt").read_text() == "mine\n" and (ours / "gradcam.png").is_file()
+    # The same checkpoint's path, of a new run in the folder (the demo run again): said so.
+    ck = tmp_path / "b" / "last.pt"
+    train.main(
+        tiny_args
+        + ["--epochs1", "1", "--epochs2", "1", "--out", str(tmp_path / "b")]
+        + ["--overwrite"]
+    )
+    capsys.readouterr()
+    evaluate.main(["--ckpt", str(ck), "--figures", "figures", "--device", "cpu"])
+    err = capsys.readouterr().err
+    words = r"the figures and report of an earlier run's (\S+)/b/last.pt give way to \1/b/last.pt's"
+    assert re.search(words, err)
     evaluate.main(
         [
             "--ckpt",
