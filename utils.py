@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -40,8 +41,14 @@ class MissingFile(Problem, FileNotFoundError):
     """A file the user named that is not there: a Problem, and a FileNotFoundError."""
 
 
+class Done(Exception):
+    """What ends a script at once with status 0, the work asked of it being done: its message
+    says so."""
+
+
 def exits_on_problems(main):
-    """A script's main, which turns a Problem into its message and exit status 1."""
+    """A script's main, which turns a Problem into its message and exit status 1, a Done into its
+    message and status 0."""
 
     @functools.wraps(main)
     def script(*args, **kwargs):
@@ -49,6 +56,9 @@ def exits_on_problems(main):
             return main(*args, **kwargs)
         except Problem as problem:
             raise SystemExit(str(problem)) from None
+        except Done as done:
+            log(str(done))
+            return None
 
     return script
 
@@ -70,9 +80,14 @@ class Processes(NamedTuple):
     world_size: int
 
 
+# Long enough for the first process of each machine to build a large cache while others wait.
+LONG_WAIT = timedelta(hours=3)
+
+
 def init_distributed(device_name):
-    """Join the process group when torchrun started this process: NCCL on CUDA, gloo on the CPU.
-    Returns its Processes."""
+    """Join the process group when torchrun started this process: NCCL on CUDA, gloo on the CPU,
+    on a namespace of torchrun's store that is this start's alone (attempt_store). Returns its
+    Processes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return Processes(0, 0, 1)
@@ -80,9 +95,55 @@ def init_distributed(device_name):
     cuda = device_name != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    # Long enough for the first process of each machine to build a large cache while others wait.
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=3))
+    try:
+        store, _, _ = next(dist.rendezvous("env://", timeout=LONG_WAIT))
+        store = attempt_store(store, rank, world)
+    except RuntimeError as error:
+        raise Problem(
+            f"the job's {world} processes did not all start within "
+            f"{typed_duration(LONG_WAIT)} ({error}); start the job again (with --resume auto)"
+        ) from None
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=LONG_WAIT)
     return Processes(rank, local_rank, world)
+
+
+def attempt_store(store, rank, world):
+    """A namespace of the job's `store` for this start of its processes alone. torchrun's agent
+    keeps one store for every restart of a job (TORCHELASTIC_USE_AGENT_STORE), and PyTorch
+    (2.14) keys a process group's entries there alike at each start: a restarted process would
+    read the addresses of the processes that died and fail ("Gloo connectFullMesh failed ...
+    Connection refused"), or wait for them. TORCHELASTIC_RESTART_COUNT cannot name the namespace:
+    each machine's agent counts its own restarts. So the first process draws a name, and hands
+    it to each other process in answer to a name that process drew itself: nothing left by the
+    processes that died can pass for an answer."""
+    ours = f"twophase/{uuid.uuid4().hex}"
+    if rank != 0:
+        store.set(f"twophase/asks/{rank}", ours)
+        name = store.get(f"{ours}/answer").decode()  # waits up to the store's timeout
+        store.set(f"{name}/joined/{rank}", "")
+        return dist.PrefixStore(f"{name}/", store)
+    waiting, deadline = set(range(1, world)), time.monotonic() + LONG_WAIT.total_seconds()
+    while waiting:
+        for other in sorted(waiting):
+            if store.check([f"{ours}/joined/{other}"]):
+                waiting.discard(other)
+            elif store.check([f"twophase/asks/{other}"]):  # its own, or a dead process's
+                store.set(f"{store.get(f'twophase/asks/{other}').decode()}/answer", ours)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no answer from the processes of rank {sorted(waiting)}")
+        time.sleep(0.02)
+    return dist.PrefixStore(f"{ours}/", store)
+
+
+def typed_duration(delta):
+    """A timedelta or seconds as a duration is typed (options.duration): 3h, 10m, 1h30m, 5s."""
+    seconds = delta.total_seconds() if isinstance(delta, timedelta) else float(delta)
+    if seconds < 60 and not seconds.is_integer():
+        return f"{seconds:g}s"
+    seconds = round(seconds)
+    parts = [(seconds // 3600, "h"), (seconds % 3600 // 60, "m"), (seconds % 60, "s")]
+    return "".join(f"{n}{unit}" for n, unit in parts if n) or "0s"
 
 
 def is_main_process():

@@ -12,11 +12,13 @@ function of the options and the epoch), `scaler`, `rng` (one per process), `worl
 weights' moving average, or None) and `eval_weights` (`model` or `ema`: the one that validated
 better); `step` and `progress` when saved mid-epoch; `averaged` and `val_acc` for an average of
 checkpoints; `tta` (whether test-time flips validated better) once --tta auto has chosen,
-`test_size` (the side to test at) once --test-size auto has.
+`test_size` (the side to test at) once --test-size auto has; `launch` (the torchrun job that saved
+it, whose restarts go on from it: cluster.py).
 """
 
 import csv
 import math
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,6 +59,7 @@ EXTRA |= {"class_counts"}  # the training images of each class, for the report's
 EXTRA |= {"test_size", "test_bn", "test_bn_of"}  # --test-size auto's size, batch norm there
 EXTRA |= {"val_digest"}  # which images were held out for validation
 EXTRA |= {"run_id"}  # which run the checkpoint is of (made as it starts; a resume keeps it)
+EXTRA |= {"launch"}  # the torchrun job that saved it (TORCHELASTIC_RUN_ID): its restarts go on
 
 
 def epoch_file(n):
@@ -247,7 +250,8 @@ def peek(path):
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
-    summary = {key: state.get(key) for key in ("phase", "epoch", "args", "step", "averaged")}
+    keys = ("phase", "epoch", "args", "step", "averaged", "launch")
+    summary = {key: state.get(key) for key in keys}
     summary["val_acc"] = state.get("val_acc")
     del state
     return summary
@@ -514,6 +518,7 @@ class Checkpointer:
             "val_digest": splits.val.digest(),  # which images were held out for validation
             "run_id": start.run_id(),
             "command": start.command(),  # as typed: the report's Command line
+            "launch": os.environ.get("TORCHELASTIC_RUN_ID"),  # its restarts go on from here
         }
         self.saved_at = None  # where last.pt was last written by this run, in words
 

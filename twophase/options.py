@@ -886,8 +886,10 @@ OPTIONS = (
             ("--resume",),
             help="continue a run from its last.pt, in that checkpoint's folder: its saved options "
             "hold, and each option given here is applied to the rest of the run or refused "
-            "(docs/checkpoints.md)",
-            metavar="PATH",
+            "(docs/checkpoints.md); auto: the run in --out goes on from its last.pt (or "
+            "phase1.pt) where it has one, a fresh run starts where it has none, and a finished "
+            "run is left as it is. Under torchrun's restarts a run goes on by itself",
+            metavar="PATH|auto",
             rule=rules.command,
             unchecked="read before anything else, which says where no checkpoint is",
         ),

@@ -1,0 +1,184 @@
+"""What a cluster does to a run (twophase/cluster.py, utils.init_distributed): torchrun starting
+its workers again after one died, --resume auto. Two gloo processes on the CPU, forked from this
+one where torchrun itself is not what is tested."""
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import train
+import utils
+from conftest import REPO, TINY, make_dataset, stop_at
+from test_distributed import forked_ddp
+
+# 36 training images, 18 a process in batches of 4: 4 batches an epoch (with one process, 9).
+EPOCHS = ["--epochs1", "1", "--epochs2", "2"]
+
+
+@pytest.fixture
+def data(tmp_path):
+    return make_dataset(tmp_path / "data", per_class=12, val_per_class=1)
+
+
+def same_weights(a, b):
+    a, b = (torch.load(p, weights_only=True) for p in (a, b))
+    assert (a["phase"], a["epoch"], a.get("step")) == (b["phase"], b["epoch"], b.get("step"))
+    for key, value in a["model"].items():
+        assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-6), key
+    assert [r["val_acc"] for r in a["history"]] == [r["val_acc"] for r in b["history"]]
+
+
+def torchrun(*args, env=None, restarts=1):
+    """train.py under torchrun --max-restarts with two processes and the narrow models, rank 1
+    signalled at its first start as tests/preempt.py's PREEMPT_* say. Its Popen."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    launch += ["2", "--max-restarts", str(restarts), "tests/preempt.py"]
+    return subprocess.Popen(
+        [*launch, *map(str, args)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PREEMPT_RANK": "1", **(env or {})},
+    )
+
+
+# ----------------------------------------------------------------------------- restarts
+
+
+def join_group(rank, port, delay):
+    """A process of a two-process job on the agent's store at `port`, as torchrun starts one:
+    joins the process group and adds one to an all-reduce. Exit status 0 where the group formed."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"
+    time.sleep(delay)
+    utils.init_distributed("cpu")
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    os._exit(0 if total.item() == 2 else 1)
+
+
+def start_group(port, delays=(0, 0)):
+    context = multiprocessing.get_context("fork")
+    workers = [
+        context.Process(target=join_group, args=(rank, port, delay))
+        for rank, delay in enumerate(delays)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=20)
+    codes = [worker.exitcode for worker in workers]
+    for worker in workers:
+        if worker.exitcode is None:
+            worker.kill()
+            worker.join()
+    return codes
+
+
+def test_processes_started_again_on_the_store_of_those_that_died_form_their_group():
+    """torchrun's agent keeps one store for every start of a job's workers, and the dead
+    workers' entries stay in it: PyTorch's own init_process_group reads the addresses of the
+    dead ones there (the second worker started a moment later, so that the first surely does)
+    and fails with "Gloo connectFullMesh failed ... Connection refused", or waits for ever."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # the agent's
+    assert start_group(store.port) == [0, 0]  # its first start, which then dies
+    assert store.num_keys() > 0
+    started = time.monotonic()
+    assert start_group(store.port, delays=(0, 1)) == [0, 0]  # torchrun's restart
+    assert time.monotonic() - started < 20
+
+
+def test_a_worker_killed_under_torchrun_is_restarted_and_the_run_ends_as_an_uninterrupted_one(
+    data, tmp_path, narrow_models
+):
+    """kill -9 to one of two workers in Phase II; the last position saved two steps before.
+    torchrun --max-restarts 1 starts both again, which go on from it by themselves, though the
+    command is a fresh run's (which would refuse a folder holding a run)."""
+    run = ["--data", data, *TINY, *EPOCHS, "--save-every-steps", "2"]
+    assert forked_ddp([*run, "--out", tmp_path / "straight"], tmp_path) == [0, 0]
+    out = tmp_path / "ck"
+    # The 7th training batch is Phase II's 3rd; its position was saved after its 2nd.
+    job = torchrun("step=7", "train.py", *run, "--out", out, env={"PREEMPT_SIGNAL": "KILL"})
+    errors = job.communicate(timeout=240)[1]
+    assert job.returncode == 0, errors[-3000:]
+    assert "exitcode: -9" in errors  # the kill, which torchrun saw
+    assert (
+        f"torchrun restart 1: the run goes on from {out / 'last.pt'} (phase 2, 2 batches into "
+        "epoch 1), whatever the command says"
+    ) in errors
+    assert "holds a run" not in errors
+    same_weights(tmp_path / "straight" / "last.pt", out / "last.pt")
+
+
+# ----------------------------------------------------------------------------- --resume auto
+
+
+def first_line(capsys):
+    return capsys.readouterr().err.splitlines()[0]
+
+
+def test_resume_auto_starts_a_run_continues_it_and_leaves_it_once_finished(
+    tiny_args, tmp_path, monkeypatch, capsys
+):
+    """The one command a job script gives every time it starts: a fresh run where --out holds
+    none, the run it holds continued, a finished one left as it is (nothing written), each said
+    in the first line."""
+    run = tiny_args + ["--epochs1", "1", "--epochs2", "2"]
+    train.main(run + ["--out", str(tmp_path / "straight")])
+    capsys.readouterr()
+    out, command = tmp_path / "ck", run + ["--resume", "auto"]
+    with monkeypatch.context() as patch:
+        stop_at(patch, "step=6")  # Phase II's second batch
+        with pytest.raises(SystemExit, match=str(utils.EXIT_PREEMPTED)):
+            train.main(command)
+    assert first_line(capsys) == (
+        f"--resume auto: {out} holds no run (no last.pt, no phase1.pt), so a fresh run starts there"
+    )
+    train.main(command)
+    assert first_line(capsys) == (
+        f"--resume auto: the run in {out} goes on from last.pt (phase 2, 2 batches into epoch 1)"
+    )
+    same_weights(tmp_path / "straight" / "last.pt", out / "last.pt")
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert train.main(command) is None  # exit status 0
+    assert first_line(capsys) == (
+        f"--resume auto: the run in {out} is finished (after phase 2 epoch 2, every epoch its "
+        "options ask for), so it is left as it is"
+    )
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+    train.main(command[:-2] + ["--resume", "auto", "--epochs2", "3"])  # asked for more: it trains
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_a_restart_goes_on_from_its_own_jobs_position_only(
+    tiny_args, tmp_path, monkeypatch, capsys
+):
+    """Under torchrun's restarts the run goes on from what this job saved, whatever the command
+    says; a run another job left in --out is met as the command says (a fresh one refuses it)."""
+    run = tiny_args + ["--epochs1", "1", "--epochs2", "1"]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job0")
+    train.main(run)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="holds a run"):
+        train.main(run)
+    out = tmp_path / "ck"
+    assert first_line(capsys) == (
+        f"torchrun restart 1: {out} holds no position this job saved, so the command goes as "
+        "given (a fresh run)"
+    )
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job0")  # job0's restart: its run, finished
+    train.main(run)  # chooses its result again (its processes may have died doing so)
+    assert first_line(capsys) == (
+        f"torchrun restart 1: the run goes on from {out / 'last.pt'} (after phase 2 epoch 1), "
+        "whatever the command says"
+    )
