@@ -96,7 +96,7 @@ def main(argv=None):
     started = time.monotonic()  # a --time-budget counts from here
     resolved = resolve(argv)  # final: Table 1, the presets, a continued run's rules
     args, start = resolved.options, resolved.start
-    procs = init_distributed(args.device)
+    procs = init_distributed(args.device, args.dist_timeout)
     device = pick_device(args.device, procs.local_rank)
     refuse_what_cannot_run(args, device, procs)
     # Checked before a folder is claimed or an image decoded (layout, CSVs, weights): seconds.

@@ -2,6 +2,10 @@
 and locks, atomic files, seeding and random state, devices. It imports nothing of this project's:
 every other module may use it.
 
+Under torchrun every collective of a run waits --dist-timeout at most, but for the waits that may
+rightly take long (LONG_WAIT: wait_for_others); a collective that fails ends the script with a
+line naming the timeout and the way on (exits_on_problems).
+
 Who writes a file that several processes could write (under torchrun, on one machine or on
 several that share a filesystem):
 - a run's checkpoints and history.csv: the first process of the job alone (checkpoint.RunFolder),
@@ -48,7 +52,8 @@ class Done(Exception):
 
 def exits_on_problems(main):
     """A script's main, which turns a Problem into its message and exit status 1, a Done into its
-    message and status 0."""
+    message and status 0, and a collective's failure under torchrun into a message naming the
+    timeout and the way on (status 1, which torchrun's --max-restarts restarts)."""
 
     @functools.wraps(main)
     def script(*args, **kwargs):
@@ -59,6 +64,10 @@ def exits_on_problems(main):
         except Done as done:
             log(str(done))
             return None
+        except RuntimeError as error:  # a collective's: another process hung or ended
+            if not collective_failed(error):
+                raise
+            raise SystemExit(peer_lost(error)) from None
 
     return script
 
@@ -80,14 +89,18 @@ class Processes(NamedTuple):
     world_size: int
 
 
-# Long enough for the first process of each machine to build a large cache while others wait.
+# What a process waits for at most where another may rightly take long: the first process of each
+# machine building a large cache, the first process alone choosing the run's result. Every other
+# wait of a run is a collective, bounded by --dist-timeout.
 LONG_WAIT = timedelta(hours=3)
+DIST_TIMEOUT = 600  # seconds: --dist-timeout's default, PyTorch's own for NCCL
+_job = {"timeout": timedelta(seconds=DIST_TIMEOUT), "long": None}  # init_distributed's
 
 
-def init_distributed(device_name):
+def init_distributed(device_name, timeout=DIST_TIMEOUT):
     """Join the process group when torchrun started this process: NCCL on CUDA, gloo on the CPU,
-    on a namespace of torchrun's store that is this start's alone (attempt_store). Returns its
-    Processes."""
+    each collective bounded by `timeout` seconds, on a namespace of torchrun's store that is this
+    start's alone (attempt_store). Returns its Processes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return Processes(0, 0, 1)
@@ -103,8 +116,15 @@ def init_distributed(device_name):
             f"the job's {world} processes did not all start within "
             f"{typed_duration(LONG_WAIT)} ({error}); start the job again (with --resume auto)"
         ) from None
-    backend = "nccl" if cuda else "gloo"
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=LONG_WAIT)
+    _job["timeout"] = timedelta(seconds=timeout)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=_job["timeout"],
+    )
+    _job["long"] = dist.new_group(backend="gloo", timeout=LONG_WAIT)
     return Processes(rank, local_rank, world)
 
 
@@ -158,11 +178,61 @@ def local_main_first(local_rank):
     """The block runs on each machine's first process first (building the cache, writing the demo
     data), then on the others, which find the work done. If the first fails, torchrun ends them
     all."""
+    what = "the first process of this machine to write the demo data and build the cache"
     if dist.is_initialized() and local_rank != 0:
-        dist.barrier()
+        wait_for_others(what)
     yield
     if dist.is_initialized() and local_rank == 0:
-        dist.barrier()
+        wait_for_others(what)
+
+
+def wait_for_others(what):
+    """Every process waits here for the others, for up to LONG_WAIT rather than --dist-timeout:
+    one of them is doing `what`, which may rightly take long. On a gloo group of its own (the GPU
+    does not wait); past LONG_WAIT the process stops, saying what it waited for."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier(group=_job["long"])
+    except RuntimeError as error:
+        if not timed_out(error):
+            raise
+        raise Problem(
+            f"waited {typed_duration(LONG_WAIT)} for {what}, which has not finished (see its "
+            "log); this process stops. Once it is unstuck, start the job again with --resume auto"
+        ) from None
+
+
+# What the errors of a failed collective say (gloo's and NCCL's, PyTorch 2.14): a plain
+# RuntimeError, but for NCCL's DistBackendError.
+COLLECTIVE_ERRORS = ("gloo", "NCCL", "pair closure", "by peer", "Timed out waiting")
+
+
+def collective_failed(error):
+    """Whether `error` is a collective's of the process group failing: another process stopped
+    answering (timed_out) or ended."""
+    return dist.is_initialized() and (
+        isinstance(error, dist.DistError) or any(m in str(error) for m in COLLECTIVE_ERRORS)
+    )
+
+
+def timed_out(error):
+    return "timed out" in str(error).lower() or "timeout" in str(error).lower()
+
+
+def peer_lost(error):
+    """What a process says as it stops because a collective failed: why, and the way on."""
+    why = "another process of the run ended (its own lines say why)"
+    if timed_out(error):
+        why = (
+            f"no answer from another process of the run in --dist-timeout "
+            f"{typed_duration(_job['timeout'])} (it hung, or its machine was lost)"
+        )
+    return (
+        f"{why}, so this one stops too. torchrun --max-restarts N goes on by itself from the "
+        "last position saved; otherwise run the command again with --resume auto (it continues "
+        "the run in --out)"
+    )
 
 
 def broadcast_buffers(module):
@@ -233,9 +303,8 @@ class StopRequest:
         self.signal, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {number: signal.signal(number, self._note) for number in self.SIGNALS}
-        # As long as the process group's own: the others wait here while the first process
-        # alone averages the last epochs (train.select_result).
-        timeout = timedelta(hours=3)
+        # The process group's own (--dist-timeout): it is asked at every step.
+        timeout = _job["timeout"]
         self.group = (
             dist.new_group(backend="gloo", timeout=timeout) if dist.is_initialized() else None
         )

@@ -34,8 +34,8 @@ if [ "${NPROC:-1}" -gt 1 ]; then
     # torchrun gives its workers 30 s after passing on a signal, then kills them: too little for
     # a validation and a checkpoint. 170 s of the 180 that --signal leaves before the limit.
     export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-170}
-    # A worker that dies is started again with the others, which go on from the last position
-    # saved: --save-every-steps bounds what a restart trains again.
+    # A worker that dies (or hangs past --dist-timeout) is started again with the others, which
+    # go on from the last position saved: --save-every-steps bounds what a restart trains again.
     launch=(torchrun --standalone --max-restarts "${MAX_RESTARTS:-3}" --nproc_per_node "$NPROC")
 else
     launch=(python)

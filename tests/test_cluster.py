@@ -1,9 +1,10 @@
 """What a cluster does to a run (twophase/cluster.py, utils.init_distributed): torchrun starting
-its workers again after one died, --resume auto. Two gloo processes on the CPU, forked from this
-one where torchrun itself is not what is tested."""
+its workers again after one died, a worker that hangs, --resume auto. Two gloo processes on the
+CPU, forked from this one where torchrun itself is not what is tested."""
 
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ import torch.distributed as dist
 import train
 import utils
 from conftest import REPO, TINY, make_dataset, stop_at
-from test_distributed import forked_ddp
+from test_distributed import ddp_worker, forked_ddp, free_port
+from twophase import augment
 
 # 36 training images, 18 a process in batches of 4: 4 batches an epoch (with one process, 9).
 EPOCHS = ["--epochs1", "1", "--epochs2", "2"]
@@ -115,6 +117,98 @@ def test_a_worker_killed_under_torchrun_is_restarted_and_the_run_ends_as_an_unin
         "epoch 1), whatever the command says"
     ) in errors
     assert "holds a run" not in errors
+    same_weights(tmp_path / "straight" / "last.pt", out / "last.pt")
+
+
+# ----------------------------------------------------------------------------- a hung worker
+
+
+def stopped_worker(rank, world, port, argv, folder):
+    """ddp_worker; the process of rank 1 stops itself (SIGSTOP) as its 7th training batch is
+    augmented, noting when."""
+    if rank == 1:
+        real, calls = augment.DeviceAugment.forward, [0]
+
+        def forward(self, *args, **kwargs):
+            calls[0] += 1
+            if calls[0] == 7:
+                (folder / "stopped_at").write_text(str(time.time()))
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return real(self, *args, **kwargs)
+
+        augment.DeviceAugment.forward = forward  # in this forked process alone
+    ddp_worker(rank, world, port, argv, folder)
+
+
+def test_a_hung_worker_ends_the_other_within_the_timeout_saying_how_to_go_on(
+    data, tmp_path, narrow_models
+):
+    """SIGSTOP to one of two workers in Phase II, --dist-timeout 5s: the other stops in about
+    five seconds (not the three hours every collective once waited), naming the timeout and the
+    way on, and the files it leaves load."""
+    out = tmp_path / "ck"
+    argv = [
+        str(a)
+        for a in ["--data", data, *TINY, *EPOCHS, "--save-every-steps", "2", "--out", out]
+        + ["--dist-timeout", "5s"]
+    ]
+    context, port = multiprocessing.get_context("fork"), free_port()
+    workers = [
+        context.Process(target=stopped_worker, args=(rank, 2, port, argv, tmp_path))
+        for rank in range(2)
+    ]
+    for worker in workers:
+        worker.start()
+    workers[0].join(timeout=120)
+    ended = time.time()
+    workers[1].kill()
+    workers[1].join()
+    assert workers[0].exitcode == 1
+    waited = ended - float((tmp_path / "stopped_at").read_text())
+    print(f"the first worker stopped {waited:.1f} s after the second hung")
+    assert 5 <= waited < 15
+    message = (tmp_path / "rank0.log").read_text().strip().splitlines()[-1]
+    assert message.startswith(
+        "no answer from another process of the run in --dist-timeout 5s (it hung, or its "
+        "machine was lost), so this one stops too"
+    )
+    assert "--resume auto" in message and "torchrun --max-restarts" in message
+    for name in ("last.pt", "phase1.pt", "best.pt"):
+        torch.load(out / name, weights_only=True)
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.slow
+def test_a_hung_worker_under_torchrun_is_restarted_and_the_run_ends_as_an_uninterrupted_one(
+    data, tmp_path, narrow_models
+):
+    """SIGSTOP to one of two workers: the other stops after --dist-timeout, torchrun kills the
+    hung one (after its shutdown timeout) and starts both again, which go on from the position
+    saved."""
+    run = ["--data", data, *TINY, *EPOCHS, "--save-every-steps", "2"]
+    assert forked_ddp([*run, "--out", tmp_path / "straight"], tmp_path) == [0, 0]
+    out = tmp_path / "ck"
+    note = tmp_path / "stopped_at"
+    job = torchrun(
+        "step=7",
+        "train.py",
+        *run,
+        "--out",
+        out,
+        "--dist-timeout",
+        "5s",
+        env={"PREEMPT_SIGNAL": "STOP", "PREEMPT_NOTE": str(note)},
+    )
+    deadline = time.monotonic() + 120
+    while not note.is_file() or len(note.read_text().split()) < 2:
+        assert time.monotonic() < deadline and job.poll() is None
+        time.sleep(0.1)
+    time.sleep(8)  # the other worker's timeout, and torchrun seeing it end
+    os.kill(int(note.read_text().split()[1]), signal.SIGKILL)  # else torchrun waits 30 s for it
+    errors = job.communicate(timeout=240)[1]
+    assert job.returncode == 0, errors[-3000:]
+    assert "no answer from another process of the run in --dist-timeout 5s" in errors
+    assert "torchrun restart 1: the run goes on from" in errors
     same_weights(tmp_path / "straight" / "last.pt", out / "last.pt")
 
 

@@ -1,8 +1,8 @@
 """What a cluster does to a run, and how the run takes it: torchrun starting a job's processes
 again after one of them died (the run goes on from the position that job saved, whatever the
 command says), --resume auto (a job script's: the run in --out goes on where there is one, a
-fresh one starts where there is none). The process group's own defence (a namespace of
-torchrun's store for each start) is utils.init_distributed's.
+fresh one starts where there is none). The process group's own defences (a timeout on every
+collective, a namespace of torchrun's store for each start) are utils.init_distributed's.
 """
 
 import os

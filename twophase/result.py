@@ -18,7 +18,7 @@ from twophase.checkpoint import (
 from twophase.inference import averaged_model, bn_loader, count_correct, update_bn
 from twophase.loader import make_loader
 from twophase.schedule import size_step
-from utils import log
+from utils import log, wait_for_others
 
 
 def select_result(run):
@@ -27,7 +27,8 @@ def select_result(run):
     better; with --test-size auto, best.pt is marked with the test size (and batch norm) that
     validates best; with --tta auto, with whether horizontal-flip test-time augmentation
     validates better. The first process alone (the epoch files are its), on the whole validation
-    split; the others wait. A run stopped here does it again when resumed, with the same result."""
+    split; the others wait (for up to utils.LONG_WAIT, however short --dist-timeout is). A run
+    stopped here does it again when resumed, with the same result."""
     args = run.args
     if run.rank == 0 and run.history and len(run.splits.val):
         if args.average_last:
@@ -36,7 +37,7 @@ def select_result(run):
             choose_test_size(run)
         if args.tta == "auto":
             mark_tta(run)
-    run.stop.barrier()
+    wait_for_others("the first process to choose the run's result")
 
 
 def validation_loader(run, side):
