@@ -1,9 +1,11 @@
 """What a cluster does to a run (twophase/cluster.py, utils.init_distributed): torchrun starting
-its workers again after one died, a worker that hangs, --resume auto. Two gloo processes on the
-CPU, forked from this one where torchrun itself is not what is tested."""
+its workers again after one died, a worker that hangs, --resume auto, another number of
+processes on resume. Two gloo processes on the CPU, forked from this one where torchrun itself
+is not what is tested."""
 
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,12 +14,16 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import train
 import utils
-from conftest import REPO, TINY, make_dataset, stop_at
+from conftest import REPO, TINY, examples, make_dataset, stop_at
 from test_distributed import ddp_worker, forked_ddp, free_port
-from twophase import augment
+from twophase import augment, cluster
+from twophase.resolve import resolve
+from utils import Problem
 
 # 36 training images, 18 a process in batches of 4: 4 batches an epoch (with one process, 9).
 EPOCHS = ["--epochs1", "1", "--epochs2", "2"]
@@ -276,3 +282,62 @@ def test_a_restart_goes_on_from_its_own_jobs_position_only(
         f"torchrun restart 1: the run goes on from {out / 'last.pt'} (after phase 2 epoch 1), "
         "whatever the command says"
     )
+
+
+# ----------------------------------------------------------------------------- other processes
+
+
+def test_a_run_goes_on_with_another_number_of_processes_from_an_epochs_end(
+    tiny_args, tmp_path, capsys
+):
+    """One process, then two: the next epoch is shared out two ways (18 images: 4 batches of 4
+    for one process, 2 for each of two), and the first lines say the global batch and rates."""
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
+    out = tmp_path / "ck"
+    argv = ["--resume", "auto", "--out", out, "--epochs2", "2"]
+    assert forked_ddp(argv, tmp_path) == [0, 0]
+    lines = (tmp_path / "rank0.log").read_text().splitlines()
+    assert lines[:2] == [
+        f"--resume auto: the run in {out} goes on from last.pt (after phase 2 epoch 1)",
+        "the run had 1 process(es), this one has 2: each epoch from here is shared out 2 way(s), "
+        "a global batch of 8 (it was 4), at the learning rates the options give, not rescaled "
+        "(--lr1 0.0005, --lr2 0.0005); --batch-size 2 keeps the global batch of 4",
+    ]
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert state["world_size"] == 2 and [r["steps"] for r in state["history"]] == [4, 4, 2]
+
+
+def test_a_run_stopped_mid_epoch_is_refused_another_number_of_processes_in_a_sentence(
+    tiny_args, tmp_path, monkeypatch
+):
+    with monkeypatch.context() as patch:
+        stop_at(patch, "step=6")
+        with pytest.raises(SystemExit):
+            train.main(tiny_args + ["--epochs1", "1", "--epochs2", "1"])
+    last = tmp_path / "ck" / "last.pt"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 would start it
+    with pytest.raises(Problem) as refused:
+        resolve(["--resume", str(last)])
+    assert str(refused.value) == (
+        f"{last} stopped phase 2, 2 batches into epoch 1 with 1 process(es), among which that "
+        "epoch's batches are shared out, and this run has 2: finish that epoch with 1 (python "
+        f"train.py --resume {last}), after which any number of processes goes on from an epoch's "
+        "end"
+    )
+
+
+@settings(max_examples=examples(50))
+@given(*[st.integers(1, n) for n in (16, 16, 128, 4, 4)])
+def test_the_global_batch_said_is_the_one_trained_and_the_batch_offered_keeps_the_old(
+    saved, world, batch, accum, saved_accum
+):
+    saved_args = {"batch_size": batch, "accum_steps": saved_accum}
+    options = {"batch_size": batch, "accum_steps": accum, "lr1": 5e-4, "lr2": 1e-3}
+    line = cluster.global_batch_line(saved_args, options, saved, world)
+    was, now = batch * saved_accum * saved, batch * accum * world
+    assert f"a global batch of {now} (it was {was})" in line
+    offered = re.search(r"--batch-size (\d+) keeps the global batch of (\d+)$", line)
+    if offered:
+        assert int(offered[1]) * accum * world == int(offered[2]) == was != now
+    else:
+        assert was == now or was % (accum * world)
