@@ -397,6 +397,24 @@ def atomic_file(path, mode="wb", **open_kwargs):
         tmp.unlink(missing_ok=True)
 
 
+class WriteErrors:
+    """A file open for writing that keeps the OSError a write raised (`error`): torch.save turns
+    one (a full disk's) into a RuntimeError ("unexpected pos") that no longer says what it was."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
 def replace(source, destination, tries=20):
     """os.replace, tried again for a while where the destination is open (Windows refuses to
     replace a file another process is reading, a checkpoint that evaluate.py has open, say)."""

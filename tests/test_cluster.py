@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 import train
 import utils
-from conftest import REPO, TINY, examples, make_dataset, stop_at
+from conftest import REPO, TINY, Killed, examples, make_dataset, stop_at
 from test_distributed import ddp_worker, forked_ddp, free_port
-from twophase import augment, cluster
+from twophase import augment, checkpoint, cluster
 from twophase.resolve import resolve
 from utils import Problem
 
@@ -256,6 +256,36 @@ def test_resume_auto_starts_a_run_continues_it_and_leaves_it_once_finished(
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
     train.main(command[:-2] + ["--resume", "auto", "--epochs2", "3"])  # asked for more: it trains
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
+
+
+def test_resume_auto_goes_on_from_phase1_pt_where_a_run_stopped_before_last_pt(
+    tiny_args, tmp_path, monkeypatch, capsys
+):
+    """Stopped as Phase I's last epoch was being saved, after phase1.pt and before last.pt (the
+    last file an epoch writes): phase1.pt is the further, and the run goes on from it."""
+    run = tiny_args + ["--epochs1", "2", "--epochs2", "1"]
+    train.main(run + ["--out", str(tmp_path / "straight")])
+    real, calls = checkpoint.save_checkpoints, [0]
+
+    def killed_before_last(state, paths):
+        calls[0] += 1
+        if calls[0] == 2:  # Phase I's second epoch: phase1.pt, (best.pt,) last.pt
+            real(state, paths[:-1])
+            raise Killed
+        real(state, paths)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_checkpoints", killed_before_last)
+        with pytest.raises(Killed):
+            train.main(run)
+    out = tmp_path / "ck"
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+    capsys.readouterr()
+    train.main(["--resume", "auto", "--out", str(out)])
+    assert first_line(capsys) == (
+        f"--resume auto: the run in {out} goes on from phase1.pt (after phase 1 epoch 2)"
+    )
+    same_weights(tmp_path / "straight" / "last.pt", out / "last.pt")
 
 
 def test_a_restart_goes_on_from_its_own_jobs_position_only(

@@ -3,7 +3,7 @@ again after one of them died (the run goes on from the position that job saved, 
 command says), --resume auto (a job script's: the run in --out goes on where there is one, a
 fresh one starts where there is none), and another number of processes than the run had. The
 process group's own defences (a timeout on every collective, a namespace of torchrun's store for
-each start) are utils.init_distributed's.
+each start) are utils.init_distributed's; a full disk's, checkpoint.RunFolder.save's.
 """
 
 import os

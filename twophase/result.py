@@ -87,7 +87,7 @@ def choose_test_size(run):
         measured = measured_net.state_dict()
         state["test_bn"] = {k: measured[k].cpu() for k, _ in measured_net.named_buffers()}
         state["test_bn_of"] = weights_kind(state)
-    run.saver.folder.save(state, [BEST_PT], run.history, must=True)
+    run.saver.folder.save(state, [BEST_PT], run.history)
     log(
         f"--test-size auto: best.pt validated at {'; '.join(results)} -> {side} px, batch norm "
         f"{how}: evaluate.py and predict.py use it"
@@ -110,7 +110,7 @@ def average_last_epochs(run, val):
     acc, best = correct / seen, run.best_so_far()
     names = [AVERAGED_PT] + ([BEST_PT] if acc > best else [])
     state = averaged_checkpoint(states[-1], net.state_dict(), paths, acc)
-    folder.save(state, names, run.history, must=True)
+    folder.save(state, names, run.history)
     if BEST_PT in names:
         run.averaged = (records, acc)
     log(
@@ -159,7 +159,7 @@ def mark_tta(run):
     plain, seen = count_correct(net, val, run.eval_preprocess, run.device, run.dtype)
     flipped, _ = count_correct(net, val, run.eval_preprocess, run.device, run.dtype, tta=True)
     state["tta"] = flipped > plain
-    run.saver.folder.save(state, [BEST_PT], run.history, must=True)
+    run.saver.folder.save(state, [BEST_PT], run.history)
     log(
         f"best.pt with horizontal-flip test-time augmentation: val acc {flipped / seen:.4f}, "
         f"without: {plain / seen:.4f} -> evaluate.py and predict.py use it "
