@@ -94,7 +94,7 @@ def main(argv=None):
     started = time.monotonic()  # a --time-budget counts from here
     resolved = resolve(argv)  # final: Table 1, the presets, a continued run's rules
     args, start = resolved.options, resolved.start
-    procs = init_distributed(args.device)
+    procs = init_distributed(args.device, args.dist_timeout)
     device = pick_device(args.device, procs.local_rank)
     refuse_what_cannot_run(args, device, procs)
     # Checked before a folder is claimed or an image decoded (layout, CSVs, weights): seconds.
@@ -139,9 +139,6 @@ def main(argv=None):
         log(demo_next_steps(args))
     if procs.world_size > 1:
         torch.distributed.destroy_process_group()
-    if folder.unwritten:
-        unwritten = "; ".join(folder.unwritten.values())
-        raise SystemExit(f"the run ended, but these files could not be written: {unwritten}")
     return run
 
 
@@ -348,7 +345,7 @@ def train_epoch(run, phase, epoch, resumed=(0, None)):
             if stop or (done < total and every and done % every == 0):
                 check_position(run, phase.number, epoch, tally)
                 position = tally.saved(time.perf_counter() - t0)
-                run.saver.save_position(args, run.history, phase, epoch, position, must=stop)
+                run.saver.save_position(args, run.history, phase, epoch, position)
             if stop:
                 run.stop.barrier()  # no process exits before the first has written last.pt
                 where = f"{done} batches into phase {phase.number} epoch {epoch + 1}"

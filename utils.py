@@ -2,6 +2,10 @@
 and locks, atomic files, seeding and random state, devices. It imports nothing of this project's:
 every other module may use it.
 
+Under torchrun every collective of a run waits --dist-timeout at most, but for the waits that may
+rightly take long (LONG_WAIT: wait_for_others); a collective that fails ends the script with a
+line naming the timeout and the way on (exits_on_problems).
+
 Who writes a file that several processes could write (under torchrun, on one machine or on
 several that share a filesystem):
 - a run's checkpoints and history.csv: the first process of the job alone (checkpoint.RunFolder),
@@ -19,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -40,8 +45,15 @@ class MissingFile(Problem, FileNotFoundError):
     """A file the user named that is not there: a Problem, and a FileNotFoundError."""
 
 
+class Done(Exception):
+    """What ends a script at once with status 0, the work asked of it being done: its message
+    says so."""
+
+
 def exits_on_problems(main):
-    """A script's main, which turns a Problem into its message and exit status 1."""
+    """A script's main, which turns a Problem into its message and exit status 1, a Done into its
+    message and status 0, and a collective's failure under torchrun into a message naming the
+    timeout and the way on (status 1, which torchrun's --max-restarts restarts)."""
 
     @functools.wraps(main)
     def script(*args, **kwargs):
@@ -49,6 +61,13 @@ def exits_on_problems(main):
             return main(*args, **kwargs)
         except Problem as problem:
             raise SystemExit(str(problem)) from None
+        except Done as done:
+            log(str(done))
+            return None
+        except RuntimeError as error:  # a collective's: another process hung or ended
+            if not collective_failed(error):
+                raise
+            raise SystemExit(peer_lost(error)) from None
 
     return script
 
@@ -70,9 +89,18 @@ class Processes(NamedTuple):
     world_size: int
 
 
-def init_distributed(device_name):
-    """Join the process group when torchrun started this process: NCCL on CUDA, gloo on the CPU.
-    Returns its Processes."""
+# What a process waits for at most where another may rightly take long: the first process of each
+# machine building a large cache, the first process alone choosing the run's result. Every other
+# wait of a run is a collective, bounded by --dist-timeout.
+LONG_WAIT = timedelta(hours=3)
+DIST_TIMEOUT = 600  # seconds: --dist-timeout's default, PyTorch's own for NCCL
+_job = {"timeout": timedelta(seconds=DIST_TIMEOUT), "long": None}  # init_distributed's
+
+
+def init_distributed(device_name, timeout=DIST_TIMEOUT):
+    """Join the process group when torchrun started this process: NCCL on CUDA, gloo on the CPU,
+    each collective bounded by `timeout` seconds, on a namespace of torchrun's store that is this
+    start's alone (attempt_store). Returns its Processes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return Processes(0, 0, 1)
@@ -80,9 +108,62 @@ def init_distributed(device_name):
     cuda = device_name != "cpu" and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    # Long enough for the first process of each machine to build a large cache while others wait.
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=3))
+    try:
+        store, _, _ = next(dist.rendezvous("env://", timeout=LONG_WAIT))
+        store = attempt_store(store, rank, world)
+    except RuntimeError as error:
+        raise Problem(
+            f"the job's {world} processes did not all start within "
+            f"{typed_duration(LONG_WAIT)} ({error}); start the job again (with --resume auto)"
+        ) from None
+    _job["timeout"] = timedelta(seconds=timeout)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo",
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=_job["timeout"],
+    )
+    _job["long"] = dist.new_group(backend="gloo", timeout=LONG_WAIT)
     return Processes(rank, local_rank, world)
+
+
+def attempt_store(store, rank, world):
+    """A namespace of the job's `store` for this start of its processes alone. torchrun's agent
+    keeps one store for every restart of a job (TORCHELASTIC_USE_AGENT_STORE), and PyTorch
+    (2.14) keys a process group's entries there alike at each start: a restarted process would
+    read the addresses of the processes that died and fail ("Gloo connectFullMesh failed ...
+    Connection refused"), or wait for them. TORCHELASTIC_RESTART_COUNT cannot name the namespace:
+    each machine's agent counts its own restarts. So the first process draws a name, and hands
+    it to each other process in answer to a name that process drew itself: nothing left by the
+    processes that died can pass for an answer."""
+    ours = f"twophase/{uuid.uuid4().hex}"
+    if rank != 0:
+        store.set(f"twophase/asks/{rank}", ours)
+        name = store.get(f"{ours}/answer").decode()  # waits up to the store's timeout
+        store.set(f"{name}/joined/{rank}", "")
+        return dist.PrefixStore(f"{name}/", store)
+    waiting, deadline = set(range(1, world)), time.monotonic() + LONG_WAIT.total_seconds()
+    while waiting:
+        for other in sorted(waiting):
+            if store.check([f"{ours}/joined/{other}"]):
+                waiting.discard(other)
+            elif store.check([f"twophase/asks/{other}"]):  # its own, or a dead process's
+                store.set(f"{store.get(f'twophase/asks/{other}').decode()}/answer", ours)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no answer from the processes of rank {sorted(waiting)}")
+        time.sleep(0.02)
+    return dist.PrefixStore(f"{ours}/", store)
+
+
+def typed_duration(delta):
+    """A timedelta or seconds as a duration is typed (options.duration): 3h, 10m, 1h30m, 5s."""
+    seconds = delta.total_seconds() if isinstance(delta, timedelta) else float(delta)
+    if seconds < 60 and not seconds.is_integer():
+        return f"{seconds:g}s"
+    seconds = round(seconds)
+    parts = [(seconds // 3600, "h"), (seconds % 3600 // 60, "m"), (seconds % 60, "s")]
+    return "".join(f"{n}{unit}" for n, unit in parts if n) or "0s"
 
 
 def is_main_process():
@@ -97,11 +178,61 @@ def local_main_first(local_rank):
     """The block runs on each machine's first process first (building the cache, writing the demo
     data), then on the others, which find the work done. If the first fails, torchrun ends them
     all."""
+    what = "the first process of this machine to write the demo data and build the cache"
     if dist.is_initialized() and local_rank != 0:
-        dist.barrier()
+        wait_for_others(what)
     yield
     if dist.is_initialized() and local_rank == 0:
-        dist.barrier()
+        wait_for_others(what)
+
+
+def wait_for_others(what):
+    """Every process waits here for the others, for up to LONG_WAIT rather than --dist-timeout:
+    one of them is doing `what`, which may rightly take long. On a gloo group of its own (the GPU
+    does not wait); past LONG_WAIT the process stops, saying what it waited for."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier(group=_job["long"])
+    except RuntimeError as error:
+        if not timed_out(error):
+            raise
+        raise Problem(
+            f"waited {typed_duration(LONG_WAIT)} for {what}, which has not finished (see its "
+            "log); this process stops. Once it is unstuck, start the job again with --resume auto"
+        ) from None
+
+
+# What the errors of a failed collective say (gloo's and NCCL's, PyTorch 2.14): a plain
+# RuntimeError, but for NCCL's DistBackendError.
+COLLECTIVE_ERRORS = ("gloo", "NCCL", "pair closure", "by peer", "Timed out waiting")
+
+
+def collective_failed(error):
+    """Whether `error` is a collective's of the process group failing: another process stopped
+    answering (timed_out) or ended."""
+    return dist.is_initialized() and (
+        isinstance(error, dist.DistError) or any(m in str(error) for m in COLLECTIVE_ERRORS)
+    )
+
+
+def timed_out(error):
+    return "timed out" in str(error).lower() or "timeout" in str(error).lower()
+
+
+def peer_lost(error):
+    """What a process says as it stops because a collective failed: why, and the way on."""
+    why = "another process of the run ended (its own lines say why)"
+    if timed_out(error):
+        why = (
+            f"no answer from another process of the run in --dist-timeout "
+            f"{typed_duration(_job['timeout'])} (it hung, or its machine was lost)"
+        )
+    return (
+        f"{why}, so this one stops too. torchrun --max-restarts N goes on by itself from the "
+        "last position saved; otherwise run the command again with --resume auto (it continues "
+        "the run in --out)"
+    )
 
 
 def broadcast_buffers(module):
@@ -172,9 +303,8 @@ class StopRequest:
         self.signal, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {number: signal.signal(number, self._note) for number in self.SIGNALS}
-        # As long as the process group's own: the others wait here while the first process
-        # alone averages the last epochs (train.select_result).
-        timeout = timedelta(hours=3)
+        # The process group's own (--dist-timeout): it is asked at every step.
+        timeout = _job["timeout"]
         self.group = (
             dist.new_group(backend="gloo", timeout=timeout) if dist.is_initialized() else None
         )
@@ -265,6 +395,24 @@ def atomic_file(path, mode="wb", **open_kwargs):
         replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class WriteErrors:
+    """A file open for writing that keeps the OSError a write raised (`error`): torch.save turns
+    one (a full disk's) into a RuntimeError ("unexpected pos") that no longer says what it was."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.file.flush()
 
 
 def replace(source, destination, tries=20):

@@ -27,6 +27,7 @@ PARSERS = {
 # Options of other programs that the pages name: torchrun's, SLURM's, pip's.
 FOREIGN = {"--nproc_per_node", "--nnodes", "--node_rank", "--rdzv_id", "--rdzv_backend"}
 FOREIGN |= {"--rdzv_endpoint", "--standalone", "--signal", "--gres", "--requeue", "--open-mode"}
+FOREIGN |= {"--max-restarts", "--nproc-per-node"}
 FOREIGN |= {"--logdir"}  # tensorboard's
 FOREIGN |= {"--docs"}  # python -m twophase.options --docs
 # Stand-ins for the shell's variables and patterns in the commands.

@@ -1,5 +1,6 @@
 """jobs/slurm.sh's decisions, with stand-ins for srun, scontrol, python and torchrun: a run stopped
-by a signal requeues the job, one that failed does not, and the next start resumes."""
+by a signal requeues the job, one that failed does not, every start is --resume auto's (which
+tests/test_cluster.py tests), and under torchrun a worker's death restarts the workers."""
 
 import os
 import subprocess
@@ -60,21 +61,19 @@ def test_a_preempted_run_requeues_the_job_and_the_next_start_resumes(job):
     run, out = job
     status, calls = run("preempted")
     assert status == 0 and calls == [
-        f"python train.py --data photos --out {out}",
+        f"python train.py --data photos --out {out} --resume auto",
         "scontrol requeue 42",
     ]
-    (out / "last.pt").write_bytes(b"the position")  # as the stopped run left it
-    status, calls = run("done")
-    assert status == 0 and calls == [
-        f"python train.py --data photos --out {out} --resume {out / 'last.pt'}"
-    ]
+    status, calls = run("done")  # the same command: the run in --out goes on
+    assert status == 0 and calls == [f"python train.py --data photos --out {out} --resume auto"]
 
 
 def test_under_torchrun_the_file_the_run_leaves_tells_a_preemption_from_a_failure(job):
     run, out = job
     status, calls = run("preempted under torchrun", nproc=2)
-    assert (
-        calls[0] == f"torchrun --standalone --nproc_per_node 2 train.py --data photos --out {out}"
+    assert calls[0] == (
+        "torchrun --standalone --max-restarts 3 --nproc_per_node 2 train.py --data photos --out "
+        f"{out} --resume auto"
     )
     assert status == 0 and calls[2] == "scontrol requeue 42"
     status, calls = run("failed", nproc=2)  # the file of the previous start does not count

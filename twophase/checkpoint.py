@@ -12,11 +12,14 @@ function of the options and the epoch), `scaler`, `rng` (one per process), `worl
 weights' moving average, or None) and `eval_weights` (`model` or `ema`: the one that validated
 better); `step` and `progress` when saved mid-epoch; `averaged` and `val_acc` for an average of
 checkpoints; `tta` (whether test-time flips validated better) once --tta auto has chosen,
-`test_size` (the side to test at) once --test-size auto has.
+`test_size` (the side to test at) once --test-size auto has; `launch` (the torchrun job that saved
+it, whose restarts go on from it: cluster.py).
 """
 
 import csv
+import errno
 import math
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +30,7 @@ from model import strip_prefixes
 from utils import (
     MissingFile,
     Problem,
+    WriteErrors,
     atomic_file,
     exclusive,
     gather_from_processes,
@@ -57,6 +61,7 @@ EXTRA |= {"class_counts"}  # the training images of each class, for the report's
 EXTRA |= {"test_size", "test_bn", "test_bn_of"}  # --test-size auto's size, batch norm there
 EXTRA |= {"val_digest"}  # which images were held out for validation
 EXTRA |= {"run_id"}  # which run the checkpoint is of (made as it starts; a resume keeps it)
+EXTRA |= {"launch"}  # the torchrun job that saved it (TORCHELASTIC_RUN_ID): its restarts go on
 
 
 def epoch_file(n):
@@ -179,11 +184,10 @@ def epoch_record(phase, epoch, lr, train, val, seconds, val_seconds):
 def files_for_epoch(history, phase, epoch, phase_epochs, is_best, args):
     """The files that hold the checkpoint of `phase`'s epoch `epoch` (1-based) of `phase_epochs`,
     in the order they are written, and the kept epoch file that has just fallen out of
-    --keep-last's window (or None). phase1.pt comes before last.pt: a resume never needs to redo
-    Phase I."""
-    names = [LAST_PT]
-    if phase == 1 and epoch == phase_epochs:
-        names.insert(0, PHASE1_PT)
+    --keep-last's window (or None). phase1.pt comes first: a resume never needs to redo Phase I;
+    last.pt last: a run stopped before its epoch's files are all written (a full disk, a kill)
+    resumes from the epoch before and writes them all again."""
+    names = [PHASE1_PT] if phase == 1 and epoch == phase_epochs else []
     if is_best:
         names.append(BEST_PT)
     if phase == 2 and args.save_every and epoch % args.save_every == 0:  # 0: none
@@ -197,25 +201,34 @@ def files_for_epoch(history, phase, epoch, phase_epochs, is_best, args):
             )
     keep = max(args.keep_last, args.average_last)  # --average-last averages the kept ones
     if not keep:
-        return names, None
+        return names + [LAST_PT], None
     n = len(history)  # numbered by the run's epoch count
-    return names + [epoch_file(n)], epoch_file(n - keep) if n > keep else None
+    return names + [epoch_file(n), LAST_PT], epoch_file(n - keep) if n > keep else None
 
 
 # ----------------------------------------------------------------------------- files
 
 
 def save_checkpoint(state, path):
+    """`state` written atomically to `path`. A write that fails raises its OSError (a full disk's
+    ENOSPC), which torch.save would have turned into a RuntimeError that no longer says so."""
     with atomic_file(path) as f:
-        torch.save(state, f)
+        recorded = WriteErrors(f)
+        try:
+            torch.save(state, recorded)
+        except RuntimeError:
+            if recorded.error is None:
+                raise
+            raise recorded.error from None
 
 
 def save_checkpoints(state, paths):
-    """One state under several names, serialised once: the first file written, the others copies
-    of it (no second pickling, no second copy of the tensors off the GPU). Copies, not hard links:
-    a file rewritten in place later changes only itself. Each file is written atomically, and
-    one that cannot be (a full disk) does not stop the others: returns {path: OSError}."""
-    written, failed = None, {}
+    """One state under several names, in order, serialised once: the first file written, the
+    others copies of it (no second pickling, no second copy of the tensors off the GPU). Copies,
+    not hard links: a file rewritten in place later changes only itself. Each file is written
+    atomically; the first that cannot be (a full disk) raises its OSError, it and the files after
+    it as they were."""
+    written = None
     for path in map(Path, paths):
         try:
             if written is None:
@@ -225,8 +238,8 @@ def save_checkpoints(state, paths):
                 with atomic_file(path) as f, open(written, "rb") as source:
                     shutil.copyfileobj(source, f)
         except OSError as error:
-            failed[path] = error
-    return failed
+            error.filename = error.filename or str(path)  # a write's error names no file
+            raise
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -246,7 +259,8 @@ def peek(path):
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
-    summary = {key: state.get(key) for key in ("phase", "epoch", "args", "step", "averaged")}
+    keys = ("phase", "epoch", "args", "step", "averaged", "launch")
+    summary = {key: state.get(key) for key in keys}
     summary["val_acc"] = state.get("val_acc")
     del state
     return summary
@@ -318,7 +332,6 @@ class RunFolder:
 
     def __init__(self, path, writer=True):
         self.path, self.writer = Path(path), writer
-        self.unwritten = {}  # file name: why its last write failed
         self.replaced = []  # the files of the run this one replaces, deleted at its first save
         self.written = False
 
@@ -434,34 +447,20 @@ class RunFolder:
         ways += ["train somewhere else:  --out ANOTHER_FOLDER"] * (not phase2_begun) + [over]
         return f"{what}. Either\n" + "\n".join(f"  {way}" for way in ways)
 
-    def save(self, state, names, history, must=False):
-        """history.csv, then `state` under each of `names`, each file atomically: one that cannot
-        be written (a full disk, an unwritable folder) stays as it was, and the message names it
-        and the error. Training goes on and writes it again at its next save; the run ends with
-        an error if a file is still unwritten then, at once if the write `must` succeed. Returns
-        whether every file was written. history.csv comes first: a run killed between the two
-        writes holds a history.csv one epoch ahead of last.pt, which the resumed run writes
-        again, never one behind that no later save would mend."""
+    def save(self, state, names, history):
+        """history.csv, then `state` under each of `names` (last.pt last), each file atomically.
+        A file that cannot be written (a full disk, an unwritable folder) stops the run: it and
+        the files after it stay as they were, loadable, its partial file deleted, and the message
+        names the folder, the space a checkpoint needs and the way on. history.csv comes first: a
+        run stopped between the writes holds a history.csv ahead of last.pt, which the resumed
+        run writes again, never one behind that no later save would mend."""
         self.delete_replaced()
         self.written = True
-        failed = {}
         try:
             write_history_csv(history, self.path / HISTORY_CSV)
+            save_checkpoints(state, [self.path / name for name in names])
         except OSError as error:
-            failed[self.path / HISTORY_CSV] = error
-        failed |= save_checkpoints(state, [self.path / name for name in names])
-        for path in (self.path / name for name in [*names, HISTORY_CSV]):
-            if path in failed:
-                error = failed[path]
-                self.unwritten[path.name] = f"{path}: {error.strerror or error}"
-            else:
-                self.unwritten.pop(path.name, None)
-        for path, error in failed.items():
-            message = f"could not write {path}: {error.strerror or error}; the file is as it was"
-            if must:
-                raise Problem(message)
-            log(f"warning: {message}. Training goes on and tries again at its next save.")
-        return not failed
+            raise Problem(unwritten_advice(self.path, error, state)) from None
 
     def delete_replaced(self):
         """The replaced run's files, once this run is about to write its own."""
@@ -489,6 +488,40 @@ def behind_last(start, last):
     return place(start.state) < place(last)
 
 
+def unwritten_advice(folder, error, state):
+    """Why a save failed, in one sentence with the way on: for a full disk, the space a
+    checkpoint needs (its tensors' bytes) and what is free."""
+    why = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        free = shutil.disk_usage(folder).free
+        why += f": a checkpoint needs about {in_bytes(tensor_bytes(state))}, {in_bytes(free)} free"
+    return (
+        f"could not write {error.filename or 'a file'} in {folder} ({why}), so the run stops with "
+        f"its files there as they were; free the space (or fix the folder), then go on with: "
+        f"python train.py --resume auto --out {folder}"
+    )
+
+
+def tensor_bytes(value):
+    """The bytes of the tensors in a nested dict or list: a checkpoint's size, near enough."""
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def in_bytes(n):
+    """A number of bytes as 512 B, 1.2 MB, 3.4 GB."""
+    for unit in ("B", "KB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
 def place(state):
     return (state["phase"], state["epoch"], state.get("step") or 0)
 
@@ -513,6 +546,7 @@ class Checkpointer:
             "val_digest": splits.val.digest(),  # which images were held out for validation
             "run_id": start.run_id(),
             "command": start.command(),  # as typed: the report's Command line
+            "launch": os.environ.get("TORCHELASTIC_RUN_ID"),  # its restarts go on from here
         }
         self.saved_at = None  # where last.pt was last written by this run, in words
 
@@ -551,16 +585,17 @@ class Checkpointer:
             names, stale = files_for_epoch(
                 history, phase.number, epoch, phase.epochs, is_best, args
             )
-            if self.folder.save(state, names, history) and stale:
+            self.folder.save(state, names, history)
+            if stale:
                 self.folder.remove(stale)
         self.saved_at = f"phase {phase.number} epoch {epoch}"
 
-    def save_position(self, args, history, phase, epoch, partial, must):
+    def save_position(self, args, history, phase, epoch, partial):
         """last.pt in the middle of an epoch: the batches done and their record so far (the
         partial epoch's, kept under the key `progress`)."""
         partial = gather_from_processes(partial)  # every process
         step = len(partial[0]["sizes"])
         state = self.state(args, history, phase, epoch, step=step, progress=partial)
         if self.procs.rank == 0:
-            self.folder.save(state, [LAST_PT], history, must=must)
+            self.folder.save(state, [LAST_PT], history)
         self.saved_at = f"phase {phase.number}, {step} batches into epoch {epoch + 1}"

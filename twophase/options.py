@@ -22,6 +22,7 @@ from twophase import continuing as rules
 from twophase.augment import Augmentation
 from twophase.image_cache import RESIZE_MODES
 from twophase.schedule import OPTIMIZERS
+from utils import DIST_TIMEOUT, LONG_WAIT, typed_duration
 
 USAGE = """Fine-tune an ImageNet-pretrained ResNet in two phases (the report's Algorithm 1).
 
@@ -45,6 +46,14 @@ def duration(text):
     if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
         raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90m, 2h, 1h30m, 600s)")
     return sum(float(n) * units[u] for n, u in parts)
+
+
+def timeout(text):
+    """Seconds of a duration (90m, 10m, 600s), or a plain number of seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        return duration(text)
 
 
 def parameter_count(text):
@@ -846,6 +855,20 @@ OPTIONS = (
             check=at_least(0, "must be 0 or more (0: none)"),
         ),
         Option(
+            ("--dist-timeout",),
+            DIST_TIMEOUT,
+            "under torchrun, how long a process waits for the others at each collective of "
+            "training and validation (seconds, or 90s, 10m, 1h): one that stopped answering ends "
+            "the run, saying so, rather than stalling every process (waiting for a machine's "
+            "first process to build the cache has a budget of its own, "
+            f"{typed_duration(LONG_WAIT)})",
+            type=timeout,
+            metavar="DURATION",
+            resume="the processes of the continued run wait that long",
+            other=("20m",),
+            check=above(0),
+        ),
+        Option(
             ("--tensorboard",),
             help="write TensorBoard curves (losses, accuracies, lr, images/s each epoch; the "
             "training loss every --tensorboard-every steps) into DIR, or the run's folder; "
@@ -886,8 +909,10 @@ OPTIONS = (
             ("--resume",),
             help="continue a run from its last.pt, in that checkpoint's folder: its saved options "
             "hold, and each option given here is applied to the rest of the run or refused "
-            "(docs/checkpoints.md)",
-            metavar="PATH",
+            "(docs/checkpoints.md); auto: the run in --out goes on from its last.pt (or "
+            "phase1.pt) where it has one, a fresh run starts where it has none, and a finished "
+            "run is left as it is. Under torchrun's restarts a run goes on by itself",
+            metavar="PATH|auto",
             rule=rules.this_command_only,
             unchecked="read before anything else, which says where no checkpoint is",
         ),

@@ -1,7 +1,8 @@
 """A run's options, resolved once and in one order into Options, which nothing changes afterwards:
 - a fresh run: defaults < --demo < --recipe < the --epochs split < given;
 - --resume PATH: PATH's saved options < given, in PATH's folder unless --out is given;
-- --phase 2 with <out>/phase1.pt: phase1.pt's saved options < given: Phase II of that run.
+- --phase 2 with <out>/phase1.pt: phase1.pt's saved options < given: Phase II of that run;
+- --resume auto, and torchrun's restarts: as --resume of the position in --out (cluster.py).
 On a continued run, --recipe and the --epochs split apply again only if given again, and each
 option that differs from the run's obeys its rule (options.py's table, continuing.py's rules):
 applied, or refused here, before anything is read or written. The input normalisation the
@@ -17,6 +18,7 @@ from typing import NamedTuple
 
 from data import labels_path
 from model import normalisation_of
+from twophase import cluster
 from twophase import continuing as rules
 from twophase.options import (
     DEMO,
@@ -62,7 +64,10 @@ def resolve(argv=None):
     options = {**defaults(), **given}
     for problem in bad_values(options):
         parser.error(problem)
-    start = Start.of(options["resume"], options["out"], options["phase"], options["weights"])
+    resume, words = cluster.checkpoint_to_continue(options, given)  # --resume auto, restarts
+    if resume is None and words:
+        log(words)
+    start = Start.of(resume, options["out"], options["phase"], options["weights"])
     start.typed = typed_command(argv)
     if start.fresh:
         options = fresh_options(options, given)
@@ -79,6 +84,7 @@ def resolve(argv=None):
                 f"these options cannot change in the run {start.path} continues:\n  "
                 + "\n  ".join(refused)
             )
+        cluster.continuing(start, options, words)
     if options["compile"] == "off":
         options["compile"] = None
     options |= resolved_normalisation(options, start)

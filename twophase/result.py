@@ -18,7 +18,7 @@ from twophase.checkpoint import (
 from twophase.inference import averaged_model, bn_loader, count_correct, update_bn
 from twophase.loader import make_loader
 from twophase.schedule import size_step
-from utils import log
+from utils import log, wait_for_others
 
 
 def select_result(run):
@@ -27,7 +27,8 @@ def select_result(run):
     better; with --test-size auto, best.pt is marked with the test size (and batch norm) that
     validates best; with --tta auto, with whether horizontal-flip test-time augmentation
     validates better. The first process alone (the epoch files are its), on the whole validation
-    split; the others wait. A run stopped here does it again when resumed, with the same result."""
+    split; the others wait (for up to utils.LONG_WAIT, however short --dist-timeout is). A run
+    stopped here does it again when resumed, with the same result."""
     args = run.args
     if run.rank == 0 and run.history and len(run.splits.val):
         if args.average_last:
@@ -36,7 +37,7 @@ def select_result(run):
             choose_test_size(run)
         if args.tta == "auto":
             mark_tta(run)
-    run.stop.barrier()
+    wait_for_others("the first process to choose the run's result")
 
 
 def validation_loader(run, side):
@@ -86,7 +87,7 @@ def choose_test_size(run):
         measured = measured_net.state_dict()
         state["test_bn"] = {k: measured[k].cpu() for k, _ in measured_net.named_buffers()}
         state["test_bn_of"] = weights_kind(state)
-    run.saver.folder.save(state, [BEST_PT], run.history, must=True)
+    run.saver.folder.save(state, [BEST_PT], run.history)
     log(
         f"--test-size auto: best.pt validated at {'; '.join(results)} -> {side} px, batch norm "
         f"{how}: evaluate.py and predict.py use it"
@@ -109,7 +110,7 @@ def average_last_epochs(run, val):
     acc, best = correct / seen, run.best_so_far()
     names = [AVERAGED_PT] + ([BEST_PT] if acc > best else [])
     state = averaged_checkpoint(states[-1], net.state_dict(), paths, acc)
-    folder.save(state, names, run.history, must=True)
+    folder.save(state, names, run.history)
     if BEST_PT in names:
         run.averaged = (records, acc)
     log(
@@ -158,7 +159,7 @@ def mark_tta(run):
     plain, seen = count_correct(net, val, run.eval_preprocess, run.device, run.dtype)
     flipped, _ = count_correct(net, val, run.eval_preprocess, run.device, run.dtype, tta=True)
     state["tta"] = flipped > plain
-    run.saver.folder.save(state, [BEST_PT], run.history, must=True)
+    run.saver.folder.save(state, [BEST_PT], run.history)
     log(
         f"best.pt with horizontal-flip test-time augmentation: val acc {flipped / seen:.4f}, "
         f"without: {plain / seen:.4f} -> evaluate.py and predict.py use it "
