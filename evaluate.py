@@ -484,8 +484,13 @@ def give_way(figures, name):
     A subfolder (a comparison's) goes once empty."""
     path = figures.folder / name
     if path.is_dir():  # a comparison's folder, as records listed it before they held its files
-        for file in COMPARISON:
-            (path / file).unlink(missing_ok=True)
+        for file in COMPARISON:  # figures as such a record trusts them; its words may be yours
+            if (path / file).suffix == ".md" and (path / file).is_file():
+                set_aside(
+                    path / file, "may hold words of yours (an older record lists it unhashed)"
+                )
+            else:
+                (path / file).unlink(missing_ok=True)
     elif path.is_file():
         why = None if figures.wrote(name) else why_changed(path)
         if why:

@@ -2,6 +2,7 @@
 downloads), narrow models, the options of a run that takes a second or two on a CPU, and a stop
 signal sent at a chosen moment of a run."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -124,6 +125,16 @@ TINY = (
     "--arch resnet18 --weights none --img-size 16 --batch-size 4 --cache-workers 0 --device cpu "
     "--warmup-epochs 1 --cosine-epochs 3"
 ).split()
+
+
+@contextlib.contextmanager
+def narrowed():
+    """resnet18 and resnet34 built narrow for the block: a module fixture's own runs."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
+        )
+        yield patch
 
 
 @pytest.fixture

@@ -8,12 +8,10 @@ import re
 
 import pytest
 import torch
-import torchvision
 
 import model as M
 import train
-from conftest import REPO, TINY, make_dataset, stop_at
-from narrow import narrow_get_model
+from conftest import REPO, TINY, make_dataset, narrowed, stop_at
 from twophase import continuing, schedule
 from twophase.loss import loss_of
 from twophase.options import OPTIONS, docs_with_tables, get_args_parser
@@ -48,10 +46,7 @@ def stopped_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("continue")
     data = make_dataset(root / "data")
     points = {}
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
-        )
+    with narrowed():
         for name, moment in (("phase1", "validation=1"), ("phase2", "step=14")):
             out = root / name
             with pytest.MonkeyPatch.context() as stop:

@@ -9,15 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 import hubconf
 import train
-from conftest import REPO, TINY, examples, make_dataset
-from narrow import narrow_get_model
+from conftest import REPO, TINY, examples, make_dataset, narrowed
 
 SCRIPT = """
 import json, sys, torch, torchvision
@@ -70,10 +68,7 @@ def trained(tmp_path_factory):
     """A checkpoint of a tiny run (tmp/ck/best.pt) and its dataset (tmp/data)."""
     root = tmp_path_factory.mktemp("hub")
     data = make_dataset(root / "data", test=3)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
-        )
+    with narrowed():
         train.main(
             [
                 "--data",
@@ -131,10 +126,7 @@ def test_a_checkpoint_found_nowhere_is_an_error_naming_every_place_looked(reposi
 
 @pytest.fixture(scope="module")
 def classifier(trained):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
-        )
+    with narrowed():
         return hubconf.classifier(str(trained / "ck" / "best.pt"), device="cpu")
 
 

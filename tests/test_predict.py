@@ -5,14 +5,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 
 import evaluate
 import predict
 import train
-from conftest import REPO, TINY, make_dataset
-from narrow import narrow_get_model
+from conftest import REPO, TINY, make_dataset, narrowed
 from twophase import inference, submission
 
 # Folders listed "1", "10", "2" but labelled in numeric order 1, 2, 10; test image j shows the
@@ -25,10 +23,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     data = make_dataset(root / "data", classes=CLASSES, per_class=8, test=7)
     recipe = "--epochs1 0 --epochs2 6 --lr2 3e-3 --warmup-epochs 0 --cosine-epochs 6".split()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
-        )
+    with narrowed():
         train.main(["--data", str(data), "--out", str(root / "ck"), *TINY, *recipe])
     return root
 
@@ -338,10 +333,7 @@ def odd_names(tmp_path_factory):
     test images in a CSV."""
     root = tmp_path_factory.mktemp("odd")
     data = make_dataset(root / "data", classes=ODD, per_class=4, val_per_class=1, test=3)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
-        )
+    with narrowed():
         train.main(["--data", str(data), "--out", str(root / "ck"), *TINY, "--epochs", "2"])
     with open(root / "answers.csv", "w", newline="") as f:
         csv.writer(f).writerows([("image", "label")] + [(f"img_{j:02d}", ODD[j]) for j in range(3)])

@@ -22,8 +22,7 @@ from hypothesis import strategies as st
 import data
 import predict
 import train
-from conftest import COLOURS, TINY, examples, write_image
-from narrow import narrow_get_model
+from conftest import COLOURS, TINY, examples, narrowed, write_image
 from train import phase_setup
 from twophase import submission, tables
 from twophase.resolve import resolve
@@ -289,10 +288,8 @@ def write_layout(root, layout, classes, extensions, lonely):
 
 
 @pytest.fixture
-def narrow(monkeypatch):
-    monkeypatch.setattr(
-        torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
-    )
+def narrow(narrow_models):
+    """The narrow models (conftest's), by the name these tests use."""
 
 
 @settings(
@@ -380,10 +377,7 @@ def starts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("starts")
     data = make_dataset(root / "data")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
-        )
+    with narrowed():
         train.main(["--data", str(data), "--out", str(root / "straight"), *BASE])
         for name, moment in (("mid2", "step=14"), ("end1", "validation=2")):
             with pytest.MonkeyPatch.context() as stop:

@@ -5,18 +5,17 @@ writers write, go through every writer (evaluate.py with and without --report an
 predict.py's --out and --probs, twophase.average's --out) in a drawn order: no byte of the
 user's is lost, and where a file of theirs moved, a line said where."""
 
+import json
 from pathlib import Path
 
 import pytest
-import torchvision
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import evaluate
 import predict
 import train
-from conftest import TINY, examples, make_dataset
-from narrow import narrow_get_model
+from conftest import TINY, examples, make_dataset, narrowed
 from twophase import average, report, written
 
 # Names the writers write, and a few beside them that a user might choose.
@@ -59,10 +58,7 @@ def run(tmp_path_factory):
     """One tiny run of two epochs: its best.pt and last.pt, two owners of a figures folder."""
     root = tmp_path_factory.mktemp("written")
     data = make_dataset(root / "data")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
-        )
+    with narrowed():
         train.main(
             [
                 "--data",
@@ -196,3 +192,18 @@ def test_no_writer_loses_a_byte_of_the_users(
         capsys.readouterr()
         product_step(step, run, folder)
         check_nothing_lost(folder, kept, capsys.readouterr().err)
+
+
+def test_a_comparison_an_older_record_lists_by_name_gives_way_but_for_its_words(tmp_path):
+    """A record of names alone (before fingerprints) trusts its figures, not its Markdown: the
+    comparison's images go, its table (which may hold words of the user's) is set aside."""
+    folder = tmp_path / "figures"
+    (folder / "optimizers").mkdir(parents=True)
+    for name in evaluate.COMPARISON:
+        (folder / "optimizers" / name).write_text(f"{name} as written, then edited\n")
+    (folder / written.RECORD).write_text(json.dumps({"files": ["optimizers"], "run": "r"}))
+    figures = written.Written(folder, "evaluate.py")
+    evaluate.give_way(figures, "optimizers")
+    table = folder / "optimizers" / "comparison.replaced.md"
+    assert table.read_text() == "comparison.md as written, then edited\n"
+    assert sorted(p.name for p in (folder / "optimizers").iterdir()) == [table.name]
