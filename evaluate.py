@@ -34,6 +34,7 @@ from twophase.checkpoint import (
     load_checkpoint,
     resolve_checkpoint,
 )
+from twophase.checks import at_least, checked, parameter_count
 from twophase.figures import (
     MANY,
     plot_confusion,
@@ -57,9 +58,9 @@ from twophase.inference import (
 )
 from twophase.loader import make_loader
 from twophase.loss import loss_of
-from twophase.options import at_least, checked, parameter_count
+from twophase.markdown import relative, shown_path
 from twophase.options import get_args_parser as training_options
-from twophase.report import MARK, Evaluated, relative, shown_path, why_kept, write_report
+from twophase.report import MARK, Evaluated, why_kept, write_report
 from twophase.submission import test_answers, test_score
 from twophase.written import Written, set_aside
 from utils import Problem, exits_on_problems, log

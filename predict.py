@@ -21,6 +21,7 @@ import numpy as np
 
 from data import trained_data_root
 from twophase.checkpoint import load_checkpoint
+from twophase.checks import at_least, checked
 from twophase.image_cache import why_unreadable
 from twophase.inference import (
     add_inference_args,
@@ -30,7 +31,6 @@ from twophase.inference import (
     print_confused,
     test_images,
 )
-from twophase.options import at_least, checked
 from twophase.submission import (
     Layout,
     Names,

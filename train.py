@@ -41,7 +41,7 @@ from twophase.budget import (
     save_seconds,
     synchronized,
 )
-from twophase.checkpoint import LAST_PT, Checkpointer, RunFolder, best_acc, epoch_record
+from twophase.checkpoint import LAST_PT, Checkpointer, best_acc, epoch_record
 from twophase.divergence import check_epoch, check_position
 from twophase.loader import data_loaders
 from twophase.loss import check_class_weights, loss_of
@@ -60,6 +60,7 @@ from twophase.run import (
     summarize,
     uneven_classes,
 )
+from twophase.run_folder import RunFolder
 from twophase.schedule import (
     Phase,
     ProgressiveSize,

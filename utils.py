@@ -8,7 +8,7 @@ line naming the timeout and the way on (exits_on_problems).
 
 Who writes a file that several processes could write (under torchrun, on one machine or on
 several that share a filesystem):
-- a run's checkpoints and history.csv: the first process of the job alone (checkpoint.RunFolder),
+- a run's checkpoints and history.csv: the first process of the job alone (run_folder.RunFolder),
   holding the folder's lock;
 - a dataset's preprocessing cache and the demo dataset: the first process of each machine, under
   a lock beside them, so that machines sharing a filesystem take turns and the second finds the
@@ -157,7 +157,7 @@ def attempt_store(store, rank, world):
 
 
 def typed_duration(delta):
-    """A timedelta or seconds as a duration is typed (options.duration): 3h, 10m, 1h30m, 5s."""
+    """A timedelta or seconds as a duration is typed (checks.duration): 3h, 10m, 1h30m, 5s."""
     seconds = delta.total_seconds() if isinstance(delta, timedelta) else float(delta)
     if seconds < 60 and not seconds.is_integer():
         return f"{seconds:g}s"

@@ -24,8 +24,9 @@ from model import count_parameters  # noqa: E402
 from twophase.checkpoint import load_checkpoint  # noqa: E402
 from twophase.inference import load_trained  # noqa: E402
 from twophase.options import get_args_parser  # noqa: E402
-from twophase.report import command_of, write_section  # noqa: E402
+from twophase.report import write_section  # noqa: E402
 from twophase.submission import test_answers, test_score  # noqa: E402
+from twophase.table1 import command_of  # noqa: E402
 from utils import atomic_file, exits_on_problems, log  # noqa: E402
 
 # (row, run folder, how its last.pt is scored): test-time options for the base run.

@@ -64,8 +64,9 @@ from data import dataset_of  # noqa: E402
 from levers import test_accuracy  # noqa: E402
 from twophase.checkpoint import best_acc, full_history, load_checkpoint  # noqa: E402
 from twophase.options import get_args_parser  # noqa: E402
-from twophase.report import command_of, write_section  # noqa: E402
+from twophase.report import write_section  # noqa: E402
 from twophase.schedule import size_step  # noqa: E402
+from twophase.table1 import command_of  # noqa: E402
 from utils import exits_on_problems  # noqa: E402
 
 SEEDS = (0, 1)

@@ -36,7 +36,8 @@ from data import list_images, list_labelled_images, ordered_classes  # noqa: E40
 from levers import test_accuracy  # noqa: E402
 from twophase.checkpoint import load_checkpoint  # noqa: E402
 from twophase.options import get_args_parser  # noqa: E402
-from twophase.report import command_of, write_section  # noqa: E402
+from twophase.report import write_section  # noqa: E402
+from twophase.table1 import command_of  # noqa: E402
 from utils import exits_on_problems  # noqa: E402
 
 LARGEST, SMALLEST = 200, 20

@@ -21,7 +21,7 @@ from PIL import Image
 
 import data
 from narrow import narrow_get_model
-from twophase import augment, checkpoint, inference
+from twophase import augment, inference, run_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,6 +97,20 @@ def load_splits(root, size, cache_dir=None, threads=0, val_fraction=0.1, seed=0)
     )
 
 
+def flat_with_two_csvs(root, train_rows=4, val_rows=2):
+    """A flat root/train/ of every image, train.csv naming some and val.csv the others, no val/:
+    the layout --val-labels' help describes."""
+    train, val = ["id,label"], ["id,label"]
+    for i, c in enumerate(("cat", "dog")):
+        for j in range(train_rows + val_rows):
+            name = f"{c}{j}"
+            write_image(root / "train" / f"{name}.png", (40 + 90 * i, 200, 90), seed=10 * i + j)
+            (train if j < train_rows else val).append(f"{name},{c}")
+    (root / "train.csv").write_text("\n".join(train) + "\n")
+    (root / "val.csv").write_text("\n".join(val) + "\n")
+    return root
+
+
 @pytest.fixture(autouse=True)
 def away_from_the_repository(tmp_path_factory, monkeypatch):
     """Every test runs in a folder of its own: none reads or writes the repository's own
@@ -169,8 +183,8 @@ def stop_at(monkeypatch, moment, number=signal.SIGTERM, times=1):
     owner, name = {
         "step": (augment.DeviceAugment, "forward"),
         "validation": (inference, "predict_logits"),
-        "save": (checkpoint, "save_checkpoints"),
-        "kill": (checkpoint, "save_checkpoints"),
+        "save": (run_folder, "save_checkpoints"),
+        "kill": (run_folder, "save_checkpoints"),
     }[what]
     real, calls = getattr(owner, name), [0]
 

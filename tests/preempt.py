@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from narrow import narrow_get_model  # noqa: E402
 from twophase import (
     augment,  # noqa: E402
-    checkpoint,  # noqa: E402
     inference,  # noqa: E402
+    run_folder,  # noqa: E402
 )
 
 
@@ -60,7 +60,7 @@ if __name__ == "__main__":
         target = {
             "step": (augment.DeviceAugment, "forward", 1),  # once per training batch
             "validation": (inference, "predict_logits", 1),  # once per validation
-            "save": (checkpoint, "save_checkpoints", 2),  # once per epoch (and mid-epoch save)
+            "save": (run_folder, "save_checkpoints", 2),  # once per epoch (and mid-epoch save)
         }[what]
         number = signal.Signals[f"SIG{os.environ.get('PREEMPT_SIGNAL', 'TERM')}"]
         signal_on_call(*target[:2], int(call), target[2], number)

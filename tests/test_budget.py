@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import train
-from twophase import budget, options, schedule
+from twophase import budget, checks, schedule
 from twophase.resolve import resolve, split_budget
 
 
 def test_durations_read_as_a_user_writes_them():
-    assert [options.duration(t) for t in ("90m", "2h", "1h30m", "600s", "1.5h")] == [
+    assert [checks.duration(t) for t in ("90m", "2h", "1h30m", "600s", "1.5h")] == [
         5400,
         7200,
         5400,
@@ -18,7 +18,7 @@ def test_durations_read_as_a_user_writes_them():
         5400,
     ]
     with pytest.raises(Exception, match="not a duration"):
-        options.duration("90")  # minutes? seconds? said, not guessed
+        checks.duration("90")  # minutes? seconds? said, not guessed
 
 
 def test_the_largest_budget_of_epochs_that_fits_is_chosen_around_the_epochs_given():

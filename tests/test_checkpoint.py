@@ -15,7 +15,7 @@ import train
 import utils
 from conftest import TINY, make_dataset
 from narrow import narrow_get_model
-from twophase import checkpoint, schedule
+from twophase import checkpoint, run_folder, schedule
 from twophase.resolve import resolve
 from twophase.start import Start, load_optimizer_state
 from utils import Problem
@@ -127,11 +127,11 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path):
 
 
 def test_one_state_under_several_names_each_file_its_own(tmp_path):
-    checkpoint.save_checkpoints({"epoch": 1}, [tmp_path / "last.pt", tmp_path / "best.pt"])
+    run_folder.save_checkpoints({"epoch": 1}, [tmp_path / "last.pt", tmp_path / "best.pt"])
     assert torch.load(tmp_path / "best.pt", weights_only=True) == {"epoch": 1}
     torch.save({"edited": True}, tmp_path / "best.pt")  # a user's script rewriting best.pt in place
     assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 1}
-    checkpoint.save_checkpoints({"epoch": 2}, [tmp_path / "last.pt"])
+    run_folder.save_checkpoints({"epoch": 2}, [tmp_path / "last.pt"])
     assert torch.load(tmp_path / "best.pt", weights_only=True) == {"edited": True}
     assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt"]
 
@@ -299,7 +299,7 @@ def test_going_on_from_an_earlier_checkpoint_of_a_run_never_overwrites_its_later
     assert after == before
     train.main(["--resume", str(out / "phase2_epoch001.pt"), "--out", str(tmp_path / "apart")])
     folder, start = (
-        checkpoint.RunFolder(out),
+        run_folder.RunFolder(out),
         Start.of(str(out / "phase2_epoch001.pt"), out, "all", "none"),
     )
     folder.guard(start, overwrite=True, weights="none")

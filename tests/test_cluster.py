@@ -21,7 +21,7 @@ import train
 import utils
 from conftest import REPO, TINY, Killed, examples, make_dataset, stop_at
 from test_distributed import ddp_worker, forked_ddp, free_port
-from twophase import augment, checkpoint, cluster
+from twophase import augment, cluster, run_folder
 from twophase.resolve import resolve
 from utils import Problem
 
@@ -265,7 +265,7 @@ def test_resume_auto_goes_on_from_phase1_pt_where_a_run_stopped_before_last_pt(
     last file an epoch writes): phase1.pt is the further, and the run goes on from it."""
     run = tiny_args + ["--epochs1", "2", "--epochs2", "1"]
     train.main(run + ["--out", str(tmp_path / "straight")])
-    real, calls = checkpoint.save_checkpoints, [0]
+    real, calls = run_folder.save_checkpoints, [0]
 
     def killed_before_last(state, paths):
         calls[0] += 1
@@ -275,7 +275,7 @@ def test_resume_auto_goes_on_from_phase1_pt_where_a_run_stopped_before_last_pt(
         real(state, paths)
 
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "save_checkpoints", killed_before_last)
+        patch.setattr(run_folder, "save_checkpoints", killed_before_last)
         with pytest.raises(Killed):
             train.main(run)
     out = tmp_path / "ck"

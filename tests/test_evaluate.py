@@ -13,7 +13,7 @@ import evaluate
 import model as M
 import train
 import twophase.report
-from twophase import inference, options, report
+from twophase import inference, options, report, table1
 from twophase.resolve import resolve
 from utils import Problem
 
@@ -217,7 +217,7 @@ def test_a_larger_test_size_is_read_through_its_own_cache(trained, tmp_path, cap
 def test_table_1_of_a_recipe_best_run_shows_its_levers():
     args = vars(resolve(["--recipe", "best", "--mixup", "0.2"]).options)
     state = {"args": args, "arch": "resnet18", "img_size": 64, "classes": ["a"], "device": "cpu"}
-    text = "\n".join(report.table1(state, "."))
+    text = "\n".join(table1.table1(state, "."))
     assert "| Levers | recipe | best |" in text
     assert "| Levers | moving average of the weights (EMA) | decay 0.99 | both |" in text
     assert "| Levers | layer-wise lr decay | x0.7 a stage | II |" in text
@@ -239,7 +239,7 @@ def test_table_1_of_a_recipe_best_run_shows_its_levers():
 def test_the_reports_command_reproduces_the_runs_options(argv):
     defaults = vars(options.get_args_parser().parse_args([]))
     args = vars(resolve(argv).options)
-    command = report.command_of({"args": args}, defaults)
+    command = table1.command_of({"args": args}, defaults)
     again = vars(resolve(shlex.split(command)[2:]).options)
     assert again == args
 
@@ -368,7 +368,7 @@ def test_table_1_says_what_the_run_did_and_no_path_of_this_machine():
         "img_size": 64,
         "history": [{"phase": 2, "epoch": e, "val_acc": 0.5} for e in range(1, 20)],
     }
-    text = "\n".join(report.table1(state, "/home/me/project/figures"))
+    text = "\n".join(table1.table1(state, "/home/me/project/figures"))
     assert "| Training | Phase I epochs | 0 (skipped) | I |" in text and "AdamW" not in text
     assert "warmup" not in text and "cosine with half-period 45" in text
     assert "periodic" not in text  # every 15, if val acc >= 0.82: none was kept

@@ -14,8 +14,8 @@ import predict
 import train
 from conftest import COLOURS, TINY, copy_of, load_splits, make_dataset, write_image
 from twophase import augment, checkpoint, inference
+from twophase.checks import parameter_count
 from twophase.loader import make_loader
-from twophase.options import parameter_count
 from twophase.prefetch import on_device
 from twophase.resolve import resolve
 from twophase.schedule import Phase

@@ -28,8 +28,8 @@ from twophase.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from twophase.checks import at_least, checked
 from twophase.inference import averaged_model, bn_loader
-from twophase.options import at_least, checked
 from twophase.written import HIDDEN, Written
 from utils import Problem, exits_on_problems, log, pick_device
 

@@ -3,13 +3,14 @@ again after one of them died (the run goes on from the position that job saved, 
 command says), --resume auto (a job script's: the run in --out goes on where there is one, a
 fresh one starts where there is none), and another number of processes than the run had. The
 process group's own defences (a timeout on every collective, a namespace of torchrun's store for
-each start) are utils.init_distributed's; a full disk's, checkpoint.RunFolder.save's.
+each start) are utils.init_distributed's; a full disk's, run_folder.RunFolder.save's.
 """
 
 import os
 from pathlib import Path
 
-from twophase.checkpoint import LAST_PT, PHASE1_PT, peek, place, resolve_checkpoint
+from twophase.checkpoint import LAST_PT, PHASE1_PT, peek, resolve_checkpoint
+from twophase.run_folder import place
 from utils import Done, Problem, log
 
 

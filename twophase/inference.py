@@ -19,9 +19,9 @@ from data import CachedImages, in_memory_images, list_images
 from model import average_weights, build_model, model_from_checkpoint
 from twophase.augment import BatchPreprocess
 from twophase.checkpoint import load_checkpoint
+from twophase.checks import MIN_SIDE, at_least, checked
 from twophase.image_cache import build_cache, default_cache_dir, load_image, square, to_rgb
 from twophase.loader import make_loader
-from twophase.options import MIN_SIDE, at_least, checked
 from twophase.prefetch import on_device
 from utils import MissingFile, Problem, amp_dtype, log, pick_device, sum_over_processes
 
