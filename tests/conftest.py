@@ -20,6 +20,7 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from PIL import Image
 
 import data
+import train
 from narrow import narrow_get_model
 from twophase import augment, inference, run_folder
 
@@ -149,6 +150,15 @@ def narrowed():
             torchvision.models, "get_model", narrow_get_model(torchvision.models.get_model)
         )
         yield patch
+
+
+def tiny_run(root, *options, **dataset):
+    """A tiny run trained narrow, for a module's fixture: the dataset at root/data (make_dataset's
+    `dataset` options), the run in root/ck with TINY and `options`; returns root."""
+    data = make_dataset(Path(root) / "data", **dataset)
+    with narrowed():
+        train.main(["--data", str(data), "--out", str(Path(root) / "ck"), *TINY, *options])
+    return Path(root)
 
 
 @pytest.fixture

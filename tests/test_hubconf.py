@@ -15,7 +15,7 @@ from PIL import Image
 
 import hubconf
 import train
-from conftest import REPO, TINY, examples, make_dataset, narrowed
+from conftest import REPO, examples, narrowed, tiny_run
 
 SCRIPT = """
 import json, sys, torch, torchvision
@@ -66,23 +66,7 @@ def test_torch_hub_loads_the_classifier_from_a_folder_outside_the_repository(
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A checkpoint of a tiny run (tmp/ck/best.pt) and its dataset (tmp/data)."""
-    root = tmp_path_factory.mktemp("hub")
-    data = make_dataset(root / "data", test=3)
-    with narrowed():
-        train.main(
-            [
-                "--data",
-                str(data),
-                "--out",
-                str(root / "ck"),
-                *TINY,
-                "--epochs1",
-                "1",
-                "--epochs2",
-                "0",
-            ]
-        )
-    return root
+    return tiny_run(tmp_path_factory.mktemp("hub"), "--epochs1", "1", "--epochs2", "0", test=3)
 
 
 @pytest.fixture

@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 
 import evaluate
 import predict
-import train
-from conftest import TINY, examples, make_dataset, narrowed
+from conftest import examples, tiny_run
 from twophase import average, report, written
 
 # Names the writers write, and a few beside them that a user might choose.
@@ -56,23 +55,7 @@ STEPS = st.one_of(
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One tiny run of two epochs: its best.pt and last.pt, two owners of a figures folder."""
-    root = tmp_path_factory.mktemp("written")
-    data = make_dataset(root / "data")
-    with narrowed():
-        train.main(
-            [
-                "--data",
-                str(data),
-                "--out",
-                str(root / "ck"),
-                *TINY,
-                "--epochs1",
-                "1",
-                "--epochs2",
-                "1",
-            ]
-        )
-    return root / "ck"
+    return tiny_run(tmp_path_factory.mktemp("written"), "--epochs1", "1", "--epochs2", "1") / "ck"
 
 
 @pytest.fixture
