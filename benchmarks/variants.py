@@ -15,6 +15,11 @@
   narrowed.
 - target-small: the first 60 training and 20 validation images of each class, test/ as it is:
   the time-to-accuracy runs (benchmarks/time_to_accuracy.py), at a CPU's pace.
+- target-few: the small data a student brings: 20 classes (the first by folder name) of 30
+  training photos each (600), their 50 validation and 50 test photos (test/ flat, answers.csv
+  of those alone): the levers and the learning rates on small data (benchmarks/small_data.py).
+- target-two: two classes of 120 training and 40 validation photos each (240 and 80, the size of
+  the PyTorch transfer-learning tutorial's ants and bees), their test photos likewise.
 
 The runs are benchmarks/tiny_transfer.sh's `long-tail` and `aspect` steps; each is scored as its
 user would submit it (best.pt through predict.py's path): test accuracy and balanced accuracy.
@@ -94,6 +99,24 @@ def make_small(target, out, per_class=60, val_per_class=20):
         if (target / name).exists() and not (out / name).exists():
             os.symlink((target / name).resolve(), out / name)
     return kept
+
+
+def make_few(target, out, classes, per_class, val_per_class):
+    """A cut of the first `classes` classes (by folder name, as sorted): the first `per_class`
+    training and `val_per_class` validation images of each (links), their test images (test/
+    flat, links) and answers.csv of those alone. Returns the training images."""
+    kept = sorted(d.name for d in (target / "train").iterdir() if d.is_dir())[:classes]
+    for split, keep in (("train", per_class), ("val", val_per_class)):
+        for c in kept:
+            for f in sorted(p.name for p in (target / split / c).iterdir())[:keep]:
+                link(target / split / c / f, out / split / c / f)
+    lines = (target / "answers.csv").read_text().splitlines()
+    rows = [line for line in lines[1:] if line.split(",")[1] in kept]
+    for row in rows:
+        name = row.split(",")[0] + ".jpg"
+        link(target / "test" / name, out / "test" / name)
+    (out / "answers.csv").write_text("\n".join([lines[0], *rows]) + "\n")
+    return classes * per_class
 
 
 def link(source, destination):
@@ -203,7 +226,9 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="what", required=True)
-    make = sub.add_parser("make", help="write target-lt, target-wide, target-small beside TARGET")
+    make = sub.add_parser(
+        "make", help="write target-lt, -wide, -small, -few and -two beside TARGET"
+    )
     make.add_argument("target", type=Path)
     results = sub.add_parser("results", help="the section of the finished runs")
     results.add_argument("runs", type=Path, help="the runs' folder (tiny_transfer.sh's)")
@@ -214,9 +239,11 @@ def main(argv=None):
         lt = make_long_tail(args.target, args.target.with_name("target-lt"))
         wide = make_wide(args.target, args.target.with_name("target-wide"))
         small = make_small(args.target, args.target.with_name("target-small"))
+        few = make_few(args.target, args.target.with_name("target-few"), 20, 30, 50)
+        two = make_few(args.target, args.target.with_name("target-two"), 2, 120, 40)
         print(
             f"target-lt: {lt} training images; target-wide: {wide} images written; "
-            f"target-small: {small} training images"
+            f"target-small: {small}, target-few: {few}, target-two: {two} training images"
         )
         return
     parts = []
