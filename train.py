@@ -55,6 +55,7 @@ from twophase.run import (
     epoch_line,
     model_on_device,
     out_of_memory_advice,
+    small_data,
     start_line,
     stopped,
     summarize,
@@ -216,6 +217,8 @@ def set_up(args, start, splits, model, folder, device, procs, stop):
     log(start_line(run))
     if uneven:
         log(uneven)
+    if small := small_data(len(splits.train), args, procs.world_size):
+        log(small)
     warn_if_too_large(args.arch, count_parameters(model.parameters()), args.max_params)
     return run
 

@@ -97,6 +97,7 @@ def train(out, cut_dir, weights, options, seed):
     command = [sys.executable, "train.py", "--data", str(cut_dir), "--arch", "resnet18"]
     command += ["--img-size", "64", "--weights", str(weights), *BUDGET, *options]
     command += ["--seed", str(seed), "--out", str(out), *resume]
+    out.parent.mkdir(parents=True, exist_ok=True)
     print("==", " ".join(command), flush=True)
     started = time.time()
     with open(f"{out}.log", "a") as log:

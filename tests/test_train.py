@@ -1,3 +1,4 @@
+import argparse
 import csv
 import json
 import math
@@ -6,6 +7,8 @@ from contextlib import closing
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import evaluate
@@ -18,6 +21,7 @@ from twophase.checks import parameter_count
 from twophase.loader import make_loader
 from twophase.prefetch import on_device
 from twophase.resolve import resolve
+from twophase.run import SMALL_EPOCH, SMALLEST_BATCH, small_data
 from twophase.schedule import Phase
 from twophase.tally import EpochTally, epoch_totals
 
@@ -549,3 +553,62 @@ def test_uneven_classes_are_said_as_the_run_starts_with_balanced_accuracy_in_its
     assert re.search(r"best val acc \S+, balanced \S+ \(phase", err)
     history = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)["history"]
     assert all(0 <= r["val_balanced"] <= 1 for r in history)
+
+
+def small_args(batch=72, accum=1, epochs1=1, lr1=5e-4, lr2=5e-4):
+    return argparse.Namespace(
+        batch_size=batch, accum_steps=accum, epochs1=epochs1, lr1=lr1, lr2=lr2
+    )
+
+
+def test_small_data_is_said_with_a_batch_that_makes_enough_steps_and_rates_for_it():
+    line = small_data(240, small_args(), world_size=1)
+    assert line.startswith("small data: 240 training images make 4 optimizer steps an epoch")
+    assert "Phase I gives the new head 4 steps in all" in line
+    assert "try --batch-size 8 --lr1 auto --lr2 auto: 30 steps an epoch" in line
+    assert "--batch-size 16 --lr1 auto" in small_data(600, small_args(), world_size=1)
+    assert small_data(20_000, small_args(), world_size=1) is None  # 278 steps an epoch
+    assert small_data(240, small_args(batch=8), world_size=1) is None  # already the smallest
+    assert "--lr1" not in small_data(240, small_args(lr1="auto", lr2="auto"), world_size=1)
+    # Under torchrun the batch is each process's: 4 processes of 72 on 2,000 images.
+    assert "--batch-size 16 " in small_data(2000, small_args(), world_size=4)
+    assert "--accum-steps 1" in small_data(600, small_args(batch=36, accum=2), world_size=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    images=st.integers(1, 100_000),
+    batch=st.integers(1, 512),
+    accum=st.integers(1, 8),
+    world=st.sampled_from([1, 2, 4, 8]),
+)
+def test_small_data_suggests_a_smaller_batch_only_and_as_many_steps_as_it_can(
+    images, batch, accum, world
+):
+    line = small_data(images, small_args(batch, accum), world)
+    steps = -(-images // (batch * accum * world))
+    if steps >= SMALL_EPOCH:
+        assert line is None
+        return
+    if line is None:  # no smaller batch to offer
+        assert SMALLEST_BATCH >= batch * accum
+        return
+    suggested = int(re.search(r"--batch-size (\d+)", line)[1])
+    assert SMALLEST_BATCH <= suggested < batch * accum
+    assert suggested & (suggested - 1) == 0  # a power of two
+    assert suggested == SMALLEST_BATCH or -(-images // (suggested * world)) >= SMALL_EPOCH
+    assert -(-images // (2 * suggested * world)) < SMALL_EPOCH  # the largest that makes enough
+
+
+def test_train_says_as_it_starts_that_an_epoch_of_small_data_is_a_few_steps(
+    tmp_path, narrow_models, capsys
+):
+    root = make_dataset(tmp_path / "data", per_class=9)  # 27 training images
+    out = tmp_path / "ck"
+    options = [*TINY, "--batch-size", "16", "--epochs1", "1", "--epochs2", "0"]
+    train.main(["--data", str(root), "--out", str(out), *options])
+    err = capsys.readouterr().err
+    assert "small data: 27 training images make 2 optimizer steps an epoch at batch 16" in err
+    assert "try --batch-size 8 --lr1 auto --lr2 auto: 4 steps an epoch" in err
+    saved = checkpoint.load_checkpoint(out / "phase1.pt")["args"]
+    assert saved["batch_size"] == 16  # said, not changed: the user decides

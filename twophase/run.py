@@ -161,6 +161,38 @@ def uneven_classes(counts, args):
     )
 
 
+SMALL_EPOCH = 20  # optimizer steps an epoch below which the data is small for its batch
+SMALLEST_BATCH = 8  # batch norm's statistics grow noisy below it
+
+
+def small_data(images, args, world_size):
+    """What train.py says as it starts where an epoch is a handful of optimizer steps (fewer
+    than SMALL_EPOCH): the batch that makes SMALL_EPOCH or more (a power of two, SMALLEST_BATCH
+    at the least) and the range test for its rates, since the defaults' rates are tuned for
+    batch 72. None where the data is not small for its batch, or the batch is already the
+    smallest suggested. Nothing is changed: the user decides."""
+    per_step = args.batch_size * args.accum_steps * world_size
+    steps = -(-images // per_step)
+    if steps >= SMALL_EPOCH:
+        return None
+    batch = SMALLEST_BATCH
+    while -(-images // ((batch * 2) * world_size)) >= SMALL_EPOCH:
+        batch *= 2
+    if batch >= per_step // world_size:  # the suggestion steps every batch
+        return None
+    head_steps = steps * args.epochs1
+    rates = " ".join(f"--{name} auto" for name in ("lr1", "lr2") if getattr(args, name) != "auto")
+    suggestion = f"--batch-size {batch}" + (" --accum-steps 1" if args.accum_steps > 1 else "")
+    suggestion += f" {rates}" if rates else ""
+    return (
+        f"small data: {images} training images make {steps} optimizer steps an epoch at batch "
+        f"{per_step}, and Phase I gives the new head {head_steps} steps in all. For data this "
+        f"small try {suggestion}: {-(-images // (batch * world_size))} steps an epoch, the "
+        "learning rates found for that batch by the range test (the defaults' are tuned for "
+        "batch 72; RESULTS.md, small data)"
+    )
+
+
 def model_on_device(args, start, classes, model, device, procs):
     """The model on the device, as every process holds it (the first's new head, or the
     weights of the checkpoint the run continues), and its moving average with --ema."""
