@@ -45,6 +45,7 @@ from twophase.checkpoint import LAST_PT, Checkpointer, best_acc, epoch_record
 from twophase.divergence import check_epoch, check_position
 from twophase.loader import data_loaders
 from twophase.loss import check_class_weights, divide_by_weights, loss_of
+from twophase.regularise import L2SP, head_apart
 from twophase.resolve import resolve
 from twophase.result import select_result
 from twophase.run import (
@@ -260,6 +261,7 @@ def phase_setup(number, args, model, device, criterion, dtype):
     # Every layer: warmup then cosine, gradients clipped.
     set_trainable(model, 2)
     groups = stage_groups(model, args.lr2, args.lr_decay)
+    groups = head_apart(model, groups) if args.l2sp else groups  # the head keeps its decay
     optimizer = make_optimizer(args.optimizer2, groups, args.lr2, args.wd2, device)
     mix = None
     if args.mixup or args.cutmix:
@@ -275,6 +277,7 @@ def phase_setup(number, args, model, device, criterion, dtype):
         clip=args.clip,
         freeze_bn=False,
         mix=mix,
+        l2sp=L2SP.of(args, model),
         **step,
     )
 
@@ -381,8 +384,11 @@ def optimizer_steps(net, batches, total, phase, ema, tally):
             if weighted:
                 divide_by_weights(params, images_seen, weights)
                 weights, images_seen = 0.0, 0
+            if phase.clip or phase.l2sp is not None:
+                scaler.unscale_(optimizer)  # the true gradients, not the loss-scaled ones
+            if phase.l2sp is not None:
+                phase.l2sp.pull()
             if phase.clip:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
                 nn.utils.clip_grad_norm_(params, phase.clip)
             scaler.step(optimizer)
             scaler.update()
