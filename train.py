@@ -45,7 +45,7 @@ from twophase.checkpoint import LAST_PT, Checkpointer, best_acc, epoch_record
 from twophase.divergence import check_epoch, check_position
 from twophase.loader import data_loaders
 from twophase.loss import check_class_weights, divide_by_weights, loss_of
-from twophase.regularise import L2SP, head_apart
+from twophase.regularise import L2SP, SAM, head_apart
 from twophase.resolve import resolve
 from twophase.result import select_result
 from twophase.run import (
@@ -278,6 +278,7 @@ def phase_setup(number, args, model, device, criterion, dtype):
         freeze_bn=False,
         mix=mix,
         l2sp=L2SP.of(args, model),
+        sam=SAM.of(args),
         **step,
     )
 
@@ -369,7 +370,7 @@ def optimizer_steps(net, batches, total, phase, ema, tally):
     optimizer, scaler, accum = phase.optimizer, phase.scaler, phase.accum_steps
     params = [p for group in optimizer.param_groups for p in group["params"]]
     weighted = getattr(phase.criterion, "weight", None) is not None
-    weights, images_seen = 0.0, 0  # a weighted step's sums, for its mean
+    weights, images_seen, kept = 0.0, 0, []  # a weighted step's sums, for its mean; its batches
     optimizer.zero_grad(set_to_none=True)
     for i, (images, labels) in enumerate(batches, start=tally.batches):
         step_now = (i + 1) % accum == 0 or i + 1 == total
@@ -380,7 +381,13 @@ def optimizer_steps(net, batches, total, phase, ema, tally):
         loss, logits, weight_sum = backward(net, phase, images, targets, group, sync=step_now)
         if weighted:  # by the images here; by the weights once the step's are summed
             weights, images_seen = weights + weight_sum, images_seen + len(labels)
+        kept += [(images, targets)] if phase.sam is not None else []
         if step_now:
+            if phase.sam is not None:  # the step's gradient again, where the loss rises most
+                with phase.sam.ascended(net, params):
+                    for j, (again, same) in enumerate(kept, start=1):
+                        backward(net, phase, again, same, group, sync=j == len(kept))
+                kept = []
             if weighted:
                 divide_by_weights(params, images_seen, weights)
                 weights, images_seen = 0.0, 0

@@ -639,6 +639,19 @@ OPTIONS = (
             other=("0.01",),
             check=at_least(0, "must be 0 or more (0: off)"),
         ),
+        Option(
+            ("--sam",),
+            0.0,
+            "Phase II: sharpness-aware minimisation (Foret et al., ICLR 2021): each step takes "
+            "its gradient again, on the same images, at the weights moved RHO along the first "
+            "one, and steps with that; a second forward and backward a step, about twice the "
+            "time; typically 0.05; 0: off",
+            type=float,
+            metavar="RHO",
+            resume="added, changed or dropped: from the next step",
+            other=("0.05",),
+            check=at_least(0, "must be 0 or more (0: off)"),
+        ),
     ),
     *group(
         AUGMENTATION,

@@ -6,13 +6,19 @@ torch._foreach ops: no host sync, nothing added to the autograd graph.
   convolutional networks", ICML 2018), --l2sp ALPHA: the backbone is pulled towards the weights
   the run started from, w0, by the penalty (ALPHA/2)||w - w0||^2, instead of towards zero by its
   weight decay; the new head keeps its --wd2 (the paper's L2 on the new layers).
+- SAM (Foret, Kleiner, Mobahi and Neyshabur, "Sharpness-aware minimization for efficiently
+  improving generalization", ICLR 2021), --sam RHO: the step's gradient is taken again on the
+  same batches at w + RHO g/||g||, the weights near w where the loss rises most (to first order),
+  and that second gradient steps w.
 """
 
 import hashlib
 import os
+from contextlib import contextmanager
 
 import torch
 import torchvision
+from torch import nn
 
 from model import backbone_of, load_weights, strip_prefixes
 from utils import Problem
@@ -133,3 +139,67 @@ def starting_weights(arch, weights):
             f"--l2sp: cannot read the run's starting weights, torchvision's {arch} {weights} "
             f"({type(e).__name__}: {e}); with no network, put them in TORCH_HOME's cache"
         ) from None
+
+
+# ----------------------------------------------------------------------------- SAM
+
+
+class SAM:
+    """--sam RHO: each optimizer step's gradient taken again at the weights moved RHO along its
+    direction, on the same batches, which steps the weights where they were."""
+
+    def __init__(self, rho):
+        self.rho = rho
+
+    @classmethod
+    def of(cls, args):
+        return cls(args.sam) if args.sam else None
+
+    @contextmanager
+    def ascended(self, net, params):
+        """Within: `params` at w + rho g/||g||, g their gradients as the first pass left them
+        (all-reduced under DDP, and summed over the step's batches; scaled under fp16 and not
+        yet divided by the class weights, which leaves their direction as it is), with no
+        gradients, for a second pass over the step's batches that leaves batch norm's running
+        statistics alone; after it: the weights put back at w exactly, holding the second
+        pass's gradients. A first gradient with inf or nan (an fp16 overflow) makes the second so
+        too: GradScaler then skips the step, as it would have skipped the plain one."""
+        moved = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in moved]
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            at = [torch.empty_like(p) for p in moved]
+            torch._foreach_copy_(at, moved)
+            torch._foreach_mul_(grads, self.rho / (norm + 1e-12))
+            torch._foreach_add_(moved, grads)
+        for p in moved:
+            p.grad = None
+        try:
+            with running_stats_kept(net):
+                yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(moved, at)
+
+    def words(self):
+        return f", SAM rho {self.rho:g} (two forward and backward passes a step)"
+
+
+@contextmanager
+def running_stats_kept(model):
+    """Batch norm normalising by each batch's statistics, as it trains, but leaving its running
+    statistics and their count as they are: for SAM's second pass over batches the first has
+    counted (davda54/sam's disable_running_stats sets the momentum to 0 instead, which still
+    counts them)."""
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True

@@ -11,7 +11,7 @@ from torch import nn
 
 from model import count_parameters
 from twophase.augment import MixUpCutMix
-from twophase.regularise import L2SP
+from twophase.regularise import L2SP, SAM
 
 OPTIMIZERS = {  # name: (class, options beyond lr and weight decay)
     "nadam": (torch.optim.NAdam, {}),
@@ -46,7 +46,7 @@ class Phase:
     learning rate and the schedule that scales them epoch by epoch, the weight decay, the
     gradient clip, whether batch norm statistics adapt, MixUp/CutMix, the loss, the autocast
     dtype with its grad scaler, how many batches an optimizer step takes, and the regularisers
-    beyond the report (regularise.py)."""
+    beyond the report (regularise.py: L2-SP, SAM)."""
 
     number: int
     epochs: int
@@ -63,6 +63,7 @@ class Phase:
     scaler: torch.amp.GradScaler
     accum_steps: int = 1
     l2sp: L2SP | None = None
+    sam: SAM | None = None
 
     def set_rates(self, epoch):
         """The optimizer's learning rates and weight decay for `epoch`, from the options alone:
@@ -158,6 +159,7 @@ def describe_phase(phase, args, model):
     line += f", {args.warmup_epochs} warmup epochs then cosine to {args.min_lr:.0e}"
     line += f", gradients clipped to {phase.clip}" if phase.clip else ""
     line += phase.l2sp.words(phase.weight_decay) if phase.l2sp else ""
+    line += phase.sam.words() if phase.sam else ""
     trough = args.warmup_epochs + args.cosine_epochs
     if trough < phase.epochs:
         line += (
