@@ -14,7 +14,8 @@ from torch import nn
 
 import model as M
 import train
-from conftest import TINY, examples, narrowed, stop_at
+from conftest import TINY, examples, make_dataset, narrowed, stop_at
+from test_distributed import forked_ddp
 from twophase.loss import Loss, loss_of
 from twophase.regularise import L2SP, SAM, running_stats_kept
 from twophase.resolve import resolve
@@ -279,6 +280,20 @@ def test_a_sam_step_whose_first_gradient_overflows_is_skipped_and_the_weights_ke
     for p, q in zip(layer.parameters(), before):
         assert torch.equal(p.detach(), q)
     assert scaler.get_scale() == 2.0**15
+
+
+def test_two_processes_take_sam_and_l2sp_steps_together(tmp_path, narrow_models):
+    """Under DDP, with accumulated batches and class weights: the second pass's all-reduce (at
+    the step's last batch) and the class weights' sums over both processes meet, and the run
+    ends on both with finite weights."""
+    data = make_dataset(tmp_path / "data")
+    argv = ["--data", data, *TINY, "--weights", saved_weights(tmp_path / "w.pth")]
+    argv += ["--epochs1", "0", "--epochs2", "1", "--sam", "0.05", "--l2sp", "0.1"]
+    argv += ["--accum-steps", "2", "--class-weights", "auto", "--out", tmp_path / "ck"]
+    assert forked_ddp(argv, tmp_path) == [0, 0], (tmp_path / "rank1.log").read_text()
+    state = last_state(tmp_path / "ck" / "last.pt")
+    assert state["world_size"] == 2 and state["l2sp_reference"]
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 # ----------------------------------------------------------------------------- combinations
