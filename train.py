@@ -44,7 +44,8 @@ from twophase.budget import (
 from twophase.checkpoint import LAST_PT, Checkpointer, best_acc, epoch_record
 from twophase.divergence import check_epoch, check_position
 from twophase.loader import data_loaders
-from twophase.loss import check_class_weights, loss_of
+from twophase.loss import check_class_weights, divide_by_weights, loss_of
+from twophase.regularise import L2SP, SAM, head_apart
 from twophase.resolve import resolve
 from twophase.result import select_result
 from twophase.run import (
@@ -263,6 +264,7 @@ def phase_setup(number, args, model, device, criterion, dtype):
     # Every layer: warmup then cosine, gradients clipped.
     set_trainable(model, 2)
     groups = stage_groups(model, args.lr2, args.lr_decay)
+    groups = head_apart(model, groups) if args.l2sp else groups  # the head keeps its decay
     optimizer = make_optimizer(args.optimizer2, groups, args.lr2, args.wd2, device)
     mix = None
     if args.mixup or args.cutmix:
@@ -278,6 +280,8 @@ def phase_setup(number, args, model, device, criterion, dtype):
         clip=args.clip,
         freeze_bn=False,
         mix=mix,
+        l2sp=L2SP.of(args, model),
+        sam=SAM.of(args),
         **step,
     )
 
@@ -369,7 +373,7 @@ def optimizer_steps(net, batches, total, phase, ema, tally):
     optimizer, scaler, accum = phase.optimizer, phase.scaler, phase.accum_steps
     params = [p for group in optimizer.param_groups for p in group["params"]]
     weighted = getattr(phase.criterion, "weight", None) is not None
-    weights, images_seen = 0.0, 0  # a weighted step's sums, for its mean
+    weights, images_seen, kept = 0.0, 0, []  # a weighted step's sums, for its mean; its batches
     optimizer.zero_grad(set_to_none=True)
     for i, (images, labels) in enumerate(batches, start=tally.batches):
         step_now = (i + 1) % accum == 0 or i + 1 == total
@@ -377,25 +381,24 @@ def optimizer_steps(net, batches, total, phase, ema, tally):
         targets = labels
         if phase.mix is not None:
             images, targets = phase.mix(images, labels)
-        # Under DDP, gradients are all-reduced once per optimizer step, not once per batch.
-        sync = net.no_sync() if not step_now and hasattr(net, "no_sync") else nullcontext()
-        with sync:
-            dtype = phase.dtype
-            with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
-                logits = net(images)
-                if weighted:  # by the images here; by the weights once the step's are summed
-                    loss_sum, weight_sum = phase.criterion.sums(logits, targets)
-                    loss, to_step = loss_sum / weight_sum, loss_sum / len(labels)
-                    weights, images_seen = weights + weight_sum, images_seen + len(labels)
-                else:
-                    loss = to_step = phase.criterion(logits, targets)
-            scaler.scale(to_step / group if group > 1 else to_step).backward()
+        loss, logits, weight_sum = backward(net, phase, images, targets, group, sync=step_now)
+        if weighted:  # by the images here; by the weights once the step's are summed
+            weights, images_seen = weights + weight_sum, images_seen + len(labels)
+        kept += [(images, targets)] if phase.sam is not None else []
         if step_now:
+            if phase.sam is not None:  # the step's gradient again, where the loss rises most
+                with phase.sam.ascended(net, params):
+                    for j, (again, same) in enumerate(kept, start=1):
+                        backward(net, phase, again, same, group, sync=j == len(kept))
+                kept = []
             if weighted:
                 divide_by_weights(params, images_seen, weights)
                 weights, images_seen = 0.0, 0
+            if phase.clip or phase.l2sp is not None:
+                scaler.unscale_(optimizer)  # the true gradients, not the loss-scaled ones
+            if phase.l2sp is not None:
+                phase.l2sp.pull()
             if phase.clip:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the loss-scaled ones
                 nn.utils.clip_grad_norm_(params, phase.clip)
             scaler.step(optimizer)
             scaler.update()
@@ -407,16 +410,22 @@ def optimizer_steps(net, batches, total, phase, ema, tally):
             yield i + 1
 
 
-def divide_by_weights(params, images, weights):
-    """A step with class weights, as one batch of all its images would take it: each batch's
-    backward divided its weighted loss by its images, where PyTorch's weighted mean divides by
-    the sum of their classes' weights; here the gradients take images / weights, summed over
-    every batch of the step (--accum-steps) and every process (DDP). No host sync."""
-    totals = torch.stack([torch.full_like(weights, float(images)), weights])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
-    grads = [p.grad for p in params if p.grad is not None]
-    torch._foreach_mul_(grads, totals[0] / totals[1])
+def backward(net, phase, images, targets, group, sync):
+    """One batch's forward and backward, its loss divided among the `group` batches of its step;
+    under DDP the gradients are all-reduced where `sync` (once a step, not once a batch).
+    Returns its loss, logits and, with class weights, the sum its weighted mean divides by."""
+    wait = net.no_sync() if not sync and hasattr(net, "no_sync") else nullcontext()
+    with wait:
+        dtype, weight_sum = phase.dtype, None
+        with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = net(images)
+            if getattr(phase.criterion, "weight", None) is not None:
+                loss_sum, weight_sum = phase.criterion.sums(logits, targets)
+                loss, to_step = loss_sum / weight_sum, loss_sum / len(targets)
+            else:
+                loss = to_step = phase.criterion(logits, targets)
+        phase.scaler.scale(to_step / group if group > 1 else to_step).backward()
+    return loss, logits, weight_sum
 
 
 def validate_epoch(run, phase, epoch, train):

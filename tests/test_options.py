@@ -154,6 +154,8 @@ BOUNDS = {
     "--save-every-steps": (0, math.inf, "[)"),
     "--tensorboard-every": (1, math.inf, "[)"),
     "--seed": (0, 2**31 - 1, "[]"),
+    "--l2sp": (0, math.inf, "[)"),
+    "--sam": (0, math.inf, "[)"),
 }
 BY_FLAG = {o.flag: o for o in OPTIONS}
 

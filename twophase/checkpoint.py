@@ -13,7 +13,8 @@ weights' moving average, or None) and `eval_weights` (`model` or `ema`: the one 
 better); `step` and `progress` when saved mid-epoch; `averaged` and `val_acc` for an average of
 checkpoints; `tta` (whether test-time flips validated better) once --tta auto has chosen,
 `test_size` (the side to test at) once --test-size auto has; `launch` (the torchrun job that saved
-it, whose restarts go on from it: cluster.py).
+it, whose restarts go on from it: cluster.py); `l2sp_reference` (the digest of the weights
+--l2sp pulls towards, which a continued run reads again and checks).
 """
 
 import csv
@@ -58,6 +59,7 @@ EXTRA |= {"test_size", "test_bn", "test_bn_of"}  # --test-size auto's size, batc
 EXTRA |= {"val_digest"}  # which images were held out for validation
 EXTRA |= {"run_id"}  # which run the checkpoint is of (made as it starts; a resume keeps it)
 EXTRA |= {"launch"}  # the torchrun job that saved it (TORCHELASTIC_RUN_ID): its restarts go on
+EXTRA |= {"l2sp_reference"}  # the digest of the weights --l2sp pulls towards
 
 
 def epoch_file(n):
@@ -333,6 +335,8 @@ class Checkpointer:
         }
         weights = {strip_prefixes(k): v for k, v in self.model.state_dict().items()}
         ema = self.ema.state_dict() if self.ema else None
+        if phase.l2sp is not None:  # which weights it pulls towards: a continued run checks
+            extra |= {"l2sp_reference": phase.l2sp.digest}
         return make_checkpoint(
             weights,
             about,

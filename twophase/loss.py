@@ -1,5 +1,6 @@
 """The method's loss: cross-entropy with label smoothing, each class weighed by --class-weights:
-its inverse frequency in the training images (auto) or a CSV's weights."""
+its inverse frequency in the training images (auto) or a CSV's weights; and a weighted step's
+gradients divided as one batch of all its images would divide them."""
 
 import torch
 from torch import nn
@@ -52,3 +53,15 @@ def class_weights(spec, classes, counts):
         inverse = torch.where(counts > 0, 1 / counts.clamp(min=1), 0.0)
         return (inverse / inverse[counts > 0].mean()).float()
     return torch.tensor(read_class_weights(spec, classes), dtype=torch.float32)
+
+
+def divide_by_weights(params, images, weights):
+    """A step with class weights, as one batch of all its images would take it: each batch's
+    backward divided its weighted loss by its images, where PyTorch's weighted mean divides by
+    the sum of their classes' weights; here the gradients take images / weights, summed over
+    every batch of the step (--accum-steps) and every process (DDP). No host sync."""
+    totals = torch.stack([torch.full_like(weights, float(images)), weights])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    grads = [p.grad for p in params if p.grad is not None]
+    torch._foreach_mul_(grads, totals[0] / totals[1])

@@ -624,6 +624,34 @@ OPTIONS = (
             other=("1M",),
             check=at_least(1),
         ),
+        Option(
+            ("--l2sp",),
+            0.0,
+            "Phase II: L2-SP (Li et al., ICML 2018): the backbone pulled towards the weights the "
+            "run started from, w0 (--weights, read again; none: 0), by the penalty "
+            "(ALPHA/2)||w - w0||^2, in place of its --wd2, which the new head alone keeps; "
+            "typically 0.01, the paper's for the backbone; 0: off",
+            type=float,
+            metavar="ALPHA",
+            resume="added, changed or dropped: from the next step, towards the run's --weights "
+            "read again (a Phase II checkpoint records which weights, and a file changed since is "
+            "refused)",
+            other=("0.01",),
+            check=at_least(0, "must be 0 or more (0: off)"),
+        ),
+        Option(
+            ("--sam",),
+            0.0,
+            "Phase II: sharpness-aware minimisation (Foret et al., ICLR 2021): each step takes "
+            "its gradient again, on the same images, at the weights moved RHO along the first "
+            "one, and steps with that; a second forward and backward a step, about twice the "
+            "time; typically 0.05; 0: off",
+            type=float,
+            metavar="RHO",
+            resume="added, changed or dropped: from the next step",
+            other=("0.05",),
+            check=at_least(0, "must be 0 or more (0: off)"),
+        ),
     ),
     *group(
         AUGMENTATION,

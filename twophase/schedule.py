@@ -11,6 +11,7 @@ from torch import nn
 
 from model import count_parameters
 from twophase.augment import MixUpCutMix
+from twophase.regularise import L2SP, SAM
 
 OPTIMIZERS = {  # name: (class, options beyond lr and weight decay)
     "nadam": (torch.optim.NAdam, {}),
@@ -44,7 +45,8 @@ class Phase:
     how long, the optimizer (over the parameters it trains), each parameter group's peak
     learning rate and the schedule that scales them epoch by epoch, the weight decay, the
     gradient clip, whether batch norm statistics adapt, MixUp/CutMix, the loss, the autocast
-    dtype with its grad scaler, and how many batches an optimizer step takes."""
+    dtype with its grad scaler, how many batches an optimizer step takes, and the regularisers
+    beyond the report (regularise.py: L2-SP, SAM)."""
 
     number: int
     epochs: int
@@ -60,6 +62,8 @@ class Phase:
     dtype: torch.dtype | None
     scaler: torch.amp.GradScaler
     accum_steps: int = 1
+    l2sp: L2SP | None = None
+    sam: SAM | None = None
 
     def set_rates(self, epoch):
         """The optimizer's learning rates and weight decay for `epoch`, from the options alone:
@@ -69,6 +73,8 @@ class Phase:
         for group, peak in zip(self.optimizer.param_groups, self.peak_lrs, strict=True):
             group["lr"] = peak * share
             group["weight_decay"] = self.weight_decay
+            if self.l2sp is not None and self.l2sp.pulls(group):
+                group["weight_decay"] = 0.0  # L2-SP's pull towards w0 replaces it
 
     def lrs(self):
         """The learning rate of the first parameter group at each of the phase's epochs."""
@@ -152,6 +158,8 @@ def describe_phase(phase, args, model):
         return line + (", batch norm frozen" if phase.freeze_bn else ", batch norm adapts")
     line += f", {args.warmup_epochs} warmup epochs then cosine to {args.min_lr:.0e}"
     line += f", gradients clipped to {phase.clip}" if phase.clip else ""
+    line += phase.l2sp.words(phase.weight_decay) if phase.l2sp else ""
+    line += phase.sam.words() if phase.sam else ""
     trough = args.warmup_epochs + args.cosine_epochs
     if trough < phase.epochs:
         line += (

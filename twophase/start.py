@@ -211,6 +211,8 @@ class Start:
         )
         if state["scaler"] and phase.scaler.is_enabled():  # empty when saved without fp16
             phase.scaler.load_state_dict(state["scaler"])
+        if phase.l2sp is not None:  # pulled towards the weights it was pulled towards
+            phase.l2sp.check_kept(state.get("l2sp_reference"), self.path)
 
 
 def in_pieces(partial, pieces):
@@ -232,12 +234,13 @@ def in_pieces(partial, pieces):
 def load_optimizer_state(optimizer, state, names=None, saved_names=None):
     """A checkpoint's optimizer state, made right for this optimizer (built by make_optimizer for
     this device) whichever device saved it. `names` and `saved_names`: the parameters' names in
-    this optimizer's order and in the saved one's; where they differ (other parameter groups),
-    each parameter's state is moved to its place here, and the groups are this optimizer's.
+    this optimizer's order and in the saved one's; where they differ, or the groups do (another
+    --lr-decay, --l2sp's head apart), each parameter's state is moved to its place here, and the
+    groups are this optimizer's.
     load_state_dict would bring the saving run's fused and capturable settings along, and would
     move NAdam's step counts and momentum products to the device, where PyTorch reads them back
     at every step (a host sync each): they belong there only for a fused or capturable step."""
-    if names is not None and names != saved_names:
+    if names is not None and (names != saved_names or group_sizes(state) != group_sizes(optimizer)):
         state = regrouped(optimizer, state, names, saved_names)
     built = {
         key: optimizer.defaults[key] for key in ("fused", "capturable") if key in optimizer.defaults
@@ -254,6 +257,12 @@ def load_optimizer_state(optimizer, state, names=None, saved_names=None):
                     param_state[key] = (
                         value.to(param.device, torch.float32) if on_device else value.cpu()
                     )
+
+
+def group_sizes(optimizer):
+    """How many parameters each group of an optimizer (or of its state dict) holds."""
+    groups = optimizer["param_groups"] if isinstance(optimizer, dict) else optimizer.param_groups
+    return [len(group["params"]) for group in groups]
 
 
 def regrouped(optimizer, state, names, saved_names):
