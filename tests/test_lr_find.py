@@ -151,6 +151,21 @@ def test_find_lr_writes_its_curves_prints_the_rates_and_trains_nothing(
     assert len(shares) == 1 and len(next(iter(shares))) > 1  # the groups, scaled together
 
 
+def test_phase_twos_range_test_starts_from_the_runs_trained_head(tiny_args, tmp_path, capsys):
+    """--phase 2 --find-lr from <out>/phase1.pt: its head, trained; a fresh --find-lr in that
+    folder: phase1.pt's head too; without one, a head fitted first (the test above)."""
+    train.main(tiny_args + ["--epochs1", "1", "--epochs2", "0"])
+    capsys.readouterr()
+    train.main(tiny_args + ["--phase", "2", "--epochs2", "2", "--find-lr", *STEPS])
+    err = capsys.readouterr().err
+    assert "Phase II (every layer) LR range test" in err
+    assert "head fitted" not in err and "starts from the head of" not in err  # the run's own
+    train.main(tiny_args + ["--find-lr", *STEPS])
+    err = capsys.readouterr().err
+    assert f"starts from the head of {tmp_path / 'ck' / 'phase1.pt'}" in err
+    assert "head fitted" not in err
+
+
 def recorded_rates(monkeypatch):
     """The rate of every parameter group at each optimizer step train.py takes, by phase."""
     seen, real = [], train.optimizer_steps

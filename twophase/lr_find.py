@@ -19,10 +19,12 @@ import itertools
 import math
 from contextlib import closing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 
+from twophase.checkpoint import PHASE1_PT, load_checkpoint
 from twophase.options import BY_DEST
 from twophase.run import distributed
 from twophase.run_folder import run_figures
@@ -231,22 +233,28 @@ def range_test(run, number, training, head_rate=None):
 
 
 def start_of_phase2(run, model, training, head_rate):
-    """Phase II's sweep starts from the run's trained head: the one Phase I trained (in this
-    command, or in the run it continues, such as --phase 2 from <out>/phase1.pt). A run with none
-    (no Phase I epochs) fits a head on `model` first, --find-lr-steps steps at `head_rate` (the
-    Phase I suggestion, --lr1, or Table 1's): from a random head the curve would measure how fast
-    the new head learns, not the backbone. Returns that in words, or None."""
+    """Phase II's sweep starts from a trained head: the one the run's Phase I trained (in this
+    command, or in the run it continues, such as --phase 2 from <out>/phase1.pt), else that of
+    <out>/phase1.pt where the folder holds one of this model and these classes (loaded into
+    `model`). A run with neither fits a head on `model` first, --find-lr-steps steps at
+    `head_rate` (the Phase I suggestion, --lr1, or Table 1's): from a random head the curve
+    would measure how fast the new head learns, not the backbone. Returns what it started from,
+    in words, where it is not the run's own."""
     if any(record["phase"] == 1 for record in run.history):
         return None
+    phase1 = Path(run.args.out) / PHASE1_PT
+    state = load_checkpoint(phase1) if phase1.is_file() else {}
+    if state.get("arch") == run.args.arch and state.get("classes") == list(run.splits.classes):
+        model.load_state_dict(state["model"])
+        return f"Phase II's range test starts from the head of {phase1}"
     steps = run.args.find_lr_steps
     phase = phase_of(run, 1, model, training, head_rate)
     for _ in steps_of(run, phase, model, training):
         pass
     return (
-        f"the run has no trained head (no Phase I epochs; with --phase 2 it takes <out>/phase1.pt's"
-        f"), so Phase II's range test starts from a head fitted {steps} steps at --lr1 "
-        f"{head_rate:.2e} first: from a random head it would measure the new head's rates, not "
-        "the backbone's"
+        f"the run has no trained head (no Phase I epochs, no {phase1}), so Phase II's range test "
+        f"starts from a head fitted {steps} steps at --lr1 {head_rate:.2e} first: from a random "
+        "head it would measure the new head's rates, not the backbone's"
     )
 
 
