@@ -46,7 +46,7 @@ DIVERGES = 4.0  # the sweep stops once the smoothed loss is this many times its 
 SKIP, TAIL = 10, 5  # the suggestion leaves out a SKIP-th of the steps at the start and TAIL at
 # the end, as fastai's does: the average is still settling there, and diverging
 FLAT = 0.02  # a smoothed loss that falls by less than this share has no valley to speak of
-MIN_POINTS = 5
+MIN_POINTS = 5  # the fewest points of the curve a valley is looked for in
 RULE = "valley"
 
 
@@ -128,8 +128,8 @@ def suggestion(curve):
     before the curve had points to judge, or its smoothed loss hardly falls (flat, or rising from
     the start). The valley, rather than fastai's older suggestions, the steepest fall (one noisy
     point's slope) or a tenth of the minimum (a guess of a margin below where the loss blows up):
-    it takes the longest falling stretch of the whole curve, so one bump does not move it, and
-    fastai measured it the best of its rules over many datasets."""
+    it takes the longest falling stretch of the whole curve, so one bump does not move it (and
+    fastai made it its default over them for that)."""
     skip = curve.planned // SKIP
     points = curve.smoothed[skip : len(curve.smoothed) - TAIL]
     tried = f"from {START:g} to {curve.lrs[-1]:.2g}"

@@ -768,7 +768,7 @@ OPTIONS = (
             switch=True,
             rule=rules.this_command_only,
         ),
-        Option(
+        Option(  # 100: fastai's, 12 rates a decade, and fewer steps than an epoch of most data
             ("--find-lr-steps",),
             100,
             "the range test's optimizer steps (--find-lr, and an auto --lr1 or --lr2), the data "
