@@ -27,7 +27,6 @@ from data import (
 )
 from model import count_parameters, warn_if_too_large
 from twophase.checkpoint import (
-    CHECKPOINT_DIR,
     best_acc,
     full_history,
     held_name,
@@ -61,6 +60,7 @@ from twophase.loss import loss_of
 from twophase.markdown import relative, shown_path
 from twophase.options import get_args_parser as training_options
 from twophase.report import MARK, Evaluated, why_kept, write_report
+from twophase.run_folder import FIGURES, run_figures
 from twophase.submission import test_answers, test_score
 from twophase.written import Written, set_aside
 from utils import Problem, exits_on_problems, log
@@ -420,7 +420,6 @@ def draw_gradcam(trained, val, picked, preds, labels, confidence, shown, path):
     )
 
 
-FIGURES = Path("figures")
 OUTPUTS = (  # what evaluate.py writes into a figures folder (a report and comparisons besides)
     "fig1_loss.png",
     "fig2_val_accuracy.png",
@@ -439,12 +438,10 @@ COMPARISON = (  # what a comparison writes
 
 
 def figures_folder(args):
-    """--figures, else the run's own: figures/ for a run in checkpoints/ (train.py's --out by
-    default), figures/RUN for a run in a folder RUN."""
+    """--figures, else the run's own (run_folder.run_figures)."""
     if args.figures:
         return Path(args.figures)
-    run = resolve_checkpoint(args.ckpt).resolve().parent.name
-    return FIGURES if run == CHECKPOINT_DIR else FIGURES / run
+    return run_figures(resolve_checkpoint(args.ckpt).resolve().parent)
 
 
 def owner(state, ckpt, folder):

@@ -45,6 +45,7 @@ from twophase.checkpoint import LAST_PT, Checkpointer, best_acc, epoch_record
 from twophase.divergence import check_epoch, check_position
 from twophase.loader import data_loaders
 from twophase.loss import check_class_weights, divide_by_weights, loss_of
+from twophase.lr_find import Training, find_lrs, found_rate, numeric_rates
 from twophase.regularise import L2SP, SAM, head_apart
 from twophase.resolve import resolve
 from twophase.result import select_result
@@ -107,7 +108,7 @@ def main(argv=None):
     weights = start.weights(args.arch, args.weights)
     model = build_model(args.arch, len(dataset.classes), weights)
     log(f"weights: {weights.about}; inputs normalised with {normalisation(args)}")
-    folder = RunFolder(args.out, writer=procs.rank == 0)
+    folder = RunFolder(args.out, writer=procs.rank == 0 and not args.find_lr)  # writes no run
     try:
         # The first process holds --out for the run: no other run writes there meanwhile.
         with folder.claimed(start, args):
@@ -117,14 +118,17 @@ def main(argv=None):
                 StopRequest() as stop,
                 closing(set_up(args, start, splits, model, folder, device, procs, stop)) as run,
             ):
+                if args.find_lr:  # the LR range test alone: its curves and rates, no training
+                    return find_lrs(run, Training(phase_setup, optimizer_steps), phases(args))
                 if budget_to_plan(resolved):  # the epochs that fit, chosen once as the run starts
                     kept = budget_kept(resolved)
                     run.args = plan_time_budget(run, kept, started, time_steps(run))
                 # Algorithm 1. Phase I fits the new head on the frozen backbone; Phase II
                 # fine-tunes every layer, warmup then cosine, its gradients clipped.
                 for number in phases(run.args):
-                    phase = phase_setup(
-                        number, run.args, run.model, device, run.criterion, run.dtype
+                    run.args = found_rate(run, number, Training(phase_setup, optimizer_steps))
+                    phase = phase_setup(  # numeric_rates: `auto` stays where no epoch trains
+                        number, numeric_rates(run.args), run.model, device, run.criterion, run.dtype
                     )
                     train_phase(run, phase)
                 if run.args.phase != "1":
@@ -213,7 +217,7 @@ def set_up(args, start, splits, model, folder, device, procs, stop):
         step=step,
         averaged_acc=folder.averaged_acc(start),
         classes_uneven=uneven is not None,
-        board=Board.of(args, folder.path, step) if procs.rank == 0 else None,
+        board=Board.of(args, folder.path, step) if folder.writer else None,
     )
     log(start_line(run))
     if uneven:
@@ -464,7 +468,7 @@ def time_steps(run, steps=3):
     copy of the model in each phase after one to warm up, the copy thrown away and the global
     random state put back, so that the run trains as it would have. Under torchrun every process
     times its share, through DDP, and the slowest counts."""
-    args, device = run.args, run.device
+    args, device = numeric_rates(run.args), run.device  # as long a step at any rate
     state = rng_state()
     run.stream.draw(0, args.img_size)
     with closing(run.stream.batches(device)) as batches:

@@ -31,8 +31,9 @@ REFUSED_IN_PHASE2 |= {"batch_size", "accum_steps", "seed", "sampler"}
 
 
 def options():
-    """Every option of train.py but --resume, the one each test resumes with."""
-    return [option for option in OPTIONS if option.dest != "resume"]
+    """Every option of train.py but --resume, the one each test resumes with, and --find-lr,
+    which trains nothing (tests/test_lr_find.py)."""
+    return [option for option in OPTIONS if option.dest not in ("resume", "find_lr")]
 
 
 class Captured(Exception):

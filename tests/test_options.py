@@ -20,6 +20,7 @@ import predict
 import train
 from conftest import REPO, examples
 from twophase import average
+from twophase.checks import rate
 from twophase.continuing import shown
 from twophase.options import AUGMENTATION, OPTIONS, get_args_parser
 from twophase.resolve import resolve
@@ -152,6 +153,7 @@ BOUNDS = {
     "--p-hflip": (0, 1, "[]"),
     "--p-vflip": (0, 1, "[]"),
     "--save-every-steps": (0, math.inf, "[)"),
+    "--find-lr-steps": (20, math.inf, "[)"),
     "--tensorboard-every": (1, math.inf, "[)"),
     "--seed": (0, 2**31 - 1, "[]"),
     "--l2sp": (0, math.inf, "[)"),
@@ -177,9 +179,9 @@ def resolves(argv, capsys):
 
 
 def test_the_bounds_cover_every_single_number():
-    """Every option of one int or float (--average-last's 0 or 2 or more is no interval: its own
-    test below)."""
-    single = {o.flag for o in OPTIONS if o.type in (int, float) and o.nargs is None}
+    """Every option of one int or float, or a rate (a float or auto; --average-last's 0 or 2 or
+    more is no interval: its own test below)."""
+    single = {o.flag for o in OPTIONS if o.type in (int, float, rate) and o.nargs is None}
     assert single - {"--average-last"} == set(BOUNDS)
 
 

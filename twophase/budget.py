@@ -55,11 +55,13 @@ def plan_time_budget(run, kept, started, speed):
         side = ProgressiveSize.of(args, epochs)
         return sum(run.forecast.epoch_seconds(2, speed, side(e)) for e in range(epochs))
 
-    chosen = epochs_within(left, phase_seconds, end, kept)
+    sweeps = range_test_seconds(run, speed, phase1_over)
+    chosen = epochs_within(left - sweeps, phase_seconds, end, kept)
     timing = (
         f"here a Phase I step takes {speed['step1']:.3g} s, a Phase II step {speed['step2']:.3g} "
         f"s, a validation {clock(speed['validation'])}: an epoch {clock(epoch[1])} in Phase I, "
         f"{clock(epoch[2])} in Phase II; {clock(spent)} spent before training"
+        + (f", {clock(sweeps)} for the LR range tests to come" if sweeps else "")
     )
     if chosen is None:
         raise Problem(
@@ -75,6 +77,19 @@ def plan_time_budget(run, kept, started, speed):
         f"{clock(cost)} from now: the run should end near {wall_clock(started + spent + cost)}"
     )
     return args.replaced(epochs=total, **split)
+
+
+def range_test_seconds(run, speed, phase1_over):
+    """The LR range tests an auto --lr1 or --lr2 runs as its phase starts (lr_find.py), at the
+    phases' step times: --find-lr-steps steps each, and as many Phase I steps before Phase II's
+    where the run has no trained head to start it from (no Phase I epochs)."""
+    args, steps = run.args, run.args.find_lr_steps
+    seconds = steps * speed["step1"] if args.lr1 == "auto" and not phase1_over else 0.0
+    if args.lr2 == "auto":
+        seconds += steps * speed["step2"]
+        head = any(r["phase"] == 1 for r in run.history) or not (phase1_over or args.epochs1 == 0)
+        seconds += 0.0 if head else steps * speed["step1"]
+    return seconds
 
 
 def replan_time_budget(run, phase, done):

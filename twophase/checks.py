@@ -25,6 +25,18 @@ def timeout(text):
         return duration(text)
 
 
+def rate(text):
+    """A learning rate: a number, or auto (the LR range test's suggestion, twophase/lr_find.py)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a learning rate: {text!r} (a number such as 5e-4, or auto: the range test's)"
+        ) from None
+
+
 def parameter_count(text):
     """100M, 25.6M, 1.5B or a plain number."""
     scale = {"K": 1e3, "M": 1e6, "B": 1e9}.get(text[-1:].upper(), 1)
@@ -70,6 +82,12 @@ def half_open(low, high, what="must be {low} or more and less than {high}"):
 
 
 PROBABILITY = between(0, 1, "a probability, between 0 and 1")
+
+
+def learning_rate(value):
+    if value == "auto" or value > 0:
+        return None
+    return "a learning rate must be more than 0 (or auto: the LR range test's suggestion)"
 
 
 def share(value):

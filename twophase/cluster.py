@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from twophase.checkpoint import LAST_PT, PHASE1_PT, peek, resolve_checkpoint
+from twophase.continuing import shown
 from twophase.run_folder import place
 from utils import Done, Problem, log
 
@@ -135,7 +136,8 @@ def global_batch_line(saved_args, options, saved, world):
     line = (
         f"the run had {saved} process(es), this one has {world}: each epoch from here is shared "
         f"out {world} way(s), a global batch of {now} (it was {was}), at the learning rates the "
-        f"options give, not rescaled (--lr1 {options['lr1']:g}, --lr2 {options['lr2']:g})"
+        f"options give, not rescaled (--lr1 {shown(options['lr1'])}, --lr2 "
+        f"{shown(options['lr2'])})"
     )
     if now != was and was % (world * accum) == 0:
         line += f"; --batch-size {was // (world * accum)} keeps the global batch of {was}"

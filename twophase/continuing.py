@@ -63,6 +63,46 @@ def phase1_only(start, options, value):
 
 
 @rule(
+    "refused once Phase I is over: Phase II has begun, its last epoch is saved and `--epochs1` "
+    "gives it no more, or `--phase 2`; `auto` refused once Phase I has begun; applied before"
+)
+def phase1_rate(start, options, value):
+    """--lr1: phase1_only's rule, and `auto` only for a Phase I still to begin."""
+    return phase1_only(start, options, value) or auto_begun(start, 1, value)
+
+
+@rule("applied, but `auto` once Phase II has begun: refused")
+def phase2_rate(start, options, value):
+    return auto_begun(start, 2, value)
+
+
+def auto_begun(start, phase, value):
+    """Why `--lr{phase} auto` cannot be: the range test runs as its phase starts, and the run has
+    begun that phase (a rate the test found is kept before the rules are asked: found_rates)."""
+    state = start.state
+    begun = state["phase"] > phase or (
+        state["phase"] == phase and (state["epoch"] > 0 or start.mid_epoch)
+    )
+    if value != "auto" or not begun:
+        return None
+    return (
+        f"the range test runs as Phase {'I' * phase} starts, and this run's has begun at "
+        f"--lr{phase} {shown(state['args'].get(f'lr{phase}'))}; give a number"
+    )
+
+
+def found_rates(saved, given):
+    """`--lr1 auto` or `--lr2 auto` given to a run whose rate the range test found: that rate. A
+    range test runs once: a continued run trains on at the rate it found."""
+    found = saved.get("lr_found") or {}
+    return {
+        key: saved[key]
+        for key in ("lr1", "lr2")
+        if given.get(key) == "auto" and key in found and found[key] == saved.get(key)
+    }
+
+
+@rule(
     "refused once Phase II has begun (or with `--phase 2`); applied before, not below the "
     "Phase I epochs the run has"
 )

@@ -1,8 +1,9 @@
 """The figures evaluate.py draws and the report shows, each sized to read at a page's width (about
 7 inches): the training curves (from the steps, not only the epochs), validation accuracy, the
 confusion matrix (and, above 30 classes, the 20 most confused classes alone), the most confident
-mistakes, Grad-CAM, and a comparison's accuracy against size and curves. Class names are data:
-a $ in one is drawn as it is (literal), not read as the start of a formula."""
+mistakes, Grad-CAM, a comparison's accuracy against size and curves, and the LR range test's
+curve. Class names are data: a $ in one is drawn as it is (literal), not read as the start of a
+formula."""
 
 import textwrap
 
@@ -292,4 +293,36 @@ def plot_curves_comparison(runs, path):
     ax.set(xlabel="epoch", ylabel="validation accuracy")
     ax.legend()
     ax.grid(alpha=0.3)
+    save(fig, path)
+
+
+def plot_range_test(curve, found, title, path):
+    """The LR range test's curve (lr_find.py): each step's loss and the smoothed loss against the
+    rate, on a log axis, and the suggested rate marked where there is one."""
+    fig, ax = plt.subplots(figsize=(WIDE, TALL))
+    ax.plot(curve.lrs, curve.losses, color="tab:blue", alpha=0.3, linewidth=1, label="each step")
+    ax.plot(curve.lrs, curve.smoothed, color="tab:blue", label="smoothed")
+    if found.lr is not None:
+        loss = curve.smoothed[found.index]
+        ax.axvline(found.lr, color="tab:red", linestyle="--", linewidth=1)
+        ax.scatter([found.lr], [loss], s=60, color="tab:red", zorder=3)
+        ax.annotate(
+            f"valley: {found.lr:.2e}",
+            (found.lr, loss),
+            textcoords="offset points",
+            xytext=(6, 8),
+            fontsize=9,
+            color="tab:red",
+        )
+    else:
+        ax.text(0.02, 0.95, "no rate suggested", transform=ax.transAxes, va="top", fontsize=9)
+    ax.set_xscale("log")
+    smooth = [v for v in curve.smoothed if np.isfinite(v)]
+    if smooth:  # to the smoothed curve's top: a diverged step's loss would flatten the rest
+        low = min([*smooth, *(v for v in curve.losses if np.isfinite(v))])
+        margin = 0.05 * (max(smooth) - low) + 1e-9
+        ax.set_ylim(low - margin, max(smooth) + margin)
+    ax.set(xlabel="learning rate (log scale)", ylabel="training loss", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="upper left")
     save(fig, path)

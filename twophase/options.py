@@ -33,8 +33,10 @@ from twophase.checks import (
     finite,
     half_open,
     held_out,
+    learning_rate,
     low_high,
     parameter_count,
+    rate,
     share,
     timeout,
 )
@@ -310,13 +312,16 @@ OPTIONS = (
         Option(
             ("--lr1",),
             5e-4,
-            "AdamW, constant",
-            type=float,
+            "AdamW, constant; auto: the LR range test's suggestion, found as Phase I starts "
+            "(docs/options.md)",
+            type=rate,
+            metavar="LR|auto",
             presets={"fast": 1e-2},
-            rule=rules.phase1_only,
-            resume="it would change nothing",
+            rule=rules.phase1_rate,
+            resume="it would change nothing; `auto` is refused once Phase I has begun (the range "
+            "test runs as a phase starts), but where the run's rate was found so: it keeps that",
             other=("1e-3",),
-            check=above(0, "a learning rate must be more than 0"),
+            check=learning_rate,
         ),
         Option(
             ("--wd1",),
@@ -363,13 +368,17 @@ OPTIONS = (
         Option(
             ("--lr2",),
             5e-4,
-            "peak learning rate",
-            type=float,
+            "peak learning rate; auto: the LR range test's suggestion, found as Phase II starts "
+            "from the trained head (docs/options.md)",
+            type=rate,
+            metavar="LR|auto",
             presets={"demo": 1e-3, "fast": 1e-3},
+            rule=rules.phase2_rate,
             resume="the rate from the next epoch (or step) on is the schedule's under the new "
-            "value: a diverged run continues at a lower rate",
+            "value: a diverged run continues at a lower rate; `auto` is refused once Phase II has "
+            "begun, but where the run's rate was found so: it keeps that",
             other=("2e-3",),
-            check=above(0, "a learning rate must be more than 0"),
+            check=learning_rate,
         ),
         Option(
             ("--wd2",),
@@ -775,6 +784,29 @@ OPTIONS = (
             metavar="N",
             other=("3",),
             check=at_least(0, "must be 0 or more (0: none)"),
+        ),
+        Option(
+            ("--find-lr",),
+            False,
+            "the LR range test alone: for each phase the command would train, --find-lr-steps "
+            "optimizer steps of a copy of the model at rates rising from 1e-7 to 10, on the "
+            "data with every option of the run; writes each loss curve (PNG and CSV) into the "
+            "run's figures folder, prints the suggested --lr1 and --lr2 and exits without "
+            "training (docs/options.md)",
+            switch=True,
+            rule=rules.this_command_only,
+        ),
+        Option(  # 100: fastai's, 12 rates a decade, and fewer steps than an epoch of most data
+            ("--find-lr-steps",),
+            100,
+            "the range test's optimizer steps (--find-lr, and an auto --lr1 or --lr2), the data "
+            "cycled where an epoch has fewer; it stops early where the loss diverges",
+            type=int,
+            metavar="N",
+            resume="a range test still to run (an `auto` rate whose phase has not begun) takes "
+            "that many steps",
+            other=("20",),
+            check=at_least(20, "the range test needs {low} steps or more to find a valley"),
         ),
         Option(
             ("--dist-timeout",),

@@ -74,6 +74,7 @@ def resolve(argv=None):
     else:
         saved = {**defaults(), **start.saved_options()}
         options = continued_options(saved, given, start) | given
+        options |= rules.found_rates(saved, given)  # `auto` again: the rate found, no new test
     options["overwrite"] = given.get("overwrite", False)  # an order for this command alone
     options |= resolved_paths(options)
     refuse_files_as_folders(options)
@@ -144,7 +145,7 @@ def keep_phase1(levers, saved, recipe, ended):
     """A recipe's values less its Phase I levers (fast's --lr1), which keep the run's once its
     Phase I is over (`ended`, Start.phase1_end's words): they would change nothing, and given
     alone they are refused there."""
-    phase1 = {o.dest for o in OPTIONS if o.rule is rules.phase1_only}
+    phase1 = {o.dest for o in OPTIONS if o.rule in (rules.phase1_only, rules.phase1_rate)}
     kept = {k: v for k, v in levers.items() if k in phase1 and v != saved.get(k)}
     for key, value in kept.items():
         log(

@@ -12,6 +12,7 @@ import torch
 
 from twophase.checkpoint import (
     BEST_PT,
+    CHECKPOINT_DIR,
     HISTORY_CSV,
     LAST_PT,
     LOCK_FILE,
@@ -23,6 +24,15 @@ from twophase.checkpoint import (
     write_history_csv,
 )
 from utils import Problem, atomic_file, exclusive, log
+
+FIGURES = Path("figures")  # where a run's figures go (evaluate.py's, the range test's)
+
+
+def run_figures(folder):
+    """The figures folder of the run in `folder`: figures/ for a run in checkpoints/ (train.py's
+    --out by default), figures/RUN for a run in a folder RUN."""
+    name = Path(folder).resolve().name
+    return FIGURES if name == CHECKPOINT_DIR else FIGURES / name
 
 
 def save_checkpoints(state, paths):

@@ -30,7 +30,7 @@ def table1(state, folder, history=None):
     ]
     if trained[1]:
         rows += [
-            ("Optimizer", "Phase I", f"AdamW, lr {a['lr1']:g} constant, wd {a['wd1']:g}", "I"),
+            ("Optimizer", "Phase I", f"AdamW, lr {rate(a, 'lr1')} constant, wd {a['wd1']:g}", "I"),
             ("Optimizer", "batch norm in Phase I", "frozen" if a["freeze_bn"] else "adapts", "I"),
         ]
     if trained[2]:
@@ -63,7 +63,7 @@ def phase2_rows(a, history):
     """Table 1's Phase II rows: its optimizer, its learning rate as it went (a warmup only where
     there was one), its clip, the periodic checkpoints it kept (none: no row)."""
     warmup = a["warmup_epochs"]
-    lr2 = f"{a['lr2']:g} -> {a['min_lr']:g}: "
+    lr2 = f"{rate(a, 'lr2')} -> {a['min_lr']:g}: "
     if warmup:
         lr2 += f"linear warmup from {a['warmup_start']:g}x over {warmup} epoch(s), then "
     lr2 += f"cosine with half-period {a['cosine_epochs']}"
@@ -83,6 +83,17 @@ def phase2_rows(a, history):
         saved = f"phase 2 epochs {', '.join(map(str, kept))} (every {every} if val acc >= "
         rows.append(("Training", "periodic checkpoints", saved + f"{a['save_min_acc']})", "II"))
     return rows
+
+
+def rate(a, key):
+    """A phase's learning rate as Table 1 gives it, and where the LR range test found it (--lr1
+    auto, --lr2 auto), that it did."""
+    value = a[key]
+    if value == "auto":  # its phase never began
+        return "auto"
+    if (a.get("lr_found") or {}).get(key) == value:
+        return f"{value:.3g} (the LR range test's, valley rule)"
+    return f"{value:g}"
 
 
 def augmentation_rows(a):
