@@ -114,13 +114,6 @@ def _load_or_reason(path, size, resize="crop"):
         return None, f"{type(e).__name__}: {e}"
 
 
-def _load_and_fingerprint(path, size, resize):
-    """(pixels, their fingerprints, None), or (None, None, why unreadable): in a decoding thread,
-    so that the hashes are made while other images decode."""
-    pixels, why = _load_or_reason(path, size, resize)
-    return pixels, None if pixels is None else fingerprints(pixels[None]), why
-
-
 def why_unreadable(path):
     """Why the preprocessing cannot read the image at `path`, or None if it can."""
     return _load_or_reason(path, 8)[1]
@@ -133,7 +126,6 @@ def why_unreadable(path):
 FINGERPRINT = np.dtype([("perceptual", "<u8"), ("exact", "S16")])
 HASH_SIDE = 32  # the grey thumbnail the perceptual hash reads: its DCT's lowest 8 x 8 frequencies
 FLAT = 1.0  # a thumbnail whose grey levels spread less (std, of 255) has no shape to hash
-LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601's, as Pillow's "L" weighs RGB
 
 
 def fingerprints(pixels, chunk=64):
@@ -153,28 +145,24 @@ def fingerprints(pixels, chunk=64):
 
 
 def perceptual_hashes(pixels):
-    n, side = len(pixels), pixels.shape[1]
+    n = len(pixels)
     if not n:
         return np.zeros(0, "<u8")
-    grey = pixels @ LUMA  # n x S x S, float32
-    shrink = area_weights(side, HASH_SIDE)
-    # One matrix product for the rows of all n images (numpy multiplies a stack one by one).
-    rows = (shrink @ grey.transpose(1, 0, 2).reshape(side, -1)).reshape(HASH_SIDE, n, side)
-    thumbnails = rows.transpose(1, 0, 2) @ shrink.T  # n x 32 x 32
+    thumbnails = np.stack([thumbnail(image) for image in pixels])  # n x 32 x 32
     dct = dct_rows(HASH_SIDE, 8)
-    low = (dct @ thumbnails @ dct.T).reshape(n, 64)
+    low = np.einsum("ki,nij,lj->nkl", dct, thumbnails, dct).reshape(n, 64)
     bits = low > np.median(low, axis=1, keepdims=True)
     hashes = np.packbits(bits, axis=1, bitorder="little").view("<u8").ravel()
     return np.where(thumbnails.reshape(n, -1).std(axis=1) < FLAT, 0, hashes)
 
 
-def area_weights(side, out):
-    """The out x side matrix that averages a row of `side` pixels into `out` (each output the mean
-    of the pixels its span covers, in part where it covers part): a box filter, any two sizes."""
-    edges = np.arange(out + 1) * (side / out)
-    x = np.arange(side)
-    overlap = np.minimum(edges[1:, None], x + 1) - np.maximum(edges[:-1, None], x)
-    return (overlap.clip(0) / (side / out)).astype(np.float32)
+def thumbnail(image):
+    """The grey 32 x 32 image the perceptual hash reads: each pixel the mean of the pixels its
+    area covers (Pillow's box filter, in part where it covers part), in floating point. Pillow
+    runs it without the GIL and without a BLAS, whose threads, started for each of thousands of
+    small products, would cost more than the products."""
+    grey = Image.fromarray(np.ascontiguousarray(image)).convert("F")  # ITU-R 601's weights
+    return np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.BOX), dtype=np.float32)
 
 
 def dct_rows(side, k):
@@ -330,26 +318,21 @@ def _write_cache(folder, stats, preprocessing, index_path, threads):
         disable=None,
         leave=False,
     )
-    # Threads suffice: Pillow releases the GIL while it decodes and resizes. Chunks keep at most
-    # one chunk of decoded images in memory, whatever the number of files.
+    # Threads suffice: Pillow releases the GIL while it decodes and resizes, and while it makes a
+    # chunk's thumbnails here, as the threads decode the next chunk: at most two chunks of
+    # decoded images in memory, whatever the number of files.
     with bar, atomic_file(pixels_path) as out, ThreadPoolExecutor(max(threads, 1)) as pool:
-        for start in range(0, len(files), 256):
-            chunk = files[start : start + 256]
-            for f, (pixels, fingerprint, why) in zip(
-                chunk,
-                pool.map(
-                    _load_and_fingerprint,
-                    [folder / f for f in chunk],
-                    [size] * len(chunk),
-                    [resize] * len(chunk),
-                ),
-            ):
+        for chunk, decoded in _decoded_chunks(pool, folder, files, size, resize):
+            images = []
+            for f, (pixels, why) in zip(chunk, decoded):
                 if pixels is None:
                     skipped[f] = why
                 else:
                     out.write(pixels.tobytes())
                     kept.append(f)
-                    prints.append(fingerprint)
+                    images.append(pixels)
+            if images:
+                prints.append(fingerprints(np.stack(images)))
             bar.update(len(chunk))
     with atomic_file(fingerprints_path(pixels_path)) as f:  # before the index, as the pixels
         f.write(np.concatenate(prints or [np.empty(0, FINGERPRINT)]).tobytes())
@@ -359,6 +342,23 @@ def _write_cache(folder, stats, preprocessing, index_path, threads):
         json.dump(index, f)
     _remove_stale(folder, index_path, stats)
     return ImageCache(str(pixels_path), kept, size, skipped, folder)
+
+
+def _decoded_chunks(pool, folder, files, size, resize, chunk=256):
+    """(files, their (pixels, why unreadable) pairs), a chunk of files at a time, decoded by the
+    threads of `pool`; the next chunk is decoding while the caller takes one."""
+    chunks = [files[start : start + chunk] for start in range(0, len(files), chunk)]
+
+    def decode(names):
+        n = len(names)
+        return pool.map(_load_or_reason, [folder / f for f in names], [size] * n, [resize] * n)
+
+    ahead = decode(chunks[0]) if chunks else None
+    for i, names in enumerate(chunks):
+        decoded = list(ahead)
+        if i + 1 < len(chunks):
+            ahead = decode(chunks[i + 1])
+        yield names, decoded
 
 
 def file_stat(path):
