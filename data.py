@@ -187,6 +187,11 @@ class CachedImages(torch.utils.data.Dataset):
 
         return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
 
+    def paths(self, root):
+        """Each image's path from the data root `root`, as train/cat/1.jpg (POSIX separators)."""
+        folder = Path(os.path.relpath(self.cache.folder, root))
+        return [(folder / self.cache.files[i]).as_posix() for i in self.indices]
+
     def class_counts(self, num_classes):
         """How many of these images each class has."""
         return np.bincount(self.labels[self.indices], minlength=num_classes)
@@ -312,7 +317,8 @@ def trained_data_root(given, state):
 
 def validation_of(state, root, size, threads=4):
     """A checkpoint's validation images (Splits, with `val` alone), exactly as its run held them
-    out: its classes, its data layout, --resize, --val-fraction and --seed, its cache folder. At
+    out: its classes, its data layout, --resize, --val-fraction and --seed, its cache folder, the
+    copies of training images it left out (--drop-copies). At
     a size other than the run's, images held out of the training ones are drawn at the run's
     size (whose cache is there) and only they are cached at the other."""
     saved = state["args"]
@@ -331,6 +337,11 @@ def validation_of(state, root, size, threads=4):
     )
     if drawn_at != size:
         splits.val = resized(splits.val, size, resize, cache_dir, threads)
+    left_out = set(state.get("val_left_out") or ())
+    if left_out:  # the copies of training images the run left out of validation (--drop-copies)
+        paths = splits.val.paths(dataset.root)
+        splits.val = splits.val.subset([i for i, p in enumerate(paths) if p not in left_out])
+        splits.left_out = tuple(sorted(left_out))
     return splits
 
 
@@ -460,6 +471,7 @@ class Splits:
     val: CachedImages
     skipped: int  # unreadable images left out of train and val
     layout: str = ""
+    left_out: tuple = ()  # validation images left out (--drop-copies), by their paths in the root
 
 
 def cache_splits(

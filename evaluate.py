@@ -34,6 +34,7 @@ from twophase.checkpoint import (
     resolve_checkpoint,
 )
 from twophase.checks import at_least, checked, parameter_count
+from twophase.data_check import test_copies_line
 from twophase.figures import (
     MANY,
     plot_confusion,
@@ -545,6 +546,8 @@ def main(argv=None):
             f"({test.correct}/{test.total}), "
             f"balanced {test.balanced:.4f}"
         )
+        if copies := test_copies_line(state, checked.folder, checked.files, data=args.data):
+            log(copies)
     if args.report is None:
         figures.save(**mine)
         return

@@ -22,6 +22,7 @@ import numpy as np
 from data import trained_data_root
 from twophase.checkpoint import load_checkpoint
 from twophase.checks import at_least, checked
+from twophase.data_check import test_copies_line
 from twophase.image_cache import why_unreadable
 from twophase.inference import (
     add_inference_args,
@@ -166,6 +167,10 @@ def main(argv=None):
     if args.check:
         return check(args, test_dir, files, state["classes"])
     trained = load_trained(args, state)
+    if copies := test_copies_line(
+        state, test_dir, files, args.cache_dir, args.cache_workers, args.data
+    ):
+        log(copies)
     rows, skipped = predict_folder(
         trained, test_dir, files, args.cache_dir, args.cache_workers, args.batch_size, args.skip_bad
     )

@@ -42,6 +42,7 @@ from twophase.budget import (
     synchronized,
 )
 from twophase.checkpoint import LAST_PT, Checkpointer, best_acc, epoch_record
+from twophase.data_check import check_copies
 from twophase.divergence import check_epoch, check_position
 from twophase.loader import data_loaders
 from twophase.loss import check_class_weights, divide_by_weights, loss_of
@@ -113,7 +114,7 @@ def main(argv=None):
         # The first process holds --out for the run: no other run writes there meanwhile.
         with folder.claimed(start, args):
             with local_main_first(procs.local_rank):
-                splits = load_data(args, dataset)  # a stop here is Python's: no position yet
+                splits = load_data(args, dataset, folder)  # a stop here: no position yet
             with (
                 StopRequest() as stop,
                 closing(set_up(args, start, splits, model, folder, device, procs, stop)) as run,
@@ -168,10 +169,10 @@ def find_data(args):
     return dataset
 
 
-def load_data(args, dataset):
+def load_data(args, dataset, folder):
     """The training and validation images, decoded once into the cache (train/val: the one rule
-    for which images validate)."""
-    return cache_splits(
+    for which images validate), then checked for copies (data_check.py)."""
+    splits = cache_splits(
         dataset,
         args.img_size,
         resize=args.resize,
@@ -180,6 +181,7 @@ def load_data(args, dataset):
         val_fraction=args.val_fraction,
         seed=args.seed,
     )
+    return check_copies(args, dataset, splits, folder)
 
 
 def normalisation(args):

@@ -24,6 +24,7 @@ BASE = TINY + ["--epochs1", "2", "--epochs2", "3"]
 # --labels: the run validates on its val/ folder; with a CSV of labels it would hold out a share
 # of the training images.
 ALWAYS_REFUSED = {"arch", "mean", "std", "weights", "demo", "labels", "time_budget"}
+ALWAYS_REFUSED |= {"drop_copies"}  # once an epoch is validated: both stops are past one
 # Mid-epoch in Phase II: Phase I is over, Phase II's NAdam state is saved, the epoch's batches
 # are fixed.
 REFUSED_IN_PHASE2 = ALWAYS_REFUSED | {"epochs1", "lr1", "wd1", "freeze_bn", "optimizer2"}

@@ -103,11 +103,13 @@ DEMO = ["--demo", "--img-size", "16", "--epochs1", "1", "--ema", "0.9"]
 def test_torchrun_demo_writes_one_set_of_outputs(demo_run):
     root, result = demo_run
     written = {p.name for p in (root / "ck").iterdir()}
-    assert written == {"phase1.pt", "last.pt", "best.pt", "history.csv", ".lock"}
+    # data_check.csv: the demo's 8 x 8 digits hold many look-alikes (docs/data.md)
+    assert written == {"phase1.pt", "last.pt", "best.pt", "history.csv", "data_check.csv", ".lock"}
     assert len(rows(root / "ck" / "history.csv")) == 3
     assert (
         result.stderr.count("best val acc") == 1 and result.stderr.count("phase 2 epoch   2/2") == 1
     )
+    assert result.stderr.count("data_check.csv lists every group") == 1
     assert "batch 64 per process x 2 processes = 128" in result.stderr
     state = torch.load(root / "ck" / "last.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2

@@ -128,7 +128,8 @@ def test_cache_is_reused_and_rebuilt_when_files_change(tmp_path, monkeypatch):
     row = cache.files.index("a/001.png")
     assert np.array_equal(cache.open()[row], image_cache.load_image(target, 12))
     # A changed or removed file ends every cache that held it: only the current one is left.
-    assert sorted(p.suffix for p in (tmp_path / "cache").iterdir()) == [".json", ".lock", ".u8"]
+    suffixes = sorted(p.suffix for p in (tmp_path / "cache").iterdir())
+    assert suffixes == [".hashes", ".json", ".lock", ".u8"]
 
 
 @pytest.mark.parametrize("how", ["in place", "renamed over"])

@@ -57,6 +57,7 @@ EXTRA = {"step", "progress", "averaged", "val_acc", "tta", "command", "wall_seco
 EXTRA |= {"class_counts"}  # the training images of each class, for the report's per-class table
 EXTRA |= {"test_size", "test_bn", "test_bn_of"}  # --test-size auto's size, batch norm there
 EXTRA |= {"val_digest"}  # which images were held out for validation
+EXTRA |= {"val_left_out"}  # the copies of training images left out of validation (--drop-copies)
 EXTRA |= {"run_id"}  # which run the checkpoint is of (made as it starts; a resume keeps it)
 EXTRA |= {"launch"}  # the torchrun job that saved it (TORCHELASTIC_RUN_ID): its restarts go on
 EXTRA |= {"l2sp_reference"}  # the digest of the weights --l2sp pulls towards
@@ -313,6 +314,7 @@ class Checkpointer:
         self.extra = {
             "class_counts": splits.train.class_counts(len(splits.classes)).tolist(),
             "val_digest": splits.val.digest(),  # which images were held out for validation
+            "val_left_out": list(splits.left_out),  # --drop-copies': evaluate.py leaves them out
             "run_id": start.run_id(),
             "command": start.command(),  # as typed: the report's Command line
             "launch": os.environ.get("TORCHELASTIC_RUN_ID"),  # its restarts go on from here

@@ -197,6 +197,17 @@ def held_out_split(start, options, value):
     return None
 
 
+@rule("refused once an epoch is validated, applied before")
+def validated_alike(start, options, value):
+    if start.history():
+        return (
+            "the run's epochs were validated on the images it had then, and its best is chosen "
+            "among them by validation accuracy; keep the run's value, or start a fresh run "
+            "(--out ANOTHER_FOLDER) to validate otherwise"
+        )
+    return None
+
+
 @rule("refused on `--resume`, applied with `--phase 2` from `phase1.pt`")
 def budget_rule(start, options, value):
     if not start.from_phase1:

@@ -8,7 +8,11 @@ splits of one folder (a flat train/ whose --val-labels name some of its images),
 over one folder, or two runs at two sizes each have a cache of their own, and none reads
 another's. A cache is removed only when nothing can want it again: when one of the files it holds
 has changed or gone since it was built (its key can never come up again), or it was made by
-another version of the preprocessing. Each new cache sweeps its folder's others by that rule."""
+another version of the preprocessing. Each new cache sweeps its folder's others by that rule.
+
+Beside its pixels a cache keeps each image's fingerprints (fingerprints(): a perceptual hash and
+a hash of its pixels), computed as the images are decoded, or from the pixels of a cache made
+before they were kept: the copies check (data_check.py) reads them and decodes nothing."""
 
 import glob
 import hashlib
@@ -28,6 +32,9 @@ from utils import atomic_file, exclusive, log
 
 # Bump when load_image changes what it writes: every cache built before is then rebuilt.
 PREPROCESS_VERSION = 1
+# Bump when fingerprints changes what it computes: each cache's are then computed again from its
+# pixels, no image decoded again.
+FINGERPRINT_VERSION = 1
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -112,6 +119,67 @@ def why_unreadable(path):
     return _load_or_reason(path, 8)[1]
 
 
+# ----------------------------------------------------------------------------- fingerprints
+
+# An image's fingerprints: its perceptual hash (0: none, the image is flat) and the first 128
+# bits of the SHA-256 of its cached pixels (two files decoding to the same pixels are copies).
+FINGERPRINT = np.dtype([("perceptual", "<u8"), ("exact", "S16")])
+HASH_SIDE = 32  # the grey thumbnail the perceptual hash reads: its DCT's lowest 8 x 8 frequencies
+FLAT = 1.0  # a thumbnail whose grey levels spread less (std, of 255) has no shape to hash
+
+
+def fingerprints(pixels, chunk=64):
+    """The FINGERPRINT of each of `pixels` (uint8 n x S x S x 3): the perceptual hash is the
+    64-bit DCT hash (pHash): the grey image averaged down to 32 x 32, its 8 x 8 lowest DCT
+    frequencies, a bit for each, set where it is above their median. A change of brightness moves
+    only the first (the mean), one of contrast scales them all, and neither moves the median's
+    side of any; a resize, a re-encoding, a slight crop move a few."""
+    out = np.empty(len(pixels), FINGERPRINT)
+    for start in range(0, len(pixels), chunk):
+        part = pixels[start : start + chunk]
+        out["perceptual"][start : start + len(part)] = perceptual_hashes(part)
+        out["exact"][start : start + len(part)] = [
+            hashlib.sha256(np.ascontiguousarray(image)).digest()[:16] for image in part
+        ]
+    return out
+
+
+def perceptual_hashes(pixels):
+    n = len(pixels)
+    if not n:
+        return np.zeros(0, "<u8")
+    thumbnails = np.stack([thumbnail(image) for image in pixels])  # n x 32 x 32
+    dct = dct_rows(HASH_SIDE, 8)
+    low = np.einsum("ki,nij,lj->nkl", dct, thumbnails, dct).reshape(n, 64)
+    bits = low > np.median(low, axis=1, keepdims=True)
+    hashes = np.packbits(bits, axis=1, bitorder="little").view("<u8").ravel()
+    return np.where(thumbnails.reshape(n, -1).std(axis=1) < FLAT, 0, hashes)
+
+
+def thumbnail(image):
+    """The grey 32 x 32 image the perceptual hash reads: each pixel the mean of the pixels its
+    area covers (Pillow's box filter, in part where it covers part), in floating point. Pillow
+    runs it without the GIL and without a BLAS, whose threads, started for each of thousands of
+    small products, would cost more than the products."""
+    grey = Image.fromarray(np.ascontiguousarray(image)).convert("F")  # ITU-R 601's weights
+    return np.asarray(grey.resize((HASH_SIDE, HASH_SIDE), Image.BOX), dtype=np.float32)
+
+
+def dct_rows(side, k):
+    """The first k rows of the (unnormalised) DCT-II of length `side`."""
+    x = np.arange(side)
+    return np.cos(np.pi * (2 * x + 1) * np.arange(k)[:, None] / (2 * side)).astype(np.float32)
+
+
+def fingerprints_path(pixels_path):
+    return Path(pixels_path).with_suffix(f".v{FINGERPRINT_VERSION}.hashes")
+
+
+def hash_files(index_path):
+    """Every fingerprints file of the cache whose index is at `index_path`, of any version."""
+    return index_path.parent.glob(glob.escape(index_path.stem) + ".v*.hashes")
+
+
 # ----------------------------------------------------------------------------- the cache
 
 
@@ -138,6 +206,26 @@ class ImageCache:
             shape=(len(self.files), self.size, self.size, 3),
         )
 
+    def fingerprints(self):
+        """Each row's FINGERPRINT, as kept beside the pixels; a cache made before they were kept
+        (or by another version of them) has them computed from its pixels now, and kept."""
+        path = fingerprints_path(self.pixels_path)
+        try:
+            if os.path.getsize(path) == len(self.files) * FINGERPRINT.itemsize:
+                return np.fromfile(path, FINGERPRINT)
+        except OSError:
+            pass
+        prints = fingerprints(self.open())
+        try:
+            with atomic_file(path) as f:
+                f.write(prints.tobytes())
+            for other in hash_files(Path(self.pixels_path).with_suffix(".json")):
+                if other != path:
+                    other.unlink(missing_ok=True)
+        except OSError:  # a cache folder that cannot be written: computed again next time
+            pass
+        return prints
+
 
 @dataclass
 class MemoryCache:
@@ -152,6 +240,9 @@ class MemoryCache:
 
     def open(self):
         return self.pixels
+
+    def fingerprints(self):
+        return fingerprints(self.pixels)
 
 
 def cache_key(stats, size, resize="crop"):
@@ -173,15 +264,12 @@ def build_cache(folder, files, size, cache_dir, threads=0, resize="crop"):
     cache at once (two runs on one dataset) take turns: one builds it, the other waits and reads
     it."""
     folder, cache_dir = Path(folder), Path(cache_dir)
-    stats = {f: file_stat(folder / f) for f in files}  # the key's, and the index's: one look
-    key = cache_key(stats, size, resize)
-    kind = f"{cache_prefix(folder)}{size}px-{resize}"
-    stem = f"{kind}-{key}"
-    index_path, pixels_path = cache_dir / f"{stem}.json", cache_dir / f"{stem}.u8"
-    cache = _read_cache_index(index_path, pixels_path, size, folder)
+    stats, kind, index_path = _where(folder, files, size, cache_dir, resize)
+    cache = _read_cache_index(index_path, size, folder)
     if cache is None:
+        stem = index_path.stem
         with exclusive(cache_dir / f"{kind}.lock", f"the cache {stem}", wait=True):  # any version
-            cache = _read_cache_index(index_path, pixels_path, size, folder)  # built meanwhile?
+            cache = _read_cache_index(index_path, size, folder)  # built meanwhile?
             if cache is None:
                 cache = _write_cache(folder, stats, (size, resize), index_path, threads)
     for f, why in cache.skipped.items():
@@ -189,7 +277,25 @@ def build_cache(folder, files, size, cache_dir, threads=0, resize="crop"):
     return cache
 
 
-def _read_cache_index(index_path, pixels_path, size, folder):
+def find_cache(folder, files, size, cache_dir, resize="crop"):
+    """The cache build_cache would give, where it is built already, else None: nothing decoded."""
+    folder = Path(folder)
+    try:
+        index_path = _where(folder, files, size, Path(cache_dir), resize)[2]
+    except OSError:  # a file gone: no cache can hold it
+        return None
+    return _read_cache_index(index_path, size, folder)
+
+
+def _where(folder, files, size, cache_dir, resize):
+    """(the files' stats, the kind of cache, its index's path): what names the cache."""
+    stats = {f: file_stat(folder / f) for f in files}  # the key's, and the index's: one look
+    kind = f"{cache_prefix(folder)}{size}px-{resize}"
+    return stats, kind, cache_dir / f"{kind}-{cache_key(stats, size, resize)}.json"
+
+
+def _read_cache_index(index_path, size, folder):
+    pixels_path = index_path.with_suffix(".u8")
     try:
         index = json.loads(index_path.read_text())
         row = size * size * 3
@@ -203,7 +309,7 @@ def _read_cache_index(index_path, pixels_path, size, folder):
 def _write_cache(folder, stats, preprocessing, index_path, threads):
     size, resize = preprocessing
     files, pixels_path = list(stats), index_path.with_suffix(".u8")
-    kept, skipped = [], {}
+    kept, skipped, prints = [], {}, []
     bar = tqdm(
         total=len(files),
         desc=f"caching {folder}",
@@ -212,32 +318,47 @@ def _write_cache(folder, stats, preprocessing, index_path, threads):
         disable=None,
         leave=False,
     )
-    # Threads suffice: Pillow releases the GIL while it decodes and resizes. Chunks keep at most
-    # one chunk of decoded images in memory, whatever the number of files.
+    # Threads suffice: Pillow releases the GIL while it decodes and resizes, and while it makes a
+    # chunk's thumbnails here, as the threads decode the next chunk: at most two chunks of
+    # decoded images in memory, whatever the number of files.
     with bar, atomic_file(pixels_path) as out, ThreadPoolExecutor(max(threads, 1)) as pool:
-        for start in range(0, len(files), 256):
-            chunk = files[start : start + 256]
-            for f, (pixels, why) in zip(
-                chunk,
-                pool.map(
-                    _load_or_reason,
-                    [folder / f for f in chunk],
-                    [size] * len(chunk),
-                    [resize] * len(chunk),
-                ),
-            ):
+        for chunk, decoded in _decoded_chunks(pool, folder, files, size, resize):
+            images = []
+            for f, (pixels, why) in zip(chunk, decoded):
                 if pixels is None:
                     skipped[f] = why
                 else:
                     out.write(pixels.tobytes())
                     kept.append(f)
+                    images.append(pixels)
+            if images:
+                prints.append(fingerprints(np.stack(images)))
             bar.update(len(chunk))
+    with atomic_file(fingerprints_path(pixels_path)) as f:  # before the index, as the pixels
+        f.write(np.concatenate(prints or [np.empty(0, FINGERPRINT)]).tobytes())
     index = {"files": kept, "skipped": skipped, "size": size, "version": PREPROCESS_VERSION}
     index["stats"] = stats  # as the key saw them: a file changed meanwhile makes it stale
     with atomic_file(index_path, "w") as f:  # last: an index names only complete pixels
         json.dump(index, f)
     _remove_stale(folder, index_path, stats)
     return ImageCache(str(pixels_path), kept, size, skipped, folder)
+
+
+def _decoded_chunks(pool, folder, files, size, resize, chunk=256):
+    """(files, their (pixels, why unreadable) pairs), a chunk of files at a time, decoded by the
+    threads of `pool`; the next chunk is decoding while the caller takes one."""
+    chunks = [files[start : start + chunk] for start in range(0, len(files), chunk)]
+
+    def decode(names):
+        n = len(names)
+        return pool.map(_load_or_reason, [folder / f for f in names], [size] * n, [resize] * n)
+
+    ahead = decode(chunks[0]) if chunks else None
+    for i, names in enumerate(chunks):
+        decoded = list(ahead)
+        if i + 1 < len(chunks):
+            ahead = decode(chunks[i + 1])
+        yield names, decoded
 
 
 def file_stat(path):
@@ -264,7 +385,7 @@ def _remove_stale(folder, index_path, known):
     of the files just cached, not asked of the disk again."""
     for old in index_path.parent.glob(glob.escape(cache_prefix(folder)) + "*.json"):
         if old != index_path and _is_stale(folder, old, known):
-            for path in (old, old.with_suffix(".u8")):
+            for path in (old, old.with_suffix(".u8"), *hash_files(old)):
                 try:
                     path.unlink(missing_ok=True)
                 except PermissionError:  # Windows: open in a run that still reads it; next time

@@ -225,6 +225,16 @@ OPTIONS = (
             other=("2",),
             check=at_least(0, "must be 0 or more (0 and 1: one thread)"),
         ),
+        Option(
+            ("--drop-copies",),
+            False,
+            "leave out of validation the images that are copies of training images (exact, or "
+            "near: the same photo resized, re-encoded, slightly cropped or recoloured), saying "
+            "how many; without it they are only said, and listed in <out>/data_check.csv",
+            switch=True,
+            rule=rules.validated_alike,
+            resume="the best epoch is chosen among epochs validated on the same images",
+        ),
     ),
     *group(
         "model",
