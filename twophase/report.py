@@ -2,8 +2,9 @@
 result as exact counts first (balanced accuracy beside top-1 where the classes are uneven),
 Table 1 as the run used it (from its checkpoint, not from today's defaults: no row of what it did
 not do), its figures numbered in the order it shows them (the method's report's own number given
-where it differs), a summary of its per-class metrics, and, with --compare, the comparison. No
-path of the machine it was made on: paths relative to the report, or names.
+where it differs), the labels the model disputes and the data check's copies (its Data section),
+a summary of its per-class metrics, and, with --compare, the comparison. No path of the machine
+it was made on: paths relative to the report, or names.
 
 Prose written between `<!-- notes:NAME -->` and `<!-- /notes -->`, with NAME one of SLOTS, is
 kept in its place when the report is written again: the numbers can be made again at will. A
