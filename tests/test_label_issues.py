@@ -180,6 +180,16 @@ def test_groups_that_cross_labels_come_first_then_those_across_splits(tmp_path):
     assert (across_splits, two_labels) == (2, 1)  # a test image's missing label is no label
 
 
+def test_a_large_group_shows_what_makes_it_cross_first():
+    train = [label_issues.Copy("1", "near", "train", f"train/cat/{i}.png", "cat") for i in range(8)]
+    val = label_issues.Copy("1", "near", "val", "val/cat/x.png", "cat")
+    shown = label_issues.shown_copies([*train, val])
+    assert len(shown) == label_issues.COPY_WIDTH and shown[:2] == [train[0], val]
+    assert label_issues.copy_title(val, {"cat": "cat (house cat)"}, readable=False) == (
+        "val: cat (house cat)\nx.png, near, unread"
+    )
+
+
 def test_a_data_check_without_its_columns_is_said_and_the_copies_left_out(tmp_path, capsys):
     (tmp_path / "data_check.csv").write_text("group,image\n1,train/cat/a.png\n")
     assert label_issues.review_copies(tmp_path, tmp_path, {}, Written(tmp_path, "t")) is None

@@ -202,11 +202,11 @@ def review_copies(run_folder, root, names, figures):
     except Problem as e:
         log(f"warning: {e}: the report says nothing of copies")
         return None
-    rows = list(groups.values())[:COPY_GROUPS]
-    images = [[copy_image(Path(root) / c.image) for c in row[:COPY_WIDTH]] for row in rows]
+    rows = [shown_copies(group) for group in list(groups.values())[:COPY_GROUPS]]
+    images = [[copy_image(Path(root) / c.image) for c in row] for row in rows]
     titles = [
-        [copy_title(c, names, image is not None) for c, image in zip(row, shown)]
-        for row, shown in zip(rows, images)
+        [copy_title(c, names, image is not None) for c, image in zip(row, row_images)]
+        for row, row_images in zip(rows, images)
     ]
     grey = np.full((THUMBNAIL, THUMBNAIL, 3), 128, np.uint8)
     images = [[grey if image is None else image for image in row] for row in images]
@@ -214,9 +214,22 @@ def review_copies(run_folder, root, names, figures):
     return CopiesFound(across_splits, two_labels, len(rows))
 
 
+def shown_copies(group):
+    """The COPY_WIDTH copies of a group shown: one of each split and label first (what makes
+    the group cross), then the others in the file's order."""
+    seen, first, rest = set(), [], []
+    for c in group:
+        (rest if (c.split, c.label) in seen else first).append(c)
+        seen.add((c.split, c.label))
+    return (first + rest)[:COPY_WIDTH]
+
+
 def copy_title(copy, names, readable=True):
+    """A copy's split and label, and its file's name (said where it is a near copy, or could
+    not be read)."""
     label = names.get(copy.label, copy.label) if copy.label else "no label"
-    return f"{copy.split}: {label}\n{Path(copy.image).name}" + ("" if readable else " (unread)")
+    notes = [why for why, said in (("near", copy.kind == "near"), ("unread", not readable)) if said]
+    return f"{copy.split}: {label}\n{Path(copy.image).name}" + "".join(f", {n}" for n in notes)
 
 
 def copy_image(path):
