@@ -6,9 +6,11 @@
 
 The validation images go through exactly the preprocessing used in training. Metrics are printed
 on standard output and written to the figures folder: metrics.json (loss, top-1, top-5, the most
-confused pairs) and per_class_metrics.csv (precision, recall, F1, support). A file there that
-evaluate.py did not write, or that was changed since, is moved aside (NAME.replaced.EXT), never
-written over (twophase/written.py).
+confused pairs) and per_class_metrics.csv (precision, recall, F1, support); beside them, the
+validation labels the model disputes, to review by hand (label_issues.csv and label_issues.png,
+twophase/label_issues.py) and, where the run's folder holds its data check, the copies across
+splits or labels (copies.png). A file there that evaluate.py did not write, or that was changed
+since, is moved aside (NAME.replaced.EXT), never written over (twophase/written.py).
 """
 
 import argparse
@@ -56,6 +58,7 @@ from twophase.inference import (
     print_confused,
     topk_hits,
 )
+from twophase.label_issues import review_copies, review_labels
 from twophase.loader import make_loader
 from twophase.loss import loss_of
 from twophase.markdown import relative, shown_path
@@ -172,7 +175,8 @@ def write_metrics(metrics, figures):
         writer.writeheader()
         writer.writerows(metrics["per_class"])
     keys = ("images", "loss", "top1", "top1_correct", "top5", "top5_correct", "balanced")
-    summary = {k: metrics[k] for k in (*keys, "most_confused", "data_layout") if k in metrics}
+    listed = (*keys, "most_confused", "disputed_labels", "copies", "data_layout")
+    summary = {k: metrics[k] for k in listed if k in metrics}
     figures.to_write("metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
@@ -186,6 +190,8 @@ def print_metrics(metrics, ckpt, held):
         f"balanced {metrics['balanced']:.4f}"
     )
     print_confused(metrics["most_confused"])
+    if "disputed_labels" in metrics:
+        print(f"labels the model disputes: {metrics['disputed_labels']} of {n} (label_issues.csv)")
 
 
 # ----------------------------------------------------------------------------- comparing runs
@@ -334,6 +340,11 @@ def evaluate_checkpoint(trained, args, figures, names):
         logits, labels, classes, criterion, args.top_pairs, state.get("class_counts")
     )
     metrics["data_layout"] = splits.layout
+    shown = [names.get(c, c) for c in classes]
+    probs = logits.softmax(dim=1).numpy()
+    metrics["disputed_labels"] = review_labels(probs, val, root, classes, shown, figures)
+    copies = review_copies(resolve_checkpoint(args.ckpt).resolve().parent, root, names, figures)
+    metrics["copies"] = copies._asdict() if copies else None
     write_metrics(metrics, figures)
     print_metrics(metrics, args.ckpt, held_name(state))
     params = count_parameters(trained.model.parameters())
@@ -348,7 +359,6 @@ def evaluate_checkpoint(trained, args, figures, names):
         plot_val_accuracy(history, fig2, uneven_data, held)
     else:  # saved during its first epoch
         log(f"{args.ckpt} has no finished epoch: no Figures 1 and 2")
-    shown = [names.get(c, c) for c in classes]
     preds = logits.argmax(1).numpy()
     counts = confusion_matrix(labels.numpy(), preds, len(classes), normalize=False)
     plot_confusion(counts, shown, figures.to_write("fig5_confusion_matrix.png"))
@@ -428,6 +438,9 @@ OUTPUTS = (  # what evaluate.py writes into a figures folder (a report and compa
     "fig5_most_confused.png",
     "mistakes.png",
     "gradcam.png",
+    "label_issues.png",
+    "label_issues.csv",
+    "copies.png",
     "per_class_metrics.csv",
     "metrics.json",
 )

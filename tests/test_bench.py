@@ -393,3 +393,34 @@ def test_the_variants_section_names_the_backbone_its_runs_were_fine_tuned_from(t
     )
     torch.save({"conv1.weight": torch.zeros(1)}, backbone)  # a plain state dict
     assert variants.backbone_of(tmp_path, variants.LONG_TAIL) == f"Fine-tuned from `{backbone}`."
+
+
+def test_the_label_check_flips_a_share_of_each_split_and_scores_the_disputed_list(tmp_path):
+    import label_check
+
+    photos = make_dataset(tmp_path / "photos", per_class=6, val_per_class=4)
+    argv = ["--images", str(photos), "--classes", "3", "--flip", "0.25", "--weights", "none"]
+    args = label_check.get_args_parser().parse_args(argv)
+    flips = label_check.the_cut(args, tmp_path / "out")
+    cut = tmp_path / "out" / "data"
+    assert [f["split"] for f in flips].count("train") == round(0.25 * 18)
+    assert [f["split"] for f in flips].count("val") == 3
+    for f in flips:  # a flipped photo lies under its given class alone
+        assert f["true_label"] != f["given_label"] == f["image"].split("/")[1]
+        assert f["photo"].split("/")[:2] == [f["split"], f["true_label"]]
+        assert (cut / f["image"]).read_bytes() == (photos / f["photo"]).read_bytes()
+    every = sorted(p.read_bytes() for p in (photos / "train").glob("*/*"))
+    every += sorted(p.read_bytes() for p in (photos / "val").glob("*/*"))
+    cut_photos = sorted(p.read_bytes() for p in (cut / "train").glob("*/*"))
+    cut_photos += sorted(p.read_bytes() for p in (cut / "val").glob("*/*"))
+    assert cut_photos == every  # each photo once, in its split
+    assert label_check.the_cut(args, tmp_path / "out") == flips  # made once
+    with pytest.raises(label_check.Problem, match="holds a cut made otherwise"):
+        label_check.the_cut(label_check.get_args_parser().parse_args([*argv, "--seed", "1"]),
+                            tmp_path / "out")  # fmt: skip
+
+    val = [f["image"] for f in flips if f["split"] == "val"]
+    disputed = [val[0], "val/cat/v000.jpg", val[1]]
+    assert label_check.score(disputed, flips, top=2) == {
+        "precision_at": 2, "precision": [1, 2], "recall": [2, 3], "disputed": 3,
+    }  # fmt: skip

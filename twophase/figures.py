@@ -1,9 +1,9 @@
 """The figures evaluate.py draws and the report shows, each sized to read at a page's width (about
 7 inches): the training curves (from the steps, not only the epochs), validation accuracy, the
 confusion matrix (and, above 30 classes, the 20 most confused classes alone), the most confident
-mistakes, Grad-CAM, a comparison's accuracy against size and curves, and the LR range test's
-curve. Class names are data: a $ in one is drawn as it is (literal), not read as the start of a
-formula."""
+mistakes, the labels the model disputes, copies across splits or labels, Grad-CAM, a comparison's
+accuracy against size and curves, and the LR range test's curve. Class names are data: a $ in one
+is drawn as it is (literal), not read as the start of a formula."""
 
 import textwrap
 
@@ -249,6 +249,33 @@ def plot_mistakes(images, true, pred, confidence, classes, path):
     shown = zip(true, pred, confidence)
     titles = [f"true: {classes[t]}\npred: {classes[p]} ({c:.2f})" for t, p, c in shown]
     plot_gallery(images, titles, ["black"] * len(images), path, "the most confident mistakes")
+
+
+def plot_disputed(images, titles, path):
+    """The labels the model disputes: each image with its given class and the model's, and the
+    probability of each (twophase/label_issues.py)."""
+    title = "labels the model disputes, the least likely first: candidates to look at"
+    plot_gallery(images, titles, ["black"] * len(images), path, title)
+
+
+def plot_copies(rows, titles, path, groups):
+    """Copies side by side, a group a row: `rows` of images, `titles` of the same shape (each
+    image's split and label), the first of `groups` groups that cross splits or labels."""
+    shown = f"{groups} group{'s' * (groups != 1)}"
+    shown = f"the first {len(rows)} of {shown}" if groups > len(rows) else shown
+    title = f"copies across splits or labels, a group a row ({shown})"
+    images = [image for row in rows for image in row]
+    flat = [t for row in titles for t in row]
+    columns = max((len(row) for row in rows), default=1)
+    plot_gallery(
+        images,
+        flat,
+        ["black"] * len(images),
+        path,
+        title,
+        columns=columns,
+        groups=[len(row) for row in rows],
+    )
 
 
 def plot_gradcam(images, cams, calls, classes, path, layer="layer4"):

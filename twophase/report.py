@@ -2,8 +2,9 @@
 result as exact counts first (balanced accuracy beside top-1 where the classes are uneven),
 Table 1 as the run used it (from its checkpoint, not from today's defaults: no row of what it did
 not do), its figures numbered in the order it shows them (the method's report's own number given
-where it differs), a summary of its per-class metrics, and, with --compare, the comparison. No
-path of the machine it was made on: paths relative to the report, or names.
+where it differs), the labels the model disputes and the data check's copies (its Data section),
+a summary of its per-class metrics, and, with --compare, the comparison. No path of the machine
+it was made on: paths relative to the report, or names.
 
 Prose written between `<!-- notes:NAME -->` and `<!-- /notes -->`, with NAME one of SLOTS, is
 kept in its place when the report is written again: the numbers can be made again at will. A
@@ -68,7 +69,7 @@ def why_kept(text):
     return None
 
 
-SLOTS = ("summary", "result", "training", "errors", "per_class")  # and compare_KEY
+SLOTS = ("summary", "result", "training", "errors", "data", "per_class")  # and compare_KEY
 
 
 def notes(name, kept):
@@ -109,6 +110,15 @@ CAPTIONS = {  # a figure's file: its caption, to the report's reader
         "where the model looks (Grad-CAM for the predicted class, on the deepest residual stage "
         "whose maps are 4 x 4 or more): the most confident mistakes, then correct predictions, "
         "each class in turn"
+    ),
+    "label_issues.png": (
+        "the validation labels the model disputes, the least likely first, each titled with its "
+        "given class and the model's and the probability of each: candidates to look at, not "
+        "errors proven"
+    ),
+    "copies.png": (
+        "copies that cross splits or labels, a group a row, each image titled with its split and "
+        "label"
     ),
     "fig3_accuracy_vs_parameters.png": "each run's best validation accuracy against its size",
     "fig4_validation_accuracy_curves.png": "each run's validation accuracy at each epoch's end",
@@ -374,6 +384,7 @@ def write_report(path, figures, evaluated, comparisons, names, defaults):
         lines += shown(figures / "fig1_loss.png") + shown(figures / "fig2_val_accuracy.png")
         lines += kept_notes("training", kept)
     lines += errors_lines(figures, metrics, names, shown) + kept_notes("errors", kept)
+    lines += data_lines(figures, metrics, shown) + kept_notes("data", kept)
     lines += ["## Per-class metrics", "", *per_class_summary(metrics, names), ""]
     every = link(figures / "per_class_metrics.csv", path)
     lines += [f"Every class: [per_class_metrics.csv]({every}).", ""]
@@ -413,3 +424,50 @@ def errors_lines(figures, metrics, names, shown):
     lines += shown(figures / "mistakes.png") + shown(figures / "gradcam.png")
     pairs = confused_table(metrics["most_confused"], names)
     return lines + ["The most confused pairs on the validation split:", "", *pairs, ""]
+
+
+def data_lines(figures, metrics, shown):
+    """The data's section: the copies the run's data check found across splits or labels (where
+    it had one) and the validation labels the model disputes, counted, then each shown."""
+    disputed, copies, n = metrics.get("disputed_labels"), metrics.get("copies"), metrics["images"]
+    if disputed is None:  # metrics of an evaluate.py from before
+        return []
+    found = [f"the model disputes {disputed} of the {n} validation labels"]
+    if copies:
+        found[:0] = [
+            f"{photos(copies['across_splits'])} with copies in two splits or more",
+            f"{photos(copies['two_labels'])} under two labels or more",
+        ]
+    lines = ["## Data", "", f"In the data: {'; '.join(found)}.", ""]
+    if copies and copies["shown"]:
+        lines += [COPIES, "", *shown(figures / "copies.png")]
+    lines += [disputed_words(disputed, link(figures / "label_issues.csv", shown.report)), ""]
+    return lines + (shown(figures / "label_issues.png") if disputed else [])
+
+
+def photos(n):
+    return f"{n} photo{'s' * (n != 1)}"
+
+
+COPIES = (
+    "Copies, as train.py's data check found them (data_check.csv in the run's folder): a photo "
+    "in two splits is scored on what the run may have trained on, so that split's accuracy "
+    "flatters the model; a photo under two labels has one of them wrong, or two classes overlap. "
+    "Keep one copy, in one split, under its right label, and train again."
+)
+
+
+def disputed_words(disputed, csv_link):
+    """What the disputed labels are, and what to do with them."""
+    if not disputed:
+        return "The model disputes no validation label."
+    return (
+        "A label is disputed where the model is confident of another class (its probability at "
+        "or above that class's mean over the images labelled with it) and predicts another class "
+        "than the given one: confident learning's rule (Northcutt et al., 2021). The model saw "
+        "none of these images in training. They are candidates to look at, not errors proven: "
+        "the label may be wrong, the photo may show two things, or the model may be mistaken. "
+        f"[label_issues.csv]({csv_link}) lists every one, the least likely label first, to review "
+        "by hand; a label found wrong is mended by moving the file to its class's folder (or "
+        "its row in the labels CSV), and counts from the next training."
+    )
