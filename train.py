@@ -43,6 +43,7 @@ from twophase.budget import (
 )
 from twophase.checkpoint import LAST_PT, Checkpointer, best_acc, epoch_record
 from twophase.divergence import check_epoch, check_position
+from twophase.features import FeatureStream
 from twophase.loader import data_loaders
 from twophase.loss import check_class_weights, loss_of
 from twophase.resolve import resolve
@@ -212,6 +213,7 @@ def set_up(args, start, splits, model, folder, device, procs, stop):
         averaged_acc=folder.averaged_acc(start),
         classes_uneven=uneven is not None,
         board=Board.of(args, folder.path, step) if procs.rank == 0 else None,
+        features=FeatureStream.of(args, stream, model, procs),
     )
     log(start_line(run))
     if uneven:
@@ -318,15 +320,16 @@ def train_epoch(run, phase, epoch, resumed=(0, None)):
     checkpoint. Returns the epoch's training record: loss, accuracy, rate, seconds, size."""
     args, (first_batch, partial) = run.args, resumed
     lr = phase.optimizer.param_groups[0]["lr"]
-    run.stream.draw(run.epochs_trained, phase.image_size(epoch), phase.mix, first_batch)
+    stream, net = run.inputs(phase)  # images and the model, or Phase I's cached features
+    stream.draw(run.epochs_trained, phase.image_size(epoch), phase.mix, first_batch)
     tally = EpochTally()
     if partial:
         tally = EpochTally.restored(partial, run.device)
-        run.stream.replay(partial["sizes"], phase.mix)
+        stream.replay(partial["sizes"], phase.mix)
     t0 = time.perf_counter() - (partial["seconds"] if partial else 0.0)
-    total = first_batch + len(run.stream)  # the epoch's batches
+    total = first_batch + len(stream)  # the epoch's batches
     every = args.save_every_steps * args.accum_steps
-    with closing(run.stream.batches(run.device)) as batches:
+    with closing(stream.batches(run.device)) as batches:
         bar = tqdm(
             batches,
             desc=f"phase {phase.number} epoch {epoch + 1}/{phase.epochs}",
@@ -337,7 +340,7 @@ def train_epoch(run, phase, epoch, resumed=(0, None)):
             unit="batch",
         )
         shown = EpochDisplay(run, phase, epoch, bar, first_batch, total)
-        for done in optimizer_steps(run.net, bar, total, phase, run.ema, tally):
+        for done in optimizer_steps(net, bar, total, phase, run.ema, tally):
             run.step += 1
             shown.step(done)
             if run.board is not None and run.step % args.tensorboard_every == 0:
@@ -353,7 +356,7 @@ def train_epoch(run, phase, epoch, resumed=(0, None)):
                 raise Preempted(where, run.stop)
     summary = tally.summary(run.device) | {"steps": math.ceil(total / args.accum_steps)}
     seconds = time.perf_counter() - t0
-    return summary | {"lr": lr, "seconds": seconds, "img_size": run.stream.preprocess.size}
+    return summary | {"lr": lr, "seconds": seconds, "img_size": stream.preprocess.size}
 
 
 def optimizer_steps(net, batches, total, phase, ema, tally):

@@ -28,6 +28,7 @@ ALWAYS_REFUSED = {"arch", "mean", "std", "weights", "demo", "labels", "time_budg
 # are fixed.
 REFUSED_IN_PHASE2 = ALWAYS_REFUSED | {"epochs1", "lr1", "wd1", "freeze_bn", "optimizer2"}
 REFUSED_IN_PHASE2 |= {"batch_size", "accum_steps", "seed", "sampler"}
+REFUSED_IN_PHASE2 |= {"phase1_features"}  # a Phase I option, as --lr1
 
 
 def options():
