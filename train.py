@@ -43,7 +43,7 @@ from twophase.budget import (
 )
 from twophase.checkpoint import LAST_PT, Checkpointer, best_acc, epoch_record
 from twophase.divergence import check_epoch, check_position
-from twophase.features import FeatureStream
+from twophase.features import FeatureStream, timed_pass
 from twophase.loader import data_loaders
 from twophase.loss import check_class_weights, loss_of
 from twophase.resolve import resolve
@@ -450,7 +450,8 @@ def end_epoch(run, phase, epoch, record, is_best):
 
 
 def time_steps(run, steps=3):
-    """Seconds an optimizer step of each phase takes here (step1, step2), a validation pass
+    """Seconds an optimizer step of each phase takes here (step1, step2; with --phase1-features,
+    the head's on features, and a batch of a feature pass: pass), a validation pass
     (validation), an epoch's checkpoints (save) and an image decoded (decode): `steps` steps of a
     copy of the model in each phase after one to warm up, the copy thrown away and the global
     random state put back, so that the run trains as it would have. Under torchrun every process
@@ -465,8 +466,11 @@ def time_steps(run, steps=3):
         model = copy.deepcopy(run.model)
         phase = phase_setup(number, args, model, device, run.criterion, run.dtype)
         phase.set_rates(0)
-        net = distributed(model, device, run.world_size)
-        done = optimizer_steps(net, iter(batches), len(batches), phase, None, EpochTally())
+        net, inputs = distributed(model, device, run.world_size), batches
+        if number == 1 and run.features is not None:  # a feature pass, then the head's steps
+            inputs, timed["pass"] = timed_pass(model, batches, phase)
+            net = distributed(model.fc, device, run.world_size)
+        done = optimizer_steps(net, iter(inputs), len(inputs), phase, None, EpochTally())
         times = [synchronized(device)] + [synchronized(device) for _ in done]  # before, after each
         timed_steps = times[1:] if len(times) > 2 else times  # the first step warms up
         timed[f"step{number}"] = (timed_steps[-1] - timed_steps[0]) / (len(timed_steps) - 1)

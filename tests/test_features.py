@@ -173,6 +173,37 @@ def test_another_number_of_passes_goes_on_from_an_epochs_start_alone(
     assert (on["epoch"], on["args"]["phase1_features"], len(on["history"])) == (4, 0, 4)
 
 
+def test_the_time_budget_counts_a_feature_pass_and_times_the_heads_step(
+    dataset, tmp_path, narrow_models, monkeypatch, capsys
+):
+    seen, real = {}, train.time_steps
+    monkeypatch.setattr(train, "time_steps", lambda run: seen.setdefault("speed", real(run)))
+    argv = ["--data", str(dataset), *TINY, "--epochs1", "2"]
+    with pytest.raises(SystemExit, match="Not even --epochs 2 fits"):
+        train.main([*argv, "--phase1-features", "1", "--time-budget", "0.1s"])
+    assert {"pass", "step1", "step2"} <= set(seen["speed"]) and seen["speed"]["pass"] > 0
+
+    # 4 batches an epoch: a Phase I epoch 4 x 1 + 1 s, a pass 4 x 2 s; a Phase II epoch 41 s.
+    speed = {"step1": 1.0, "pass": 2.0, "step2": 10.0, "validation": 1.0, "save": 0.0}
+    monkeypatch.setattr(train, "time_steps", lambda run: speed)
+    monkeypatch.setattr(train, "train_phase", stop_training)  # planned: no need to train
+    plans = {}
+    for passes in ("2", "0"):
+        with pytest.raises(SystemExit, match="planned"):
+            train.main([*argv, "--time-budget", "150s", "--phase1-features", passes])
+        plans[passes] = capsys.readouterr().err
+    # About 145 s left: 2 x 5 s + 2 x 8 s + 41 s a Phase II epoch fits 2; without passes, 3.
+    assert "So --epochs 4 (2 + 2" in plans["2"], plans["2"]
+    assert "a Phase I feature pass 2 s a batch, a head step 1 s" in plans["2"]
+    assert "an epoch 5.0 s in Phase I (+8.0 s for each of its 2 feature passes)" in plans["2"]
+    assert "So --epochs 5 (2 + 3" in plans["0"], plans["0"]
+    assert "a Phase I step takes 1 s" in plans["0"]
+
+
+def stop_training(run, phase):
+    raise SystemExit("planned")
+
+
 def test_under_ddp_each_process_caches_its_share_and_the_head_trains_as_one_processs(
     tmp_path, narrow_models
 ):

@@ -50,15 +50,18 @@ def plan_time_budget(run, kept, started, speed):
         epochs = split[f"epochs{phase}"]
         if phase == 1 and phase1_over:
             return 0.0
-        if phase == 1 or args.progressive >= 1:
+        if phase == 1:  # and its feature passes, with --phase1-features
+            return epochs * epoch[1] + run.forecast.passes_seconds(epochs, speed)
+        if args.progressive >= 1:
             return epochs * epoch[phase]
         side = ProgressiveSize.of(args, epochs)
         return sum(run.forecast.epoch_seconds(2, speed, side(e)) for e in range(epochs))
 
     chosen = epochs_within(left, phase_seconds, end, kept)
     timing = (
-        f"here a Phase I step takes {speed['step1']:.3g} s, a Phase II step {speed['step2']:.3g} "
-        f"s, a validation {clock(speed['validation'])}: an epoch {clock(epoch[1])} in Phase I, "
+        f"here {phase1_words(speed, args.phase1_features)}, a Phase II step "
+        f"{speed['step2']:.3g} s, a validation {clock(speed['validation'])}: an epoch "
+        f"{clock(epoch[1])} in Phase I{passes_words(speed, args.phase1_features, run.forecast)}, "
         f"{clock(epoch[2])} in Phase II; {clock(spent)} spent before training"
     )
     if chosen is None:
@@ -75,6 +78,23 @@ def plan_time_budget(run, kept, started, speed):
         f"{clock(cost)} from now: the run should end near {wall_clock(started + spent + cost)}"
     )
     return args.replaced(epochs=total, **split)
+
+
+def phase1_words(speed, passes):
+    """What a Phase I step costs: on the images, or with --phase1-features a batch of a feature
+    pass and the head's step on the features."""
+    if not passes or "pass" not in speed:
+        return f"a Phase I step takes {speed['step1']:.3g} s"
+    return (
+        f"a Phase I feature pass {speed['pass']:.3g} s a batch, a head step {speed['step1']:.3g} s"
+    )
+
+
+def passes_words(speed, passes, forecast):
+    """Phase I's feature passes beside its epochs' cost, where it has them."""
+    if not passes or "pass" not in speed:
+        return ""
+    return f" (+{clock(forecast.passes_seconds(1, speed))} for each of its {passes} feature passes)"
 
 
 def replan_time_budget(run, phase, done):
@@ -194,6 +214,13 @@ class Forecast:
         validations = 2 if self.run.ema is not None else 1
         step = speed[f"step{phase}"]
         return steps * step + validations * speed["validation"] + speed.get("save", 0)
+
+    def passes_seconds(self, epochs, speed=None):
+        """The feature passes of `epochs` Phase I epochs (--phase1-features N: the first N each
+        compute theirs), a pass's batches at the speed timed; 0 without the option."""
+        speed = speed or self.speed or {}
+        passes = min(epochs, self.run.args.phase1_features)
+        return passes * len(self.run.stream) * speed.get("pass", 0.0)
 
     def end_seconds(self, speed=None):
         """After the last epoch: the average's batch norm pass and validation (--average-last);

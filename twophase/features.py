@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from model import train_mode
+from twophase.budget import synchronized
 from twophase.run import distributed
 from utils import Problem, gather_from_processes, log
 
@@ -197,3 +198,19 @@ def in_bytes(n):
         n /= 1000
         if n < 1000 or unit == "TB":
             return f"{n:.1f} {unit}"
+
+
+def timed_pass(model, batches, phase):
+    """The features of `batches` as a pass computes them with `model` (a copy: its batch norm
+    statistics change), and the seconds a batch took after the first (which warms up): what
+    --time-budget counts for each batch of each pass."""
+    train_mode(model, phase.freeze_bn)
+    device = batches[0][0].device
+    times, features = [], []
+    with torch.no_grad():
+        for images, labels in batches:
+            times.append(synchronized(device))
+            features.append(pooled_features(model, [(images, labels)], phase.dtype))
+        times.append(synchronized(device))
+    timed = times[1:] if len(times) > 2 else times
+    return features, (timed[-1] - timed[0]) / (len(timed) - 1)
