@@ -10,8 +10,6 @@ schedule, loss and epochs (train_epoch, whose steps are optimizer_steps), and th
     python train.py --resume checkpoints/last.pt
 """
 
-import copy
-import itertools
 import math
 import time
 from contextlib import closing, nullcontext
@@ -35,15 +33,13 @@ from twophase.budget import (
     EpochDisplay,
     budget_kept,
     budget_to_plan,
-    decode_seconds,
     plan_time_budget,
     replan_time_budget,
-    save_seconds,
-    synchronized,
 )
 from twophase.checkpoint import LAST_PT, Checkpointer, best_acc, epoch_record
 from twophase.data_check import check_copies
 from twophase.divergence import check_epoch, check_position
+from twophase.features import FeatureStream
 from twophase.loader import data_loaders
 from twophase.loss import check_class_weights, divide_by_weights, loss_of
 from twophase.lr_find import Training, find_lrs, found_rate, numeric_rates
@@ -54,7 +50,6 @@ from twophase.run import (
     Preempted,
     Run,
     demo_next_steps,
-    distributed,
     epoch_line,
     model_on_device,
     out_of_memory_advice,
@@ -75,6 +70,7 @@ from twophase.schedule import (
     size_step,
 )
 from twophase.tally import EpochTally
+from twophase.timing import time_steps
 from utils import (
     EXIT_INTERRUPTED,
     Problem,
@@ -82,15 +78,12 @@ from utils import (
     amp_dtype,
     compile_support,
     exits_on_problems,
-    gather_from_processes,
     init_distributed,
     is_main_process,
     local_main_first,
     log,
     pick_device,
-    rng_state,
     seed_everything,
-    set_rng_state,
 )
 
 
@@ -110,6 +103,7 @@ def main(argv=None):
     model = build_model(args.arch, len(dataset.classes), weights)
     log(f"weights: {weights.about}; inputs normalised with {normalisation(args)}")
     folder = RunFolder(args.out, writer=procs.rank == 0 and not args.find_lr)  # writes no run
+    training = Training(phase_setup, optimizer_steps)  # for the range tests and the timing
     try:
         # The first process holds --out for the run: no other run writes there meanwhile.
         with folder.claimed(start, args):
@@ -120,14 +114,14 @@ def main(argv=None):
                 closing(set_up(args, start, splits, model, folder, device, procs, stop)) as run,
             ):
                 if args.find_lr:  # the LR range test alone: its curves and rates, no training
-                    return find_lrs(run, Training(phase_setup, optimizer_steps), phases(args))
+                    return find_lrs(run, training, phases(args))
                 if budget_to_plan(resolved):  # the epochs that fit, chosen once as the run starts
                     kept = budget_kept(resolved)
-                    run.args = plan_time_budget(run, kept, started, time_steps(run))
+                    run.args = plan_time_budget(run, kept, started, time_steps(run, training))
                 # Algorithm 1. Phase I fits the new head on the frozen backbone; Phase II
                 # fine-tunes every layer, warmup then cosine, its gradients clipped.
                 for number in phases(run.args):
-                    run.args = found_rate(run, number, Training(phase_setup, optimizer_steps))
+                    run.args = found_rate(run, number, training)
                     phase = phase_setup(  # numeric_rates: `auto` stays where no epoch trains
                         number, numeric_rates(run.args), run.model, device, run.criterion, run.dtype
                     )
@@ -220,6 +214,7 @@ def set_up(args, start, splits, model, folder, device, procs, stop):
         averaged_acc=folder.averaged_acc(start),
         classes_uneven=uneven is not None,
         board=Board.of(args, folder.path, step) if folder.writer else None,
+        features=FeatureStream.of(args, stream, model, procs),
     )
     log(start_line(run))
     if uneven:
@@ -331,15 +326,16 @@ def train_epoch(run, phase, epoch, resumed=(0, None)):
     checkpoint. Returns the epoch's training record: loss, accuracy, rate, seconds, size."""
     args, (first_batch, partial) = run.args, resumed
     lr = phase.optimizer.param_groups[0]["lr"]
-    run.stream.draw(run.epochs_trained, phase.image_size(epoch), phase.mix, first_batch)
+    stream, net = run.inputs(phase)  # images and the model, or Phase I's cached features
+    stream.draw(run.epochs_trained, phase.image_size(epoch), phase.mix, first_batch)
     tally = EpochTally()
     if partial:
         tally = EpochTally.restored(partial, run.device)
-        run.stream.replay(partial["sizes"], phase.mix)
+        stream.replay(partial["sizes"], phase.mix)
     t0 = time.perf_counter() - (partial["seconds"] if partial else 0.0)
-    total = first_batch + len(run.stream)  # the epoch's batches
+    total = first_batch + len(stream)  # the epoch's batches
     every = args.save_every_steps * args.accum_steps
-    with closing(run.stream.batches(run.device)) as batches:
+    with closing(stream.batches(run.device)) as batches:
         bar = tqdm(
             batches,
             desc=f"phase {phase.number} epoch {epoch + 1}/{phase.epochs}",
@@ -350,7 +346,7 @@ def train_epoch(run, phase, epoch, resumed=(0, None)):
             unit="batch",
         )
         shown = EpochDisplay(run, phase, epoch, bar, first_batch, total)
-        for done in optimizer_steps(run.net, bar, total, phase, run.ema, tally):
+        for done in optimizer_steps(net, bar, total, phase, run.ema, tally):
             run.step += 1
             shown.step(done)
             if run.board is not None and run.step % args.tensorboard_every == 0:
@@ -366,7 +362,7 @@ def train_epoch(run, phase, epoch, resumed=(0, None)):
                 raise Preempted(where, run.stop)
     summary = tally.summary(run.device) | {"steps": math.ceil(total / args.accum_steps)}
     seconds = time.perf_counter() - t0
-    return summary | {"lr": lr, "seconds": seconds, "img_size": run.stream.preprocess.size}
+    return summary | {"lr": lr, "seconds": seconds, "img_size": stream.preprocess.size}
 
 
 def optimizer_steps(net, batches, total, phase, ema, tally):
@@ -459,46 +455,6 @@ def end_epoch(run, phase, epoch, record, is_best):
     phase2_follows = phase.number == 1 and run.args.phase == "all" and run.args.epochs2 > 0
     if (epoch + 1 < phase.epochs or phase2_follows) and run.stop.requested():
         raise Preempted(f"after phase {phase.number} epoch {epoch + 1}", run.stop)
-
-
-# ----------------------------------------------------------------------------- timing
-
-
-def time_steps(run, steps=3):
-    """Seconds an optimizer step of each phase takes here (step1, step2), a validation pass
-    (validation), an epoch's checkpoints (save) and an image decoded (decode): `steps` steps of a
-    copy of the model in each phase after one to warm up, the copy thrown away and the global
-    random state put back, so that the run trains as it would have. Under torchrun every process
-    times its share, through DDP, and the slowest counts."""
-    args, device = numeric_rates(run.args), run.device  # as long a step at any rate
-    state = rng_state()
-    run.stream.draw(0, args.img_size)
-    with closing(run.stream.batches(device)) as batches:
-        batches = list(itertools.islice(batches, (steps + 1) * args.accum_steps))
-    timed = {}
-    for number in (1, 2):
-        model = copy.deepcopy(run.model)
-        phase = phase_setup(number, args, model, device, run.criterion, run.dtype)
-        phase.set_rates(0)
-        net = distributed(model, device, run.world_size)
-        done = optimizer_steps(net, iter(batches), len(batches), phase, None, EpochTally())
-        times = [synchronized(device)] + [synchronized(device) for _ in done]  # before, after each
-        timed_steps = times[1:] if len(times) > 2 else times  # the first step warms up
-        timed[f"step{number}"] = (timed_steps[-1] - timed_steps[0]) / (len(timed_steps) - 1)
-        del net, model, phase
-    model = run.model.eval()
-    with torch.no_grad(), torch.autocast(device.type, run.dtype, enabled=run.dtype is not None):
-        t0 = synchronized(device)
-        for images, _ in batches:
-            model(images)
-        per_image = (synchronized(device) - t0) / sum(len(labels) for _, labels in batches)
-    timed["validation"] = per_image * len(run.splits.val) / run.world_size  # each its share
-    timed |= {"per_image": per_image, "save": save_seconds(run), "decode": decode_seconds(run)}
-    set_rng_state(state)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    every = gather_from_processes(timed)
-    return {key: max(t[key] for t in every) for key in timed}
 
 
 if __name__ == "__main__":

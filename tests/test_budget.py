@@ -39,7 +39,7 @@ def test_a_time_budget_picks_the_epochs_from_the_speed_measured_and_a_resume_kee
     tiny_args, tmp_path, monkeypatch, capsys
 ):
     speed = {"step1": 2.0, "step2": 4.0, "validation": 1.0, "save": 0.0}
-    monkeypatch.setattr(train, "time_steps", lambda run: speed)  # 4 batches: 9 s and 17 s
+    monkeypatch.setattr(train, "time_steps", lambda run, training: speed)  # 4 batches: 9 s and 17 s
     train.main(tiny_args + ["--time-budget", "60s"])
     err = capsys.readouterr().err
     assert "an epoch 9.0 s in Phase I, 17.0 s in Phase II" in err
@@ -79,10 +79,10 @@ def test_timing_the_steps_leaves_the_run_as_it_was(tiny_args, tmp_path, monkeypa
     those it had, so a budgeted run trains as an unbudgeted one of its epochs would."""
     seen = {}
 
-    def spy(run):
+    def spy(run, training):
         before = {k: v.clone() for k, v in run.model.state_dict().items()}
         rng = torch.get_rng_state()
-        seen["speed"] = speed = real(run)
+        seen["speed"] = speed = real(run, training)
         assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
         assert torch.equal(rng, torch.get_rng_state())
         return speed
@@ -125,7 +125,7 @@ def test_a_time_budget_shortens_phase_two_when_its_epochs_run_slower_than_timed(
     tiny_args, tmp_path, monkeypatch, capsys
 ):
     speed = {"step1": 2.0, "step2": 4.0, "validation": 1.0, "save": 0.0}  # epochs of 9 s, 17 s
-    monkeypatch.setattr(train, "time_steps", lambda run: speed)
+    monkeypatch.setattr(train, "time_steps", lambda run, training: speed)
     real = train.epoch_record
 
     def slow(*args):  # each epoch as it ran: 30 s, where the steps timed foretold 17
@@ -150,7 +150,7 @@ def test_a_shortened_phase_two_rises_to_the_full_size_by_its_new_end(
     tiny_args, tmp_path, monkeypatch, capsys
 ):
     speed = {"step1": 2.0, "step2": 4.0, "validation": 1.0, "save": 0.0}
-    monkeypatch.setattr(train, "time_steps", lambda run: speed)
+    monkeypatch.setattr(train, "time_steps", lambda run, training: speed)
     real = train.epoch_record
     monkeypatch.setattr(train, "epoch_record", lambda *a: real(*a) | {"seconds": 29.0})
     train.main(tiny_args + ["--time-budget", "120s", "--img-size", "32", "--progressive", "0.5"])
@@ -164,7 +164,7 @@ def test_a_resumed_runs_time_budget_line_counts_the_whole_run(
     tiny_args, tmp_path, monkeypatch, capsys
 ):
     speed = {"step1": 2.0, "step2": 4.0, "validation": 1.0, "save": 0.0}
-    monkeypatch.setattr(train, "time_steps", lambda run: speed)
+    monkeypatch.setattr(train, "time_steps", lambda run, training: speed)
     train.main(tiny_args + ["--time-budget", "60s"])
     last = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
     torch.save({**last, "history": last["history"][:2], "epoch": 1}, tmp_path / "ck" / "last.pt")

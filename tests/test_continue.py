@@ -29,6 +29,7 @@ ALWAYS_REFUSED |= {"drop_copies"}  # once an epoch is validated: both stops are 
 # are fixed.
 REFUSED_IN_PHASE2 = ALWAYS_REFUSED | {"epochs1", "lr1", "wd1", "freeze_bn", "optimizer2"}
 REFUSED_IN_PHASE2 |= {"batch_size", "accum_steps", "seed", "sampler"}
+REFUSED_IN_PHASE2 |= {"phase1_features"}  # a Phase I option, as --lr1
 
 
 def options():

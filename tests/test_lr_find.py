@@ -342,7 +342,7 @@ def test_a_time_budget_counts_the_range_tests_to_come(tiny_args, monkeypatch, ca
     """--lr2 auto under --time-budget: the planner counts Phase II's range test (20 steps at 4 s
     a Phase II step: 80 s) before it chooses the epochs."""
     speed = {"step1": 2.0, "step2": 4.0, "validation": 1.0, "save": 0.0}
-    monkeypatch.setattr(train, "time_steps", lambda run: speed)  # epochs of 9 s and 17 s
+    monkeypatch.setattr(train, "time_steps", lambda run, training: speed)  # epochs of 9 s and 17 s
     auto = ["--lr2", "auto", *STEPS]
     with pytest.raises(SystemExit, match="1:20 for the LR range tests to come. Not even"):
         train.main(tiny_args + auto + ["--time-budget", "70s"])  # 1 + 1 epochs would fit

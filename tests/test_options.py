@@ -124,6 +124,7 @@ BOUNDS = {
     "--epochs1": (0, math.inf, "[)"),
     "--lr1": (0, math.inf, "()"),
     "--wd1": (0, math.inf, "[)"),
+    "--phase1-features": (0, math.inf, "[)"),
     "--epochs2": (0, math.inf, "[)"),
     "--lr2": (0, math.inf, "()"),
     "--wd2": (0, math.inf, "[)"),

@@ -1,7 +1,7 @@
 """The time a run takes: --time-budget's plan (the largest --epochs that fits, from a few timed
 steps) and its re-plan where epochs run slower, the forecast every progress line ends with (the
-run's time left and its end), and what an epoch shows as it trains. train.py times the steps
-(time_steps: they run its loop); this file turns seconds into epochs and words."""
+run's time left and its end), and what an epoch shows as it trains. timing.py times the steps
+(with train.py's own loop); this file turns seconds into epochs and words."""
 
 import dataclasses
 import statistics
@@ -35,7 +35,7 @@ def budget_kept(resolved):
 
 def plan_time_budget(run, kept, started, speed):
     """--time-budget: the run's options with the largest --epochs N whose epochs fit in what is
-    left of the budget at `speed`, the steps timed here (train.time_steps), as their split (saved:
+    left of the budget at `speed`, the steps timed here (timing.time_steps), as their split (saved:
     a resume keeps it)."""
     args = run.args
     epoch = {p: run.forecast.epoch_seconds(p, speed) for p in (1, 2)}
@@ -50,7 +50,9 @@ def plan_time_budget(run, kept, started, speed):
         epochs = split[f"epochs{phase}"]
         if phase == 1 and phase1_over:
             return 0.0
-        if phase == 1 or args.progressive >= 1:
+        if phase == 1:  # and its feature passes, with --phase1-features
+            return epochs * epoch[1] + run.forecast.passes_seconds(epochs, speed)
+        if args.progressive >= 1:
             return epochs * epoch[phase]
         side = ProgressiveSize.of(args, epochs)
         return sum(run.forecast.epoch_seconds(2, speed, side(e)) for e in range(epochs))
@@ -58,8 +60,9 @@ def plan_time_budget(run, kept, started, speed):
     sweeps = range_test_seconds(run, speed, phase1_over)
     chosen = epochs_within(left - sweeps, phase_seconds, end, kept)
     timing = (
-        f"here a Phase I step takes {speed['step1']:.3g} s, a Phase II step {speed['step2']:.3g} "
-        f"s, a validation {clock(speed['validation'])}: an epoch {clock(epoch[1])} in Phase I, "
+        f"here {phase1_words(speed, args.phase1_features)}, a Phase II step "
+        f"{speed['step2']:.3g} s, a validation {clock(speed['validation'])}: an epoch "
+        f"{clock(epoch[1])} in Phase I{passes_words(speed, args.phase1_features, run.forecast)}, "
         f"{clock(epoch[2])} in Phase II; {clock(spent)} spent before training"
         + (f", {clock(sweeps)} for the LR range tests to come" if sweeps else "")
     )
@@ -90,6 +93,23 @@ def range_test_seconds(run, speed, phase1_over):
         head = any(r["phase"] == 1 for r in run.history) or not (phase1_over or args.epochs1 == 0)
         seconds += 0.0 if head else steps * speed["step1"]
     return seconds
+
+
+def phase1_words(speed, passes):
+    """What a Phase I step costs: on the images, or with --phase1-features a batch of a feature
+    pass and the head's step on the features."""
+    if not passes or "pass" not in speed:
+        return f"a Phase I step takes {speed['step1']:.3g} s"
+    return (
+        f"a Phase I feature pass {speed['pass']:.3g} s a batch, a head step {speed['step1']:.3g} s"
+    )
+
+
+def passes_words(speed, passes, forecast):
+    """Phase I's feature passes beside its epochs' cost, where it has them."""
+    if not passes or "pass" not in speed:
+        return ""
+    return f" (+{clock(forecast.passes_seconds(1, speed))} for each of its {passes} feature passes)"
 
 
 def replan_time_budget(run, phase, done):
@@ -209,6 +229,13 @@ class Forecast:
         validations = 2 if self.run.ema is not None else 1
         step = speed[f"step{phase}"]
         return steps * step + validations * speed["validation"] + speed.get("save", 0)
+
+    def passes_seconds(self, epochs, speed=None):
+        """The feature passes of `epochs` Phase I epochs (--phase1-features N: the first N each
+        compute theirs), a pass's batches at the speed timed; 0 without the option."""
+        speed = speed or self.speed or {}
+        passes = min(epochs, self.run.args.phase1_features)
+        return passes * len(self.run.stream) * speed.get("pass", 0.0)
 
     def end_seconds(self, speed=None):
         """After the last epoch: the average's batch norm pass and validation (--average-last);

@@ -103,6 +103,14 @@ def found_rates(saved, given):
 
 
 @rule(
+    "refused once Phase I is over (as `--lr1`), and in the middle of an epoch; applied at a "
+    "Phase I epoch's end"
+)
+def phase1_whole_epochs(start, options, value):
+    return phase1_only(start, options, value) or whole_epochs(start, options, value)
+
+
+@rule(
     "refused once Phase II has begun (or with `--phase 2`); applied before, not below the "
     "Phase I epochs the run has"
 )

@@ -9,7 +9,7 @@ The steps are train.py's own (its phase_setup and optimizer_steps, handed over a
 every option of the run applies: the batch, --accum-steps, --optimizer2, --lr-decay's groups
 (scaled together, the head's rate swept), the augmentation, MixUp/CutMix, class weights,
 --sampler, AMP, the clip. The copy is thrown away and the global random state put back, as
-train.py's time_steps does: the run trains as it would have. Under torchrun every process sweeps
+timing.time_steps does: the run trains as it would have. Under torchrun every process sweeps
 its share through DDP and the losses are averaged over the processes, so each draws the same
 curve; the first process's suggestion is taken by all."""
 

@@ -351,6 +351,22 @@ OPTIONS = (
             rule=rules.phase1_only,
             resume="it would change nothing",
         ),
+        Option(
+            ("--phase1-features",),
+            0,
+            "train the head on the frozen backbone's pooled features of N augmented passes over "
+            "the training images, computed once on the device (images x feature width x N x 4 "
+            "bytes; refused where they do not fit), epoch e on pass e mod N: the same head with "
+            "N = --epochs1, in a fraction of the time with fewer; 0: the images as they come",
+            type=int,
+            metavar="N",
+            rule=rules.phase1_whole_epochs,
+            resume="the passes are computed again from the seed; a pass's own epoch updates the "
+            "batch norm statistics as it begins, so another value takes effect from an epoch's "
+            "start",
+            other=("2",),
+            check=at_least(0),
+        ),
     ),
     *group(
         "Phase II: every layer",

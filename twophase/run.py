@@ -67,6 +67,7 @@ class Run:
     averaged: tuple | None = None  # (the epochs' records, val acc) where their average is best.pt
     classes_uneven: bool = False  # the largest class has data.UNEVEN times the smallest's images
     board: object = None  # board.Board with --tensorboard
+    features: object = None  # features.FeatureStream with --phase1-features: Phase I's batches
     forecast: Forecast = field(init=False)  # the run's time left, for its lines
     net: nn.Module | None = None  # what runs the steps: the model, wrapped for DDP, compiled
 
@@ -102,6 +103,13 @@ class Run:
             net = torch.compile(net, mode=self.args.compile)
         self.net = net
         return net
+
+    def inputs(self, phase):
+        """What `phase`'s steps train on, and the net that trains: the training stream and the
+        model; in a Phase I from cached features, the backbone's features and the head alone."""
+        if phase.number == 1 and self.features is not None:
+            return self.features.of_phase(phase, self.device), self.features.head
+        return self.stream, self.net
 
     def validate(self):
         """Validation of the weights, and of their moving average with --ema."""
