@@ -84,7 +84,14 @@ TABLES = (
         "small_data_two",
         "Small data: two classes of 120 training photos",
         "target-two",
-        (("the defaults", "two-method-s{seed}", ()),),
+        (
+            ("the defaults", "two-method-s{seed}", ()),
+            (
+                "--batch-size 8 --lr1 auto --lr2 auto (train.py's suggestion)",
+                "two-suggested-s{seed}",
+                ("--batch-size", "8", "--lr1", "auto", "--lr2", "auto"),
+            ),
+        ),
     ),
 )
 

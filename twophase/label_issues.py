@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from twophase.data_check import DATA_CHECK_CSV
 from twophase.figures import plot_copies, plot_disputed
 from twophase.image_cache import load_image
 from twophase.markdown import relative
@@ -39,7 +40,6 @@ SHOWN = 18  # disputed images in the figure: three rows
 COPY_GROUPS = 8  # groups of copies in the figure, a row each
 COPY_WIDTH = 6  # images of a group shown
 THUMBNAIL = 96  # pixels a side of a copy's image in the figure
-DATA_CHECK = "data_check.csv"  # train.py's data check, in the run's folder
 CHECK_COLUMNS = ("group", "kind", "distance", "split", "image", "label")
 
 
@@ -194,7 +194,7 @@ def review_copies(run_folder, root, names, figures):
     """The copies the data check found in the run's folder (`run_folder`'s data_check.csv) that
     cross splits or labels: copies.png, a row per group (COPY_GROUPS at most), written into
     `figures` (a Written); None where there is no data check (or one that cannot be read: said)."""
-    path = Path(run_folder) / DATA_CHECK
+    path = Path(run_folder) / DATA_CHECK_CSV
     if not path.is_file():
         return None
     try:
@@ -237,5 +237,6 @@ def copy_image(path):
     try:
         return load_image(path, THUMBNAIL)
     except Exception as e:  # any decoder failure: the figure shows the place, the log says why
-        log(f"warning: {path}, listed in {DATA_CHECK}, cannot be shown: {type(e).__name__}: {e}")
+        why = f"{type(e).__name__}: {e}"
+        log(f"warning: {path}, listed in {DATA_CHECK_CSV}, cannot be shown: {why}")
         return None
