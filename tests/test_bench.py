@@ -1,17 +1,20 @@
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import evaluate
 import model as M
 import train
-from conftest import REPO, make_dataset
+from conftest import REPO, examples, make_dataset
 from twophase.resolve import resolve
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -424,3 +427,102 @@ def test_the_label_check_flips_a_share_of_each_split_and_scores_the_disputed_lis
     assert label_check.score(disputed, flips, top=2) == {
         "precision_at": 2, "precision": [1, 2], "recall": [2, 3], "disputed": 3,
     }  # fmt: skip
+
+
+def compared(speedup, compile_seconds, eager_rate=1.0):
+    import compile_cpu
+
+    return compile_cpu.Compared(
+        what="Phase 2, 64 px",
+        mode="default",
+        eager_rate=eager_rate,
+        compiled_rate=eager_rate * speedup,
+        window_speedups=[speedup],
+        compile={"training batch 72": compile_seconds},
+    )
+
+
+def test_compiling_breaks_even_when_the_steps_it_saved_add_up_to_its_compile_time():
+    import compile_cpu
+
+    # 1 s steps made 0.8 s: a fifth of each eager minute saved, 60 s of compiling paid in 5.
+    assert compile_cpu.break_even_minutes(1.0, 0.8, 60) == pytest.approx(5.0)
+    assert compile_cpu.break_even_minutes(1.0, 1.1, 60) == math.inf  # compiled is slower
+    assert compile_cpu.break_even_minutes(1.0, 1.0, 60) == math.inf
+    assert compile_cpu.break_even_minutes(1.0, 0.9, 0) == 0.0  # nothing to pay back
+
+
+@given(
+    speedups=st.lists(st.floats(0.5, 2.0), min_size=2, max_size=2),
+    compile_seconds=st.lists(st.floats(0, 600), min_size=2, max_size=2),
+    rates=st.lists(st.floats(0.05, 20), min_size=2, max_size=2),
+    split=st.lists(st.integers(1, 200), min_size=2, max_size=2),
+    once=st.floats(0, 120),
+    minutes=st.floats(0.5, 600),
+)
+@settings(max_examples=examples(60))
+def test_a_runs_gain_crosses_zero_at_its_break_even_and_grows_with_its_length(
+    speedups, compile_seconds, rates, split, once, minutes
+):
+    import compile_cpu
+
+    phases = [compared(s, c, r) for s, c, r in zip(speedups, compile_seconds, rates)]
+    shares = compile_cpu.phase_shares(split, [1 / r for r in rates])
+    assert sum(shares) == pytest.approx(1.0) and min(shares) > 0
+    gain = compile_cpu.run_gain(minutes, shares, phases, once)
+    longer = compile_cpu.run_gain(2 * minutes, shares, phases, once)
+    even = compile_cpu.run_break_even(shares, phases, once)
+    if math.isinf(even):  # no phase's speed-up outweighs the others' slow-down
+        assert gain <= 0 and longer <= gain + 1e-6
+    else:
+        assert compile_cpu.run_gain(even, shares, phases, once) == pytest.approx(0, abs=1e-6)
+        assert (gain > 0) == (minutes > even) or gain == pytest.approx(0, abs=1e-6)
+        assert longer >= gain
+    # A run of one phase breaks even where that phase does.
+    alone = compile_cpu.break_even_minutes(
+        1 / rates[0], 1 / rates[0] / speedups[0], compile_seconds[0]
+    )
+    assert compile_cpu.run_break_even([1.0], phases[:1]) == pytest.approx(alone)
+
+
+def test_timed_windows_take_the_functions_in_turns_each_going_first_as_often():
+    import compile_cpu
+
+    calls = []
+    times = compile_cpu.in_turns([lambda: calls.append("a"), lambda: calls.append("b")], 4)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert [len(t) for t in times] == [4, 4]
+    assert compile_cpu.speedups([2.0, 3.0], [1.0, 2.0]) == [2.0, 1.5]
+
+
+def test_the_compile_benchmark_measures_each_mode_against_eager_in_both_phases_and_prediction(
+    tmp_path, capsys, monkeypatch, narrow_models
+):
+    """The plumbing, with torch.compile a stand-in that compiles nothing: each mode is compiled
+    afresh per phase (and again for the warm caches), and every table row is there."""
+    import compile_cpu
+
+    modes, resets = [], []
+
+    def spy(fn, mode=None):
+        modes.append(mode)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", spy)
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(1))
+    args = "--sizes 32 --n 10 --batch-size 4 --predict-batch 6 --steps 1 --windows 2 --workers 0"
+    argv = [*args.split(), "--modes", "default,max-autotune", "--workdir", str(tmp_path)]
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    compile_cpu.main(argv)
+    out = capsys.readouterr().out
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before  # the empty cache was the run's
+    both = ["default", "max-autotune"]
+    # The process's first compile; per phase both modes, then each warm; prediction's.
+    assert modes == [None, *both, *both, *both, *both, *both]
+    assert len(resets) == 1 + 2 * 3 + 1
+    rows = [line for line in out.splitlines() if line.startswith("| ")]
+    for what in ("Phase 1, 32 px", "Phase 2, 32 px"):
+        assert sum(row.startswith(f"| {what} |") for row in rows) == 2, what
+    assert sum(row.startswith("| 32 px |") for row in rows) == 2  # prediction, each mode
+    assert "another size (--progressive)" in out and "Phase 1, 32 px, default: training" in out
+    assert "- 32 px, max-autotune: a run of 30 minutes" in out
