@@ -126,7 +126,8 @@ def run(args):
 def write(args):
     for block, title, cut, rows in TABLES:
         answers = args.data / cut / "answers.csv"
-        lines, commands = section(args.runs, rows, lambda folder, a=answers: a)
+        named = [(label, folder) for label, folder, _ in rows]
+        lines, commands = section(args.runs, named, lambda folder, a=answers: a)
         if len(lines) <= 2:
             continue
         seconds = []
@@ -134,7 +135,7 @@ def write(args):
             done = args.runs / folder.format(seed=0) / "done"
             if done.is_file():
                 seconds.append(f"{folder.format(seed=0)} {int(done.read_text())} s")
-        text = [backbone_of(args.runs, rows), "", *lines, ""]
+        text = [backbone_of(args.runs, named), "", *lines, ""]
         text += ["Commands (seed 0; seed 1 adds `--seed 1`):", "", *commands, ""]
         text += [f"Wall time of each seed-0 run on one thread: {', '.join(seconds)}.", ""]
         print(f"## {title}\n\n" + "\n".join(text))

@@ -526,3 +526,32 @@ def test_the_compile_benchmark_measures_each_mode_against_eager_in_both_phases_a
     assert sum(row.startswith("| 32 px |") for row in rows) == 2  # prediction, each mode
     assert "another size (--progressive)" in out and "Phase 1, 32 px, default: training" in out
     assert "- 32 px, max-autotune: a run of 30 minutes" in out
+
+
+def test_the_small_data_section_names_each_rows_runs_and_writes_a_block_a_table(
+    tmp_path, monkeypatch
+):
+    import small_data
+
+    seen = []
+
+    def section(runs, rows, answers_of):
+        seen.append((rows, answers_of(None)))
+        return ["| run |", "| --- |", f"| {rows[0][0]} |"], [f"- {rows[0][0]}: `cmd`"]
+
+    monkeypatch.setattr(small_data, "section", section)
+    monkeypatch.setattr(small_data, "backbone_of", lambda runs, rows: "Fine-tuned from `b.pt`.")
+    runs = tmp_path / "runs"
+    (runs / "few-method-s0").mkdir(parents=True)
+    (runs / "few-method-s0" / "done").write_text("93\n")
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# results\n")
+    small_data.main(["section", str(runs), "--data", str(tmp_path), "--results", str(results)])
+    assert [rows for rows, _ in seen] == [
+        [(label, folder) for label, folder, _ in rows] for _, _, _, rows in small_data.TABLES
+    ]
+    assert seen[0][1] == tmp_path / "target-few" / "answers.csv"
+    text = results.read_text()
+    for block, title, *_ in small_data.TABLES:
+        assert f"## {title}" in text and f"<!-- notes:{block} -->" in text
+    assert "few-method-s0 93 s" in text
