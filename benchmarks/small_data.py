@@ -54,6 +54,17 @@ TABLES = (
                 ("--recipe", "best", "--sam", "0.05"),
             ),
             ("--phase1-features 1", "few-features-s{seed}", ("--phase1-features", "1")),
+            (
+                "--epochs1 10 --phase1-features 1",
+                "few-head10-features-s{seed}",
+                ("--epochs1", "10", "--phase1-features", "1"),
+            ),
+            ("--epochs1 10", "few-head10-s{seed}", ("--epochs1", "10")),
+            (
+                "--recipe best --lr1 auto --lr2 auto",
+                "few-best-auto-s{seed}",
+                ("--recipe", "best", "--lr1", "auto", "--lr2", "auto"),
+            ),
         ),
     ),
     (
@@ -91,6 +102,7 @@ TABLES = (
                 "two-suggested-s{seed}",
                 ("--batch-size", "8", "--lr1", "auto", "--lr2", "auto"),
             ),
+            ("--recipe best", "two-best-s{seed}", ("--recipe", "best")),
         ),
     ),
 )
