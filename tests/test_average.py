@@ -104,3 +104,14 @@ def test_the_average_replaces_only_an_average(tiny_args, tmp_path):
     for _ in range(2):
         average.main(sources + ["--out", str(out / "avg.pt"), "--no-bn-update"])
     assert torch.load(out / "avg.pt", weights_only=True)["averaged"] == sources
+
+
+def test_an_average_keeps_which_run_it_is_of_and_the_images_it_validated_on():
+    """best.pt where the average wins, and averaged.pt: evaluate.py validates them on the images
+    the run chose by (--drop-copies' val_left_out, the held-out split's digest)."""
+    from twophase.checkpoint import ABOUT, RUN_RECORD, averaged_checkpoint
+
+    last = {key: "x" for key in ABOUT} | {"args": {}, "history": [], "phase": 2, "epoch": 3}
+    last |= {key: [f"{key} of the run"] for key in RUN_RECORD}
+    state = averaged_checkpoint(last, {"w": torch.ones(1)}, ["epoch002.pt", "epoch003.pt"])
+    assert {key: state[key] for key in RUN_RECORD} == {key: last[key] for key in RUN_RECORD}

@@ -337,3 +337,14 @@ def test_a_stale_cache_goes_with_its_fingerprints(tmp_path):
     save(photo(7), folder / "1.png")  # changed: the first cache can never be wanted again
     image_cache.build_cache(folder, files, SIZE, tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("*.hashes"))) == 1
+
+
+def test_the_range_test_alone_says_what_it_found_and_names_no_file_it_does_not_write(
+    tmp_path, narrow_models, capsys
+):
+    dataset = planted(tmp_path / "data")
+    out = tmp_path / "ck"
+    argv = ["--data", str(dataset), "--out", str(out), *TINY, "--img-size", str(SIZE)]
+    train.main(argv + ["--epochs1", "1", "--epochs2", "0", "--find-lr", "--find-lr-steps", "20"])
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if "copies of training" in ln)
+    assert "data_check.csv" not in line and not (out / "data_check.csv").exists()

@@ -230,6 +230,23 @@ def test_table_1_of_a_recipe_best_run_shows_its_levers():
     assert "vertical p 0" in text
 
 
+def test_table_1_names_the_fine_tuning_levers_and_whose_weight_decay_l2sp_leaves():
+    argv = ["--l2sp", "0.01", "--sam", "0.05", "--phase1-features", "1", "--drop-copies"]
+    args = vars(resolve([*argv, "--wd2", "3e-4"]).options)
+    state = {"args": args, "arch": "resnet18", "img_size": 64, "classes": ["a"], "device": "cpu"}
+    text = "\n".join(table1.table1(state, "."))
+    assert table1.phase2_decay(args).startswith("wd 0.0003 on the new head; the backbone pulled")
+    assert "| Levers | L2-SP | alpha 0.01: the backbone towards the weights it started" in text
+    assert "| Levers | sharpness-aware steps (SAM) | rho 0.05 | II |" in text
+    assert (
+        "| Levers | Phase I from cached features | 1 pass(es) of the frozen backbone | I |" in text
+    )
+    assert "| Levers | copies left out of validation |" in text
+    plain = "\n".join(table1.table1(state | {"args": vars(resolve([]).options)}, "."))
+    assert table1.phase2_decay(vars(resolve([]).options)) == "wd 0.0001"
+    assert not any(word in plain for word in ("L2-SP", "SAM", "cached features", "copies left"))
+
+
 @pytest.mark.parametrize(
     "argv",
     [

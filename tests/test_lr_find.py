@@ -348,3 +348,48 @@ def test_a_time_budget_counts_the_range_tests_to_come(tiny_args, monkeypatch, ca
         train.main(tiny_args + auto + ["--time-budget", "70s"])  # 1 + 1 epochs would fit
     train.main(tiny_args + auto + ["--time-budget", "150s"])
     assert "So --epochs 4 (1 + 3" in capsys.readouterr().err  # 1 + 8 without the test
+
+
+def test_with_l2sp_the_sweep_decays_only_the_head_as_training_does(tiny_args, monkeypatch):
+    """--lr2 auto --l2sp: the range test steps the objective Phase II trains, the backbone pulled
+    towards its start and not decayed as well."""
+    seen, real = [], lr_find.set_rate
+
+    def spy(phase, lr):
+        if phase.number == 2 and not seen:
+            seen.extend(
+                (g["weight_decay"], phase.l2sp.pulls(g)) for g in phase.optimizer.param_groups
+            )
+        return real(phase, lr)
+
+    monkeypatch.setattr(lr_find, "set_rate", spy)
+    argv = ["--epochs1", "1", "--epochs2", "1", "--l2sp", "0.01", "--wd2", "0.5"]
+    train.main(tiny_args + argv + ["--phase", "2", "--find-lr", *STEPS])
+    assert sorted(seen) == [(0.0, True), (0.5, False)]
+
+
+@pytest.mark.parametrize(
+    "argv, seconds",
+    [
+        (["--lr1", "auto"], 20 * 2.0),
+        (["--lr1", "auto", "--epochs1", "0"], 0.0),  # no Phase I: no test of its rate
+        (["--lr1", "auto", "--phase1-features", "1"], 20 * (0.5 + 3.0)),  # it sweeps on images
+        (["--lr2", "auto"], 20 * 4.0),
+        (["--lr2", "auto", "--epochs1", "0"], 20 * (4.0 + 2.0)),  # the head fitted first
+        (["--lr2", "auto", "--epochs1", "0", "--phase1-features", "1"], 20 * (4.0 + 3.5)),
+    ],
+)
+def test_the_budget_prices_each_range_test_at_the_steps_it_takes(argv, seconds):
+    """The range tests' seconds, at a Phase I step of 2 s (with --phase1-features: a head step
+    of 0.5 s on features and a feature pass of 3 s a batch, the sweep stepping on images), a
+    Phase II step of 4 s."""
+    from types import SimpleNamespace
+
+    from twophase.budget import range_test_seconds
+    from twophase.resolve import resolve
+
+    args = resolve([*argv, *STEPS]).options
+    features = "--phase1-features" in argv
+    speed = {"step1": 0.5 if features else 2.0, "step2": 4.0} | ({"pass": 3.0} if features else {})
+    run = SimpleNamespace(args=args, history=[])
+    assert range_test_seconds(run, speed, phase1_over=False) == pytest.approx(seconds)

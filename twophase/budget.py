@@ -87,11 +87,15 @@ def range_test_seconds(run, speed, phase1_over):
     phases' step times: --find-lr-steps steps each, and as many Phase I steps before Phase II's
     where the run has no trained head to start it from (no Phase I epochs)."""
     args, steps = run.args, run.args.find_lr_steps
-    seconds = steps * speed["step1"] if args.lr1 == "auto" and not phase1_over else 0.0
+    # The sweeps step on images, also with --phase1-features: a feature pass's batches and the
+    # head's step on them.
+    step1 = speed["step1"] + speed.get("pass", 0.0) * args.accum_steps
+    phase1 = not phase1_over and args.epochs1 > 0
+    seconds = steps * step1 if args.lr1 == "auto" and phase1 else 0.0
     if args.lr2 == "auto":
         seconds += steps * speed["step2"]
-        head = any(r["phase"] == 1 for r in run.history) or not (phase1_over or args.epochs1 == 0)
-        seconds += 0.0 if head else steps * speed["step1"]
+        head = any(r["phase"] == 1 for r in run.history) or phase1
+        seconds += 0.0 if head else steps * step1
     return seconds
 
 

@@ -61,6 +61,8 @@ EXTRA |= {"val_left_out"}  # the copies of training images left out of validatio
 EXTRA |= {"run_id"}  # which run the checkpoint is of (made as it starts; a resume keeps it)
 EXTRA |= {"launch"}  # the torchrun job that saved it (TORCHELASTIC_RUN_ID): its restarts go on
 EXTRA |= {"l2sp_reference"}  # the digest of the weights --l2sp pulls towards
+# What an average of a run's checkpoints keeps of its last: which run, on which images.
+RUN_RECORD = ("command", "class_counts", "val_digest", "val_left_out", "run_id", "l2sp_reference")
 
 
 def epoch_file(n):
@@ -117,8 +119,7 @@ def averaged_checkpoint(last, weights, sources, val_acc=None):
         training={"device": last.get("device", "cpu")},
         averaged=[str(p) for p in sources],
         val_acc=val_acc,
-        **({"command": last["command"]} if last.get("command") else {}),
-        **({"class_counts": last["class_counts"]} if "class_counts" in last else {}),
+        **{key: last[key] for key in RUN_RECORD if last.get(key) is not None},
     )
 
 

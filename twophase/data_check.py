@@ -295,7 +295,8 @@ def found_line(found, where, dropped=False):
         if groups:
             held = plural(groups, "photo is", "photos are")
             parts.append(f"{held} in the {NAMES[split]} images more than once ({images} images)")
-    return "; ".join(parts + [f"{where} lists every group"]) if parts else None
+    listed = [f"{where} lists every group"] if where else []
+    return "; ".join(parts + listed) if parts else None
 
 
 # ----------------------------------------------------------------------------- the scripts
@@ -316,7 +317,8 @@ def check_copies(args, dataset, splits, folder):
         write_data_check(found, path)
     if args.drop_copies:
         splits = without_copies(splits, found, dataset.root)
-    line = found_line(found, path, dropped=args.drop_copies)
+    written = path if folder.writer else None  # --find-lr writes no file: none is named
+    line = found_line(found, written, dropped=args.drop_copies)
     if args.drop_copies and not splits.left_out:  # asked for: said, though there is none
         line = "; ".join(filter(None, [NONE_TO_DROP, line]))
     if line:

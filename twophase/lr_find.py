@@ -201,6 +201,7 @@ def sweep(run, number, model, training):
     rising rates, until the smoothed loss diverges."""
     planned = rates(run.args.find_lr_steps)
     phase = phase_of(run, number, model, training, 1.0)  # its peak rates: the groups' shares
+    phase.set_rates(0)  # the weight decay training has: none on a backbone L2-SP pulls
     set_rate(phase, planned[0])
     losses, smooth = [], []
     for step, loss in enumerate(steps_of(run, phase, model, training)):

@@ -68,7 +68,7 @@ def phase2_rows(a, history):
         lr2 += f"linear warmup from {a['warmup_start']:g}x over {warmup} epoch(s), then "
     lr2 += f"cosine with half-period {a['cosine_epochs']}"
     rows = [
-        ("Optimizer", "Phase II", f"{a['optimizer2']}, wd {a['wd2']:g}", "II"),
+        ("Optimizer", "Phase II", f"{a['optimizer2']}, {phase2_decay(a)}", "II"),
         ("Optimizer", "Phase II learning rate", lr2, "II"),
         ("Training", "gradient clip (L2 norm)", a["clip"] or "none", "II"),
     ]
@@ -83,6 +83,13 @@ def phase2_rows(a, history):
         saved = f"phase 2 epochs {', '.join(map(str, kept))} (every {every} if val acc >= "
         rows.append(("Training", "periodic checkpoints", saved + f"{a['save_min_acc']})", "II"))
     return rows
+
+
+def phase2_decay(a):
+    """Phase II's weight decay: all of it, or with L2-SP the new head's alone."""
+    if a.get("l2sp"):
+        return f"wd {a['wd2']:g} on the new head; the backbone pulled towards its start (L2-SP)"
+    return f"wd {a['wd2']:g}"
 
 
 def rate(a, key):
@@ -140,6 +147,25 @@ def levers(a):
             f"from {a.get('progressive')} of the size, full after "
             f"{a.get('progressive_until')} of the epochs",
             "II",
+        ),
+        (
+            "L2-SP",
+            a.get("l2sp"),
+            f"alpha {a.get('l2sp')}: the backbone towards the weights it started from",
+            "II",
+        ),
+        ("sharpness-aware steps (SAM)", a.get("sam"), f"rho {a.get('sam')}", "II"),
+        (
+            "Phase I from cached features",
+            a.get("phase1_features"),
+            f"{a.get('phase1_features')} pass(es) of the frozen backbone",
+            "I",
+        ),
+        (
+            "copies left out of validation",
+            a.get("drop_copies"),
+            "the validation images that are copies of training images (--drop-copies)",
+            "both",
         ),
         (
             "test size",
