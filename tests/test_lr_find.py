@@ -256,10 +256,31 @@ def test_an_auto_rate_of_a_phase_to_come_is_saved_as_auto_and_found_when_it_come
     assert isinstance(args["lr2"], float) and args["lr_found"] == {"lr2": args["lr2"]}
 
 
-def test_a_curve_without_a_valley_stops_an_auto_run_saying_how_to_go_on(tiny_args, monkeypatch):
+@pytest.mark.parametrize(
+    "recipe, rate, whose",
+    [([], 5e-4, "Table 1's"), (["--recipe", "fast"], 1e-2, "--recipe fast's")],
+)
+def test_a_curve_without_a_valley_trains_at_the_rate_without_auto_saying_so(
+    tiny_args, tmp_path, monkeypatch, capsys, recipe, rate, whose
+):
+    """A run left to train by itself is not stopped by a curve too noisy to read: it trains at
+    the rate it would have had, says so, and Table 1 too; a continued run keeps that rate."""
     monkeypatch.setattr(lr_find, "suggestion", lambda curve: lr_find.Suggestion(None, why="flat"))
-    with pytest.raises(SystemExit, match=r"--lr1 auto: flat\. The curve is in figures/ck/lr_find"):
-        train.main(tiny_args + ["--lr1", "auto", *STEPS])
+    run = train.main(
+        tiny_args + recipe + ["--lr1", "auto", "--epochs1", "1", "--epochs2", "0", *STEPS]
+    )
+    err = capsys.readouterr().err
+    assert (
+        f"warning: --lr1 auto: no rate suggested, so Phase I trains at --lr1 {rate:g}, {whose}"
+        in err
+    )
+    assert run.args.lr1 == rate and run.args.lr_unfound == ["lr1"]
+    state = torch.load(tmp_path / "ck" / "last.pt", weights_only=False)
+    assert "the LR range test suggested none" in "\n".join(table1(state, tmp_path))
+    again = train.main(
+        ["--resume", str(tmp_path / "ck" / "last.pt"), "--lr1", "auto", "--epochs1", "2"]
+    )
+    assert again.args.lr1 == rate and "range test" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

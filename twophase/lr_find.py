@@ -325,7 +325,9 @@ def curve_line(run, number, curve, found):
 def found_rate(run, number, training):
     """The run's options as Phase `number` starts: with `--lr{number} auto`, the range test's
     suggestion in its place (saved so: a continued run trains on at it, and Table 1 says it was
-    found so). A curve with no suggestion stops the run, saying why and how to go on."""
+    found so). A curve with no suggestion leaves the rate the run would have had without `auto`
+    (its recipe's, or Table 1's), said in a warning: a run left to train by itself is not stopped
+    by a curve too noisy to read."""
     key = f"lr{number}"
     if getattr(run.args, key) != "auto" or not phase_trains(run, number):
         return run.args
@@ -335,18 +337,29 @@ def found_rate(run, number, training):
         log(start)
     write_curve(run, number, curve, found)
     log(f"--{key} auto: {curve_line(run, number, curve, found)}")
-    if found.lr is None:
-        figure = curve_files(run, number)[0]
-        go_on = ""
-        if run.history:
-            last = run.saver.folder.path / "last.pt"
-            go_on = f", and go on with: python train.py --resume {last} --{key} N"
-        raise Problem(
-            f"--{key} auto: {found.why}. The curve is in {figure}; give --{key} a number "
-            f"(Table 1's is {BY_DEST[key].default:g}){go_on}"
-        )
     kept = dict(vars(run.args).get("lr_found") or {})
+    if found.lr is None:
+        value, whose = unfound_rate(run.args, key)
+        log(
+            f"warning: --{key} auto: no rate suggested, so Phase {'I' * number} trains at --{key} "
+            f"{value:g}, {whose}; the curve is in {curve_files(run, number)[0]} (another rate: "
+            f"stop the run and resume it with --{key} N)"
+        )
+        unfound = sorted({*vars(run.args).get("lr_unfound", ()), key})
+        return run.args.replaced(
+            **{key: value, "lr_found": kept | {key: value}}, lr_unfound=unfound
+        )
     return run.args.replaced(**{key: found.lr, "lr_found": kept | {key: found.lr}})
+
+
+def unfound_rate(args, key):
+    """The rate `--{key}` would have without `auto`, and whose it is: --recipe's, --demo's or
+    Table 1's."""
+    option = BY_DEST[key]
+    preset = "demo" if args.demo else args.recipe
+    if preset in option.presets:
+        return option.presets[preset], f"--{'demo' if args.demo else 'recipe ' + preset}'s"
+    return option.default, "Table 1's"
 
 
 def find_lrs(run, training, numbers):

@@ -98,6 +98,8 @@ def rate(a, key):
     value = a[key]
     if value == "auto":  # its phase never began
         return "auto"
+    if key in (a.get("lr_unfound") or ()):
+        return f"{value:g} (the LR range test suggested none: the rate without auto)"
     if (a.get("lr_found") or {}).get(key) == value:
         return f"{value:.3g} (the LR range test's, valley rule)"
     return f"{value:g}"
