@@ -102,6 +102,7 @@ TABLES = (
                 "two-suggested-s{seed}",
                 ("--batch-size", "8", "--lr1", "auto", "--lr2", "auto"),
             ),
+            ("--batch-size 8", "two-b8-s{seed}", ("--batch-size", "8")),
             ("--recipe best", "two-best-s{seed}", ("--recipe", "best")),
         ),
     ),
