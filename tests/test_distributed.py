@@ -115,6 +115,7 @@ def test_torchrun_demo_writes_one_set_of_outputs(demo_run):
     assert state["world_size"] == 2 and len(state["rng"]) == 2
 
 
+@pytest.mark.slow  # the signal's path is test_preemption's in one process; the two nodes, here
 def test_two_machines_stopped_by_a_signal_to_one_resume_to_the_one_machine_run(
     demo_run, tmp_path, narrow_models
 ):
