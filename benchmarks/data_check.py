@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 from twophase import data_check, image_cache  # noqa: E402
 from twophase.data_check import NEAR, checked_images, find_copies, near_pairs, popcount  # noqa: E402
-from utils import log  # noqa: E402
+from utils import Problem, exits_on_problems, log  # noqa: E402
 
 SHOWN = (0, 2, 4, 6, 8, 10, 12, 14)  # the distances each table gives the share within
 
@@ -131,10 +131,17 @@ def nearest_distances(hashes, block=1000):
 # ----------------------------------------------------------------------------- planted
 
 
+PLANTED_MARK = ".data_check_planted"  # in --work: a folder this benchmark made, to make again
+
+
 def planted(args):
     work = Path(args.work)
     if work.exists():
+        if any(work.iterdir()) and not (work / PLANTED_MARK).is_file():
+            raise Problem(f"--work {work} is not a folder planted made: give a new or empty one")
         shutil.rmtree(work)
+    work.mkdir(parents=True)
+    (work / PLANTED_MARK).write_text("made by benchmarks/data_check.py planted\n")
     root = cut(Path(args.data), work / "data", args)
     truth = plant(root, np.random.default_rng(args.seed))
     dataset = data.find_dataset(root)
@@ -342,7 +349,12 @@ def get_args_parser():
     return p
 
 
-if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+@exits_on_problems
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     args.img_size = args.img_size or (224 if args.what == "cost" else 64)
     {"threshold": threshold, "planted": planted, "cost": cost}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()

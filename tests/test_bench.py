@@ -555,3 +555,14 @@ def test_the_small_data_section_names_each_rows_runs_and_writes_a_block_a_table(
     for block, title, *_ in small_data.TABLES:
         assert f"## {title}" in text and f"<!-- notes:{block} -->" in text
     assert "few-method-s0 93 s" in text
+
+
+def test_the_planted_benchmark_makes_its_folder_again_and_no_folder_of_the_users(tmp_path):
+    import data_check
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="is not a folder planted made"):
+        data_check.main(["planted", "--data", str(tmp_path / "photos"), "--work", str(mine)])
+    assert (mine / "notes.txt").read_text() == "mine"

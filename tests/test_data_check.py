@@ -170,13 +170,13 @@ def test_a_run_without_copies_says_nothing_and_removes_an_earlier_list(tmp_path,
     for i, c in enumerate(("a", "b")):
         save(photo(300 + i), root / "val" / c / f"{i}.png")
     out = tmp_path / "ck"
-    out.mkdir()
-    (out / "data_check.csv").write_text("group,kind,distance,split,image,label\n")
+    options = [*TINY, "--img-size", str(SIZE), "--epochs1", "1", "--epochs2", "0"]
+    train.main(["--data", str(planted(tmp_path / "copies")), "--out", str(out), *options])
+    assert (out / "data_check.csv").is_file()  # the earlier run's list
     lines = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(data_check, "log", lines.append)
-        options = [*TINY, "--img-size", str(SIZE), "--epochs1", "1", "--epochs2", "0"]
-        train.main(["--data", str(root), "--out", str(out), *options])
+        train.main(["--data", str(root), "--out", str(out), *options, "--overwrite"])
     assert lines == [] and not (out / "data_check.csv").exists()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(data_check, "log", lines.append)

@@ -275,7 +275,7 @@ def test_a_curve_without_a_valley_trains_at_the_rate_without_auto_saying_so(
         in err
     )
     assert run.args.lr1 == rate and run.args.lr_unfound == ["lr1"]
-    state = torch.load(tmp_path / "ck" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "ck" / "last.pt", weights_only=True)
     assert "the LR range test suggested none" in "\n".join(table1(state, tmp_path))
     again = train.main(
         ["--resume", str(tmp_path / "ck" / "last.pt"), "--lr1", "auto", "--epochs1", "2"]

@@ -38,6 +38,7 @@ from utils import (
 CHECKPOINT_DIR = "checkpoints"  # where a bare name such as best.pt is looked up
 LAST_PT, BEST_PT, PHASE1_PT, AVERAGED_PT = "last.pt", "best.pt", "phase1.pt", "averaged.pt"
 HISTORY_CSV, LOCK_FILE = "history.csv", ".lock"
+DATA_CHECK_CSV = "data_check.csv"  # the data check's copies (twophase/data_check.py)
 # Left by a run stopped by a signal (the job scripts' sign that it was preempted, not broken:
 # under torchrun the exit status does not say so), removed when the next run takes the folder.
 PREEMPTED = "preempted"
@@ -48,6 +49,7 @@ RUN_FILES = (
     PHASE1_PT,
     AVERAGED_PT,
     HISTORY_CSV,
+    DATA_CHECK_CSV,
     PREEMPTED,
     "epoch[0-9][0-9][0-9]*.pt",
 )

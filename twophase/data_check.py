@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from data import CachedImages, dataset_of, files_in, stratified_split, trained_data_root
+from twophase.checkpoint import DATA_CHECK_CSV
 from twophase.image_cache import FINGERPRINT, build_cache, default_cache_dir, find_cache
 from utils import Problem, atomic_file, log
 
@@ -34,7 +35,6 @@ from utils import Problem, atomic_file, log
 # (Tiny ImageNet's) 9 pairs are this close, against 61 % of 5 % crops, 98 % of brightness and
 # hue changes and every resize and JPEG re-encoding of them (docs/data.md, the measurements).
 NEAR = 8
-DATA_CHECK_CSV = "data_check.csv"
 COLUMNS = ("group", "kind", "distance", "split", "image", "label")
 SPLITS = ("train", "val", "test")  # a group lists its images in this order
 NAMES = {"train": "training", "val": "validation", "test": "test"}
@@ -346,7 +346,7 @@ def write_data_check(found, path):
     file is removed (it spoke of other images)."""
     rows = list(found.rows())
     if not rows:
-        path.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # a run file (RUN_FILES), as history.csv is
         return
     with atomic_file(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")

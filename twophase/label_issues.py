@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from twophase.data_check import DATA_CHECK_CSV
+from twophase.checkpoint import DATA_CHECK_CSV
 from twophase.figures import plot_copies, plot_disputed
 from twophase.image_cache import load_image
 from twophase.markdown import relative
